@@ -1,0 +1,156 @@
+"""Run directories, atomic writes, hashes and manifest.json.
+
+Every artifact goes through :func:`atomic_write`: written to a temporary file in the same folder,
+flushed and fsync'ed, then renamed over the target, so a crash or an exception mid-write leaves the
+previous version (or nothing), never half a file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import hashlib
+import io
+import json
+import os
+import platform
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from . import __version__
+from .errors import ArtifactError
+
+__all__ = [
+    "MANIFEST",
+    "RUN_FORMAT",
+    "atomic_write",
+    "atomic_write_bytes",
+    "atomic_write_text",
+    "atomic_write_json",
+    "sha256_file",
+    "read_manifest",
+    "update_manifest",
+    "record_artifact",
+    "new_run_dir",
+    "environment",
+]
+
+MANIFEST = "manifest.json"
+RUN_FORMAT = 1  # bump when the layout of a run directory changes incompatibly
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | Path, mode: str = "wb") -> Iterator[io.IOBase]:
+    """Open a temp file next to ``path``; on clean exit fsync and rename it over ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, mode) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    with atomic_write(path, "wb") as f:
+        f.write(data)
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    with atomic_write(path, "w") as f:
+        f.write(text)
+
+
+def atomic_write_json(path: str | Path, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def atomic_save(path: str | Path, writer: Callable[[io.IOBase], None]) -> None:
+    """Atomically write whatever ``writer(fileobj)`` writes (e.g. ``torch.save``)."""
+    with atomic_write(path, "wb") as f:
+        writer(f)
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def read_manifest(run_dir: str | Path) -> dict[str, Any]:
+    """Load ``manifest.json``; one-line errors for a missing, corrupt or foreign-format run dir."""
+    path = Path(run_dir) / MANIFEST
+    if not path.is_file():
+        raise ArtifactError(f"{run_dir} is not a run directory: {MANIFEST} is missing")
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ArtifactError(f"{path} is corrupt ({e.msg} at line {e.lineno})") from None
+    got = manifest.get("run_format")
+    if got != RUN_FORMAT:
+        raise ArtifactError(
+            f"{run_dir} was written by snncompile {manifest.get('snncompile_version', '?')} with run format "
+            f"{got}; this is snncompile {__version__} expecting run format {RUN_FORMAT}: re-train or re-export"
+        )
+    return manifest
+
+
+def update_manifest(run_dir: str | Path, **fields: Any) -> dict[str, Any]:
+    """Merge ``fields`` into the manifest (top-level keys; dicts merged one level deep) atomically."""
+    path = Path(run_dir) / MANIFEST
+    manifest = read_manifest(run_dir) if path.exists() else {"run_format": RUN_FORMAT}
+    for key, value in fields.items():
+        if isinstance(value, dict) and isinstance(manifest.get(key), dict):
+            manifest[key].update(value)
+        else:
+            manifest[key] = value
+    manifest["snncompile_version"] = __version__
+    manifest["updated"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    atomic_write_json(path, manifest)
+    return manifest
+
+
+def record_artifact(run_dir: str | Path, name: str, **extra: Any) -> dict[str, Any]:
+    """Hash ``run_dir/name`` and record it under ``artifacts`` in the manifest."""
+    path = Path(run_dir) / name
+    entry = {"sha256": sha256_file(path), "bytes": path.stat().st_size, **extra}
+    return update_manifest(run_dir, artifacts={name: entry})
+
+
+def new_run_dir(root: str | Path, model_name: str) -> Path:
+    """Create ``root/<model>/<UTC timestamp>[-n]/`` and return it."""
+    stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
+    base = Path(root) / model_name
+    for n in range(1000):
+        candidate = base / (stamp if n == 0 else f"{stamp}-{n}")
+        try:
+            candidate.mkdir(parents=True, exist_ok=False)
+            return candidate
+        except FileExistsError:
+            continue
+    raise ArtifactError(f"could not create a new run directory under {base}")
+
+
+def environment() -> dict[str, str]:
+    """Versions of everything that shapes the numbers: python, torch, CUDA, GPU."""
+    import torch
+
+    env = {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "snncompile": __version__,
+    }
+    if torch.cuda.is_available():
+        env["cuda"] = str(torch.version.cuda)
+        env["gpu"] = torch.cuda.get_device_name()
+    return env

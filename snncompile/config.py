@@ -1,0 +1,239 @@
+"""Typed run configuration: one TOML file per model, `--set section.key=value` overrides.
+
+A config has three sections, each a dataclass below. Unknown keys, wrong types and values outside a
+field's allowed set raise :class:`~snncompile.errors.ConfigError` with one line naming the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+
+__all__ = ["ModelConfig", "DataConfig", "TrainConfig", "Config", "load_config", "apply_overrides", "dumps_toml"]
+
+
+@dataclass
+class ModelConfig:
+    """Network and neuron constants (PAPER.md §1-§4)."""
+
+    arch: str = "32C3-AP2-64C3-AP2-256FC-Voting"
+    input_shape: list[int] = field(default_factory=lambda: [1, 8, 8])  # one frame, [C, H, W]
+    T: int = 8
+    classes: int = 10
+    vote_group: int = 10
+    v_th: float = 0.5
+    k_tau1: float = 0.2
+    a: float = 1.0
+    neunorm: bool = False
+    neunorm_before_fc: bool = False
+    k_tau2: float = 0.9
+    dropout: float = 0.0
+
+
+@dataclass
+class DataConfig:
+    """Dataset and batching. ``root`` is the folder holding the dataset's files (unused for digits)."""
+
+    name: str = "digits"
+    root: str = ""
+    batch_size: int = 64
+    eval_batch_size: int = 256
+    test_fraction: float = 0.2  # digits only: held-out share of the seeded split
+    split_seed: int = 0
+    mean: list[float] = field(default_factory=list)  # per channel; empty = dataset default
+    std: list[float] = field(default_factory=list)
+    limit_train: int = 0  # 0 = all; >0 keeps the first N (quick runs, tests)
+    limit_test: int = 0
+    num_workers: int = 0
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation, schedule and execution settings."""
+
+    epochs: int = 10
+    optimizer: str = "adam"
+    lr: float = 1e-3
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    schedule: str = "none"
+    milestones: list[int] = field(default_factory=list)
+    gamma: float = 0.1
+    loss: str = "mse"
+    seed: int = 0
+    device: str = "auto"
+    precision: str = "fp32"
+    execution: str = "layer"
+    threads: int = 0  # CPU threads for torch; 0 = torch's default
+
+
+_CHOICES: dict[str, tuple[str, ...]] = {
+    "data.name": ("digits", "mnist", "cifar10", "nmnist", "dvs_cifar10", "dvs_gesture", "random"),
+    "train.optimizer": ("adam", "sgd"),
+    "train.schedule": ("none", "step", "multistep", "cosine"),
+    "train.loss": ("mse", "ce"),
+    "train.device": ("auto", "cpu", "cuda"),
+    "train.precision": ("fp32", "bf16"),
+    "train.execution": ("layer", "step"),
+}
+
+
+@dataclass
+class Config:
+    """A whole run: model, data and training sections plus a name."""
+
+    name: str = "model"
+    description: str = ""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def hash(self) -> str:
+        """SHA-256 of the canonical JSON of the resolved config (first 16 hex digits)."""
+        blob = json.dumps(self.to_dict(), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+_SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig}
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    """Check ``value`` against the dataclass field type ``tp``; ints are accepted for floats."""
+    origin = typing.get_origin(tp)
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise ConfigError(f"config key {key!r} expects a list of {_type_name(item_tp)}, got {value!r}")
+        return [_coerce(f"{key}[{i}]", v, item_tp) for i, v in enumerate(value)]
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is int and isinstance(value, bool) or not isinstance(value, tp):
+        raise ConfigError(f"config key {key!r} expects {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+    return value
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _set(cfg: Config, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    if len(parts) == 1 and parts[0] in ("name", "description"):
+        setattr(cfg, parts[0], _coerce(dotted, value, str))
+        return
+    if len(parts) != 2 or parts[0] not in _SECTIONS:
+        raise ConfigError(f"unknown config key {dotted!r} (sections: {', '.join(_SECTIONS)}; e.g. train.lr)")
+    section, key = parts
+    types_ = _field_types(_SECTIONS[section])
+    if key not in types_:
+        raise ConfigError(f"unknown config key {dotted!r} (known in [{section}]: {', '.join(types_)})")
+    value = _coerce(dotted, value, types_[key])
+    if dotted in _CHOICES and value not in _CHOICES[dotted]:
+        raise ConfigError(f"config key {dotted!r} must be one of {', '.join(_CHOICES[dotted])}, got {value!r}")
+    setattr(getattr(cfg, section), key, value)
+
+
+def _validate(cfg: Config) -> None:
+    m, d = cfg.model, cfg.data
+    if m.T < 1:
+        raise ConfigError(f"model.T must be >= 1, got {m.T}")
+    if len(m.input_shape) not in (1, 3) or any(s < 1 for s in m.input_shape):
+        raise ConfigError(f"model.input_shape must be [C, H, W] (or [F]) with positive sizes, got {m.input_shape}")
+    if not 0.0 < m.k_tau1 <= 1.0 or not 0.0 <= m.k_tau2 < 1.0:
+        raise ConfigError(f"need 0 < model.k_tau1 <= 1 and 0 <= model.k_tau2 < 1, got {m.k_tau1}, {m.k_tau2}")
+    if m.a <= 0 or not 0.0 <= m.dropout < 1.0:
+        raise ConfigError(f"need model.a > 0 and 0 <= model.dropout < 1, got {m.a}, {m.dropout}")
+    if d.batch_size < 1 or d.eval_batch_size < 1:
+        raise ConfigError("data.batch_size and data.eval_batch_size must be >= 1")
+    if cfg.train.epochs < 1:
+        raise ConfigError(f"train.epochs must be >= 1, got {cfg.train.epochs}")
+
+
+def from_dict(raw: dict[str, Any], source: str = "config") -> Config:
+    """Build a validated :class:`Config` from nested plain values (a parsed TOML document)."""
+    cfg = Config()
+    for top, value in raw.items():
+        if top in _SECTIONS:
+            if not isinstance(value, dict):
+                raise ConfigError(f"{source}: [{top}] must be a table")
+            for key, v in value.items():
+                _set(cfg, f"{top}.{key}", v)
+        else:
+            _set(cfg, top, value)
+    _validate(cfg)
+    return cfg
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``'train.lr=0.01'`` -> ``('train.lr', 0.01)``; the value is read as a TOML literal, else a string."""
+    if "=" not in text:
+        raise ConfigError(f"--set expects key=value, got {text!r}")
+    key, raw = (s.strip() for s in text.split("=", 1))
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw  # bare words such as sgd or ~/data
+    return key, value
+
+
+def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
+    """Apply ``--set`` overrides in order and re-validate."""
+    for text in overrides:
+        key, value = parse_override(text)
+        _set(cfg, key, value)
+    _validate(cfg)
+    return cfg
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
+    """Read a model TOML, apply overrides, validate."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        raw = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: invalid TOML ({e})") from None
+    raw.setdefault("name", path.stem)
+    cfg = from_dict(raw, str(path))
+    return apply_overrides(cfg, overrides or [])
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, str):
+        return json.dumps(v)  # a JSON string is a valid TOML basic string
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    raise TypeError(f"cannot write {type(v).__name__} to TOML")
+
+
+def dumps_toml(cfg: Config) -> str:
+    """The resolved config as TOML (round-trips through :func:`load_config`)."""
+    d = cfg.to_dict()
+    lines = [f"name = {_toml_value(d.pop('name'))}", f"description = {_toml_value(d.pop('description'))}"]
+    for section, values in d.items():
+        lines.append(f"\n[{section}]")
+        lines.extend(f"{k} = {_toml_value(v)}" for k, v in values.items())
+    return "\n".join(lines) + "\n"
+
+

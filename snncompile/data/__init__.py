@@ -1,0 +1,95 @@
+"""Datasets as in-memory tensors, batched time-first for the trainer.
+
+Static datasets yield one frame per sample (``[N, C, H, W]``); the trainer repeats it over the T steps
+(PAPER.md §3: the encoding layer sees the same image at every step, nothing random in the graph).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from ..config import Config
+from ..errors import ConfigError
+
+__all__ = ["Split", "Dataset", "load_dataset", "to_time_major"]
+
+
+@dataclass
+class Split:
+    """Samples ``x`` (``[N, C, H, W]`` static or ``[N, T, C, H, W]`` frames) and labels ``y`` ``[N]``."""
+
+    x: Tensor
+    y: Tensor
+
+    def __len__(self) -> int:
+        return int(self.y.shape[0])
+
+
+@dataclass
+class Dataset:
+    name: str
+    train: Split
+    test: Split
+    classes: list[str]
+    static: bool = True
+    info: dict = field(default_factory=dict)
+
+
+def _normalise(ds: Dataset, mean: list[float], std: list[float]) -> None:
+    if not mean:
+        return
+    shape = (1, -1, 1, 1)
+    m = torch.tensor(mean).view(shape)
+    s = torch.tensor(std).view(shape)
+    for split in (ds.train, ds.test):
+        split.x = (split.x - m) / s
+    ds.info.update(mean=list(mean), std=list(std))
+
+
+def load_dataset(cfg: Config) -> Dataset:
+    """Load the dataset named by ``cfg.data`` (in memory, normalised, limited if asked)."""
+    d = cfg.data
+    if d.name == "digits":
+        from .digits import load_digits
+
+        ds = load_digits(d.test_fraction, d.split_seed)
+        mean, std = d.mean or [0.5], d.std or [0.5]
+    elif d.name == "mnist":
+        from .mnist import load_mnist
+
+        ds = load_mnist(d.root)
+        mean, std = d.mean or [0.1307], d.std or [0.3081]
+    else:
+        raise ConfigError(f"data.name {d.name!r} is not available in this version (available: digits, mnist)")
+    if d.limit_train:
+        ds.train = Split(ds.train.x[: d.limit_train], ds.train.y[: d.limit_train])
+    if d.limit_test:
+        ds.test = Split(ds.test.x[: d.limit_test], ds.test.y[: d.limit_test])
+    if ds.static:
+        _normalise(ds, mean, std)
+    sample_shape = list(ds.train.x.shape[1:] if ds.static else ds.train.x.shape[2:])
+    if sample_shape != list(cfg.model.input_shape):
+        raise ConfigError(f"model.input_shape is {cfg.model.input_shape} but {d.name} frames are {sample_shape}")
+    return ds
+
+
+def to_time_major(x: Tensor, steps: int, static: bool) -> Tensor:
+    """Batch -> ``[T, B, ...]``: a static ``[B, C, H, W]`` is repeated T times (a view, no copy);
+    frames ``[B, T, C, H, W]`` are transposed."""
+    if static:
+        return x.unsqueeze(0).expand(steps, *x.shape)
+    if x.shape[1] != steps:
+        raise ConfigError(f"frames have {x.shape[1]} steps but model.T is {steps}")
+    return x.transpose(0, 1)
+
+
+def batches(split: Split, batch_size: int, generator: torch.Generator | None = None):
+    """Yield ``(x, y)`` mini-batches; shuffled with ``generator`` when given, in order otherwise."""
+    n = len(split)
+    order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
+    for start in range(0, n, batch_size):
+        idx = order[start : start + batch_size]
+        yield split.x[idx], split.y[idx]

@@ -1,0 +1,99 @@
+r"""NeuNorm and the voting decoder (PAPER.md §2-§3).
+
+NeuNorm keeps one auxiliary neuron per spatial position (i, j) of a layer with F channels, shared
+over the channels::
+
+    x[t+1](i,j) = k_tau2 * x[t](i,j) + (v / F) * sum_f o_f[t+1](i,j),   k_tau2 + v * F = 1
+               => v / F = (1 - k_tau2) / F**2
+    y[t+1] = o[t+1] - U (.) x[t+1]                                      U learnable, [F, H, W]
+
+with x[0] = 0 per sample. It uses no batch statistics, so training and inference compute the same
+function and the recurrence exports unchanged.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["NeuNorm", "neunorm_step", "voting_matrix", "Voting"]
+
+
+def neunorm_step(x: Tensor, spikes: Tensor, u_scale: Tensor, k_tau2: float) -> tuple[Tensor, Tensor]:
+    """One NeuNorm step.
+
+    Args:
+        x: auxiliary state x[t], ``[B, 1, H, W]``.
+        spikes: o[t+1], ``[B, F, H, W]``.
+        u_scale: the learnable U, ``[F, H, W]``.
+        k_tau2: decay of the auxiliary neuron.
+
+    Returns:
+        (x[t+1] ``[B, 1, H, W]``, normalised output ``[B, F, H, W]``).
+    """
+    channels = spikes.shape[1]
+    v_over_f = (1.0 - k_tau2) / (channels * channels)
+    x_next = k_tau2 * x + v_over_f * spikes.sum(dim=1, keepdim=True)
+    return x_next, spikes - u_scale * x_next
+
+
+class NeuNorm(nn.Module):
+    """Neuron normalisation after the LIF of a conv layer.
+
+    Args:
+        channels: F.
+        height, width: spatial size of the maps it normalises.
+        k_tau2: decay of the auxiliary neuron (PAPER.md: 0.9 default, unverified).
+    """
+
+    def __init__(self, channels: int, height: int, width: int, k_tau2: float = 0.9):
+        super().__init__()
+        self.k_tau2 = float(k_tau2)
+        # Zero init: NeuNorm starts as the identity and learns how much to subtract.
+        self.u_scale = nn.Parameter(torch.zeros(channels, height, width))
+
+    def initial_state(self, spikes_t: Tensor) -> Tensor:
+        """x[0] = 0 for a ``[B, F, H, W]`` step input -> ``[B, 1, H, W]``."""
+        return torch.zeros_like(spikes_t[:, :1])
+
+    def step(self, x: Tensor, spikes: Tensor) -> tuple[Tensor, Tensor]:
+        """See :func:`neunorm_step`."""
+        return neunorm_step(x, spikes, self.u_scale, self.k_tau2)
+
+    def forward(self, spikes: Tensor) -> Tensor:
+        """``[T, B, F, H, W]`` spikes -> ``[T, B, F, H, W]`` normalised maps."""
+        x = self.initial_state(spikes[0])
+        outs = []
+        for t in range(spikes.shape[0]):
+            x, y = self.step(x, spikes[t])
+            outs.append(y)
+        return torch.stack(outs)
+
+    def extra_repr(self) -> str:
+        f, h, w = self.u_scale.shape
+        return f"channels={f}, size=({h}, {w}), k_tau2={self.k_tau2}"
+
+
+def voting_matrix(classes: int, group: int) -> Tensor:
+    """Fixed ``[classes * group, classes]`` matrix: neuron j votes 1/group for class j // group."""
+    v = torch.zeros(classes * group, classes)
+    for c in range(classes):
+        v[c * group : (c + 1) * group, c] = 1.0 / group
+    return v
+
+
+class Voting(nn.Module):
+    """Average each class's group of output firing rates: ``[B, classes*G]`` -> ``[B, classes]``."""
+
+    def __init__(self, classes: int, group: int):
+        super().__init__()
+        self.classes = classes
+        self.group = group
+        # A buffer, not a parameter: the voting matrix is fixed (it still travels with state_dict).
+        self.register_buffer("matrix", voting_matrix(classes, group))
+
+    def forward(self, rates: Tensor) -> Tensor:
+        return rates @ self.matrix
+
+    def extra_repr(self) -> str:
+        return f"classes={self.classes}, group={self.group}"

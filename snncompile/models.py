@@ -1,0 +1,308 @@
+"""Spiking networks built from the paper's architecture notation (PAPER.md §4).
+
+Notation, '-'-separated: ``kCs`` k-channel s x s conv (stride 1, pad s//2) + LIF; ``APn`` n x n
+average pooling of spike maps (no LIF after it); ``nFC`` linear + LIF; ``Voting`` the output layer of
+classes*G LIF neurons followed by the fixed voting matrix; a bare ``n`` (last only) is a non-spiking
+linear readout whose output is averaged over T. ``(Encoding)`` after the first conv is accepted and
+ignored: the first conv always is the encoding layer (the image enters it at every step).
+
+A network is a flat list of stages. A stage is either *stateless* (conv, linear, pool, flatten,
+dropout: the same map at every step) or a *cell* with a recurrence over time (LIF, NeuNorm). That split
+gives the two execution orders of one function (PAPER.md §7):
+
+- step-major (the paper's loop): for t, for stage: stateless on ``[B, ...]``, cell one step;
+- layer-major (default): for stage: stateless once on ``[T*B, ...]``, cell scanned over T.
+
+Both call the same per-step cell functions, so they compute the same values. In fp32 on CPU the
+spikes and scores agree bit for bit; a linear layer's currents can differ in the last bit when the BLAS
+picks another GEMM kernel for a batch of B rows than for T*B rows (seen for B < 8 with oneDNN), which is
+rounding, not a different function.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from .errors import ConfigError
+from .layers import NeuNorm, Voting
+from .neurons import LIFParams, lif_step
+
+__all__ = ["network_from_config", "LayerSpec", "parse_architecture", "SpikingNetwork", "LIFCell", "NeuNormCell"]
+
+ExecutionOrder = Literal["layer", "step"]
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """One token of the notation: kind in {'conv', 'pool', 'fc', 'voting', 'readout'}."""
+
+    kind: str
+    size: int = 0  # channels / features / pool size
+    kernel: int = 0
+
+
+_TOKEN = re.compile(r"^(?:(?P<conv>\d+)C(?P<k>\d+)|AP(?P<pool>\d+)|(?P<fc>\d+)FC|(?P<vote>Voting)|(?P<out>\d+))$")
+
+
+def parse_architecture(arch: str, width_divisor: int = 1) -> list[LayerSpec]:
+    """Parse e.g. ``'128C3(Encoding)-128C3-AP2-1024FC-Voting'`` into layer specs.
+
+    Args:
+        arch: the paper's notation.
+        width_divisor: divide every conv/FC width by this (minimum 4) for tiny test-size networks.
+    """
+    specs: list[LayerSpec] = []
+    tokens = [t.strip() for t in arch.replace("(Encoding)", "").split("-")]
+    for i, token in enumerate(tokens):
+        m = _TOKEN.match(token)
+        if m is None:
+            raise ConfigError(
+                f"architecture token {token!r} not understood in {arch!r} "
+                "(expected kCs, APn, nFC, Voting or a bare n readout)"
+            )
+        shrink = lambda n: max(4, int(n) // width_divisor)  # noqa: E731
+        if m["conv"]:
+            specs.append(LayerSpec("conv", shrink(m["conv"]), int(m["k"])))
+        elif m["pool"]:
+            specs.append(LayerSpec("pool", int(m["pool"])))
+        elif m["fc"]:
+            specs.append(LayerSpec("fc", shrink(m["fc"])))
+        elif m["vote"]:
+            specs.append(LayerSpec("voting"))
+        else:
+            specs.append(LayerSpec("readout", int(m["out"])))
+        if specs[-1].kind in ("voting", "readout") and i != len(tokens) - 1:
+            raise ConfigError(f"{token!r} must be the last token of {arch!r}")
+    if not specs or specs[0].kind != "conv" and specs[0].kind != "fc":
+        raise ConfigError(f"architecture {arch!r} must start with a conv (encoding layer) or FC layer")
+    return specs
+
+
+class LIFCell(nn.Module):
+    """Stage with the LIF recurrence; state (u, o), each ``[B, ...]``."""
+
+    is_cell = True
+
+    def __init__(self, params: LIFParams, name: str):
+        super().__init__()
+        self.params = params
+        self.name = name
+
+    def init_state(self, x_t: Tensor) -> tuple[Tensor, ...]:
+        return (torch.zeros_like(x_t), torch.zeros_like(x_t))
+
+    def step(self, state: tuple[Tensor, ...], current: Tensor):
+        """Returns (new state, spikes, membrane)."""
+        if current.dtype in (torch.float16, torch.bfloat16):
+            # Under autocast the conv/linear currents arrive in reduced precision; the membrane
+            # recurrence and the threshold compare stay fp32 so spikes do not flip on rounding.
+            current = current.float()
+        u, o = lif_step(state[0], state[1], current, self.params)
+        return (u, o), o, u
+
+    def extra_repr(self) -> str:
+        p = self.params
+        return f"{self.name}: v_th={p.v_th}, k_tau1={p.k_tau1}, a={p.a}"
+
+
+class NeuNormCell(nn.Module):
+    """Stage with the NeuNorm recurrence; state x ``[B, 1, H, W]``."""
+
+    is_cell = True
+
+    def __init__(self, norm: NeuNorm, name: str):
+        super().__init__()
+        self.norm = norm
+        self.name = name
+
+    def init_state(self, x_t: Tensor) -> tuple[Tensor, ...]:
+        return (self.norm.initial_state(x_t),)
+
+    def step(self, state: tuple[Tensor, ...], spikes: Tensor):
+        x, y = self.norm.step(state[0], spikes)
+        return (x,), y, None
+
+
+class SpikingNetwork(nn.Module):
+    """A feed-forward SNN over T steps.
+
+    Args:
+        arch: architecture string (see module docstring).
+        input_shape: ``(C, H, W)`` of one frame.
+        lif: neuron constants.
+        classes: number of classes.
+        vote_group: G, output neurons per class of the voting layer.
+        neunorm: insert NeuNorm after the LIF of every conv that feeds another conv.
+        neunorm_before_fc: also after the last conv (before the first FC).
+        k_tau2: NeuNorm decay.
+        dropout: dropout probability on the spikes of hidden FC layers (new mask every step).
+        width_divisor: shrink widths for tiny test networks.
+
+    Input ``[T, B, C, H, W]``; output class scores ``[B, classes]``.
+    """
+
+    def __init__(
+        self,
+        arch: str,
+        input_shape: tuple[int, int, int],
+        lif: LIFParams,
+        classes: int = 10,
+        vote_group: int = 10,
+        neunorm: bool = False,
+        neunorm_before_fc: bool = False,
+        k_tau2: float = 0.9,
+        dropout: float = 0.0,
+        width_divisor: int = 1,
+    ):
+        super().__init__()
+        self.arch = arch
+        self.input_shape = tuple(int(s) for s in input_shape)
+        self.classes = classes
+        self.lif_params = lif
+        self.execution: ExecutionOrder = "layer"
+        specs = parse_architecture(arch, width_divisor)
+
+        stages: list[nn.Module] = []
+        c, h, w = self.input_shape
+        flat: int | None = None  # features once flattened
+        n_lif = 0
+        self.head: str = "none"
+        for i, spec in enumerate(specs):
+            nxt = next((s for s in specs[i + 1 :] if s.kind != "pool"), None)
+            if spec.kind == "conv":
+                if flat is not None:
+                    raise ConfigError(f"conv after FC in {arch!r}")
+                stages.append(nn.Conv2d(c, spec.size, spec.kernel, padding=spec.kernel // 2))
+                c = spec.size
+                n_lif += 1
+                stages.append(LIFCell(lif, f"lif{n_lif}"))
+                if neunorm and nxt is not None and (nxt.kind == "conv" or neunorm_before_fc):
+                    stages.append(NeuNormCell(NeuNorm(c, h, w, k_tau2), f"neunorm{n_lif}"))
+            elif spec.kind == "pool":
+                if flat is not None:
+                    raise ConfigError(f"pooling after FC in {arch!r}")
+                if h < spec.size or w < spec.size:
+                    raise ConfigError(f"AP{spec.size} needs maps of at least {spec.size}x{spec.size}, got {h}x{w} in {arch!r}")
+                # Floor like the paper's N-MNIST net: 34 -> 17 -> 8.
+                stages.append(nn.AvgPool2d(spec.size))
+                h, w = h // spec.size, w // spec.size
+            else:
+                if flat is None:
+                    stages.append(nn.Flatten())
+                    flat = c * h * w
+                out = {"fc": spec.size, "voting": classes * vote_group, "readout": spec.size}[spec.kind]
+                stages.append(nn.Linear(flat, out))
+                flat = out
+                if spec.kind == "readout":
+                    self.head = "readout"
+                    if out != classes:
+                        raise ConfigError(f"readout width {out} != classes {classes} in {arch!r}")
+                    continue
+                n_lif += 1
+                stages.append(LIFCell(lif, f"lif{n_lif}"))
+                if spec.kind == "voting":
+                    self.head = "voting"
+                elif dropout > 0:
+                    stages.append(nn.Dropout(dropout))
+        if self.head == "none":
+            raise ConfigError(f"architecture {arch!r} must end with Voting or a bare class-count readout")
+        self.stages = nn.ModuleList(stages)
+        self.voting = Voting(classes, vote_group) if self.head == "voting" else None
+
+    # -- introspection -------------------------------------------------------------------------
+    def lif_names(self) -> list[str]:
+        """Names of the LIF stages in order ('lif1', 'lif2', ...)."""
+        return [s.name for s in self.stages if isinstance(s, LIFCell)]
+
+    def cells(self) -> list[nn.Module]:
+        return [s for s in self.stages if getattr(s, "is_cell", False)]
+
+    # -- execution -----------------------------------------------------------------------------
+    def _layer_major(self, x: Tensor, record: dict | None) -> Tensor:
+        steps, batch = x.shape[:2]
+        h = x
+        for stage in self.stages:
+            if getattr(stage, "is_cell", False):
+                state = stage.init_state(h[0])
+                outs, mems = [], []
+                for t in range(steps):
+                    state, y, mem = stage.step(state, h[t])
+                    outs.append(y)
+                    mems.append(mem)
+                h = torch.stack(outs)
+                if record is not None and isinstance(stage, LIFCell):
+                    record[stage.name] = (h, torch.stack(mems))
+            else:
+                h = stage(h.flatten(0, 1))
+                h = h.unflatten(0, (steps, batch))
+        return h
+
+    def _step_major(self, x: Tensor, record: dict | None) -> Tensor:
+        states: dict[int, tuple[Tensor, ...]] = {}
+        outs = []
+        per_layer: dict[str, tuple[list, list]] = {}
+        for t in range(x.shape[0]):
+            h = x[t]
+            for i, stage in enumerate(self.stages):
+                if getattr(stage, "is_cell", False):
+                    if i not in states:
+                        states[i] = stage.init_state(h)
+                    states[i], h, mem = stage.step(states[i], h)
+                    if record is not None and isinstance(stage, LIFCell):
+                        per_layer.setdefault(stage.name, ([], []))
+                        per_layer[stage.name][0].append(h)
+                        per_layer[stage.name][1].append(mem)
+                else:
+                    h = stage(h)
+            outs.append(h)
+        if record is not None:
+            for name, (s, m) in per_layer.items():
+                record[name] = (torch.stack(s), torch.stack(m))
+        return torch.stack(outs)
+
+    def forward_sequence(self, x: Tensor, order: ExecutionOrder | None = None, record: dict | None = None) -> Tensor:
+        """Run all stages: ``[T, B, C, H, W]`` -> last stage's output ``[T, B, N]``.
+
+        With ``record`` (a dict), fills ``record[lif_name] = (spikes, membrane)``, each ``[T, B, ...]``.
+        """
+        order = order or self.execution
+        if order == "layer":
+            return self._layer_major(x, record)
+        if order == "step":
+            return self._step_major(x, record)
+        raise ConfigError(f"execution order must be 'layer' or 'step', got {order!r}")
+
+    def decode(self, outputs: Tensor) -> Tensor:
+        """Last-stage outputs ``[T, B, N]`` -> class scores ``[B, classes]``.
+
+        Voting head: firing rate (spikes summed over T, divided by T) through the voting matrix, so
+        scores lie in [0, 1]. Readout head: the linear outputs averaged over T.
+        """
+        rate = outputs.mean(dim=0)
+        return self.voting(rate) if self.voting is not None else rate
+
+    def forward(self, x: Tensor, order: ExecutionOrder | None = None) -> Tensor:
+        """``[T, B, C, H, W]`` (or ``[T, B, F]`` for an FC-first net) -> class scores ``[B, classes]``."""
+        return self.decode(self.forward_sequence(x, order))
+
+
+def network_from_config(model_cfg, width_divisor: int = 1) -> SpikingNetwork:
+    """Build the network a :class:`~snncompile.config.ModelConfig` describes."""
+    m = model_cfg
+    return SpikingNetwork(
+        m.arch,
+        tuple(m.input_shape),
+        LIFParams(m.v_th, m.k_tau1, m.a),
+        classes=m.classes,
+        vote_group=m.vote_group,
+        neunorm=m.neunorm,
+        neunorm_before_fc=m.neunorm_before_fc,
+        k_tau2=m.k_tau2,
+        dropout=m.dropout,
+        width_divisor=width_divisor,
+    )

@@ -1,0 +1,57 @@
+"""Reading a run directory back: its config, checkpoint and network."""
+
+from __future__ import annotations
+
+import pickle
+import zipfile
+from pathlib import Path
+
+import torch
+
+from .artifacts import read_manifest
+from .config import Config, load_config
+from .errors import ArtifactError
+from .models import SpikingNetwork, network_from_config
+
+__all__ = ["CHECKPOINT", "CONFIG", "METRICS", "load_checkpoint", "load_run_config", "load_network"]
+
+CHECKPOINT = "checkpoint.pt"
+CONFIG = "config.toml"
+METRICS = "metrics.jsonl"
+
+
+def load_run_config(run_dir: str | Path) -> Config:
+    """The resolved config a run was trained with (its manifest is checked first)."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise ArtifactError(f"run directory not found: {run_dir}")
+    read_manifest(run_dir)
+    return load_config(run_dir / CONFIG)
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    """Load a checkpoint with ``weights_only=True`` (tensors and plain values only, no pickled code)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ArtifactError(f"checkpoint not found: {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, zipfile.BadZipFile, pickle.UnpicklingError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ArtifactError(f"{path} is corrupt or not an snncompile checkpoint ({first[:160]})") from None
+    if not isinstance(state, dict) or "model" not in state or state.get("format") != 1:
+        raise ArtifactError(f"{path} is not an snncompile checkpoint (format 1 expected)")
+    return state
+
+
+def load_network(run_dir: str | Path) -> tuple[Config, SpikingNetwork]:
+    """Rebuild a run's network with its trained weights, in eval mode on the CPU."""
+    run_dir = Path(run_dir)
+    cfg = load_run_config(run_dir)
+    state = load_checkpoint(run_dir / CHECKPOINT)
+    net = network_from_config(cfg.model)
+    try:
+        net.load_state_dict(state["model"])
+    except RuntimeError as e:
+        raise ArtifactError(f"{run_dir}: checkpoint does not match its config ({str(e).splitlines()[0]})") from None
+    return cfg, net.eval()
