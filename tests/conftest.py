@@ -1,0 +1,34 @@
+"""Shared fixtures: tiny zoo networks and small configs that train in seconds."""
+
+from __future__ import annotations
+
+import glob
+from pathlib import Path
+
+import pytest
+import torch
+
+from snncompile.config import Config, load_config
+
+REPO = Path(__file__).resolve().parents[1]
+ZOO = sorted(glob.glob(str(REPO / "models" / "*.toml")))
+SHARED_MNIST = REPO.parent / "shared" / "data" / "mnist"
+
+
+def zoo_ids() -> list[str]:
+    return [Path(p).stem for p in ZOO]
+
+
+@pytest.fixture
+def digits_cfg() -> Config:
+    """The embedded default, shrunk to train in a couple of seconds."""
+    return load_config(
+        REPO / "models" / "digits.toml",
+        ["train.epochs=2", "data.limit_train=256", "data.limit_test=128", "model.arch='16C3-AP2-32FC-Voting'", "train.lr=3e-3",
+         "model.T=3", "train.threads=1"],
+    )
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)

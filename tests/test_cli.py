@@ -1,0 +1,48 @@
+"""The command line: --help without extras, the main command end to end, one-line errors."""
+
+import subprocess
+import sys
+
+from click.testing import CliRunner
+
+from conftest import REPO
+from snncompile.cli import cli
+
+BLOCK_EXTRAS = """
+import sys
+class Block:
+    def find_spec(self, name, path=None, target=None):
+        if name.split('.')[0] in {'onnx', 'onnxruntime', 'onnxscript', 'tensorrt', 'tensorrt_rtx', 'tonic',
+                                   'triton', 'matplotlib'}:
+            raise ImportError('blocked: ' + name)
+sys.meta_path.insert(0, Block())
+import snncompile, snncompile.cli, snncompile.train, snncompile.models
+from snncompile.cli import cli
+sys.argv = ['snncompile', '--help']
+cli()
+"""
+
+
+def test_help_works_with_no_extra_installed():
+    out = subprocess.run([sys.executable, "-c", BLOCK_EXTRAS], capture_output=True, text=True, cwd=REPO)
+    assert out.returncode == 0, out.stderr
+    assert "train" in out.stdout
+
+
+def test_train_command_end_to_end(tmp_path):
+    result = CliRunner().invoke(cli, [
+        "train", str(REPO / "models" / "digits.toml"), "--out", str(tmp_path), "--no-progress",
+        "--set", "train.epochs=1", "--set", "data.limit_train=64", "--set", "data.limit_test=32",
+        "--set", "model.arch='8C3-AP2-16FC-Voting'",
+    ])
+    assert result.exit_code == 0, result.output
+    assert "final test accuracy" in result.output and "s wall; run:" in result.output
+    assert len(list((tmp_path / "digits").iterdir())) == 1
+
+
+def test_missing_config_and_bad_resume_are_one_line(tmp_path):
+    runner = CliRunner()
+    r = runner.invoke(cli, ["train", str(tmp_path / "missing.toml")])
+    assert r.exit_code == 2 and r.output.strip().splitlines() == [f"error: config file not found: {tmp_path / 'missing.toml'}"]
+    r = runner.invoke(cli, ["train", "--resume", str(tmp_path)])
+    assert r.exit_code == 1 and len(r.output.strip().splitlines()) == 1 and "manifest.json is missing" in r.output

@@ -1,0 +1,64 @@
+"""Typed config: TOML loading, --set overrides, one-line errors with exit code 2."""
+
+import pytest
+from click.testing import CliRunner
+
+from conftest import REPO
+from snncompile.cli import cli
+from snncompile.config import Config, apply_overrides, dumps_toml, load_config
+from snncompile.errors import ConfigError
+
+
+def test_loads_zoo_entry_with_types():
+    cfg = load_config(REPO / "models" / "digits.toml")
+    assert cfg.name == "digits" and cfg.model.T == 4 and isinstance(cfg.train.lr, float)
+    assert cfg.model.input_shape == [1, 8, 8]
+
+
+def test_overrides_are_typed():
+    cfg = apply_overrides(Config(), ["train.lr=0.01", "train.epochs=3", "train.optimizer=sgd", "model.neunorm=true",
+                                     "train.milestones=[2, 4]", "model.v_th=1"])
+    assert cfg.train.lr == 0.01 and cfg.train.epochs == 3 and cfg.train.optimizer == "sgd"
+    assert cfg.model.neunorm is True and cfg.train.milestones == [2, 4]
+    assert cfg.model.v_th == 1.0 and isinstance(cfg.model.v_th, float)
+
+
+@pytest.mark.parametrize(
+    "override, words",
+    [
+        ("train.lrr=0.1", "unknown config key 'train.lrr'"),
+        ("nope.lr=0.1", "unknown config key 'nope.lr'"),
+        ("train.epochs=2.5", "expects int"),
+        ("train.epochs=true", "expects int"),
+        ("model.neunorm=3", "expects bool"),
+        ("train.optimizer=rmsprop", "must be one of adam, sgd"),
+        ("model.T=0", "model.T must be >= 1"),
+        ("train.lr", "expects key=value"),
+    ],
+)
+def test_bad_override_is_one_line(override, words):
+    with pytest.raises(ConfigError, match=words) as err:
+        apply_overrides(Config(), [override])
+    assert "\n" not in str(err.value)
+
+
+def test_unknown_key_in_toml(tmp_path):
+    path = tmp_path / "m.toml"
+    path.write_text('[model]\narch = "8C3-Voting"\nthreshold = 0.5\n')
+    with pytest.raises(ConfigError, match="unknown config key 'model.threshold'"):
+        load_config(path)
+
+
+def test_resolved_config_round_trips(tmp_path):
+    cfg = load_config(REPO / "models" / "cifar10.toml", ["data.root=/tmp/x y"])
+    path = tmp_path / "config.toml"
+    path.write_text(dumps_toml(cfg))
+    again = load_config(path)
+    assert again == cfg and again.hash() == cfg.hash()
+
+
+def test_cli_bad_override_exits_2_with_one_line():
+    result = CliRunner().invoke(cli, ["train", str(REPO / "models" / "digits.toml"), "--set", "train.lrr=1"])
+    assert result.exit_code == 2
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: unknown config key 'train.lrr'")

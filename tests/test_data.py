@@ -1,0 +1,90 @@
+"""Dataset readers: MNIST IDX files made here in the real on-disk format, digits split, batching."""
+
+import gzip
+import struct
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import SHARED_MNIST
+from snncompile.config import Config, apply_overrides
+from snncompile.data import batches, load_dataset, to_time_major
+from snncompile.data.digits import load_digits
+from snncompile.data.mnist import MNIST_FILES, load_mnist, read_idx
+from snncompile.errors import DataError
+
+
+def write_idx(path, array: np.ndarray, compress: bool) -> None:
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(struct.pack(">I", d) for d in array.shape)
+    data = header + array.astype(np.uint8).tobytes()
+    path.write_bytes(gzip.compress(data) if compress else data)
+
+
+def make_mnist(root, n_train=12, n_test=5, compress=True):
+    rng = np.random.default_rng(0)
+    arrays = {
+        "train_images": rng.integers(0, 256, (n_train, 28, 28)),
+        "train_labels": rng.integers(0, 10, n_train),
+        "test_images": rng.integers(0, 256, (n_test, 28, 28)),
+        "test_labels": rng.integers(0, 10, n_test),
+    }
+    for key, arr in arrays.items():
+        write_idx(root / (MNIST_FILES[key] + (".gz" if compress else "")), arr, compress)
+    return arrays
+
+
+@pytest.mark.parametrize("compress", [True, False])
+def test_mnist_reads_idx(tmp_path, compress):
+    arrays = make_mnist(tmp_path, compress=compress)
+    ds = load_mnist(tmp_path)
+    assert ds.train.x.shape == (12, 1, 28, 28) and ds.test.x.shape == (5, 1, 28, 28)
+    assert ds.train.x.dtype == torch.float32 and float(ds.train.x.max()) <= 1.0
+    np.testing.assert_array_equal(ds.train.y.numpy(), arrays["train_labels"])
+    np.testing.assert_allclose(ds.test.x[:, 0].numpy() * 255, arrays["test_images"], atol=1e-4)
+
+
+def test_mnist_missing_folder_names_the_files(tmp_path):
+    with pytest.raises(DataError, match="train-images-idx3-ubyte, train-labels-idx1-ubyte"):
+        load_mnist(tmp_path / "nowhere")
+
+
+def test_truncated_idx_is_one_line(tmp_path):
+    make_mnist(tmp_path, compress=False)
+    path = tmp_path / MNIST_FILES["train_images"]
+    path.write_bytes(path.read_bytes()[:-7])
+    with pytest.raises(DataError, match="truncated"):
+        read_idx(path)
+
+
+def test_digits_split_is_seeded_and_disjoint():
+    a, b = load_digits(0.2, 0), load_digits(0.2, 0)
+    assert torch.equal(a.test.x, b.test.x) and len(a.test) == 359 and len(a.train) == 1438
+    c = load_digits(0.2, 1)
+    assert not torch.equal(a.test.y, c.test.y)
+
+
+def test_load_dataset_normalises_and_checks_shape():
+    cfg = apply_overrides(Config(), ["data.limit_train=10"])
+    ds = load_dataset(cfg)
+    assert len(ds.train) == 10 and float(ds.train.x.min()) == -1.0  # (0 - .5) / .5
+    bad = apply_overrides(Config(), ["model.input_shape=[1, 28, 28]"])
+    with pytest.raises(Exception, match=r"input_shape is \[1, 28, 28\] but digits frames are \[1, 8, 8\]"):
+        load_dataset(bad)
+
+
+def test_batches_are_time_major():
+    ds = load_digits()
+    x, y = next(batches(ds.train, 16, torch.Generator().manual_seed(0)))
+    seq = to_time_major(x, 5, static=True)
+    assert seq.shape == (5, 16, 1, 8, 8) and torch.equal(seq[3], x)
+    frames = torch.rand(16, 5, 2, 4, 4)
+    assert to_time_major(frames, 5, static=False).shape == (5, 16, 2, 4, 4)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not SHARED_MNIST.is_dir(), reason="../shared/data/mnist not present")
+def test_real_mnist():
+    ds = load_mnist(SHARED_MNIST)
+    assert len(ds.train) == 60000 and len(ds.test) == 10000
+    assert sorted(ds.test.y.unique().tolist()) == list(range(10))

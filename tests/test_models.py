@@ -1,0 +1,130 @@
+"""Architecture builder, the zoo at tiny size, and layer-major == step-major (PAPER.md §4, §7)."""
+
+import pytest
+import torch
+
+from conftest import ZOO, zoo_ids
+from snncompile.config import load_config
+from snncompile.errors import ConfigError
+from snncompile.models import LIFCell, NeuNormCell, network_from_config, parse_architecture
+from snncompile.neurons import LIFParams
+from snncompile.models import SpikingNetwork
+
+BATCH = 8  # oneDNN's GEMM is row-independent from 8 rows up (see models.py docstring)
+
+
+def tiny(path, gain: float = 3.0):
+    """A zoo entry at 1/16 width with weights scaled so that every LIF layer fires."""
+    cfg = load_config(path)
+    net = network_from_config(cfg.model, width_divisor=16)
+    with torch.no_grad():
+        for stage in net.stages:
+            if isinstance(stage, (torch.nn.Conv2d, torch.nn.Linear)):
+                stage.weight.mul_(gain)
+        for stage in net.stages:
+            if isinstance(stage, NeuNormCell):
+                stage.norm.u_scale.uniform_(-0.5, 0.5)  # exercise the recurrence, not the zero init
+    return cfg, net
+
+
+def tiny_input(cfg, batch=BATCH):
+    shape = (cfg.model.T, batch, *cfg.model.input_shape)
+    if cfg.data.name in ("random", "nmnist", "dvs_cifar10", "dvs_gesture"):
+        return (torch.rand(shape) < 0.2).float()  # event frames / binary input
+    return torch.randn(shape)
+
+
+def test_parse_paper_notation():
+    specs = parse_architecture("128C3(Encoding)-256C3-AP2-1024FC-Voting")
+    assert [(s.kind, s.size, s.kernel) for s in specs] == [
+        ("conv", 128, 3), ("conv", 256, 3), ("pool", 2, 0), ("fc", 1024, 0), ("voting", 0, 0)]
+    assert parse_architecture("128C3-10")[-1].kind == "readout"
+
+
+@pytest.mark.parametrize("arch", ["128C3-XX-Voting", "Voting-128C3", "AP2-10FC-Voting", "128C3-64FC"])
+def test_bad_architecture_is_one_line_config_error(arch):
+    with pytest.raises(ConfigError) as err:
+        SpikingNetwork(arch, (1, 8, 8), LIFParams())
+    assert "\n" not in str(err.value)
+
+
+def test_neunorm_between_convs_only_by_default():
+    net = SpikingNetwork("8C3-8C3-AP2-8C3-16FC-Voting", (1, 8, 8), LIFParams(), neunorm=True)
+    kinds = [type(s).__name__ for s in net.stages]
+    assert kinds[:7] == ["Conv2d", "LIFCell", "NeuNormCell", "Conv2d", "LIFCell", "NeuNormCell", "AvgPool2d"]
+    assert kinds[7:9] == ["Conv2d", "LIFCell"]  # last conv feeds an FC: no NeuNorm unless asked
+    shapes = [tuple(s.norm.u_scale.shape) for s in net.stages if isinstance(s, NeuNormCell)]
+    assert shapes == [(8, 8, 8), (8, 8, 8)]
+    with_fc = SpikingNetwork("8C3-8C3-AP2-8C3-16FC-Voting", (1, 8, 8), LIFParams(), neunorm=True, neunorm_before_fc=True)
+    assert sum(isinstance(s, NeuNormCell) for s in with_fc.stages) == 3
+
+
+def test_voting_head_scores_are_voted_rates():
+    net = SpikingNetwork("4C3-Voting", (1, 4, 4), LIFParams(), classes=10, vote_group=10)
+    x = torch.randn(4, 2, 1, 4, 4)
+    out = net.forward_sequence(x)
+    assert out.shape == (4, 2, 100) and set(out.unique().tolist()) <= {0.0, 1.0}
+    expected = out.sum(0).view(2, 10, 10).sum(-1) / (4 * 10)
+    assert torch.allclose(net(x), expected)
+
+
+@pytest.mark.parametrize("path", ZOO, ids=zoo_ids())
+def test_zoo_builds_tiny_and_trains_one_step(path):
+    cfg, net = tiny(path)
+    x = tiny_input(cfg, batch=2)
+    scores = net(x)
+    assert scores.shape == (2, cfg.model.classes)
+    scores.sum().backward()
+    grads = [p.grad for p in net.parameters()]
+    assert all(g is not None for g in grads) and any(g.abs().sum() > 0 for g in grads)
+
+
+@pytest.mark.parametrize("path", ZOO, ids=zoo_ids())
+def test_layer_major_equals_step_major(path):
+    cfg, net = tiny(path)
+    # eval(): dropout draws its masks in a different RNG order in the two loops; every other stage
+    # behaves the same in train and eval (no batch statistics anywhere).
+    net.eval()
+    x = tiny_input(cfg)
+    rec_layer, rec_step = {}, {}
+    out_layer = net.decode(net.forward_sequence(x, "layer", rec_layer))
+    out_step = net.decode(net.forward_sequence(x, "step", rec_step))
+    assert torch.equal(out_layer, out_step)
+    assert rec_layer.keys() == rec_step.keys() == set(net.lif_names())
+    for name in rec_layer:
+        spikes = rec_layer[name][0]
+        assert 0 < spikes.mean() < 1, f"{name} must fire for the comparison to mean anything"
+        assert torch.equal(spikes, rec_step[name][0]), name
+
+    grads = {}
+    for order in ("layer", "step"):
+        net.zero_grad()
+        net(x, order).square().sum().backward()
+        grads[order] = [p.grad.clone() for p in net.parameters()]
+    for g_layer, g_step in zip(grads["layer"], grads["step"]):
+        # Same function, different summation order of the weight-gradient reductions (T*B at once vs
+        # T partial sums): equal to float32 rounding relative to the gradient's scale.
+        scale = g_step.abs().max().item()
+        torch.testing.assert_close(g_layer, g_step, rtol=1e-4, atol=1e-5 * max(scale, 1e-6))
+    assert any(g.abs().sum() > 0 for g in grads["layer"])
+
+
+def test_lif_state_stays_fp32_under_bf16_autocast():
+    net = SpikingNetwork("4C3-16FC-Voting", (1, 4, 4), LIFParams(), vote_group=2)
+    rec = {}
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        net.forward_sequence(torch.randn(2, 3, 1, 4, 4), record=rec)
+    assert all(m.dtype == torch.float32 for _, m in rec.values())
+    assert any(isinstance(s, LIFCell) for s in net.stages)
+
+
+def test_dropout_draws_a_new_mask_every_step():
+    # v_th = -1: the hidden FC layer fires everywhere, so whatever is zero after dropout was dropped.
+    net = SpikingNetwork("4C3-64FC-Voting", (1, 4, 4), LIFParams(v_th=-1.0), dropout=0.5, vote_group=2).train()
+    dropout = next(s for s in net.stages if isinstance(s, torch.nn.Dropout))
+    seen = []
+    dropout.register_forward_hook(lambda mod, inp, out: seen.append(out.detach()))
+    net(torch.randn(4, 1, 1, 4, 4))
+    masks = seen[0].unflatten(0, (4, 1)) > 0  # [T, B, 64]
+    assert 0.2 < masks.float().mean() < 0.8
+    assert not any(torch.equal(masks[0], masks[t]) for t in range(1, 4))

@@ -1,0 +1,83 @@
+"""Trainer: run directory contents, MSE loss, exact resume, weights-only checkpoints."""
+
+import json
+
+import pytest
+import torch
+
+from snncompile.artifacts import read_manifest
+from snncompile.errors import ArtifactError
+from snncompile.runs import CHECKPOINT, load_checkpoint, load_network
+from snncompile.train import loss_fn, train
+
+
+def test_mse_loss_on_voted_rate_by_hand():
+    scores = torch.tensor([[0.2, 0.6], [1.0, 0.0]])
+    labels = torch.tensor([1, 0])
+    # (0.2^2 + 0.4^2 + 0 + 0) / 4 = 0.05
+    assert loss_fn(scores, labels, "mse").item() == pytest.approx(0.05)
+    assert loss_fn(scores, labels, "ce").item() == pytest.approx(torch.nn.functional.cross_entropy(scores, labels).item())
+
+
+def test_run_directory_contents(tmp_path, digits_cfg):
+    result = train(digits_cfg, tmp_path, progress=False, echo=lambda s: None)
+    run = result.run_dir
+    assert {p.name for p in run.iterdir()} == {"checkpoint.pt", "config.toml", "metrics.jsonl", "manifest.json"}
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2]
+    assert rows[-1]["test_acc"] == result.test_acc and rows[1]["train_loss"] < rows[0]["train_loss"]
+    manifest = read_manifest(run)
+    assert manifest["config_hash"] == digits_cfg.hash()
+    assert set(manifest["artifacts"]) == {"checkpoint.pt", "config.toml", "metrics.jsonl"}
+    cfg, net = load_network(run)
+    assert cfg == digits_cfg and not net.training
+
+
+def test_resume_reproduces_uninterrupted_run(tmp_path, digits_cfg):
+    digits_cfg.model.dropout = 0.3  # the dropout RNG must be replayed too
+    full = train(digits_cfg, tmp_path / "a", progress=False, echo=lambda s: None)
+    part = train(digits_cfg, tmp_path / "b", stop_after=1, progress=False, echo=lambda s: None)
+    assert load_checkpoint(part.run_dir / CHECKPOINT)["epoch"] == 1
+    resumed = train(resume=part.run_dir, progress=False, echo=lambda s: None)
+    a = load_checkpoint(full.run_dir / CHECKPOINT)
+    b = load_checkpoint(resumed.run_dir / CHECKPOINT)
+    assert b["epoch"] == 2
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    lines_a = (full.run_dir / "metrics.jsonl").read_text().splitlines()
+    lines_b = (resumed.run_dir / "metrics.jsonl").read_text().splitlines()
+    strip = lambda rows: [{k: v for k, v in json.loads(r).items() if k not in ("train_seconds", "samples_per_s")} for r in rows]  # noqa: E731
+    assert strip(lines_a) == strip(lines_b)
+
+
+def test_corrupt_checkpoint_is_one_line(tmp_path):
+    bad = tmp_path / "checkpoint.pt"
+    bad.write_bytes(b"not a zip file at all")
+    with pytest.raises(ArtifactError, match="corrupt or not an snncompile checkpoint") as err:
+        load_checkpoint(bad)
+    assert "\n" not in str(err.value)
+
+
+def test_checkpoint_refuses_pickled_code(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (print, ("executed",))
+
+    path = tmp_path / "evil.pt"
+    torch.save({"format": 1, "model": {}, "payload": Evil()}, path)
+    with pytest.raises(ArtifactError):
+        load_checkpoint(path)
+
+
+def test_failed_checkpoint_write_leaves_previous_file(tmp_path, monkeypatch, digits_cfg):
+    result = train(digits_cfg, tmp_path, stop_after=1, progress=False, echo=lambda s: None)
+    before = (result.run_dir / CHECKPOINT).read_bytes()
+
+    def boom(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", boom)
+    with pytest.raises(OSError, match="disk full"):
+        train(resume=result.run_dir, progress=False, echo=lambda s: None)
+    assert (result.run_dir / CHECKPOINT).read_bytes() == before
+    assert not [p for p in result.run_dir.iterdir() if p.name.endswith(".tmp")]
