@@ -8,6 +8,7 @@ __all__ = [
     "MissingDependencyError",
     "ExportError",
     "InputError",
+    "RunnerUnavailableError",
 ]
 
 
@@ -48,3 +49,7 @@ class InputError(SnnCompileError):
     """An input tensor has the wrong rank, shape, T or dtype."""
 
     exit_code = 2
+
+
+class RunnerUnavailableError(SnnCompileError):
+    """A runner's runtime, provider or device is not present on this machine."""

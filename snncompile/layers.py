@@ -83,17 +83,26 @@ def voting_matrix(classes: int, group: int) -> Tensor:
 
 
 class Voting(nn.Module):
-    """Average each class's group of output firing rates: ``[B, classes*G]`` -> ``[B, classes]``."""
+    """Average each class's group of output firing rates: ``[B, classes*G]`` -> ``[B, classes]``.
+
+    The product with the fixed voting matrix (:func:`voting_matrix`) is computed as a sum over each
+    class's G neurons followed by one division. On spike counts the sum is an exact integer, so the
+    only rounding is that final division and every runtime gives the same bits. (A MatMul with the
+    1/G matrix would not: ONNX Runtime, for one, folds a MatMul and a following scalar Div into one
+    scaled GEMM.)
+    """
 
     def __init__(self, classes: int, group: int):
         super().__init__()
         self.classes = classes
         self.group = group
-        # A buffer, not a parameter: the voting matrix is fixed (it still travels with state_dict).
-        self.register_buffer("matrix", voting_matrix(classes, group))
 
     def forward(self, rates: Tensor) -> Tensor:
-        return rates @ self.matrix
+        return rates.unflatten(-1, (self.classes, self.group)).sum(-1) / self.group
+
+    def from_counts(self, counts: Tensor, steps: int) -> Tensor:
+        """Scores from output spike counts ``[B, classes*G]`` summed over ``steps``: group sum / (steps*G)."""
+        return counts.unflatten(-1, (self.classes, self.group)).sum(-1) / (steps * self.group)
 
     def extra_repr(self) -> str:
         return f"classes={self.classes}, group={self.group}"

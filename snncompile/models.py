@@ -242,27 +242,54 @@ class SpikingNetwork(nn.Module):
                 h = h.unflatten(0, (steps, batch))
         return h
 
-    def _step_major(self, x: Tensor, record: dict | None) -> Tensor:
-        states: dict[int, tuple[Tensor, ...]] = {}
-        outs = []
-        per_layer: dict[str, tuple[list, list]] = {}
-        for t in range(x.shape[0]):
-            h = x[t]
-            for i, stage in enumerate(self.stages):
+    def initial_states(self, x_t: Tensor) -> list[tuple[Tensor, ...]]:
+        """Zero states of every cell for one step's input ``[B, ...]`` (u[0] = o[0] = x[0] = 0)."""
+        states = []
+        h = x_t
+        with torch.no_grad():
+            for stage in self.stages:
                 if getattr(stage, "is_cell", False):
-                    if i not in states:
-                        states[i] = stage.init_state(h)
-                    states[i], h, mem = stage.step(states[i], h)
-                    if record is not None and isinstance(stage, LIFCell):
-                        per_layer.setdefault(stage.name, ([], []))
-                        per_layer[stage.name][0].append(h)
-                        per_layer[stage.name][1].append(mem)
+                    states.append(stage.init_state(h))
                 else:
                     h = stage(h)
-            outs.append(h)
+        return states
+
+    def state_names(self) -> list[str]:
+        """Stable names of the flattened state tensors, in the order :meth:`step` takes them."""
+        names = []
+        for stage in self.cells():
+            names += [f"{stage.name}.u", f"{stage.name}.o"] if isinstance(stage, LIFCell) else [f"{stage.name}.x"]
+        return names
+
+    def step(self, x_t: Tensor, states: list[tuple[Tensor, ...]], record: dict | None = None):
+        """One timestep of every stage: input ``[B, ...]``, states from :meth:`initial_states`.
+
+        Returns (last-stage output ``[B, N]``, new states). With ``record``, appends each LIF's
+        (spikes, membrane) of this step to ``record[name]``.
+        """
+        h = x_t
+        new_states = []
+        cells = iter(states)
+        for stage in self.stages:
+            if getattr(stage, "is_cell", False):
+                state, h, mem = stage.step(next(cells), h)
+                new_states.append(state)
+                if record is not None and isinstance(stage, LIFCell):
+                    record.setdefault(stage.name, []).append((h, mem))
+            else:
+                h = stage(h)
+        return h, new_states
+
+    def _step_major(self, x: Tensor, record: dict | None) -> Tensor:
+        states = self.initial_states(x[0])
+        per_step: dict[str, list] = {}
+        outs = []
+        for t in range(x.shape[0]):
+            out, states = self.step(x[t], states, per_step if record is not None else None)
+            outs.append(out)
         if record is not None:
-            for name, (s, m) in per_layer.items():
-                record[name] = (torch.stack(s), torch.stack(m))
+            for name, pairs in per_step.items():
+                record[name] = (torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs]))
         return torch.stack(outs)
 
     def forward_sequence(self, x: Tensor, order: ExecutionOrder | None = None, record: dict | None = None) -> Tensor:
@@ -283,8 +310,18 @@ class SpikingNetwork(nn.Module):
         Voting head: firing rate (spikes summed over T, divided by T) through the voting matrix, so
         scores lie in [0, 1]. Readout head: the linear outputs averaged over T.
         """
-        rate = outputs.mean(dim=0)
-        return self.voting(rate) if self.voting is not None else rate
+        # Summed step by step, in the order a streaming (one step at a time) model accumulates, so
+        # both give bit-identical scores.
+        total = outputs[0]
+        for t in range(1, outputs.shape[0]):
+            total = total + outputs[t]
+        return self.scores_from_sum(total, outputs.shape[0])
+
+    def scores_from_sum(self, output_sum: Tensor, steps: int) -> Tensor:
+        """Class scores ``[B, classes]`` from the last stage's outputs summed over ``steps``."""
+        if self.voting is not None:
+            return self.voting.from_counts(output_sum, steps)
+        return output_sum / steps
 
     def forward(self, x: Tensor, order: ExecutionOrder | None = None) -> Tensor:
         """``[T, B, C, H, W]`` (or ``[T, B, F]`` for an FC-first net) -> class scores ``[B, classes]``."""

@@ -50,8 +50,14 @@ def load_network(run_dir: str | Path) -> tuple[Config, SpikingNetwork]:
     cfg = load_run_config(run_dir)
     state = load_checkpoint(run_dir / CHECKPOINT)
     net = network_from_config(cfg.model)
-    try:
-        net.load_state_dict(state["model"])
-    except RuntimeError as e:
-        raise ArtifactError(f"{run_dir}: checkpoint does not match its config ({str(e).splitlines()[0]})") from None
+    expected, got = net.state_dict(), state["model"]
+    missing = [k for k in expected if k not in got]
+    unexpected = [k for k in got if k not in expected]
+    wrong = [k for k in expected if k in got and tuple(got[k].shape) != tuple(expected[k].shape)]
+    if missing or unexpected or wrong:
+        raise ArtifactError(
+            f"{run_dir}: checkpoint does not match its config (missing {missing[:3]}, unexpected {unexpected[:3]}, "
+            f"wrong shape {wrong[:3]}): was it written by another snncompile version?"
+        )
+    net.load_state_dict(got)
     return cfg, net.eval()

@@ -60,4 +60,7 @@ def test_voting_matrix_and_scores():
     vote = Voting(classes=3, group=2)
     rates = torch.tensor([[1.0, 0.5, 0.0, 0.25, 0.75, 0.75]])
     assert vote(rates).tolist() == [[0.75, 0.125, 0.75]]
-    assert "matrix" in vote.state_dict() and not list(vote.parameters())
+    assert not list(vote.parameters())  # fixed, nothing to learn
+    assert torch.allclose(vote(rates), rates @ voting_matrix(3, 2))
+    counts = torch.tensor([[4.0, 2.0, 0.0, 1.0, 3.0, 3.0]])  # the same rates as spike counts over T = 4
+    assert vote.from_counts(counts, 4).tolist() == [[0.75, 0.125, 0.75]]

@@ -1,0 +1,109 @@
+"""The runner interface, input validation and the registry of runners."""
+
+from __future__ import annotations
+
+import importlib
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import ConfigError, InputError, RunnerUnavailableError
+
+__all__ = ["TensorSpec", "Runner", "validate_feed", "RUNNERS", "create_runner", "available_runners"]
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """Name, shape (``None`` or a string for a dynamic dimension) and numpy dtype of one tensor."""
+
+    name: str
+    shape: tuple[int | str | None, ...]
+    dtype: str = "float32"
+
+    def describe(self) -> str:
+        dims = ", ".join("B" if d is None or isinstance(d, str) else str(d) for d in self.shape)
+        return f"[{dims}] {self.dtype}"
+
+
+def validate_feed(feed: dict[str, np.ndarray], specs: list[TensorSpec]) -> None:
+    """One-line :class:`InputError` for a missing/unknown name, wrong rank, size or dtype."""
+    expected = {s.name for s in specs}
+    missing, extra = expected - set(feed), set(feed) - expected
+    if missing or extra:
+        raise InputError(f"inputs: expected {sorted(expected)}, got {sorted(feed)}")
+    for spec in specs:
+        arr = feed[spec.name]
+        got = f"[{', '.join(map(str, arr.shape))}] {arr.dtype}"
+        if arr.ndim != len(spec.shape) or str(arr.dtype) != spec.dtype:
+            raise InputError(f"input {spec.name!r}: expected {spec.describe()}, got {got}")
+        for axis, (want, have) in enumerate(zip(spec.shape, arr.shape)):
+            if isinstance(want, int) and want != have:
+                what = "T (axis 0)" if axis == 0 and spec.name == "input" and len(spec.shape) >= 3 else f"axis {axis}"
+                raise InputError(f"input {spec.name!r}: {what} must be {want}, got {have}: expected {spec.describe()}, got {got}")
+
+
+class Runner(ABC):
+    """Runs one exported model: ``infer({name: array}) -> {name: array}`` with stable names."""
+
+    name: str = "runner"
+
+    @classmethod
+    def unavailable_reason(cls) -> str | None:
+        """None when this runner can run here, else a one-line reason (with the pip extra)."""
+        return None
+
+    @property
+    @abstractmethod
+    def inputs(self) -> list[TensorSpec]: ...
+
+    @property
+    @abstractmethod
+    def output_names(self) -> list[str]: ...
+
+    @abstractmethod
+    def _run(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...
+
+    def infer(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Validate ``feed`` against :attr:`inputs`, run, return every output by name."""
+        validate_feed(feed, self.inputs)
+        return self._run(feed)
+
+    def close(self) -> None:
+        """Release runtime resources (sessions, device memory)."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+# name -> "module:Class"; modules are imported only when a runner is asked for.
+RUNNERS: dict[str, str] = {
+    "torch": "snncompile.backends.pt:TorchRunner",
+    "ort-cpu": "snncompile.backends.ort:OrtCpuRunner",
+    "ort-cuda": "snncompile.backends.ort:OrtCudaRunner",
+}
+
+
+def _runner_class(name: str) -> type[Runner]:
+    if name not in RUNNERS:
+        raise ConfigError(f"unknown runner {name!r} (known: {', '.join(RUNNERS)})")
+    module, cls = RUNNERS[name].split(":")
+    return getattr(importlib.import_module(module), cls)
+
+
+def available_runners() -> dict[str, str | None]:
+    """Every registered runner with None (available) or the reason it is not."""
+    return {name: _runner_class(name).unavailable_reason() for name in RUNNERS}
+
+
+def create_runner(name: str, run_dir: str | Path, model_file: str = "model.onnx", **options) -> Runner:
+    """Create runner ``name`` for the export ``model_file`` in ``run_dir``."""
+    cls = _runner_class(name)
+    reason = cls.unavailable_reason()
+    if reason:
+        raise RunnerUnavailableError(f"runner {name!r} is unavailable here: {reason}")
+    return cls(Path(run_dir), model_file, **options)  # type: ignore[call-arg]

@@ -1,0 +1,92 @@
+"""ONNX Runtime runners (CPU and CUDA execution providers). The only importer of onnxruntime."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import ArtifactError
+from .base import Runner, TensorSpec
+
+__all__ = ["OrtCpuRunner", "OrtCudaRunner", "session_outputs"]
+
+_ORT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(double)": "float64"}
+
+
+def _onnxruntime():
+    try:
+        import onnxruntime
+    except ImportError:
+        return None
+    return onnxruntime
+
+
+class _OrtRunner(Runner):
+    provider = "CPUExecutionProvider"
+
+    @classmethod
+    def unavailable_reason(cls) -> str | None:
+        ort = _onnxruntime()
+        if ort is None:
+            return "onnxruntime is not installed: pip install 'snncompile[onnx]'"
+        if cls.provider not in ort.get_available_providers():
+            return f"{cls.provider} is not in this onnxruntime build (pip install onnxruntime-gpu for CUDA)"
+        return None
+
+    def __init__(self, run_dir: Path, model_file: str = "model.onnx", threads: int = 0):
+        ort = _onnxruntime()
+        path = Path(run_dir) / model_file
+        if not path.is_file():
+            raise ArtifactError(f"model file not found: {path} (run `snncompile export {run_dir}` first)")
+        opts = ort.SessionOptions()
+        # Intra-op threads = physical cores by default; inter-op parallelism buys nothing for a
+        # straight-line unrolled graph and contends with intra-op threads.
+        opts.intra_op_num_threads = threads or max(1, (os.cpu_count() or 2))
+        opts.inter_op_num_threads = 1
+        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        opts.log_severity_level = 3
+        try:
+            self.session = ort.InferenceSession(str(path), sess_options=opts, providers=[self.provider])
+        except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph/... types
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ArtifactError(f"{path} cannot be loaded by ONNX Runtime: {first[:200]}") from None
+        self._inputs = [
+            TensorSpec(i.name, tuple(d if isinstance(d, int) else None for d in i.shape), _ORT_TYPES.get(i.type, i.type))
+            for i in self.session.get_inputs()
+        ]
+        self._outputs = [o.name for o in self.session.get_outputs()]
+
+    @property
+    def inputs(self) -> list[TensorSpec]:
+        return self._inputs
+
+    @property
+    def output_names(self) -> list[str]:
+        return self._outputs
+
+    def _run(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        outs = self.session.run(self._outputs, {k: np.ascontiguousarray(v) for k, v in feed.items()})
+        return dict(zip(self._outputs, outs))
+
+    def close(self) -> None:
+        self.session = None
+
+
+class OrtCpuRunner(_OrtRunner):
+    name = "ort-cpu"
+    provider = "CPUExecutionProvider"
+
+
+class OrtCudaRunner(_OrtRunner):
+    name = "ort-cuda"
+    provider = "CUDAExecutionProvider"
+
+
+def session_outputs(path: Path, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Run an ONNX file once on the CPU provider (the exporter's raw-vs-cleaned check)."""
+    ort = _onnxruntime()
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    return dict(zip(names, session.run(names, feed)))

@@ -1,0 +1,75 @@
+"""The torch runner: the exported graph's own torch module, fp32 with TF32 off (the reference)."""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import ArtifactError, RunnerUnavailableError
+from ..graphs import StepGraph, UnrolledGraph
+from ..runs import load_network
+from .base import Runner, TensorSpec
+
+__all__ = ["TorchRunner", "export_entry", "no_tf32"]
+
+
+@contextlib.contextmanager
+def no_tf32():
+    """Full fp32 matmuls/convs on CUDA (TF32 would round inputs to 10 mantissa bits)."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def export_entry(run_dir: Path, model_file: str) -> dict:
+    """The manifest's record of an export (T, form, outputs) or a one-line error."""
+    from ..artifacts import read_manifest
+
+    entry = read_manifest(run_dir).get("exports", {}).get(model_file)
+    if entry is None:
+        raise ArtifactError(f"{run_dir} has no export {model_file!r}: run `snncompile export {run_dir}` first")
+    return entry
+
+
+class TorchRunner(Runner):
+    """Runs a run's checkpoint through the same graph module that was exported."""
+
+    name = "torch"
+
+    def __init__(self, run_dir: Path, model_file: str = "model.onnx", device: str = "cpu"):
+        if device == "cuda" and not torch.cuda.is_available():
+            raise RunnerUnavailableError("torch runner on cuda: no CUDA GPU visible")
+        entry = export_entry(run_dir, model_file)
+        cfg, net = load_network(run_dir)
+        self.device = torch.device(device)
+        self.steps = int(entry["T"])
+        self.form = entry["form"]
+        if self.form == "step":
+            self.graph = StepGraph(net, self.steps)
+        else:
+            self.graph = UnrolledGraph(net, rates=entry["rates"], layers=entry["layers"])
+        self.graph.to(self.device).eval()
+        self._inputs = [TensorSpec(n, tuple(s), "float32") for n, s in entry["inputs"].items()]
+        self._outputs = list(entry["outputs"])
+
+    @property
+    def inputs(self) -> list[TensorSpec]:
+        return self._inputs
+
+    @property
+    def output_names(self) -> list[str]:
+        return self._outputs
+
+    @torch.no_grad()
+    def _run(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        args = [torch.from_numpy(np.ascontiguousarray(feed[s.name])).to(self.device) for s in self._inputs]
+        with no_tf32():
+            outs = self.graph(*args)
+        return {name: out.cpu().numpy() for name, out in zip(self._outputs, outs)}

@@ -1,0 +1,366 @@
+"""Export a trained run to standard ONNX: the network unrolled over T (or one streaming step).
+
+Pipeline, all inside a staging folder of the run dir, moved into place only when every check passed
+(a failure anywhere leaves the run dir as it was):
+
+1. rebuild the network from the checkpoint; wrap it as :class:`~snncompile.graphs.UnrolledGraph` or
+   :class:`~snncompile.graphs.StepGraph`;
+2. export with the torch.export-based exporter (``torch.onnx.export(dynamo=True)``), dynamic batch;
+3. clean the graph with onnxscript's optimizer (constant folding, dead code), then check that the
+   cleaned graph computes exactly what the raw one did on ONNX Runtime;
+4. ``onnx.checker`` with ``full_check``; an op allow-list (no Loop/Scan, custom or Python ops);
+5. reference inputs (seeded random + real test samples when the dataset is present) and the torch
+   reference outputs (fp32, TF32 off) as npz; manifest entry with versions, hashes and timings.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import shutil
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import __version__
+from .artifacts import environment, read_manifest, record_artifact, sha256_file, update_manifest
+from .config import Config
+from .errors import ConfigError, DataError, ExportError, MissingDependencyError
+from .graphs import StepGraph, UnrolledGraph
+from .runs import load_network
+
+__all__ = ["stream_steps", "ALLOWED_OPS", "ExportResult", "export_run", "resolve_run_dir", "reference_inputs", "EXPORTER"]
+
+EXPORTER = "torch.export (torch.onnx.export dynamo=True) + onnxscript optimizer"
+DEFAULT_OPSET = 18
+EXTERNAL_DATA_BYTES = 1_800_000_000  # below protobuf's 2 GB limit with headroom for the graph
+
+# Standard ai.onnx ops the unrolled SNN may use. No Loop/Scan/If (T is unrolled statically), no custom
+# domains, no Python ops: anything outside this list fails the export with the op named.
+ALLOWED_OPS = frozenset({
+    "Add", "AveragePool", "Cast", "Concat", "Constant", "ConstantOfShape", "Conv", "Div", "Equal",
+    "Expand", "Flatten", "Gather", "Gemm", "Greater", "Identity", "MatMul", "Mul", "Neg", "ReduceMean",
+    "ReduceSum", "Reshape", "Shape", "Slice", "Split", "Squeeze", "Sub", "Transpose", "Unsqueeze", "Where",
+})
+
+UNROLLED_FILE = "model.onnx"
+STEP_FILE = "model_step.onnx"
+REF_INPUTS = "reference_inputs.npz"
+REF_OUTPUTS = "reference_outputs.npz"
+
+
+@dataclass
+class ExportResult:
+    path: Path
+    form: str
+    steps: int
+    seconds: float
+    onnx_bytes: int
+    nodes_raw: int
+    nodes_clean: int
+    ops: list[str]
+    n_random: int
+    n_real: int
+
+
+def resolve_run_dir(path: str | Path) -> Path:
+    """A run dir, or a checkpoint inside one -> the run dir."""
+    path = Path(path)
+    return path.parent if path.is_file() else path
+
+
+def _require_onnx():
+    try:
+        import onnx
+        import onnxscript  # noqa: F401
+    except ImportError:
+        raise MissingDependencyError("onnx/onnxscript", "onnx") from None
+    return onnx
+
+
+def reference_inputs(cfg: Config, steps: int, n_random: int, n_real: int) -> tuple[dict[str, np.ndarray], str]:
+    """Seeded random inputs ``[T, N, ...]`` and, when the dataset is present, real test samples.
+
+    Returns (arrays, note). Static images are random normal per step (a stronger test of the graph
+    than a repeated image); event-style inputs are binary with density 0.2.
+    """
+    from .data import load_dataset, to_time_major
+
+    gen = torch.Generator().manual_seed(cfg.train.seed + 12345)
+    shape = (steps, n_random, *cfg.model.input_shape)
+    if cfg.data.name in ("digits", "mnist", "cifar10"):
+        rand = torch.randn(shape, generator=gen)
+    else:
+        rand = (torch.rand(shape, generator=gen) < 0.2).float()
+    arrays = {"random": rand.numpy()}
+    note = "seeded random"
+    if n_real:
+        try:
+            ds = load_dataset(cfg)
+        except (DataError, ConfigError) as e:
+            return arrays, f"{note}; no real samples ({e})"
+        n = min(n_real, len(ds.test))
+        x = ds.test.x[:n]
+        if not ds.static and x.shape[1] != steps:
+            return arrays, f"{note}; no real samples (frames have {x.shape[1]} steps, export T is {steps})"
+        arrays["real"] = to_time_major(x, steps, ds.static).contiguous().numpy()
+        arrays["real_labels"] = ds.test.y[:n].numpy()
+        note = f"{note} + {n} real {ds.name} test samples"
+    return arrays, note
+
+
+@torch.no_grad()
+def _torch_outputs(graph: UnrolledGraph, x: np.ndarray, batch: int = 64) -> dict[str, np.ndarray]:
+    from .backends.pt import no_tf32
+
+    chunks: dict[str, list[np.ndarray]] = {}
+    with no_tf32():
+        for start in range(0, x.shape[1], batch):
+            outs = graph(torch.from_numpy(x[:, start : start + batch]))
+            for name, out in zip(graph.output_names, outs):
+                if "." not in name:  # scores / rates; per-layer traces are recomputed by verify
+                    chunks.setdefault(name, []).append(out.numpy())
+    return {k: np.concatenate(v) for k, v in chunks.items()}
+
+
+@contextlib.contextmanager
+def _quiet_exporter():
+    """The exporter logs a warning per missing torchvision op; none of them matter here."""
+    names = ["torch.onnx", "torch.onnx._internal.exporter._registration", "onnxscript"]
+    old = [logging.getLogger(n).level for n in names]
+    for n in names:
+        logging.getLogger(n).setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            warnings.simplefilter("ignore", DeprecationWarning)
+            yield
+    finally:
+        for n, level in zip(names, old):
+            logging.getLogger(n).setLevel(level)
+
+
+def _metadata(cfg: Config, manifest: dict, form: str, steps: int, outputs: list[str], inputs: dict) -> dict[str, str]:
+    m = cfg.model
+    dataset = manifest.get("dataset", {})
+    return {
+        "snncompile.version": __version__,
+        "snncompile.form": form,
+        "snncompile.T": str(steps),
+        "snncompile.arch": m.arch,
+        "snncompile.input_layout": "[T, B, C, H, W]" if form == "unrolled" else "[B, C, H, W] per step",
+        "snncompile.input_shape": json.dumps(list(m.input_shape)),
+        "snncompile.neuron": json.dumps({"v_th": m.v_th, "k_tau1": m.k_tau1, "a": m.a}),
+        "snncompile.neunorm": json.dumps({"enabled": m.neunorm, "k_tau2": m.k_tau2, "before_fc": m.neunorm_before_fc}),
+        "snncompile.normalisation": json.dumps({"mean": dataset.get("mean", []), "std": dataset.get("std", [])}),
+        "snncompile.class_names": json.dumps(manifest.get("classes", [str(i) for i in range(m.classes)])),
+        "snncompile.config_hash": cfg.hash(),
+        "snncompile.exporter": EXPORTER,
+        "snncompile.outputs": json.dumps(outputs),
+        "snncompile.inputs": json.dumps(inputs),
+    }
+
+
+def _save_ir(model, path: Path) -> None:
+    import onnx_ir as ir
+
+    total = sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
+    if total > EXTERNAL_DATA_BYTES:
+        ir.save(model, str(path), external_data=path.name + ".data")
+    else:
+        ir.save(model, str(path))
+
+
+def _check_graph(onnx, path: Path) -> list[str]:
+    """onnx.checker (full) and the op allow-list; returns the sorted op types."""
+    try:
+        onnx.checker.check_model(str(path), full_check=True)
+    except onnx.checker.ValidationError as e:
+        raise ExportError(f"onnx.checker rejected the exported graph: {str(e).splitlines()[0][:200]}") from None
+    model = onnx.load(str(path), load_external_data=False)
+    domains = {n.domain for n in model.graph.node} - {"", "ai.onnx"}
+    ops = sorted({n.op_type for n in model.graph.node})
+    bad = sorted(set(ops) - ALLOWED_OPS)
+    if domains or bad or model.functions:
+        raise ExportError(f"exported graph uses non-standard or disallowed ops: {bad or sorted(domains)}")
+    return ops
+
+
+def _example_args(graph, cfg: Config, steps: int, form: str) -> tuple[torch.Tensor, ...]:
+    frame = torch.zeros(2, *cfg.model.input_shape)
+    if form == "step":
+        return (frame, *graph.zero_states(frame))
+    return (frame.unsqueeze(0).expand(steps, *frame.shape).contiguous(),)
+
+
+def export_run(
+    run: str | Path,
+    steps: int | None = None,
+    opset: int = DEFAULT_OPSET,
+    form: str = "unrolled",
+    layers: bool = False,
+    rates: bool = False,
+    n_random: int = 256,
+    n_real: int = 256,
+    check_numerics: bool = True,
+) -> ExportResult:
+    """Export ``run`` (a run dir or its checkpoint) to ONNX; see the module docstring.
+
+    Args:
+        run: run directory or checkpoint path.
+        steps: T to unroll (default: the T the model was trained with).
+        opset: ONNX opset.
+        form: 'unrolled' (``model.onnx``) or 'step' (``model_step.onnx``, explicit state).
+        layers: also output every LIF layer's spikes and membrane ``[T, B, ...]`` (for verify).
+        rates: also output the output layer's firing rates ``[B, N]``.
+        n_random, n_real: how many seeded random and real reference inputs to save.
+        check_numerics: compare the cleaned graph against the raw export on ONNX Runtime.
+    """
+    onnx = _require_onnx()
+    import onnxscript.optimizer
+
+    if form not in ("unrolled", "step"):
+        raise ConfigError(f"--form must be 'unrolled' or 'step', got {form!r}")
+    run_dir = resolve_run_dir(run)
+    cfg, net = load_network(run_dir)
+    manifest = read_manifest(run_dir)
+    steps = steps or cfg.model.T
+    if steps < 1:
+        raise ConfigError(f"--T must be >= 1, got {steps}")
+    if form == "step" and (layers or rates):
+        raise ConfigError("--layers/--rates apply to the unrolled form only")
+    t0 = time.perf_counter()
+    graph = StepGraph(net, steps) if form == "step" else UnrolledGraph(net, rates=rates, layers=layers)
+    graph.eval()
+    args = _example_args(graph, cfg, steps, form)
+    input_names = graph.input_names if form == "step" else ["input"]
+    output_names = graph.output_names
+    batch = torch.export.Dim("batch", min=1, max=1 << 16)
+    if form == "step":  # forward(x_t, output_sum, *states): the varargs are one nested tuple
+        dynamic: tuple = ({0: batch}, {0: batch}, tuple({0: batch} for _ in args[2:]))
+    else:
+        dynamic = ({1: batch},)
+    file_name = STEP_FILE if form == "step" else UNROLLED_FILE
+
+    staging = Path(tempfile.mkdtemp(prefix=".export-", dir=run_dir))
+    try:
+        try:
+            with _quiet_exporter(), torch.no_grad():
+                program = torch.onnx.export(
+                    graph, args, dynamo=True, optimize=False, opset_version=opset, input_names=input_names,
+                    output_names=output_names, dynamic_shapes=dynamic, verbose=False,
+                )
+        except Exception as e:  # the exporter raises many types; report the first line
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ExportError(f"torch.onnx.export failed: {first[:300]}") from None
+        model = program.model
+        nodes_raw = sum(1 for _ in model.graph)
+        raw_path = staging / "raw.onnx"
+        _save_ir(model, raw_path)
+        onnxscript.optimizer.optimize(model)
+        nodes_clean = sum(1 for _ in model.graph)
+        in_shapes = {
+            name: ([steps, None, *cfg.model.input_shape] if name == "input" and form == "unrolled" else [None, *a.shape[1:]])
+            for name, a in zip(input_names, args)
+        }
+        for key, value in _metadata(cfg, manifest, form, steps, output_names, in_shapes).items():
+            model.metadata_props[key] = value
+        out_path = staging / file_name
+        _save_ir(model, out_path)
+        ops = _check_graph(onnx, out_path)
+
+        arrays, ref_note = reference_inputs(cfg, steps, n_random, n_real if form == "unrolled" else 0)
+        extra: dict[str, Path] = {}
+        if form == "unrolled":
+            refs = {f"{split}/{name}": out for split in ("random", "real") if split in arrays
+                    for name, out in _torch_outputs(graph, arrays[split]).items()}
+            np.savez(staging / REF_INPUTS, **arrays)
+            np.savez(staging / REF_OUTPUTS, **refs)
+            extra = {REF_INPUTS: staging / REF_INPUTS, REF_OUTPUTS: staging / REF_OUTPUTS}
+        numerics = _check_numerics(raw_path, out_path, graph, arrays, form, steps) if check_numerics else "skipped"
+        seconds = time.perf_counter() - t0
+
+        # Everything passed: move into place (each rename is atomic; data files before the model).
+        moved = sorted(staging.glob(file_name + ".data")) + [out_path] + list(extra.values())
+        for src in moved:
+            src.replace(run_dir / src.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+    onnx_bytes = sum(p.stat().st_size for p in run_dir.glob(file_name + "*"))
+    entry = {
+        "form": form, "T": steps, "opset": opset, "exporter": EXPORTER, "layers": layers, "rates": rates,
+        "inputs": in_shapes, "outputs": output_names, "ops": ops, "nodes_raw": nodes_raw, "nodes_clean": nodes_clean,
+        "onnx_bytes": onnx_bytes, "export_seconds": round(seconds, 3), "sha256": sha256_file(run_dir / file_name),
+        "reference": ref_note, "cleaned_vs_raw": numerics,
+        "versions": {**environment(), "onnx": onnx.__version__, "onnxscript": _version("onnxscript"),
+                     "onnx_ir": _version("onnx_ir"), "onnxruntime": _version("onnxruntime")},
+    }
+    update_manifest(run_dir, exports={file_name: entry})
+    record_artifact(run_dir, file_name)
+    for name in extra:
+        record_artifact(run_dir, name)
+    return ExportResult(run_dir / file_name, form, steps, seconds, onnx_bytes, nodes_raw, nodes_clean, ops,
+                        n_random, int(arrays.get("real_labels", np.zeros(0)).shape[0]))
+
+
+def _version(module: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(module.replace("_", "-"))
+    except PackageNotFoundError:
+        return "absent"
+
+
+def _check_numerics(raw_path: Path, clean_path: Path, graph, arrays: dict, form: str, steps: int) -> str:
+    """The optimizer must not change a single output value: compare raw vs cleaned on ORT CPU."""
+    try:
+        import onnxruntime as ort  # noqa: F401  (presence only; the runner module does the work)
+    except ImportError:
+        return "not checked (onnxruntime absent)"
+    from .backends.ort import session_outputs
+
+    x = arrays["random"][:, :32]
+    if form == "step":
+        frame = torch.from_numpy(x[0])
+        states = [s.numpy() for s in graph.zero_states(frame)]
+        feed = dict(zip(graph.input_names, [x[0], *states]))
+    else:
+        feed = {"input": x}
+    raw = session_outputs(raw_path, feed)
+    clean = session_outputs(clean_path, feed)
+    for name in raw:
+        if not np.array_equal(raw[name], clean[name]):
+            diff = float(np.abs(raw[name] - clean[name]).max())
+            raise ExportError(f"the cleaned graph differs from the raw export on output {name!r} (max abs {diff:g})")
+    note = f"identical on {x.shape[1]} inputs (onnxruntime CPU)"
+    if form == "step":
+        streamed = stream_steps(clean_path, graph, x)
+        unrolled = _torch_outputs(UnrolledGraph(graph.net), x)["scores"]
+        if not np.array_equal(streamed, unrolled):
+            raise ExportError(f"{steps} calls of the step model differ from the unrolled torch model "
+                              f"(max abs {float(np.abs(streamed - unrolled).max()):g})")
+        note += f"; {steps} streamed steps == unrolled torch scores"
+    return note
+
+
+def stream_steps(path: Path, graph: StepGraph, x: np.ndarray) -> np.ndarray:
+    """Feed ``x`` ``[T, B, ...]`` through a step-form ONNX file one step at a time; final scores."""
+    from .backends.ort import session_outputs
+
+    states = [s.numpy() for s in graph.zero_states(torch.from_numpy(x[0]))]
+    scores = None
+    for t in range(x.shape[0]):
+        outs = session_outputs(path, dict(zip(graph.input_names, [x[t], *states])))
+        scores = outs["scores"]
+        states = [outs[name] for name in graph.output_names[1:]]
+    return scores
+
+
