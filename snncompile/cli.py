@@ -55,6 +55,52 @@ def train(model_toml, overrides, out_root, resume, stop_after, no_progress) -> N
     )
 
 
+@cli.command()
+@click.argument("run", type=click.Path(path_type=Path))
+@click.option("--T", "steps", type=int, help="Timesteps to unroll (default: the T it was trained with).")
+@click.option("--opset", default=18, show_default=True, type=click.IntRange(13, 23), help="ONNX opset.")
+@click.option("--form", type=click.Choice(["unrolled", "step"]), default="unrolled", show_default=True,
+              help="unrolled: all T steps in one graph (model.onnx); step: one step with explicit state (model_step.onnx).")
+@click.option("--layers", is_flag=True, help="Also output every LIF layer's spikes and membrane (per-layer verify).")
+@click.option("--rates", is_flag=True, help="Also output the output layer's firing rates.")
+@click.option("--samples", default=256, show_default=True, type=click.IntRange(1), help="Random and real reference inputs (each).")
+def export(run, steps, opset, form, layers, rates, samples) -> None:
+    """Export RUN (a run directory or its checkpoint) to ONNX, with reference inputs and outputs."""
+    from .export_onnx import export_run
+
+    r = export_run(run, steps=steps, opset=opset, form=form, layers=layers, rates=rates, n_random=samples, n_real=samples)
+    click.echo(
+        f"exported {r.path} ({r.form}, T={r.steps}, opset {opset}): {r.onnx_bytes / 1e6:.2f} MB, "
+        f"{r.nodes_clean} nodes ({r.nodes_raw} before cleaning), ops {', '.join(r.ops)}; "
+        f"{r.n_random} random + {r.n_real} real reference inputs; {r.seconds:.1f} s"
+    )
+
+
+@cli.command()
+@click.argument("run", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--runner", "runners", multiple=True, help="Runner(s) to check (default: every available one but torch).")
+@click.option("--precision", type=click.Choice(["fp32", "tf32", "fp16", "bf16"]), default="fp32", show_default=True,
+              help="Tolerance preset.")
+@click.option("--batch", default=64, show_default=True, type=click.IntRange(1), help="Inputs per inference call.")
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
+def verify(run, runners, precision, batch, no_progress) -> None:
+    """Check that RUN's exported model computes PyTorch's spikes and outputs on a runtime."""
+    from .backends import available_runners
+    from .compare import format_report, verify_run
+
+    if not runners:
+        runners = tuple(n for n, why in available_runners().items() if why is None and n != "torch")
+    failed = []
+    for name in runners:
+        report = verify_run(run, name, precision, batch, progress=not no_progress)
+        click.echo(format_report(report))
+        if not report["passed"]:
+            failed.append(name)
+    click.echo(f"report: {run / 'verify.json'}")
+    if failed:
+        sys.exit(1)
+
+
 def main() -> None:
     cli(prog_name="snncompile")
 

@@ -230,7 +230,7 @@ def export_run(
     run_dir = resolve_run_dir(run)
     cfg, net = load_network(run_dir)
     manifest = read_manifest(run_dir)
-    steps = steps or cfg.model.T
+    steps = cfg.model.T if steps is None else steps
     if steps < 1:
         raise ConfigError(f"--T must be >= 1, got {steps}")
     if form == "step" and (layers or rates):

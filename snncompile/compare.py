@@ -1,0 +1,284 @@
+"""Spike-aware verification of a runner against the torch reference (DESIGN.md rule 4).
+
+The reference is the exported graph's own torch module on the CPU in fp32 with TF32 off. Inputs are the
+export's saved reference inputs (seeded random + real test samples). Per output: max abs/rel error and
+top-1 agreement. With a ``--layers`` export, per LIF layer and timestep: the spike flip rate and the
+first divergent step, and every flip classified:
+
+- *propagated*: the same sample already diverged upstream (an earlier layer at this or an earlier
+  step, or this layer at an earlier step), so the flip is a consequence, not a cause;
+- *numerical* (primary): the reference membrane lies within ``eps`` of the threshold, where rounding
+  in a different runtime or a lower precision can legitimately tip the compare;
+- *real* (primary): anything else, i.e. the runtime computed a different function.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .artifacts import atomic_write_json, read_manifest, record_artifact, sha256_file
+from .backends import create_runner
+from .errors import ArtifactError, ConfigError
+from .runs import load_run_config
+
+__all__ = ["Tolerance", "PRESETS", "verify_run", "format_report", "LayerStats"]
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """Pass criteria for one precision.
+
+    membrane_eps: a primary flip with |u_ref - V_th| <= eps is numerical.
+    score_atol: max abs error allowed on the class scores.
+    max_numerical_flip_rate: primary numerical flips / (neurons x steps), over all layers.
+    min_top1: top-1 agreement required on samples whose reference top-2 margin exceeds score_atol.
+    """
+
+    membrane_eps: float
+    score_atol: float
+    max_numerical_flip_rate: float
+    min_top1: float
+
+
+PRESETS = {
+    # fp32 is spike-for-spike: no flip of any kind, scores equal to fp32 rounding.
+    # fp32: no real flip; numerical flips only at the rate of rounding coincidences between two
+    # libraries' different summation orders (seen: ~1 in 10-30 M neuron-steps, ORT vs torch CPU);
+    # scores equal to rounding on every sample whose spikes all matched.
+    "fp32": Tolerance(membrane_eps=1e-4, score_atol=1e-5, max_numerical_flip_rate=1e-6, min_top1=1.0),
+    "tf32": Tolerance(membrane_eps=1e-2, score_atol=0.05, max_numerical_flip_rate=1e-4, min_top1=0.99),
+    "fp16": Tolerance(membrane_eps=2e-2, score_atol=0.10, max_numerical_flip_rate=1e-3, min_top1=0.98),
+    "bf16": Tolerance(membrane_eps=1e-1, score_atol=0.15, max_numerical_flip_rate=5e-3, min_top1=0.95),
+}
+
+
+@dataclass
+class LayerStats:
+    """Flip counts of one LIF layer; ``per_step`` lists are indexed by timestep (0 = t=1)."""
+
+    neurons_per_step: int = 0  # neurons x samples seen, per step
+    flips_per_step: list[int] = field(default_factory=list)
+    numerical: int = 0
+    real: int = 0
+    propagated: int = 0
+    max_numerical_margin: float = 0.0  # largest |u_ref - V_th| among the numerical flips
+
+    def add_step_flips(self, counts: np.ndarray) -> None:
+        if not self.flips_per_step:
+            self.flips_per_step = [0] * len(counts)
+        self.flips_per_step = [a + int(b) for a, b in zip(self.flips_per_step, counts)]
+
+    @property
+    def flips(self) -> int:
+        return sum(self.flips_per_step)
+
+    @property
+    def first_step(self) -> int | None:
+        """1-based first timestep with a flip, or None."""
+        return next((t + 1 for t, n in enumerate(self.flips_per_step) if n), None)
+
+    def summary(self) -> dict:
+        total = self.neurons_per_step * max(1, len(self.flips_per_step))
+        return {
+            **asdict(self),
+            "flips": self.flips,
+            "flip_rate": self.flips / total if total else 0.0,
+            "flip_rate_per_step": [n / self.neurons_per_step if self.neurons_per_step else 0.0 for n in self.flips_per_step],
+            "first_step": self.first_step,
+        }
+
+
+def _classify_flips(ref: dict, run: dict, layers: list[str], v_th: float, eps: float, stats: dict[str, LayerStats]) -> np.ndarray:
+    """Count flips per layer/step and split them into numerical, real and propagated (module doc).
+
+    Returns a ``[B]`` mask of the samples with any flip."""
+    flips = [ref[f"{n}.spikes"] != run[f"{n}.spikes"] for n in layers]  # each [T, B, ...]
+    steps, batch = flips[0].shape[:2]
+    any_flip = np.stack([f.reshape(steps, batch, -1).any(-1).T for f in flips], axis=1)  # [B, L, T]
+    seen_by_t = np.logical_or.accumulate(any_flip, axis=2)  # diverged at this or an earlier step
+    earlier_layers = np.zeros_like(seen_by_t)
+    earlier_layers[:, 1:] = np.logical_or.accumulate(seen_by_t, axis=1)[:, :-1]
+    earlier_steps = np.zeros_like(any_flip)
+    earlier_steps[:, :, 1:] = seen_by_t[:, :, :-1]
+    upstream = earlier_layers | earlier_steps  # [B, L, T]
+    for li, name in enumerate(layers):
+        f = flips[li].reshape(steps, batch, -1)
+        s = stats.setdefault(name, LayerStats())
+        s.neurons_per_step += batch * f.shape[2]
+        s.add_step_flips(f.sum(axis=(1, 2)))
+        up = upstream[:, li, :].T[:, :, None]  # [T, B, 1]
+        margin = np.abs(ref[f"{name}.membrane"].reshape(steps, batch, -1) - v_th)
+        near = margin <= eps
+        numerical = f & ~up & near
+        s.propagated += int((f & up).sum())
+        s.numerical += int(numerical.sum())
+        s.real += int((f & ~up & ~near).sum())
+        if numerical.any():
+            s.max_numerical_margin = max(s.max_numerical_margin, float(margin[numerical].max()))
+    return any_flip.any(axis=(1, 2))
+
+
+def _unambiguous(scores: np.ndarray, margin: float) -> np.ndarray:
+    top2 = np.sort(scores, axis=1)[:, -2:]
+    return (top2[:, 1] - top2[:, 0]) > margin
+
+
+def verify_run(run_dir: str | Path, runner: str = "ort-cpu", precision: str = "fp32", batch: int = 64,
+               model_file: str = "model.onnx", progress: bool = False, **runner_options) -> dict:
+    """Compare ``runner`` with the torch reference on the export's reference inputs; returns the report
+    (also merged into ``verify.json`` under the runner's name)."""
+    from tqdm.auto import tqdm
+
+    if precision not in PRESETS:
+        raise ConfigError(f"--precision must be one of {', '.join(PRESETS)}, got {precision!r}")
+    if batch < 1:
+        raise ConfigError(f"--batch must be >= 1, got {batch}")
+    tol = PRESETS[precision]
+    run_dir = Path(run_dir)
+    cfg = load_run_config(run_dir)
+    manifest = read_manifest(run_dir)
+    inputs_path = run_dir / "reference_inputs.npz"
+    if not inputs_path.is_file() or model_file not in manifest.get("exports", {}):
+        raise ArtifactError(f"{run_dir} has no {model_file} export with reference inputs: run `snncompile export {run_dir}`")
+    export = manifest["exports"][model_file]
+    hash_ok = (run_dir / model_file).is_file() and sha256_file(run_dir / model_file) == export["sha256"]
+    inputs = np.load(inputs_path, allow_pickle=False)
+    stored = np.load(run_dir / "reference_outputs.npz", allow_pickle=False)
+
+    reference = create_runner("torch", run_dir, model_file)
+    candidate = create_runner(runner, run_dir, model_file, **runner_options)
+    layers = [n[: -len(".spikes")] for n in reference.output_names if n.endswith(".spikes")]
+    plain = [n for n in reference.output_names if "." not in n]
+    # max_abs_spike_exact: over the samples whose every spike matched (layers checked only)
+    errors = {n: {"max_abs": 0.0, "max_rel": 0.0, "max_abs_spike_exact": 0.0} for n in plain}
+    stats: dict[str, LayerStats] = {}
+    top1 = {"agree": 0, "total": 0, "unambiguous_agree": 0, "unambiguous": 0}
+    accuracy: dict[str, dict] = {}
+    reproduced = True
+    splits = [s for s in ("random", "real") if s in inputs.files]
+    total = sum(inputs[s].shape[1] for s in splits)
+    bar = tqdm(total=total, desc=f"verify {runner}", unit="sample", disable=not progress, leave=False)
+    for split in splits:
+        x_all = inputs[split]
+        labels = inputs["real_labels"] if split == "real" else None
+        correct = {"reference": 0, runner: 0}
+        for start in range(0, x_all.shape[1], batch):
+            feed = {"input": np.ascontiguousarray(x_all[:, start : start + batch])}
+            ref, run = reference.infer(feed), candidate.infer(feed)
+            reproduced &= bool(np.array_equal(ref["scores"], stored[f"{split}/scores"][start : start + batch]))
+            flipped = np.zeros(feed["input"].shape[1], bool)
+            if layers and all(f"{n}.spikes" in run for n in layers):
+                eps = tol.membrane_eps * max(1.0, abs(cfg.model.v_th))
+                flipped = _classify_flips(ref, run, layers, cfg.model.v_th, eps, stats)
+            for n in plain:
+                diff = np.abs(ref[n].astype(np.float64) - run[n])
+                errors[n]["max_abs"] = max(errors[n]["max_abs"], float(diff.max(initial=0.0)))
+                exact = diff[~flipped]
+                errors[n]["max_abs_spike_exact"] = max(errors[n]["max_abs_spike_exact"], float(exact.max(initial=0.0)))
+                rel = diff / np.maximum(np.abs(ref[n]), 1e-12)
+                errors[n]["max_rel"] = max(errors[n]["max_rel"], float(rel.max(initial=0.0)))
+            same = ref["scores"].argmax(1) == run["scores"].argmax(1)
+            clear = _unambiguous(ref["scores"], tol.score_atol)
+            top1["agree"] += int(same.sum())
+            top1["total"] += len(same)
+            top1["unambiguous_agree"] += int((same & clear).sum())
+            top1["unambiguous"] += int(clear.sum())
+            if labels is not None:
+                y = labels[start : start + batch]
+                correct["reference"] += int((ref["scores"].argmax(1) == y).sum())
+                correct[runner] += int((run["scores"].argmax(1) == y).sum())
+            bar.update(feed["input"].shape[1])
+        if labels is not None:
+            accuracy[split] = {k: v / len(labels) for k, v in correct.items()}
+    bar.close()
+    candidate.close()
+
+    layer_report = {n: s.summary() for n, s in stats.items()}
+    first = next(({"layer": n, "step": r["first_step"]} for n, r in layer_report.items() if r["flips"]), None)
+    neuron_steps = sum(s.neurons_per_step * len(s.flips_per_step) for s in stats.values())
+    numerical_rate = sum(s.numerical for s in stats.values()) / neuron_steps if neuron_steps else 0.0
+    reasons = _failures(tol, errors, top1, stats, numerical_rate)
+    report = {
+        "runner": runner,
+        "precision": precision,
+        "tolerance": asdict(tol),
+        "model": model_file,
+        "model_matches_export": hash_ok,
+        "reference": "torch fp32 on CPU, TF32 off (the exported graph's own module)",
+        "reference_reproduced": reproduced,
+        "inputs": {s: int(inputs[s].shape[1]) for s in splits},
+        "outputs": errors,
+        "top1": {**top1, "agreement": top1["agree"] / max(1, top1["total"])},
+        "accuracy": accuracy,
+        "layers": layer_report,
+        "layers_checked": bool(stats),
+        "numerical_flip_rate": numerical_rate,
+        "first_divergence": first,
+        "passed": not reasons,
+        "reasons": reasons,
+    }
+    path = run_dir / "verify.json"
+    existing = json.loads(path.read_text()) if path.is_file() else {}
+    existing[runner] = report
+    atomic_write_json(path, existing)
+    record_artifact(run_dir, "verify.json")
+    return report
+
+
+def _failures(tol: Tolerance, errors: dict, top1: dict, stats: dict[str, LayerStats], numerical_rate: float) -> list[str]:
+    reasons = []
+    # With per-layer spikes, score rounding is judged on the spike-exact samples (flips are judged
+    # below, by kind); without them every sample counts.
+    key = "max_abs_spike_exact" if stats else "max_abs"
+    if errors["scores"][key] > tol.score_atol:
+        reasons.append(f"scores differ by {errors['scores'][key]:.3g} > {tol.score_atol:g}")
+    agreement = top1["unambiguous_agree"] / max(1, top1["unambiguous"])
+    if agreement < tol.min_top1:
+        reasons.append(f"top-1 agreement {100 * agreement:.2f} % < {100 * tol.min_top1:.2f} %")
+    real = [n for n, s in stats.items() if s.real]
+    if real:
+        first = real[0]
+        reasons.append(f"{sum(stats[n].real for n in real)} real spike mismatches, first in {first} at t={stats[first].first_step}")
+    if numerical_rate > tol.max_numerical_flip_rate:
+        reasons.append(f"numerical flip rate {numerical_rate:.2e} > {tol.max_numerical_flip_rate:.0e}")
+    return reasons
+
+
+def format_report(r: dict) -> str:
+    """Human-readable table for the CLI (the JSON holds everything)."""
+    n = sum(r["inputs"].values())
+    lines = [f"verify {r['runner']} vs torch ({r['precision']}, TF32 off) on {n} inputs ({', '.join(f'{v} {k}' for k, v in r['inputs'].items())})"]
+    if not r["model_matches_export"]:
+        lines.append(f"warning: {r['model']} differs from the file the export recorded (sha256 mismatch)")
+    lines.append(f"{'output':<10}{'max abs':>12}{'max rel':>12}{'max abs (spike-exact samples)':>32}")
+    for name, e in r["outputs"].items():
+        exact = f"{e['max_abs_spike_exact']:.3g}" if r["layers_checked"] else "-"
+        lines.append(f"{name:<10}{e['max_abs']:>12.3g}{e['max_rel']:>12.3g}{exact:>32}")
+    t = r["top1"]
+    lines.append(f"top-1 agreement {t['agree']}/{t['total']} ({100 * t['agreement']:.2f} %)")
+    for split, acc in r["accuracy"].items():
+        lines.append(f"accuracy on {split} samples: " + ", ".join(f"{k} {100 * v:.2f} %" for k, v in acc.items()))
+    if r["layers_checked"]:
+        lines.append(f"{'layer':<10}{'flips':>8}{'flip rate':>12}{'numerical':>11}{'real':>7}{'propagated':>12}{'first t':>9}")
+        for name, s in r["layers"].items():
+            first = "-" if s["first_step"] is None else str(s["first_step"])
+            lines.append(f"{name:<10}{s['flips']:>8}{s['flip_rate']:>12.2e}{s['numerical']:>11}{s['real']:>7}{s['propagated']:>12}{first:>9}")
+    else:
+        lines.append("per-layer spikes not checked: export with --layers to compare every LIF layer")
+    if r["first_divergence"]:
+        fd = r["first_divergence"]
+        lines.append(f"first divergence: {fd['layer']} at t={fd['step']}")
+    if r["passed"]:
+        flips = sum(s["flips"] for s in r["layers"].values())
+        numerical = sum(s["numerical"] for s in r["layers"].values())
+        spikes = (f"{flips} spike flips in {len(r['layers'])} layers, {numerical} of them numerical at the threshold"
+                  if r["layers_checked"] else "layers not checked")
+        lines.append(f"PASSED: {r['runner']} matches torch within {r['precision']} tolerances ({spikes}, "
+                     f"top-1 {t['agree']}/{t['total']})")
+    else:
+        lines.append("FAILED: " + "; ".join(r["reasons"]))
+    return "\n".join(lines)

@@ -1,0 +1,79 @@
+"""Spike-aware verification: flip classification by hand, and a perturbed model that must fail."""
+
+import numpy as np
+import pytest
+
+pytest.importorskip("onnx")
+pytest.importorskip("onnxruntime")
+
+import onnx  # noqa: E402
+from click.testing import CliRunner  # noqa: E402
+from onnx import numpy_helper  # noqa: E402
+
+from conftest import REPO  # noqa: E402
+from helpers import make_run, tiny_zoo_config  # noqa: E402
+from snncompile.cli import cli  # noqa: E402
+from snncompile.compare import LayerStats, _classify_flips, verify_run  # noqa: E402
+from snncompile.export_onnx import export_run  # noqa: E402
+
+
+def test_flip_classification_by_hand():
+    # Two layers, T = 3, one sample, two neurons each. v_th = .5, eps = .01.
+    zeros = np.zeros((3, 1, 2), np.float32)
+    ref = {"a.spikes": zeros.copy(), "a.membrane": np.full((3, 1, 2), 0.2, np.float32),
+           "b.spikes": zeros.copy(), "b.membrane": np.full((3, 1, 2), 0.2, np.float32)}
+    run = {k: v.copy() for k, v in ref.items()}
+    run["a.spikes"][1, 0, 0] = 1          # layer a, t=2: membrane .505 -> numerical
+    ref["a.membrane"][1, 0, 0] = 0.505
+    run["a.spikes"][2, 0, 1] = 1          # layer a, t=3: after a flip at t=2 -> propagated
+    run["b.spikes"][0, 0, 1] = 1          # layer b, t=1: nothing upstream, membrane .2 -> real
+    run["b.spikes"][1, 0, 0] = 1          # layer b, t=2: a flipped at t=2 -> propagated
+    stats: dict[str, LayerStats] = {}
+    flipped = _classify_flips(ref, run, ["a", "b"], 0.5, 0.01, stats)
+    assert flipped.tolist() == [True]
+    a, b = stats["a"].summary(), stats["b"].summary()
+    assert (a["numerical"], a["real"], a["propagated"], a["first_step"]) == (1, 0, 1, 2)
+    assert (b["numerical"], b["real"], b["propagated"], b["first_step"]) == (0, 1, 1, 1)
+    assert a["max_numerical_margin"] == pytest.approx(0.005, abs=1e-6)
+    assert a["flips_per_step"] == [0, 1, 1] and a["flip_rate_per_step"] == [0.0, 0.5, 0.5]
+
+
+@pytest.fixture
+def exported(tmp_path):
+    run = make_run(tmp_path, tiny_zoo_config(REPO / "models" / "mnist.toml"))
+    export_run(run, layers=True, n_random=64, n_real=0)
+    return run
+
+
+def test_perturbed_weight_fails_and_names_first_divergent_layer(exported):
+    path = exported / "model.onnx"
+    model = onnx.load(str(path))
+    # The second conv (stage 3) feeds lif2: nudge one weight hard enough to change spikes.
+    init = next(i for i in model.graph.initializer if i.name == "net.stages.3.weight")
+    w = numpy_helper.to_array(init).copy()
+    w[0, 0, 1, 1] += 5.0
+    init.CopyFrom(numpy_helper.from_array(w, init.name))
+    onnx.save(model, str(path))
+
+    report = verify_run(exported, "ort-cpu", "fp32")
+    assert not report["passed"] and not report["model_matches_export"]
+    assert report["first_divergence"] == {"layer": "lif2", "step": 1}
+    assert report["layers"]["lif1"]["flips"] == 0 and report["layers"]["lif2"]["real"] > 0
+    assert any("first in lif2 at t=1" in r for r in report["reasons"])
+
+    result = CliRunner().invoke(cli, ["verify", str(exported), "--runner", "ort-cpu", "--no-progress"])
+    assert result.exit_code == 1
+    assert "FAILED:" in result.output and "first divergence: lif2 at t=1" in result.output
+
+
+def test_cli_verify_passes_on_untouched_export(exported):
+    result = CliRunner().invoke(cli, ["verify", str(exported), "--runner", "ort-cpu", "--no-progress"])
+    assert result.exit_code == 0, result.output
+    assert "PASSED: ort-cpu matches torch within fp32 tolerances (" in result.output
+
+
+def test_verify_without_export_is_one_line(tmp_path):
+    run = make_run(tmp_path, tiny_zoo_config(REPO / "models" / "bench-nmnist.toml"))
+    result = CliRunner().invoke(cli, ["verify", str(run), "--runner", "ort-cpu"])
+    assert result.exit_code == 1
+    assert result.output.strip().splitlines() == [f"error: {run} has no model.onnx export with reference inputs: run `snncompile export {run}`"]

@@ -1,0 +1,164 @@
+"""ONNX export: every zoo model at tiny size and a trained digits model, on real ONNX Runtime."""
+
+import json
+
+import numpy as np
+import pytest
+
+pytest.importorskip("onnx")
+pytest.importorskip("onnxruntime")
+
+import onnx  # noqa: E402
+
+from conftest import REPO, ZOO, zoo_ids  # noqa: E402
+from helpers import make_run, tiny_zoo_config  # noqa: E402
+from snncompile.backends import create_runner  # noqa: E402
+from snncompile.compare import verify_run  # noqa: E402
+from snncompile.config import load_config  # noqa: E402
+from snncompile.errors import ArtifactError, ExportError, InputError  # noqa: E402
+from snncompile.export_onnx import ALLOWED_OPS, _check_graph, export_run, stream_steps  # noqa: E402
+from snncompile.graphs import StepGraph  # noqa: E402
+from snncompile.runs import load_network  # noqa: E402
+from snncompile.train import train  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def trained_digits(tmp_path_factory):
+    """The embedded default trained briefly (full width, real data), exported with per-layer outputs."""
+    cfg = load_config(REPO / "models" / "digits.toml", ["train.epochs=3", "train.threads=2"])
+    result = train(cfg, tmp_path_factory.mktemp("digits"), progress=False, echo=lambda s: None)
+    export_run(result.run_dir, layers=True, rates=True)
+    return result
+
+
+@pytest.mark.parametrize("path", ZOO, ids=zoo_ids())
+def test_zoo_exports_and_ort_cpu_is_spike_exact(tmp_path, path):
+    run = make_run(tmp_path, tiny_zoo_config(path))
+    result = export_run(run, layers=True, n_random=256, n_real=64)
+    assert set(result.ops) <= ALLOWED_OPS and not {"Loop", "Scan", "If"} & set(result.ops)
+    report = verify_run(run, "ort-cpu", "fp32")
+    assert sum(report["inputs"].values()) >= 256
+    assert report["passed"], report["reasons"]
+    # Spike-exact but for rounding coincidences at the threshold (two libraries, two summation
+    # orders): no real flip, and every numerical one within 1e-4 of V_th.
+    assert report["layers_checked"] and all(s["real"] == 0 for s in report["layers"].values())
+    assert report["numerical_flip_rate"] <= 1e-6
+    assert report["top1"]["agree"] == report["top1"]["total"]
+    # the comparison means something only if the layers actually spike
+    rates = [s for s in _layer_rates(run).values()]
+    assert all(0 < r < 1 for r in rates), rates
+
+
+def _layer_rates(run):
+    x = np.load(run / "reference_inputs.npz")["random"][:, :16]
+    with create_runner("ort-cpu", run) as r:
+        out = r.infer({"input": x})
+    return {k: float(v.mean()) for k, v in out.items() if k.endswith(".spikes")}
+
+
+def test_trained_digits_equal_on_ort_cpu(trained_digits):
+    report = verify_run(trained_digits.run_dir, "ort-cpu", "fp32")
+    assert report["inputs"] == {"random": 256, "real": 256}
+    assert report["passed"] and report["outputs"]["scores"]["max_abs"] == 0.0
+    assert sum(s["flips"] for s in report["layers"].values()) == 0
+    assert report["top1"]["agree"] == 512
+    acc = report["accuracy"]["real"]
+    assert acc["reference"] == acc["ort-cpu"] > 0.8  # 3 epochs: trained, not converged
+    assert json.loads((trained_digits.run_dir / "verify.json").read_text())["ort-cpu"]["passed"]
+
+
+def test_metadata_and_dynamic_batch(trained_digits):
+    run = trained_digits.run_dir
+    model = onnx.load(str(run / "model.onnx"))
+    meta = {p.key: p.value for p in model.metadata_props}
+    assert meta["snncompile.T"] == "4" and meta["snncompile.form"] == "unrolled"
+    assert json.loads(meta["snncompile.neuron"]) == {"v_th": 0.5, "k_tau1": 0.2, "a": 1.0}
+    assert json.loads(meta["snncompile.class_names"]) == [str(i) for i in range(10)]
+    assert json.loads(meta["snncompile.normalisation"]) == {"mean": [0.5], "std": [0.5]}
+    assert len(meta["snncompile.config_hash"]) == 16 and "snncompile.version" in meta
+    assert [o.name for o in model.graph.output][:2] == ["scores", "rates"]
+    x = np.load(run / "reference_inputs.npz")["real"]
+    with create_runner("ort-cpu", run) as r:
+        for batch in (1, 3, 17):
+            assert r.infer({"input": x[:, :batch]})["scores"].shape == (batch, 10)
+    manifest = json.loads((run / "manifest.json").read_text())
+    entry = manifest["exports"]["model.onnx"]
+    assert entry["exporter"].startswith("torch.export") and entry["opset"] == 18
+    assert entry["cleaned_vs_raw"].startswith("identical") and entry["nodes_clean"] < entry["nodes_raw"]
+    assert manifest["artifacts"]["model.onnx"]["sha256"] == entry["sha256"]
+
+
+def test_step_form_streams_to_the_unrolled_result(trained_digits):
+    run = trained_digits.run_dir
+    export_run(run, form="step")
+    x = np.load(run / "reference_inputs.npz")["real"][:, :40]
+    _, net = load_network(run)
+    streamed = stream_steps(run / "model_step.onnx", StepGraph(net, 4), x)
+    with create_runner("ort-cpu", run) as r:
+        unrolled = r.infer({"input": x})["scores"]
+    np.testing.assert_array_equal(streamed, unrolled)
+    names = [i.name for i in onnx.load(str(run / "model_step.onnx")).graph.input]
+    assert names[:3] == ["input", "output_sum", "state.lif1.u"] and "state.neunorm1.x" in names
+
+
+def test_other_T_unrolls_statically(tmp_path):
+    run = make_run(tmp_path, tiny_zoo_config(REPO / "models" / "bench-nmnist.toml"))
+    export_run(run, steps=6, n_random=8, n_real=0)
+    with create_runner("ort-cpu", run) as r:
+        assert r.inputs[0].shape[0] == 6
+        with pytest.raises(InputError, match=r"T \(axis 0\) must be 6, got 4") as err:
+            r.infer({"input": np.zeros((4, 2, 2, 34, 34), np.float32)})
+        assert "\n" not in str(err.value)
+        with pytest.raises(InputError, match="expected \\[6, B, 2, 34, 34\\] float32, got \\[6, 2, 34, 34\\]"):
+            r.infer({"input": np.zeros((6, 2, 34, 34), np.float32)})
+        with pytest.raises(InputError, match="float64"):
+            r.infer({"input": np.zeros((6, 2, 2, 34, 34))})
+        with pytest.raises(InputError, match="expected \\['input'\\], got \\['x'\\]"):
+            r.infer({"x": np.zeros((6, 2, 2, 34, 34), np.float32)})
+
+
+def test_failed_export_leaves_no_partial_artifact(tmp_path, monkeypatch):
+    run = make_run(tmp_path, tiny_zoo_config(REPO / "models" / "bench-nmnist.toml"))
+    before = sorted(p.name for p in run.iterdir())
+    manifest_before = (run / "manifest.json").read_text()
+
+    def fail(*args, **kwargs):
+        raise ExportError("injected failure after the graph was written")
+
+    monkeypatch.setattr("snncompile.export_onnx._check_numerics", fail)
+    with pytest.raises(ExportError, match="injected"):
+        export_run(run, n_random=8, n_real=0)
+    assert sorted(p.name for p in run.iterdir()) == before  # no model.onnx, no npz, no staging dir
+    assert (run / "manifest.json").read_text() == manifest_before
+
+
+def test_allow_list_rejects_loop_and_custom_ops(tmp_path):
+    from onnx import TensorProto, helper
+
+    for node in (helper.make_node("Relu", ["x"], ["y"]), helper.make_node("Spike", ["x"], ["y"], domain="snn.custom")):
+        graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+        opsets = [helper.make_opsetid("", 18)] + ([helper.make_opsetid("snn.custom", 1)] if node.domain else [])
+        path = tmp_path / "m.onnx"
+        onnx.save(helper.make_model(graph, opset_imports=opsets), str(path))
+        with pytest.raises(ExportError):
+            _check_graph(onnx, path)
+
+
+def test_corrupt_and_missing_model_files_are_one_line(tmp_path):
+    run = make_run(tmp_path, tiny_zoo_config(REPO / "models" / "bench-nmnist.toml"))
+    with pytest.raises(ArtifactError, match="model file not found"):
+        create_runner("ort-cpu", run)
+    (run / "model.onnx").write_bytes(b"\x08\x07garbage")
+    with pytest.raises(ArtifactError, match="cannot be loaded by ONNX Runtime") as err:
+        create_runner("ort-cpu", run)
+    assert "\n" not in str(err.value)
+
+
+def test_run_dir_from_another_version(tmp_path):
+    run = make_run(tmp_path, tiny_zoo_config(REPO / "models" / "bench-nmnist.toml"))
+    manifest = json.loads((run / "manifest.json").read_text())
+    manifest.update(run_format=99, snncompile_version="9.9.9")
+    (run / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactError, match="snncompile 9.9.9 with run format 99; this is snncompile .* expecting run format 1"):
+        export_run(run)
