@@ -140,6 +140,8 @@ def _quiet_exporter():
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
             warnings.simplefilter("ignore", DeprecationWarning)
+            # Every state input shares the one batch dimension; the exporter says so once per input.
+            warnings.filterwarnings("ignore", message=".*axis name: batch will not be used.*")
             yield
     finally:
         for n, level in zip(names, old):

@@ -162,3 +162,16 @@ def test_run_dir_from_another_version(tmp_path):
     (run / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(ArtifactError, match="snncompile 9.9.9 with run format 99; this is snncompile .* expecting run format 1"):
         export_run(run)
+
+
+def test_large_models_use_external_data(tmp_path, monkeypatch):
+    # Models over ~1.8 GB of weights go to model.onnx.data; lower the limit to exercise that path.
+    monkeypatch.setattr("snncompile.export_onnx.EXTERNAL_DATA_BYTES", 0)
+    run = make_run(tmp_path, tiny_zoo_config(REPO / "models" / "bench-nmnist.toml"))
+    export_run(run, n_random=16, n_real=0)
+    assert (run / "model.onnx.data").stat().st_size > 0
+    header = onnx.load(str(run / "model.onnx"), load_external_data=False)
+    assert any(i.data_location == onnx.TensorProto.EXTERNAL for i in header.graph.initializer)
+    assert not [p for p in run.iterdir() if p.name.startswith(".export-")]
+    onnx.checker.check_model(str(run / "model.onnx"), full_check=True)
+    assert verify_run(run, "ort-cpu", "fp32")["passed"]
