@@ -49,6 +49,8 @@ def train(model_toml, overrides, out_root, resume, stop_after, no_progress) -> N
         raise ConfigError("--resume continues a run with its own config: drop MODEL_TOML and --set")
     cfg = load_config(model_toml, list(overrides)) if resume is None else None
     result = run_training(cfg, out_root, resume=resume, stop_after=stop_after, progress=not no_progress, echo=click.echo)
+    if result.run_dir is None:  # a rank other than 0 under torchrun: rank 0 reports
+        return
     click.echo(
         f"final test accuracy {100 * result.test_acc:.2f} % after {result.epochs_done} epochs, "
         f"{result.elapsed_s:.1f} s wall; run: {result.run_dir}"

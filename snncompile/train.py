@@ -19,21 +19,26 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DistributedSampler
 
 from . import __version__
 from .artifacts import atomic_save, atomic_write_text, environment, new_run_dir, record_artifact, update_manifest
 from .config import Config, dumps_toml
 from .data import Split, batches, load_dataset, to_time_major
+from .distributed import DistContext, all_reduce_sum, destroy, init_distributed, shard_indices, stop_on_peer_failure
 from .errors import ConfigError
 from .models import network_from_config
 from .runs import CHECKPOINT, CONFIG, METRICS, load_checkpoint, load_run_config
 
 __all__ = ["TrainResult", "train", "loss_fn", "evaluate", "resolve_device"]
 
+LOG_EVERY = 20  # steps between progress-bar metric updates (each one is a host sync)
+
 
 @dataclass
 class TrainResult:
-    run_dir: Path
+    run_dir: Path | None  # None on ranks other than 0
     epochs_done: int
     test_acc: float
     test_loss: float
@@ -82,21 +87,39 @@ def _autocast(device: torch.device, precision: str):
 
 
 @torch.no_grad()
-def evaluate(net: nn.Module, split: Split, cfg: Config, device: torch.device, static: bool = True) -> tuple[float, float]:
-    """Mean loss and accuracy (fraction) of ``net`` on ``split``."""
+def evaluate(net: nn.Module, split: Split, cfg: Config, device: torch.device, static: bool = True,
+             ctx: DistContext | None = None) -> tuple[float, float]:
+    """Mean loss and accuracy (fraction) of ``net`` on ``split`` (sharded over ranks under torchrun)."""
+    ctx = ctx or DistContext()
     net.eval()
-    total_loss, correct = 0.0, 0
-    for x, y in batches(split, cfg.data.eval_batch_size):
+    shard = split if not ctx.enabled else Split(split.x[shard_indices(len(split), ctx)], split.y[shard_indices(len(split), ctx)])
+    total_loss = torch.zeros((), dtype=torch.float64, device=device)
+    correct = torch.zeros((), dtype=torch.long, device=device)
+    for x, y in batches(shard, cfg.data.eval_batch_size):
         x, y = x.to(device), y.to(device)
         with _autocast(device, cfg.train.precision):
             scores = net(to_time_major(x, cfg.model.T, static)).float()
-        total_loss += loss_fn(scores, y, cfg.train.loss).item() * len(y)
-        correct += (scores.argmax(1) == y).sum().item()
-    return total_loss / len(split), correct / len(split)
+        total_loss += loss_fn(scores, y, cfg.train.loss).double() * len(y)
+        correct += (scores.argmax(1) == y).sum()
+    loss_sum, hits, count = all_reduce_sum([total_loss.item(), float(correct.item()), float(len(shard))], ctx, device)
+    return loss_sum / count, hits / count
 
 
 def _epoch_seed(seed: int, epoch: int) -> int:
     return seed * 1_000_003 + epoch
+
+
+def _epoch_order(n: int, cfg: Config, epoch: int, ctx: DistContext) -> list[int]:
+    """This rank's shuffled sample indices for ``epoch``.
+
+    One DistributedSampler for every launch (world size 1 included): the permutation depends only on
+    (seed, epoch), and rank r takes every world-th index of it, so W ranks x batch B see exactly the
+    samples that 1 rank x batch W*B sees, step for step.
+    """
+    sampler = DistributedSampler(range(n), num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True,
+                                 seed=cfg.train.seed, drop_last=False)
+    sampler.set_epoch(epoch)
+    return list(sampler)
 
 
 def train(
@@ -109,6 +132,8 @@ def train(
 ) -> TrainResult:
     """Train ``cfg`` into a new run dir under ``out_root``, or continue ``resume`` (a run dir).
 
+    Under torchrun every rank calls this; rank 0 alone writes the run directory and prints.
+
     Args:
         cfg: the resolved config (ignored when resuming: the run's own config.toml is used).
         out_root: artifact root; the run goes to ``out_root/<name>/<run-id>/``.
@@ -117,35 +142,54 @@ def train(
         progress: show a tqdm progress bar.
         echo: where per-epoch summaries go.
     """
-    from tqdm.auto import tqdm
-
     start = time.perf_counter()
     state = None
     if resume is not None:
-        run_dir = Path(resume)
-        cfg = load_run_config(run_dir)
-        state = load_checkpoint(run_dir / CHECKPOINT)
+        cfg = load_run_config(resume)
+        state = load_checkpoint(Path(resume) / CHECKPOINT)
     elif cfg is None:
         raise ConfigError("train() needs a config or a run directory to resume")
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     device = resolve_device(cfg.train.device)
+    ctx = init_distributed(device.type)
+    try:
+        if ctx.enabled and device.type == "cuda":
+            device = torch.device("cuda", ctx.local_rank)
+        with stop_on_peer_failure(ctx):
+            return _train(cfg, device, ctx, out_root, resume, state, stop_after, progress, echo, start)
+    finally:
+        destroy(ctx)
 
-    torch.manual_seed(cfg.train.seed)
+
+def _train(cfg: Config, device: torch.device, ctx: DistContext, out_root, resume, state, stop_after, progress, echo,
+           start: float) -> TrainResult:
+    from tqdm.auto import tqdm
+
+    main = ctx.is_main
+    say = echo if main else (lambda s: None)
+    data = load_dataset(cfg)
+    if len(data.train) < ctx.world_size * cfg.data.batch_size:
+        raise ConfigError(
+            f"{len(data.train)} training samples cannot feed {ctx.world_size} ranks x data.batch_size "
+            f"{cfg.data.batch_size}: lower the batch size or the number of processes"
+        )
+    torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
     net = network_from_config(cfg.model).to(device)
     net.execution = cfg.train.execution  # type: ignore[assignment]
     opt = _make_optimizer(net, cfg)
     sched = _make_scheduler(opt, cfg)
-    data = load_dataset(cfg)
     first_epoch = 1
+    run_dir = Path(resume) if resume is not None else None
     if state is not None:
         net.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         first_epoch = int(state["epoch"]) + 1
-        _truncate_metrics(run_dir / METRICS, int(state["epoch"]))
-        echo(f"resuming {run_dir} after epoch {state['epoch']}")
-    else:
+        if main:
+            _truncate_metrics(run_dir / METRICS, int(state["epoch"]))
+        say(f"resuming {run_dir} after epoch {state['epoch']}")
+    elif main:
         run_dir = new_run_dir(out_root, cfg.name)
         atomic_write_text(run_dir / CONFIG, dumps_toml(cfg))
         update_manifest(
@@ -158,53 +202,68 @@ def train(
             classes=data.classes,
         )
         record_artifact(run_dir, CONFIG)
+    if main:
+        update_manifest(run_dir, distributed={"world_size": ctx.world_size, "backend": ctx.backend,
+                                              "global_batch": ctx.world_size * cfg.data.batch_size})
+    model = DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None) if ctx.enabled else net
 
     last_epoch = cfg.train.epochs if stop_after is None else min(stop_after, cfg.train.epochs)
     test_loss, test_acc = float("nan"), float("nan")
     epoch = first_epoch - 1
     for epoch in range(first_epoch, last_epoch + 1):
-        net.train()
-        torch.manual_seed(_epoch_seed(cfg.train.seed, epoch))  # dropout masks of this epoch
-        order = torch.Generator().manual_seed(_epoch_seed(cfg.train.seed, epoch))
-        n_batches = -(-len(data.train) // cfg.data.batch_size)
-        bar = tqdm(total=n_batches, desc=f"epoch {epoch}/{cfg.train.epochs}", disable=not progress, leave=False, unit="batch")
-        seen, loss_sum, correct, t0 = 0, 0.0, 0, time.perf_counter()
-        for x, y in batches(data.train, cfg.data.batch_size, order):
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        model.train()
+        # Dropout masks of this epoch: seeded per (seed, epoch, rank) so a resumed epoch replays exactly.
+        torch.manual_seed(_epoch_seed(cfg.train.seed, epoch) + 7919 * ctx.rank)
+        order = torch.tensor(_epoch_order(len(data.train), cfg, epoch, ctx))
+        n_batches = -(-len(order) // cfg.data.batch_size)
+        bar = tqdm(total=n_batches, desc=f"epoch {epoch}/{cfg.train.epochs}", disable=not (progress and main),
+                   leave=False, unit="batch")
+        # Accumulated on the device: no host sync per step (the bar reads them every LOG_EVERY steps).
+        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        correct = torch.zeros((), dtype=torch.long, device=device)
+        seen, t0 = 0, time.perf_counter()
+        for i, start_idx in enumerate(range(0, len(order), cfg.data.batch_size)):
+            idx = order[start_idx : start_idx + cfg.data.batch_size]
+            x = data.train.x[idx].to(device, non_blocking=True)
+            y = data.train.y[idx].to(device, non_blocking=True)
             with _autocast(device, cfg.train.precision):
-                scores = net(to_time_major(x, cfg.model.T, data.static)).float()
+                scores = model(to_time_major(x, cfg.model.T, data.static)).float()
             loss = loss_fn(scores, y, cfg.train.loss)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             seen += len(y)
-            loss_sum += loss.item() * len(y)
-            correct += (scores.argmax(1) == y).sum().item()
+            loss_sum += loss.detach().double() * len(y)
+            correct += (scores.detach().argmax(1) == y).sum()
             bar.update(1)
-            bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{correct / seen:.3f}", sps=f"{seen / (time.perf_counter() - t0):.0f}")
+            if main and progress and (i % LOG_EVERY == 0 or i == n_batches - 1):
+                bar.set_postfix(loss=f"{loss_sum.item() / seen:.4f}", acc=f"{correct.item() / seen:.3f}",
+                                sps=f"{ctx.world_size * seen / (time.perf_counter() - t0):.0f}")
         bar.close()
         train_seconds = time.perf_counter() - t0
+        g_loss, g_correct, g_seen = all_reduce_sum([loss_sum.item(), float(correct.item()), float(seen)], ctx, device)
         lr = opt.param_groups[0]["lr"]
         sched.step()
-        test_loss, test_acc = evaluate(net, data.test, cfg, device, data.static)
+        test_loss, test_acc = evaluate(net, data.test, cfg, device, data.static, ctx)
         row = {
             "epoch": epoch,
-            "train_loss": loss_sum / seen,
-            "train_acc": correct / seen,
+            "train_loss": g_loss / g_seen,
+            "train_acc": g_correct / g_seen,
             "test_loss": test_loss,
             "test_acc": test_acc,
             "lr": lr,
             "train_seconds": round(train_seconds, 3),
-            "samples_per_s": round(seen / train_seconds, 1),
+            "samples_per_s": round(g_seen / train_seconds, 1),
         }
-        _save_checkpoint(run_dir, net, opt, sched, epoch, cfg)
-        _append_metrics(run_dir / METRICS, row)
-        echo(
+        if main:
+            _save_checkpoint(run_dir, net, opt, sched, epoch, cfg)
+            _append_metrics(run_dir / METRICS, row)
+        say(
             f"epoch {epoch:3d}/{cfg.train.epochs}  loss {row['train_loss']:.4f}  train acc {100 * row['train_acc']:.2f} %  "
             f"test acc {100 * test_acc:.2f} %  {row['samples_per_s']:.0f} samples/s"
         )
     elapsed = time.perf_counter() - start
-    if epoch >= first_epoch:
+    if main and epoch >= first_epoch:
         update_manifest(
             run_dir,
             training={"epochs_done": epoch, "epochs": cfg.train.epochs, "test_acc": test_acc, "test_loss": test_loss,

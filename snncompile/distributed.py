@@ -1,0 +1,119 @@
+"""torchrun / DistributedDataParallel support: detect the launch, set up the process group, shard.
+
+A launch is distributed when torchrun's variables are present (RANK, WORLD_SIZE, LOCAL_RANK,
+MASTER_ADDR, MASTER_PORT). Backend: NCCL on CUDA, gloo on CPU. The global batch is the per-process
+``data.batch_size`` times the world size; the learning rate is used as configured (scale it yourself
+if you scale the global batch).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import os
+import re
+import signal
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from .errors import ConfigError, SnnCompileError
+
+__all__ = ["DistContext", "init_distributed", "all_reduce_sum", "shard_indices", "stop_on_peer_failure",
+           "PeerFailureError"]
+
+
+class PeerFailureError(SnnCompileError):
+    """Another rank died (torchrun stopped this one, or a collective lost its peer)."""
+
+_TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+@dataclass(frozen=True)
+class DistContext:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    backend: str = "none"
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1 or self.backend != "none"
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device_type: str, timeout_s: float = 600.0) -> DistContext:
+    """Initialise the default process group when launched by torchrun; a no-op otherwise.
+
+    Raises a one-line :class:`ConfigError` when some but not all rendezvous variables are set.
+    """
+    present = [v for v in _TORCHRUN_VARS if v in os.environ]
+    if not present:
+        return DistContext()
+    missing = [v for v in _TORCHRUN_VARS if v not in os.environ]
+    if missing:
+        raise ConfigError(
+            f"incomplete distributed launch: {', '.join(present)} set but {', '.join(missing)} missing "
+            "(launch with torchrun, or unset them for a single-process run)"
+        )
+    rank, world, local = (int(os.environ[v]) for v in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
+    if not 0 <= rank < world:
+        raise ConfigError(f"RANK={rank} is outside WORLD_SIZE={world}")
+    backend = "nccl" if device_type == "cuda" else "gloo"
+    if device_type == "cuda":
+        torch.cuda.set_device(local)
+    if not dist.is_initialized():
+        dist.init_process_group(backend, timeout=_dt.timedelta(seconds=timeout_s))
+    return DistContext(rank, world, local, backend)
+
+
+def all_reduce_sum(values: list[float], ctx: DistContext, device: torch.device) -> list[float]:
+    """Sum plain numbers over all ranks (one collective; identity without a process group)."""
+    if not ctx.enabled:
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def shard_indices(n: int, ctx: DistContext) -> torch.Tensor:
+    """Rank-strided evaluation shard of ``range(n)`` (no padding, so no sample counts twice)."""
+    return torch.arange(ctx.rank, n, ctx.world_size)
+
+
+def destroy(ctx: DistContext) -> None:
+    if ctx.enabled and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def stop_on_peer_failure(ctx: DistContext):
+    """Turn torchrun's SIGTERM and a collective's lost-peer error into one line on this rank.
+
+    Checkpoints are written atomically by rank 0 between epochs, so the last complete one survives.
+    """
+    if not ctx.enabled:
+        yield
+        return
+
+    def on_sigterm(signum, frame):
+        raise PeerFailureError(f"rank {ctx.rank} stopped by the launcher (another rank failed); "
+                               "the last complete checkpoint is intact: continue with --resume RUN_DIR")
+
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        yield
+    except RuntimeError as e:
+        # DDP's gradient all-reduce surfaces a dead peer as a plain RuntimeError from gloo/NCCL.
+        text = str(e)
+        if not isinstance(e, dist.DistError) and not any(k in text for k in ("gloo", "NCCL", "closed by peer")):
+            raise
+        first = re.sub(r"^\[[^\]]*\]\s*", "", text.strip().splitlines()[0])[:120] if text.strip() else type(e).__name__
+        raise PeerFailureError(f"rank {ctx.rank}: a collective failed, another rank probably crashed ({first}); "
+                               "the last complete checkpoint is intact: continue with --resume RUN_DIR") from None
+    finally:
+        signal.signal(signal.SIGTERM, previous)

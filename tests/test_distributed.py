@@ -1,0 +1,127 @@
+"""torchrun + DDP on the CPU with gloo: 2 ranks equal 1 rank at twice the batch, rank-0-only writes,
+resume under 2 ranks, bad launches."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from conftest import REPO
+from snncompile.config import load_config
+from snncompile.errors import ConfigError
+from snncompile.runs import CHECKPOINT, load_checkpoint
+from snncompile.train import train
+
+SETTINGS = ["train.epochs=2", "data.limit_train=128", "data.limit_test=64", "model.arch='16C3-AP2-32FC-Voting'",
+            "model.T=3", "train.threads=1", "train.lr=3e-3"]
+
+
+def torchrun(args, out, nproc=2, script=None, env_extra=None):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
+    cmd += [script] if script else ["-m", "snncompile"]
+    cmd += args
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env.update({"OMP_NUM_THREADS": "1", **(env_extra or {})})
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
+
+
+def train_args(out, batch, extra=()):
+    args = ["train", str(REPO / "models" / "digits.toml"), "--out", str(out), "--no-progress"]
+    for s in [*SETTINGS, f"data.batch_size={batch}", *extra]:
+        args += ["--set", s]
+    return args
+
+
+def only_run(out):
+    runs = list((out / "digits").iterdir())
+    assert len(runs) == 1, runs  # rank 1 did not create a second run directory
+    return runs[0]
+
+
+@pytest.fixture(scope="module")
+def two_rank_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ddp")
+    result = torchrun(train_args(out, 16), out)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out, result
+
+
+def test_two_ranks_equal_one_rank_at_double_batch(two_rank_run, tmp_path):
+    out, _ = two_rank_run
+    cfg = load_config(REPO / "models" / "digits.toml", [*SETTINGS, "data.batch_size=32"])
+    single = train(cfg, tmp_path, progress=False, echo=lambda s: None)
+    a = load_checkpoint(only_run(out) / CHECKPOINT)["model"]
+    b = load_checkpoint(single.run_dir / CHECKPOINT)["model"]
+    moved = 0
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5)
+        moved += int(not torch.equal(a[key], torch.zeros_like(a[key])))
+    assert moved  # trained weights, not an empty comparison
+
+
+def test_rank_zero_writes_once(two_rank_run):
+    out, result = two_rank_run
+    run = only_run(out)
+    assert {p.name for p in run.iterdir()} == {"checkpoint.pt", "config.toml", "metrics.jsonl", "manifest.json"}
+    rows = (run / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(r)["epoch"] for r in rows] == [1, 2]
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["distributed"] == {"world_size": 2, "backend": "gloo", "global_batch": 32}
+    assert result.stdout.count("final test accuracy") == 1 and result.stdout.count("epoch   1/2") == 1
+
+
+def test_resume_under_two_ranks_reproduces_uninterrupted(two_rank_run, tmp_path):
+    out, _ = two_rank_run
+    first = torchrun([*train_args(tmp_path, 16), "--stop-after", "1"], tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    run = only_run(tmp_path)
+    resumed = torchrun(["train", "--resume", str(run), "--no-progress"], tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    a = load_checkpoint(only_run(out) / CHECKPOINT)["model"]
+    b = load_checkpoint(run / CHECKPOINT)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_rank_crash_leaves_last_good_checkpoint(tmp_path):
+    script = tmp_path / "crash.py"
+    script.write_text(textwrap.dedent("""
+        import os, sys
+        import snncompile.train as t
+        real = t._epoch_order
+        def crashing(n, cfg, epoch, ctx):
+            if epoch == 2 and ctx.rank == 1:
+                os._exit(3)  # a hard crash: no exception handling, no cleanup
+            return real(n, cfg, epoch, ctx)
+        t._epoch_order = crashing
+        from snncompile.cli import main
+        sys.argv = ["snncompile"] + sys.argv[1:]
+        main()
+    """))
+    result = torchrun(train_args(tmp_path, 16), tmp_path, script=str(script))
+    assert result.returncode != 0
+    errors = [line for line in (result.stdout + result.stderr).splitlines() if line.startswith("error: rank 0")]
+    assert len(errors) == 1 and "continue with --resume" in errors[0]
+    run = only_run(tmp_path)
+    assert load_checkpoint(run / CHECKPOINT)["epoch"] == 1
+    assert not [p.name for p in run.iterdir() if p.name.endswith(".tmp")]
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == 1
+
+
+def test_incomplete_rendezvous_is_one_line(monkeypatch, digits_cfg, tmp_path):
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for var in ("LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(var, raising=False)
+    with pytest.raises(ConfigError, match="LOCAL_RANK, MASTER_ADDR, MASTER_PORT missing") as err:
+        train(digits_cfg, tmp_path, progress=False, echo=lambda s: None)
+    assert "\n" not in str(err.value)
+
+
+def test_world_size_too_large_for_the_data(tmp_path):
+    result = torchrun(train_args(tmp_path, 16, ["data.limit_train=20"]), tmp_path)
+    assert result.returncode == 1
+    assert "error: 20 training samples cannot feed 2 ranks x data.batch_size 16" in result.stderr + result.stdout
