@@ -103,6 +103,43 @@ def verify(run, runners, precision, batch, no_progress) -> None:
         sys.exit(1)
 
 
+@cli.group()
+def data() -> None:
+    """Event datasets: download them, pre-build their frame cache."""
+
+
+@data.command("fetch")
+@click.argument("name", type=click.Choice(["nmnist", "dvs_cifar10", "dvs_gesture"]))
+@click.option("--root", required=True, type=click.Path(file_okay=False, path_type=Path), help="Folder to download into (use it as data.root).")
+def data_fetch(name, root) -> None:
+    """Download NAME with checksums into ROOT (needs network and the data extra)."""
+    from .data.fetch import fetch
+
+    folder = fetch(name, root)
+    click.echo(f"{name} ready in {folder}: train with --set data.root={root}")
+
+
+@data.command("prepare")
+@click.argument("model_toml", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a config key.")
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
+def data_prepare(model_toml, overrides, no_progress) -> None:
+    """Load MODEL_TOML's dataset once (building the frame cache if needed) and report throughput."""
+    import time
+
+    from .config import load_config
+    from .data import load_dataset
+
+    cfg = load_config(model_toml, list(overrides))
+    t0 = time.perf_counter()
+    ds = load_dataset(cfg, progress=not no_progress)
+    seconds = time.perf_counter() - t0
+    n = len(ds.train) + len(ds.test)
+    status = ", ".join(f"{k.split('_')[0]} {v['status']}" for k, v in ds.info.items() if k.endswith("_cache")) or "in memory"
+    click.echo(f"{cfg.data.name}: {len(ds.train)} train + {len(ds.test)} test samples {tuple(ds.train.x.shape[1:])} "
+               f"in {seconds:.2f} s = {n / seconds:.0f} samples/s ({status})")
+
+
 def main() -> None:
     cli(prog_name="snncompile")
 

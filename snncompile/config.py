@@ -52,7 +52,14 @@ class DataConfig:
     std: list[float] = field(default_factory=list)
     limit_train: int = 0  # 0 = all; >0 keeps the first N (quick runs, tests)
     limit_test: int = 0
-    num_workers: int = 0
+    num_workers: int = 0  # processes building the event-frame cache; 0 = one per CPU
+    # Event datasets (nmnist, dvs_cifar10, dvs_gesture): how events become T frames.
+    binning: str = "count"  # 'count': T equal-duration bins per sample; 'window': bins of bin_us
+    bin_us: int = 10_000
+    downsample: int = 1  # integer spatial factor
+    polarity: str = "split"  # 'split': 2 channels; 'merge': 1
+    frame_clip: int = 0  # 0 = event counts; n = clip counts at n (1 = binary frames)
+    cache_dir: str = ""  # frame cache; empty = $XDG_CACHE_HOME/snncompile/frames
 
 
 @dataclass
@@ -77,6 +84,8 @@ class TrainConfig:
 
 _CHOICES: dict[str, tuple[str, ...]] = {
     "data.name": ("digits", "mnist", "cifar10", "nmnist", "dvs_cifar10", "dvs_gesture", "random"),
+    "data.binning": ("count", "window"),
+    "data.polarity": ("split", "merge"),
     "train.optimizer": ("adam", "sgd"),
     "train.schedule": ("none", "step", "multistep", "cosine"),
     "train.loss": ("mse", "ce"),
@@ -161,6 +170,9 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(f"need model.a > 0 and 0 <= model.dropout < 1, got {m.a}, {m.dropout}")
     if d.batch_size < 1 or d.eval_batch_size < 1:
         raise ConfigError("data.batch_size and data.eval_batch_size must be >= 1")
+    if d.downsample < 1 or d.bin_us < 1 or d.frame_clip < 0:
+        raise ConfigError(f"need data.downsample >= 1, data.bin_us >= 1, data.frame_clip >= 0; got "
+                          f"{d.downsample}, {d.bin_us}, {d.frame_clip}")
     if cfg.train.epochs < 1:
         raise ConfigError(f"train.epochs must be >= 1, got {cfg.train.epochs}")
 

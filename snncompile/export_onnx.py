@@ -102,14 +102,14 @@ def reference_inputs(cfg: Config, steps: int, n_random: int, n_real: int) -> tup
     note = "seeded random"
     if n_real:
         try:
-            ds = load_dataset(cfg)
+            ds = load_dataset(cfg, progress=False)
         except (DataError, ConfigError) as e:
             return arrays, f"{note}; no real samples ({e})"
         n = min(n_real, len(ds.test))
         x = ds.test.x[:n]
         if not ds.static and x.shape[1] != steps:
             return arrays, f"{note}; no real samples (frames have {x.shape[1]} steps, export T is {steps})"
-        arrays["real"] = to_time_major(x, steps, ds.static).contiguous().numpy()
+        arrays["real"] = to_time_major(x.float(), steps, ds.static).contiguous().numpy()
         arrays["real_labels"] = ds.test.y[:n].numpy()
         note = f"{note} + {n} real {ds.name} test samples"
     return arrays, note

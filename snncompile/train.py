@@ -96,7 +96,7 @@ def evaluate(net: nn.Module, split: Split, cfg: Config, device: torch.device, st
     total_loss = torch.zeros((), dtype=torch.float64, device=device)
     correct = torch.zeros((), dtype=torch.long, device=device)
     for x, y in batches(shard, cfg.data.eval_batch_size):
-        x, y = x.to(device), y.to(device)
+        x, y = x.to(device).float(), y.to(device)
         with _autocast(device, cfg.train.precision):
             scores = net(to_time_major(x, cfg.model.T, static)).float()
         total_loss += loss_fn(scores, y, cfg.train.loss).double() * len(y)
@@ -168,7 +168,9 @@ def _train(cfg: Config, device: torch.device, ctx: DistContext, out_root, resume
 
     main = ctx.is_main
     say = echo if main else (lambda s: None)
-    data = load_dataset(cfg)
+    data = load_dataset(cfg, progress=progress and main)
+    if device.type == "cuda":
+        _keep_on_device(data, device)
     if len(data.train) < ctx.world_size * cfg.data.batch_size:
         raise ConfigError(
             f"{len(data.train)} training samples cannot feed {ctx.world_size} ranks x data.batch_size "
@@ -224,7 +226,7 @@ def _train(cfg: Config, device: torch.device, ctx: DistContext, out_root, resume
         seen, t0 = 0, time.perf_counter()
         for i, start_idx in enumerate(range(0, len(order), cfg.data.batch_size)):
             idx = order[start_idx : start_idx + cfg.data.batch_size]
-            x = data.train.x[idx].to(device, non_blocking=True)
+            x = data.train.x[idx].to(device, non_blocking=True).float()  # event frames are stored as uint16
             y = data.train.y[idx].to(device, non_blocking=True)
             with _autocast(device, cfg.train.precision):
                 scores = model(to_time_major(x, cfg.model.T, data.static)).float()
@@ -271,6 +273,15 @@ def _train(cfg: Config, device: torch.device, ctx: DistContext, out_root, resume
         )
         record_artifact(run_dir, METRICS)
     return TrainResult(run_dir, epoch, test_acc, test_loss, elapsed)
+
+
+def _keep_on_device(data, device: torch.device, budget: float = 0.25) -> None:
+    """Move the in-memory dataset to the GPU when it takes under ``budget`` of its memory: batches are
+    then gathered on the device and nothing crosses PCIe per step."""
+    size = sum(t.numel() * t.element_size() for s in (data.train, data.test) for t in (s.x, s.y))
+    if size < budget * torch.cuda.get_device_properties(device).total_memory:
+        for split in (data.train, data.test):
+            split.x, split.y = split.x.to(device), split.y.to(device)
 
 
 def _save_checkpoint(run_dir: Path, net, opt, sched, epoch: int, cfg: Config) -> None:

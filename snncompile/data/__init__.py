@@ -49,7 +49,7 @@ def _normalise(ds: Dataset, mean: list[float], std: list[float]) -> None:
     ds.info.update(mean=list(mean), std=list(std))
 
 
-def load_dataset(cfg: Config) -> Dataset:
+def load_dataset(cfg: Config, progress: bool = True) -> Dataset:
     """Load the dataset named by ``cfg.data`` (in memory, normalised, limited if asked)."""
     d = cfg.data
     if d.name == "digits":
@@ -62,8 +62,15 @@ def load_dataset(cfg: Config) -> Dataset:
 
         ds = load_mnist(d.root)
         mean, std = d.mean or [0.1307], d.std or [0.3081]
+    elif d.name == "cifar10":
+        from .cifar10 import load_cifar10
+
+        ds = load_cifar10(d.root)
+        mean, std = d.mean or [0.4914, 0.4822, 0.4465], d.std or [0.2023, 0.1994, 0.2010]
+    elif d.name in ("nmnist", "dvs_cifar10", "dvs_gesture"):
+        return _load_events(cfg, progress)
     else:
-        raise ConfigError(f"data.name {d.name!r} is not available in this version (available: digits, mnist)")
+        raise ConfigError(f"data.name {d.name!r} has no dataset to train on (it is for benchmarks)")
     if d.limit_train:
         ds.train = Split(ds.train.x[: d.limit_train], ds.train.y[: d.limit_train])
     if d.limit_test:
@@ -74,6 +81,35 @@ def load_dataset(cfg: Config) -> Dataset:
     if sample_shape != list(cfg.model.input_shape):
         raise ConfigError(f"model.input_shape is {cfg.model.input_shape} but {d.name} frames are {sample_shape}")
     return ds
+
+
+def _load_events(cfg: Config, progress: bool) -> Dataset:
+    """Event dataset -> cached frames ``[N, T, P, H, W]`` (uint16 counts) per split."""
+    from pathlib import Path
+
+    from .events import SOURCES, FrameSpec, list_samples
+    from .frame_cache import default_cache_dir, load_frames
+
+    d = cfg.data
+    if not d.root:
+        raise ConfigError(f"{d.name} needs data.root: --set data.root=/path/to/data")
+    source = SOURCES[d.name]
+    spec = FrameSpec(cfg.model.T, d.binning, d.bin_us, d.downsample, d.polarity, d.frame_clip)
+    cache = Path(d.cache_dir).expanduser() if d.cache_dir else default_cache_dir()
+    splits, info = {}, {"frames": {"T": spec.steps, "binning": spec.binning, "bin_us": spec.bin_us,
+                                   "downsample": spec.downsample, "polarity": spec.polarity, "clip": spec.clip},
+                        "split_seed": d.split_seed}
+    for split, train, limit in (("train", True, d.limit_train), ("test", False, d.limit_test)):
+        files = list_samples(d.name, d.root, train, d.split_seed)
+        files = files[:limit] if limit else files
+        frames, labels, cache_info = load_frames(d.name, split, spec, files, cache, d.split_seed, d.num_workers, progress)
+        splits[split] = Split(torch.from_numpy(frames), torch.from_numpy(labels))
+        info[f"{split}_cache"] = cache_info
+    shape = list(spec.frame_shape(source))
+    if shape != list(cfg.model.input_shape):
+        raise ConfigError(f"model.input_shape is {cfg.model.input_shape} but {d.name} frames are {shape} "
+                          f"(data.downsample={d.downsample}, data.polarity={d.polarity})")
+    return Dataset(d.name, splits["train"], splits["test"], list(source.classes), static=False, info=info)
 
 
 def to_time_major(x: Tensor, steps: int, static: bool) -> Tensor:

@@ -1,0 +1,181 @@
+"""Neuromorphic event datasets: N-MNIST, CIFAR10-DVS and DVS128 Gesture, read through tonic.
+
+tonic (GPL-3.0, the optional ``data`` extra) decodes each dataset's own file format; this module
+finds the files in tonic's folder layout (without letting tonic download anything), and turns an
+event stream into frames ``[T, P, H, W]`` of event counts with the binning chosen in the model TOML.
+
+On-disk layouts (``data.root`` may be tonic's ``save_to`` folder or the dataset folder inside it):
+
+- N-MNIST: ``NMNIST/Train/<digit>/*.bin`` and ``NMNIST/Test/<digit>/*.bin`` (the original 40-bit
+  event files of Orchard et al.). 34 x 34 sensor.
+- CIFAR10-DVS: ``CIFAR10DVS/<class>/*.aedat`` (the original AEDAT 2.0 release, DVS128 addresses) or
+  ``*.aedat4`` (tonic's download, needs the ``aedat`` package). 128 x 128 sensor, no official split:
+  a seeded 9:1 split per class.
+- DVS128 Gesture: ``DVSGesture/ibmGestureTrain/<user>_<lighting>/<label>.npy`` and
+  ``ibmGestureTest/...`` (tonic's preprocessed release: columns x, y, p, t in ms). 128 x 128 sensor.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import DataError, MissingDependencyError
+
+__all__ = ["EventSource", "SOURCES", "FrameSpec", "list_samples", "read_events", "events_to_frames", "split_name"]
+
+
+@dataclass(frozen=True)
+class EventSource:
+    """Where a dataset lives and how big its sensor is."""
+
+    name: str
+    folder: str  # tonic's dataset folder name
+    width: int
+    height: int
+    classes: tuple[str, ...]
+    how_to_get: str
+
+
+SOURCES = {
+    "nmnist": EventSource("nmnist", "NMNIST", 34, 34, tuple(str(i) for i in range(10)),
+                          "NMNIST/Train and NMNIST/Test with one folder per digit of .bin files "
+                          "(snncompile data fetch nmnist, or https://www.garrickorchard.com/datasets/n-mnist)"),
+    "dvs_cifar10": EventSource("dvs_cifar10", "CIFAR10DVS", 128, 128,
+                               ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"),
+                               "CIFAR10DVS/<class>/*.aedat (one folder per class; snncompile data fetch dvs_cifar10, "
+                               "or https://figshare.com/articles/dataset/CIFAR10-DVS_New/4724671)"),
+    "dvs_gesture": EventSource("dvs_gesture", "DVSGesture", 128, 128, tuple(str(i) for i in range(11)),
+                               "DVSGesture/ibmGestureTrain and ibmGestureTest with <user>_<lighting>/<label>.npy "
+                               "(snncompile data fetch dvs_gesture)"),
+}
+
+
+@dataclass(frozen=True)
+class FrameSpec:
+    """How events become frames; every field is part of the frame-cache key.
+
+    steps: T, the number of frames.
+    binning: 'count' = T equal-duration bins over each sample; 'window' = bins of ``bin_us``
+        microseconds from the first event (events after T windows are dropped).
+    bin_us: window length for 'window' binning.
+    downsample: integer spatial factor (x // k, y // k; the ragged edge is cropped).
+    polarity: 'split' = 2 channels (OFF, ON); 'merge' = 1 channel with both.
+    clip: 0 keeps event counts; n > 0 clips each count at n (1 = binary frames).
+    """
+
+    steps: int
+    binning: str = "count"
+    bin_us: int = 10_000
+    downsample: int = 1
+    polarity: str = "split"
+    clip: int = 0
+
+    def frame_shape(self, source: EventSource) -> tuple[int, int, int]:
+        channels = 2 if self.polarity == "split" else 1
+        return channels, source.height // self.downsample, source.width // self.downsample
+
+
+def _tonic_io():
+    try:
+        import tonic.io
+    except ImportError:
+        raise MissingDependencyError("tonic", "data") from None
+    return tonic.io
+
+
+def _dataset_folder(root: Path, source: EventSource) -> Path:
+    root = Path(root).expanduser()
+    folder = root / source.folder if (root / source.folder).is_dir() else root
+    if not folder.is_dir():
+        raise DataError(f"{source.name}: folder {root} not found; expected {source.how_to_get}")
+    return folder
+
+
+def split_name(source: EventSource, train: bool) -> str:
+    return {"nmnist": ("Train", "Test"), "dvs_gesture": ("ibmGestureTrain", "ibmGestureTest")}.get(
+        source.name, ("train", "test"))[0 if train else 1]
+
+
+def list_samples(name: str, root: str | Path, train: bool, split_seed: int = 0) -> list[tuple[Path, int]]:
+    """Every (file, label) of one split, in a stable order; one-line error naming the layout."""
+    source = SOURCES[name]
+    folder = _dataset_folder(Path(root), source)
+    samples: list[tuple[Path, int]] = []
+    if name == "nmnist":
+        base = folder / split_name(source, train)
+        for digit in range(10):
+            samples += [(p, digit) for p in sorted((base / str(digit)).glob("*.bin"))]
+    elif name == "dvs_gesture":
+        base = folder / split_name(source, train)
+        for sub in sorted(p for p in base.glob("*_*") if p.is_dir()):
+            samples += [(p, int(p.stem)) for p in sorted(sub.glob("*.npy")) if p.stem.isdigit()]
+    else:  # dvs_cifar10: no official split, seeded 9:1 within each class
+        rng = np.random.default_rng(split_seed)
+        for label, cls in enumerate(source.classes):
+            files = sorted((folder / cls).glob("*.aedat")) + sorted((folder / cls).glob("*.aedat4"))
+            order = rng.permutation(len(files))
+            n_test = int(round(len(files) * 0.1))
+            chosen = order[n_test:] if train else order[:n_test]
+            samples += [(files[i], label) for i in sorted(chosen)]
+    if not samples:
+        raise DataError(f"{source.name}: no {'training' if train else 'test'} samples under {folder}; expected {source.how_to_get}")
+    return samples
+
+
+def read_events(name: str, path: Path) -> dict[str, np.ndarray]:
+    """Decode one sample file into int64 arrays x, y, p (0/1) and t (microseconds)."""
+    try:
+        if name == "nmnist":
+            io = _tonic_io()
+            ev = io.read_mnist_file(str(path), dtype=np.dtype([("x", int), ("y", int), ("t", int), ("p", int)]))
+            return {k: np.asarray(ev[k], np.int64) for k in ("x", "y", "p", "t")}
+        if name == "dvs_gesture":
+            arr = np.load(path, allow_pickle=False)
+            if arr.ndim != 2 or arr.shape[1] != 4:
+                raise DataError(f"{path}: expected an [N, 4] array (x, y, p, t), got {arr.shape}")
+            return {"x": arr[:, 0].astype(np.int64), "y": arr[:, 1].astype(np.int64), "p": arr[:, 2].astype(np.int64),
+                    "t": (arr[:, 3].astype(np.float64) * 1000).astype(np.int64)}  # ms -> us
+        if path.suffix == ".aedat4":
+            io = _tonic_io()
+            try:
+                ev = io.read_aedat4(str(path))
+            except ImportError:
+                raise MissingDependencyError("aedat (to read .aedat4)", "data") from None
+            names = ev.dtype.names
+            return {"t": np.asarray(ev[names[0]], np.int64), "x": np.asarray(ev[names[1]], np.int64),
+                    "y": np.asarray(ev[names[2]], np.int64), "p": np.asarray(ev[names[3]], np.int64)}
+        io = _tonic_io()
+        version, start, _ = io.read_aedat_header_from_file(str(path))
+        raw = io.get_aer_events_from_file(str(path), version, start)
+        addr = raw["address"].astype(np.int64)
+        # DVS128 address layout as decoded by the dataset's own MATLAB loader (dat2mat.m):
+        # x in bits 1-7 and y in bits 8-14, both mirrored; polarity bit 0, inverted.
+        return {"x": 127 - ((addr & 0xFE) >> 1), "y": 127 - ((addr & 0x7F00) >> 8), "p": 1 - (addr & 1),
+                "t": raw["timeStamp"].astype(np.int64)}
+    except (OSError, ValueError, AssertionError, IndexError, struct.error) as e:
+        raise DataError(f"{path}: cannot decode ({type(e).__name__}: {str(e)[:120]})") from None
+
+
+def events_to_frames(events: dict[str, np.ndarray], source: EventSource, spec: FrameSpec) -> np.ndarray:
+    """Bin one sample's events into ``[T, P, H, W]`` uint16 event counts (see :class:`FrameSpec`)."""
+    channels, height, width = spec.frame_shape(source)
+    frames = np.zeros(spec.steps * channels * height * width, np.int64)
+    x, y, p, t = events["x"], events["y"], events["p"], events["t"]
+    if len(t):
+        t = t - t.min()
+        if spec.binning == "count":
+            bins = (t * spec.steps) // (int(t.max()) + 1)
+        else:
+            bins = t // spec.bin_us
+        xs, ys = x // spec.downsample, y // spec.downsample
+        ch = p.clip(0, 1) if channels == 2 else np.zeros_like(p)
+        keep = (bins < spec.steps) & (xs >= 0) & (xs < width) & (ys >= 0) & (ys < height)
+        flat = ((bins * channels + ch) * height + ys) * width + xs
+        frames += np.bincount(flat[keep], minlength=frames.size)
+    if spec.clip:
+        frames = np.minimum(frames, spec.clip)
+    return np.minimum(frames, np.iinfo(np.uint16).max).astype(np.uint16).reshape(spec.steps, channels, height, width)

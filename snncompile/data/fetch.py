@@ -1,0 +1,54 @@
+"""`snncompile data fetch NAME`: download an event dataset into tonic's layout, checking MD5 sums.
+
+The URLs and checksums are tonic's own (the releases tonic reads), so a fetched folder is exactly
+what ``data.root`` expects. Needs network access and the ``data`` extra.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..errors import ConfigError, DataError, MissingDependencyError
+
+__all__ = ["fetch"]
+
+
+def _archives(name: str):
+    try:
+        from tonic import datasets
+    except ImportError:
+        raise MissingDependencyError("tonic", "data") from None
+    if name == "nmnist":
+        c = datasets.NMNIST
+        return c, [(c.train_url, c.train_filename, c.train_md5), (c.test_url, c.test_filename, c.test_md5)]
+    if name == "dvs_gesture":
+        c = datasets.DVSGesture
+        return c, [(c.train_url, c.train_filename, c.train_md5), (c.test_url, c.test_filename, c.test_md5)]
+    if name == "dvs_cifar10":
+        c = datasets.CIFAR10DVS
+        return c, [(c.url, c.filename, c.file_md5)]
+    raise ConfigError(f"nothing to fetch for {name!r} (fetchable: nmnist, dvs_gesture, dvs_cifar10)")
+
+
+def fetch(name: str, root: str | Path) -> Path:
+    """Download and extract ``name`` under ``root/<tonic folder>``; returns that folder."""
+    from tonic.download_utils import check_integrity, download_and_extract_archive, extract_archive
+
+    cls, archives = _archives(name)
+    folder = Path(root).expanduser() / cls.__name__
+    folder.mkdir(parents=True, exist_ok=True)
+    for url, filename, md5 in archives:
+        target = folder / filename
+        if target.is_file() and check_integrity(str(target), md5):
+            extract_archive(str(target))
+            continue
+        try:
+            download_and_extract_archive(url, str(folder), filename=filename, md5=md5)
+        except Exception as e:  # urllib, http and checksum errors all end here
+            raise DataError(f"downloading {url} failed ({type(e).__name__}: {str(e)[:120]}); "
+                            f"place {filename} (md5 {md5}) in {folder} by hand and run again") from None
+    if name == "dvs_cifar10":
+        for inner in getattr(cls, "data_filename", []):
+            if (folder / inner).is_file():
+                extract_archive(str(folder / inner))
+    return folder

@@ -1,0 +1,146 @@
+"""Event datasets: real on-disk formats written here, read through tonic, binned, cached, trained on."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("tonic")
+
+from click.testing import CliRunner  # noqa: E402
+
+from conftest import REPO  # noqa: E402
+from event_files import make_nmnist, write_aedat2, write_gesture_npy, write_nmnist_bin  # noqa: E402
+from snncompile.cli import cli  # noqa: E402
+from snncompile.config import load_config  # noqa: E402
+from snncompile.data import load_dataset  # noqa: E402
+from snncompile.data.events import SOURCES, FrameSpec, events_to_frames, list_samples, read_events  # noqa: E402
+from snncompile.data.frame_cache import load_frames  # noqa: E402
+from snncompile.errors import DataError, MissingDependencyError  # noqa: E402
+
+X, Y, P, T = [1, 5, 33, 0], [2, 7, 0, 33], [1, 0, 1, 0], [0, 1000, 70_000, 8_388_000]
+
+
+def test_nmnist_bin_round_trip(tmp_path):
+    path = tmp_path / "a.bin"
+    write_nmnist_bin(path, X, Y, P, T)
+    ev = read_events("nmnist", path)
+    assert ev["x"].tolist() == X and ev["y"].tolist() == Y and ev["p"].tolist() == P and ev["t"].tolist() == T
+
+
+def test_aedat2_round_trip(tmp_path):
+    path = tmp_path / "cifar10_cat_0.aedat"
+    write_aedat2(path, [0, 127, 64], [5, 0, 127], [1, 0, 1], [10, 20, 4_000_000])
+    ev = read_events("dvs_cifar10", path)
+    assert ev["x"].tolist() == [0, 127, 64] and ev["y"].tolist() == [5, 0, 127]
+    assert ev["p"].tolist() == [1, 0, 1] and ev["t"].tolist() == [10, 20, 4_000_000]
+
+
+def test_gesture_npy_round_trip(tmp_path):
+    path = tmp_path / "user01_led" / "3.npy"
+    write_gesture_npy(path, np.array([3, 100]), np.array([4, 127]), np.array([0, 1]), np.array([1.5, 2000.0]))
+    ev = read_events("dvs_gesture", path)
+    assert ev["x"].tolist() == [3, 100] and ev["t"].tolist() == [1500, 2_000_000]
+
+
+def test_frames_by_hand():
+    src = SOURCES["nmnist"]
+    # t = 0, 100, 200, 399 us over T = 2 equal bins of the 400 us span: bins 0, 0, 1, 1
+    ev = {"x": np.array([0, 0, 3, 33]), "y": np.array([0, 0, 2, 33]), "p": np.array([1, 1, 0, 1]),
+          "t": np.array([0, 100, 200, 399])}
+    f = events_to_frames(ev, src, FrameSpec(steps=2))
+    assert f.shape == (2, 2, 34, 34) and f.dtype == np.uint16 and f.sum() == 4
+    assert f[0, 1, 0, 0] == 2 and f[1, 0, 2, 3] == 1 and f[1, 1, 33, 33] == 1
+    # fixed 150 us windows: bins 0, 0, 1, 2 -> the last one falls outside T = 2
+    g = events_to_frames(ev, src, FrameSpec(steps=2, binning="window", bin_us=150))
+    assert g.sum() == 3 and g[1, 0, 2, 3] == 1
+    # downsample 2 -> 17 x 17, merge polarity, binary clip
+    h = events_to_frames(ev, src, FrameSpec(steps=2, downsample=2, polarity="merge", clip=1))
+    assert h.shape == (2, 1, 17, 17) and h[0, 0, 0, 0] == 1 and h[1, 0, 1, 1] == 1 and h[1, 0, 16, 16] == 1
+
+
+def test_missing_folder_names_layout(tmp_path):
+    with pytest.raises(DataError, match="NMNIST/Train and NMNIST/Test with one folder per digit") as err:
+        list_samples("nmnist", tmp_path / "nope", True)
+    assert "\n" not in str(err.value)
+    with pytest.raises(DataError, match="no training samples"):
+        list_samples("nmnist", tmp_path, True)
+
+
+def test_dvs_cifar10_seeded_9_to_1_split(tmp_path):
+    for cls in SOURCES["dvs_cifar10"].classes:
+        for i in range(10):
+            write_aedat2(tmp_path / "CIFAR10DVS" / cls / f"cifar10_{cls}_{i}.aedat", [1], [1], [1], [5])
+    train, test = list_samples("dvs_cifar10", tmp_path, True, 0), list_samples("dvs_cifar10", tmp_path, False, 0)
+    assert len(train) == 90 and len(test) == 10 and not {p for p, _ in train} & {p for p, _ in test}
+    assert sorted(label for _, label in test) == list(range(10))
+    assert list_samples("dvs_cifar10", tmp_path, False, 0) == test
+    assert list_samples("dvs_cifar10", tmp_path, False, 1) != test
+
+
+def test_cache_hit_rebuild_on_any_parameter_and_repair(tmp_path):
+    make_nmnist(tmp_path / "data", per_class_train=2, per_class_test=1, events=50)
+    files = list_samples("nmnist", tmp_path / "data", True)
+    cache = tmp_path / "cache"
+    spec = FrameSpec(steps=4)
+    a, labels, info = load_frames("nmnist", "train", spec, files, cache, progress=False)
+    assert info["status"] == "built" and a.shape == (20, 4, 2, 34, 34) and labels.tolist() == sorted(labels.tolist())
+    first_entry = info["cache"]
+    _, _, info = load_frames("nmnist", "train", spec, files, cache, progress=False)
+    assert info["status"] == "hit"
+    entries = {info["cache"]}
+    for changed in (FrameSpec(steps=5), FrameSpec(steps=4, binning="window", bin_us=5000),
+                    FrameSpec(steps=4, bin_us=20_000, binning="window"), FrameSpec(steps=4, downsample=2)):
+        b, _, info = load_frames("nmnist", "train", changed, files, cache, progress=False)
+        assert info["status"] == "built" and info["cache"] not in entries
+        entries.add(info["cache"])
+    assert b.shape == (20, 4, 2, 17, 17)
+    # truncate the first entry's shard: detected by its hash, rebuilt, same frames
+    shard = next(Path(first_entry).glob("shard-*.npy"))
+    shard.write_bytes(shard.read_bytes()[:100])
+    c, _, info = load_frames("nmnist", "train", spec, files, cache, progress=False)
+    assert info["status"] == "repaired 1 shard(s)" and np.array_equal(a, c)
+
+
+def test_changing_T_in_config_rebuilds(tmp_path):
+    make_nmnist(tmp_path / "data", per_class_train=1, per_class_test=1, events=30)
+    base = ["data.root=" + repr(str(tmp_path / "data")), "data.cache_dir=" + repr(str(tmp_path / "cache"))]
+    ds4 = load_dataset(load_config(REPO / "models" / "nmnist.toml", base + ["model.T=4"]), progress=False)
+    ds6 = load_dataset(load_config(REPO / "models" / "nmnist.toml", base + ["model.T=6"]), progress=False)
+    assert ds4.train.x.shape[1] == 4 and ds6.train.x.shape[1] == 6
+    assert ds4.info["train_cache"]["cache"] != ds6.info["train_cache"]["cache"]
+    assert ds6.info["train_cache"]["status"] == "built"
+
+
+def test_training_end_to_end_on_nmnist_files(tmp_path):
+    make_nmnist(tmp_path / "data", per_class_train=6, per_class_test=2)
+    result = CliRunner().invoke(cli, [
+        "train", str(REPO / "models" / "nmnist.toml"), "--out", str(tmp_path / "runs"), "--no-progress",
+        "--set", f"data.root='{tmp_path / 'data'}'", "--set", f"data.cache_dir='{tmp_path / 'cache'}'",
+        "--set", "model.arch='8C3-AP2-16C3-AP2-64FC-Voting'", "--set", "model.T=4", "--set", "train.epochs=2",
+        "--set", "data.batch_size=20", "--set", "train.lr=3e-3", "--set", "data.num_workers=2",
+    ])
+    assert result.exit_code == 0, result.output
+    assert "final test accuracy" in result.output
+    run = next((tmp_path / "runs" / "nmnist").iterdir())
+    manifest = (run / "manifest.json").read_text()
+    assert '"binning": "count"' in manifest and '"status": "built"' in manifest
+
+
+def test_without_tonic_the_error_names_the_extra(tmp_path, monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_tonic(name, *args, **kwargs):
+        if name.startswith("tonic"):
+            raise ImportError("no tonic")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_tonic)
+    path = tmp_path / "a.bin"
+    write_nmnist_bin(path, X, Y, P, T)
+    with pytest.raises(MissingDependencyError, match=r"pip install 'snncompile\[data\]'"):
+        read_events("nmnist", path)
+    assert torch  # torch stays importable
