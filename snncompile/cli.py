@@ -103,6 +103,27 @@ def verify(run, runners, precision, batch, no_progress) -> None:
         sys.exit(1)
 
 
+@cli.command()
+@click.argument("run", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--runners", default="", help="Comma-separated runners (default: every available one).")
+@click.option("--batch", "batches", default="1,16,128", show_default=True, help="Comma-separated batch sizes.")
+@click.option("--iters", default=50, show_default=True, type=click.IntRange(1), help="Timed calls per batch size.")
+@click.option("--warmup", default=10, show_default=True, type=click.IntRange(0), help="Untimed calls first.")
+def bench(run, runners, batches, iters, warmup) -> None:
+    """Verify, then time every runner on RUN's export; writes bench.json, bench.md, bench.png."""
+    from .bench import bench_run, format_table
+    from .errors import ConfigError
+
+    try:
+        sizes = tuple(int(b) for b in batches.split(","))
+    except ValueError:
+        raise ConfigError(f"--batch expects comma-separated integers, got {batches!r}") from None
+    names = [n.strip() for n in runners.split(",") if n.strip()] or None
+    results = bench_run(run, names, sizes, warmup=warmup, iters=iters, echo=click.echo)
+    click.echo(format_table(results))
+    click.echo(f"wrote {run / 'bench.json'}, {run / 'bench.md'}" + (", bench.png" if (run / "bench.png").exists() else ""))
+
+
 @cli.group()
 def data() -> None:
     """Event datasets: download them, pre-build their frame cache."""

@@ -70,6 +70,15 @@ class Runner(ABC):
         validate_feed(feed, self.inputs)
         return self._run(feed)
 
+    def prepare(self, feed: dict[str, np.ndarray]):
+        """Validate ``feed`` and place it where this runner computes (e.g. on the GPU) for timing."""
+        validate_feed(feed, self.inputs)
+        return feed
+
+    def run_prepared(self, handle) -> None:
+        """Run on a :meth:`prepare` handle and return when the result is complete (benchmarks)."""
+        self._run(handle)
+
     def close(self) -> None:
         """Release runtime resources (sessions, device memory)."""
 

@@ -67,6 +67,17 @@ class TorchRunner(Runner):
     def output_names(self) -> list[str]:
         return self._outputs
 
+    def prepare(self, feed: dict[str, np.ndarray]):
+        super().prepare(feed)
+        return [torch.from_numpy(np.ascontiguousarray(feed[s.name])).to(self.device) for s in self._inputs]
+
+    @torch.no_grad()
+    def run_prepared(self, handle) -> None:
+        with no_tf32():
+            self.graph(*handle)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
     @torch.no_grad()
     def _run(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         args = [torch.from_numpy(np.ascontiguousarray(feed[s.name])).to(self.device) for s in self._inputs]

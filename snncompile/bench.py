@@ -1,0 +1,144 @@
+"""`snncompile bench`: verified latency and throughput of every runner available here.
+
+Each runner is verified first (fp32 preset on the export's reference inputs) and skipped with the
+reason if it fails. Then, per batch size: inputs made once and placed where the runner computes
+(``Runner.prepare``), warm-up calls, then timed calls (``Runner.run_prepared`` returns only once the
+result is complete: CUDA runners synchronize) -> p50/p90/p99 latency, samples/s and timesteps/s.
+Results go to ``bench.json``, ``bench.md`` and (with matplotlib) ``bench.png`` in the run dir.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .artifacts import atomic_save, atomic_write_json, atomic_write_text, environment, read_manifest, record_artifact
+from .backends import available_runners, create_runner
+from .compare import verify_run
+from .errors import ConfigError
+
+__all__ = ["bench_run", "format_table", "percentiles"]
+
+
+def percentiles(times_s: list[float]) -> dict[str, float]:
+    ms = np.asarray(times_s) * 1e3
+    return {"p50_ms": float(np.percentile(ms, 50)), "p90_ms": float(np.percentile(ms, 90)),
+            "p99_ms": float(np.percentile(ms, 99)), "mean_ms": float(ms.mean())}
+
+
+def _bench_input(run_dir: Path, batch: int, seed: int = 0) -> np.ndarray:
+    """``[T, batch, ...]`` float32 drawn like the export's random reference inputs (same distribution)."""
+    ref = np.load(run_dir / "reference_inputs.npz")["random"]
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, ref.shape[1], batch)
+    return np.ascontiguousarray(ref[:, idx])
+
+
+def bench_run(run_dir: str | Path, runners: list[str] | None = None, batches: tuple[int, ...] = (1, 16, 128),
+              warmup: int = 10, iters: int = 50, min_seconds: float = 0.0, progress: bool = True,
+              echo=print) -> dict:
+    """Verify, then time every requested (default: every available) runner at every batch size."""
+    run_dir = Path(run_dir)
+    manifest = read_manifest(run_dir)
+    export = manifest.get("exports", {}).get("model.onnx")
+    if export is None:
+        raise ConfigError(f"{run_dir} has no model.onnx: run `snncompile export {run_dir}` first")
+    if any(b < 1 for b in batches) or iters < 1 or warmup < 0:
+        raise ConfigError("--batch sizes and --iters must be >= 1, --warmup >= 0")
+    avail = available_runners()
+    names = list(runners) if runners else [n for n, why in avail.items() if why is None]
+    unknown = [n for n in names if n not in avail]
+    if unknown:
+        raise ConfigError(f"unknown runner(s) {', '.join(unknown)} (known: {', '.join(avail)})")
+    results: dict = {"model": manifest.get("model"), "T": export["T"], "batches": list(batches),
+                     "environment": environment(), "runners": {}}
+    for name in names:
+        entry: dict = {}
+        results["runners"][name] = entry
+        if avail[name] is not None:
+            entry["skipped"] = avail[name]
+            echo(f"{name}: skipped ({avail[name]})")
+            continue
+        if name != "torch":  # torch is the reference itself
+            report = verify_run(run_dir, name, "fp32", progress=False)
+            entry["verified"] = report["passed"]
+            if not report["passed"]:
+                entry["skipped"] = "verify failed: " + "; ".join(report["reasons"])
+                echo(f"{name}: skipped ({entry['skipped']})")
+                continue
+        with create_runner(name, run_dir) as runner:
+            entry["by_batch"] = {}
+            for batch in batches:
+                x = _bench_input(run_dir, batch)
+                handle = runner.prepare({"input": x})
+                for _ in range(warmup):
+                    runner.run_prepared(handle)
+                times: list[float] = []
+                started = time.perf_counter()
+                while len(times) < iters or time.perf_counter() - started < min_seconds:
+                    t0 = time.perf_counter()
+                    runner.run_prepared(handle)
+                    times.append(time.perf_counter() - t0)
+                stats = percentiles(times)
+                stats.update(iters=len(times), samples_per_s=batch / (stats["p50_ms"] / 1e3),
+                             timesteps_per_s=batch * export["T"] / (stats["p50_ms"] / 1e3))
+                entry["by_batch"][str(batch)] = stats
+                if progress:
+                    echo(f"{name} batch {batch}: p50 {stats['p50_ms']:.3f} ms")
+    atomic_write_json(run_dir / "bench.json", results)
+    atomic_write_text(run_dir / "bench.md", format_table(results) + "\n")
+    record_artifact(run_dir, "bench.json")
+    record_artifact(run_dir, "bench.md")
+    if _plot(results, run_dir / "bench.png"):
+        record_artifact(run_dir, "bench.png")
+    return results
+
+
+def format_table(results: dict) -> str:
+    """Markdown table: one row per runner and batch size."""
+    lines = [f"model {results['model']}, T = {results['T']}",
+             "", "| runner | batch | p50 ms | p90 ms | p99 ms | samples/s | timesteps/s |", "|---|---|---|---|---|---|---|"]
+    for name, entry in results["runners"].items():
+        if "skipped" in entry:
+            lines.append(f"| {name} | - | skipped: {entry['skipped']} | | | | |")
+            continue
+        for batch, s in entry["by_batch"].items():
+            lines.append(f"| {name} | {batch} | {s['p50_ms']:.3f} | {s['p90_ms']:.3f} | {s['p99_ms']:.3f} | "
+                         f"{s['samples_per_s']:,.0f} | {s['timesteps_per_s']:,.0f} |")
+    return "\n".join(lines)
+
+
+def _plot(results: dict, path: Path) -> bool:
+    """Latency and throughput against batch per runner; False when matplotlib is absent."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, (ax_lat, ax_thr) = plt.subplots(1, 2, figsize=(10, 4))
+    for name, entry in results["runners"].items():
+        if "by_batch" not in entry:
+            continue
+        b = [int(k) for k in entry["by_batch"]]
+        ax_lat.plot(b, [s["p50_ms"] for s in entry["by_batch"].values()], marker="o", label=name)
+        ax_thr.plot(b, [s["samples_per_s"] for s in entry["by_batch"].values()], marker="o", label=name)
+    for ax, title, unit in ((ax_lat, "latency (p50)", "ms per batch of T steps"), (ax_thr, "throughput", "samples/s")):
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("batch")
+        ax.set_ylabel(unit)
+        ax.set_title(f"{results['model']} T={results['T']}: {title}")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+
+    def write(f):
+        fig.savefig(f, format="png", dpi=120)
+
+    atomic_save(path, write)
+    plt.close(fig)
+    return True

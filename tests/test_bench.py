@@ -1,0 +1,68 @@
+"""`snncompile bench`: verified runners only, percentiles, bench.json/md/png, one-line errors."""
+
+import json
+
+import numpy as np
+import pytest
+
+pytest.importorskip("onnxruntime")
+
+import onnx  # noqa: E402
+from click.testing import CliRunner  # noqa: E402
+from onnx import numpy_helper  # noqa: E402
+
+from conftest import REPO  # noqa: E402
+from helpers import make_run, tiny_zoo_config  # noqa: E402
+from snncompile.bench import bench_run, percentiles  # noqa: E402
+from snncompile.cli import cli  # noqa: E402
+from snncompile.errors import ConfigError  # noqa: E402
+from snncompile.export_onnx import export_run  # noqa: E402
+
+
+@pytest.fixture
+def exported(tmp_path):
+    run = make_run(tmp_path, tiny_zoo_config(REPO / "models" / "bench-nmnist.toml"))
+    export_run(run, layers=False, n_random=32, n_real=0)
+    return run
+
+
+def test_percentiles():
+    p = percentiles([0.001 * i for i in range(1, 101)])
+    assert p["p50_ms"] == pytest.approx(50.5) and p["p90_ms"] == pytest.approx(90.1) and p["p99_ms"] == pytest.approx(99.01)
+
+
+def test_bench_writes_json_table_and_plot(exported):
+    result = CliRunner().invoke(cli, ["bench", str(exported), "--runners", "torch,ort-cpu", "--batch", "1,4",
+                                      "--iters", "3", "--warmup", "1"])
+    assert result.exit_code == 0, result.output
+    data = json.loads((exported / "bench.json").read_text())
+    assert set(data["runners"]) == {"torch", "ort-cpu"} and data["T"] == 4
+    assert data["runners"]["ort-cpu"]["verified"] is True
+    for entry in data["runners"].values():
+        for batch, s in entry["by_batch"].items():
+            assert 0 < s["p50_ms"] <= s["p90_ms"] <= s["p99_ms"] and s["iters"] == 3
+            assert s["samples_per_s"] == pytest.approx(int(batch) / (s["p50_ms"] / 1e3))
+    table = (exported / "bench.md").read_text()
+    assert "| ort-cpu | 4 |" in table and "| torch | 1 |" in table and "| ort-cpu | 4 |" in result.output
+    assert (exported / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_runner_failing_verify_is_skipped_with_reason(exported):
+    path = exported / "model.onnx"
+    model = onnx.load(str(path))
+    init = next(i for i in model.graph.initializer if i.name == "net.stages.0.bias")
+    init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init) + np.float32(3.0), init.name))
+    onnx.save(model, str(path))
+    data = bench_run(exported, ["ort-cpu", "torch"], (2,), warmup=0, iters=2, echo=lambda s: None)
+    assert data["runners"]["ort-cpu"]["skipped"].startswith("verify failed:")
+    assert "by_batch" in data["runners"]["torch"]
+
+
+def test_bad_arguments_are_one_line(exported, tmp_path):
+    with pytest.raises(ConfigError, match="unknown runner"):
+        bench_run(exported, ["tensorflow"], (1,))
+    result = CliRunner().invoke(cli, ["bench", str(exported), "--batch", "1,x"])
+    assert result.exit_code == 2 and result.output.strip() == "error: --batch expects comma-separated integers, got '1,x'"
+    empty = make_run(tmp_path / "other", tiny_zoo_config(REPO / "models" / "bench-nmnist.toml"))
+    result = CliRunner().invoke(cli, ["bench", str(empty)])
+    assert result.exit_code == 2 and "has no model.onnx" in result.output
