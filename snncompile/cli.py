@@ -124,6 +124,29 @@ def bench(run, runners, batches, iters, warmup) -> None:
     click.echo(f"wrote {run / 'bench.json'}, {run / 'bench.md'}" + (", bench.png" if (run / "bench.png").exists() else ""))
 
 
+@cli.command()
+@click.argument("model_toml", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a config key.")
+@click.option("--out", "out_root", default="export", show_default=True, type=click.Path(file_okay=False, path_type=Path))
+@click.option("--batch", "batches", default="1,32", show_default=True, help="Benchmark batch sizes.")
+@click.option("--no-progress", is_flag=True, help="No progress bars.")
+def pipeline(model_toml, overrides, out_root, batches, no_progress) -> None:
+    """Train, export, verify and benchmark MODEL_TOML; stages already done for the same inputs are skipped."""
+    from .config import load_config
+    from .errors import ConfigError
+    from .pipeline import format_summary, run_pipeline
+
+    try:
+        sizes = tuple(int(b) for b in batches.split(","))
+    except ValueError:
+        raise ConfigError(f"--batch expects comma-separated integers, got {batches!r}") from None
+    cfg = load_config(model_toml, list(overrides))
+    summary = run_pipeline(cfg, out_root, sizes, progress=not no_progress, echo=click.echo)
+    click.echo(format_summary(summary))
+    if not all(v["passed"] for v in summary["verify"].values()):
+        sys.exit(1)
+
+
 @cli.group()
 def data() -> None:
     """Event datasets: download them, pre-build their frame cache."""

@@ -217,6 +217,7 @@ def _train(cfg: Config, device: torch.device, ctx: DistContext, out_root, resume
         # Dropout masks of this epoch: seeded per (seed, epoch, rank) so a resumed epoch replays exactly.
         torch.manual_seed(_epoch_seed(cfg.train.seed, epoch) + 7919 * ctx.rank)
         order = torch.tensor(_epoch_order(len(data.train), cfg, epoch, ctx))
+        augment_rng = torch.Generator().manual_seed(_epoch_seed(cfg.train.seed, epoch) + 104729 * ctx.rank)
         n_batches = -(-len(order) // cfg.data.batch_size)
         bar = tqdm(total=n_batches, desc=f"epoch {epoch}/{cfg.train.epochs}", disable=not (progress and main),
                    leave=False, unit="batch")
@@ -227,6 +228,8 @@ def _train(cfg: Config, device: torch.device, ctx: DistContext, out_root, resume
         for i, start_idx in enumerate(range(0, len(order), cfg.data.batch_size)):
             idx = order[start_idx : start_idx + cfg.data.batch_size]
             x = data.train.x[idx].to(device, non_blocking=True).float()  # event frames are stored as uint16
+            if data.augment is not None:
+                x = data.augment(x, augment_rng)
             y = data.train.y[idx].to(device, non_blocking=True)
             with _autocast(device, cfg.train.precision):
                 scores = model(to_time_major(x, cfg.model.T, data.static)).float()

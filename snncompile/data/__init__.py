@@ -7,6 +7,7 @@ Static datasets yield one frame per sample (``[N, C, H, W]``); the trainer repea
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 from torch import Tensor
@@ -36,6 +37,8 @@ class Dataset:
     classes: list[str]
     static: bool = True
     info: dict = field(default_factory=dict)
+    # Training-time augmentation ``(x [B, ...], generator) -> x``; None for none.
+    augment: Callable[[Tensor, torch.Generator], Tensor] | None = None
 
 
 def _normalise(ds: Dataset, mean: list[float], std: list[float]) -> None:
@@ -63,9 +66,11 @@ def load_dataset(cfg: Config, progress: bool = True) -> Dataset:
         ds = load_mnist(d.root)
         mean, std = d.mean or [0.1307], d.std or [0.3081]
     elif d.name == "cifar10":
-        from .cifar10 import load_cifar10
+        from .cifar10 import augment_cifar, load_cifar10
 
         ds = load_cifar10(d.root)
+        ds.augment = augment_cifar  # RandomCrop(32, pad 4) + horizontal flip (PAPER.md §5)
+        ds.info["augment"] = "random crop 32 pad 4 + horizontal flip"
         mean, std = d.mean or [0.4914, 0.4822, 0.4465], d.std or [0.2023, 0.1994, 0.2010]
     elif d.name in ("nmnist", "dvs_cifar10", "dvs_gesture"):
         return _load_events(cfg, progress)

@@ -8,6 +8,7 @@ only the handful of globals a pickled numpy array needs and rejects everything e
 
 from __future__ import annotations
 
+import _compat_pickle
 import codecs
 import pickle
 from pathlib import Path
@@ -43,7 +44,7 @@ _PIXELS = 3 * 32 * 32
 
 
 def _numpy_multiarray_attr(name: str) -> Any:
-    """``_reconstruct``/``scalar`` from numpy's C module, whatever numpy calls it (``_core`` in 2.x, ``core`` before)."""
+    """``_reconstruct``/``scalar`` from numpy's C module (``numpy._core`` in 2.x, ``numpy.core`` before)."""
     try:
         from numpy._core import multiarray
     except ImportError:  # numpy < 2
@@ -52,10 +53,10 @@ def _numpy_multiarray_attr(name: str) -> Any:
 
 
 def _latin1_encode(obj: Any, encoding: str = "utf-8", errors: str = "strict") -> bytes:
-    """``_codecs.encode`` as Python 3 protocol-2 pickles use it for ``bytes`` (``encode(str, 'latin1')``), nothing more."""
+    """``_codecs.encode`` only as protocol-2 pickles use it for ``bytes``: ``encode(str, 'latin1')``."""
     latin1 = isinstance(encoding, str) and encoding.lower().replace("_", "-") in ("latin1", "latin-1", "iso-8859-1")
     if not isinstance(obj, str) or not latin1 or errors != "strict":
-        raise pickle.UnpicklingError(f"_codecs.encode is only allowed as encode(str, 'latin1'), got encoding {encoding!r}")
+        raise pickle.UnpicklingError(f"_codecs.encode is only allowed as encode(str, 'latin1'), not {encoding!r}")
     return codecs.encode(obj, "latin1")
 
 
@@ -94,6 +95,10 @@ class SafeUnpickler(pickle.Unpickler):
         self._allowed = _allowed_globals()
 
     def find_class(self, module: str, name: str) -> Any:
+        # protocol-2 files name Python 2 modules (``__builtin__.bytes``); map them as pickle itself would
+        if (module, name) in _compat_pickle.NAME_MAPPING:
+            module, name = _compat_pickle.NAME_MAPPING[(module, name)]
+        module = _compat_pickle.IMPORT_MAPPING.get(module, module)
         try:
             return self._allowed[(module, name)]
         except KeyError:
@@ -196,7 +201,7 @@ def load_cifar10(root: str | Path) -> Dataset:
         DataError: missing folder or files, corrupt or malicious pickles, wrong shapes (one line each).
     """
     if not root:
-        raise DataError(f"CIFAR10 needs data.root: --set data.root=/path/to/{CIFAR10_FOLDER} (or the folder containing it)")
+        raise DataError(f"CIFAR10 needs data.root: --set data.root=/path/to/{CIFAR10_FOLDER} (or its parent folder)")
     root = Path(root).expanduser()
     folder = _resolve_folder(root)
     needed = (*CIFAR10_TRAIN_FILES, CIFAR10_TEST_FILE)

@@ -1,0 +1,163 @@
+"""`snncompile pipeline`: train -> export -> verify -> build (TensorRT, when present) -> bench.
+
+Resumable per stage: each finished stage records in the manifest a hash of its inputs (the config for
+train, the checkpoint for export, the ONNX file for verify/bench, plus the stage's options). Running
+the pipeline again redoes only the stages whose inputs changed. The run directory of a config is found
+by its config hash under ``out/<name>/``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Callable
+
+from .artifacts import read_manifest, sha256_file, update_manifest
+from .config import Config
+from .errors import ArtifactError
+
+__all__ = ["run_pipeline", "find_run", "plot_training"]
+
+
+def find_run(out_root: Path, cfg: Config) -> Path | None:
+    """The newest run dir under ``out_root/<name>`` trained from exactly this config."""
+    base = Path(out_root) / cfg.name
+    if not base.is_dir():
+        return None
+    for run in sorted(base.iterdir(), reverse=True):
+        try:
+            manifest = read_manifest(run)
+        except ArtifactError:
+            continue
+        if manifest.get("config_hash") == cfg.hash() and (run / "checkpoint.pt").is_file():
+            return run
+    return None
+
+
+def _stage_hash(*parts: str) -> str:
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
+
+
+def _done(run: Path, stage: str, inputs: str) -> bool:
+    return read_manifest(run).get("pipeline", {}).get(stage) == inputs
+
+
+def _mark(run: Path, stage: str, inputs: str) -> None:
+    update_manifest(run, pipeline={stage: inputs})
+
+
+def plot_training(run: Path) -> Path | None:
+    """Loss and accuracy per epoch from metrics.jsonl as ``training.png`` (None without matplotlib)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    from .artifacts import atomic_save, record_artifact
+
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    epochs = [r["epoch"] for r in rows]
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
+    ax_loss.plot(epochs, [r["train_loss"] for r in rows], label="train")
+    ax_loss.plot(epochs, [r["test_loss"] for r in rows], label="test")
+    ax_acc.plot(epochs, [100 * r["train_acc"] for r in rows], label="train")
+    ax_acc.plot(epochs, [100 * r["test_acc"] for r in rows], label="test")
+    for ax, label in ((ax_loss, "loss"), (ax_acc, "accuracy (%)")):
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(label)
+        ax.grid(True, alpha=0.3)
+        ax.legend()
+    fig.suptitle(f"{run.parent.name} / {run.name}")
+    fig.tight_layout()
+    path = run / "training.png"
+    atomic_save(path, lambda f: fig.savefig(f, format="png", dpi=120))
+    plt.close(fig)
+    record_artifact(run, path.name)
+    return path
+
+
+def run_pipeline(cfg: Config, out_root: Path, batches: tuple[int, ...] = (1, 32), progress: bool = True,
+                 echo: Callable[[str], None] = print) -> dict:
+    """Run every stage that is not already done for these inputs; returns the summary dict."""
+    from .backends import available_runners
+    from .bench import bench_run
+    from .compare import verify_run
+    from .export_onnx import export_run
+    from .train import train
+
+    summary: dict = {"stages": {}}
+    run = find_run(out_root, cfg)
+    train_inputs = _stage_hash("train", cfg.hash())
+    if run is not None and _done(run, "train", train_inputs):
+        summary["stages"]["train"] = "up to date"
+    else:
+        # An unfinished run of this config continues; otherwise a new one starts.
+        result = train(cfg if run is None else None, out_root, resume=run, progress=progress, echo=echo)
+        run = result.run_dir
+        _mark(run, "train", train_inputs)
+        summary["stages"]["train"] = "done"
+    plot_training(run)
+
+    export_inputs = _stage_hash("export", sha256_file(run / "checkpoint.pt"), "layers")
+    if _done(run, "export", export_inputs) and (run / "model.onnx").is_file():
+        summary["stages"]["export"] = "up to date"
+    else:
+        export_run(run, layers=True)
+        _mark(run, "export", export_inputs)
+        summary["stages"]["export"] = "done"
+
+    onnx_hash = sha256_file(run / "model.onnx")
+    verify_inputs = _stage_hash("verify", onnx_hash)
+    runners = [n for n, why in available_runners().items() if why is None and n != "torch"]
+    reports = {}
+    if _done(run, "verify", verify_inputs) and (run / "verify.json").is_file():
+        reports = json.loads((run / "verify.json").read_text())
+        summary["stages"]["verify"] = "up to date"
+    else:
+        for name in runners:
+            reports[name] = verify_run(run, name, "fp32", progress=progress)
+        if all(r["passed"] for r in reports.values()):
+            _mark(run, "verify", verify_inputs)
+        summary["stages"]["verify"] = "done"
+
+    summary["stages"]["build"] = "skipped: TensorRT builds land with the TensorRT issue"
+
+    bench_inputs = _stage_hash("bench", onnx_hash, ",".join(map(str, batches)))
+    if _done(run, "bench", bench_inputs) and (run / "bench.json").is_file():
+        bench = json.loads((run / "bench.json").read_text())
+        summary["stages"]["bench"] = "up to date"
+    else:
+        bench = bench_run(run, None, batches, echo=lambda s: None)
+        _mark(run, "bench", bench_inputs)
+        summary["stages"]["bench"] = "done"
+
+    manifest = read_manifest(run)
+    summary.update(
+        run=str(run),
+        test_acc=manifest.get("training", {}).get("test_acc"),
+        verify={n: {"passed": r["passed"], "flips": sum(s["flips"] for s in r["layers"].values()),
+                    "real": sum(s["real"] for s in r["layers"].values()), "top1": r["top1"]["agreement"],
+                    "accuracy": r["accuracy"].get("real", {})} for n, r in reports.items()},
+        bench=bench,
+        artifacts=sorted(manifest.get("artifacts", {})),
+    )
+    return summary
+
+
+def format_summary(summary: dict) -> str:
+    from .bench import format_table
+
+    lines = [f"run: {summary['run']}"]
+    lines += [f"  {stage:<7} {state}" for stage, state in summary["stages"].items()]
+    if summary["test_acc"] is not None:
+        lines.append(f"test accuracy (torch): {100 * summary['test_acc']:.2f} %")
+    for name, v in summary["verify"].items():
+        acc = ", ".join(f"{k} {100 * a:.2f} %" for k, a in v["accuracy"].items())
+        lines.append(f"verify {name}: {'PASSED' if v['passed'] else 'FAILED'}, {v['flips']} spike flips "
+                     f"({v['real']} real), top-1 agreement {100 * v['top1']:.2f} %" + (f"; real-sample accuracy {acc}" if acc else ""))
+    lines.append(format_table(summary["bench"]))
+    lines.append("artifacts: " + ", ".join(summary["artifacts"]))
+    return "\n".join(lines)

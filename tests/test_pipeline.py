@@ -1,0 +1,39 @@
+"""`snncompile pipeline`: all stages on the embedded default, then nothing redone on a second run."""
+
+import json
+
+import pytest
+
+pytest.importorskip("onnxruntime")
+
+from click.testing import CliRunner  # noqa: E402
+
+from conftest import REPO  # noqa: E402
+from snncompile.cli import cli  # noqa: E402
+
+ARGS = ["--set", "train.epochs=2", "--set", "data.limit_train=256", "--set", "data.limit_test=64",
+        "--set", "model.arch='16C3-AP2-32FC-Voting'", "--set", "model.T=3", "--set", "train.lr=3e-3",
+        "--batch", "1,2", "--no-progress"]
+
+
+def test_pipeline_runs_every_stage_once(tmp_path):
+    runner = CliRunner()
+    first = runner.invoke(cli, ["pipeline", str(REPO / "models" / "digits.toml"), "--out", str(tmp_path), *ARGS])
+    assert first.exit_code == 0, first.output
+    for stage in ("train", "export", "verify", "bench"):
+        assert f"  {stage:<7} done" in first.output
+    assert "verify ort-cpu: PASSED" in first.output and "| ort-cpu | 2 |" in first.output
+    run = next((tmp_path / "digits").iterdir())
+    assert {"checkpoint.pt", "model.onnx", "verify.json", "bench.json", "training.png"} <= {p.name for p in run.iterdir()}
+
+    second = runner.invoke(cli, ["pipeline", str(REPO / "models" / "digits.toml"), "--out", str(tmp_path), *ARGS])
+    assert second.exit_code == 0, second.output
+    for stage in ("train", "export", "verify", "bench"):
+        assert f"  {stage:<7} up to date" in second.output
+    assert len(list((tmp_path / "digits").iterdir())) == 1
+
+    # another benchmark batch list redoes only the bench stage
+    third = runner.invoke(cli, ["pipeline", str(REPO / "models" / "digits.toml"), "--out", str(tmp_path),
+                                *ARGS[:-3], "--batch", "4", "--no-progress"])
+    assert "  train   up to date" in third.output and "  bench   done" in third.output
+    assert json.loads((run / "bench.json").read_text())["batches"] == [4]
