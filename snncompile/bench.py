@@ -126,9 +126,13 @@ def _plot(results: dict, path: Path) -> bool:
         b = [int(k) for k in entry["by_batch"]]
         ax_lat.plot(b, [s["p50_ms"] for s in entry["by_batch"].values()], marker="o", label=name)
         ax_thr.plot(b, [s["samples_per_s"] for s in entry["by_batch"].values()], marker="o", label=name)
+    from matplotlib.ticker import ScalarFormatter
+
     for ax, title, unit in ((ax_lat, "latency (p50)", "ms per batch of T steps"), (ax_thr, "throughput", "samples/s")):
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
+        ax.xaxis.set_major_formatter(ScalarFormatter())
+        ax.yaxis.set_major_formatter(ScalarFormatter())
         ax.set_xlabel("batch")
         ax.set_ylabel(unit)
         ax.set_title(f"{results['model']} T={results['T']}: {title}")

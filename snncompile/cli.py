@@ -58,6 +58,23 @@ def train(model_toml, overrides, out_root, resume, stop_after, no_progress) -> N
 
 
 @cli.command()
+@click.argument("model_toml", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a config key.")
+@click.option("--out", "out_root", default="export", show_default=True, type=click.Path(file_okay=False, path_type=Path))
+@click.option("--seed", default=0, show_default=True, help="Initialisation seed.")
+@click.option("--no-calibrate", is_flag=True, help="Keep PyTorch's default init (deep layers may not fire).")
+def init(model_toml, overrides, out_root, seed, no_calibrate) -> None:
+    """Create an untrained run of MODEL_TOML (weights scaled so every layer fires) for export/bench."""
+    from .config import load_config
+    from .init_run import init_run
+
+    cfg = load_config(model_toml, list(overrides))
+    run, rates = init_run(cfg, out_root, seed, calibrate=not no_calibrate)
+    shown = ", ".join(f"{k} {v:.2f}" for k, v in rates.items())
+    click.echo(f"initialised {run}" + (f"; firing rates {shown}" if shown else ""))
+
+
+@cli.command()
 @click.argument("run", type=click.Path(path_type=Path))
 @click.option("--T", "steps", type=int, help="Timesteps to unroll (default: the T it was trained with).")
 @click.option("--opset", default=18, show_default=True, type=click.IntRange(13, 23), help="ONNX opset.")
