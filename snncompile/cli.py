@@ -83,11 +83,14 @@ def init(model_toml, overrides, out_root, seed, no_calibrate) -> None:
 @click.option("--layers", is_flag=True, help="Also output every LIF layer's spikes and membrane (per-layer verify).")
 @click.option("--rates", is_flag=True, help="Also output the output layer's firing rates.")
 @click.option("--samples", default=256, show_default=True, type=click.IntRange(1), help="Random and real reference inputs (each).")
-def export(run, steps, opset, form, layers, rates, samples) -> None:
+@click.option("--order", type=click.Choice(["layer", "step"]), default="layer", show_default=True,
+              help="layer: each conv once on [T*B, ...] (model.onnx); step: per-timestep unrolling (model_per_step.onnx), for comparison.")
+def export(run, steps, opset, form, layers, rates, samples, order) -> None:
     """Export RUN (a run directory or its checkpoint) to ONNX, with reference inputs and outputs."""
     from .export_onnx import export_run
 
-    r = export_run(run, steps=steps, opset=opset, form=form, layers=layers, rates=rates, n_random=samples, n_real=samples)
+    r = export_run(run, steps=steps, opset=opset, form=form, layers=layers, rates=rates, n_random=samples, n_real=samples,
+                   order=order)
     click.echo(
         f"exported {r.path} ({r.form}, T={r.steps}, opset {opset}): {r.onnx_bytes / 1e6:.2f} MB, "
         f"{r.nodes_clean} nodes ({r.nodes_raw} before cleaning), ops {', '.join(r.ops)}; "
@@ -97,12 +100,34 @@ def export(run, steps, opset, form, layers, rates, samples) -> None:
 
 @cli.command()
 @click.argument("run", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--precision", type=click.Choice(["fp32", "tf32", "fp16", "bf16"]), default="fp32", show_default=True)
+@click.option("--batch", default="1:16:128", show_default=True, help="Dynamic batch profile MIN:OPT:MAX.")
+@click.option("--workspace", "workspace_mb", default=4096, show_default=True, type=int, help="Builder workspace in MB.")
+@click.option("--timing-cache", type=click.Path(dir_okay=False, path_type=Path), help="Reuse and update this timing cache.")
+@click.option("--all-layers-reduced", is_flag=True, help="Let fp16/bf16 reach the LIF/NeuNorm arithmetic too (more flips).")
+@click.option("--model", "model_file", default="model.onnx", show_default=True,
+              help="Export to build from (model_layers.onnx gives an engine verify can check layer by layer).")
+def build(run, precision, batch, workspace_mb, timing_cache, all_layers_reduced, model_file) -> None:
+    """Build a TensorRT engine for this GPU from RUN's model.onnx."""
+    from .backends.trt import engine_name
+    from .build_engine import build_run
+
+    side = build_run(run, precision, batch, workspace_mb, timing_cache, fp32_neurons=not all_layers_reduced,
+                     model_file=model_file)
+    click.echo(f"built {run / engine_name(model_file, precision)} with {side['tensorrt']} for {side['gpu']} "
+               f"(sm {side['compute_capability']}) in {side['build_seconds']:.1f} s: {side['layers']} layers, "
+               f"{side['fp32_neuron_layers']} pinned to fp32, batch {batch}")
+
+
+@cli.command()
+@click.argument("run", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--runner", "runners", multiple=True, help="Runner(s) to check (default: every available one but torch).")
 @click.option("--precision", type=click.Choice(["fp32", "tf32", "fp16", "bf16"]), default="fp32", show_default=True,
               help="Tolerance preset.")
 @click.option("--batch", default=64, show_default=True, type=click.IntRange(1), help="Inputs per inference call.")
+@click.option("--model", "model_file", default=None, help="Which export of RUN to check (default: model_layers.onnx if exported, else model.onnx).")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
-def verify(run, runners, precision, batch, no_progress) -> None:
+def verify(run, runners, precision, batch, model_file, no_progress) -> None:
     """Check that RUN's exported model computes PyTorch's spikes and outputs on a runtime."""
     from .backends import available_runners
     from .compare import format_report, verify_run
@@ -111,7 +136,8 @@ def verify(run, runners, precision, batch, no_progress) -> None:
         runners = tuple(n for n, why in available_runners().items() if why is None and n != "torch")
     failed = []
     for name in runners:
-        report = verify_run(run, name, precision, batch, progress=not no_progress)
+        options = {"precision": precision} if name == "trt" else {}  # the engine built at that precision
+        report = verify_run(run, name, precision, batch, model_file=model_file, progress=not no_progress, **options)
         click.echo(format_report(report))
         if not report["passed"]:
             failed.append(name)
@@ -126,7 +152,8 @@ def verify(run, runners, precision, batch, no_progress) -> None:
 @click.option("--batch", "batches", default="1,16,128", show_default=True, help="Comma-separated batch sizes.")
 @click.option("--iters", default=50, show_default=True, type=click.IntRange(1), help="Timed calls per batch size.")
 @click.option("--warmup", default=10, show_default=True, type=click.IntRange(0), help="Untimed calls first.")
-def bench(run, runners, batches, iters, warmup) -> None:
+@click.option("--model", "model_file", default="model.onnx", show_default=True, help="Which unrolled export to time.")
+def bench(run, runners, batches, iters, warmup, model_file) -> None:
     """Verify, then time every runner on RUN's export; writes bench.json, bench.md, bench.png."""
     from .bench import bench_run, format_table
     from .errors import ConfigError
@@ -136,9 +163,10 @@ def bench(run, runners, batches, iters, warmup) -> None:
     except ValueError:
         raise ConfigError(f"--batch expects comma-separated integers, got {batches!r}") from None
     names = [n.strip() for n in runners.split(",") if n.strip()] or None
-    results = bench_run(run, names, sizes, warmup=warmup, iters=iters, echo=click.echo)
+    results = bench_run(run, names, sizes, warmup=warmup, iters=iters, echo=click.echo, model_file=model_file)
     click.echo(format_table(results))
-    click.echo(f"wrote {run / 'bench.json'}, {run / 'bench.md'}" + (", bench.png" if (run / "bench.png").exists() else ""))
+    stem = "bench" if model_file == "model.onnx" else f"bench_{Path(model_file).stem}"
+    click.echo(f"wrote {run / (stem + '.json')}, {stem}.md" + (f", {stem}.png" if (run / f"{stem}.png").exists() else ""))
 
 
 @cli.command()

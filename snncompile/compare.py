@@ -128,9 +128,12 @@ def _unambiguous(scores: np.ndarray, margin: float) -> np.ndarray:
 
 
 def verify_run(run_dir: str | Path, runner: str = "ort-cpu", precision: str = "fp32", batch: int = 64,
-               model_file: str = "model.onnx", progress: bool = False, **runner_options) -> dict:
+               model_file: str | None = None, progress: bool = False, **runner_options) -> dict:
     """Compare ``runner`` with the torch reference on the export's reference inputs; returns the report
-    (also merged into ``verify.json`` under the runner's name)."""
+    (also merged into ``verify.json`` under the runner's name).
+
+    ``model_file`` defaults to ``model_layers.onnx`` when it was exported (per-layer spike checks),
+    else ``model.onnx`` (outputs only)."""
     from tqdm.auto import tqdm
 
     if precision not in PRESETS:
@@ -141,6 +144,8 @@ def verify_run(run_dir: str | Path, runner: str = "ort-cpu", precision: str = "f
     run_dir = Path(run_dir)
     cfg = load_run_config(run_dir)
     manifest = read_manifest(run_dir)
+    if model_file is None:
+        model_file = "model_layers.onnx" if "model_layers.onnx" in manifest.get("exports", {}) else "model.onnx"
     inputs_path = run_dir / "reference_inputs.npz"
     if not inputs_path.is_file() or model_file not in manifest.get("exports", {}):
         raise ArtifactError(f"{run_dir} has no {model_file} export with reference inputs: run `snncompile export {run_dir}`")
@@ -223,7 +228,7 @@ def verify_run(run_dir: str | Path, runner: str = "ort-cpu", precision: str = "f
     }
     path = run_dir / "verify.json"
     existing = json.loads(path.read_text()) if path.is_file() else {}
-    existing[runner] = report
+    existing[runner if model_file == "model_layers.onnx" else f"{runner}:{model_file}"] = report
     atomic_write_json(path, existing)
     record_artifact(run_dir, "verify.json")
     return report
@@ -268,7 +273,8 @@ def format_report(r: dict) -> str:
             first = "-" if s["first_step"] is None else str(s["first_step"])
             lines.append(f"{name:<10}{s['flips']:>8}{s['flip_rate']:>12.2e}{s['numerical']:>11}{s['real']:>7}{s['propagated']:>12}{first:>9}")
     else:
-        lines.append("per-layer spikes not checked: export with --layers to compare every LIF layer")
+        lines.append("per-layer spikes not checked: `snncompile export RUN --layers` adds model_layers.onnx, "
+                     "on which verify classifies every flip")
     if r["first_divergence"]:
         fd = r["first_divergence"]
         lines.append(f"first divergence: {fd['layer']} at t={fd['step']}")

@@ -35,7 +35,7 @@ from .errors import ConfigError, DataError, ExportError, MissingDependencyError
 from .graphs import StepGraph, UnrolledGraph
 from .runs import load_network
 
-__all__ = ["stream_steps", "ALLOWED_OPS", "ExportResult", "export_run", "resolve_run_dir", "reference_inputs", "EXPORTER"]
+__all__ = ["unrolled_file", "stream_steps", "ALLOWED_OPS", "ExportResult", "export_run", "resolve_run_dir", "reference_inputs", "EXPORTER"]
 
 EXPORTER = "torch.export (torch.onnx.export dynamo=True) + onnxscript optimizer"
 DEFAULT_OPSET = 18
@@ -51,6 +51,12 @@ ALLOWED_OPS = frozenset({
 
 UNROLLED_FILE = "model.onnx"
 STEP_FILE = "model_step.onnx"
+
+
+def unrolled_file(order: str = "layer", layers: bool = False) -> str:
+    """``model.onnx``; ``model_per_step.onnx`` for the per-timestep layout; ``_layers`` when the graph
+    also outputs every LIF layer's spikes and membranes (what verify classifies flips on)."""
+    return "model" + ("_per_step" if order == "step" else "") + ("_layers" if layers else "") + ".onnx"
 REF_INPUTS = "reference_inputs.npz"
 REF_OUTPUTS = "reference_outputs.npz"
 
@@ -211,6 +217,7 @@ def export_run(
     n_random: int = 256,
     n_real: int = 256,
     check_numerics: bool = True,
+    order: str = "layer",
 ) -> ExportResult:
     """Export ``run`` (a run dir or its checkpoint) to ONNX; see the module docstring.
 
@@ -219,10 +226,13 @@ def export_run(
         steps: T to unroll (default: the T the model was trained with).
         opset: ONNX opset.
         form: 'unrolled' (``model.onnx``) or 'step' (``model_step.onnx``, explicit state).
-        layers: also output every LIF layer's spikes and membrane ``[T, B, ...]`` (for verify).
+        layers: also output every LIF layer's spikes and membrane ``[T, B, ...]`` (for verify), written
+            as ``model_layers.onnx`` next to the plain model that runtimes and benchmarks use.
         rates: also output the output layer's firing rates ``[B, N]``.
         n_random, n_real: how many seeded random and real reference inputs to save.
         check_numerics: compare the cleaned graph against the raw export on ONNX Runtime.
+        order: 'layer' (default, ``model.onnx``) or 'step': the same function unrolled per timestep
+            (``model_per_step.onnx``), kept to measure what the layer-major layout buys.
     """
     onnx = _require_onnx()
     import onnxscript.optimizer
@@ -235,10 +245,12 @@ def export_run(
     steps = cfg.model.T if steps is None else steps
     if steps < 1:
         raise ConfigError(f"--T must be >= 1, got {steps}")
-    if form == "step" and (layers or rates):
-        raise ConfigError("--layers/--rates apply to the unrolled form only")
+    if form == "step" and (layers or rates or order != "layer"):
+        raise ConfigError("--layers/--rates/--order apply to the unrolled form only")
+    if order not in ("layer", "step"):
+        raise ConfigError(f"--order must be 'layer' or 'step', got {order!r}")
     t0 = time.perf_counter()
-    graph = StepGraph(net, steps) if form == "step" else UnrolledGraph(net, rates=rates, layers=layers)
+    graph = StepGraph(net, steps) if form == "step" else UnrolledGraph(net, rates=rates, layers=layers, order=order)
     graph.eval()
     args = _example_args(graph, cfg, steps, form)
     input_names = graph.input_names if form == "step" else ["input"]
@@ -248,7 +260,7 @@ def export_run(
         dynamic: tuple = ({0: batch}, {0: batch}, tuple({0: batch} for _ in args[2:]))
     else:
         dynamic = ({1: batch},)
-    file_name = STEP_FILE if form == "step" else UNROLLED_FILE
+    file_name = STEP_FILE if form == "step" else unrolled_file(order, layers)
 
     staging = Path(tempfile.mkdtemp(prefix=".export-", dir=run_dir))
     try:
@@ -297,7 +309,7 @@ def export_run(
 
     onnx_bytes = sum(p.stat().st_size for p in run_dir.glob(file_name + "*"))
     entry = {
-        "form": form, "T": steps, "opset": opset, "exporter": EXPORTER, "layers": layers, "rates": rates,
+        "form": form, "order": order, "T": steps, "opset": opset, "exporter": EXPORTER, "layers": layers, "rates": rates,
         "inputs": in_shapes, "outputs": output_names, "ops": ops, "nodes_raw": nodes_raw, "nodes_clean": nodes_clean,
         "onnx_bytes": onnx_bytes, "export_seconds": round(seconds, 3), "sha256": sha256_file(run_dir / file_name),
         "reference": ref_note, "cleaned_vs_raw": numerics,

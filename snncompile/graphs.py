@@ -5,7 +5,8 @@ computes exactly the graph that was exported.
 
 - :class:`UnrolledGraph`: input ``[T, B, ...]`` -> ``scores [B, classes]`` (+ ``rates [B, N]``, + per
   LIF layer ``<name>.spikes`` and ``<name>.membrane`` ``[T, B, ...]`` with ``layers``). T is unrolled
-  statically in layer-major order: each conv/linear once on ``[T*B, ...]``.
+  statically in layer-major order: each conv/linear once on ``[T*B, ...]`` (``order='step'`` unrolls
+  the paper's per-timestep loop instead: T separate convs per layer, the layout other tools export).
 - :class:`StepGraph`: one timestep for streaming, every state explicit. Inputs ``input [B, ...]``,
   ``output_sum [B, N]`` and the states ``state.<cell>.<u|o|x>``; outputs ``scores``, the new
   ``output_sum`` and the new states (same names with ``next.`` instead of ``state.``). Starting from
@@ -25,11 +26,12 @@ __all__ = ["UnrolledGraph", "StepGraph"]
 class UnrolledGraph(nn.Module):
     """The network over all T steps with stable output names (see :attr:`output_names`)."""
 
-    def __init__(self, net: SpikingNetwork, rates: bool = False, layers: bool = False):
+    def __init__(self, net: SpikingNetwork, rates: bool = False, layers: bool = False, order: str = "layer"):
         super().__init__()
         self.net = net
         self.rates = rates
         self.layers = layers
+        self.order = order  # 'layer': convs on [T*B, ...] (default); 'step': per-timestep graph, for comparison
 
     @property
     def output_names(self) -> list[str]:
@@ -41,7 +43,7 @@ class UnrolledGraph(nn.Module):
 
     def forward(self, x: Tensor) -> tuple[Tensor, ...]:
         record: dict | None = {} if self.layers else None
-        outputs = self.net.forward_sequence(x, "layer", record)
+        outputs = self.net.forward_sequence(x, self.order, record)
         result = [self.net.decode(outputs)]
         if self.rates:
             result.append(outputs.sum(dim=0) / outputs.shape[0])

@@ -101,15 +101,16 @@ def run_pipeline(cfg: Config, out_root: Path, batches: tuple[int, ...] = (1, 32)
         summary["stages"]["train"] = "done"
     plot_training(run)
 
-    export_inputs = _stage_hash("export", sha256_file(run / "checkpoint.pt"), "layers")
-    if _done(run, "export", export_inputs) and (run / "model.onnx").is_file():
+    export_inputs = _stage_hash("export", sha256_file(run / "checkpoint.pt"), "plain+layers")
+    if _done(run, "export", export_inputs) and (run / "model.onnx").is_file() and (run / "model_layers.onnx").is_file():
         summary["stages"]["export"] = "up to date"
     else:
+        export_run(run)
         export_run(run, layers=True)
         _mark(run, "export", export_inputs)
         summary["stages"]["export"] = "done"
 
-    onnx_hash = sha256_file(run / "model.onnx")
+    onnx_hash = sha256_file(run / "model.onnx") + sha256_file(run / "model_layers.onnx")
     verify_inputs = _stage_hash("verify", onnx_hash)
     runners = [n for n, why in available_runners().items() if why is None and n != "torch"]
     reports = {}

@@ -40,7 +40,7 @@ def test_runner_conformance(name, exported_run):
 
 
 def test_unknown_runner_is_one_line(tmp_path):
-    with pytest.raises(ConfigError, match="unknown runner 'tensorflow' \\(known: torch, ort-cpu, ort-cuda\\)"):
+    with pytest.raises(ConfigError, match="unknown runner .tensorflow. \\(known: torch, ort-cpu, ort-cuda, trt\\)"):
         create_runner("tensorflow", tmp_path)
 
 

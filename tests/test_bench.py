@@ -65,4 +65,16 @@ def test_bad_arguments_are_one_line(exported, tmp_path):
     assert result.exit_code == 2 and result.output.strip() == "error: --batch expects comma-separated integers, got '1,x'"
     empty = make_run(tmp_path / "other", tiny_zoo_config(REPO / "models" / "bench-nmnist.toml"))
     result = CliRunner().invoke(cli, ["bench", str(empty)])
-    assert result.exit_code == 2 and "has no model.onnx" in result.output
+    assert result.exit_code == 2 and "has no unrolled export model.onnx" in result.output
+
+
+def test_per_step_layout_is_the_same_function_and_benches_separately(exported):
+    from snncompile.compare import verify_run
+
+    export_run(exported, order="step", n_random=32, n_real=0)
+    report = verify_run(exported, "ort-cpu", "fp32", model_file="model_per_step.onnx")
+    # a non-spiking readout: the last Gemm rounds differently per library, spikes do not differ
+    assert report["passed"] and report["outputs"]["scores"]["max_abs"] <= 1e-5
+    data = bench_run(exported, ["ort-cpu"], (2,), warmup=0, iters=2, echo=lambda s: None, model_file="model_per_step.onnx")
+    assert data["order"] == "step" and (exported / "bench_model_per_step.json").is_file()
+    assert json.loads((exported / "verify.json").read_text())["ort-cpu:model_per_step.onnx"]["passed"]

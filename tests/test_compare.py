@@ -46,7 +46,7 @@ def exported(tmp_path):
 
 
 def test_perturbed_weight_fails_and_names_first_divergent_layer(exported):
-    path = exported / "model.onnx"
+    path = exported / "model_layers.onnx"
     model = onnx.load(str(path))
     # The second conv (stage 3) feeds lif2: nudge one weight hard enough to change spikes.
     init = next(i for i in model.graph.initializer if i.name == "net.stages.3.weight")

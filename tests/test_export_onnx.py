@@ -27,6 +27,7 @@ def trained_digits(tmp_path_factory):
     """The embedded default trained briefly (full width, real data), exported with per-layer outputs."""
     cfg = load_config(REPO / "models" / "digits.toml", ["train.epochs=3", "train.threads=2"])
     result = train(cfg, tmp_path_factory.mktemp("digits"), progress=False, echo=lambda s: None)
+    export_run(result.run_dir, rates=True)
     export_run(result.run_dir, layers=True, rates=True)
     return result
 
@@ -51,7 +52,7 @@ def test_zoo_exports_and_ort_cpu_is_spike_exact(tmp_path, path):
 
 def _layer_rates(run):
     x = np.load(run / "reference_inputs.npz")["random"][:, :16]
-    with create_runner("ort-cpu", run) as r:
+    with create_runner("ort-cpu", run, "model_layers.onnx") as r:
         out = r.infer({"input": x})
     return {k: float(v.mean()) for k, v in out.items() if k.endswith(".spikes")}
 

@@ -19,7 +19,8 @@ def test_calibration_brings_every_layer_into_range():
     net = network_from_config(cfg.model)
     x = random_input(cfg, 4, torch.Generator().manual_seed(0))
     record: dict = {}
-    net.forward_sequence(x, "layer", record)
+    with torch.no_grad():
+        net.forward_sequence(x, "layer", record)
     before = {k: float(v[0].mean()) for k, v in record.items()}
     assert min(before.values()) < 0.05  # default init: deep layers (nearly) silent
     rates = calibrate_firing(net, x)

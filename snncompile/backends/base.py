@@ -94,6 +94,7 @@ RUNNERS: dict[str, str] = {
     "torch": "snncompile.backends.pt:TorchRunner",
     "ort-cpu": "snncompile.backends.ort:OrtCpuRunner",
     "ort-cuda": "snncompile.backends.ort:OrtCudaRunner",
+    "trt": "snncompile.backends.trt:TrtRunner",
 }
 
 

@@ -54,7 +54,7 @@ class TorchRunner(Runner):
         if self.form == "step":
             self.graph = StepGraph(net, self.steps)
         else:
-            self.graph = UnrolledGraph(net, rates=entry["rates"], layers=entry["layers"])
+            self.graph = UnrolledGraph(net, rates=entry["rates"], layers=entry["layers"], order=entry.get("order", "layer"))
         self.graph.to(self.device).eval()
         self._inputs = [TensorSpec(n, tuple(s), "float32") for n, s in entry["inputs"].items()]
         self._outputs = list(entry["outputs"])

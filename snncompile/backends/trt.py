@@ -1,0 +1,258 @@
+"""TensorRT: engine builds from model.onnx and a runner for them. The only importer of TensorRT.
+
+Works with the ``tensorrt`` package (10.x, 11.x) and with ``tensorrt_rtx`` (TensorRT for RTX GPUs,
+same Python API family), whichever imports first. Device buffers are torch CUDA tensors (no pycuda);
+inference is ``execute_async_v3`` on a torch CUDA stream, optionally captured in a CUDA graph.
+
+Reduced precision and spikes: with ``fp16``/``bf16`` the builder may run every layer in that precision,
+and a membrane rounded near V_th flips a spike. :func:`build_engine` therefore pins the LIF/NeuNorm
+arithmetic (elementwise, comparison, cast, reduction layers) to fp32 with per-layer precision
+constraints (``OBEY_PRECISION_CONSTRAINTS``) while convolutions and matrix multiplies run in the
+reduced precision; ``verify --precision fp16`` measures the flips that remain.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import ArtifactError, ConfigError, ExportError, MissingDependencyError, RunnerUnavailableError
+from .base import Runner, TensorSpec
+
+__all__ = ["engine_name", "tensorrt_module", "parse_profile", "BuildOptions", "build_engine", "TrtRunner", "ENGINE_FORMAT"]
+
+ENGINE_FORMAT = 1
+PRECISIONS = ("fp32", "tf32", "fp16", "bf16")
+
+
+def tensorrt_module():
+    """``tensorrt`` or ``tensorrt_rtx``, else a one-line error naming the pip extra."""
+    for name in ("tensorrt", "tensorrt_rtx"):
+        try:
+            return __import__(name)
+        except ImportError:
+            continue
+    raise MissingDependencyError("TensorRT (tensorrt or tensorrt_rtx)", "trt")
+
+
+def parse_profile(text: str) -> tuple[int, int, int]:
+    """``'1:16:128'`` -> (min, opt, max) batch sizes with 1 <= min <= opt <= max."""
+    try:
+        lo, opt, hi = (int(v) for v in text.split(":"))
+    except ValueError:
+        raise ConfigError(f"--batch expects MIN:OPT:MAX integers, got {text!r}") from None
+    if not 1 <= lo <= opt <= hi:
+        raise ConfigError(f"--batch needs 1 <= MIN <= OPT <= MAX, got {text!r}")
+    return lo, opt, hi
+
+
+@dataclass(frozen=True)
+class BuildOptions:
+    precision: str = "fp32"
+    batch: tuple[int, int, int] = (1, 16, 128)
+    workspace_mb: int = 4096
+    timing_cache: Path | None = None
+    fp32_neurons: bool = True  # keep LIF/NeuNorm arithmetic in fp32 under fp16/bf16
+
+    def validate(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if self.workspace_mb < 16:
+            raise ConfigError(f"--workspace must be at least 16 MB, got {self.workspace_mb}")
+
+
+def engine_name(model_file: str, precision: str) -> str:
+    """``model.onnx`` at fp16 -> ``model_fp16.plan``."""
+    return f"{Path(model_file).stem}_{precision}.plan"
+
+
+def _require_cuda():
+    import torch
+
+    if not torch.cuda.is_available():
+        raise RunnerUnavailableError("TensorRT needs a CUDA GPU and none is visible")
+    return torch
+
+
+def gpu_identity() -> dict:
+    torch = _require_cuda()
+    props = torch.cuda.get_device_properties(0)
+    return {"gpu": props.name, "compute_capability": f"{props.major}.{props.minor}"}
+
+
+def _pin_neurons_fp32(trt, network) -> int:
+    """Precision constraints: every non-conv/non-matmul layer computes and outputs fp32."""
+    heavy = {trt.LayerType.CONVOLUTION, trt.LayerType.MATRIX_MULTIPLY}
+    if hasattr(trt.LayerType, "FULLY_CONNECTED"):
+        heavy.add(trt.LayerType.FULLY_CONNECTED)
+    pinned = 0
+    for i in range(network.num_layers):
+        layer = network.get_layer(i)
+        if layer.type in heavy or layer.type in (trt.LayerType.CONSTANT, trt.LayerType.SHAPE):
+            continue
+        if all(layer.get_output_type(j) in (trt.float32, trt.float16, trt.bfloat16) for j in range(layer.num_outputs)):
+            layer.precision = trt.float32
+            for j in range(layer.num_outputs):
+                layer.set_output_type(j, trt.float32)
+            pinned += 1
+    return pinned
+
+
+def build_engine(onnx_path: Path, engine_path: Path, options: BuildOptions, steps: int, frame_shape: list[int]) -> dict:
+    """Parse ``onnx_path``, build for this GPU, write the engine atomically; returns the sidecar dict."""
+    from ..artifacts import atomic_write_bytes
+
+    options.validate()
+    trt = tensorrt_module()
+    gpu = gpu_identity()
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    network = builder.create_network(0)  # explicit batch is the only mode in TensorRT 10+
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_path)):
+        errors = []
+        for i in range(parser.num_errors):
+            err = parser.get_error(i)
+            node = err.node_name() if hasattr(err, "node_name") else f"node #{err.node()}"
+            errors.append(f"{node}: {err.desc()}")
+        raise ExportError(f"TensorRT's ONNX parser rejected {onnx_path.name}: {'; '.join(errors)[:300]}")
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, options.workspace_mb << 20)
+    if options.precision == "fp32" and hasattr(trt.BuilderFlag, "TF32"):
+        config.clear_flag(trt.BuilderFlag.TF32)
+    elif options.precision == "fp16":
+        config.set_flag(trt.BuilderFlag.FP16)
+    elif options.precision == "bf16":
+        config.set_flag(trt.BuilderFlag.BF16)
+    pinned = 0
+    if options.precision in ("fp16", "bf16") and options.fp32_neurons:
+        config.set_flag(trt.BuilderFlag.OBEY_PRECISION_CONSTRAINTS)
+        pinned = _pin_neurons_fp32(trt, network)
+    profile = builder.create_optimization_profile()
+    lo, opt, hi = options.batch
+    profile.set_shape("input", [steps, lo, *frame_shape], [steps, opt, *frame_shape], [steps, hi, *frame_shape])
+    config.add_optimization_profile(profile)
+    cache_blob = options.timing_cache.read_bytes() if options.timing_cache and options.timing_cache.is_file() else b""
+    cache = config.create_timing_cache(cache_blob)
+    config.set_timing_cache(cache, ignore_mismatch=False)
+    t0 = time.perf_counter()
+    serialized = builder.build_serialized_network(network, config)
+    seconds = time.perf_counter() - t0
+    if serialized is None:
+        raise ExportError(f"TensorRT could not build an engine from {onnx_path.name} (see the log above)")
+    atomic_write_bytes(engine_path, bytes(serialized))
+    if options.timing_cache:
+        atomic_write_bytes(options.timing_cache, bytes(cache.serialize()))
+    return {
+        "format": ENGINE_FORMAT,
+        "tensorrt": f"{trt.__name__} {trt.__version__}",
+        **gpu,
+        "precision": options.precision,
+        "fp32_neuron_layers": pinned,
+        "profile": {"min": lo, "opt": opt, "max": hi},
+        "T": steps,
+        "build_seconds": round(seconds, 2),
+        "layers": network.num_layers,
+        "onnx": onnx_path.name,
+    }
+
+
+def check_engine_matches(sidecar: dict) -> None:
+    """One-line error when an engine was built by another TensorRT or for another GPU."""
+    trt = tensorrt_module()
+    here = {"tensorrt": f"{trt.__name__} {trt.__version__}", **gpu_identity()}
+    for key in ("tensorrt", "gpu", "compute_capability"):
+        if sidecar.get(key) != here[key]:
+            raise ArtifactError(f"engine was built for {key} {sidecar.get(key)!r}, this machine has {here[key]!r}: "
+                                "rebuild it with `snncompile build`")
+
+
+class TrtRunner(Runner):
+    """Runs ``engine_<precision>.plan``; inputs/outputs live in torch CUDA tensors."""
+
+    name = "trt"
+
+    @classmethod
+    def unavailable_reason(cls) -> str | None:
+        try:
+            tensorrt_module()
+        except MissingDependencyError as e:
+            return str(e)
+        import torch
+
+        return None if torch.cuda.is_available() else "no CUDA GPU visible"
+
+    def __init__(self, run_dir: Path, model_file: str = "model.onnx", precision: str = "fp32", cuda_graph: bool = False):
+        torch = _require_cuda()
+        trt = tensorrt_module()
+        engine_path = Path(run_dir) / engine_name(model_file, precision)
+        sidecar_path = engine_path.with_suffix(".json")
+        if not engine_path.is_file() or not sidecar_path.is_file():
+            raise ArtifactError(f"no {engine_path.name} in {run_dir}: run `snncompile build {run_dir} --model {model_file} "
+                                f"--precision {precision}`")
+        sidecar = json.loads(sidecar_path.read_text())
+        check_engine_matches(sidecar)
+        self._torch = torch
+        self.logger = trt.Logger(trt.Logger.WARNING)
+        self.engine = trt.Runtime(self.logger).deserialize_cuda_engine(engine_path.read_bytes())
+        if self.engine is None:
+            raise ArtifactError(f"{engine_path} could not be deserialized (corrupt, or another TensorRT build)")
+        self.context = self.engine.create_execution_context()
+        self.stream = torch.cuda.Stream()
+        self.cuda_graph = cuda_graph
+        self._graph = None
+        self._trt = trt
+        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
+        self._input_names = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
+        self._outputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
+        self._inputs = [TensorSpec(n, tuple(None if d < 0 else d for d in self.engine.get_tensor_shape(n)), "float32")
+                        for n in self._input_names]
+
+    @property
+    def inputs(self) -> list[TensorSpec]:
+        return self._inputs
+
+    @property
+    def output_names(self) -> list[str]:
+        return self._outputs
+
+    def prepare(self, feed: dict[str, np.ndarray]):
+        super().prepare(feed)
+        torch = self._torch
+        bufs = {n: torch.from_numpy(np.ascontiguousarray(feed[n])).cuda() for n in self._input_names}
+        for n, t in bufs.items():
+            self.context.set_input_shape(n, tuple(t.shape))
+        for n in self._outputs:
+            shape = tuple(self.context.get_tensor_shape(n))
+            bufs[n] = torch.empty(shape, dtype=torch.float32, device="cuda")
+        for n, t in bufs.items():
+            self.context.set_tensor_address(n, t.data_ptr())
+        self._graph = None
+        return bufs
+
+    def _launch(self) -> None:
+        if not self.context.execute_async_v3(self.stream.cuda_stream):
+            raise RuntimeError("TensorRT execute_async_v3 failed")
+
+    def run_prepared(self, handle) -> None:
+        torch = self._torch
+        if self.cuda_graph:
+            if self._graph is None:
+                self._launch()  # TensorRT allocates lazily on the first launch; capture after it
+                self.stream.synchronize()
+                self._graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(self._graph, stream=self.stream):
+                    self._launch()
+            self._graph.replay()
+        else:
+            self._launch()
+        self.stream.synchronize()
+
+    def _run(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        bufs = self.prepare(feed)
+        self.run_prepared(bufs)
+        return {n: bufs[n].cpu().numpy() for n in self._outputs}

@@ -1,0 +1,32 @@
+"""`snncompile build`: a TensorRT engine from a run's model.onnx, recorded in the manifest."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .artifacts import atomic_write_json, read_manifest, record_artifact, update_manifest
+from .errors import ArtifactError
+
+__all__ = ["build_run"]
+
+
+def build_run(run_dir: str | Path, precision: str = "fp32", batch: str = "1:16:128", workspace_mb: int = 4096,
+              timing_cache: str | Path | None = None, fp32_neurons: bool = True, model_file: str = "model.onnx") -> dict:
+    """Build ``<model>_<precision>.plan`` (+ ``.json`` sidecar) for this GPU from ``model_file``."""
+    from .backends.trt import BuildOptions, build_engine, engine_name, parse_profile
+
+    options = BuildOptions(precision, parse_profile(batch), workspace_mb, Path(timing_cache) if timing_cache else None,
+                           fp32_neurons)
+    options.validate()
+    run_dir = Path(run_dir)
+    export = read_manifest(run_dir).get("exports", {}).get(model_file)
+    if export is None or export["form"] != "unrolled" or not (run_dir / model_file).is_file():
+        raise ArtifactError(f"{run_dir} has no unrolled export {model_file}: run `snncompile export {run_dir}` first")
+    engine = run_dir / engine_name(model_file, precision)
+    frame_shape = export["inputs"]["input"][2:]
+    sidecar = build_engine(run_dir / model_file, engine, options, int(export["T"]), frame_shape)
+    atomic_write_json(engine.with_suffix(".json"), sidecar)
+    update_manifest(run_dir, engines={engine.name: sidecar})
+    record_artifact(run_dir, engine.name)
+    record_artifact(run_dir, engine.with_suffix(".json").name)
+    return sidecar

@@ -1,0 +1,79 @@
+"""TensorRT path: everything checkable without TensorRT runs everywhere; builds run where it imports."""
+
+import importlib.util
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from conftest import REPO
+from helpers import make_run, tiny_zoo_config
+from snncompile.backends import available_runners, create_runner
+from snncompile.backends.trt import BuildOptions, parse_profile
+from snncompile.cli import cli
+from snncompile.errors import ConfigError, RunnerUnavailableError
+
+HAVE_TRT = any(importlib.util.find_spec(m) for m in ("tensorrt", "tensorrt_rtx"))
+
+
+def test_parse_profile():
+    assert parse_profile("1:16:128") == (1, 16, 128)
+    for bad in ("1:16", "a:b:c", "0:1:2", "4:2:8", "1:16:8"):
+        with pytest.raises(ConfigError):
+            parse_profile(bad)
+
+
+def test_build_options_validation():
+    with pytest.raises(ConfigError, match="--precision must be one of fp32, tf32, fp16, bf16"):
+        BuildOptions(precision="int8").validate()
+    with pytest.raises(ConfigError, match="--workspace must be at least 16 MB"):
+        BuildOptions(workspace_mb=1).validate()
+
+
+@pytest.mark.skipif(HAVE_TRT, reason="checks the messages shown when TensorRT is absent")
+def test_without_tensorrt_every_entry_point_says_which_extra(tmp_path):
+    assert "pip install 'snncompile[trt]'" in available_runners()["trt"]
+    with pytest.raises(RunnerUnavailableError, match=r"snncompile\[trt\]"):
+        create_runner("trt", tmp_path)
+    pytest.importorskip("onnxruntime")
+    from snncompile.export_onnx import export_run
+
+    run = make_run(tmp_path, tiny_zoo_config(REPO / "models" / "bench-nmnist.toml"))
+    export_run(run, n_random=8, n_real=0)
+    result = CliRunner().invoke(cli, ["build", str(run), "--precision", "fp16"])
+    assert result.exit_code == 1
+    assert result.output.strip() == "error: TensorRT (tensorrt or tensorrt_rtx) is not installed: pip install 'snncompile[trt]'"
+
+
+def test_bad_profile_is_exit_2_before_touching_tensorrt(tmp_path):
+    result = CliRunner().invoke(cli, ["build", str(tmp_path), "--batch", "8:4:2"])
+    assert result.exit_code == 2 and result.output.strip() == "error: --batch needs 1 <= MIN <= OPT <= MAX, got '8:4:2'"
+
+
+def test_build_needs_an_export(tmp_path):
+    run = make_run(tmp_path, tiny_zoo_config(REPO / "models" / "bench-nmnist.toml"))
+    result = CliRunner().invoke(cli, ["build", str(run)])
+    assert result.exit_code == 1 and "has no unrolled export model.onnx" in result.output
+
+
+@pytest.mark.trt
+@pytest.mark.skipif(not HAVE_TRT, reason="TensorRT not installed")
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_engine_builds_and_verifies(tmp_path, precision):
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("TensorRT needs a CUDA GPU")
+    from snncompile.build_engine import build_run
+    from snncompile.compare import verify_run
+    from snncompile.export_onnx import export_run
+
+    run = make_run(tmp_path, tiny_zoo_config(REPO / "models" / "mnist.toml"))
+    export_run(run, layers=True, n_random=64, n_real=0)
+    side = build_run(run, precision, "1:8:64", model_file="model_layers.onnx")
+    assert side["precision"] == precision and side["layers"] > 0 and (run / f"model_layers_{precision}.plan").is_file()
+    report = verify_run(run, "trt", precision, precision=precision)
+    assert report["passed"], report["reasons"]
+    if precision == "fp32":
+        assert report["numerical_flip_rate"] <= 1e-6 and all(s["real"] == 0 for s in report["layers"].values())
+    assert np.isfinite(report["outputs"]["scores"]["max_abs"])
