@@ -146,14 +146,51 @@ def verify(run, runners, precision, batch, model_file, no_progress) -> None:
         sys.exit(1)
 
 
-@cli.command()
+class _BenchGroup(_Group):
+    """``bench RUN_DIR`` times inference; ``bench train MODEL.toml`` times training steps."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if args and args[0] not in self.commands and args[0] not in ("--help", "-h"):
+            args = ["run", *args]  # the default subcommand: inference on a run directory
+        return super().parse_args(ctx, args)
+
+
+@cli.group(cls=_BenchGroup)
+def bench() -> None:
+    """Benchmarks: `bench RUN_DIR` (inference, every runner) or `bench train MODEL.toml` (training)."""
+
+
+@bench.command("train")
+@click.argument("model_toml", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a config key.")
+@click.option("--T", "steps_t", type=click.IntRange(1), help="Timesteps (default: the model's).")
+@click.option("--batch", type=click.IntRange(1), help="Batch size (default: the model's data.batch_size).")
+@click.option("--precision", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True)
+@click.option("--steps", default=20, show_default=True, type=click.IntRange(1), help="Timed training steps.")
+@click.option("--warmup", default=5, show_default=True, type=click.IntRange(0))
+@click.option("--peers", is_flag=True, help="Also time spikingjelly and snntorch on the same network when installed.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+def bench_train_cmd(model_toml, overrides, steps_t, batch, precision, steps, warmup, peers, device) -> None:
+    """Median ms per training step (forward + backward + optimizer) of MODEL_TOML's network."""
+    from .bench_train import bench_train, format_train_table
+    from .config import load_config
+    from .train import resolve_device
+
+    extra = [f"model.T={steps_t}"] if steps_t else []
+    extra += [f"data.batch_size={batch}"] if batch else []
+    cfg = load_config(model_toml, [*overrides, *extra])
+    result = bench_train(cfg, resolve_device(device), precision, steps, warmup, peers, echo=lambda s: None)
+    click.echo(format_train_table(result))
+
+
+@bench.command("run")
 @click.argument("run", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--runners", default="", help="Comma-separated runners (default: every available one).")
 @click.option("--batch", "batches", default="1,16,128", show_default=True, help="Comma-separated batch sizes.")
 @click.option("--iters", default=50, show_default=True, type=click.IntRange(1), help="Timed calls per batch size.")
 @click.option("--warmup", default=10, show_default=True, type=click.IntRange(0), help="Untimed calls first.")
 @click.option("--model", "model_file", default="model.onnx", show_default=True, help="Which unrolled export to time.")
-def bench(run, runners, batches, iters, warmup, model_file) -> None:
+def bench_run_cmd(run, runners, batches, iters, warmup, model_file) -> None:
     """Verify, then time every runner on RUN's export; writes bench.json, bench.md, bench.png."""
     from .bench import bench_run, format_table
     from .errors import ConfigError

@@ -79,6 +79,7 @@ class TrainConfig:
     device: str = "auto"
     precision: str = "fp32"
     execution: str = "layer"
+    kernels: str = "auto"  # LIF scan: 'auto' = fused Triton kernel on CUDA when Triton imports; 'triton'; 'torch'
     threads: int = 0  # CPU threads for torch; 0 = torch's default
 
 
@@ -92,6 +93,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "train.device": ("auto", "cpu", "cuda"),
     "train.precision": ("fp32", "bf16"),
     "train.execution": ("layer", "step"),
+    "train.kernels": ("auto", "triton", "torch"),
 }
 
 

@@ -165,6 +165,9 @@ class SpikingNetwork(nn.Module):
         self.classes = classes
         self.lif_params = lif
         self.execution: ExecutionOrder = "layer"
+        # Layer-major LIF scans through the fused Triton kernel (snncompile.kernels) when set; the
+        # trainer turns it on for CUDA when Triton is importable. Recording membranes keeps torch.
+        self.fused_lif = False
         specs = parse_architecture(arch, width_divisor)
 
         stages: list[nn.Module] = []
@@ -227,7 +230,12 @@ class SpikingNetwork(nn.Module):
         steps, batch = x.shape[:2]
         h = x
         for stage in self.stages:
-            if getattr(stage, "is_cell", False):
+            if self.fused_lif and record is None and isinstance(stage, LIFCell):
+                from .kernels import fused_lif
+
+                p = stage.params
+                h = fused_lif(h, p.k_tau1, p.v_th, p.a)
+            elif getattr(stage, "is_cell", False):
                 state = stage.init_state(h[0])
                 outs, mems = [], []
                 for t in range(steps):

@@ -179,6 +179,7 @@ def _train(cfg: Config, device: torch.device, ctx: DistContext, out_root, resume
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
     net = network_from_config(cfg.model).to(device)
     net.execution = cfg.train.execution  # type: ignore[assignment]
+    net.fused_lif = _use_fused_lif(cfg, device)
     opt = _make_optimizer(net, cfg)
     sched = _make_scheduler(opt, cfg)
     first_epoch = 1
@@ -276,6 +277,19 @@ def _train(cfg: Config, device: torch.device, ctx: DistContext, out_root, resume
         )
         record_artifact(run_dir, METRICS)
     return TrainResult(run_dir, epoch, test_acc, test_loss, elapsed)
+
+
+def _use_fused_lif(cfg: Config, device: torch.device) -> bool:
+    from .kernels import fused_kernels_available
+
+    choice = cfg.train.kernels
+    if choice == "torch" or cfg.train.execution == "step":
+        return False
+    if choice == "triton":
+        if device.type != "cuda" or not fused_kernels_available():
+            raise ConfigError("train.kernels='triton' needs a CUDA device and Triton installed (pip install triton)")
+        return True
+    return device.type == "cuda" and fused_kernels_available()
 
 
 def _keep_on_device(data, device: torch.device, budget: float = 0.25) -> None:

@@ -48,6 +48,8 @@ class Runner(ABC):
     """Runs one exported model: ``infer({name: array}) -> {name: array}`` with stable names."""
 
     name: str = "runner"
+    _inputs: list[TensorSpec]  # set by each runner's constructor
+    _outputs: list[str]
 
     @classmethod
     def unavailable_reason(cls) -> str | None:
@@ -55,12 +57,14 @@ class Runner(ABC):
         return None
 
     @property
-    @abstractmethod
-    def inputs(self) -> list[TensorSpec]: ...
+    def inputs(self) -> list[TensorSpec]:
+        """What :meth:`infer` expects: names, shapes (None = dynamic) and dtypes."""
+        return self._inputs
 
     @property
-    @abstractmethod
-    def output_names(self) -> list[str]: ...
+    def output_names(self) -> list[str]:
+        """Stable output names, in the order of the exported graph."""
+        return self._outputs
 
     @abstractmethod
     def _run(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...

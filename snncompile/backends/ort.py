@@ -58,14 +58,6 @@ class _OrtRunner(Runner):
         ]
         self._outputs = [o.name for o in self.session.get_outputs()]
 
-    @property
-    def inputs(self) -> list[TensorSpec]:
-        return self._inputs
-
-    @property
-    def output_names(self) -> list[str]:
-        return self._outputs
-
     def _run(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         outs = self.session.run(self._outputs, {k: np.ascontiguousarray(v) for k, v in feed.items()})
         return dict(zip(self._outputs, outs))

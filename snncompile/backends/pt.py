@@ -59,14 +59,6 @@ class TorchRunner(Runner):
         self._inputs = [TensorSpec(n, tuple(s), "float32") for n, s in entry["inputs"].items()]
         self._outputs = list(entry["outputs"])
 
-    @property
-    def inputs(self) -> list[TensorSpec]:
-        return self._inputs
-
-    @property
-    def output_names(self) -> list[str]:
-        return self._outputs
-
     def prepare(self, feed: dict[str, np.ndarray]):
         super().prepare(feed)
         return [torch.from_numpy(np.ascontiguousarray(feed[s.name])).to(self.device) for s in self._inputs]

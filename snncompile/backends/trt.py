@@ -212,14 +212,6 @@ class TrtRunner(Runner):
         self._inputs = [TensorSpec(n, tuple(None if d < 0 else d for d in self.engine.get_tensor_shape(n)), "float32")
                         for n in self._input_names]
 
-    @property
-    def inputs(self) -> list[TensorSpec]:
-        return self._inputs
-
-    @property
-    def output_names(self) -> list[str]:
-        return self._outputs
-
     def prepare(self, feed: dict[str, np.ndarray]):
         super().prepare(feed)
         torch = self._torch

@@ -1,0 +1,117 @@
+r"""The LIF scan over T as one Triton kernel forward and one backward.
+
+Forward, per neuron n (one program handles BLOCK neurons, looping over t in registers)::
+
+    u[t] = k_tau1 * u[t-1] * (1 - o[t-1]) + I[t];   o[t] = (u[t] > V_th)
+
+writing the spikes (and, when autograd records, the membrane: the only thing backward needs, since
+o[t] = u[t] > V_th is recomputed from it). Backward runs the recurrence in reverse::
+
+    g_o'   = g_o[t] - k_tau1 * u[t] * g_u[t+1]          (through the reset gate o[t] of u[t+1])
+    g_u[t] = g_o' * sg(u[t]) + k_tau1 * (1 - o[t]) * g_u[t+1]
+    g_I[t] = g_u[t]                                       sg(u) = 1[|u - V_th| < a/2] / a
+
+so a layer's whole LIF costs one read of I and one write of o forward, one read of u and g_o and one
+write of g_I backward, instead of ~6 elementwise kernels per step. Arithmetic is fp32 whatever the
+input dtype (membrane state stays fp32 under bf16 autocast).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = ["fused_kernels_available", "fused_lif"]
+
+_KERNELS = None
+
+
+def fused_kernels_available() -> bool:
+    """Triton importable (GPU runs need CUDA; tests run the same kernels in Triton's interpreter)."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _kernels():
+    """Compile lazily: importing snncompile never imports Triton."""
+    global _KERNELS
+    if _KERNELS is not None:
+        return _KERNELS
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def lif_forward(i_ptr, o_ptr, u_ptr, n, k_tau1, v_th, T: tl.constexpr, SAVE_U: tl.constexpr, BLOCK: tl.constexpr):
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < n
+        u = tl.zeros((BLOCK,), dtype=tl.float32)
+        o = tl.zeros((BLOCK,), dtype=tl.float32)
+        for t in tl.static_range(T):
+            cur = tl.load(i_ptr + t * n + offs, mask=mask, other=0.0).to(tl.float32)
+            u = k_tau1 * u * (1.0 - o) + cur
+            o = (u > v_th).to(tl.float32)
+            tl.store(o_ptr + t * n + offs, o, mask=mask)
+            if SAVE_U:
+                tl.store(u_ptr + t * n + offs, u, mask=mask)
+
+    @triton.jit
+    def lif_backward(u_ptr, go_ptr, gi_ptr, n, k_tau1, v_th, half_a, inv_a, T: tl.constexpr, BLOCK: tl.constexpr):
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < n
+        g_next = tl.zeros((BLOCK,), dtype=tl.float32)
+        for s in tl.static_range(T):
+            t = T - 1 - s
+            u = tl.load(u_ptr + t * n + offs, mask=mask, other=0.0)
+            g_o = tl.load(go_ptr + t * n + offs, mask=mask, other=0.0).to(tl.float32)
+            o = (u > v_th).to(tl.float32)
+            sg = (tl.abs(u - v_th) < half_a).to(tl.float32) * inv_a
+            g_o = g_o - k_tau1 * u * g_next
+            g_u = g_o * sg + k_tau1 * (1.0 - o) * g_next
+            tl.store(gi_ptr + t * n + offs, g_u, mask=mask)
+            g_next = g_u
+
+    _KERNELS = (lif_forward, lif_backward)
+    return _KERNELS
+
+
+_BLOCK = 1024
+
+
+def _grid(n: int):
+    return ((n + _BLOCK - 1) // _BLOCK,)
+
+
+class _FusedLIF(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, currents: Tensor, k_tau1: float, v_th: float, a: float) -> Tensor:  # type: ignore[override]
+        fwd, _ = _kernels()
+        steps = currents.shape[0]
+        flat = currents.contiguous().view(steps, -1)
+        n = flat.shape[1]
+        spikes = torch.empty(flat.shape, dtype=torch.float32, device=flat.device)
+        save = ctx.needs_input_grad[0]
+        membrane = torch.empty_like(spikes) if save else spikes  # dummy pointer when not saved
+        fwd[_grid(n)](flat, spikes, membrane, n, k_tau1, v_th, T=steps, SAVE_U=save, BLOCK=_BLOCK)
+        if save:
+            ctx.save_for_backward(membrane)
+        ctx.constants = (k_tau1, v_th, a, currents.shape, currents.dtype)
+        return spikes.view(currents.shape)
+
+    @staticmethod
+    def backward(ctx, grad_spikes: Tensor):  # type: ignore[override]
+        _, bwd = _kernels()
+        (membrane,) = ctx.saved_tensors
+        k_tau1, v_th, a, shape, dtype = ctx.constants
+        steps, n = membrane.shape
+        grad_out = grad_spikes.contiguous().view(steps, n)
+        grad_in = torch.empty((steps, n), dtype=torch.float32, device=membrane.device)
+        bwd[_grid(n)](membrane, grad_out, grad_in, n, k_tau1, v_th, a / 2, 1.0 / a, T=steps, BLOCK=_BLOCK)
+        return grad_in.view(shape).to(dtype), None, None, None
+
+
+def fused_lif(currents: Tensor, k_tau1: float, v_th: float, a: float) -> Tensor:
+    """Spikes ``[T, B, ...]`` (fp32 0/1) of the LIF recurrence over currents ``[T, B, ...]``, fused."""
+    return _FusedLIF.apply(currents, float(k_tau1), float(v_th), float(a))
