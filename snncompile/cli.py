@@ -38,7 +38,7 @@ def cli() -> None:
 @click.option("--stop-after", type=click.IntRange(min=1), help="Stop after this many epochs in total (resumable).")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 def train(model_toml, overrides, out_root, resume, stop_after, no_progress) -> None:
-    """Train MODEL_TOML (e.g. models/digits.toml) into a new run directory under --out."""
+    """Train MODEL_TOML into a new run directory under --out (models/digits.toml: the embedded default)."""
     from .config import load_config
     from .errors import ConfigError
     from .train import train as run_training

@@ -64,8 +64,8 @@ class NeuNorm(nn.Module):
         """``[T, B, F, H, W]`` spikes -> ``[T, B, F, H, W]`` normalised maps."""
         x = self.initial_state(spikes[0])
         outs = []
-        for t in range(spikes.shape[0]):
-            x, y = self.step(x, spikes[t])
+        for spikes_t in spikes.unbind(0):
+            x, y = self.step(x, spikes_t)
             outs.append(y)
         return torch.stack(outs)
 

@@ -238,8 +238,10 @@ class SpikingNetwork(nn.Module):
             elif getattr(stage, "is_cell", False):
                 state = stage.init_state(h[0])
                 outs, mems = [], []
-                for t in range(steps):
-                    state, y, mem = stage.step(state, h[t])
+                # unbind, not h[t]: backward then stacks the T step gradients once, where T
+                # indexing views would each scatter into a zero tensor of the full [T, B, ...] size.
+                for h_t in h.unbind(0):
+                    state, y, mem = stage.step(state, h_t)
                     outs.append(y)
                     mems.append(mem)
                 h = torch.stack(outs)
@@ -292,8 +294,8 @@ class SpikingNetwork(nn.Module):
         states = self.initial_states(x[0])
         per_step: dict[str, list] = {}
         outs = []
-        for t in range(x.shape[0]):
-            out, states = self.step(x[t], states, per_step if record is not None else None)
+        for x_t in x.unbind(0):
+            out, states = self.step(x_t, states, per_step if record is not None else None)
             outs.append(out)
         if record is not None:
             for name, pairs in per_step.items():
@@ -320,9 +322,10 @@ class SpikingNetwork(nn.Module):
         """
         # Summed step by step, in the order a streaming (one step at a time) model accumulates, so
         # both give bit-identical scores.
-        total = outputs[0]
-        for t in range(1, outputs.shape[0]):
-            total = total + outputs[t]
+        steps = outputs.unbind(0)
+        total = steps[0]
+        for out_t in steps[1:]:
+            total = total + out_t
         return self.scores_from_sum(total, outputs.shape[0])
 
     def scores_from_sum(self, output_sum: Tensor, steps: int) -> Tensor:

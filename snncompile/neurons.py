@@ -109,8 +109,8 @@ def lif_scan(currents: Tensor, p: LIFParams, return_membrane: bool = False):
     u = torch.zeros_like(currents[0])
     o = torch.zeros_like(currents[0])
     spikes, membranes = [], []
-    for t in range(currents.shape[0]):
-        u, o = lif_step(u, o, currents[t], p)
+    for current in currents.unbind(0):  # unbind: one gradient stack in backward, not T scatters
+        u, o = lif_step(u, o, current, p)
         spikes.append(o)
         membranes.append(u)
     out = torch.stack(spikes)
