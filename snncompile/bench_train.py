@@ -21,11 +21,11 @@ import time
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .config import Config
 from .models import LayerSpec, network_from_config, parse_architecture
+from .train import loss_fn
 
 __all__ = ["bench_train", "format_train_table"]
 
@@ -33,12 +33,6 @@ __all__ = ["bench_train", "format_train_table"]
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def _loss(scores: torch.Tensor, y: torch.Tensor, kind: str) -> torch.Tensor:
-    if kind == "ce":
-        return F.cross_entropy(scores, y)
-    return F.mse_loss(scores, F.one_hot(y, scores.shape[1]).to(scores.dtype))
 
 
 def _time_steps(step: Callable[[], None], device: torch.device, steps: int, warmup: int) -> dict:
@@ -57,6 +51,29 @@ def _time_steps(step: Callable[[], None], device: torch.device, steps: int, warm
     return {"median_ms": 1e3 * statistics.median(times), "min_ms": 1e3 * min(times), "peak_mib": peak}
 
 
+def _layers(specs: list[LayerSpec], m) -> list[tuple]:
+    """The architecture as plain layer tuples for the peer builders: ('conv', c_in, c_out, k),
+    ('pool', k), ('flatten',), ('linear', n_in, n_out, spiking)."""
+    out: list[tuple] = []
+    c, h, w = m.input_shape
+    flat = None
+    for s in specs:
+        if s.kind == "conv":
+            out.append(("conv", c, s.size, s.kernel))
+            c = s.size
+        elif s.kind == "pool":
+            out.append(("pool", s.size))
+            h, w = h // s.size, w // s.size
+        else:
+            if flat is None:
+                out.append(("flatten",))
+                flat = c * h * w
+            n_out = m.classes * m.vote_group if s.kind == "voting" else s.size
+            out.append(("linear", flat, n_out, s.kind != "readout"))
+            flat = n_out
+    return out
+
+
 def _spikingjelly_net(specs: list[LayerSpec], cfg: Config, device: torch.device) -> nn.Module:
     from spikingjelly.activation_based import layer, neuron, surrogate
 
@@ -68,24 +85,16 @@ def _spikingjelly_net(specs: list[LayerSpec], cfg: Config, device: torch.device)
                               surrogate_function=surrogate.Rect(alpha=1.0 / m.a), step_mode="m")
 
     mods: list[nn.Module] = []
-    c, h, w = m.input_shape
-    flat = None
-    for s in specs:
-        if s.kind == "conv":
-            mods += [layer.Conv2d(c, s.size, s.kernel, padding=s.kernel // 2, step_mode="m"), lif()]
-            c = s.size
-        elif s.kind == "pool":
-            mods.append(layer.AvgPool2d(s.size, step_mode="m"))
-            h, w = h // s.size, w // s.size
+    for kind, *args in _layers(specs, m):
+        if kind == "conv":
+            mods += [layer.Conv2d(args[0], args[1], args[2], padding=args[2] // 2, step_mode="m"), lif()]
+        elif kind == "pool":
+            mods.append(layer.AvgPool2d(args[0], step_mode="m"))
+        elif kind == "flatten":
+            mods.append(layer.Flatten(step_mode="m"))
         else:
-            if flat is None:
-                mods.append(layer.Flatten(step_mode="m"))
-                flat = c * h * w
-            out = m.classes * m.vote_group if s.kind == "voting" else s.size
-            mods.append(layer.Linear(flat, out, step_mode="m"))
-            flat = out
-            if s.kind != "readout":
-                mods.append(lif())
+            mods.append(layer.Linear(args[0], args[1], step_mode="m"))
+            mods += [lif()] if args[2] else []
     return nn.Sequential(*mods).to(device)
 
 
@@ -93,39 +102,34 @@ def _snntorch_step_fn(specs: list[LayerSpec], cfg: Config, device: torch.device)
     import snntorch as snn
 
     m = cfg.model
+
+    def lif():
+        return snn.Leaky(beta=m.k_tau1, threshold=m.v_th, reset_mechanism="zero")
+
     mods = nn.ModuleList()
-    c, h, w = m.input_shape
-    flat = None
-    for s in specs:
-        if s.kind == "conv":
-            mods.append(nn.Conv2d(c, s.size, s.kernel, padding=s.kernel // 2))
-            mods.append(snn.Leaky(beta=m.k_tau1, threshold=m.v_th, reset_mechanism="zero"))
-            c = s.size
-        elif s.kind == "pool":
-            mods.append(nn.AvgPool2d(s.size))
-            h, w = h // s.size, w // s.size
+    for kind, *args in _layers(specs, m):
+        if kind == "conv":
+            mods += [nn.Conv2d(args[0], args[1], args[2], padding=args[2] // 2), lif()]
+        elif kind == "pool":
+            mods.append(nn.AvgPool2d(args[0]))
+        elif kind == "flatten":
+            mods.append(nn.Flatten())
         else:
-            if flat is None:
-                mods.append(nn.Flatten())
-                flat = c * h * w
-            out = m.classes * m.vote_group if s.kind == "voting" else s.size
-            mods.append(nn.Linear(flat, out))
-            flat = out
-            if s.kind != "readout":
-                mods.append(snn.Leaky(beta=m.k_tau1, threshold=m.v_th, reset_mechanism="zero"))
+            mods.append(nn.Linear(args[0], args[1]))
+            mods += [lif()] if args[2] else []
     mods = mods.to(device)
 
     def forward(x: torch.Tensor) -> torch.Tensor:
         mems = {i: mod.init_leaky() for i, mod in enumerate(mods) if isinstance(mod, snn.Leaky)}
         outs = []
-        for t in range(x.shape[0]):
-            hcur = x[t]
+        for x_t in x.unbind(0):
+            h = x_t
             for i, mod in enumerate(mods):
                 if isinstance(mod, snn.Leaky):
-                    hcur, mems[i] = mod(hcur, mems[i])
+                    h, mems[i] = mod(h, mems[i])
                 else:
-                    hcur = mod(hcur)
-            outs.append(hcur)
+                    h = mod(h)
+            outs.append(h)
         return torch.stack(outs)
 
     return mods, forward
@@ -150,16 +154,14 @@ def bench_train(cfg: Config, device: torch.device, precision: str = "fp32", step
     amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
     results: dict = {}
 
-    def ours(order: str, fused: bool) -> dict:
-        torch.manual_seed(0)
-        net = network_from_config(m).to(device)
-        net.fused_lif = fused
-        opt = torch.optim.SGD(net.parameters(), lr=cfg.train.lr, momentum=cfg.train.momentum)
+    def timed(params, forward: Callable[[], torch.Tensor]) -> dict:
+        """Time SGD training steps of ``forward`` (-> class scores) over ``params``."""
+        opt = torch.optim.SGD(params, lr=cfg.train.lr, momentum=cfg.train.momentum)
 
         def step():
             with amp:
-                scores = net(x, order).float()
-            loss = _loss(scores, y, cfg.train.loss)
+                scores = forward().float()
+            loss = loss_fn(scores, y, cfg.train.loss)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -167,10 +169,14 @@ def bench_train(cfg: Config, device: torch.device, precision: str = "fp32", step
         return _time_steps(step, device, steps, warmup)
 
     fused = device.type == "cuda" and fused_kernels_available()
-    results["snncompile" + (" (fused LIF)" if fused else " (layer-major)")] = ours("layer", fused)
-    echo(f"done: snncompile")
-    results["torch loop (step-major)"] = ours("step", False)
-    echo("done: torch loop")
+    for label, order, use_fused in ((" (fused LIF)" if fused else " (layer-major)", "layer", fused),
+                                    (" loop (step-major)", "step", False)):
+        torch.manual_seed(0)
+        net = network_from_config(m).to(device)
+        net.fused_lif = use_fused
+        name = ("snncompile" if order == "layer" else "torch") + label
+        results[name] = timed(net.parameters(), lambda net=net, order=order: net(x, order))
+        echo(f"done: {name}")
     if peers:
         specs = parse_architecture(m.arch)
         if _has("spikingjelly"):
@@ -178,37 +184,19 @@ def bench_train(cfg: Config, device: torch.device, precision: str = "fp32", step
 
             torch.manual_seed(0)
             sj = _spikingjelly_net(specs, cfg, device)
-            opt = torch.optim.SGD(sj.parameters(), lr=cfg.train.lr, momentum=cfg.train.momentum)
 
-            def sj_step():
+            def sj_forward():
                 functional.reset_net(sj)
-                with amp:
-                    out = sj(x)
-                scores = _decode_peer(out.float(), m)
-                loss = _loss(scores, y, cfg.train.loss)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
+                return _decode_peer(sj(x), m)
 
-            results["spikingjelly"] = _time_steps(sj_step, device, steps, warmup)
+            results["spikingjelly"] = timed(sj.parameters(), sj_forward)
             echo("done: spikingjelly")
         else:
             results["spikingjelly"] = "not installed (pip install spikingjelly)"
         if _has("snntorch"):
             torch.manual_seed(0)
             mods, fwd = _snntorch_step_fn(specs, cfg, device)
-            opt = torch.optim.SGD(mods.parameters(), lr=cfg.train.lr, momentum=cfg.train.momentum)
-
-            def snt_step():
-                with amp:
-                    out = fwd(x)
-                scores = _decode_peer(out.float(), m)
-                loss = _loss(scores, y, cfg.train.loss)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-
-            results["snntorch"] = _time_steps(snt_step, device, steps, warmup)
+            results["snntorch"] = timed(mods.parameters(), lambda: _decode_peer(fwd(x), m))
             echo("done: snntorch")
         else:
             results["snntorch"] = "not installed (pip install snntorch)"
@@ -218,7 +206,7 @@ def bench_train(cfg: Config, device: torch.device, precision: str = "fp32", step
 
 def _decode_peer(out: torch.Tensor, m) -> torch.Tensor:
     """Time-averaged output, voted in groups of G when the net ends in a voting layer."""
-    rate = out.mean(0)
+    rate = out.float().mean(0)
     if rate.shape[1] == m.classes * m.vote_group and m.vote_group > 1:
         return rate.unflatten(1, (m.classes, m.vote_group)).mean(-1)
     return rate
