@@ -55,6 +55,7 @@ def train(model_toml, overrides, out_root, resume, stop_after, no_progress) -> N
         f"final test accuracy {100 * result.test_acc:.2f} % after {result.epochs_done} epochs, "
         f"{result.elapsed_s:.1f} s wall; run: {result.run_dir}"
     )
+    click.echo(f"next: snncompile export {result.run_dir} --layers && snncompile verify {result.run_dir}")
 
 
 @cli.command()

@@ -32,19 +32,24 @@ def random_input(cfg: Config, batch: int, generator: torch.Generator) -> torch.T
 @torch.no_grad()
 def calibrate_firing(net: SpikingNetwork, x: torch.Tensor, target: tuple[float, float] = (0.05, 0.3),
                      max_steps: int = 40) -> dict[str, float]:
-    """Scale each weighted layer so the LIF after it fires within ``target``; returns final rates."""
+    """Scale each weighted layer so the LIF after it fires within ``target``; returns final rates.
+
+    Layer by layer: the input of the layer being scaled is computed once from the (already fixed)
+    layers before it, so each trial runs one conv/linear and one LIF scan, not the whole network.
+    """
     stages = list(net.stages)
     rates: dict[str, float] = {}
+    h, done = x, 0  # h = output of stages[:done]
     for i, stage in enumerate(stages):
         if not isinstance(stage, (torch.nn.Conv2d, torch.nn.Linear)):
             continue
-        lif = next((s for s in stages[i + 1 :] if isinstance(s, LIFCell)), None)
-        if lif is None or stages.index(lif) != i + 1:
+        if i + 1 >= len(stages) or not isinstance(stages[i + 1], LIFCell):
             continue  # the non-spiking readout: nothing to calibrate
+        lif = stages[i + 1]
+        h = net.run_stages(h, stages[done:i])
+        done = i
         for _ in range(max_steps):
-            record: dict = {}
-            net.forward_sequence(x, "layer", record)
-            rate = float(record[lif.name][0].mean())
+            rate = float(net.run_stages(h, [stage, lif]).mean())
             if target[0] <= rate <= target[1]:
                 break
             stage.weight.mul_(1.5 if rate < target[0] else 1 / 1.5)

@@ -227,9 +227,13 @@ class SpikingNetwork(nn.Module):
 
     # -- execution -----------------------------------------------------------------------------
     def _layer_major(self, x: Tensor, record: dict | None) -> Tensor:
+        return self.run_stages(x, self.stages, record)
+
+    def run_stages(self, x: Tensor, stages, record: dict | None = None) -> Tensor:
+        """Layer-major over a slice of :attr:`stages`: ``[T, B, ...]`` in, ``[T, B, ...]`` out."""
         steps, batch = x.shape[:2]
         h = x
-        for stage in self.stages:
+        for stage in stages:
             if self.fused_lif and record is None and isinstance(stage, LIFCell):
                 from .kernels import fused_lif
 
