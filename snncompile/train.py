@@ -23,7 +23,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DistributedSampler
 
 from . import __version__
-from .artifacts import atomic_save, atomic_write_text, environment, new_run_dir, record_artifact, update_manifest
+from .artifacts import atomic_save, atomic_write_text, environment, new_run_dir, read_manifest, record_artifact, update_manifest
 from .config import Config, dumps_toml
 from .data import Split, batches, load_dataset, to_time_major
 from .distributed import DistContext, all_reduce_sum, destroy, init_distributed, shard_indices, stop_on_peer_failure
@@ -212,6 +212,10 @@ def _train(cfg: Config, device: torch.device, ctx: DistContext, out_root, resume
 
     last_epoch = cfg.train.epochs if stop_after is None else min(stop_after, cfg.train.epochs)
     test_loss, test_acc = float("nan"), float("nan")
+    if first_epoch > last_epoch and main:  # resuming a run that already has its epochs: report it
+        done = read_manifest(run_dir).get("training", {})
+        test_loss, test_acc = done.get("test_loss", test_loss), done.get("test_acc", test_acc)
+        say(f"{run_dir} already has {first_epoch - 1} of {cfg.train.epochs} epochs: nothing to train")
     epoch = first_epoch - 1
     for epoch in range(first_epoch, last_epoch + 1):
         model.train()

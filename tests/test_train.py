@@ -49,6 +49,11 @@ def test_resume_reproduces_uninterrupted_run(tmp_path, digits_cfg):
     strip = lambda rows: [{k: v for k, v in json.loads(r).items() if k not in ("train_seconds", "samples_per_s")} for r in rows]  # noqa: E731
     assert strip(lines_a) == strip(lines_b)
 
+    said = []
+    again = train(resume=resumed.run_dir, progress=False, echo=said.append)  # nothing left to train
+    assert again.test_acc == full.test_acc and "nothing to train" in said[-1]
+    assert load_checkpoint(resumed.run_dir / CHECKPOINT)["epoch"] == 2
+
 
 def test_corrupt_checkpoint_is_one_line(tmp_path):
     bad = tmp_path / "checkpoint.pt"
