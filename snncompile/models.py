@@ -275,18 +275,20 @@ class SpikingNetwork(nn.Module):
             names += [f"{stage.name}.u", f"{stage.name}.o"] if isinstance(stage, LIFCell) else [f"{stage.name}.x"]
         return names
 
-    def step(self, x_t: Tensor, states: list[tuple[Tensor, ...]], record: dict | None = None):
-        """One timestep of every stage: input ``[B, ...]``, states from :meth:`initial_states`.
+    def step(self, x_t: Tensor, states: list[tuple[Tensor, ...]] | None, record: dict | None = None):
+        """One timestep of every stage: input ``[B, ...]``, states from :meth:`initial_states` or a
+        previous step (None on the first step: every cell starts from zeros shaped like its input).
 
         Returns (last-stage output ``[B, N]``, new states). With ``record``, appends each LIF's
         (spikes, membrane) of this step to ``record[name]``.
         """
         h = x_t
         new_states = []
-        cells = iter(states)
+        cells = iter(states) if states is not None else None
         for stage in self.stages:
             if getattr(stage, "is_cell", False):
-                state, h, mem = stage.step(next(cells), h)
+                state = next(cells) if cells is not None else stage.init_state(h)
+                state, h, mem = stage.step(state, h)
                 new_states.append(state)
                 if record is not None and isinstance(stage, LIFCell):
                     record.setdefault(stage.name, []).append((h, mem))
@@ -295,7 +297,7 @@ class SpikingNetwork(nn.Module):
         return h, new_states
 
     def _step_major(self, x: Tensor, record: dict | None) -> Tensor:
-        states = self.initial_states(x[0])
+        states = None  # zero states created lazily on the first step, without an extra forward
         per_step: dict[str, list] = {}
         outs = []
         for x_t in x.unbind(0):

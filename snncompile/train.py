@@ -92,16 +92,18 @@ def evaluate(net: nn.Module, split: Split, cfg: Config, device: torch.device, st
     """Mean loss and accuracy (fraction) of ``net`` on ``split`` (sharded over ranks under torchrun)."""
     ctx = ctx or DistContext()
     net.eval()
-    shard = split if not ctx.enabled else Split(split.x[shard_indices(len(split), ctx)], split.y[shard_indices(len(split), ctx)])
+    if ctx.enabled:
+        idx = shard_indices(len(split), ctx)
+        split = Split(split.x[idx], split.y[idx])  # this rank's share; sums are all-reduced below
     total_loss = torch.zeros((), dtype=torch.float64, device=device)
     correct = torch.zeros((), dtype=torch.long, device=device)
-    for x, y in batches(shard, cfg.data.eval_batch_size):
+    for x, y in batches(split, cfg.data.eval_batch_size):
         x, y = x.to(device).float(), y.to(device)
         with _autocast(device, cfg.train.precision):
             scores = net(to_time_major(x, cfg.model.T, static)).float()
         total_loss += loss_fn(scores, y, cfg.train.loss).double() * len(y)
         correct += (scores.argmax(1) == y).sum()
-    loss_sum, hits, count = all_reduce_sum([total_loss.item(), float(correct.item()), float(len(shard))], ctx, device)
+    loss_sum, hits, count = all_reduce_sum([total_loss.item(), float(correct.item()), float(len(split))], ctx, device)
     return loss_sum / count, hits / count
 
 
