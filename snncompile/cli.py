@@ -127,8 +127,9 @@ def build(run, precision, batch, workspace_mb, timing_cache, all_layers_reduced,
               help="Tolerance preset.")
 @click.option("--batch", default=64, show_default=True, type=click.IntRange(1), help="Inputs per inference call.")
 @click.option("--model", "model_file", default=None, help="Which export of RUN to check (default: model_layers.onnx if exported, else model.onnx).")
+@click.option("--test-set", is_flag=True, help="Check on the run's whole test split (read from its dataset) instead of the export's reference inputs.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
-def verify(run, runners, precision, batch, model_file, no_progress) -> None:
+def verify(run, runners, precision, batch, model_file, test_set, no_progress) -> None:
     """Check that RUN's exported model computes PyTorch's spikes and outputs on a runtime."""
     from .backends import available_runners
     from .compare import format_report, verify_run
@@ -138,7 +139,8 @@ def verify(run, runners, precision, batch, model_file, no_progress) -> None:
     failed = []
     for name in runners:
         options = {"precision": precision} if name == "trt" else {}  # the engine built at that precision
-        report = verify_run(run, name, precision, batch, model_file=model_file, progress=not no_progress, **options)
+        report = verify_run(run, name, precision, batch, model_file=model_file, progress=not no_progress,
+                            inputs="test" if test_set else "reference", **options)
         click.echo(format_report(report))
         if not report["passed"]:
             failed.append(name)

@@ -22,7 +22,7 @@ import numpy as np
 
 from .artifacts import atomic_write_json, read_manifest, record_artifact, sha256_file
 from .backends import create_runner
-from .errors import ArtifactError, ConfigError
+from .errors import ArtifactError, ConfigError, DataError
 from .runs import load_run_config
 
 __all__ = ["Tolerance", "PRESETS", "verify_run", "format_report", "LayerStats"]
@@ -127,10 +127,56 @@ def _unambiguous(scores: np.ndarray, margin: float) -> np.ndarray:
     return (top2[:, 1] - top2[:, 0]) > margin
 
 
+class _ReferenceInputs:
+    """The export's saved inputs per split (``random``, ``real``), ``[T, N, ...]``, with the torch scores
+    the export stored for them (so verify can confirm the reference still reproduces them)."""
+
+    def __init__(self, run_dir: Path, inputs_path: Path):
+        self._inputs = np.load(inputs_path, allow_pickle=False)
+        self._stored = np.load(run_dir / "reference_outputs.npz", allow_pickle=False)
+        self.sizes = {s: int(self._inputs[s].shape[1]) for s in ("random", "real") if s in self._inputs.files}
+
+    def batches(self, split: str, batch: int):
+        """Yield ``(x [T, b, ...] float32, labels [b] | None, stored scores [b, classes])``."""
+        x_all = self._inputs[split]
+        labels = self._inputs["real_labels"] if split == "real" else None
+        for start in range(0, x_all.shape[1], batch):
+            stop = start + batch
+            yield (np.ascontiguousarray(x_all[:, start:stop]), None if labels is None else labels[start:stop],
+                   self._stored[f"{split}/scores"][start:stop])
+
+
+class _TestSet:
+    """The run's whole test split read from its dataset, time-major over the export's T steps."""
+
+    def __init__(self, cfg, steps: int, progress: bool):
+        from .data import load_dataset
+
+        try:
+            self._ds = load_dataset(cfg, progress=progress)
+        except DataError as e:
+            raise DataError(f"verify on the test set needs the run's dataset: {e}") from None
+        if not self._ds.static and self._ds.test.x.shape[1] != steps:
+            raise ConfigError(f"the test frames have {self._ds.test.x.shape[1]} steps but the export has T = {steps}")
+        self._steps = steps
+        self.sizes = {"test": len(self._ds.test)}
+
+    def batches(self, split: str, batch: int):
+        """Yield ``(x [T, b, ...] float32, labels [b], None)``."""
+        from .data import batches, to_time_major
+
+        for x, y in batches(self._ds.test, batch):
+            yield to_time_major(x.float(), self._steps, self._ds.static).contiguous().numpy(), y.numpy(), None
+
+
 def verify_run(run_dir: str | Path, runner: str = "ort-cpu", precision: str = "fp32", batch: int = 64,
-               model_file: str | None = None, progress: bool = False, **runner_options) -> dict:
-    """Compare ``runner`` with the torch reference on the export's reference inputs; returns the report
-    (also merged into ``verify.json`` under the runner's name).
+               model_file: str | None = None, progress: bool = False, inputs: str = "reference",
+               **runner_options) -> dict:
+    """Compare ``runner`` with the torch reference; returns the report (also merged into ``verify.json``
+    under the runner's name, suffixed ``@test`` for the test set).
+
+    ``inputs``: ``"reference"`` = the export's saved inputs (seeded random + real test samples);
+    ``"test"`` = the run's whole test split, read from the dataset (e.g. all 10,000 MNIST images).
 
     ``model_file`` defaults to ``model_layers.onnx`` when it was exported (per-layer spike checks),
     else ``model.onnx`` (outputs only)."""
@@ -151,8 +197,12 @@ def verify_run(run_dir: str | Path, runner: str = "ort-cpu", precision: str = "f
         raise ArtifactError(f"{run_dir} has no {model_file} export with reference inputs: run `snncompile export {run_dir}`")
     export = manifest["exports"][model_file]
     hash_ok = (run_dir / model_file).is_file() and sha256_file(run_dir / model_file) == export["sha256"]
-    inputs = np.load(inputs_path, allow_pickle=False)
-    stored = np.load(run_dir / "reference_outputs.npz", allow_pickle=False)
+    if inputs == "reference":
+        source = _ReferenceInputs(run_dir, inputs_path)
+    elif inputs == "test":
+        source = _TestSet(cfg, int(export["T"]), progress)
+    else:
+        raise ConfigError(f"inputs must be 'reference' or 'test', got {inputs!r}")
 
     reference = create_runner("torch", run_dir, model_file)
     candidate = create_runner(runner, run_dir, model_file, **runner_options)
@@ -167,18 +217,16 @@ def verify_run(run_dir: str | Path, runner: str = "ort-cpu", precision: str = "f
             "samples_diverged": 0}
     accuracy: dict[str, dict] = {}
     reproduced = True
-    splits = [s for s in ("random", "real") if s in inputs.files]
-    total = sum(inputs[s].shape[1] for s in splits)
-    bar = tqdm(total=total, desc=f"verify {runner}", unit="sample", disable=not progress, leave=False)
-    for split in splits:
-        x_all = inputs[split]
-        labels = inputs["real_labels"] if split == "real" else None
+    bar = tqdm(total=sum(source.sizes.values()), desc=f"verify {runner}", unit="sample", disable=not progress, leave=False)
+    for split in source.sizes:
         correct = {"reference": 0, runner: 0}
-        for start in range(0, x_all.shape[1], batch):
-            feed = {"input": np.ascontiguousarray(x_all[:, start : start + batch])}
+        labelled = 0
+        for x, labels, stored_scores in source.batches(split, batch):
+            feed = {"input": x}
             ref, run = reference.infer(feed), candidate.infer(feed)
-            reproduced &= bool(np.array_equal(ref["scores"], stored[f"{split}/scores"][start : start + batch]))
-            flipped = np.zeros(feed["input"].shape[1], bool)
+            if stored_scores is not None:
+                reproduced &= bool(np.array_equal(ref["scores"], stored_scores))
+            flipped = np.zeros(x.shape[1], bool)
             if layers and all(f"{n}.spikes" in run for n in layers):
                 eps = tol.membrane_eps * max(1.0, abs(cfg.model.v_th))
                 flipped = _classify_flips(ref, run, layers, cfg.model.v_th, eps, stats)
@@ -199,12 +247,12 @@ def verify_run(run_dir: str | Path, runner: str = "ort-cpu", precision: str = "f
             top1["exact"] += int((clear & ~flipped).sum())
             top1["samples_diverged"] += int(flipped.sum())
             if labels is not None:
-                y = labels[start : start + batch]
-                correct["reference"] += int((ref["scores"].argmax(1) == y).sum())
-                correct[runner] += int((run["scores"].argmax(1) == y).sum())
-            bar.update(feed["input"].shape[1])
-        if labels is not None:
-            accuracy[split] = {k: v / len(labels) for k, v in correct.items()}
+                labelled += len(labels)
+                correct["reference"] += int((ref["scores"].argmax(1) == labels).sum())
+                correct[runner] += int((run["scores"].argmax(1) == labels).sum())
+            bar.update(x.shape[1])
+        if labelled:
+            accuracy[split] = {k: v / labelled for k, v in correct.items()}
     bar.close()
     candidate.close()
 
@@ -220,8 +268,9 @@ def verify_run(run_dir: str | Path, runner: str = "ort-cpu", precision: str = "f
         "model": model_file,
         "model_matches_export": hash_ok,
         "reference": "torch fp32 on CPU, TF32 off (the exported graph's own module)",
-        "reference_reproduced": reproduced,
-        "inputs": {s: int(inputs[s].shape[1]) for s in splits},
+        # None on the test set: only the export's reference inputs have stored torch outputs
+        "reference_reproduced": reproduced if inputs == "reference" else None,
+        "inputs": dict(source.sizes),
         "outputs": errors,
         "top1": {**top1, "agreement": top1["agree"] / max(1, top1["total"])},
         "accuracy": accuracy,
@@ -234,7 +283,8 @@ def verify_run(run_dir: str | Path, runner: str = "ort-cpu", precision: str = "f
     }
     path = run_dir / "verify.json"
     existing = json.loads(path.read_text()) if path.is_file() else {}
-    existing[runner if model_file == "model_layers.onnx" else f"{runner}:{model_file}"] = report
+    key = runner if model_file == "model_layers.onnx" else f"{runner}:{model_file}"
+    existing[key if inputs == "reference" else f"{key}@test"] = report
     atomic_write_json(path, existing)
     record_artifact(run_dir, "verify.json")
     return report

@@ -77,3 +77,37 @@ def test_verify_without_export_is_one_line(tmp_path):
     result = CliRunner().invoke(cli, ["verify", str(run), "--runner", "ort-cpu"])
     assert result.exit_code == 1
     assert result.output.strip().splitlines() == [f"error: {run} has no model.onnx export with reference inputs: run `snncompile export {run}`"]
+
+
+def test_verify_on_the_whole_test_set(tmp_path):
+    from snncompile.config import load_config
+
+    cfg = load_config(REPO / "models" / "digits.toml")
+    run = make_run(tmp_path, cfg)
+    export_run(run, layers=True, n_random=8, n_real=8)
+    result = CliRunner().invoke(cli, ["verify", str(run), "--runner", "ort-cpu", "--test-set", "--no-progress"])
+    assert result.exit_code == 0, result.output
+    report = __import__("json").loads((run / "verify.json").read_text())["ort-cpu@test"]
+    from snncompile.data import load_dataset
+
+    n_test = len(load_dataset(cfg, progress=False).test)
+    assert 350 < n_test < 370  # 20 % of scikit-learn's 1,797 digits
+    assert report["inputs"] == {"test": n_test} and report["top1"]["total"] == n_test
+    assert report["reference_reproduced"] is None
+    assert set(report["accuracy"]["test"]) == {"reference", "ort-cpu"}
+    assert report["layers"]["lif1"]["neurons_per_step"] == n_test * 32 * 8 * 8
+    assert f"on {n_test} inputs ({n_test} test)" in result.output
+
+
+def test_verify_on_test_set_without_the_dataset_is_one_line(exported):
+    # The tiny mnist config points data.root at ../shared/data/mnist; move it somewhere empty.
+    import re
+
+    path = exported / "config.toml"
+    text, n = re.subn(r'(?m)^root = ".*"$', f'root = "{exported / "nothing"}"', path.read_text())
+    assert n == 1
+    path.write_text(text)
+    result = CliRunner().invoke(cli, ["verify", str(exported), "--runner", "ort-cpu", "--test-set"])
+    assert result.exit_code == 1
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: verify on the test set needs the run's dataset: "), lines
