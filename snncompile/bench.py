@@ -15,7 +15,8 @@ from pathlib import Path
 import numpy as np
 
 from .artifacts import atomic_save, atomic_write_json, atomic_write_text, environment, read_manifest, record_artifact
-from .backends import available_runners, create_runner
+from .backends import available_runners, create_runner, runner_options
+from .backends.base import PRECISION_RUNNERS
 from .compare import verify_run
 from .errors import ConfigError
 
@@ -38,8 +39,11 @@ def _bench_input(run_dir: Path, batch: int, seed: int = 0) -> np.ndarray:
 
 def bench_run(run_dir: str | Path, runners: list[str] | None = None, batches: tuple[int, ...] = (1, 16, 128),
               warmup: int = 10, iters: int = 50, min_seconds: float = 0.0, progress: bool = True,
-              echo=print, model_file: str = "model.onnx") -> dict:
-    """Verify, then time every requested (default: every available) runner at every batch size."""
+              echo=print, model_file: str = "model.onnx", precision: str = "fp32") -> dict:
+    """Verify, then time every requested (default: every available) runner at every batch size.
+
+    ``precision`` applies to the runners that take one (torch-fast, trt; see ``PRECISION_RUNNERS``),
+    which are then verified with that precision's tolerances; the others run and verify in fp32."""
     run_dir = Path(run_dir)
     manifest = read_manifest(run_dir)
     export = manifest.get("exports", {}).get(model_file)
@@ -55,7 +59,8 @@ def bench_run(run_dir: str | Path, runners: list[str] | None = None, batches: tu
     results: dict = {"model": manifest.get("model"), "file": model_file, "order": export.get("order", "layer"), "T": export["T"], "batches": list(batches),
                      "environment": environment(), "runners": {}}
     for name in names:
-        entry: dict = {}
+        numerics = precision if name in PRECISION_RUNNERS else "fp32"
+        entry: dict = {"precision": numerics}
         results["runners"][name] = entry
         if avail[name] is not None:
             entry["skipped"] = avail[name]
@@ -70,10 +75,12 @@ def bench_run(run_dir: str | Path, runners: list[str] | None = None, batches: tu
 
                 export_run(run_dir, steps=export["T"], layers=True, order=export.get("order", "layer"),
                            n_random=_n_reference(run_dir), n_real=0)
-            report = verify_run(run_dir, name, "fp32", progress=False, model_file=layers_file, **_options(name))
+            report = verify_run(run_dir, name, numerics, progress=False, model_file=layers_file,
+                                options=runner_options(name, numerics))
             # ...and the timed file itself must predict what torch predicts (its scores may differ on
             # the samples where a numerical flip happened, which only the _layers graph can show).
-            plain = verify_run(run_dir, name, "fp32", progress=False, model_file=model_file, **_options(name))
+            plain = verify_run(run_dir, name, numerics, progress=False, model_file=model_file,
+                               options=runner_options(name, numerics))
             t = plain["top1"]
             changed = t["unambiguous"] - t["unambiguous_agree"]
             reasons = list(report["reasons"])
@@ -85,7 +92,7 @@ def bench_run(run_dir: str | Path, runners: list[str] | None = None, batches: tu
                 entry["skipped"] = "verify failed: " + "; ".join(reasons)
                 echo(f"{name}: skipped ({entry['skipped']})")
                 continue
-        with create_runner(name, run_dir, model_file, **_options(name)) as runner:
+        with create_runner(name, run_dir, model_file, **runner_options(name, numerics)) as runner:
             entry["by_batch"] = {}
             for batch in batches:
                 x = _bench_input(run_dir, batch)
@@ -114,10 +121,6 @@ def bench_run(run_dir: str | Path, runners: list[str] | None = None, batches: tu
     return results
 
 
-def _options(runner: str) -> dict:
-    return {"precision": "fp32"} if runner == "trt" else {}
-
-
 def _n_reference(run_dir: Path) -> int:
     return int(np.load(run_dir / "reference_inputs.npz")["random"].shape[1])
 
@@ -126,7 +129,8 @@ def format_table(results: dict) -> str:
     """Markdown table: one row per runner and batch size."""
     lines = [f"model {results['model']} ({results.get('file', 'model.onnx')}, {results.get('order', 'layer')}-major), T = {results['T']}",
              "", "| runner | batch | p50 ms | p90 ms | p99 ms | samples/s | timesteps/s |", "|---|---|---|---|---|---|---|"]
-    for name, entry in results["runners"].items():
+    for runner, entry in results["runners"].items():
+        name = runner if entry.get("precision", "fp32") == "fp32" else f"{runner} ({entry['precision']})"
         if "skipped" in entry:
             lines.append(f"| {name} | - | skipped: {entry['skipped']} | | | | |")
             continue

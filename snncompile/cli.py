@@ -131,16 +131,15 @@ def build(run, precision, batch, workspace_mb, timing_cache, all_layers_reduced,
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 def verify(run, runners, precision, batch, model_file, test_set, no_progress) -> None:
     """Check that RUN's exported model computes PyTorch's spikes and outputs on a runtime."""
-    from .backends import available_runners
+    from .backends import available_runners, runner_options
     from .compare import format_report, verify_run
 
     if not runners:
         runners = tuple(n for n, why in available_runners().items() if why is None and n != "torch")
     failed = []
     for name in runners:
-        options = {"precision": precision} if name == "trt" else {}  # the engine built at that precision
         report = verify_run(run, name, precision, batch, model_file=model_file, progress=not no_progress,
-                            inputs="test" if test_set else "reference", **options)
+                            inputs="test" if test_set else "reference", options=runner_options(name, precision))
         click.echo(format_report(report))
         if not report["passed"]:
             failed.append(name)
@@ -193,7 +192,9 @@ def bench_train_cmd(model_toml, overrides, steps_t, batch, precision, steps, war
 @click.option("--iters", default=50, show_default=True, type=click.IntRange(1), help="Timed calls per batch size.")
 @click.option("--warmup", default=10, show_default=True, type=click.IntRange(0), help="Untimed calls first.")
 @click.option("--model", "model_file", default="model.onnx", show_default=True, help="Which unrolled export to time.")
-def bench_run_cmd(run, runners, batches, iters, warmup, model_file) -> None:
+@click.option("--precision", type=click.Choice(["fp32", "tf32", "fp16", "bf16"]), default="fp32", show_default=True,
+              help="For torch-fast and trt (verified at that precision's tolerances); the other runners stay fp32.")
+def bench_run_cmd(run, runners, batches, iters, warmup, model_file, precision) -> None:
     """Verify, then time every runner on RUN's export; writes bench.json, bench.md, bench.png."""
     from .bench import bench_run, format_table
     from .errors import ConfigError
@@ -203,7 +204,8 @@ def bench_run_cmd(run, runners, batches, iters, warmup, model_file) -> None:
     except ValueError:
         raise ConfigError(f"--batch expects comma-separated integers, got {batches!r}") from None
     names = [n.strip() for n in runners.split(",") if n.strip()] or None
-    results = bench_run(run, names, sizes, warmup=warmup, iters=iters, echo=click.echo, model_file=model_file)
+    results = bench_run(run, names, sizes, warmup=warmup, iters=iters, echo=click.echo, model_file=model_file,
+                        precision=precision)
     click.echo(format_table(results))
     stem = "bench" if model_file == "model.onnx" else f"bench_{Path(model_file).stem}"
     click.echo(f"wrote {run / (stem + '.json')}, {stem}.md" + (f", {stem}.png" if (run / f"{stem}.png").exists() else ""))

@@ -166,7 +166,8 @@ class SpikingNetwork(nn.Module):
         self.lif_params = lif
         self.execution: ExecutionOrder = "layer"
         # Layer-major LIF scans through the fused Triton kernel (snncompile.kernels) when set; the
-        # trainer turns it on for CUDA when Triton is importable. Recording membranes keeps torch.
+        # trainer turns it on for CUDA when Triton is importable; the torch-fast runner for inference,
+        # where the kernel also writes the membranes a layer-recording run asks for.
         self.fused_lif = False
         specs = parse_architecture(arch, width_divisor)
 
@@ -234,11 +235,15 @@ class SpikingNetwork(nn.Module):
         steps, batch = x.shape[:2]
         h = x
         for stage in stages:
-            if self.fused_lif and record is None and isinstance(stage, LIFCell):
-                from .kernels import fused_lif
+            if self.fused_lif and isinstance(stage, LIFCell) and (record is None or not torch.is_grad_enabled()):
+                from .kernels import fused_lif, fused_lif_inference
 
                 p = stage.params
-                h = fused_lif(h, p.k_tau1, p.v_th, p.a)
+                if record is None:
+                    h = fused_lif(h, p.k_tau1, p.v_th, p.a)
+                else:  # inference that reports every layer (verify): the kernel writes the membrane too
+                    h, membrane = fused_lif_inference(h, p.k_tau1, p.v_th, membrane=True)
+                    record[stage.name] = (h, membrane)
             elif getattr(stage, "is_cell", False):
                 state = stage.init_state(h[0])
                 outs, mems = [], []

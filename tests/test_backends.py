@@ -40,7 +40,7 @@ def test_runner_conformance(name, exported_run):
 
 
 def test_unknown_runner_is_one_line(tmp_path):
-    with pytest.raises(ConfigError, match="unknown runner .tensorflow. \\(known: torch, ort-cpu, ort-cuda, trt\\)"):
+    with pytest.raises(ConfigError, match="unknown runner .tensorflow. \\(known: torch, torch-fast, ort-cpu, ort-cuda, trt\\)"):
         create_runner("tensorflow", tmp_path)
 
 
@@ -50,3 +50,47 @@ def test_unavailable_runner_names_the_reason(tmp_path, monkeypatch):
     monkeypatch.setattr(ort_mod, "_onnxruntime", lambda: None)
     with pytest.raises(RunnerUnavailableError, match=r"pip install 'snncompile\[onnx\]'"):
         create_runner("ort-cpu", tmp_path)
+
+
+def test_torch_fast_reports_every_layer_spike_exact_on_cpu(tmp_path):
+    """On the CPU torch-fast is the unfused layer-major path: verify finds no flip at all (the fused
+    kernel path is checked in test_kernels.py, in Triton's interpreter)."""
+    pytest.importorskip("onnxruntime")
+    from snncompile.compare import verify_run
+    from snncompile.export_onnx import export_run
+
+    run = make_run(tmp_path, tiny_zoo_config(REPO / "models" / "mnist.toml"))
+    export_run(run, layers=True, order="step", n_random=32, n_real=0)  # a per-step file: torch-fast still runs layer-major
+    report = verify_run(run, "torch-fast", "fp32", model_file="model_per_step_layers.onnx")
+    assert report["passed"] and report["layers_checked"], report["reasons"]
+    assert sum(s["flips"] for s in report["layers"].values()) == 0
+    with create_runner("torch-fast", run, "model_per_step_layers.onnx") as runner:
+        assert runner.graph.order == "layer" and not runner.graph.net.fused_lif and not runner.cuda_graph
+
+
+def test_torch_fast_bf16_flips_are_measured_not_hidden(tmp_path):
+    pytest.importorskip("onnxruntime")
+    from snncompile.compare import verify_run
+    from snncompile.export_onnx import export_run
+
+    run = make_run(tmp_path, tiny_zoo_config(REPO / "models" / "bench-cifar.toml"))
+    export_run(run, layers=True, n_random=32, n_real=0)
+    fp32 = verify_run(run, "torch-fast", "fp32")
+    bf16 = verify_run(run, "torch-fast", "bf16", options={"precision": "bf16"})
+    assert fp32["outputs"]["scores"]["max_abs"] == 0.0
+    # bf16 convs round the currents: some spikes flip, and every one is counted and classified
+    flips = sum(s["flips"] for s in bf16["layers"].values())
+    assert flips > 0 and flips == sum(s["numerical"] + s["real"] + s["propagated"] for s in bf16["layers"].values())
+
+
+def test_torch_fast_bad_options_are_one_line(tmp_path):
+    pytest.importorskip("onnxruntime")
+    from snncompile.export_onnx import export_run
+
+    run = make_run(tmp_path, tiny_zoo_config(REPO / "models" / "bench-nmnist.toml"))
+    export_run(run, n_random=4, n_real=0)
+    with pytest.raises(ConfigError, match="torch-fast precision must be one of fp32, tf32, fp16, bf16, got 'int8'"):
+        create_runner("torch-fast", run, precision="int8")
+    if not __import__("torch").cuda.is_available():
+        with pytest.raises(RunnerUnavailableError, match="CUDA graphs need a CUDA device"):
+            create_runner("torch-fast", run, cuda_graph=True)

@@ -47,6 +47,16 @@ def test_bench_writes_json_table_and_plot(exported):
     assert (exported / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_bench_precision_applies_to_torch_fast_only(exported):
+    result = CliRunner().invoke(cli, ["bench", str(exported), "--runners", "ort-cpu,torch-fast", "--batch", "2",
+                                      "--iters", "2", "--warmup", "0", "--precision", "bf16"])
+    assert result.exit_code == 0, result.output
+    data = json.loads((exported / "bench.json").read_text())
+    assert data["runners"]["ort-cpu"]["precision"] == "fp32" and data["runners"]["torch-fast"]["precision"] == "bf16"
+    assert data["runners"]["torch-fast"]["verified"] is True, data["runners"]["torch-fast"].get("skipped")
+    assert "| torch-fast (bf16) | 2 |" in result.output and "| ort-cpu | 2 |" in result.output
+
+
 def test_runner_failing_verify_is_skipped_with_reason(exported):
     path = exported / "model.onnx"
     model = onnx.load(str(path))

@@ -111,3 +111,27 @@ def test_verify_on_test_set_without_the_dataset_is_one_line(exported):
     assert result.exit_code == 1
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: verify on the test set needs the run's dataset: "), lines
+
+
+def test_cli_verify_hands_the_precision_to_runners_that_take_one(exported):
+    # --precision is both the tolerance preset and, for torch-fast/trt, how the runner computes
+    result = CliRunner().invoke(cli, ["verify", str(exported), "--runner", "torch-fast", "--precision", "bf16", "--no-progress"])
+    assert "verify torch-fast vs torch (bf16, TF32 off)" in result.output, result.output
+    report = __import__("json").loads((exported / "verify.json").read_text())["torch-fast"]
+    assert report["precision"] == "bf16" and report["outputs"]["scores"]["max_abs"] > 0  # bf16 did run
+
+
+def test_top1_is_judged_only_on_samples_with_a_clear_top1():
+    from snncompile.compare import PRESETS, _failures
+
+    errors = {"scores": {"max_abs": 0.1, "max_rel": 1.0, "max_abs_spike_exact": 0.0}}
+    top1 = {"agree": 5, "total": 8, "unambiguous_agree": 0, "unambiguous": 0, "exact_agree": 0, "exact": 0}
+    stats = {"lif1": LayerStats(neurons_per_step=100, flips_per_step=[3, 0], numerical=3)}
+    # bf16: no sample is clear of the 0.15 margin -> top-1 decides nothing (the flips were judged)
+    assert _failures(PRESETS["bf16"], errors, top1, stats, 3 / 200 / 10) == []
+    # one clear sample that disagrees -> fails, naming how many were judged
+    top1.update(unambiguous=1)
+    assert _failures(PRESETS["bf16"], errors, top1, stats, 3 / 200 / 10) == ["top-1 agreement 0.00 % < 95.00 % (on 1 samples with a clear top-1)"]
+    # fp32 judges the spike-exact clear samples only
+    top1.update(unambiguous=8, unambiguous_agree=5, exact=2, exact_agree=2)
+    assert not [r for r in _failures(PRESETS["fp32"], {"scores": {**errors["scores"], "max_abs_spike_exact": 0.0}}, top1, stats, 0.0) if "top-1" in r]

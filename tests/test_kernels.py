@@ -63,3 +63,27 @@ def test_zoo_networks_fused_equal_pure_torch(path):
         scale = g_torch.abs().max().item()
         torch.testing.assert_close(g_fused, g_torch, rtol=1e-4, atol=1e-5 * max(scale, 1e-6))
     assert any(g.abs().sum() > 0 for g in grads[True])
+
+
+def test_torch_fast_with_the_fused_kernel_reports_every_layer_like_torch(tmp_path):
+    """torch-fast's fused path (the GPU path; here in the interpreter) against the torch reference:
+    every layer's spikes and membranes, bit for bit, on an export with per-layer outputs."""
+    pytest.importorskip("onnxruntime")
+    import numpy as np
+
+    from snncompile.backends import create_runner
+    from snncompile.export_onnx import export_run
+    from helpers import make_run
+    from conftest import REPO
+
+    run = make_run(tmp_path, tiny_zoo_config(REPO / "models" / "dvs_gesture.toml"))
+    export_run(run, layers=True, n_random=8, n_real=0)
+    x = np.load(run / "reference_inputs.npz")["random"]
+    with create_runner("torch", run, "model_layers.onnx") as ref, \
+            create_runner("torch-fast", run, "model_layers.onnx", fused=True) as fast:
+        assert fast.graph.net.fused_lif
+        want, got = ref.infer({"input": x}), fast.infer({"input": x})
+    assert set(got) == set(want) and any(k.endswith(".membrane") for k in got)
+    assert sum(float(v.sum()) for k, v in got.items() if k.endswith(".spikes")) > 0
+    for name in want:
+        np.testing.assert_array_equal(got[name], want[name], err_msg=name)

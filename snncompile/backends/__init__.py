@@ -4,6 +4,6 @@ Each runtime is imported only inside its own module, and only when a runner of i
 ``snncompile`` works with none of the optional runtimes installed.
 """
 
-from .base import RUNNERS, Runner, TensorSpec, available_runners, create_runner, validate_feed
+from .base import RUNNERS, Runner, TensorSpec, available_runners, create_runner, runner_options, validate_feed
 
-__all__ = ["RUNNERS", "Runner", "TensorSpec", "available_runners", "create_runner", "validate_feed"]
+__all__ = ["RUNNERS", "Runner", "TensorSpec", "available_runners", "create_runner", "runner_options", "validate_feed"]

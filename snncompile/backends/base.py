@@ -11,7 +11,7 @@ import numpy as np
 
 from ..errors import ConfigError, InputError, RunnerUnavailableError
 
-__all__ = ["TensorSpec", "Runner", "validate_feed", "RUNNERS", "create_runner", "available_runners"]
+__all__ = ["TensorSpec", "Runner", "validate_feed", "RUNNERS", "create_runner", "available_runners", "runner_options"]
 
 
 @dataclass(frozen=True)
@@ -96,6 +96,7 @@ class Runner(ABC):
 # name -> "module:Class"; modules are imported only when a runner is asked for.
 RUNNERS: dict[str, str] = {
     "torch": "snncompile.backends.pt:TorchRunner",
+    "torch-fast": "snncompile.backends.fast:TorchFastRunner",
     "ort-cpu": "snncompile.backends.ort:OrtCpuRunner",
     "ort-cuda": "snncompile.backends.ort:OrtCudaRunner",
     "trt": "snncompile.backends.trt:TrtRunner",
@@ -112,6 +113,15 @@ def _runner_class(name: str) -> type[Runner]:
 def available_runners() -> dict[str, str | None]:
     """Every registered runner with None (available) or the reason it is not."""
     return {name: _runner_class(name).unavailable_reason() for name in RUNNERS}
+
+
+# Runners whose numerics follow a precision setting (TensorRT engines are built per precision).
+PRECISION_RUNNERS = ("torch-fast", "trt")
+
+
+def runner_options(name: str, precision: str = "fp32") -> dict:
+    """Constructor options that make runner ``name`` compute at ``precision`` (none for the others)."""
+    return {"precision": precision} if name in PRECISION_RUNNERS else {}
 
 
 def create_runner(name: str, run_dir: str | Path, model_file: str = "model.onnx", **options) -> Runner:

@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["fused_kernels_available", "fused_lif"]
+__all__ = ["fused_kernels_available", "fused_lif", "fused_lif_inference"]
 
 _KERNELS = None
 
@@ -115,3 +115,17 @@ class _FusedLIF(torch.autograd.Function):
 def fused_lif(currents: Tensor, k_tau1: float, v_th: float, a: float) -> Tensor:
     """Spikes ``[T, B, ...]`` (fp32 0/1) of the LIF recurrence over currents ``[T, B, ...]``, fused."""
     return _FusedLIF.apply(currents, float(k_tau1), float(v_th), float(a))
+
+
+def fused_lif_inference(currents: Tensor, k_tau1: float, v_th: float, membrane: bool = False):
+    """Inference only (no autograd): spikes ``[T, B, ...]`` fp32 and, with ``membrane``, the membrane
+    potentials ``[T, B, ...]`` fp32 as a second value (the per-layer outputs verify compares)."""
+    fwd, _ = _kernels()
+    steps = currents.shape[0]
+    flat = currents.detach().contiguous().view(steps, -1)
+    n = flat.shape[1]
+    spikes = torch.empty(flat.shape, dtype=torch.float32, device=flat.device)
+    mem = torch.empty_like(spikes) if membrane else spikes  # dummy pointer when not written
+    fwd[_grid(n)](flat, spikes, mem, n, float(k_tau1), float(v_th), T=steps, SAVE_U=membrane, BLOCK=_BLOCK)
+    shape = currents.shape
+    return (spikes.view(shape), mem.view(shape)) if membrane else spikes.view(shape)

@@ -1,0 +1,113 @@
+"""``torch-fast``: the fastest PyTorch inference of an unrolled export we can build.
+
+Same graph module as the torch reference (:class:`~snncompile.graphs.UnrolledGraph`), run for speed:
+
+- layer-major always (each conv/linear once on ``[T*B, ...]``), whatever order the file was exported in;
+- the LIF scan of each layer as one fused Triton kernel (on CUDA when Triton imports; on the CPU the
+  kernel runs only in Triton's interpreter, which tests use);
+- on CUDA, the whole forward captured once per input shape in a CUDA graph and replayed: one launch
+  per call instead of hundreds of kernel launches from Python;
+- ``precision``: ``fp32`` (TF32 off, spike-for-spike with the reference), ``tf32``, or ``fp16``/``bf16``
+  autocast for convs/linears; the membrane recurrence and the threshold compare stay fp32 (the LIF cell
+  and the kernel upcast), and ``verify --precision`` reports the flips that remain.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import ConfigError, RunnerUnavailableError
+from .pt import TorchRunner, no_tf32
+
+__all__ = ["TorchFastRunner"]
+
+_AUTOCAST = {"fp16": torch.float16, "bf16": torch.bfloat16}
+PRECISIONS = ("fp32", "tf32", "fp16", "bf16")
+
+
+class TorchFastRunner(TorchRunner):
+    """Layer-major, fused LIF, CUDA-graph replay; see the module docstring."""
+
+    name = "torch-fast"
+
+    def __init__(self, run_dir: Path, model_file: str = "model.onnx", device: str = "auto", precision: str = "fp32",
+                 fused: bool | None = None, cuda_graph: bool | None = None):
+        if precision not in PRECISIONS:
+            raise ConfigError(f"torch-fast precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        super().__init__(run_dir, model_file, device)
+        if self.form != "unrolled":
+            raise ConfigError(f"torch-fast runs unrolled exports; {model_file} is a {self.form!r} export")
+        on_cuda = self.device.type == "cuda"
+        if fused is None:
+            from ..kernels import fused_kernels_available
+
+            fused = on_cuda and fused_kernels_available()
+        if cuda_graph and not on_cuda:
+            raise RunnerUnavailableError("torch-fast: CUDA graphs need a CUDA device")
+        self.graph.order = "layer"
+        self.graph.net.fused_lif = bool(fused)
+        self.precision = precision
+        self.cuda_graph = on_cuda if cuda_graph is None else cuda_graph
+        self._captured: dict[tuple, tuple[torch.Tensor, tuple[torch.Tensor, ...], torch.cuda.CUDAGraph]] = {}
+
+    def _numerics(self):
+        """The context the forward runs in: TF32 off for fp32, autocast for fp16/bf16."""
+        stack = contextlib.ExitStack()
+        stack.enter_context(torch.inference_mode())
+        if self.precision == "fp32":
+            stack.enter_context(no_tf32())
+        if self.precision in _AUTOCAST:
+            stack.enter_context(torch.autocast(self.device.type, dtype=_AUTOCAST[self.precision]))
+        return stack
+
+    def _forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        with self._numerics():
+            return self.graph(x)
+
+    def _capture(self, x: torch.Tensor):
+        """A CUDA graph of the forward for ``x``'s shape: (static input, static outputs, graph)."""
+        key = tuple(x.shape)
+        if key not in self._captured:
+            static_in = x.clone()
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side):  # warm-up off the default stream, as capture requires
+                for _ in range(2):
+                    self._forward(static_in)
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                static_out = self._forward(static_in)
+            self._captured[key] = (static_in, static_out, graph)
+        return self._captured[key]
+
+    def prepare(self, feed: dict[str, np.ndarray]):
+        (x,) = super().prepare(feed)
+        return self._capture(x) if self.cuda_graph else x
+
+    def run_prepared(self, handle) -> None:
+        if self.cuda_graph:
+            handle[2].replay()
+        else:
+            self._forward(handle)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def _run(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        x = torch.from_numpy(np.ascontiguousarray(feed["input"])).to(self.device)
+        if self.cuda_graph:
+            static_in, outs, graph = self._capture(x)
+            static_in.copy_(x)
+            graph.replay()
+        else:
+            outs = self._forward(x)
+        return {name: out.float().cpu().numpy() for name, out in zip(self._outputs, outs)}
+
+    def close(self) -> None:
+        self._captured.clear()
