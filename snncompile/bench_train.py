@@ -16,6 +16,7 @@ reset_mechanism='zero')``. Their surrogates are their own (rectangular where the
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import time
 from typing import Callable
@@ -24,6 +25,7 @@ import torch
 from torch import nn
 
 from .config import Config
+from .memory import SavedActivations
 from .models import LayerSpec, network_from_config, parse_architecture
 from .train import loss_fn
 
@@ -154,19 +156,25 @@ def bench_train(cfg: Config, device: torch.device, precision: str = "fp32", step
     amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
     results: dict = {}
 
-    def timed(params, forward: Callable[[], torch.Tensor]) -> dict:
-        """Time SGD training steps of ``forward`` (-> class scores) over ``params``."""
+    def timed(params, forward: Callable[[], torch.Tensor], compact: bool = False) -> dict:
+        """Time SGD training steps of ``forward`` (-> class scores) over ``params``; ``compact``: keep
+        saved spikes as uint8, as our trainer does. Adds ``saved_mib``, what autograd keeps for backward
+        in one forward (measured on any device, after compaction)."""
         opt = torch.optim.SGD(params, lr=cfg.train.lr, momentum=cfg.train.momentum)
 
         def step():
-            with amp:
+            with amp, SavedActivations() if compact else contextlib.nullcontext():
                 scores = forward().float()
             loss = loss_fn(scores, y, cfg.train.loss)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
 
-        return _time_steps(step, device, steps, warmup)
+        stats = _time_steps(step, device, steps, warmup)
+        stats["saved_mib"] = _saved_mib(forward, amp, compact)
+        if compact:
+            stats["saved_mib_uncompacted"] = _saved_mib(forward, amp, False)
+        return stats
 
     fused = device.type == "cuda" and fused_kernels_available()
     for label, order, use_fused in ((" (fused LIF)" if fused else " (layer-major)", "layer", fused),
@@ -175,7 +183,7 @@ def bench_train(cfg: Config, device: torch.device, precision: str = "fp32", step
         net = network_from_config(m).to(device)
         net.fused_lif = use_fused
         name = ("snncompile" if order == "layer" else "torch") + label
-        results[name] = timed(net.parameters(), lambda net=net, order=order: net(x, order))
+        results[name] = timed(net.parameters(), lambda net=net, order=order: net(x, order), compact=order == "layer")
         echo(f"done: {name}")
     if peers:
         specs = parse_architecture(m.arch)
@@ -204,6 +212,14 @@ def bench_train(cfg: Config, device: torch.device, precision: str = "fp32", step
             "steps": steps, "variants": results}
 
 
+def _saved_mib(forward: Callable[[], torch.Tensor], amp, compact: bool) -> float:
+    """MiB autograd saves for backward in one forward (counted by saved-tensor hooks, untimed)."""
+    with amp, SavedActivations(compact=compact) as saved:
+        out = forward()
+    del out
+    return saved.saved_bytes / 2**20
+
+
 def _decode_peer(out: torch.Tensor, m) -> torch.Tensor:
     """Time-averaged output, voted in groups of G when the net ends in a voting layer."""
     rate = out.float().mean(0)
@@ -214,13 +230,16 @@ def _decode_peer(out: torch.Tensor, m) -> torch.Tensor:
 
 def format_train_table(r: dict) -> str:
     lines = [f"{r['model']}: T = {r['T']}, batch {r['batch']}, {r['precision']}, {r['device']}, median of {r['steps']} steps",
-             "", "| variant | ms / step | samples/s | peak MiB | vs snncompile |", "|---|---|---|---|---|"]
+             "", "| variant | ms / step | samples/s | peak MiB | saved for backward MiB | vs snncompile |", "|---|---|---|---|---|---|"]
     base = next(v["median_ms"] for v in r["variants"].values() if isinstance(v, dict))
     for name, v in r["variants"].items():
         if not isinstance(v, dict):
-            lines.append(f"| {name} | skipped: {v} | | | |")
+            lines.append(f"| {name} | skipped: {v} | | | | |")
             continue
         peak = "-" if v["peak_mib"] is None else f"{v['peak_mib']:.0f}"
-        lines.append(f"| {name} | {v['median_ms']:.1f} | {r['batch'] / (v['median_ms'] / 1e3):,.0f} | {peak} | "
+        saved = f"{v['saved_mib']:.1f}"
+        if "saved_mib_uncompacted" in v:
+            saved += f" ({v['saved_mib_uncompacted']:.1f} without uint8 spikes)"
+        lines.append(f"| {name} | {v['median_ms']:.1f} | {r['batch'] / (v['median_ms'] / 1e3):,.0f} | {peak} | {saved} | "
                      f"{v['median_ms'] / base:.2f}x |")
     return "\n".join(lines)

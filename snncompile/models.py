@@ -30,6 +30,7 @@ from torch import Tensor, nn
 
 from .errors import ConfigError
 from .layers import NeuNorm, Voting
+from .memory import mark_spikes
 from .neurons import LIFParams, lif_step
 
 __all__ = ["network_from_config", "LayerSpec", "parse_architecture", "SpikingNetwork", "LIFCell", "NeuNormCell"]
@@ -126,6 +127,13 @@ class NeuNormCell(nn.Module):
     def step(self, state: tuple[Tensor, ...], spikes: Tensor):
         x, y = self.norm.step(state[0], spikes)
         return (x,), y, None
+
+
+def _spike_dtype(currents: Tensor) -> torch.dtype:
+    """The dtype the fused kernel writes spikes in: autocast's when it is on (what the next layer
+    consumes), else fp32."""
+    kind = currents.device.type
+    return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else torch.float32
 
 
 class SpikingNetwork(nn.Module):
@@ -240,7 +248,7 @@ class SpikingNetwork(nn.Module):
 
                 p = stage.params
                 if record is None:
-                    h = fused_lif(h, p.k_tau1, p.v_th, p.a)
+                    h = mark_spikes(fused_lif(h, p.k_tau1, p.v_th, p.a, _spike_dtype(h)))
                 else:  # inference that reports every layer (verify): the kernel writes the membrane too
                     h, membrane = fused_lif_inference(h, p.k_tau1, p.v_th, membrane=True)
                     record[stage.name] = (h, membrane)
@@ -254,8 +262,10 @@ class SpikingNetwork(nn.Module):
                     outs.append(y)
                     mems.append(mem)
                 h = torch.stack(outs)
-                if record is not None and isinstance(stage, LIFCell):
-                    record[stage.name] = (h, torch.stack(mems))
+                if isinstance(stage, LIFCell):
+                    mark_spikes(h)
+                    if record is not None:
+                        record[stage.name] = (h, torch.stack(mems))
             else:
                 h = stage(h.flatten(0, 1))
                 h = h.unflatten(0, (steps, batch))
@@ -295,8 +305,10 @@ class SpikingNetwork(nn.Module):
                 state = next(cells) if cells is not None else stage.init_state(h)
                 state, h, mem = stage.step(state, h)
                 new_states.append(state)
-                if record is not None and isinstance(stage, LIFCell):
-                    record.setdefault(stage.name, []).append((h, mem))
+                if isinstance(stage, LIFCell):
+                    mark_spikes(h)
+                    if record is not None:
+                        record.setdefault(stage.name, []).append((h, mem))
             else:
                 h = stage(h)
         return h, new_states

@@ -28,6 +28,7 @@ from .config import Config, dumps_toml
 from .data import Split, batches, load_dataset, to_time_major
 from .distributed import DistContext, all_reduce_sum, destroy, init_distributed, shard_indices, stop_on_peer_failure
 from .errors import ConfigError
+from .memory import SavedActivations
 from .models import network_from_config
 from .runs import CHECKPOINT, CONFIG, METRICS, load_checkpoint, load_run_config
 
@@ -238,7 +239,8 @@ def _train(cfg: Config, device: torch.device, ctx: DistContext, out_root, resume
             if data.augment is not None:
                 x = data.augment(x, augment_rng)
             y = data.train.y[idx].to(device, non_blocking=True)
-            with _autocast(device, cfg.train.precision):
+            # SavedActivations: the spikes autograd keeps for backward are stored as uint8 (exact)
+            with _autocast(device, cfg.train.precision), SavedActivations():
                 scores = model(to_time_major(x, cfg.model.T, data.static)).float()
             loss = loss_fn(scores, y, cfg.train.loss)
             opt.zero_grad(set_to_none=True)

@@ -35,3 +35,20 @@ def test_bench_train_on_a_voting_network_with_mse():
 def test_inference_bench_still_takes_a_run_dir(tmp_path):
     result = CliRunner().invoke(cli, ["bench", str(tmp_path)])
     assert result.exit_code == 1 and "manifest.json is missing" in result.output
+
+
+def test_bench_train_measures_what_uint8_spikes_save():
+    import pytest
+    import torch
+
+    from snncompile.bench_train import bench_train
+    from snncompile.config import load_config
+
+    cfg = load_config(REPO / "models" / "bench-nmnist.toml", ["model.arch='8C3-AP2-8C3-AP2-16FC-10'", "model.T=3",
+                                                               "data.batch_size=4"])
+    r = bench_train(cfg, torch.device("cpu"), steps=1, warmup=0, echo=lambda s: None)
+    ours = r["variants"]["snncompile (layer-major)"]
+    # spikes autograd saves (T=3, B=4): lif1 [8, 34, 34] and lif2 [8, 17, 17] for the pools, lif3 [16]
+    # for the readout: (9248 + 2312 + 16) * 12 = 138,912 values, 4 bytes -> 1 byte each
+    assert (ours["saved_mib_uncompacted"] - ours["saved_mib"]) * 2**20 == pytest.approx(3 * 138_912)
+    assert "saved_mib_uncompacted" not in r["variants"]["torch loop (step-major)"]  # the plain loop keeps fp32

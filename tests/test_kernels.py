@@ -87,3 +87,31 @@ def test_torch_fast_with_the_fused_kernel_reports_every_layer_like_torch(tmp_pat
     assert sum(float(v.sum()) for k, v in got.items() if k.endswith(".spikes")) > 0
     for name in want:
         np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+
+
+def test_fused_path_with_compact_spikes_keeps_gradients_bit_identical():
+    from snncompile.memory import SavedActivations
+
+    cfg = tiny_zoo_config(ZOO[[p.endswith("bench-cifar.toml") for p in ZOO].index(True)])
+    torch.manual_seed(0)
+    net = network_from_config(cfg.model).eval()
+    net.fused_lif = True
+    x = (torch.rand(cfg.model.T, 2, *cfg.model.input_shape) < 0.3).float()
+    results = []
+    for compact in (False, True):
+        net.zero_grad(set_to_none=True)
+        with SavedActivations(compact=compact) as saved:
+            scores = net(x)
+        scores.square().sum().backward()
+        results.append((saved.saved_bytes, {n: p.grad.clone() for n, p in net.named_parameters()}))
+    (plain, g_plain), (compact, g_compact) = results
+    assert compact < plain
+    for name in g_plain:
+        assert torch.equal(g_plain[name], g_compact[name]), name
+
+
+def test_fused_spikes_in_half_precision_are_the_same_spikes():
+    currents = torch.randn(5, 2, 40)
+    half = fused_lif(currents, P.k_tau1, P.v_th, P.a, torch.float16)
+    assert half.dtype == torch.float16
+    assert torch.equal(half.float(), lif_scan(currents, P))

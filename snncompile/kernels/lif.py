@@ -86,14 +86,15 @@ def _grid(n: int):
 
 class _FusedLIF(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, currents: Tensor, k_tau1: float, v_th: float, a: float) -> Tensor:  # type: ignore[override]
+    def forward(ctx, currents: Tensor, k_tau1: float, v_th: float, a: float, out_dtype: torch.dtype) -> Tensor:  # type: ignore[override]
         fwd, _ = _kernels()
         steps = currents.shape[0]
         flat = currents.contiguous().view(steps, -1)
         n = flat.shape[1]
-        spikes = torch.empty(flat.shape, dtype=torch.float32, device=flat.device)
+        spikes = torch.empty(flat.shape, dtype=out_dtype, device=flat.device)
         save = ctx.needs_input_grad[0]
-        membrane = torch.empty_like(spikes) if save else spikes  # dummy pointer when not saved
+        # the membrane is fp32 whatever the spikes' dtype; a dummy pointer when not saved
+        membrane = torch.empty(flat.shape, dtype=torch.float32, device=flat.device) if save else spikes
         fwd[_grid(n)](flat, spikes, membrane, n, k_tau1, v_th, T=steps, SAVE_U=save, BLOCK=_BLOCK)
         if save:
             ctx.save_for_backward(membrane)
@@ -109,12 +110,14 @@ class _FusedLIF(torch.autograd.Function):
         grad_out = grad_spikes.contiguous().view(steps, n)
         grad_in = torch.empty((steps, n), dtype=torch.float32, device=membrane.device)
         bwd[_grid(n)](membrane, grad_out, grad_in, n, k_tau1, v_th, a / 2, 1.0 / a, T=steps, BLOCK=_BLOCK)
-        return grad_in.view(shape).to(dtype), None, None, None
+        return grad_in.view(shape).to(dtype), None, None, None, None
 
 
-def fused_lif(currents: Tensor, k_tau1: float, v_th: float, a: float) -> Tensor:
-    """Spikes ``[T, B, ...]`` (fp32 0/1) of the LIF recurrence over currents ``[T, B, ...]``, fused."""
-    return _FusedLIF.apply(currents, float(k_tau1), float(v_th), float(a))
+def fused_lif(currents: Tensor, k_tau1: float, v_th: float, a: float, out_dtype: torch.dtype = torch.float32) -> Tensor:
+    """Spikes ``[T, B, ...]`` (0/1 in ``out_dtype``) of the LIF recurrence over currents ``[T, B, ...]``,
+    fused. Under autocast, spikes in the autocast dtype are what the next conv consumes as is (no cast
+    kernel, half the bytes written), and what :mod:`snncompile.memory` can then save as uint8."""
+    return _FusedLIF.apply(currents, float(k_tau1), float(v_th), float(a), out_dtype)
 
 
 def fused_lif_inference(currents: Tensor, k_tau1: float, v_th: float, membrane: bool = False):
