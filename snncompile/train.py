@@ -152,6 +152,7 @@ def train(
         state = load_checkpoint(Path(resume) / CHECKPOINT)
     elif cfg is None:
         raise ConfigError("train() needs a config or a run directory to resume")
+    threads = torch.get_num_threads()  # restored after: a pipeline's later stages keep the machine's
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     device = resolve_device(cfg.train.device)
@@ -163,6 +164,7 @@ def train(
             return _train(cfg, device, ctx, out_root, resume, state, stop_after, progress, echo, start)
     finally:
         destroy(ctx)
+        torch.set_num_threads(threads)
 
 
 def _train(cfg: Config, device: torch.device, ctx: DistContext, out_root, resume, state, stop_after, progress, echo,

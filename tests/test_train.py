@@ -86,3 +86,18 @@ def test_failed_checkpoint_write_leaves_previous_file(tmp_path, monkeypatch, dig
         train(resume=result.run_dir, progress=False, echo=lambda s: None)
     assert (result.run_dir / CHECKPOINT).read_bytes() == before
     assert not [p for p in result.run_dir.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_train_threads_apply_to_training_only(digits_cfg, tmp_path):
+    import torch
+
+    from snncompile.train import train
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        digits_cfg.train.epochs = 1  # the fixture sets train.threads = 1
+        train(digits_cfg, tmp_path, progress=False, echo=lambda s: None)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
