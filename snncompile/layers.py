@@ -61,13 +61,22 @@ class NeuNorm(nn.Module):
         return neunorm_step(x, spikes, self.u_scale, self.k_tau2)
 
     def forward(self, spikes: Tensor) -> Tensor:
-        """``[T, B, F, H, W]`` spikes -> ``[T, B, F, H, W]`` normalised maps."""
-        x = self.initial_state(spikes[0])
-        outs = []
-        for spikes_t in spikes.unbind(0):
-            x, y = self.step(x, spikes_t)
-            outs.append(y)
-        return torch.stack(outs)
+        """``[T, B, F, H, W]`` spikes -> ``[T, B, F, H, W]`` normalised maps, layer-major.
+
+        The channel sums of all T steps in one reduction and the output in one broadcast; only the
+        recurrence on x (F times smaller than the maps) loops over T. Every element goes through the
+        same operations as in :func:`neunorm_step` (sums of 0/1 spikes are exact integers), so both
+        forms give the same bits.
+        """
+        channels = spikes.shape[2]
+        v_over_f = (1.0 - self.k_tau2) / (channels * channels)
+        drive = v_over_f * spikes.sum(dim=2, keepdim=True)  # [T, B, 1, H, W]
+        x = torch.zeros_like(drive[0])
+        states = []
+        for drive_t in drive.unbind(0):
+            x = self.k_tau2 * x + drive_t
+            states.append(x)
+        return spikes - self.u_scale * torch.stack(states)
 
     def extra_repr(self) -> str:
         f, h, w = self.u_scale.shape

@@ -129,11 +129,15 @@ class NeuNormCell(nn.Module):
         return (x,), y, None
 
 
-def _spike_dtype(currents: Tensor) -> torch.dtype:
-    """The dtype the fused kernel writes spikes in: autocast's when it is on (what the next layer
-    consumes), else fp32."""
+def _spike_dtype(currents: Tensor, after: list[nn.Module]) -> torch.dtype:
+    """The dtype the fused kernel writes spikes in: autocast's when it is on and the spikes go straight
+    into a conv/linear (which would cast them to it anyway); fp32 otherwise, so that NeuNorm's channel
+    sums, pooling and the output counts stay exact in any width."""
     kind = currents.device.type
-    return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else torch.float32
+    consumer = next((m for m in after if not isinstance(m, nn.Flatten)), None)
+    if torch.is_autocast_enabled(kind) and isinstance(consumer, (nn.Conv2d, nn.Linear)):
+        return torch.get_autocast_dtype(kind)
+    return torch.float32
 
 
 class SpikingNetwork(nn.Module):
@@ -242,16 +246,19 @@ class SpikingNetwork(nn.Module):
         """Layer-major over a slice of :attr:`stages`: ``[T, B, ...]`` in, ``[T, B, ...]`` out."""
         steps, batch = x.shape[:2]
         h = x
-        for stage in stages:
+        stages = list(stages)
+        for i, stage in enumerate(stages):
             if self.fused_lif and isinstance(stage, LIFCell) and (record is None or not torch.is_grad_enabled()):
                 from .kernels import fused_lif, fused_lif_inference
 
                 p = stage.params
                 if record is None:
-                    h = mark_spikes(fused_lif(h, p.k_tau1, p.v_th, p.a, _spike_dtype(h)))
+                    h = mark_spikes(fused_lif(h, p.k_tau1, p.v_th, p.a, _spike_dtype(h, stages[i + 1 :])))
                 else:  # inference that reports every layer (verify): the kernel writes the membrane too
                     h, membrane = fused_lif_inference(h, p.k_tau1, p.v_th, membrane=True)
                     record[stage.name] = (h, membrane)
+            elif isinstance(stage, NeuNormCell):
+                h = stage.norm(h)  # vectorised over T; bit-identical to its step form
             elif getattr(stage, "is_cell", False):
                 state = stage.init_state(h[0])
                 outs, mems = [], []

@@ -64,3 +64,17 @@ def test_voting_matrix_and_scores():
     assert torch.allclose(vote(rates), rates @ voting_matrix(3, 2))
     counts = torch.tensor([[4.0, 2.0, 0.0, 1.0, 3.0, 3.0]])  # the same rates as spike counts over T = 4
     assert vote.from_counts(counts, 4).tolist() == [[0.75, 0.125, 0.75]]
+
+
+def test_layer_major_neunorm_equals_its_step_form_bit_for_bit():
+    torch.manual_seed(0)
+    norm = NeuNorm(512, 3, 3, k_tau2=0.9)
+    with torch.no_grad():
+        norm.u_scale.normal_()
+    spikes = (torch.rand(6, 4, 512, 3, 3) < 0.4).float()
+    x = norm.initial_state(spikes[0])
+    outs = []
+    for spikes_t in spikes.unbind(0):
+        x, y = norm.step(x, spikes_t)
+        outs.append(y)
+    assert torch.equal(norm(spikes), torch.stack(outs))

@@ -128,3 +128,19 @@ def test_dropout_draws_a_new_mask_every_step():
     masks = seen[0].unflatten(0, (4, 1)) > 0  # [T, B, 64]
     assert 0.2 < masks.float().mean() < 0.8
     assert not any(torch.equal(masks[0], masks[t]) for t in range(1, 4))
+
+
+def test_fused_spikes_are_reduced_only_where_a_conv_or_linear_casts_them_anyway():
+    from torch import nn
+
+    from snncompile.layers import NeuNorm
+    from snncompile.models import NeuNormCell, _spike_dtype
+
+    i = torch.zeros(2, 3)
+    to_linear, to_conv = [nn.Flatten(), nn.Linear(3, 3)], [nn.Conv2d(1, 1, 3)]
+    to_norm, to_pool = [NeuNormCell(NeuNorm(1, 1, 1), "n")], [nn.AvgPool2d(2), nn.Conv2d(1, 1, 3)]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert _spike_dtype(i, to_linear) == _spike_dtype(i, to_conv) == torch.bfloat16
+        # channel sums, pooled values and the output counts stay fp32
+        assert _spike_dtype(i, to_norm) == _spike_dtype(i, to_pool) == _spike_dtype(i, []) == torch.float32
+    assert _spike_dtype(i, to_conv) == torch.float32
