@@ -94,3 +94,24 @@ def test_torch_fast_bad_options_are_one_line(tmp_path):
     if not __import__("torch").cuda.is_available():
         with pytest.raises(RunnerUnavailableError, match="CUDA graphs need a CUDA device"):
             create_runner("torch-fast", run, cuda_graph=True)
+
+
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA GPU")
+def test_torch_fast_on_cuda_replays_its_graph_and_verifies(tmp_path):
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("triton")
+    from snncompile.compare import verify_run
+    from snncompile.export_onnx import export_run
+
+    run = make_run(tmp_path, tiny_zoo_config(REPO / "models" / "mnist.toml"))
+    export_run(run, layers=True, n_random=64, n_real=0)
+    report = verify_run(run, "torch-fast", "fp32")
+    assert report["passed"], report["reasons"]
+    assert sum(s["real"] for s in report["layers"].values()) == 0
+    x = np.load(run / "reference_inputs.npz")["random"]
+    with create_runner("torch-fast", run) as runner:
+        assert runner.cuda_graph and runner.graph.net.fused_lif
+        first = runner.infer({"input": x[:, :8]})
+        runner.infer({"input": x[:, 8:24]})  # another shape: its own graph
+        again = runner.infer({"input": x[:, :8]})  # replayed with new input copied in
+    np.testing.assert_array_equal(first["scores"], again["scores"])

@@ -63,7 +63,8 @@ class TorchFastRunner(TorchRunner):
         if self.precision == "fp32":
             stack.enter_context(no_tf32())
         if self.precision in _AUTOCAST:
-            stack.enter_context(torch.autocast(self.device.type, dtype=_AUTOCAST[self.precision]))
+            # no weight-cast cache: cached casts must not outlive a CUDA-graph capture
+            stack.enter_context(torch.autocast(self.device.type, dtype=_AUTOCAST[self.precision], cache_enabled=False))
         return stack
 
     def _forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
