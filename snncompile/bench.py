@@ -20,7 +20,7 @@ from .backends.base import PRECISION_RUNNERS
 from .compare import verify_run
 from .errors import ConfigError
 
-__all__ = ["bench_run", "format_table", "percentiles"]
+__all__ = ["bench_run", "bench_stem", "format_table", "percentiles"]
 
 
 def percentiles(times_s: list[float]) -> dict[str, float]:
@@ -111,7 +111,8 @@ def bench_run(run_dir: str | Path, runners: list[str] | None = None, batches: tu
                 entry["by_batch"][str(batch)] = stats
                 if progress:
                     echo(f"{name} batch {batch}: p50 {stats['p50_ms']:.3f} ms")
-    stem = "bench" if model_file == "model.onnx" else f"bench_{Path(model_file).stem}"
+    stem = bench_stem(model_file, precision)
+    results["stem"] = stem
     atomic_write_json(run_dir / f"{stem}.json", results)
     atomic_write_text(run_dir / f"{stem}.md", format_table(results) + "\n")
     record_artifact(run_dir, f"{stem}.json")
@@ -119,6 +120,13 @@ def bench_run(run_dir: str | Path, runners: list[str] | None = None, batches: tu
     if _plot(results, run_dir / f"{stem}.png"):
         record_artifact(run_dir, f"{stem}.png")
     return results
+
+
+def bench_stem(model_file: str, precision: str) -> str:
+    """File stem of a bench's outputs: ``bench``, ``bench_model_per_step``, ``bench_bf16``, ... so that
+    timing another file or precision does not overwrite the fp32 results of ``model.onnx``."""
+    parts = ["bench"] + ([Path(model_file).stem] if model_file != "model.onnx" else []) + ([precision] if precision != "fp32" else [])
+    return "_".join(parts)
 
 
 def _n_reference(run_dir: Path) -> int:

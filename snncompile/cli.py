@@ -207,7 +207,7 @@ def bench_run_cmd(run, runners, batches, iters, warmup, model_file, precision) -
     results = bench_run(run, names, sizes, warmup=warmup, iters=iters, echo=click.echo, model_file=model_file,
                         precision=precision)
     click.echo(format_table(results))
-    stem = "bench" if model_file == "model.onnx" else f"bench_{Path(model_file).stem}"
+    stem = results["stem"]
     click.echo(f"wrote {run / (stem + '.json')}, {stem}.md" + (f", {stem}.png" if (run / f"{stem}.png").exists() else ""))
 
 

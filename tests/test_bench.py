@@ -51,10 +51,13 @@ def test_bench_precision_applies_to_torch_fast_only(exported):
     result = CliRunner().invoke(cli, ["bench", str(exported), "--runners", "ort-cpu,torch-fast", "--batch", "2",
                                       "--iters", "2", "--warmup", "0", "--precision", "bf16"])
     assert result.exit_code == 0, result.output
-    data = json.loads((exported / "bench.json").read_text())
+    data = json.loads((exported / "bench_bf16.json").read_text())
     assert data["runners"]["ort-cpu"]["precision"] == "fp32" and data["runners"]["torch-fast"]["precision"] == "bf16"
     assert data["runners"]["torch-fast"]["verified"] is True, data["runners"]["torch-fast"].get("skipped")
     assert "| torch-fast (bf16) | 2 |" in result.output and "| ort-cpu | 2 |" in result.output
+    # written beside, not over, the fp32 results
+    assert json.loads((exported / "bench_bf16.json").read_text())["runners"]["torch-fast"]["precision"] == "bf16"
+    assert not (exported / "bench.json").exists() and f"wrote {exported / 'bench_bf16.json'}" in result.output
 
 
 def test_runner_failing_verify_is_skipped_with_reason(exported):

@@ -1,0 +1,74 @@
+#!/usr/bin/env bash
+# The GPU figures of the training-speed, inference-benchmark and pipeline issues, one part per call
+# (a device call may run 10 minutes). Each part appends its tables to $OUT/<part>.md and its logs to
+# $OUT/<part>.log, and prints the tables at the end.
+#
+#   OUT=$OUT scripts/gpu_figures.sh train      # bench train: bench-cifar/bench-nmnist fp32+bf16, peers; paper nets T=8
+#   OUT=$OUT scripts/gpu_figures.sh infer      # bench: torch, torch-fast, ort-cuda, trt at b1/b64/b128; per-step layout on ORT CUDA
+#   OUT=$OUT MNIST_ROOT=dir scripts/gpu_figures.sh mnist [EPOCHS]   # pipeline on mnist.toml (+ NeuNorm off)
+#
+# QUICK=1 shrinks every network and step count so the whole script runs on a CPU as a smoke test.
+set -euo pipefail
+part=${1:?usage: gpu_figures.sh train|infer|mnist [EPOCHS]}
+OUT=${OUT:-export/gpu-figures}
+QUICK=${QUICK:-0}
+mkdir -p "$OUT"
+md="$OUT/$part.md"
+log="$OUT/$part.log"
+runs="$OUT/runs"
+
+if [ "$QUICK" = 1 ]; then
+    tiny_cifar=(--set "model.arch='8C3-AP2-8C3-16FC-10'")
+    tiny_nmnist=(--set "model.arch='8C3-AP2-8C3-AP2-16FC-10'")
+    tiny_voting=(--set "model.arch='8C3(Encoding)-8C3-AP2-16FC-Voting'")
+    steps=(--steps 2 --warmup 1 --batch 4 --device cpu)
+    batches=1,4
+    iters=(--iters 3 --warmup 1)
+else
+    tiny_cifar=() tiny_nmnist=() tiny_voting=()
+    steps=(--steps 30 --warmup 10)
+    batches=1,64,128
+    iters=(--iters 200 --warmup 20)
+fi
+
+case "$part" in
+train)
+    for precision in bf16 fp32; do
+        snncompile bench train models/bench-cifar.toml "${tiny_cifar[@]}" --precision "$precision" --peers "${steps[@]}" 2>>"$log" | tee -a "$md"
+        snncompile bench train models/bench-nmnist.toml "${tiny_nmnist[@]}" --precision "$precision" --peers "${steps[@]}" 2>>"$log" | tee -a "$md"
+    done
+    # the paper's networks, with NeuNorm and voting, at T = 8
+    snncompile bench train models/cifar10.toml "${tiny_voting[@]}" --T 8 --precision bf16 "${steps[@]}" 2>>"$log" | tee -a "$md"
+    snncompile bench train models/nmnist.toml "${tiny_voting[@]}" --T 8 --precision bf16 "${steps[@]}" 2>>"$log" | tee -a "$md"
+    ;;
+infer)
+    for model in bench-nmnist bench-cifar; do
+        tiny=(); [ "$model" = bench-cifar ] && tiny=("${tiny_cifar[@]}") || tiny=("${tiny_nmnist[@]}")
+        run=$(snncompile init "models/$model.toml" "${tiny[@]}" --out "$runs" 2>>"$log" | sed -E 's/^initialised ([^;]+).*/\1/')
+        snncompile export "$run" --samples 64 >>"$log" 2>&1
+        snncompile export "$run" --order step --samples 64 >>"$log" 2>&1
+        snncompile bench "$run" --runners torch,torch-fast,ort-cuda,trt --batch "$batches" "${iters[@]}" 2>>"$log" \
+            | sed -n '/^model /,/^wrote/p' | tee -a "$md"
+        snncompile bench "$run" --batch "$batches" "${iters[@]}" --precision bf16 --runners torch-fast 2>>"$log" \
+            | sed -n '/^model /,/^wrote/p' | tee -a "$md"
+        # the per-timestep layout of the same network (the layout other tools export), for comparison
+        snncompile bench "$run" --model model_per_step.onnx --runners ort-cuda,torch --batch "$batches" "${iters[@]}" 2>>"$log" \
+            | sed -n '/^model /,/^wrote/p' | tee -a "$md"
+    done
+    ;;
+mnist)
+    epochs=${2:-30}
+    root=${MNIST_ROOT:-../shared/data/mnist}
+    quick=(); [ "$QUICK" = 1 ] && quick=("${tiny_voting[@]}" --set data.limit_train=512 --set data.limit_test=256)
+    for neunorm in true false; do
+        start=$(date +%s)
+        snncompile pipeline models/mnist.toml "${quick[@]}" --set "data.root='$root'" --set "train.epochs=$epochs" \
+            --set "model.neunorm=$neunorm" --out "$runs" --batch 1,128 --no-progress 2>>"$log" | tee -a "$md"
+        echo "NeuNorm $neunorm: pipeline wall $(( $(date +%s) - start )) s" | tee -a "$md"
+    done
+    ;;
+*)
+    echo "unknown part $part (train|infer|mnist)" >&2
+    exit 2
+    ;;
+esac
