@@ -96,6 +96,7 @@ def test_torch_fast_bad_options_are_one_line(tmp_path):
             create_runner("torch-fast", run, cuda_graph=True)
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA GPU")
 def test_torch_fast_on_cuda_replays_its_graph_and_verifies(tmp_path):
     pytest.importorskip("onnxruntime")
