@@ -84,6 +84,19 @@ def gpu_identity() -> dict:
     return {"gpu": props.name, "compute_capability": f"{props.major}.{props.minor}"}
 
 
+# TensorRT for RTX runs engines on RTX-class GPUs only (its support matrix, 1.0-1.5); it still parses
+# and builds elsewhere, e.g. on an H100 (9.0), so `snncompile build` works there but no runner does.
+RTX_RUNTIME_CAPABILITIES = ("7.5", "8.6", "8.9", "12.0", "12.1")
+
+
+def runtime_reason(module: str, compute_capability: str) -> str | None:
+    """Why engines cannot run on this GPU with this TensorRT package, or None when they can."""
+    if module == "tensorrt_rtx" and compute_capability not in RTX_RUNTIME_CAPABILITIES:
+        return (f"tensorrt_rtx runs engines only on compute capability {', '.join(RTX_RUNTIME_CAPABILITIES)}, this GPU "
+                f"is {compute_capability} (`snncompile build` still parses and builds; install tensorrt to run them)")
+    return None
+
+
 def _pin_neurons_fp32(trt, network) -> int:
     """Precision constraints: every non-conv/non-matmul layer computes and outputs fp32."""
     heavy = {trt.LayerType.CONVOLUTION, trt.LayerType.MATRIX_MULTIPLY}
@@ -179,12 +192,14 @@ class TrtRunner(Runner):
     @classmethod
     def unavailable_reason(cls) -> str | None:
         try:
-            tensorrt_module()
+            trt = tensorrt_module()
         except MissingDependencyError as e:
             return str(e)
         import torch
 
-        return None if torch.cuda.is_available() else "no CUDA GPU visible"
+        if not torch.cuda.is_available():
+            return "no CUDA GPU visible"
+        return runtime_reason(trt.__name__, gpu_identity()["compute_capability"])
 
     def __init__(self, run_dir: Path, model_file: str = "model.onnx", precision: str = "fp32", cuda_graph: bool = False):
         torch = _require_cuda()
