@@ -84,18 +84,24 @@ def _grid(n: int):
     return ((n + _BLOCK - 1) // _BLOCK,)
 
 
+def _forward(currents: Tensor, k_tau1: float, v_th: float, out_dtype: torch.dtype, membrane: bool):
+    """Launch the forward kernel: (spikes ``[T, N]`` in ``out_dtype``, fp32 membrane ``[T, N]`` or None)."""
+    fwd, _ = _kernels()
+    steps = currents.shape[0]
+    flat = currents.detach().contiguous().view(steps, -1)
+    n = flat.shape[1]
+    spikes = torch.empty(flat.shape, dtype=out_dtype, device=flat.device)
+    # the membrane is fp32 whatever the spikes' dtype; a dummy pointer when not written
+    mem = torch.empty(flat.shape, dtype=torch.float32, device=flat.device) if membrane else spikes
+    fwd[_grid(n)](flat, spikes, mem, n, float(k_tau1), float(v_th), T=steps, SAVE_U=membrane, BLOCK=_BLOCK)
+    return spikes, (mem if membrane else None)
+
+
 class _FusedLIF(torch.autograd.Function):
     @staticmethod
     def forward(ctx, currents: Tensor, k_tau1: float, v_th: float, a: float, out_dtype: torch.dtype) -> Tensor:  # type: ignore[override]
-        fwd, _ = _kernels()
-        steps = currents.shape[0]
-        flat = currents.contiguous().view(steps, -1)
-        n = flat.shape[1]
-        spikes = torch.empty(flat.shape, dtype=out_dtype, device=flat.device)
         save = ctx.needs_input_grad[0]
-        # the membrane is fp32 whatever the spikes' dtype; a dummy pointer when not saved
-        membrane = torch.empty(flat.shape, dtype=torch.float32, device=flat.device) if save else spikes
-        fwd[_grid(n)](flat, spikes, membrane, n, k_tau1, v_th, T=steps, SAVE_U=save, BLOCK=_BLOCK)
+        spikes, membrane = _forward(currents, k_tau1, v_th, out_dtype, membrane=save)
         if save:
             ctx.save_for_backward(membrane)
         ctx.constants = (k_tau1, v_th, a, currents.shape, currents.dtype)
@@ -123,12 +129,6 @@ def fused_lif(currents: Tensor, k_tau1: float, v_th: float, a: float, out_dtype:
 def fused_lif_inference(currents: Tensor, k_tau1: float, v_th: float, membrane: bool = False):
     """Inference only (no autograd): spikes ``[T, B, ...]`` fp32 and, with ``membrane``, the membrane
     potentials ``[T, B, ...]`` fp32 as a second value (the per-layer outputs verify compares)."""
-    fwd, _ = _kernels()
-    steps = currents.shape[0]
-    flat = currents.detach().contiguous().view(steps, -1)
-    n = flat.shape[1]
-    spikes = torch.empty(flat.shape, dtype=torch.float32, device=flat.device)
-    mem = torch.empty_like(spikes) if membrane else spikes  # dummy pointer when not written
-    fwd[_grid(n)](flat, spikes, mem, n, float(k_tau1), float(v_th), T=steps, SAVE_U=membrane, BLOCK=_BLOCK)
+    spikes, mem = _forward(currents, k_tau1, v_th, torch.float32, membrane)
     shape = currents.shape
     return (spikes.view(shape), mem.view(shape)) if membrane else spikes.view(shape)
