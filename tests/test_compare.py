@@ -135,3 +135,10 @@ def test_top1_is_judged_only_on_samples_with_a_clear_top1():
     # fp32 judges the spike-exact clear samples only
     top1.update(unambiguous=8, unambiguous_agree=5, exact=2, exact_agree=2)
     assert not [r for r in _failures(PRESETS["fp32"], {"scores": {**errors["scores"], "max_abs_spike_exact": 0.0}}, top1, stats, 0.0) if "top-1" in r]
+
+
+def test_every_runner_precision_has_a_tolerance_preset():
+    from snncompile.backends.base import PRECISIONS
+    from snncompile.compare import PRESETS
+
+    assert tuple(PRESETS) == PRECISIONS

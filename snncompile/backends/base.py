@@ -115,8 +115,10 @@ def available_runners() -> dict[str, str | None]:
     return {name: _runner_class(name).unavailable_reason() for name in RUNNERS}
 
 
-# Runners whose numerics follow a precision setting (TensorRT engines are built per precision).
+# Runners whose numerics follow a precision setting (TensorRT engines are built per precision), and
+# the precisions they take (verify's tolerance presets have the same names).
 PRECISION_RUNNERS = ("torch-fast", "trt")
+PRECISIONS = ("fp32", "tf32", "fp16", "bf16")
 
 
 def runner_options(name: str, precision: str = "fp32") -> dict:

@@ -21,12 +21,12 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError, RunnerUnavailableError
+from .base import PRECISIONS
 from .pt import TorchRunner, no_tf32
 
 __all__ = ["TorchFastRunner"]
 
 _AUTOCAST = {"fp16": torch.float16, "bf16": torch.bfloat16}
-PRECISIONS = ("fp32", "tf32", "fp16", "bf16")
 
 
 class TorchFastRunner(TorchRunner):

@@ -21,12 +21,11 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ArtifactError, ConfigError, ExportError, MissingDependencyError, RunnerUnavailableError
-from .base import Runner, TensorSpec
+from .base import PRECISIONS, Runner, TensorSpec
 
 __all__ = ["engine_name", "tensorrt_module", "parse_profile", "BuildOptions", "build_engine", "TrtRunner", "ENGINE_FORMAT"]
 
 ENGINE_FORMAT = 1
-PRECISIONS = ("fp32", "tf32", "fp16", "bf16")
 
 
 def tensorrt_module():
