@@ -10,12 +10,20 @@ from snncompile.cli import cli
 
 BLOCK_EXTRAS = """
 import sys
-class Block:
+BLOCKED = {'onnx', 'onnxruntime', 'onnxscript', 'tensorrt', 'tensorrt_rtx', 'tonic', 'triton', 'matplotlib'}
+class Hide:
+    # Wraps every finder so the extras look absent, as on a machine without them: find_spec answers None
+    # (importlib.util.find_spec probes, as torch's own import does, see nothing; `import x` raises
+    # ModuleNotFoundError).
+    def __init__(self, finder):
+        self.finder = finder
     def find_spec(self, name, path=None, target=None):
-        if name.split('.')[0] in {'onnx', 'onnxruntime', 'onnxscript', 'tensorrt', 'tensorrt_rtx', 'tonic',
-                                   'triton', 'matplotlib'}:
-            raise ImportError('blocked: ' + name)
-sys.meta_path.insert(0, Block())
+        if name.split('.')[0] in BLOCKED:
+            return None
+        return self.finder.find_spec(name, path, target)
+    def __getattr__(self, attr):
+        return getattr(self.finder, attr)
+sys.meta_path[:] = [Hide(f) for f in sys.meta_path]
 import snncompile, snncompile.cli, snncompile.train, snncompile.models
 from snncompile.cli import cli
 sys.argv = ['snncompile', '--help']
