@@ -60,6 +60,10 @@ class DataConfig:
     polarity: str = "split"  # 'split': 2 channels; 'merge': 1
     frame_clip: int = 0  # 0 = event counts; n = clip counts at n (1 = binary frames)
     cache_dir: str = ""  # frame cache; empty = $XDG_CACHE_HOME/snncompile/frames
+    # Training batches: 'auto' = what the paper did on the dataset (CIFAR10 shift-flip, others none),
+    # 'none', 'shift' (pad by augment_pad, crop back at a random offset), 'shift-flip' (+ mirror half).
+    augment: str = "auto"
+    augment_pad: int = 4
 
 
 @dataclass
@@ -87,6 +91,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "data.name": ("digits", "mnist", "cifar10", "nmnist", "dvs_cifar10", "dvs_gesture", "random"),
     "data.binning": ("count", "window"),
     "data.polarity": ("split", "merge"),
+    "data.augment": ("auto", "none", "shift", "shift-flip"),
     "train.optimizer": ("adam", "sgd"),
     "train.schedule": ("none", "step", "multistep", "cosine"),
     "train.loss": ("mse", "ce"),
@@ -172,6 +177,8 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(f"need model.a > 0 and 0 <= model.dropout < 1, got {m.a}, {m.dropout}")
     if d.batch_size < 1 or d.eval_batch_size < 1:
         raise ConfigError("data.batch_size and data.eval_batch_size must be >= 1")
+    if d.augment_pad < 0:
+        raise ConfigError(f"data.augment_pad must be >= 0, got {d.augment_pad}")
     if d.downsample < 1 or d.bin_us < 1 or d.frame_clip < 0:
         raise ConfigError(f"need data.downsample >= 1, data.bin_us >= 1, data.frame_clip >= 0; got "
                           f"{d.downsample}, {d.bin_us}, {d.frame_clip}")

@@ -1,5 +1,5 @@
-"""CIFAR10 reader and augmentation: batch files made here in the real on-disk format (pickled dicts with
-bytes keys, as the official python version ships them), the restricted unpickler, and RandomCrop+flip."""
+"""CIFAR10 reader: batch files made here in the real on-disk format (pickled dicts with
+bytes keys, as the official python version ships them), the restricted unpickler, and the trainer with the paper's augmentation."""
 
 import builtins
 import codecs
@@ -14,11 +14,10 @@ import torch
 from snncompile.data.cifar10 import (
     CIFAR10_CLASSES,
     CIFAR10_FOLDER,
-    augment_cifar,
     load_cifar10,
     read_cifar_pickle,
 )
-from snncompile.errors import DataError, InputError
+from snncompile.errors import DataError
 
 ALL_FILES = "data_batch_1, data_batch_2, data_batch_3, data_batch_4, data_batch_5, test_batch"
 
@@ -265,81 +264,7 @@ def test_bad_meta(tmp_path):
         load_cifar10(tmp_path)
 
 
-# --- augmentation --------------------------------------------------------------------------------------------
-
-
-def distinct_images(b: int, c: int = 3, h: int = 32, w: int = 32) -> torch.Tensor:
-    """Every value distinct and non-zero, so a crop/flip is identified uniquely and padding shows as zeros."""
-    return (torch.arange(b * c * h * w, dtype=torch.float32) + 1).view(b, c, h, w)
-
-
-def reference_candidates(img: np.ndarray, pad: int = 4):
-    """All RandomCrop(pad)+flip outcomes of one [C, H, W] image, by explicit zero padding and slicing."""
-    c, h, w = img.shape
-    padded = np.zeros((c, h + 2 * pad, w + 2 * pad), img.dtype)
-    padded[:, pad : pad + h, pad : pad + w] = img
-    for dy in range(2 * pad + 1):
-        for dx in range(2 * pad + 1):
-            crop = padded[:, dy : dy + h, dx : dx + w]
-            yield (dy, dx, False), crop
-            yield (dy, dx, True), crop[:, :, ::-1]
-
-
-def test_augment_shape_dtype_and_input_untouched():
-    x = torch.randn(5, 3, 32, 32)
-    before = x.clone()
-    y = augment_cifar(x, torch.Generator().manual_seed(0))
-    assert y.shape == x.shape and y.dtype == x.dtype and y.device == x.device
-    assert torch.equal(x, before)
-
-
-def test_augment_is_seeded():
-    x = torch.randn(16, 3, 32, 32)
-    a = augment_cifar(x, torch.Generator().manual_seed(3))
-    b = augment_cifar(x, torch.Generator().manual_seed(3))
-    c = augment_cifar(x, torch.Generator().manual_seed(4))
-    assert torch.equal(a, b) and not torch.equal(a, c)
-    g = torch.Generator().manual_seed(3)
-    assert not torch.equal(augment_cifar(x, g), augment_cifar(x, g))  # the generator advances
-
-
-def test_augment_is_a_zero_padded_crop_and_maybe_a_flip_of_each_sample():
-    x = distinct_images(64)
-    y = augment_cifar(x, torch.Generator().manual_seed(1)).numpy()
-    seen = []
-    for i in range(len(x)):
-        matches = [p for p, cand in reference_candidates(x[i].numpy()) if np.array_equal(cand, y[i])]
-        assert len(matches) == 1, f"sample {i}: {len(matches)} matching crops"
-        seen.append(matches[0])
-    assert len({(dy, dx) for dy, dx, _ in seen}) > 20  # offsets vary per sample
-    assert any(dy != 4 or dx != 4 for dy, dx, _ in seen)  # content really shifts (zeros come in)
-    assert (y == 0).any()
-
-
-def test_augment_offsets_and_flips_are_spread_over_a_batch():
-    x = distinct_images(256, c=1, h=8, w=8)
-    y = augment_cifar(x, torch.Generator().manual_seed(0), padding=2)
-    offsets, flips = set(), 0
-    for i in range(256):
-        (p,) = [p for p, cand in reference_candidates(x[i].numpy(), pad=2) if np.array_equal(cand, y[i].numpy())]
-        offsets.add(p[:2])
-        flips += p[2]
-    assert offsets == {(dy, dx) for dy in range(5) for dx in range(5)}  # every offset 0..2*pad occurs
-    assert 0.35 * 256 < flips < 0.65 * 256
-
-
-def test_augment_flips_about_half_of_256_cifar_samples():
-    x = distinct_images(256)
-    y = augment_cifar(x, torch.Generator().manual_seed(7), padding=0)  # no crop: flip or identity only
-    same = (y == x).flatten(1).all(1)
-    flipped = (y == x.flip(-1)).flatten(1).all(1)
-    assert bool((same ^ flipped).all())
-    assert 0.35 * 256 < int(flipped.sum()) < 0.65 * 256
-
-
-def test_augment_rejects_wrong_rank():
-    with pytest.raises(InputError, match=r"\[B, C, H, W\]"):
-        augment_cifar(torch.zeros(3, 32, 32), torch.Generator())
+# --- augmentation (the functions themselves: test_augment.py) ---------------------------------------------
 
 
 def test_trainer_trains_on_cifar10_files_with_augmentation(tmp_path):
@@ -354,4 +279,4 @@ def test_trainer_trains_on_cifar10_files_with_augmentation(tmp_path):
         "data.batch_size=8", "train.threads=1"])
     result = train(cfg, tmp_path / "runs", progress=False, echo=lambda s: None)
     manifest = (result.run_dir / "manifest.json").read_text()
-    assert "random crop 32 pad 4" in manifest and result.epochs_done == 1
+    assert "random shift (pad 4, crop back) + horizontal flip" in manifest and result.epochs_done == 1

@@ -12,8 +12,9 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from ..config import Config
+from ..config import Config, DataConfig
 from ..errors import ConfigError
+from .augment import make_augment
 
 __all__ = ["Split", "Dataset", "load_dataset", "to_time_major"]
 
@@ -52,6 +53,12 @@ def _normalise(ds: Dataset, mean: list[float], std: list[float]) -> None:
     ds.info.update(mean=list(mean), std=list(std))
 
 
+def _set_augment(ds: Dataset, d: DataConfig, fill: float | list[float]) -> None:
+    # 'auto' is what the paper trained with: RandomCrop(32, pad 4) + horizontal flip on CIFAR10 (PAPER.md §5).
+    paper_default = "shift-flip" if ds.name == "cifar10" else "none"
+    ds.augment, ds.info["augment"] = make_augment(d.augment, d.augment_pad, fill, paper_default)
+
+
 def load_dataset(cfg: Config, progress: bool = True) -> Dataset:
     """Load the dataset named by ``cfg.data`` (in memory, normalised, limited if asked)."""
     d = cfg.data
@@ -66,22 +73,22 @@ def load_dataset(cfg: Config, progress: bool = True) -> Dataset:
         ds = load_mnist(d.root)
         mean, std = d.mean or [0.1307], d.std or [0.3081]
     elif d.name == "cifar10":
-        from .cifar10 import augment_cifar, load_cifar10
+        from .cifar10 import load_cifar10
 
         ds = load_cifar10(d.root)
-        ds.augment = augment_cifar  # RandomCrop(32, pad 4) + horizontal flip (PAPER.md §5)
-        ds.info["augment"] = "random crop 32 pad 4 + horizontal flip"
         mean, std = d.mean or [0.4914, 0.4822, 0.4465], d.std or [0.2023, 0.1994, 0.2010]
     elif d.name in ("nmnist", "dvs_cifar10", "dvs_gesture"):
-        return _load_events(cfg, progress)
+        ds = _load_events(cfg, progress)
+        _set_augment(ds, d, fill=0.0)  # padding = no events
+        return ds
     else:
         raise ConfigError(f"data.name {d.name!r} has no dataset to train on (it is for benchmarks)")
     if d.limit_train:
         ds.train = Split(ds.train.x[: d.limit_train], ds.train.y[: d.limit_train])
     if d.limit_test:
         ds.test = Split(ds.test.x[: d.limit_test], ds.test.y[: d.limit_test])
-    if ds.static:
-        _normalise(ds, mean, std)
+    _normalise(ds, mean, std)
+    _set_augment(ds, d, fill=[-m / s for m, s in zip(mean, std)])  # padding = black, as padding before normalising
     sample_shape = list(ds.train.x.shape[1:] if ds.static else ds.train.x.shape[2:])
     if sample_shape != list(cfg.model.input_shape):
         raise ConfigError(f"model.input_shape is {cfg.model.input_shape} but {d.name} frames are {sample_shape}")

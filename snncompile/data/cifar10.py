@@ -1,5 +1,5 @@
-"""CIFAR10 from the standard *python version* batch files, read with a restricted unpickler, and the
-paper's training augmentation (RandomCrop(32, padding=4) then a random horizontal flip; PAPER.md §4).
+"""CIFAR10 from the standard *python version* batch files, read with a restricted unpickler. (The paper's
+training augmentation, RandomCrop(32, padding=4) + horizontal flip, is ``data.augment='auto'``: see augment.py.)
 
 The batch files are pickles. They are never handed to plain ``pickle.load``: :class:`SafeUnpickler` resolves
 only the handful of globals a pickled numpy array needs and rejects everything else with a
@@ -16,10 +16,8 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from torch import Tensor
 
-from ..errors import DataError, InputError
+from ..errors import DataError
 from . import Dataset, Split
 
 __all__ = [
@@ -31,7 +29,6 @@ __all__ = [
     "SafeUnpickler",
     "read_cifar_pickle",
     "load_cifar10",
-    "augment_cifar",
 ]
 
 CIFAR10_FOLDER = "cifar-10-batches-py"
@@ -216,36 +213,3 @@ def load_cifar10(root: str | Path) -> Dataset:
     train = _to_split([_read_batch(folder / n) for n in CIFAR10_TRAIN_FILES])
     test = _to_split([_read_batch(folder / CIFAR10_TEST_FILE)])
     return Dataset(name="cifar10", train=train, test=test, classes=classes, static=True, info={"source": str(folder)})
-
-
-def augment_cifar(x: Tensor, generator: torch.Generator, *, padding: int = 4) -> Tensor:
-    """The paper's CIFAR10 training augmentation on a batch: RandomCrop(H, padding) then a random horizontal flip.
-
-    Each sample is zero-padded by ``padding`` on every side and cropped back to ``H x W`` at its own random
-    offset (uniform in ``0..2*padding`` per axis, as torchvision's RandomCrop), then mirrored left-right with
-    probability 0.5. Offsets and flips are drawn from ``generator`` (on its device, normally the CPU) and applied
-    on ``x``'s device, so the result depends only on the generator's state.
-
-    Args:
-        x: ``[B, C, H, W]`` images, already normalised (zero padding is applied after normalisation).
-        generator: the source of all randomness; 3 draws per call (row offsets, column offsets, flips).
-        padding: pixels of zero padding per side (4 in the paper).
-
-    Returns:
-        ``[B, C, H, W]``, same dtype and device as ``x``; ``x`` is not modified.
-    """
-    if x.ndim != 4:
-        raise InputError(f"augment_cifar expects [B, C, H, W] images, got shape {list(x.shape)}")
-    b, _, h, w = x.shape
-    span = 2 * padding + 1
-    dev = generator.device
-    dy = torch.randint(0, span, (b,), generator=generator, device=dev).to(x.device)
-    dx = torch.randint(0, span, (b,), generator=generator, device=dev).to(x.device)
-    flip = (torch.rand(b, generator=generator, device=dev) < 0.5).to(x.device)
-    padded = F.pad(x, (padding, padding, padding, padding)) if padding else x  # [B, C, H+2p, W+2p], zeros
-    rows = dy[:, None] + torch.arange(h, device=x.device)  # [B, H]
-    cols = dx[:, None] + torch.arange(w, device=x.device)  # [B, W]
-    cols = torch.where(flip[:, None], cols.flip(1), cols)  # a flip reads the crop's columns right to left
-    bidx = torch.arange(b, device=x.device)[:, None, None]
-    out = padded.permute(0, 2, 3, 1)[bidx, rows[:, :, None], cols[:, None, :]]  # [B, H, W, C]
-    return out.permute(0, 3, 1, 2).contiguous()
