@@ -132,14 +132,14 @@ def build(run, precision, batch, workspace_mb, timing_cache, all_layers_reduced,
 def verify(run, runners, precision, batch, model_file, test_set, no_progress) -> None:
     """Check that RUN's exported model computes PyTorch's spikes and outputs on a runtime."""
     from .backends import available_runners, runner_options
-    from .compare import format_report, verify_run
+    from .compare import format_report, verify_runs
 
     if not runners:
         runners = tuple(n for n, why in available_runners().items() if why is None and n != "torch")
+    reports = verify_runs(run, {name: runner_options(name, precision) for name in runners}, precision, batch,
+                          model_file=model_file, progress=not no_progress, inputs="test" if test_set else "reference")
     failed = []
-    for name in runners:
-        report = verify_run(run, name, precision, batch, model_file=model_file, progress=not no_progress,
-                            inputs="test" if test_set else "reference", options=runner_options(name, precision))
+    for name, report in reports.items():
         click.echo(format_report(report))
         if not report["passed"]:
             failed.append(name)

@@ -25,7 +25,7 @@ from .backends import create_runner
 from .errors import ArtifactError, ConfigError, DataError
 from .runs import load_run_config
 
-__all__ = ["Tolerance", "PRESETS", "verify_run", "format_report", "LayerStats"]
+__all__ = ["Tolerance", "PRESETS", "verify_run", "verify_runs", "format_report", "LayerStats"]
 
 
 @dataclass(frozen=True)
@@ -173,15 +173,91 @@ class _TestSet:
             yield to_time_major(x.float(), self._steps, self._ds.static).contiguous().numpy(), y.numpy(), None
 
 
+class _Tally:
+    """What one candidate runner did on every batch, against the reference's outputs on the same inputs."""
+
+    def __init__(self, runner: str, plain: list[str]):
+        self.runner = runner
+        # max_abs_spike_exact: over the samples whose every spike matched (layers checked only)
+        self.errors = {n: {"max_abs": 0.0, "max_rel": 0.0, "max_abs_spike_exact": 0.0} for n in plain}
+        self.stats: dict[str, LayerStats] = {}
+        # unambiguous: the reference's top-2 margin exceeds score_atol; *_exact: samples whose spikes all
+        # matched (a numerical flip may legitimately move a voted score by one 1/(T*G) quantum).
+        self.top1 = {"agree": 0, "total": 0, "unambiguous_agree": 0, "unambiguous": 0, "exact_agree": 0, "exact": 0,
+                     "samples_diverged": 0}
+        self.correct: dict[str, dict[str, int]] = {}  # split -> {"reference": n, runner: n, "labelled": n}
+
+    def add(self, split: str, ref: dict, run: dict, labels: np.ndarray | None, layers: list[str], v_th: float,
+            tol: Tolerance) -> None:
+        """One batch: ``ref``/``run`` map output names to arrays (``scores`` ``[b, classes]``, per-layer
+        ``<layer>.spikes``/``.membrane`` ``[T, b, ...]`` on a layers export)."""
+        flipped = np.zeros(ref["scores"].shape[0], bool)
+        if layers and all(f"{n}.spikes" in run for n in layers):
+            eps = tol.membrane_eps * max(1.0, abs(v_th))
+            flipped = _classify_flips(ref, run, layers, v_th, eps, self.stats)
+        for n, e in self.errors.items():
+            diff = np.abs(ref[n].astype(np.float64) - run[n])
+            e["max_abs"] = max(e["max_abs"], float(diff.max(initial=0.0)))
+            e["max_abs_spike_exact"] = max(e["max_abs_spike_exact"], float(diff[~flipped].max(initial=0.0)))
+            rel = diff / np.maximum(np.abs(ref[n]), 1e-12)
+            e["max_rel"] = max(e["max_rel"], float(rel.max(initial=0.0)))
+        same = ref["scores"].argmax(1) == run["scores"].argmax(1)
+        clear = _unambiguous(ref["scores"], tol.score_atol)
+        t = self.top1
+        t["agree"] += int(same.sum())
+        t["total"] += len(same)
+        t["unambiguous_agree"] += int((same & clear).sum())
+        t["unambiguous"] += int(clear.sum())
+        t["exact_agree"] += int((same & clear & ~flipped).sum())
+        t["exact"] += int((clear & ~flipped).sum())
+        t["samples_diverged"] += int(flipped.sum())
+        if labels is not None:
+            c = self.correct.setdefault(split, {"reference": 0, self.runner: 0, "labelled": 0})
+            c["labelled"] += len(labels)
+            c["reference"] += int((ref["scores"].argmax(1) == labels).sum())
+            c[self.runner] += int((run["scores"].argmax(1) == labels).sum())
+
+    def report(self, tol: Tolerance) -> dict:
+        """The runner's part of the verify report (see :func:`verify_runs`)."""
+        stats, top1 = self.stats, self.top1
+        layer_report = {n: s.summary() for n, s in stats.items()}
+        first = next(({"layer": n, "step": r["first_step"]} for n, r in layer_report.items() if r["flips"]), None)
+        neuron_steps = sum(s.neurons_per_step * len(s.flips_per_step) for s in stats.values())
+        numerical_rate = sum(s.numerical for s in stats.values()) / neuron_steps if neuron_steps else 0.0
+        reasons = _failures(tol, self.errors, top1, stats, numerical_rate)
+        judged_agree, judged = _top1_judged(tol, top1, bool(stats))
+        accuracy = {split: {k: v / c["labelled"] for k, v in c.items() if k != "labelled"}
+                    for split, c in self.correct.items() if c["labelled"]}
+        return {
+            "outputs": self.errors,
+            "top1": {**top1, "agreement": top1["agree"] / max(1, top1["total"]), "judged": judged,
+                     "judged_agree": judged_agree},
+            "accuracy": accuracy,
+            "layers": layer_report,
+            "layers_checked": bool(stats),
+            "numerical_flip_rate": numerical_rate,
+            "first_divergence": first,
+            "passed": not reasons,
+            "reasons": reasons,
+        }
+
+
 def verify_run(run_dir: str | Path, runner: str = "ort-cpu", precision: str = "fp32", batch: int = 64,
                model_file: str | None = None, progress: bool = False, inputs: str = "reference",
                options: dict | None = None) -> dict:
-    """Compare ``runner`` with the torch reference; returns the report (also merged into ``verify.json``
-    under the runner's name, suffixed ``@test`` for the test set).
+    """Compare one runner with the torch reference: :func:`verify_runs` for ``{runner: options}``."""
+    return verify_runs(run_dir, {runner: options}, precision, batch, model_file, progress, inputs)[runner]
 
+
+def verify_runs(run_dir: str | Path, runners: dict[str, dict | None], precision: str = "fp32", batch: int = 64,
+                model_file: str | None = None, progress: bool = False, inputs: str = "reference") -> dict[str, dict]:
+    """Compare each runner with the torch reference in one pass over the inputs (the reference runs once per
+    batch, the dataset is read once); returns ``{runner: report}``, each also merged into ``verify.json``
+    under the runner's name, suffixed ``@test`` for the test set.
+
+    ``runners``: name -> the runner's constructor options (see ``backends.runner_options``; None = defaults).
     ``inputs``: ``"reference"`` = the export's saved inputs (seeded random + real test samples);
     ``"test"`` = the run's whole test split, read from the dataset (e.g. all 10,000 MNIST images).
-    ``options``: the candidate runner's constructor options (see ``backends.runner_options``).
 
     ``model_file`` defaults to ``model_layers.onnx`` when it was exported (per-layer spike checks),
     else ``model.onnx`` (outputs only)."""
@@ -210,90 +286,51 @@ def verify_run(run_dir: str | Path, runner: str = "ort-cpu", precision: str = "f
         raise ConfigError(f"inputs must be 'reference' or 'test', got {inputs!r}")
 
     reference = create_runner("torch", run_dir, model_file)
-    candidate = create_runner(runner, run_dir, model_file, **(options or {}))
     layers = [n[: -len(".spikes")] for n in reference.output_names if n.endswith(".spikes")]
-    plain = [n for n in reference.output_names if "." not in n]
-    # max_abs_spike_exact: over the samples whose every spike matched (layers checked only)
-    errors = {n: {"max_abs": 0.0, "max_rel": 0.0, "max_abs_spike_exact": 0.0} for n in plain}
-    stats: dict[str, LayerStats] = {}
-    # unambiguous: the reference's top-2 margin exceeds score_atol; *_exact: samples whose spikes all
-    # matched (a numerical flip may legitimately move a voted score by one 1/(T*G) quantum).
-    top1 = {"agree": 0, "total": 0, "unambiguous_agree": 0, "unambiguous": 0, "exact_agree": 0, "exact": 0,
-            "samples_diverged": 0}
-    accuracy: dict[str, dict] = {}
+    tallies = {name: _Tally(name, [n for n in reference.output_names if "." not in n]) for name in runners}
     reproduced = True
-    bar = tqdm(total=sum(source.sizes.values()), desc=f"verify {runner}", unit="sample", disable=not progress, leave=False)
-    for split in source.sizes:
-        correct = {"reference": 0, runner: 0}
-        labelled = 0
-        for x, labels, stored_scores in source.batches(split, batch):
-            feed = {"input": x}
-            ref, run = reference.infer(feed), candidate.infer(feed)
-            if stored_scores is not None:
-                reproduced &= bool(np.array_equal(ref["scores"], stored_scores))
-            flipped = np.zeros(x.shape[1], bool)
-            if layers and all(f"{n}.spikes" in run for n in layers):
-                eps = tol.membrane_eps * max(1.0, abs(cfg.model.v_th))
-                flipped = _classify_flips(ref, run, layers, cfg.model.v_th, eps, stats)
-            for n in plain:
-                diff = np.abs(ref[n].astype(np.float64) - run[n])
-                errors[n]["max_abs"] = max(errors[n]["max_abs"], float(diff.max(initial=0.0)))
-                exact = diff[~flipped]
-                errors[n]["max_abs_spike_exact"] = max(errors[n]["max_abs_spike_exact"], float(exact.max(initial=0.0)))
-                rel = diff / np.maximum(np.abs(ref[n]), 1e-12)
-                errors[n]["max_rel"] = max(errors[n]["max_rel"], float(rel.max(initial=0.0)))
-            same = ref["scores"].argmax(1) == run["scores"].argmax(1)
-            clear = _unambiguous(ref["scores"], tol.score_atol)
-            top1["agree"] += int(same.sum())
-            top1["total"] += len(same)
-            top1["unambiguous_agree"] += int((same & clear).sum())
-            top1["unambiguous"] += int(clear.sum())
-            top1["exact_agree"] += int((same & clear & ~flipped).sum())
-            top1["exact"] += int((clear & ~flipped).sum())
-            top1["samples_diverged"] += int(flipped.sum())
-            if labels is not None:
-                labelled += len(labels)
-                correct["reference"] += int((ref["scores"].argmax(1) == labels).sum())
-                correct[runner] += int((run["scores"].argmax(1) == labels).sum())
-            bar.update(x.shape[1])
-        if labelled:
-            accuracy[split] = {k: v / labelled for k, v in correct.items()}
-    bar.close()
-    candidate.close()
+    candidates = {}
+    bar = tqdm(total=sum(source.sizes.values()), desc=f"verify {', '.join(runners)}", unit="sample",
+               disable=not progress, leave=False)
+    try:
+        for name, options in runners.items():
+            candidates[name] = create_runner(name, run_dir, model_file, **(options or {}))
+        for split in source.sizes:
+            for x, labels, stored_scores in source.batches(split, batch):
+                feed = {"input": x}
+                ref = reference.infer(feed)
+                if stored_scores is not None:
+                    reproduced &= bool(np.array_equal(ref["scores"], stored_scores))
+                for name, candidate in candidates.items():
+                    tallies[name].add(split, ref, candidate.infer(feed), labels, layers, cfg.model.v_th, tol)
+                bar.update(x.shape[1])
+    finally:
+        bar.close()
+        for candidate in candidates.values():
+            candidate.close()
 
-    layer_report = {n: s.summary() for n, s in stats.items()}
-    first = next(({"layer": n, "step": r["first_step"]} for n, r in layer_report.items() if r["flips"]), None)
-    neuron_steps = sum(s.neurons_per_step * len(s.flips_per_step) for s in stats.values())
-    numerical_rate = sum(s.numerical for s in stats.values()) / neuron_steps if neuron_steps else 0.0
-    reasons = _failures(tol, errors, top1, stats, numerical_rate)
-    judged_agree, judged = _top1_judged(tol, top1, bool(stats))
-    report = {
-        "runner": runner,
-        "precision": precision,
-        "tolerance": asdict(tol),
-        "model": model_file,
-        "model_matches_export": hash_ok,
-        "reference": "torch fp32 on CPU, TF32 off (the exported graph's own module)",
-        # None on the test set: only the export's reference inputs have stored torch outputs
-        "reference_reproduced": reproduced if inputs == "reference" else None,
-        "inputs": dict(source.sizes),
-        "outputs": errors,
-        "top1": {**top1, "agreement": top1["agree"] / max(1, top1["total"]), "judged": judged, "judged_agree": judged_agree},
-        "accuracy": accuracy,
-        "layers": layer_report,
-        "layers_checked": bool(stats),
-        "numerical_flip_rate": numerical_rate,
-        "first_divergence": first,
-        "passed": not reasons,
-        "reasons": reasons,
-    }
+    reports = {}
+    for name, tally in tallies.items():
+        reports[name] = {
+            "runner": name,
+            "precision": precision,
+            "tolerance": asdict(tol),
+            "model": model_file,
+            "model_matches_export": hash_ok,
+            "reference": "torch fp32 on CPU, TF32 off (the exported graph's own module)",
+            # None on the test set: only the export's reference inputs have stored torch outputs
+            "reference_reproduced": reproduced if inputs == "reference" else None,
+            "inputs": dict(source.sizes),
+            **tally.report(tol),
+        }
     path = run_dir / "verify.json"
     existing = json.loads(path.read_text()) if path.is_file() else {}
-    key = runner if model_file == "model_layers.onnx" else f"{runner}:{model_file}"
-    existing[key if inputs == "reference" else f"{key}@test"] = report
+    for name, report in reports.items():
+        key = name if model_file == "model_layers.onnx" else f"{name}:{model_file}"
+        existing[key if inputs == "reference" else f"{key}@test"] = report
     atomic_write_json(path, existing)
     record_artifact(run_dir, "verify.json")
-    return report
+    return reports
 
 
 def _top1_judged(tol: Tolerance, top1: dict, layers_checked: bool) -> tuple[int, int]:

@@ -105,7 +105,7 @@ def run_pipeline(cfg: Config, out_root: Path, batches: tuple[int, ...] = (1, 32)
     """Run every stage that is not already done for these inputs; returns the summary dict."""
     from .backends import available_runners
     from .bench import bench_run
-    from .compare import verify_run
+    from .compare import verify_runs
     from .export_onnx import export_run
     from .train import train
 
@@ -144,14 +144,13 @@ def run_pipeline(cfg: Config, out_root: Path, batches: tuple[int, ...] = (1, 32)
         reports = json.loads((run / "verify.json").read_text())
         summary["stages"]["verify"] = "up to date"
     else:
-        test_set = None  # why the test split is not checked, once known
-        for name in runners:
-            reports[name] = verify_run(run, name, "fp32", progress=progress)
-            if test_set is None:
-                try:
-                    reports[f"{name}@test"] = verify_run(run, name, "fp32", progress=progress, inputs="test")
-                except (ConfigError, DataError) as e:  # no dataset at hand (or none to test on)
-                    test_set = str(e)
+        test_set = None  # why the test split is not checked, if it is not
+        reports = verify_runs(run, dict.fromkeys(runners), "fp32", progress=progress)
+        try:
+            on_test = verify_runs(run, dict.fromkeys(runners), "fp32", progress=progress, inputs="test")
+            reports.update({f"{name}@test": report for name, report in on_test.items()})
+        except (ConfigError, DataError) as e:  # no dataset at hand (or none to test on)
+            test_set = str(e)
         if all(r["passed"] for r in reports.values()):
             _mark(run, "verify", verify_inputs)
         summary["stages"]["verify"] = "done" if test_set is None else f"done (reference inputs only: {test_set})"

@@ -13,7 +13,7 @@ from onnx import numpy_helper  # noqa: E402
 from conftest import REPO  # noqa: E402
 from helpers import make_run, tiny_zoo_config  # noqa: E402
 from snncompile.cli import cli  # noqa: E402
-from snncompile.compare import LayerStats, _classify_flips, verify_run  # noqa: E402
+from snncompile.compare import LayerStats, _classify_flips, verify_run, verify_runs  # noqa: E402
 from snncompile.export_onnx import export_run  # noqa: E402
 
 
@@ -97,6 +97,35 @@ def test_verify_on_the_whole_test_set(tmp_path):
     assert set(report["accuracy"]["test"]) == {"reference", "ort-cpu"}
     assert report["layers"]["lif1"]["neurons_per_step"] == n_test * 32 * 8 * 8
     assert f"on {n_test} inputs ({n_test} test)" in result.output
+
+
+def test_several_runners_in_one_pass_report_what_each_alone_does(exported, monkeypatch):
+    """verify_runs feeds each batch to every runner after one reference inference: same reports as one
+    verify_run per runner, with the reference (and the inputs) visited once."""
+    import json
+
+    import snncompile.compare as compare
+
+    alone = {name: verify_run(exported, name, "bf16", options={"precision": "bf16"} if name == "torch-fast" else None)
+             for name in ("ort-cpu", "torch-fast")}
+    calls = []
+    real_create = compare.create_runner
+
+    def counting_create(name, *args, **kwargs):
+        runner = real_create(name, *args, **kwargs)
+        if name == "torch":
+            infer = runner.infer
+            runner.infer = lambda feed: (calls.append(feed["input"].shape[1]), infer(feed))[1]
+        return runner
+
+    monkeypatch.setattr(compare, "create_runner", counting_create)
+    together = verify_runs(exported, {"ort-cpu": None, "torch-fast": {"precision": "bf16"}}, "bf16", batch=16)
+    assert sum(calls) == 64 and len(calls) == 4  # the 64 reference inputs once, in batches of 16
+    assert together == alone
+    assert alone["torch-fast"]["outputs"]["scores"]["max_abs"] > 0  # the two runners really differ
+    assert alone["ort-cpu"]["outputs"] != alone["torch-fast"]["outputs"]
+    saved = json.loads((exported / "verify.json").read_text())
+    assert saved["ort-cpu"] == together["ort-cpu"] and saved["torch-fast"] == together["torch-fast"]
 
 
 def test_verify_on_test_set_without_the_dataset_is_one_line(exported):
