@@ -74,7 +74,7 @@ def bench_run(run_dir: str | Path, runners: list[str] | None = None, batches: tu
                 from .export_onnx import export_run
 
                 export_run(run_dir, steps=export["T"], layers=True, order=export.get("order", "layer"),
-                           n_random=_n_reference(run_dir), n_real=0)
+                           precision=export.get("precision", "fp32"), n_random=_n_reference(run_dir), n_real=0)
             report = verify_run(run_dir, name, numerics, progress=False, model_file=layers_file,
                                 options=runner_options(name, numerics))
             # ...and the timed file itself must predict what torch predicts (its scores may differ on

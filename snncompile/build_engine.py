@@ -11,12 +11,11 @@ __all__ = ["build_run"]
 
 
 def build_run(run_dir: str | Path, precision: str = "fp32", batch: str = "1:16:128", workspace_mb: int = 4096,
-              timing_cache: str | Path | None = None, fp32_neurons: bool = True, model_file: str = "model.onnx") -> dict:
+              timing_cache: str | Path | None = None, model_file: str = "model.onnx") -> dict:
     """Build ``<model>_<precision>.plan`` (+ ``.json`` sidecar) for this GPU from ``model_file``."""
     from .backends.trt import BuildOptions, build_engine, engine_name, parse_profile
 
-    options = BuildOptions(precision, parse_profile(batch), workspace_mb, Path(timing_cache) if timing_cache else None,
-                           fp32_neurons)
+    options = BuildOptions(precision, parse_profile(batch), workspace_mb, Path(timing_cache) if timing_cache else None)
     options.validate()
     run_dir = Path(run_dir)
     export = read_manifest(run_dir).get("exports", {}).get(model_file)

@@ -86,14 +86,17 @@ def init(model_toml, overrides, out_root, seed, no_calibrate) -> None:
 @click.option("--samples", default=256, show_default=True, type=click.IntRange(1), help="Random and real reference inputs (each).")
 @click.option("--order", type=click.Choice(["layer", "step"]), default="layer", show_default=True,
               help="layer: each conv once on [T*B, ...] (model.onnx); step: per-timestep unrolling (model_per_step.onnx), for comparison.")
-def export(run, steps, opset, form, layers, rates, samples, order) -> None:
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True,
+              help="fp16/bf16: convs and matmuls in that type, neurons in fp32 (model_fp16.onnx); a strongly typed graph.")
+def export(run, steps, opset, form, layers, rates, samples, order, precision) -> None:
     """Export RUN (a run directory or its checkpoint) to ONNX, with reference inputs and outputs."""
     from .export_onnx import export_run
 
     r = export_run(run, steps=steps, opset=opset, form=form, layers=layers, rates=rates, n_random=samples, n_real=samples,
-                   order=order)
+                   order=order, precision=precision)
+    typed = f", {r.reduced_precision_nodes} convs/matmuls in {r.precision}" if r.precision != "fp32" else ""
     click.echo(
-        f"exported {r.path} ({r.form}, T={r.steps}, opset {opset}): {r.onnx_bytes / 1e6:.2f} MB, "
+        f"exported {r.path} ({r.form}, T={r.steps}, opset {r.opset}{typed}): {r.onnx_bytes / 1e6:.2f} MB, "
         f"{r.nodes_clean} nodes ({r.nodes_raw} before cleaning), ops {', '.join(r.ops)}; "
         f"{r.n_random} random + {r.n_real} real reference inputs; {r.seconds:.1f} s"
     )
@@ -105,19 +108,19 @@ def export(run, steps, opset, form, layers, rates, samples, order) -> None:
 @click.option("--batch", default="1:16:128", show_default=True, help="Dynamic batch profile MIN:OPT:MAX.")
 @click.option("--workspace", "workspace_mb", default=4096, show_default=True, type=int, help="Builder workspace in MB.")
 @click.option("--timing-cache", type=click.Path(dir_okay=False, path_type=Path), help="Reuse and update this timing cache.")
-@click.option("--all-layers-reduced", is_flag=True, help="Let fp16/bf16 reach the LIF/NeuNorm arithmetic too (more flips).")
 @click.option("--model", "model_file", default="model.onnx", show_default=True,
               help="Export to build from (model_layers.onnx gives an engine verify can check layer by layer).")
-def build(run, precision, batch, workspace_mb, timing_cache, all_layers_reduced, model_file) -> None:
+def build(run, precision, batch, workspace_mb, timing_cache, model_file) -> None:
     """Build a TensorRT engine for this GPU from RUN's model.onnx."""
     from .backends.trt import engine_name
     from .build_engine import build_run
 
-    side = build_run(run, precision, batch, workspace_mb, timing_cache, fp32_neurons=not all_layers_reduced,
-                     model_file=model_file)
+    side = build_run(run, precision, batch, workspace_mb, timing_cache, model_file=model_file)
+    typed = (f"{side['reduced_precision_nodes']} convs/matmuls in {precision}, neurons in fp32"
+             if precision in ("fp16", "bf16") else f"{precision} throughout")
     click.echo(f"built {run / engine_name(model_file, precision)} with {side['tensorrt']} for {side['gpu']} "
                f"(sm {side['compute_capability']}) in {side['build_seconds']:.1f} s: {side['layers']} layers, "
-               f"{side['fp32_neuron_layers']} pinned to fp32, batch {batch}")
+               f"{typed}, batch {batch}")
 
 
 @cli.command()

@@ -53,10 +53,12 @@ UNROLLED_FILE = "model.onnx"
 STEP_FILE = "model_step.onnx"
 
 
-def unrolled_file(order: str = "layer", layers: bool = False) -> str:
-    """``model.onnx``; ``model_per_step.onnx`` for the per-timestep layout; ``_layers`` when the graph
-    also outputs every LIF layer's spikes and membranes (what verify classifies flips on)."""
-    return "model" + ("_per_step" if order == "step" else "") + ("_layers" if layers else "") + ".onnx"
+def unrolled_file(order: str = "layer", layers: bool = False, precision: str = "fp32") -> str:
+    """``model.onnx``; ``model_per_step.onnx`` for the per-timestep layout; ``_fp16``/``_bf16`` when convs
+    and matmuls compute in that type (mixed_precision.py); ``_layers`` when the graph also outputs every
+    LIF layer's spikes and membranes (what verify classifies flips on), e.g. ``model_fp16_layers.onnx``."""
+    return ("model" + ("_per_step" if order == "step" else "") + ("" if precision == "fp32" else f"_{precision}")
+            + ("_layers" if layers else "") + ".onnx")
 REF_INPUTS = "reference_inputs.npz"
 REF_OUTPUTS = "reference_outputs.npz"
 
@@ -73,6 +75,9 @@ class ExportResult:
     ops: list[str]
     n_random: int
     n_real: int
+    opset: int = DEFAULT_OPSET
+    precision: str = "fp32"
+    reduced_precision_nodes: int = 0  # convs/matmuls computing in fp16/bf16
 
 
 def resolve_run_dir(path: str | Path) -> Path:
@@ -218,6 +223,7 @@ def export_run(
     n_real: int = 256,
     check_numerics: bool = True,
     order: str = "layer",
+    precision: str = "fp32",
 ) -> ExportResult:
     """Export ``run`` (a run dir or its checkpoint) to ONNX; see the module docstring.
 
@@ -233,6 +239,9 @@ def export_run(
         check_numerics: compare the cleaned graph against the raw export on ONNX Runtime.
         order: 'layer' (default, ``model.onnx``) or 'step': the same function unrolled per timestep
             (``model_per_step.onnx``), kept to measure what the layer-major layout buys.
+        precision: 'fp32', or 'fp16'/'bf16' for a strongly typed mixed-precision graph (``model_fp16.onnx``):
+            convs and matmuls in that type, the neurons in fp32 (see mixed_precision.py). The reference
+            outputs stay the fp32 torch module's, so verify measures what the 16-bit arithmetic changes.
     """
     onnx = _require_onnx()
     import onnxscript.optimizer
@@ -249,6 +258,10 @@ def export_run(
         raise ConfigError("--layers/--rates/--order apply to the unrolled form only")
     if order not in ("layer", "step"):
         raise ConfigError(f"--order must be 'layer' or 'step', got {order!r}")
+    if precision not in ("fp32", "fp16", "bf16"):
+        raise ConfigError(f"--precision must be fp32, fp16 or bf16, got {precision!r}")
+    if form == "step" and precision != "fp32":
+        raise ConfigError("--precision fp16/bf16 applies to the unrolled form only")
     t0 = time.perf_counter()
     graph = StepGraph(net, steps) if form == "step" else UnrolledGraph(net, rates=rates, layers=layers, order=order)
     graph.eval()
@@ -260,7 +273,7 @@ def export_run(
         dynamic: tuple = ({0: batch}, {0: batch}, tuple({0: batch} for _ in args[2:]))
     else:
         dynamic = ({1: batch},)
-    file_name = STEP_FILE if form == "step" else unrolled_file(order, layers)
+    file_name = STEP_FILE if form == "step" else unrolled_file(order, layers, precision)
 
     staging = Path(tempfile.mkdtemp(prefix=".export-", dir=run_dir))
     try:
@@ -298,6 +311,18 @@ def export_run(
             np.savez(staging / REF_OUTPUTS, **refs)
             extra = {REF_INPUTS: staging / REF_INPUTS, REF_OUTPUTS: staging / REF_OUTPUTS}
         numerics = _check_numerics(raw_path, out_path, graph, arrays, form, steps) if check_numerics else "skipped"
+        reduced = 0
+        if precision != "fp32":  # after the numerics check, which compares two fp32 graphs
+            from .mixed_precision import mixed_precision
+
+            import onnx_ir as ir
+
+            typed, reduced = mixed_precision(onnx.load(str(out_path)), precision)
+            for old in staging.glob(file_name + "*"):  # external data is appended to, never overwritten
+                old.unlink()
+            _save_ir(ir.serde.deserialize_model(typed), out_path)
+            ops = _check_graph(onnx, out_path)
+            opset = next(o.version for o in typed.opset_import if o.domain in ("", "ai.onnx"))  # bf16 Conv: 22
         seconds = time.perf_counter() - t0
 
         # Everything passed: move into place (each rename is atomic; data files before the model).
@@ -310,6 +335,7 @@ def export_run(
     onnx_bytes = sum(p.stat().st_size for p in run_dir.glob(file_name + "*"))
     entry = {
         "form": form, "order": order, "T": steps, "opset": opset, "exporter": EXPORTER, "layers": layers, "rates": rates,
+        "precision": precision, "reduced_precision_nodes": reduced,
         "inputs": in_shapes, "outputs": output_names, "ops": ops, "nodes_raw": nodes_raw, "nodes_clean": nodes_clean,
         "onnx_bytes": onnx_bytes, "export_seconds": round(seconds, 3), "sha256": sha256_file(run_dir / file_name),
         "reference": ref_note, "cleaned_vs_raw": numerics,
@@ -321,7 +347,7 @@ def export_run(
     for name in extra:
         record_artifact(run_dir, name)
     return ExportResult(run_dir / file_name, form, steps, seconds, onnx_bytes, nodes_raw, nodes_clean, ops,
-                        n_random, int(arrays.get("real_labels", np.zeros(0)).shape[0]))
+                        n_random, int(arrays.get("real_labels", np.zeros(0)).shape[0]), opset, precision, reduced)
 
 
 def _version(module: str) -> str:

@@ -58,7 +58,7 @@ def test_build_needs_an_export(tmp_path):
 
 @pytest.mark.trt
 @pytest.mark.skipif(not HAVE_TRT, reason="TensorRT not installed")
-@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+@pytest.mark.parametrize("precision", ["fp32", "fp16", "bf16"])
 def test_engine_builds_and_verifies(tmp_path, precision):
     import torch
 
@@ -72,6 +72,8 @@ def test_engine_builds_and_verifies(tmp_path, precision):
     export_run(run, layers=True, n_random=64, n_real=0)
     side = build_run(run, precision, "1:8:64", model_file="model_layers.onnx")
     assert side["precision"] == precision and side["layers"] > 0 and (run / f"model_layers_{precision}.plan").is_file()
+    # strongly typed: the 3 convs and 2 linears of the tiny net in the reduced type, nothing for fp32
+    assert side["strongly_typed"] and side["reduced_precision_nodes"] == (0 if precision == "fp32" else 5)
     reason = available_runners()["trt"]
     if reason:  # e.g. tensorrt_rtx on a data-center GPU: it builds, it cannot run
         pytest.skip(f"engine built; not run: {reason}")

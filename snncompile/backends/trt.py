@@ -4,11 +4,12 @@ Works with the ``tensorrt`` package (10.x, 11.x) and with ``tensorrt_rtx`` (Tens
 same Python API family), whichever imports first. Device buffers are torch CUDA tensors (no pycuda);
 inference is ``execute_async_v3`` on a torch CUDA stream, optionally captured in a CUDA graph.
 
-Reduced precision and spikes: with ``fp16``/``bf16`` the builder may run every layer in that precision,
-and a membrane rounded near V_th flips a spike. :func:`build_engine` therefore pins the LIF/NeuNorm
-arithmetic (elementwise, comparison, cast, reduction layers) to fp32 with per-layer precision
-constraints (``OBEY_PRECISION_CONSTRAINTS``) while convolutions and matrix multiplies run in the
-reduced precision; ``verify --precision fp16`` measures the flips that remain.
+Reduced precision and spikes: every network is built *strongly typed* (TensorRT 11 knows no other kind;
+10.x and TensorRT-RTX accept the flag), so precision lives in the graph, not in builder flags. For
+``fp16``/``bf16`` :func:`build_engine` parses :func:`~snncompile.mixed_precision.mixed_precision`'s
+rewrite of the model: convolutions and matrix multiplies in the reduced type, the LIF/NeuNorm arithmetic
+and the threshold compare in fp32 (a membrane rounded to 16 bits near V_th would flip a spike);
+``verify --precision fp16`` measures the flips that remain. ``fp32`` clears TF32; ``tf32`` allows it.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from .base import PRECISIONS, Runner, TensorSpec
 
 __all__ = ["engine_name", "tensorrt_module", "parse_profile", "BuildOptions", "build_engine", "TrtRunner", "ENGINE_FORMAT"]
 
-ENGINE_FORMAT = 1
+ENGINE_FORMAT = 2  # 2: strongly typed, precision in the graph (1 used builder flags)
 
 
 def tensorrt_module():
@@ -55,7 +56,6 @@ class BuildOptions:
     batch: tuple[int, int, int] = (1, 16, 128)
     workspace_mb: int = 4096
     timing_cache: Path | None = None
-    fp32_neurons: bool = True  # keep LIF/NeuNorm arithmetic in fp32 under fp16/bf16
 
     def validate(self) -> None:
         if self.precision not in PRECISIONS:
@@ -96,22 +96,23 @@ def runtime_reason(module: str, compute_capability: str) -> str | None:
     return None
 
 
-def _pin_neurons_fp32(trt, network) -> int:
-    """Precision constraints: every non-conv/non-matmul layer computes and outputs fp32."""
-    heavy = {trt.LayerType.CONVOLUTION, trt.LayerType.MATRIX_MULTIPLY}
-    if hasattr(trt.LayerType, "FULLY_CONNECTED"):
-        heavy.add(trt.LayerType.FULLY_CONNECTED)
-    pinned = 0
-    for i in range(network.num_layers):
-        layer = network.get_layer(i)
-        if layer.type in heavy or layer.type in (trt.LayerType.CONSTANT, trt.LayerType.SHAPE):
-            continue
-        if all(layer.get_output_type(j) in (trt.float32, trt.float16, trt.bfloat16) for j in range(layer.num_outputs)):
-            layer.precision = trt.float32
-            for j in range(layer.num_outputs):
-                layer.set_output_type(j, trt.float32)
-            pinned += 1
-    return pinned
+def _strongly_typed_flags(trt) -> int:
+    """``create_network`` flags: strongly typed where the package has the flag (all of 10.x, 11.x, RTX)."""
+    flag = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)
+    return 0 if flag is None else 1 << int(flag)
+
+
+def _model_bytes(onnx_path: Path, precision: str) -> tuple[bytes, int]:
+    """The ONNX the builder parses: the file itself for fp32/tf32, else its mixed-precision rewrite
+    (and how many convs/matmuls it moved to ``precision``)."""
+    if precision in ("fp32", "tf32"):
+        return onnx_path.read_bytes(), 0
+    import onnx
+
+    from ..mixed_precision import mixed_precision
+
+    typed, reduced = mixed_precision(onnx.load(str(onnx_path)), precision)
+    return typed.SerializeToString(), reduced
 
 
 def build_engine(onnx_path: Path, engine_path: Path, options: BuildOptions, steps: int, frame_shape: list[int]) -> dict:
@@ -123,9 +124,11 @@ def build_engine(onnx_path: Path, engine_path: Path, options: BuildOptions, step
     gpu = gpu_identity()
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
-    network = builder.create_network(0)  # explicit batch is the only mode in TensorRT 10+
+    network = builder.create_network(_strongly_typed_flags(trt))  # explicit batch is the only mode since 10
     parser = trt.OnnxParser(network, logger)
-    if not parser.parse_from_file(str(onnx_path)):
+    model, reduced = _model_bytes(onnx_path, options.precision)
+    # path: where external weights (model.onnx.data) are looked up
+    if not parser.parse(model, str(onnx_path)):
         errors = []
         for i in range(parser.num_errors):
             err = parser.get_error(i)
@@ -134,16 +137,8 @@ def build_engine(onnx_path: Path, engine_path: Path, options: BuildOptions, step
         raise ExportError(f"TensorRT's ONNX parser rejected {onnx_path.name}: {'; '.join(errors)[:300]}")
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, options.workspace_mb << 20)
-    if options.precision == "fp32" and hasattr(trt.BuilderFlag, "TF32"):
-        config.clear_flag(trt.BuilderFlag.TF32)
-    elif options.precision == "fp16":
-        config.set_flag(trt.BuilderFlag.FP16)
-    elif options.precision == "bf16":
-        config.set_flag(trt.BuilderFlag.BF16)
-    pinned = 0
-    if options.precision in ("fp16", "bf16") and options.fp32_neurons:
-        config.set_flag(trt.BuilderFlag.OBEY_PRECISION_CONSTRAINTS)
-        pinned = _pin_neurons_fp32(trt, network)
+    if hasattr(trt.BuilderFlag, "TF32"):  # TF32 would round fp32 conv inputs to 10 mantissa bits
+        (config.set_flag if options.precision == "tf32" else config.clear_flag)(trt.BuilderFlag.TF32)
     profile = builder.create_optimization_profile()
     lo, opt, hi = options.batch
     profile.set_shape("input", [steps, lo, *frame_shape], [steps, opt, *frame_shape], [steps, hi, *frame_shape])
@@ -164,7 +159,8 @@ def build_engine(onnx_path: Path, engine_path: Path, options: BuildOptions, step
         "tensorrt": f"{trt.__name__} {trt.__version__}",
         **gpu,
         "precision": options.precision,
-        "fp32_neuron_layers": pinned,
+        "strongly_typed": bool(_strongly_typed_flags(trt)),
+        "reduced_precision_nodes": reduced,
         "profile": {"min": lo, "opt": opt, "max": hi},
         "T": steps,
         "build_seconds": round(seconds, 2),
