@@ -4,13 +4,14 @@
 # $OUT/<part>.log, and prints the tables at the end.
 #
 #   OUT=$OUT scripts/gpu_figures.sh train      # bench train: bench-cifar/bench-nmnist fp32+bf16, peers; paper nets T=8
+#   OUT=$OUT scripts/gpu_figures.sh trt        # TensorRT on PYTHONPATH: zoo + trained digits build (and verify where it runs)
 #   OUT=$OUT scripts/gpu_figures.sh infer      # bench: torch, torch-fast, ort-cuda, trt at b1/b64/b128; per-step layout on ORT CUDA
 #   OUT=$OUT MNIST_ROOT=dir scripts/gpu_figures.sh mnist [EPOCHS [ARGS]]       # pipeline on mnist.toml
 #   OUT=$OUT MNIST_ROOT=dir scripts/gpu_figures.sh mnist-off [EPOCHS [ARGS]]   # the same training, NeuNorm off
 #
 # QUICK=1 shrinks every network and step count so the whole script runs on a CPU as a smoke test.
 set -euo pipefail
-part=${1:?usage: gpu_figures.sh train|infer|mnist|mnist-off [EPOCHS [SNNCOMPILE ARGS]]}
+part=${1:?usage: gpu_figures.sh train|infer|trt|mnist|mnist-off [EPOCHS [SNNCOMPILE ARGS]]}
 OUT=${OUT:-export/gpu-figures}
 QUICK=${QUICK:-0}
 mkdir -p "$OUT"
@@ -57,6 +58,20 @@ infer)
             | sed -n '/^model /,/^wrote/p' | tee -a "$md"
     done
     ;;
+trt)
+    # TensorRT (or TensorRT-RTX, on PYTHONPATH): every tiny zoo model and a trained digits model parse and
+    # build strongly typed at fp32/fp16/bf16; where the runtime supports this GPU, verify the engines too.
+    python -m pytest -q -m trt tests/test_trt.py 2>&1 | tail -25 | tee -a "$md"
+    snncompile train models/digits.toml --out "$runs" --no-progress 2>>"$log" | tail -2 | head -1 | tee -a "$md"
+    run=$(ls -d "$runs"/digits/*/ | tail -1)
+    snncompile export "$run" >>"$log" 2>&1 && snncompile export "$run" --layers >>"$log" 2>&1
+    for precision in fp32 fp16 bf16; do
+        for model in model.onnx model_layers.onnx; do
+            snncompile build "$run" --model "$model" --precision "$precision" --batch 1:32:256 2>&1 | tail -1 | tee -a "$md"
+        done
+        snncompile verify "$run" --runner trt --precision "$precision" --no-progress 2>&1 | tail -3 | tee -a "$md"
+    done
+    ;;
 mnist | mnist-off)
     # mnist: the whole pipeline (train, export, verify every runner on all 10,000 test images, bench) with
     # NeuNorm; mnist-off: the same training without NeuNorm (same seed and budget), training only. Two
@@ -91,7 +106,7 @@ PY
     echo "$part: wall $(( $(date +%s) - start )) s" | tee -a "$md"
     ;;
 *)
-    echo "unknown part $part (train|infer|mnist|mnist-off)" >&2
+    echo "unknown part $part (train|infer|trt|mnist|mnist-off)" >&2
     exit 2
     ;;
 esac

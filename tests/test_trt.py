@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from conftest import REPO
+from conftest import REPO, ZOO, zoo_ids
 from helpers import make_run, tiny_zoo_config
 from snncompile.backends import available_runners, create_runner
 from snncompile.backends.trt import BuildOptions, parse_profile
@@ -82,6 +82,31 @@ def test_engine_builds_and_verifies(tmp_path, precision):
     if precision == "fp32":
         assert report["numerical_flip_rate"] <= 1e-6 and all(s["real"] == 0 for s in report["layers"].values())
     assert np.isfinite(report["outputs"]["scores"]["max_abs"])
+
+
+@pytest.mark.trt
+@pytest.mark.skipif(not HAVE_TRT, reason="TensorRT not installed")
+@pytest.mark.parametrize("model", ZOO, ids=zoo_ids())
+def test_every_zoo_model_parses_and_builds(tmp_path, model):
+    """Building needs no runtime support for the GPU (tensorrt_rtx builds on an H100 it cannot run on)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("TensorRT needs a CUDA GPU")
+    from snncompile.build_engine import build_run
+    from snncompile.export_onnx import export_run
+
+    import onnx
+
+    from snncompile.mixed_precision import HEAVY_OPS
+
+    run = make_run(tmp_path, tiny_zoo_config(model))
+    export_run(run, n_random=4, n_real=0, check_numerics=False)
+    heavy = sum(n.op_type in HEAVY_OPS for n in onnx.load(str(run / "model.onnx")).graph.node)
+    for precision in ("fp32", "fp16", "bf16"):
+        side = build_run(run, precision, "1:4:16")
+        assert (run / f"model_{precision}.plan").stat().st_size > 0 and side["layers"] > 0
+        assert side["reduced_precision_nodes"] == (0 if precision == "fp32" else heavy) and heavy > 0
 
 
 def test_tensorrt_rtx_runner_is_unavailable_on_a_datacenter_gpu():
