@@ -237,6 +237,24 @@ def pipeline(model_toml, overrides, out_root, batches, no_progress) -> None:
         sys.exit(1)
 
 
+@cli.command()
+@click.argument("runs", nargs=-1, required=True, type=click.Path(file_okay=False, path_type=Path))
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path),
+              help="PNG to write (one run: its training.png; several: training_comparison.png in the first run's parent).")
+@click.option("--label", "labels", multiple=True, help="Curve labels, one per run (default: the config keys the runs differ in).")
+def plot(runs, out, labels) -> None:
+    """Training curves of one run, or of several runs side by side (e.g. NeuNorm on vs off)."""
+    from .plots import plot_runs, plot_training
+
+    if labels and len(labels) != len(runs):
+        raise click.UsageError(f"--label given {len(labels)} times for {len(runs)} runs")
+    if len(runs) == 1 and not labels:
+        path = plot_training(runs[0], out)
+    else:
+        path = plot_runs(list(runs), out or runs[0].parent / "training_comparison.png", list(labels) or None)
+    click.echo(f"wrote {path}")
+
+
 @cli.group()
 def data() -> None:
     """Event datasets: download them, pre-build their frame cache."""

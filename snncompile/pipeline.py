@@ -15,11 +15,11 @@ import json
 from pathlib import Path
 from typing import Callable
 
-from .artifacts import read_manifest, sha256_file, update_manifest
+from .artifacts import read_manifest, record_artifact, sha256_file, update_manifest
 from .config import Config
-from .errors import ArtifactError, ConfigError, DataError
+from .errors import ArtifactError, ConfigError, DataError, MissingDependencyError
 
-__all__ = ["run_pipeline", "find_run", "plot_training"]
+__all__ = ["run_pipeline", "find_run"]
 
 
 def find_run(out_root: Path, cfg: Config) -> Path | None:
@@ -49,36 +49,14 @@ def _mark(run: Path, stage: str, inputs: str) -> None:
     update_manifest(run, pipeline={stage: inputs})
 
 
-def plot_training(run: Path) -> Path | None:
-    """Loss and accuracy per epoch from metrics.jsonl as ``training.png`` (None without matplotlib)."""
+def _plot_training(run: Path) -> None:
+    """training.png in the run when matplotlib is there (the pipeline runs without the plot extra)."""
+    from .plots import plot_training
+
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    from .artifacts import atomic_save, record_artifact
-
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    epochs = [r["epoch"] for r in rows]
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
-    ax_loss.plot(epochs, [r["train_loss"] for r in rows], label="train")
-    ax_loss.plot(epochs, [r["test_loss"] for r in rows], label="test")
-    ax_acc.plot(epochs, [100 * r["train_acc"] for r in rows], label="train")
-    ax_acc.plot(epochs, [100 * r["test_acc"] for r in rows], label="test")
-    for ax, label in ((ax_loss, "loss"), (ax_acc, "accuracy (%)")):
-        ax.set_xlabel("epoch")
-        ax.set_ylabel(label)
-        ax.grid(True, alpha=0.3)
-        ax.legend()
-    fig.suptitle(f"{run.parent.name} / {run.name}")
-    fig.tight_layout()
-    path = run / "training.png"
-    atomic_save(path, lambda f: fig.savefig(f, format="png", dpi=120))
-    plt.close(fig)
-    record_artifact(run, path.name)
-    return path
+        plot_training(run)
+    except MissingDependencyError:
+        pass
 
 
 def _build_stage(run: Path, onnx_hash: str, trt_unavailable: str | None) -> str:
@@ -120,7 +98,7 @@ def run_pipeline(cfg: Config, out_root: Path, batches: tuple[int, ...] = (1, 32)
         run = result.run_dir
         _mark(run, "train", train_inputs)
         summary["stages"]["train"] = "done"
-    plot_training(run)
+    _plot_training(run)
 
     export_inputs = _stage_hash("export", sha256_file(run / "checkpoint.pt"), "plain+layers")
     if _done(run, "export", export_inputs) and (run / "model.onnx").is_file() and (run / "model_layers.onnx").is_file():

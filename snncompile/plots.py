@@ -1,0 +1,120 @@
+"""Training curves as PNG: one run's loss and accuracy per epoch, or several runs side by side.
+
+Runs are compared by their own records (``metrics.jsonl``, ``config.toml``); a curve is labelled by the
+config keys in which its run differs from the others (e.g. ``model.neunorm=false``), so a plot of an
+ablation explains itself. Needs matplotlib (the ``plot`` extra); PNGs are written atomically.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .artifacts import atomic_save, record_artifact
+from .errors import ArtifactError, MissingDependencyError
+from .runs import METRICS, load_run_config
+
+__all__ = ["plot_training", "plot_runs", "run_labels"]
+
+
+def _pyplot():
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise MissingDependencyError("matplotlib", "plot") from None
+    return plt
+
+
+def _metrics(run: Path) -> list[dict]:
+    """One row per finished epoch, or a one-line error naming the run."""
+    if not run.is_dir():
+        raise ArtifactError(f"run directory not found: {run}")
+    path = run / METRICS
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+    if not rows:
+        raise ArtifactError(f"{run} has no finished epoch ({METRICS} is missing or empty)")
+    return rows
+
+
+def _save(fig, plt, path: Path) -> Path:
+    from matplotlib.ticker import MaxNLocator
+
+    for ax in fig.axes:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs
+    fig.tight_layout()
+    atomic_save(path, lambda f: fig.savefig(f, format="png", dpi=120))
+    plt.close(fig)
+    return path
+
+
+def plot_training(run: Path, out: Path | None = None) -> Path:
+    """Loss and accuracy per epoch of one run (train and test) as ``training.png`` in the run (recorded in its
+    manifest), or at ``out``."""
+    plt = _pyplot()
+    rows = _metrics(run)
+    epochs = [r["epoch"] for r in rows]
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
+    for split in ("train", "test"):
+        ax_loss.plot(epochs, [r[f"{split}_loss"] for r in rows], label=split)
+        ax_acc.plot(epochs, [100 * r[f"{split}_acc"] for r in rows], label=split)
+    for ax, label in ((ax_loss, "loss"), (ax_acc, "accuracy (%)")):
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(label)
+        ax.grid(True, alpha=0.3)
+        ax.legend()
+    fig.suptitle(f"{run.parent.name} / {run.name}")
+    if out is not None:
+        return _save(fig, plt, out)
+    _save(fig, plt, run / "training.png")
+    record_artifact(run, "training.png")  # an artifact of the run, hashed in its manifest like the others
+    return run / "training.png"
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def run_labels(runs: list[Path]) -> list[str]:
+    """A label per run: the config keys whose values differ between the runs (``key=value, ...``), or the
+    run id where the configs are identical (e.g. the same config trained twice)."""
+    flats = [_flat(load_run_config(r).to_dict()) for r in runs]
+    keys = sorted({k for f in flats for k in f})
+    differing = [k for k in keys if len({json.dumps(f.get(k), sort_keys=True) for f in flats}) > 1]
+    labels = []
+    for run, f in zip(runs, flats):
+        parts = [f"{k}={f.get(k)}" for k in differing if k not in ("name", "description")]
+        labels.append(", ".join(parts) if parts else f"{run.parent.name}/{run.name}")
+    if len(set(labels)) < len(labels):  # same differing values (or none): the run ids tell them apart
+        labels = [f"{label} ({run.name})" for label, run in zip(labels, runs)]
+    return labels
+
+
+def plot_runs(runs: list[Path], out: Path, labels: list[str] | None = None) -> Path:
+    """Test accuracy and training loss per epoch of several runs on shared axes, written to ``out``."""
+    plt = _pyplot()
+    rows = [_metrics(r) for r in runs]
+    labels = labels or run_labels(runs)
+    fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for r, label in zip(rows, labels):
+        epochs = [row["epoch"] for row in r]
+        best = max(row["test_acc"] for row in r)
+        ax_acc.plot(epochs, [100 * row["test_acc"] for row in r], marker="o", label=f"{label}: {100 * best:.2f} % best")
+        ax_loss.plot(epochs, [row["train_loss"] for row in r], marker="o", label=label)
+    ax_acc.set_ylabel("test accuracy (%)")
+    ax_loss.set_ylabel("training loss")
+    ax_loss.set_yscale("log")
+    for ax in (ax_acc, ax_loss):
+        ax.set_xlabel("epoch")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(", ".join(sorted({r.parent.name for r in runs})))
+    return _save(fig, plt, out)

@@ -1,0 +1,65 @@
+"""Training curves: one run's PNG (recorded in its manifest), several runs labelled by how their configs
+differ, and one-line errors for what cannot be plotted."""
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+pytest.importorskip("matplotlib")
+
+from snncompile.cli import cli  # noqa: E402
+from snncompile.plots import plot_runs, run_labels  # noqa: E402
+from snncompile.train import train  # noqa: E402
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def two_runs(tmp_path_factory):
+    """The tiny digits config trained for 2 epochs with and without NeuNorm (same seed)."""
+    from conftest import REPO
+    from snncompile.config import load_config
+
+    root = tmp_path_factory.mktemp("runs")
+    base = ["train.epochs=2", "data.limit_train=128", "data.limit_test=64", "model.arch='8C3-AP2-16FC-Voting'",
+            "model.T=2", "train.threads=1"]
+    runs = []
+    for neunorm in ("true", "false"):
+        cfg = load_config(REPO / "models" / "digits.toml", [*base, f"model.neunorm={neunorm}"])
+        runs.append(train(cfg, root, progress=False, echo=lambda s: None).run_dir)
+    return runs
+
+
+def test_labels_name_the_differing_config_keys(two_runs):
+    assert run_labels(two_runs) == ["model.neunorm=True", "model.neunorm=False"]
+    assert run_labels([two_runs[0], two_runs[0]]) == [f"digits/{two_runs[0].name} ({two_runs[0].name})"] * 2
+
+
+def test_one_run_writes_training_png_into_the_run(two_runs):
+    result = CliRunner().invoke(cli, ["plot", str(two_runs[0])])
+    assert result.exit_code == 0, result.output
+    png = two_runs[0] / "training.png"
+    assert result.output.strip() == f"wrote {png}" and png.read_bytes().startswith(PNG)
+    assert "training.png" in json.loads((two_runs[0] / "manifest.json").read_text())["artifacts"]
+
+
+def test_several_runs_on_shared_axes(two_runs, tmp_path):
+    out = tmp_path / "cmp.png"
+    result = CliRunner().invoke(cli, ["plot", *map(str, two_runs), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert out.read_bytes().startswith(PNG) and not list(tmp_path.glob(".*"))  # written atomically, no leftovers
+    default = CliRunner().invoke(cli, ["plot", *map(str, two_runs), "--label", "on", "--label", "off"])
+    assert default.exit_code == 0 and (two_runs[0].parent / "training_comparison.png").is_file()
+    assert plot_runs(two_runs, tmp_path / "x.png", ["a", "b"]).is_file()
+
+
+def test_bad_input_is_one_line(two_runs, tmp_path):
+    missing = CliRunner().invoke(cli, ["plot", str(tmp_path / "nowhere")])
+    assert missing.exit_code == 1 and missing.output.strip() == f"error: run directory not found: {tmp_path / 'nowhere'}"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    result = CliRunner().invoke(cli, ["plot", str(empty)])
+    assert result.output.strip() == f"error: {empty} has no finished epoch (metrics.jsonl is missing or empty)"
+    labels = CliRunner().invoke(cli, ["plot", str(two_runs[0]), "--label", "a", "--label", "b"])
+    assert labels.exit_code == 2 and "--label given 2 times for 1 runs" in labels.output
