@@ -53,6 +53,10 @@ infer)
             | sed -n '/^model /,/^wrote/p' | tee -a "$md"
         snncompile bench "$run" --batch "$batches" "${iters[@]}" --precision bf16 --runners torch-fast 2>>"$log" \
             | sed -n '/^model /,/^wrote/p' | tee -a "$md"
+        # ONNX Runtime CUDA on the mixed-precision graph (fp16 convs/linears, fp32 neurons), verified at fp16
+        snncompile export "$run" --precision fp16 --samples 64 >>"$log" 2>&1
+        snncompile bench "$run" --model model_fp16.onnx --runners ort-cuda --batch "$batches" "${iters[@]}" 2>>"$log" \
+            | sed -n '/^model /,/^wrote/p' | tee -a "$md"
         # the per-timestep layout of the same network (the layout other tools export), for comparison
         snncompile bench "$run" --model model_per_step.onnx --runners ort-cuda,torch --batch "$batches" "${iters[@]}" 2>>"$log" \
             | sed -n '/^model /,/^wrote/p' | tee -a "$md"

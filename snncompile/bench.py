@@ -16,7 +16,7 @@ import numpy as np
 
 from .artifacts import atomic_save, atomic_write_json, atomic_write_text, environment, read_manifest, record_artifact
 from .backends import available_runners, create_runner, runner_options
-from .backends.base import PRECISION_RUNNERS
+from .backends.base import runner_numerics
 from .compare import verify_run
 from .errors import ConfigError
 
@@ -43,7 +43,8 @@ def bench_run(run_dir: str | Path, runners: list[str] | None = None, batches: tu
     """Verify, then time every requested (default: every available) runner at every batch size.
 
     ``precision`` applies to the runners that take one (torch-fast, trt; see ``PRECISION_RUNNERS``),
-    which are then verified with that precision's tolerances; the others run and verify in fp32."""
+    which are then verified with that precision's tolerances. ONNX Runtime runs the file as written: at
+    fp32, or at the export's precision for a mixed-precision ``model_fp16.onnx``/``model_bf16.onnx``."""
     run_dir = Path(run_dir)
     manifest = read_manifest(run_dir)
     export = manifest.get("exports", {}).get(model_file)
@@ -59,7 +60,7 @@ def bench_run(run_dir: str | Path, runners: list[str] | None = None, batches: tu
     results: dict = {"model": manifest.get("model"), "file": model_file, "order": export.get("order", "layer"), "T": export["T"], "batches": list(batches),
                      "environment": environment(), "runners": {}}
     for name in names:
-        numerics = precision if name in PRECISION_RUNNERS else "fp32"
+        numerics = runner_numerics(name, precision, export.get("precision", "fp32"))
         entry: dict = {"precision": numerics}
         results["runners"][name] = entry
         if avail[name] is not None:

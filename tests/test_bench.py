@@ -91,3 +91,16 @@ def test_per_step_layout_is_the_same_function_and_benches_separately(exported):
     data = bench_run(exported, ["ort-cpu"], (2,), warmup=0, iters=2, echo=lambda s: None, model_file="model_per_step.onnx")
     assert data["order"] == "step" and (exported / "bench_model_per_step.json").is_file()
     assert json.loads((exported / "verify.json").read_text())["ort-cpu:model_per_step.onnx"]["passed"]
+
+
+def test_bench_a_mixed_precision_export_verifies_onnx_runtime_at_its_precision(exported):
+    export_run(exported, precision="fp16", n_random=32, n_real=0)
+    data = bench_run(exported, ["ort-cpu"], (2,), iters=2, warmup=0, model_file="model_fp16.onnx", echo=lambda s: None)
+    entry = data["runners"]["ort-cpu"]
+    assert entry["precision"] == "fp16" and entry["verified"] is True, entry.get("skipped")
+    assert entry["by_batch"]["2"]["p50_ms"] > 0
+    # the gate checked layer by layer on the fp16 graph's _layers twin, exported on first use
+    manifest = json.loads((exported / "manifest.json").read_text())
+    assert manifest["exports"]["model_fp16_layers.onnx"]["precision"] == "fp16"
+    report = json.loads((exported / "verify.json").read_text())["ort-cpu:model_fp16_layers.onnx"]
+    assert report["precision"] == "fp16" and report["layers_checked"]

@@ -11,7 +11,8 @@ import numpy as np
 
 from ..errors import ConfigError, InputError, RunnerUnavailableError
 
-__all__ = ["TensorSpec", "Runner", "validate_feed", "RUNNERS", "create_runner", "available_runners", "runner_options"]
+__all__ = ["TensorSpec", "Runner", "validate_feed", "RUNNERS", "create_runner", "available_runners", "runner_options",
+           "runner_numerics"]
 
 
 @dataclass(frozen=True)
@@ -119,6 +120,18 @@ def available_runners() -> dict[str, str | None]:
 # the precisions they take (verify's tolerance presets have the same names).
 PRECISION_RUNNERS = ("torch-fast", "trt")
 PRECISIONS = ("fp32", "tf32", "fp16", "bf16")
+
+
+# Runners that execute the ONNX file as written: a mixed-precision export (model_fp16.onnx) sets their numerics.
+GRAPH_RUNNERS = ("ort-cpu", "ort-cuda")
+
+
+def runner_numerics(name: str, requested: str = "fp32", model_precision: str = "fp32") -> str:
+    """What runner ``name`` computes at (and is verified at): the export's own precision for the runners
+    that run its graph as written, ``requested`` for those that take a precision, else fp32."""
+    if name in GRAPH_RUNNERS:
+        return model_precision
+    return requested if name in PRECISION_RUNNERS else "fp32"
 
 
 def runner_options(name: str, precision: str = "fp32") -> dict:
