@@ -126,19 +126,24 @@ def build(run, precision, batch, workspace_mb, timing_cache, model_file) -> None
 @cli.command()
 @click.argument("run", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--runner", "runners", multiple=True, help="Runner(s) to check (default: every available one but torch).")
-@click.option("--precision", type=click.Choice(["fp32", "tf32", "fp16", "bf16"]), default="fp32", show_default=True,
-              help="Tolerance preset.")
+@click.option("--precision", type=click.Choice(["fp32", "tf32", "fp16", "bf16"]), default=None,
+              help="Tolerance preset, and what torch-fast/trt compute at (default: the export's precision, fp32 unless "
+                   "exported with --precision).")
 @click.option("--batch", default=64, show_default=True, type=click.IntRange(1), help="Inputs per inference call.")
 @click.option("--model", "model_file", default=None, help="Which export of RUN to check (default: model_layers.onnx if exported, else model.onnx).")
 @click.option("--test-set", is_flag=True, help="Check on the run's whole test split (read from its dataset) instead of the export's reference inputs.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 def verify(run, runners, precision, batch, model_file, test_set, no_progress) -> None:
     """Check that RUN's exported model computes PyTorch's spikes and outputs on a runtime."""
+    from .artifacts import read_manifest
     from .backends import available_runners, runner_options
-    from .compare import format_report, verify_runs
+    from .compare import default_model_file, format_report, verify_runs
 
     if not runners:
         runners = tuple(n for n, why in available_runners().items() if why is None and n != "torch")
+    if precision is None:
+        exports = read_manifest(run).get("exports", {})
+        precision = exports.get(model_file or default_model_file(exports), {}).get("precision", "fp32")
     reports = verify_runs(run, {name: runner_options(name, precision) for name in runners}, precision, batch,
                           model_file=model_file, progress=not no_progress, inputs="test" if test_set else "reference")
     failed = []

@@ -25,7 +25,7 @@ from .backends import create_runner
 from .errors import ArtifactError, ConfigError, DataError
 from .runs import load_run_config
 
-__all__ = ["Tolerance", "PRESETS", "verify_run", "verify_runs", "format_report", "LayerStats"]
+__all__ = ["Tolerance", "PRESETS", "verify_run", "verify_runs", "default_model_file", "format_report", "LayerStats"]
 
 
 @dataclass(frozen=True)
@@ -173,6 +173,12 @@ class _TestSet:
             yield to_time_major(x.float(), self._steps, self._ds.static).contiguous().numpy(), y.numpy(), None
 
 
+def default_model_file(exports: dict) -> str:
+    """The export verify checks unless told otherwise: ``model_layers.onnx`` (per-layer spikes) when the
+    manifest's ``exports`` has it, else ``model.onnx``."""
+    return "model_layers.onnx" if "model_layers.onnx" in exports else "model.onnx"
+
+
 class _Tally:
     """What one candidate runner did on every batch, against the reference's outputs on the same inputs."""
 
@@ -272,7 +278,7 @@ def verify_runs(run_dir: str | Path, runners: dict[str, dict | None], precision:
     cfg = load_run_config(run_dir)
     manifest = read_manifest(run_dir)
     if model_file is None:
-        model_file = "model_layers.onnx" if "model_layers.onnx" in manifest.get("exports", {}) else "model.onnx"
+        model_file = default_model_file(manifest.get("exports", {}))
     inputs_path = run_dir / "reference_inputs.npz"
     if not inputs_path.is_file() or model_file not in manifest.get("exports", {}):
         raise ArtifactError(f"{run_dir} has no {model_file} export with reference inputs: run `snncompile export {run_dir}`")

@@ -116,6 +116,10 @@ def test_export_fp16_and_verify_it_at_fp16_tolerances(tmp_path):
     assert all(s["real"] == 0 for s in report["layers"].values())
     # the same check at fp32 tolerances fails: the graph really computes in fp16
     assert not verify_run(run, "ort-cpu", "fp32", model_file="model_fp16_layers.onnx")["passed"]
+    # the verify command takes the export's precision as its default preset
+    cli_run = CliRunner().invoke(cli, ["verify", str(run), "--model", "model_fp16_layers.onnx", "--runner", "ort-cpu",
+                                       "--no-progress"])
+    assert cli_run.exit_code == 0 and "PASSED: ort-cpu matches torch within fp16 tolerances" in cli_run.output
 
 
 def test_export_precision_needs_the_unrolled_form(tmp_path):
