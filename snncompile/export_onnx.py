@@ -313,9 +313,9 @@ def export_run(
         numerics = _check_numerics(raw_path, out_path, graph, arrays, form, steps) if check_numerics else "skipped"
         reduced = 0
         if precision != "fp32":  # after the numerics check, which compares two fp32 graphs
-            from .mixed_precision import mixed_precision
-
             import onnx_ir as ir
+
+            from .mixed_precision import mixed_precision
 
             typed, reduced = mixed_precision(onnx.load(str(out_path)), precision)
             for old in staging.glob(file_name + "*"):  # external data is appended to, never overwritten
