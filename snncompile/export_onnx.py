@@ -323,6 +323,7 @@ def export_run(
             _save_ir(ir.serde.deserialize_model(typed), out_path)
             ops = _check_graph(onnx, out_path)
             opset = next(o.version for o in typed.opset_import if o.domain in ("", "ai.onnx"))  # bf16 Conv: 22
+            nodes_clean = len(typed.graph.node)  # with the casts
         seconds = time.perf_counter() - t0
 
         # Everything passed: move into place (each rename is atomic; data files before the model).
