@@ -151,12 +151,12 @@ def format_table(results: dict) -> str:
 
 def _plot(results: dict, path: Path) -> bool:
     """Latency and throughput against batch per runner; False when matplotlib is absent."""
-    try:
-        import matplotlib
+    from .errors import MissingDependencyError
+    from .plots import pyplot
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    try:
+        plt = pyplot()
+    except MissingDependencyError:
         return False
     fig, (ax_lat, ax_thr) = plt.subplots(1, 2, figsize=(10, 4))
     for name, entry in results["runners"].items():

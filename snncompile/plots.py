@@ -14,10 +14,11 @@ from .artifacts import atomic_save, record_artifact
 from .errors import ArtifactError, MissingDependencyError
 from .runs import METRICS, load_run_config
 
-__all__ = ["plot_training", "plot_runs", "run_labels"]
+__all__ = ["pyplot", "plot_training", "plot_runs", "run_labels"]
 
 
-def _pyplot():
+def pyplot():
+    """matplotlib's pyplot on the Agg backend (files only), or a one-line error naming the ``plot`` extra."""
     try:
         import matplotlib
 
@@ -53,7 +54,7 @@ def _save(fig, plt, path: Path) -> Path:
 def plot_training(run: Path, out: Path | None = None) -> Path:
     """Loss and accuracy per epoch of one run (train and test) as ``training.png`` in the run (recorded in its
     manifest), or at ``out``."""
-    plt = _pyplot()
+    plt = pyplot()
     rows = _metrics(run)
     epochs = [r["epoch"] for r in rows]
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
@@ -100,7 +101,7 @@ def run_labels(runs: list[Path]) -> list[str]:
 
 def plot_runs(runs: list[Path], out: Path, labels: list[str] | None = None) -> Path:
     """Test accuracy and training loss per epoch of several runs on shared axes, written to ``out``."""
-    plt = _pyplot()
+    plt = pyplot()
     rows = [_metrics(r) for r in runs]
     labels = labels or run_labels(runs)
     fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(11, 4.2))
