@@ -5,6 +5,8 @@ One step = forward over T steps + loss + backward + optimizer step, on random bi
 ``warmup``. Variants:
 
 - ``snncompile``: layer-major, fused Triton LIF on CUDA (pure torch elsewhere), optional bf16 autocast;
+- ``snncompile ... CUDA graph`` (CUDA only): the same step, forward + backward + optimizer, captured
+  once in a CUDA graph and replayed (one launch per step instead of one per kernel);
 - ``torch loop``: the per-timestep loop over the same modules (the paper's order, what most code does);
 - ``spikingjelly`` (multi-step LIFNode) and ``snntorch`` (Leaky, step loop), built layer for layer
   from the same architecture and neuron constants, when installed.
@@ -153,24 +155,32 @@ def bench_train(cfg: Config, device: torch.device, precision: str = "fp32", step
     gen = torch.Generator().manual_seed(0)
     x = (torch.rand((steps_t, batch, *m.input_shape), generator=gen) < 0.2).float().to(device)
     y = torch.randint(0, m.classes, (batch,), generator=gen).to(device)
-    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+    bf16 = precision == "bf16"
+    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+    # a graph replays the casts it captured: autocast's weight-cast cache must not outlive the capture
+    amp_uncached = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16, cache_enabled=False)
     results: dict = {}
 
-    def timed(params, forward: Callable[[], torch.Tensor], compact: bool = False) -> dict:
+    def timed(params, forward: Callable[[], torch.Tensor], compact: bool = False, graph: bool = False) -> dict:
         """Time SGD training steps of ``forward`` (-> class scores) over ``params``; ``compact``: keep
-        saved spikes as uint8, as our trainer does. Adds ``saved_mib``, what autograd keeps for backward
-        in one forward (measured on any device, after compaction)."""
+        saved spikes as uint8, as our trainer does; ``graph``: replay the step from a CUDA graph. Adds
+        ``saved_mib``, what autograd keeps for backward in one forward (measured on any device, after
+        compaction)."""
+        params = list(params)
         opt = torch.optim.SGD(params, lr=cfg.train.lr, momentum=cfg.train.momentum)
 
-        def step():
-            with amp, SavedActivations() if compact else contextlib.nullcontext():
+        def forward_backward_update():
+            with amp_uncached if graph else amp, SavedActivations() if compact else contextlib.nullcontext():
                 scores = forward().float()
-            loss = loss_fn(scores, y, cfg.train.loss)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
+            loss_fn(scores, y, cfg.train.loss).backward()
             opt.step()
 
-        stats = _time_steps(step, device, steps, warmup)
+        def step():
+            opt.zero_grad(set_to_none=True)
+            forward_backward_update()
+
+        stats = _time_steps(_cuda_graphed(forward_backward_update, opt, device) if graph else step,
+                            device, steps, warmup)
         stats["saved_mib"] = _saved_mib(forward, amp, compact)
         if compact:
             stats["saved_mib_uncompacted"] = _saved_mib(forward, amp, False)
@@ -185,6 +195,13 @@ def bench_train(cfg: Config, device: torch.device, precision: str = "fp32", step
         name = ("snncompile" if order == "layer" else "torch") + label
         results[name] = timed(net.parameters(), lambda net=net, order=order: net(x, order), compact=order == "layer")
         echo(f"done: {name}")
+        if order == "layer" and device.type == "cuda":
+            name = f"snncompile{label[:-1]}, CUDA graph)"
+            torch.manual_seed(0)
+            net = network_from_config(m).to(device)
+            net.fused_lif = use_fused
+            results[name] = timed(net.parameters(), lambda net=net: net(x, "layer"), compact=True, graph=True)
+            echo(f"done: {name}")
     if peers:
         specs = parse_architecture(m.arch)
         if _has("spikingjelly"):
@@ -210,6 +227,29 @@ def bench_train(cfg: Config, device: torch.device, precision: str = "fp32", step
             results["snntorch"] = "not installed (pip install snntorch)"
     return {"model": cfg.name, "T": steps_t, "batch": batch, "precision": precision, "device": str(device),
             "steps": steps, "variants": results}
+
+
+def _cuda_graphed(forward_backward_update: Callable[[], None], opt: torch.optim.Optimizer,
+                  device: torch.device) -> Callable[[], None]:
+    """Capture one training step in a CUDA graph and return its replay.
+
+    PyTorch's whole-network recipe: a few eager steps on a side stream first (Triton compiles its
+    kernels, the optimizer creates its momentum buffers), then gradients set to None and the step
+    captured, so backward allocates the gradients from the graph's own memory pool and every replay
+    rewrites them in place of zeroing them.
+    """
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            opt.zero_grad(set_to_none=True)
+            forward_backward_update()
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    opt.zero_grad(set_to_none=True)
+    with torch.cuda.graph(graph):
+        forward_backward_update()
+    return graph.replay
 
 
 def _saved_mib(forward: Callable[[], torch.Tensor], amp, compact: bool) -> float:

@@ -15,7 +15,7 @@ import json
 from pathlib import Path
 from typing import Callable
 
-from .artifacts import read_manifest, record_artifact, sha256_file, update_manifest
+from .artifacts import read_manifest, sha256_file, update_manifest
 from .config import Config
 from .errors import ArtifactError, ConfigError, DataError, MissingDependencyError
 

@@ -52,3 +52,63 @@ def test_bench_train_measures_what_uint8_spikes_save():
     # for the readout: (9248 + 2312 + 16) * 12 = 138,912 values, 4 bytes -> 1 byte each
     assert (ours["saved_mib_uncompacted"] - ours["saved_mib"]) * 2**20 == pytest.approx(3 * 138_912)
     assert "saved_mib_uncompacted" not in r["variants"]["torch loop (step-major)"]  # the plain loop keeps fp32
+
+
+def _gpu_or_skip():
+    import pytest
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+
+
+def test_cuda_graphed_training_step_trains_like_the_eager_step():
+    """The captured step (forward, backward, SGD) replayed K times == K eager steps, weight for weight."""
+    import torch
+
+    _gpu_or_skip()
+    from snncompile.bench_train import _cuda_graphed
+    from snncompile.config import load_config
+    from snncompile.memory import SavedActivations
+    from snncompile.models import network_from_config
+    from snncompile.train import loss_fn
+
+    cfg = load_config(REPO / "models" / "bench-nmnist.toml", ["model.arch='8C3-AP2-8C3-AP2-16FC-10'", "model.T=3"])
+    device = torch.device("cuda")
+    x = (torch.rand(3, 8, *cfg.model.input_shape, device=device) < 0.2).float()
+    y = torch.randint(0, 10, (8,), device=device)
+    weights = []
+    for graphed in (False, True):
+        torch.manual_seed(0)
+        net = network_from_config(cfg.model).to(device)
+        initial = [p.detach().clone() for p in net.parameters()]
+        net.fused_lif = importlib.util.find_spec("triton") is not None
+        opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+
+        def update(net=net, opt=opt):
+            with SavedActivations():
+                scores = net(x, "layer").float()
+            loss_fn(scores, y, "ce").backward()
+            opt.step()
+
+        if graphed:
+            replay = _cuda_graphed(update, opt, device)  # 3 eager warm-up steps, then the capture
+            for _ in range(4):
+                replay()
+        else:
+            for _ in range(3 + 4):
+                opt.zero_grad(set_to_none=True)
+                update()
+        torch.cuda.synchronize()
+        weights.append([p.detach().clone() for p in net.parameters()])
+    assert sum(float((w - w0).abs().sum()) for w, w0 in zip(weights[1], initial)) > 0  # it did train
+    for eager, replayed in zip(*weights):
+        torch.testing.assert_close(replayed, eager, rtol=1e-4, atol=1e-6)
+
+
+def test_bench_train_on_cuda_times_the_graphed_step():
+    _gpu_or_skip()
+    result = CliRunner().invoke(cli, ["bench", "train", str(REPO / "models" / "bench-nmnist.toml"), *TINY[:-2],
+                                      "--device", "cuda", "--precision", "bf16"])
+    assert result.exit_code == 0, result.output
+    assert ", CUDA graph) |" in result.output and "skipped" not in result.output

@@ -5,8 +5,7 @@ import torch
 
 from conftest import ZOO, zoo_ids
 from helpers import tiny_zoo_config
-from snncompile.config import load_config
-from snncompile.memory import SavedActivations, mark_spikes
+from snncompile.memory import SavedActivations
 from snncompile.models import SpikingNetwork, network_from_config
 from snncompile.neurons import LIFParams
 
