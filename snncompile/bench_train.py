@@ -193,40 +193,58 @@ def bench_train(cfg: Config, device: torch.device, precision: str = "fp32", step
         net = network_from_config(m).to(device)
         net.fused_lif = use_fused
         name = ("snncompile" if order == "layer" else "torch") + label
-        results[name] = timed(net.parameters(), lambda net=net, order=order: net(x, order), compact=order == "layer")
+        results[name] = _attempt(lambda: timed(net.parameters(), lambda: net(x, order), compact=order == "layer"))
         echo(f"done: {name}")
         if order == "layer" and device.type == "cuda":
             name = f"snncompile{label[:-1]}, CUDA graph)"
             torch.manual_seed(0)
             net = network_from_config(m).to(device)
             net.fused_lif = use_fused
-            results[name] = timed(net.parameters(), lambda net=net: net(x, "layer"), compact=True, graph=True)
+            results[name] = _attempt(lambda: timed(net.parameters(), lambda: net(x, "layer"), compact=True, graph=True))
             echo(f"done: {name}")
     if peers:
         specs = parse_architecture(m.arch)
         if _has("spikingjelly"):
             from spikingjelly.activation_based import functional
 
-            torch.manual_seed(0)
-            sj = _spikingjelly_net(specs, cfg, device)
+            def sj_stats() -> dict:
+                torch.manual_seed(0)
+                sj = _spikingjelly_net(specs, cfg, device)
 
-            def sj_forward():
-                functional.reset_net(sj)
-                return _decode_peer(sj(x), m)
+                def sj_forward():
+                    functional.reset_net(sj)
+                    return _decode_peer(sj(x), m)
 
-            results["spikingjelly"] = timed(sj.parameters(), sj_forward)
+                return timed(sj.parameters(), sj_forward)
+
+            results["spikingjelly"] = _attempt(sj_stats)
             echo("done: spikingjelly")
         else:
             results["spikingjelly"] = "not installed (pip install spikingjelly)"
         if _has("snntorch"):
-            torch.manual_seed(0)
-            mods, fwd = _snntorch_step_fn(specs, cfg, device)
-            results["snntorch"] = timed(mods.parameters(), lambda: _decode_peer(fwd(x), m))
+            def snntorch_stats() -> dict:
+                torch.manual_seed(0)
+                mods, fwd = _snntorch_step_fn(specs, cfg, device)
+                return timed(mods.parameters(), lambda: _decode_peer(fwd(x), m))
+
+            results["snntorch"] = _attempt(snntorch_stats)
             echo("done: snntorch")
         else:
             results["snntorch"] = "not installed (pip install snntorch)"
     return {"model": cfg.name, "T": steps_t, "batch": batch, "precision": precision, "device": str(device),
             "steps": steps, "variants": results}
+
+
+def _attempt(measure: Callable[[], dict]) -> dict | str:
+    """A variant's stats, or ``'failed: <error>'``: one broken variant (a kernel that does not compile
+    on this GPU, out of memory) costs its own row of the table, not the other variants' figures."""
+    try:
+        return measure()
+    except Exception as exc:  # noqa: BLE001 - reported in the table, one line
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        message = (str(exc).strip().splitlines() or [""])[0][:200]
+        return f"failed: {type(exc).__name__}: {message}"
 
 
 def _cuda_graphed(forward_backward_update: Callable[[], None], opt: torch.optim.Optimizer,
@@ -271,10 +289,10 @@ def _decode_peer(out: torch.Tensor, m) -> torch.Tensor:
 def format_train_table(r: dict) -> str:
     lines = [f"{r['model']}: T = {r['T']}, batch {r['batch']}, {r['precision']}, {r['device']}, median of {r['steps']} steps",
              "", "| variant | ms / step | samples/s | peak MiB | saved for backward MiB | vs snncompile |", "|---|---|---|---|---|---|"]
-    base = next(v["median_ms"] for v in r["variants"].values() if isinstance(v, dict))
+    base = next((v["median_ms"] for v in r["variants"].values() if isinstance(v, dict)), None)
     for name, v in r["variants"].items():
         if not isinstance(v, dict):
-            lines.append(f"| {name} | skipped: {v} | | | | |")
+            lines.append(f"| {name} | {v if v.startswith('failed: ') else 'skipped: ' + v} | | | | |")
             continue
         peak = "-" if v["peak_mib"] is None else f"{v['peak_mib']:.0f}"
         saved = f"{v['saved_mib']:.1f}"

@@ -112,3 +112,25 @@ def test_bench_train_on_cuda_times_the_graphed_step():
                                       "--device", "cuda", "--precision", "bf16"])
     assert result.exit_code == 0, result.output
     assert ", CUDA graph) |" in result.output and "skipped" not in result.output
+
+
+def test_a_failing_variant_costs_its_row_not_the_table(monkeypatch):
+    import torch
+
+    import snncompile.bench_train as bt
+    from snncompile.config import load_config
+
+    calls = []
+
+    def time_steps(step, device, steps, warmup):
+        calls.append(1)
+        if len(calls) == 2:  # the second variant, the step loop
+            raise RuntimeError("out of memory\nsecond line")
+        return {"median_ms": 2.0, "min_ms": 2.0, "peak_mib": None}
+
+    monkeypatch.setattr(bt, "_time_steps", time_steps)
+    cfg = load_config(REPO / "models" / "bench-nmnist.toml", ["model.arch='8C3-AP2-16FC-10'", "model.T=2",
+                                                               "data.batch_size=2"])
+    table = bt.format_train_table(bt.bench_train(cfg, torch.device("cpu"), steps=1, warmup=0, echo=lambda s: None))
+    assert "| torch loop (step-major) | failed: RuntimeError: out of memory |" in table
+    assert "| snncompile (layer-major) | 2.0 |" in table
