@@ -1,102 +1,103 @@
 #!/usr/bin/env bash
-# The GPU figures of the training-speed, inference-benchmark and pipeline issues, one part per call
-# (a device call may run 10 minutes). Each part appends its tables to $OUT/<part>.md and its logs to
-# $OUT/<part>.log, and prints the tables at the end.
+# The GPU figures of the training-speed, inference-benchmark, pipeline and TensorRT issues, sized for
+# a device budget of about 15 minutes: each part is one device call, and every stage inside it runs
+# under the part's deadline (a stage that no longer fits is skipped with a line saying so, one that
+# overruns is stopped), so a call always comes back with its tables and logs.
 #
-#   OUT=$OUT scripts/gpu_figures.sh train      # bench train: bench-cifar/bench-nmnist fp32+bf16, peers; paper nets T=8
-#   OUT=$OUT scripts/gpu_figures.sh trt        # TensorRT on PYTHONPATH: zoo + trained digits build (and verify where it runs)
-#   OUT=$OUT scripts/gpu_figures.sh infer      # bench: torch, torch-fast, ort-cuda, trt at b1/b64/b128; per-step layout on ORT CUDA
-#   OUT=$OUT MNIST_ROOT=dir scripts/gpu_figures.sh mnist [EPOCHS [ARGS]]       # pipeline on mnist.toml
-#   OUT=$OUT MNIST_ROOT=dir scripts/gpu_figures.sh mnist-off [EPOCHS [ARGS]]   # the same training, NeuNorm off
+# Here, once per session (costs no device time):
+#     scripts/gpu_figures.sh prepare      # .carry/mnist (the IDX files) and .whl (spikingjelly, snntorch, loguru)
+# Then one device call per part, in the repo root, carry [".carry", ".whl"], timeout_s 590:
+#     bash scripts/gpu_figures.sh first           # GPU tests, bench train (every variant, peers), MNIST step time  (~5 min)
+#     bash scripts/gpu_figures.sh mnist [E [ARGS]] # pipeline on mnist.toml (E epochs), then NeuNorm off, same seed/budget
+#     bash scripts/gpu_figures.sh mnist-off [E [ARGS]]  # only the NeuNorm-off training (if mnist ran out of time)
+#     bash scripts/gpu_figures.sh infer           # bench: torch, torch-fast (fp32, bf16), ort-cuda if present, per-step layout
+#     bash scripts/gpu_figures.sh trt             # TensorRT on PYTHONPATH: zoo + trained digits build (and verify where it runs)
+# `first` prints ms per MNIST training step: an epoch is ~600 steps plus evaluation; choose E so that
+# two trainings and the pipeline's export/verify fit the call. ARGS after E go to snncompile as is
+# (e.g. --set train.precision=\'bf16\' --set data.augment=\'shift\' --set data.augment_pad=2).
 #
-# QUICK=1 shrinks every network and step count so the whole script runs on a CPU as a smoke test.
-set -euo pipefail
-part=${1:?usage: gpu_figures.sh train|infer|trt|mnist|mnist-off [EPOCHS [SNNCOMPILE ARGS]]}
+# Each part writes $OUT/<part>.md (the tables; also printed) and $OUT/<part>.log (stderr, timings).
+# DEADLINE=seconds bounds a part (default 560); QUICK=1 shrinks every network, step count and dataset so
+# the whole script runs on a CPU as a smoke test.
+set -uo pipefail
+part=${1:?usage: gpu_figures.sh prepare|first|mnist|mnist-off|infer|trt [EPOCHS [SNNCOMPILE ARGS]]}
+cd "$(dirname "$0")/.."
+
+if [ "$part" = prepare ]; then
+    set -e
+    mkdir -p .git/info .carry && touch .git/info/exclude
+    grep -qxF /.carry/ .git/info/exclude || echo /.carry/ >> .git/info/exclude
+    rm -rf .carry/mnist && cp -r "${MNIST_ROOT:-../shared/data/mnist}" .carry/mnist && chmod -R u+w .carry/mnist
+    ../shared/hooks/device-wheels.sh py spikingjelly==2.0.0 snntorch==1.0.0 loguru==0.7.3 >/dev/null 2>&1 \
+        || { echo "prepare: downloading the wheels failed (../shared/hooks/device-wheels.sh py ...)" >&2; exit 1; }
+    du -sh .carry .whl
+    exit 0
+fi
+
 OUT=${OUT:-export/gpu-figures}
 QUICK=${QUICK:-0}
+DEADLINE=${DEADLINE:-560}
 mkdir -p "$OUT"
 md="$OUT/$part.md"
 log="$OUT/$part.log"
-runs="$OUT/runs"
+# run directories: one place per machine, so a later call (mnist-off, a rerun after a timeout: the
+# pipeline resumes per stage) sees the earlier calls' runs while the machine stays warm
+if [ "$QUICK" = 1 ]; then runs=$(mktemp -d "${TMPDIR:-/tmp}/gpu-figures-runs.XXXX"); else runs=${RUNS:-/tmp/gpu-figures-runs}; fi
+start=$(date +%s)
+
+# The device machine has torch, triton, onnx and onnxruntime but neither snncompile nor the peers:
+# carried wheels go to /tmp/site, and `snncompile` runs from this checkout.
+if ls .whl/*.whl >/dev/null 2>&1 && ! python3 -c "import spikingjelly, snntorch" 2>/dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+        && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+[ -d /tmp/ortsite ] && export PYTHONPATH=/tmp/ortsite${PYTHONPATH:+:$PYTHONPATH}  # device-wheels.sh ort-gpu
+if ! command -v snncompile >/dev/null; then
+    mkdir -p /tmp/snncompile-bin
+    printf '#!/bin/sh\nexec python3 -m snncompile "$@"\n' > /tmp/snncompile-bin/snncompile
+    chmod +x /tmp/snncompile-bin/snncompile
+    export PATH=/tmp/snncompile-bin:$PATH PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+fi
+export PYTHONUNBUFFERED=1
+
+# stage NAME SECONDS CMD...: run CMD if about SECONDS still fit before the deadline, stopped at the
+# deadline; its stdout goes to the tables, its stderr to the log.
+stage() {
+    local name=$1 need=$2 left t0 rc
+    shift 2
+    left=$(( DEADLINE - ($(date +%s) - start) ))
+    if [ "$left" -lt "$need" ]; then
+        echo "skipped $name: $left s left of $DEADLINE s, it needs about $need s" | tee -a "$md"
+        return 0
+    fi
+    echo "== $name, $(date +%T), $left s left" >> "$log"
+    t0=$(date +%s)
+    timeout --kill-after=10 "$left" "$@" 2>>"$log" | tee -a "$md"
+    rc=${PIPESTATUS[0]}
+    echo "[$name: exit $rc, $(( $(date +%s) - t0 )) s]" | tee -a "$md"
+}
 
 if [ "$QUICK" = 1 ]; then
     tiny_cifar=(--set "model.arch='8C3-AP2-8C3-16FC-10'")
     tiny_nmnist=(--set "model.arch='8C3-AP2-8C3-AP2-16FC-10'")
     tiny_voting=(--set "model.arch='8C3(Encoding)-8C3-AP2-16FC-Voting'")
-    steps=(--steps 2 --warmup 1 --batch 4 --device cpu)
+    steps=(--steps 2 --warmup 1 --batch 4)
     batches=1,4
     iters=(--iters 3 --warmup 1)
+    mnist_quick=("${tiny_voting[@]}" --set data.limit_train=512 --set data.limit_test=256)
 else
-    tiny_cifar=() tiny_nmnist=() tiny_voting=()
+    tiny_cifar=() tiny_nmnist=() tiny_voting=() mnist_quick=()
     steps=(--steps 30 --warmup 10)
     batches=1,64,128
     iters=(--iters 200 --warmup 20)
 fi
+mnist_root=$PWD/.carry/mnist
+[ -d "$mnist_root" ] || mnist_root=$(cd ../shared/data/mnist 2>/dev/null && pwd)
 
-case "$part" in
-train)
-    for precision in bf16 fp32; do
-        snncompile bench train models/bench-cifar.toml "${tiny_cifar[@]}" --precision "$precision" --peers "${steps[@]}" 2>>"$log" | tee -a "$md"
-        snncompile bench train models/bench-nmnist.toml "${tiny_nmnist[@]}" --precision "$precision" --peers "${steps[@]}" 2>>"$log" | tee -a "$md"
-    done
-    # the paper's networks, with NeuNorm and voting, at T = 8
-    snncompile bench train models/cifar10.toml "${tiny_voting[@]}" --T 8 --precision bf16 "${steps[@]}" 2>>"$log" | tee -a "$md"
-    snncompile bench train models/nmnist.toml "${tiny_voting[@]}" --T 8 --precision bf16 "${steps[@]}" 2>>"$log" | tee -a "$md"
-    ;;
-infer)
-    for model in bench-nmnist bench-cifar; do
-        tiny=(); [ "$model" = bench-cifar ] && tiny=("${tiny_cifar[@]}") || tiny=("${tiny_nmnist[@]}")
-        run=$(snncompile init "models/$model.toml" "${tiny[@]}" --out "$runs" 2>>"$log" | sed -E 's/^initialised ([^;]+).*/\1/')
-        snncompile export "$run" --samples 64 >>"$log" 2>&1
-        snncompile export "$run" --order step --samples 64 >>"$log" 2>&1
-        snncompile bench "$run" --runners torch,torch-fast,ort-cuda,trt --batch "$batches" "${iters[@]}" 2>>"$log" \
-            | sed -n '/^model /,/^wrote/p' | tee -a "$md"
-        snncompile bench "$run" --batch "$batches" "${iters[@]}" --precision bf16 --runners torch-fast 2>>"$log" \
-            | sed -n '/^model /,/^wrote/p' | tee -a "$md"
-        # ONNX Runtime CUDA on the mixed-precision graph (fp16 convs/linears, fp32 neurons), verified at fp16
-        snncompile export "$run" --precision fp16 --samples 64 >>"$log" 2>&1
-        snncompile bench "$run" --model model_fp16.onnx --runners ort-cuda --batch "$batches" "${iters[@]}" 2>>"$log" \
-            | sed -n '/^model /,/^wrote/p' | tee -a "$md"
-        # the per-timestep layout of the same network (the layout other tools export), for comparison
-        snncompile bench "$run" --model model_per_step.onnx --runners ort-cuda,torch --batch "$batches" "${iters[@]}" 2>>"$log" \
-            | sed -n '/^model /,/^wrote/p' | tee -a "$md"
-    done
-    ;;
-trt)
-    # TensorRT (or TensorRT-RTX, on PYTHONPATH): every tiny zoo model and a trained digits model parse and
-    # build strongly typed at fp32/fp16/bf16; where the runtime supports this GPU, verify the engines too.
-    python -m pytest -q -m trt tests/test_trt.py 2>&1 | tail -25 | tee -a "$md"
-    snncompile train models/digits.toml --out "$runs" --no-progress 2>>"$log" | tail -2 | head -1 | tee -a "$md"
-    run=$(ls -d "$runs"/digits/*/ | tail -1)
-    snncompile export "$run" >>"$log" 2>&1 && snncompile export "$run" --layers >>"$log" 2>&1
-    for precision in fp32 fp16 bf16; do
-        for model in model.onnx model_layers.onnx; do
-            snncompile build "$run" --model "$model" --precision "$precision" --batch 1:32:256 2>&1 | tail -1 | tee -a "$md"
-        done
-        snncompile verify "$run" --runner trt --precision "$precision" --no-progress 2>&1 | tail -3 | tee -a "$md"
-    done
-    ;;
-mnist | mnist-off)
-    # mnist: the whole pipeline (train, export, verify every runner on all 10,000 test images, bench) with
-    # NeuNorm; mnist-off: the same training without NeuNorm (same seed and budget), training only. Two
-    # parts because each must fit one 10-minute call. Extra arguments after EPOCHS go to snncompile as is
-    # (e.g. --set data.augment=shift --set data.augment_pad=2).
-    epochs=${2:-30}
-    extra=("${@:3}")
-    root=${MNIST_ROOT:-../shared/data/mnist}
-    quick=(); [ "$QUICK" = 1 ] && quick=("${tiny_voting[@]}" --set data.limit_train=512 --set data.limit_test=256)
-    start=$(date +%s)
-    if [ "$part" = mnist ]; then
-        snncompile pipeline models/mnist.toml "${quick[@]}" --set "data.root='$root'" --set "train.epochs=$epochs" \
-            "${extra[@]}" --out "$runs" --batch 1,128 --no-progress 2>>"$log" | tee -a "$md"
-    else
-        snncompile train models/mnist.toml "${quick[@]}" --set "data.root='$root'" --set "train.epochs=$epochs" \
-            --set model.neunorm=false "${extra[@]}" --out "$runs" --no-progress 2>>"$log" | tee -a "$md"
-    fi
-    # training wall (with per-epoch evaluation) and accuracy, from the runs' own records (a pipeline's
-    # wall also counts export, verify and bench)
+mnist_summary() {  # accuracy and training wall of every MNIST run, from the runs' own records
     for run in "$runs"/mnist/*/; do
-        python - "$run" <<'PY' | tee -a "$md"
+        [ -f "$run/metrics.jsonl" ] || continue
+        python3 - "$run" <<'PY'
 import json, pathlib, sys
 run = pathlib.Path(sys.argv[1])
 rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
@@ -104,13 +105,96 @@ t = json.loads((run / "manifest.json").read_text())["training"]
 neunorm = "neunorm = true" in (run / "config.toml").read_text()
 print(f"{run.name}: NeuNorm {'on' if neunorm else 'off'}, {len(rows)} epochs, test acc "
       f"{100 * rows[-1]['test_acc']:.2f} % (best {100 * max(r['test_acc'] for r in rows):.2f} %), "
-      f"train steps {sum(r['train_seconds'] for r in rows):.0f} s, training wall {t['last_session_seconds']:.0f} s on {t['device']}")
+      f"train steps {sum(r['train_seconds'] for r in rows):.0f} s, training wall {t['last_session_seconds']:.0f} s "
+      f"on {t['device']}; per-epoch test acc {[round(100 * r['test_acc'], 2) for r in rows]}")
 PY
+        tag=$(grep -q "neunorm = true" "$run/config.toml" && echo on || echo off)
+        cp "$run/metrics.jsonl" "$OUT/mnist-$tag-metrics.jsonl"
     done
-    echo "$part: wall $(( $(date +%s) - start )) s" | tee -a "$md"
+    # both curves in one PNG (the labels: the config keys the runs differ in)
+    ls -d "$runs"/mnist/*/ >/dev/null 2>&1 && snncompile plot "$runs"/mnist/*/ --out "$OUT/mnist-training.png" >&2
+}
+
+bench_infer() {  # MODEL TINY...: init, export both layouts, bench every GPU runner on them
+    local model=$1 run
+    shift
+    run=$(snncompile init "models/$model.toml" "$@" --out "$runs" | sed -E 's/^initialised ([^;]+).*/\1/')
+    snncompile export "$run" --samples 64 >&2 && snncompile export "$run" --order step --samples 64 >&2 || return 1
+    snncompile bench "$run" --runners torch,torch-fast,ort-cuda,trt --batch "$batches" $iters_s | sed -n '/^model /,/^wrote/p'
+    snncompile bench "$run" --runners torch-fast --precision bf16 --batch "$batches" $iters_s | sed -n '/^model /,/^wrote/p'
+    # the per-timestep layout of the same network (the layout other tools export), for comparison
+    snncompile bench "$run" --model model_per_step.onnx --runners ort-cuda,torch --batch "$batches" $iters_s \
+        | sed -n '/^model /,/^wrote/p'
+    # ONNX Runtime CUDA on the mixed-precision graph (fp16 convs/linears, fp32 neurons), verified at fp16
+    snncompile export "$run" --precision fp16 --samples 64 >&2 \
+        && snncompile bench "$run" --model model_fp16.onnx --runners ort-cuda --batch "$batches" $iters_s \
+        | sed -n '/^model /,/^wrote/p'
+    cp "$run/bench.png" "$OUT/bench-$model.png" 2>/dev/null || true  # a call brings back 8 files at most
+}
+
+trt_digits() {  # a trained digits model through build and verify at every precision
+    local run
+    snncompile train models/digits.toml --out "$runs" --no-progress | tail -2 | head -1
+    run=$(ls -d "$runs"/digits/*/ | tail -1)
+    snncompile export "$run" >&2 && snncompile export "$run" --layers >&2 || return 1
+    for precision in fp32 fp16 bf16; do
+        for model in model.onnx model_layers.onnx; do
+            snncompile build "$run" --model "$model" --precision "$precision" --batch 1:32:256 2>&1 | tail -1
+        done
+        snncompile verify "$run" --runner trt --precision "$precision" --no-progress 2>&1 | tail -3
+    done
+}
+export -f bench_infer trt_digits
+export runs batches OUT
+export iters_s="${iters[*]}"
+
+case "$part" in
+first)
+    stage environment 5 bash -c 'nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader;
+        python3 -c "import torch, triton, onnxruntime as o; print(\"torch\", torch.__version__, \"triton\", triton.__version__,
+        \"onnxruntime\", o.__version__, o.get_available_providers())"'
+    # the fused kernel compiled for this GPU against pure torch, the graphed training step, torch-fast on CUDA
+    stage "GPU tests" 60 python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_bench_train.py \
+        tests/test_backends.py -k "not trt"
+    for precision in bf16 fp32; do
+        stage "bench train bench-cifar $precision" 30 snncompile bench train models/bench-cifar.toml "${tiny_cifar[@]}" \
+            --precision "$precision" --peers "${steps[@]}"
+        stage "bench train bench-nmnist $precision" 25 snncompile bench train models/bench-nmnist.toml "${tiny_nmnist[@]}" \
+            --precision "$precision" --peers "${steps[@]}"
+        stage "bench train mnist $precision" 15 snncompile bench train models/mnist.toml "${tiny_voting[@]}" \
+            --precision "$precision" "${steps[@]}"
+    done
+    # the paper's networks, with NeuNorm and voting, at T = 8
+    stage "bench train cifar10 (paper)" 20 snncompile bench train models/cifar10.toml "${tiny_voting[@]}" --T 8 \
+        --precision bf16 "${steps[@]}"
+    stage "bench train nmnist (paper)" 20 snncompile bench train models/nmnist.toml "${tiny_voting[@]}" --T 8 \
+        --precision bf16 "${steps[@]}"
+    ;;
+mnist | mnist-off)
+    # mnist: the whole pipeline (train, export, verify every runner on all 10,000 test images, bench) with
+    # NeuNorm, then the same training without NeuNorm (same seed and budget) if it still fits.
+    epochs=${2:-30}
+    extra=("${@:3}")
+    common=("${mnist_quick[@]}" --set "data.root='$mnist_root'" --set "train.epochs=$epochs" "${extra[@]}")
+    if [ "$part" = mnist ]; then
+        stage "pipeline mnist, NeuNorm on, $epochs epochs" 120 snncompile pipeline models/mnist.toml "${common[@]}" \
+            --out "$runs" --batch 1,128 --no-progress
+    fi
+    stage "train mnist, NeuNorm off, $epochs epochs" 60 snncompile train models/mnist.toml "${common[@]}" \
+        --set model.neunorm=false --out "$runs" --no-progress
+    mnist_summary | tee -a "$md"
+    ;;
+infer)
+    stage "bench bench-nmnist" 120 bash -c 'bench_infer bench-nmnist "$@"' _ "${tiny_nmnist[@]}"
+    stage "bench bench-cifar" 150 bash -c 'bench_infer bench-cifar "$@"' _ "${tiny_cifar[@]}"
+    ;;
+trt)
+    stage "TensorRT tests" 120 python3 -m pytest -q -p no:cacheprovider -m trt tests/test_trt.py
+    stage "TensorRT trained digits" 120 bash -c trt_digits
     ;;
 *)
-    echo "unknown part $part (train|infer|trt|mnist|mnist-off)" >&2
+    echo "unknown part $part (prepare|first|mnist|mnist-off|infer|trt)" >&2
     exit 2
     ;;
 esac
+echo "$part: $(( $(date +%s) - start )) s of $DEADLINE s" | tee -a "$md"
