@@ -126,9 +126,9 @@ def build(run, precision, batch, workspace_mb, timing_cache, model_file) -> None
 @cli.command()
 @click.argument("run", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--runner", "runners", multiple=True, help="Runner(s) to check (default: every available one but torch).")
-@click.option("--precision", type=click.Choice(["fp32", "tf32", "fp16", "bf16"]), default=None,
+@click.option("--precision", type=click.Choice(["fp32", "tf32", "fp16", "bf16", "tf32x2"]), default=None,
               help="Tolerance preset, and what torch-fast/trt compute at (default: the export's precision, fp32 unless "
-                   "exported with --precision).")
+                   "exported with --precision; tf32x2: torch-fast's fp32-accurate split-TF32 spike layers).")
 @click.option("--batch", default=64, show_default=True, type=click.IntRange(1), help="Inputs per inference call.")
 @click.option("--model", "model_file", default=None, help="Which export of RUN to check (default: model_layers.onnx if exported, else model.onnx).")
 @click.option("--test-set", is_flag=True, help="Check on the run's whole test split (read from its dataset) instead of the export's reference inputs.")
@@ -200,8 +200,9 @@ def bench_train_cmd(model_toml, overrides, steps_t, batch, precision, steps, war
 @click.option("--iters", default=50, show_default=True, type=click.IntRange(1), help="Timed calls per batch size.")
 @click.option("--warmup", default=10, show_default=True, type=click.IntRange(0), help="Untimed calls first.")
 @click.option("--model", "model_file", default="model.onnx", show_default=True, help="Which unrolled export to time.")
-@click.option("--precision", type=click.Choice(["fp32", "tf32", "fp16", "bf16"]), default="fp32", show_default=True,
-              help="For torch-fast and trt (verified at that precision's tolerances); the other runners stay fp32.")
+@click.option("--precision", type=click.Choice(["fp32", "tf32", "fp16", "bf16", "tf32x2"]), default="fp32",
+              show_default=True, help="For torch-fast and trt (verified at that precision's tolerances); the other "
+                                      "runners stay fp32. tf32x2: torch-fast only, fp32-accurate spike layers on TF32.")
 def bench_run_cmd(run, runners, batches, iters, warmup, model_file, precision) -> None:
     """Verify, then time every runner on RUN's export; writes bench.json, bench.md, bench.png."""
     from .bench import bench_run, format_table

@@ -98,7 +98,7 @@ def test_torch_fast_bad_options_are_one_line(tmp_path):
 
     run = make_run(tmp_path, tiny_zoo_config(REPO / "models" / "bench-nmnist.toml"))
     export_run(run, n_random=4, n_real=0)
-    with pytest.raises(ConfigError, match="torch-fast precision must be one of fp32, tf32, fp16, bf16, got 'int8'"):
+    with pytest.raises(ConfigError, match="torch-fast precision must be one of fp32, tf32, fp16, bf16, tf32x2, got .int8."):
         create_runner("torch-fast", run, precision="int8")
     if not __import__("torch").cuda.is_available():
         with pytest.raises(RunnerUnavailableError, match="CUDA graphs need a CUDA device"):

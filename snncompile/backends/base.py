@@ -120,6 +120,8 @@ def available_runners() -> dict[str, str | None]:
 # the precisions they take (verify's tolerance presets have the same names).
 PRECISION_RUNNERS = ("torch-fast", "trt")
 PRECISIONS = ("fp32", "tf32", "fp16", "bf16")
+# tf32x2: fp32-accurate spike layers on TF32 tensor cores (snncompile.split_tf32), torch-fast only
+TORCH_FAST_PRECISIONS = PRECISIONS + ("tf32x2",)
 
 
 # Runners that execute the ONNX file as written: a mixed-precision export (model_fp16.onnx) sets their numerics.
@@ -131,12 +133,14 @@ def runner_numerics(name: str, requested: str = "fp32", model_precision: str = "
     that run its graph as written, ``requested`` for those that take a precision, else fp32."""
     if name in GRAPH_RUNNERS:
         return model_precision
-    return requested if name in PRECISION_RUNNERS else "fp32"
+    if name not in PRECISION_RUNNERS or (requested == "tf32x2" and name != "torch-fast"):
+        return "fp32"  # tf32x2 claims fp32 accuracy: the others are then run at fp32
+    return requested
 
 
 def runner_options(name: str, precision: str = "fp32") -> dict:
     """Constructor options that make runner ``name`` compute at ``precision`` (none for the others)."""
-    return {"precision": precision} if name in PRECISION_RUNNERS else {}
+    return {"precision": runner_numerics(name, precision)} if name in PRECISION_RUNNERS else {}
 
 
 def create_runner(name: str, run_dir: str | Path, model_file: str = "model.onnx", **options) -> Runner:

@@ -7,9 +7,11 @@ Same graph module as the torch reference (:class:`~snncompile.graphs.UnrolledGra
   kernel runs only in Triton's interpreter, which tests use);
 - on CUDA, the whole forward captured once per input shape in a CUDA graph and replayed: one launch
   per call instead of hundreds of kernel launches from Python;
-- ``precision``: ``fp32`` (TF32 off, spike-for-spike with the reference), ``tf32``, or ``fp16``/``bf16``
-  autocast for convs/linears; the membrane recurrence and the threshold compare stay fp32 (the LIF cell
-  and the kernel upcast), and ``verify --precision`` reports the flips that remain.
+- ``precision``: ``fp32`` (TF32 off, spike-for-spike with the reference), ``tf32x2`` (fp32-accurate:
+  the layers that read spikes run as two TF32 tensor-core passes, see :mod:`snncompile.split_tf32`;
+  verified at the fp32 preset), ``tf32``, or ``fp16``/``bf16`` autocast for convs/linears; the membrane
+  recurrence and the threshold compare stay fp32 (the LIF cell and the kernel upcast), and
+  ``verify --precision`` reports the flips that remain.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError, RunnerUnavailableError
-from .base import PRECISIONS
+from .base import TORCH_FAST_PRECISIONS
 from .pt import TorchRunner, no_tf32
 
 __all__ = ["TorchFastRunner"]
@@ -36,8 +38,8 @@ class TorchFastRunner(TorchRunner):
 
     def __init__(self, run_dir: Path, model_file: str = "model.onnx", device: str = "auto", precision: str = "fp32",
                  fused: bool | None = None, cuda_graph: bool | None = None):
-        if precision not in PRECISIONS:
-            raise ConfigError(f"torch-fast precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+        if precision not in TORCH_FAST_PRECISIONS:
+            raise ConfigError(f"torch-fast precision must be one of {', '.join(TORCH_FAST_PRECISIONS)}, got {precision!r}")
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         super().__init__(run_dir, model_file, device)
@@ -53,6 +55,11 @@ class TorchFastRunner(TorchRunner):
         self.graph.order = "layer"
         self.graph.net.fused_lif = bool(fused)
         self.precision = precision
+        self.split_layers = 0
+        if precision == "tf32x2":
+            from ..split_tf32 import apply_split_tf32
+
+            self.split_layers = apply_split_tf32(self.graph.net)
         self.cuda_graph = on_cuda if cuda_graph is None else cuda_graph
         self._captured: dict[tuple, tuple[torch.Tensor, tuple[torch.Tensor, ...], torch.cuda.CUDAGraph]] = {}
 
@@ -60,8 +67,12 @@ class TorchFastRunner(TorchRunner):
         """The context the forward runs in: TF32 off for fp32, autocast for fp16/bf16."""
         stack = contextlib.ExitStack()
         stack.enter_context(torch.inference_mode())
-        if self.precision == "fp32":
+        if self.precision in ("fp32", "tf32x2"):  # tf32x2: only the split layers enable TF32, for themselves
             stack.enter_context(no_tf32())
+        elif self.precision == "tf32":
+            from ..split_tf32 import tf32_enabled
+
+            stack.enter_context(tf32_enabled())
         if self.precision in _AUTOCAST:
             # no weight-cast cache: cached casts must not outlive a CUDA-graph capture
             stack.enter_context(torch.autocast(self.device.type, dtype=_AUTOCAST[self.precision], cache_enabled=False))
