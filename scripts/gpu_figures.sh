@@ -10,7 +10,8 @@
 #     bash scripts/gpu_figures.sh first           # GPU tests, bench train (every variant, peers), MNIST step time  (~5 min)
 #     bash scripts/gpu_figures.sh mnist [E [ARGS]] # pipeline on mnist.toml (E epochs), then NeuNorm off, same seed/budget
 #     bash scripts/gpu_figures.sh mnist-off [E [ARGS]]  # only the NeuNorm-off training (if mnist ran out of time)
-#     bash scripts/gpu_figures.sh infer           # bench: torch, torch-fast (fp32, bf16), ort-cuda if present, per-step layout
+#     bash scripts/gpu_figures.sh infer           # bench: torch, torch-fast (fp32, tf32x2, tf32, bf16), ort-cuda if present,
+#                                                 # the per-step layout, ORT CUDA on the fp16 export
 #     bash scripts/gpu_figures.sh trt             # TensorRT on PYTHONPATH: zoo + trained digits build (and verify where it runs)
 # `first` prints ms per MNIST training step: an epoch is ~600 steps plus evaluation; choose E so that
 # two trainings and the pipeline's export/verify fit the call. ARGS after E go to snncompile as is
@@ -121,7 +122,11 @@ bench_infer() {  # MODEL TINY...: init, export both layouts, bench every GPU run
     run=$(snncompile init "models/$model.toml" "$@" --out "$runs" | sed -E 's/^initialised ([^;]+).*/\1/')
     snncompile export "$run" --samples 64 >&2 && snncompile export "$run" --order step --samples 64 >&2 || return 1
     snncompile bench "$run" --runners torch,torch-fast,ort-cuda,trt --batch "$batches" $iters_s | sed -n '/^model /,/^wrote/p'
-    snncompile bench "$run" --runners torch-fast --precision bf16 --batch "$batches" $iters_s | sed -n '/^model /,/^wrote/p'
+    # torch-fast at the other precisions: tf32x2 (fp32-accurate spike layers on TF32 cores), tf32, bf16
+    for precision in tf32x2 tf32 bf16; do
+        snncompile bench "$run" --runners torch-fast --precision $precision --batch "$batches" $iters_s \
+            | sed -n '/^model /,/^wrote/p'
+    done
     # the per-timestep layout of the same network (the layout other tools export), for comparison
     snncompile bench "$run" --model model_per_step.onnx --runners ort-cuda,torch --batch "$batches" $iters_s \
         | sed -n '/^model /,/^wrote/p'
@@ -154,7 +159,7 @@ first)
         python3 -c "import torch, triton, onnxruntime as o; print(\"torch\", torch.__version__, \"triton\", triton.__version__,
         \"onnxruntime\", o.__version__, o.get_available_providers())"'
     # the fused kernel compiled for this GPU against pure torch, the graphed training step, torch-fast on CUDA
-    stage "GPU tests" 60 python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_bench_train.py \
+    stage "GPU tests" 60 python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_bench_train.py tests/test_split_tf32.py \
         tests/test_backends.py -k "not trt"
     for precision in bf16 fp32; do
         stage "bench train bench-cifar $precision" 30 snncompile bench train models/bench-cifar.toml "${tiny_cifar[@]}" \
