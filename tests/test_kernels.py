@@ -130,3 +130,22 @@ def test_fused_spikes_in_half_precision_are_the_same_spikes():
     half = fused_lif(currents, P.k_tau1, P.v_th, P.a, torch.float16)
     assert half.dtype == torch.float16
     assert torch.equal(half.float(), lif_scan(currents, P))
+
+
+def test_channels_last_currents_stay_channels_last_with_the_same_spikes_and_gradients():
+    """Under channels_last convolutions a layer's currents arrive as [T, B, C, H, W] with channels last
+    inside each step: the kernel works in that layout (no copy) and returns spikes in it."""
+    base = torch.randn(4, 3, 5, 6, 7, device=DEVICE) * 0.6 + 0.3
+    last = base.flatten(0, 1).contiguous(memory_format=torch.channels_last).unflatten(0, (4, 3))
+    assert not last.is_contiguous() and torch.equal(last, base)
+    a = base.clone().requires_grad_(True)
+    b = last.detach().clone(memory_format=torch.preserve_format).requires_grad_(True)
+    assert b.stride() == last.stride()
+    weights = torch.randn(4, 3, 5, 6, 7, device=DEVICE)  # contiguous: backward's gradient comes in another layout
+    spikes_a, spikes_b = fused_lif(a, P.k_tau1, P.v_th, P.a), fused_lif(b, P.k_tau1, P.v_th, P.a)
+    assert spikes_b.stride() == last.stride()
+    assert torch.equal(spikes_a, spikes_b) and torch.equal(spikes_a, lif_scan(base, P))
+    (spikes_a * weights).sum().backward()
+    (spikes_b * weights).sum().backward()
+    assert a.grad.abs().sum() > 0
+    assert torch.equal(a.grad, b.grad)

@@ -84,16 +84,32 @@ def _grid(n: int):
     return ((n + _BLOCK - 1) // _BLOCK,)
 
 
+def _time_major_dense(x: Tensor) -> bool:
+    """True when ``x`` ``[T, ...]`` is stored as T dense blocks one after another, whatever the layout
+    inside a block (contiguous, or a channels_last ``[T, B, C, H, W]`` from channels_last convolutions):
+    the kernels index memory as ``t * N + i`` and only need every tensor they pair in the same layout."""
+    if x.is_contiguous():
+        return True
+    step = x[0]
+    return (x.dim() == 5 and x.stride(0) == step.numel()
+            and step.is_contiguous(memory_format=torch.channels_last))
+
+
+def _dense(x: Tensor) -> Tensor:
+    return x if _time_major_dense(x) else x.contiguous()
+
+
 def _forward(currents: Tensor, k_tau1: float, v_th: float, out_dtype: torch.dtype, membrane: bool):
-    """Launch the forward kernel: (spikes ``[T, N]`` in ``out_dtype``, fp32 membrane ``[T, N]`` or None)."""
+    """Launch the forward kernel: (spikes in ``out_dtype``, fp32 membrane or None), both shaped and laid
+    out like ``currents`` (a channels_last input stays channels_last: no copy either way)."""
     fwd, _ = _kernels()
     steps = currents.shape[0]
-    flat = currents.detach().contiguous().view(steps, -1)
-    n = flat.shape[1]
-    spikes = torch.empty(flat.shape, dtype=out_dtype, device=flat.device)
+    cur = _dense(currents.detach())
+    n = cur.numel() // steps
+    spikes = torch.empty_like(cur, dtype=out_dtype)  # empty_like keeps a dense layout's strides
     # the membrane is fp32 whatever the spikes' dtype; a dummy pointer when not written
-    mem = torch.empty(flat.shape, dtype=torch.float32, device=flat.device) if membrane else spikes
-    fwd[_grid(n)](flat, spikes, mem, n, float(k_tau1), float(v_th), T=steps, SAVE_U=membrane, BLOCK=_BLOCK)
+    mem = torch.empty_like(cur, dtype=torch.float32) if membrane else spikes
+    fwd[_grid(n)](cur, spikes, mem, n, float(k_tau1), float(v_th), T=steps, SAVE_U=membrane, BLOCK=_BLOCK)
     return spikes, (mem if membrane else None)
 
 
@@ -104,19 +120,22 @@ class _FusedLIF(torch.autograd.Function):
         spikes, membrane = _forward(currents, k_tau1, v_th, out_dtype, membrane=save)
         if save:
             ctx.save_for_backward(membrane)
-        ctx.constants = (k_tau1, v_th, a, currents.shape, currents.dtype)
-        return spikes.view(currents.shape)
+        ctx.constants = (k_tau1, v_th, a, currents.dtype)
+        return spikes
 
     @staticmethod
     def backward(ctx, grad_spikes: Tensor):  # type: ignore[override]
         _, bwd = _kernels()
         (membrane,) = ctx.saved_tensors
-        k_tau1, v_th, a, shape, dtype = ctx.constants
-        steps, n = membrane.shape
-        grad_out = grad_spikes.contiguous().view(steps, n)
-        grad_in = torch.empty((steps, n), dtype=torch.float32, device=membrane.device)
+        k_tau1, v_th, a, dtype = ctx.constants
+        steps = membrane.shape[0]
+        n = membrane.numel() // steps
+        grad_out = grad_spikes
+        if grad_out.stride() != membrane.stride():  # the kernel pairs elements by memory position
+            grad_out = torch.empty_like(membrane, dtype=grad_spikes.dtype).copy_(grad_spikes)
+        grad_in = torch.empty_like(membrane)
         bwd[_grid(n)](membrane, grad_out, grad_in, n, k_tau1, v_th, a / 2, 1.0 / a, T=steps, BLOCK=_BLOCK)
-        return grad_in.view(shape).to(dtype), None, None, None, None
+        return grad_in.to(dtype), None, None, None, None
 
 
 def fused_lif(currents: Tensor, k_tau1: float, v_th: float, a: float, out_dtype: torch.dtype = torch.float32) -> Tensor:
@@ -130,5 +149,4 @@ def fused_lif_inference(currents: Tensor, k_tau1: float, v_th: float, membrane: 
     """Inference only (no autograd): spikes ``[T, B, ...]`` fp32 and, with ``membrane``, the membrane
     potentials ``[T, B, ...]`` fp32 as a second value (the per-layer outputs verify compares)."""
     spikes, mem = _forward(currents, k_tau1, v_th, torch.float32, membrane)
-    shape = currents.shape
-    return (spikes.view(shape), mem.view(shape)) if membrane else spikes.view(shape)
+    return (spikes, mem) if membrane else spikes
