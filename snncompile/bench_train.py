@@ -6,7 +6,8 @@ One step = forward over T steps + loss + backward + optimizer step, on random bi
 
 - ``snncompile``: layer-major, fused Triton LIF on CUDA (pure torch elsewhere), optional bf16 autocast;
 - ``snncompile ... CUDA graph`` (CUDA only): the same step, forward + backward + optimizer, captured
-  once in a CUDA graph and replayed (one launch per step instead of one per kernel);
+  once in a CUDA graph and replayed (one launch per step instead of one per kernel); once more with the
+  conv weights, hence activations, in channels_last (``train.channels_last``);
 - ``torch loop``: the per-timestep loop over the same modules (the paper's order, what most code does);
 - ``spikingjelly`` (multi-step LIFNode) and ``snntorch`` (Leaky, step loop), built layer for layer
   from the same architecture and neuron constants, when installed.
@@ -196,12 +197,15 @@ def bench_train(cfg: Config, device: torch.device, precision: str = "fp32", step
         results[name] = _attempt(lambda: timed(net.parameters(), lambda: net(x, order), compact=order == "layer"))
         echo(f"done: {name}")
         if order == "layer" and device.type == "cuda":
-            name = f"snncompile{label[:-1]}, CUDA graph)"
-            torch.manual_seed(0)
-            net = network_from_config(m).to(device)
-            net.fused_lif = use_fused
-            results[name] = _attempt(lambda: timed(net.parameters(), lambda: net(x, "layer"), compact=True, graph=True))
-            echo(f"done: {name}")
+            for extra in (", CUDA graph", ", CUDA graph, channels_last"):
+                name = f"snncompile{label[:-1]}{extra})"
+                torch.manual_seed(0)
+                net = network_from_config(m).to(device)
+                if "channels_last" in extra:
+                    net.to(memory_format=torch.channels_last)
+                net.fused_lif = use_fused
+                results[name] = _attempt(lambda: timed(net.parameters(), lambda: net(x, "layer"), compact=True, graph=True))
+                echo(f"done: {name}")
     if peers:
         specs = parse_architecture(m.arch)
         if _has("spikingjelly"):

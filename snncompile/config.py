@@ -85,6 +85,8 @@ class TrainConfig:
     execution: str = "layer"
     kernels: str = "auto"  # LIF scan: 'auto' = fused Triton kernel on CUDA when Triton imports; 'triton'; 'torch'
     threads: int = 0  # CPU threads for torch; 0 = torch's default
+    # conv weights (hence activations) in channels_last: what tensor-core convolutions read natively
+    channels_last: bool = False
 
 
 _CHOICES: dict[str, tuple[str, ...]] = {

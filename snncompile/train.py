@@ -183,6 +183,8 @@ def _train(cfg: Config, device: torch.device, ctx: DistContext, out_root, resume
         )
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
     net = network_from_config(cfg.model).to(device)
+    if cfg.train.channels_last:  # in place: the parameters stay the same objects, only their strides change
+        net.to(memory_format=torch.channels_last)
     net.execution = cfg.train.execution  # type: ignore[assignment]
     net.fused_lif = _use_fused_lif(cfg, device)
     opt = _make_optimizer(net, cfg)

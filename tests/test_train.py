@@ -101,3 +101,21 @@ def test_train_threads_apply_to_training_only(digits_cfg, tmp_path):
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+def test_channels_last_training_learns_the_same_network(tmp_path, digits_cfg):
+    """train.channels_last only changes how conv weights and activations are laid out: the run trains to
+    the same weights (to convolution rounding: NHWC and NCHW kernels sum in other orders) and its
+    checkpoint loads into an ordinary network."""
+    digits_cfg.model.arch = "8C3-8C3-AP2-32FC-Voting"
+    plain = train(digits_cfg, tmp_path / "a", progress=False, echo=lambda s: None)
+    digits_cfg.train.channels_last = True
+    last = train(digits_cfg, tmp_path / "b", progress=False, echo=lambda s: None)
+    a = load_checkpoint(plain.run_dir / CHECKPOINT)["model"]
+    b = load_checkpoint(last.run_dir / CHECKPOINT)["model"]
+    conv = next(k for k in b if k.endswith("weight") and b[k].dim() == 4 and b[k].shape[1] > 1)
+    assert b[conv].is_contiguous(memory_format=torch.channels_last) and not b[conv].is_contiguous()
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=1e-3, atol=1e-4, msg=key)
+    cfg, net = load_network(last.run_dir)
+    assert cfg.train.channels_last and abs(last.test_acc - plain.test_acc) <= 0.02
