@@ -53,9 +53,13 @@ UNROLLED_FILE = "model.onnx"
 STEP_FILE = "model_step.onnx"
 
 
+EXPORT_PRECISIONS = ("fp32", "fp16", "bf16", "tf32x2")
+
+
 def unrolled_file(order: str = "layer", layers: bool = False, precision: str = "fp32") -> str:
     """``model.onnx``; ``model_per_step.onnx`` for the per-timestep layout; ``_fp16``/``_bf16`` when convs
-    and matmuls compute in that type (mixed_precision.py); ``_layers`` when the graph also outputs every
+    and matmuls compute in that type (mixed_precision.py), ``_tf32x2`` when the spike layers' weights are
+    split for TF32 (split_tf32.py); ``_layers`` when the graph also outputs every
     LIF layer's spikes and membranes (what verify classifies flips on), e.g. ``model_fp16_layers.onnx``."""
     return ("model" + ("_per_step" if order == "step" else "") + ("" if precision == "fp32" else f"_{precision}")
             + ("_layers" if layers else "") + ".onnx")
@@ -78,6 +82,7 @@ class ExportResult:
     opset: int = DEFAULT_OPSET
     precision: str = "fp32"
     reduced_precision_nodes: int = 0  # convs/matmuls computing in fp16/bf16
+    split_tf32_layers: int = 0  # tf32x2: spike-reading convs/linears with hi + lo weights
 
 
 def resolve_run_dir(path: str | Path) -> Path:
@@ -242,6 +247,9 @@ def export_run(
         precision: 'fp32', or 'fp16'/'bf16' for a strongly typed mixed-precision graph (``model_fp16.onnx``):
             convs and matmuls in that type, the neurons in fp32 (see mixed_precision.py). The reference
             outputs stay the fp32 torch module's, so verify measures what the 16-bit arithmetic changes.
+            'tf32x2': the layers that read spikes with their weights split into TF32 hi + lo parts
+            (``model_tf32x2.onnx``, see split_tf32.py): fp32-accurate where the runtime computes float
+            convolutions in TF32 (the ort-cuda runner turns TF32 on for this file); fp32 elsewhere.
     """
     onnx = _require_onnx()
     import onnxscript.optimizer
@@ -258,13 +266,23 @@ def export_run(
         raise ConfigError("--layers/--rates/--order apply to the unrolled form only")
     if order not in ("layer", "step"):
         raise ConfigError(f"--order must be 'layer' or 'step', got {order!r}")
-    if precision not in ("fp32", "fp16", "bf16"):
-        raise ConfigError(f"--precision must be fp32, fp16 or bf16, got {precision!r}")
+    if precision not in EXPORT_PRECISIONS:
+        raise ConfigError(f"--precision must be one of {', '.join(EXPORT_PRECISIONS)}, got {precision!r}")
     if form == "step" and precision != "fp32":
-        raise ConfigError("--precision fp16/bf16 applies to the unrolled form only")
+        raise ConfigError(f"--precision {precision} applies to the unrolled form only")
     t0 = time.perf_counter()
     graph = StepGraph(net, steps) if form == "step" else UnrolledGraph(net, rates=rates, layers=layers, order=order)
     graph.eval()
+    reference = graph  # the reference outputs are always the trained fp32 module's
+    split_layers = 0
+    if precision == "tf32x2":
+        import copy
+
+        from .split_tf32 import apply_split_tf32
+
+        split_net = copy.deepcopy(net)
+        split_layers = apply_split_tf32(split_net)
+        graph = UnrolledGraph(split_net, rates=rates, layers=layers, order=order).eval()
     args = _example_args(graph, cfg, steps, form)
     input_names = graph.input_names if form == "step" else ["input"]
     output_names = graph.output_names
@@ -306,13 +324,13 @@ def export_run(
         extra: dict[str, Path] = {}
         if form == "unrolled":
             refs = {f"{split}/{name}": out for split in ("random", "real") if split in arrays
-                    for name, out in _torch_outputs(graph, arrays[split]).items()}
+                    for name, out in _torch_outputs(reference, arrays[split]).items()}
             np.savez(staging / REF_INPUTS, **arrays)
             np.savez(staging / REF_OUTPUTS, **refs)
             extra = {REF_INPUTS: staging / REF_INPUTS, REF_OUTPUTS: staging / REF_OUTPUTS}
         numerics = _check_numerics(raw_path, out_path, graph, arrays, form, steps) if check_numerics else "skipped"
         reduced = 0
-        if precision != "fp32":  # after the numerics check, which compares two fp32 graphs
+        if precision in ("fp16", "bf16"):  # after the numerics check, which compares two fp32 graphs
             import onnx_ir as ir
 
             from .mixed_precision import mixed_precision
@@ -336,7 +354,7 @@ def export_run(
     onnx_bytes = sum(p.stat().st_size for p in run_dir.glob(file_name + "*"))
     entry = {
         "form": form, "order": order, "T": steps, "opset": opset, "exporter": EXPORTER, "layers": layers, "rates": rates,
-        "precision": precision, "reduced_precision_nodes": reduced,
+        "precision": precision, "reduced_precision_nodes": reduced, "split_tf32_layers": split_layers,
         "inputs": in_shapes, "outputs": output_names, "ops": ops, "nodes_raw": nodes_raw, "nodes_clean": nodes_clean,
         "onnx_bytes": onnx_bytes, "export_seconds": round(seconds, 3), "sha256": sha256_file(run_dir / file_name),
         "reference": ref_note, "cleaned_vs_raw": numerics,
@@ -348,7 +366,8 @@ def export_run(
     for name in extra:
         record_artifact(run_dir, name)
     return ExportResult(run_dir / file_name, form, steps, seconds, onnx_bytes, nodes_raw, nodes_clean, ops,
-                        n_random, int(arrays.get("real_labels", np.zeros(0)).shape[0]), opset, precision, reduced)
+                        n_random, int(arrays.get("real_labels", np.zeros(0)).shape[0]), opset, precision, reduced,
+                        split_layers)
 
 
 def _version(module: str) -> str:
@@ -375,13 +394,14 @@ def _check_numerics(raw_path: Path, clean_path: Path, graph, arrays: dict, form:
         feed = dict(zip(graph.input_names, [x[0], *states]))
     else:
         feed = {"input": x}
-    raw = session_outputs(raw_path, feed)
-    clean = session_outputs(clean_path, feed)
+    # literal: this checks onnxscript's rewrites, not the ones ONNX Runtime makes when it loads a file
+    raw = session_outputs(raw_path, feed, literal=True)
+    clean = session_outputs(clean_path, feed, literal=True)
     for name in raw:
         if not np.array_equal(raw[name], clean[name]):
             diff = float(np.abs(raw[name] - clean[name]).max())
             raise ExportError(f"the cleaned graph differs from the raw export on output {name!r} (max abs {diff:g})")
-    note = f"identical on {x.shape[1]} inputs (onnxruntime CPU)"
+    note = f"identical on {x.shape[1]} inputs (onnxruntime CPU, graphs run as written)"
     if form == "step":
         streamed = stream_steps(clean_path, graph, x)
         unrolled = _torch_outputs(UnrolledGraph(graph.net), x)["scores"]

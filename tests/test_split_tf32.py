@@ -102,6 +102,40 @@ def test_torch_fast_tf32x2_verifies_at_fp32(tmp_path):
     assert sum(s["real"] for s in report["layers"].values()) == 0
 
 
+def test_tf32x2_export_carries_the_split_weights_and_verifies_on_onnx_runtime(tmp_path):
+    """`export --precision tf32x2`: the spike layers' stacked hi/lo weights in the graph, the fp32 module's
+    outputs as reference; ONNX Runtime (fp32 on the CPU) passes verify; the CUDA runner turns TF32 on
+    for this file only."""
+    onnx = pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    from onnx import numpy_helper
+
+    from snncompile.artifacts import read_manifest
+    from snncompile.backends.ort import cuda_provider_options
+    from snncompile.compare import verify_run
+    from snncompile.errors import ConfigError
+    from snncompile.export_onnx import export_run
+
+    run = make_run(tmp_path, tiny_zoo_config(REPO / "models" / "bench-cifar.toml"))
+    export_run(run, n_random=16, n_real=0)
+    result = export_run(run, layers=True, precision="tf32x2", n_random=16, n_real=0)
+    assert result.path.name == "model_tf32x2_layers.onnx" and result.split_tf32_layers == 7
+    entry = read_manifest(run)["exports"]["model_tf32x2_layers.onnx"]
+    assert entry["precision"] == "tf32x2" and entry["split_tf32_layers"] == 7
+    conv_weights = [numpy_helper.to_array(t) for t in onnx.load(str(result.path)).graph.initializer if t.dims and len(t.dims) == 4]
+    stacked = [w for w in conv_weights if w.shape[0] in (32, 64, 128) and w.shape[1] > 3]  # 2 x C_out of convs 2-5
+    assert len(stacked) == 4
+    for w in stacked:
+        hi, lo = np.split(w, 2)
+        assert np.array_equal(round_to_tf32(torch.tensor(hi)).numpy(), hi) and np.abs(lo).max() > 0
+    report = verify_run(run, "ort-cpu", "tf32x2", model_file="model_tf32x2_layers.onnx")
+    assert report["passed"], report["reasons"]
+    assert cuda_provider_options(run, "model_tf32x2_layers.onnx") == {"use_tf32": "1"}
+    assert cuda_provider_options(run, "model.onnx") == {"use_tf32": "0"}
+    with pytest.raises(ConfigError, match="--precision tf32x2 applies to the unrolled form only"):
+        export_run(run, form="step", precision="tf32x2")
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_on_the_gpu_split_tf32_is_as_accurate_as_fp32_and_plain_tf32_is_not():

@@ -10,7 +10,7 @@ import numpy as np
 from ..errors import ArtifactError
 from .base import Runner, TensorSpec
 
-__all__ = ["OrtCpuRunner", "OrtCudaRunner", "session_outputs"]
+__all__ = ["OrtCpuRunner", "OrtCudaRunner", "cuda_provider_options", "session_outputs"]
 
 _ORT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(double)": "float64"}
 
@@ -80,8 +80,13 @@ class OrtCudaRunner(_OrtRunner):
     name = "ort-cuda"
     provider = "CUDAExecutionProvider"
     # The CUDA provider runs float convolutions and GEMMs in TF32 unless told otherwise (10-bit mantissa
-    # inputs): off, so the graph computes what it says and verifies spike for spike against fp32.
+    # inputs): off, so the graph computes what it says and verifies spike for spike against fp32 ...
     provider_options = {"use_tf32": "0"}
+
+    def __init__(self, run_dir: Path, model_file: str = "model.onnx", threads: int = 0):
+        # ... except on a tf32x2 export, whose split weights are made for TF32 (fp32-accurate under it)
+        self.provider_options = cuda_provider_options(run_dir, model_file)
+        super().__init__(run_dir, model_file, threads)
 
     def prepare(self, feed: dict[str, np.ndarray]):
         super().prepare(feed)
@@ -98,9 +103,22 @@ class OrtCudaRunner(_OrtRunner):
         self.session.run_with_iobinding(handle)
 
 
-def session_outputs(path: Path, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Run an ONNX file once on the CPU provider (the exporter's raw-vs-cleaned check)."""
+def cuda_provider_options(run_dir: Path, model_file: str) -> dict[str, str]:
+    """CUDA provider options for an export: TF32 only for a ``tf32x2`` export (split weights)."""
+    from ..artifacts import read_manifest
+
+    entry = read_manifest(Path(run_dir)).get("exports", {}).get(model_file, {})
+    return {"use_tf32": "1" if entry.get("precision") == "tf32x2" else "0"}
+
+
+def session_outputs(path: Path, feed: dict[str, np.ndarray], literal: bool = False) -> dict[str, np.ndarray]:
+    """Run an ONNX file once on the CPU provider (the exporter's checks). ``literal``: with ONNX Runtime's
+    own graph rewrites off, so two graphs are compared as written (its rewrites, e.g. the blocked conv
+    layout, apply to some graph shapes and not others and pick other summation orders)."""
     ort = _onnxruntime()
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    opts = ort.SessionOptions()
+    if literal:
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
     names = [o.name for o in session.get_outputs()]
     return dict(zip(names, session.run(names, feed)))
