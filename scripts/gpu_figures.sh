@@ -11,7 +11,7 @@
 #     bash scripts/gpu_figures.sh mnist [E [ARGS]] # pipeline on mnist.toml (E epochs), then NeuNorm off, same seed/budget
 #     bash scripts/gpu_figures.sh mnist-off [E [ARGS]]  # only the NeuNorm-off training (if mnist ran out of time)
 #     bash scripts/gpu_figures.sh infer           # bench: torch, torch-fast (fp32, tf32x2, tf32, bf16), ort-cuda if present,
-#                                                 # the per-step layout, ORT CUDA on the fp16 export
+#                                                 # the per-step layout, ORT CUDA on the tf32x2 and fp16 exports
 #     bash scripts/gpu_figures.sh trt             # TensorRT on PYTHONPATH: zoo + trained digits build (and verify where it runs)
 # `first` prints ms per MNIST training step: an epoch is ~600 steps plus evaluation; choose E so that
 # two trainings and the pipeline's export/verify fit the call. ARGS after E go to snncompile as is
@@ -131,10 +131,13 @@ bench_infer() {  # MODEL TINY...: init, export both layouts, bench every GPU run
     # the per-timestep layout of the same network (the layout other tools export), for comparison
     snncompile bench "$run" --model model_per_step.onnx --runners ort-cuda,torch --batch "$batches" $iters_s \
         | sed -n '/^model /,/^wrote/p'
-    # ONNX Runtime CUDA on the mixed-precision graph (fp16 convs/linears, fp32 neurons), verified at fp16
-    snncompile export "$run" --precision fp16 --samples 64 >&2 \
-        && snncompile bench "$run" --model model_fp16.onnx --runners ort-cuda --batch "$batches" $iters_s \
-        | sed -n '/^model /,/^wrote/p'
+    # ONNX Runtime CUDA on the split-TF32 graph (fp32-accurate, TF32 on) and on the mixed-precision graph
+    # (fp16 convs/linears, fp32 neurons, verified at fp16)
+    for precision in tf32x2 fp16; do
+        snncompile export "$run" --precision $precision --samples 64 >&2 \
+            && snncompile bench "$run" --model model_$precision.onnx --runners ort-cuda --batch "$batches" $iters_s \
+            | sed -n '/^model /,/^wrote/p'
+    done
     cp "$run/bench.png" "$OUT/bench-$model.png" 2>/dev/null || true  # a call brings back 8 files at most
 }
 
