@@ -13,6 +13,9 @@
 #     bash scripts/gpu_figures.sh infer           # bench: torch, torch-fast (fp32, tf32x2, tf32, bf16), ort-cuda if present,
 #                                                 # the per-step layout, ORT CUDA on the tf32x2 and fp16 exports
 #     bash scripts/gpu_figures.sh trt             # TensorRT on PYTHONPATH: zoo + trained digits build (and verify where it runs)
+# TensorRT-RTX (parses and builds on an H100, cannot run engines there): ../shared/hooks/device-wheels.sh
+# trt-rtx here, its three calls back to back, then the trt part while the machine is warm (it lands in
+# /tmp/site, which this script puts on PYTHONPATH). ONNX Runtime CUDA likewise: device-wheels.sh ort-gpu.
 # `first` prints ms per MNIST training step: an epoch is ~600 steps plus evaluation; choose E so that
 # two trainings and the pipeline's export/verify fit the call. ARGS after E go to snncompile as is
 # (e.g. --set train.precision=\'bf16\' --set data.augment=\'shift\' --set data.augment_pad=2, and
@@ -49,11 +52,11 @@ start=$(date +%s)
 
 # The device machine has torch, triton, onnx and onnxruntime but neither snncompile nor the peers:
 # carried wheels go to /tmp/site, and `snncompile` runs from this checkout.
-if ls .whl/*.whl >/dev/null 2>&1 && ! python3 -c "import spikingjelly, snntorch" 2>/dev/null; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-        && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+if ls .whl/*.whl >/dev/null 2>&1 && ! PYTHONPATH=/tmp/site python3 -c "import spikingjelly, snntorch" 2>/dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
 fi
-[ -d /tmp/ortsite ] && export PYTHONPATH=/tmp/ortsite${PYTHONPATH:+:$PYTHONPATH}  # device-wheels.sh ort-gpu
+# /tmp/site: the peers, and TensorRT-RTX after device-wheels.sh trt-rtx's calls; /tmp/ortsite: its ort-gpu
+for site in /tmp/site /tmp/ortsite; do [ -d $site ] && export PYTHONPATH=$site${PYTHONPATH:+:$PYTHONPATH}; done
 if ! command -v snncompile >/dev/null; then
     mkdir -p /tmp/snncompile-bin
     printf '#!/bin/sh\nexec python3 -m snncompile "$@"\n' > /tmp/snncompile-bin/snncompile

@@ -13,7 +13,7 @@ from snncompile.backends.trt import BuildOptions, parse_profile
 from snncompile.cli import cli
 from snncompile.errors import ConfigError, RunnerUnavailableError
 
-HAVE_TRT = any(importlib.util.find_spec(m) for m in ("tensorrt", "tensorrt_rtx"))
+HAVE_TRT = any(importlib.util.find_spec(m) for m in ("tensorrt", "tensorrt_rtx", "tensorrt_bindings", "tensorrt_rtx_bindings"))
 
 
 def test_parse_profile():
@@ -115,6 +115,8 @@ def test_tensorrt_rtx_runner_is_unavailable_on_a_datacenter_gpu():
     reason = runtime_reason("tensorrt_rtx", "9.0")
     assert reason.startswith("tensorrt_rtx runs engines only on compute capability 7.5, 8.6, 8.9, 12.0, 12.1, this GPU is 9.0")
     assert runtime_reason("tensorrt_rtx", "8.9") is None
+    assert runtime_reason("tensorrt_rtx_bindings", "9.0") == reason  # the bindings wheel alone
+    assert runtime_reason("tensorrt_bindings", "9.0") is None
     assert runtime_reason("tensorrt", "9.0") is None
 
 

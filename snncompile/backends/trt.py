@@ -29,9 +29,14 @@ __all__ = ["engine_name", "tensorrt_module", "parse_profile", "BuildOptions", "b
 ENGINE_FORMAT = 2  # 2: strongly typed, precision in the graph (1 used builder flags)
 
 
+# The metapackages import as tensorrt / tensorrt_rtx; their -cuXX bindings wheels installed alone (as on
+# a machine without internet, from carried wheels) import as *_bindings, with the same API.
+TENSORRT_MODULES = ("tensorrt", "tensorrt_rtx", "tensorrt_bindings", "tensorrt_rtx_bindings")
+
+
 def tensorrt_module():
-    """``tensorrt`` or ``tensorrt_rtx``, else a one-line error naming the pip extra."""
-    for name in ("tensorrt", "tensorrt_rtx"):
+    """The first of :data:`TENSORRT_MODULES` that imports, else a one-line error naming the pip extra."""
+    for name in TENSORRT_MODULES:
         try:
             return __import__(name)
         except ImportError:
@@ -90,7 +95,7 @@ RTX_RUNTIME_CAPABILITIES = ("7.5", "8.6", "8.9", "12.0", "12.1")
 
 def runtime_reason(module: str, compute_capability: str) -> str | None:
     """Why engines cannot run on this GPU with this TensorRT package, or None when they can."""
-    if module == "tensorrt_rtx" and compute_capability not in RTX_RUNTIME_CAPABILITIES:
+    if module.startswith("tensorrt_rtx") and compute_capability not in RTX_RUNTIME_CAPABILITIES:
         return (f"tensorrt_rtx runs engines only on compute capability {', '.join(RTX_RUNTIME_CAPABILITIES)}, this GPU "
                 f"is {compute_capability} (`snncompile build` still parses and builds; install tensorrt to run them)")
     return None
