@@ -116,16 +116,17 @@ def export(run, steps, opset, form, layers, rates, samples, order, precision) ->
 @click.option("--model", "model_file", default="model.onnx", show_default=True,
               help="Export to build from (model_layers.onnx gives an engine verify can check layer by layer).")
 def build(run, precision, batch, workspace_mb, timing_cache, model_file) -> None:
-    """Build a TensorRT engine for this GPU from RUN's model.onnx."""
+    """Build a TensorRT engine for this GPU from RUN's model.onnx (TensorRT-RTX: a portable engine, no GPU needed)."""
     from .backends.trt import engine_name
     from .build_engine import build_run
 
     side = build_run(run, precision, batch, workspace_mb, timing_cache, model_file=model_file)
     typed = (f"{side['reduced_precision_nodes']} convs/matmuls in {precision}, neurons in fp32"
              if precision in ("fp16", "bf16") else f"{precision} throughout")
-    click.echo(f"built {run / engine_name(model_file, precision)} with {side['tensorrt']} for {side['gpu']} "
-               f"(sm {side['compute_capability']}) in {side['build_seconds']:.1f} s: {side['layers']} layers, "
-               f"{typed}, batch {batch}")
+    target = (f"portable: runs on compute capability {side['compute_capability'].removeprefix('any of ')}, built on "
+              f"{side['gpu']}" if side.get("portable") else f"for {side['gpu']} (sm {side['compute_capability']})")
+    click.echo(f"built {run / engine_name(model_file, precision)} with {side['tensorrt']}, {target}, in "
+               f"{side['build_seconds']:.1f} s: {side['layers']} layers, {typed}, batch {batch}")
 
 
 @cli.command()

@@ -10,7 +10,8 @@ from snncompile.cli import cli
 
 BLOCK_EXTRAS = """
 import sys
-BLOCKED = {'onnx', 'onnxruntime', 'onnxscript', 'tensorrt', 'tensorrt_rtx', 'tonic', 'triton', 'matplotlib'}
+BLOCKED = {'onnx', 'onnxruntime', 'onnxscript', 'tensorrt', 'tensorrt_rtx', 'tensorrt_bindings', 'tensorrt_rtx_bindings',
+           'tonic', 'triton', 'matplotlib'}
 class Hide:
     # Wraps every finder so the extras look absent, as on a machine without them: find_spec answers None
     # (importlib.util.find_spec probes, as torch's own import does, see nothing; `import x` raises

@@ -16,6 +16,16 @@ from snncompile.errors import ConfigError, RunnerUnavailableError
 HAVE_TRT = any(importlib.util.find_spec(m) for m in ("tensorrt", "tensorrt_rtx", "tensorrt_bindings", "tensorrt_rtx_bindings"))
 
 
+def _skip_unless_can_build():
+    """TensorRT builds for the GPU it runs on; TensorRT-RTX builds portable engines with or without one."""
+    import torch
+
+    from snncompile.backends.trt import is_rtx, tensorrt_module
+
+    if not torch.cuda.is_available() and not is_rtx(tensorrt_module().__name__):
+        pytest.skip("TensorRT needs a CUDA GPU to build")
+
+
 def test_parse_profile():
     assert parse_profile("1:16:128") == (1, 16, 128)
     for bad in ("1:16", "a:b:c", "0:1:2", "4:2:8", "1:16:8"):
@@ -30,8 +40,10 @@ def test_build_options_validation():
         BuildOptions(workspace_mb=1).validate()
 
 
-@pytest.mark.skipif(HAVE_TRT, reason="checks the messages shown when TensorRT is absent")
-def test_without_tensorrt_every_entry_point_says_which_extra(tmp_path):
+def test_without_tensorrt_every_entry_point_says_which_extra(tmp_path, monkeypatch):
+    import snncompile.backends.trt as trt_backend
+
+    monkeypatch.setattr(trt_backend, "TENSORRT_MODULES", ("tensorrt_that_is_not_installed",))  # absent even where it is
     assert "pip install 'snncompile[trt]'" in available_runners()["trt"]
     with pytest.raises(RunnerUnavailableError, match=r"snncompile\[trt\]"):
         create_runner("trt", tmp_path)
@@ -59,11 +71,8 @@ def test_build_needs_an_export(tmp_path):
 @pytest.mark.trt
 @pytest.mark.skipif(not HAVE_TRT, reason="TensorRT not installed")
 @pytest.mark.parametrize("precision", ["fp32", "fp16", "bf16"])
-def test_engine_builds_and_verifies(tmp_path, precision):
-    import torch
-
-    if not torch.cuda.is_available():
-        pytest.skip("TensorRT needs a CUDA GPU")
+def test_engine_builds_and_verifies_where_it_can_run(tmp_path, precision):
+    _skip_unless_can_build()
     from snncompile.build_engine import build_run
     from snncompile.compare import verify_run
     from snncompile.export_onnx import export_run
@@ -74,9 +83,8 @@ def test_engine_builds_and_verifies(tmp_path, precision):
     assert side["precision"] == precision and side["layers"] > 0 and (run / f"model_layers_{precision}.plan").is_file()
     # strongly typed: the 3 convs and 2 linears of the tiny net in the reduced type, nothing for fp32
     assert side["strongly_typed"] and side["reduced_precision_nodes"] == (0 if precision == "fp32" else 5)
-    reason = available_runners()["trt"]
-    if reason:  # e.g. tensorrt_rtx on a data-center GPU: it builds, it cannot run
-        pytest.skip(f"engine built; not run: {reason}")
+    if available_runners()["trt"]:  # no GPU, or tensorrt_rtx on a data-center GPU: it builds, it cannot run
+        return
     report = verify_run(run, "trt", precision, options={"precision": precision})
     assert report["passed"], report["reasons"]
     if precision == "fp32":
@@ -88,11 +96,9 @@ def test_engine_builds_and_verifies(tmp_path, precision):
 @pytest.mark.skipif(not HAVE_TRT, reason="TensorRT not installed")
 @pytest.mark.parametrize("model", ZOO, ids=zoo_ids())
 def test_every_zoo_model_parses_and_builds(tmp_path, model):
-    """Building needs no runtime support for the GPU (tensorrt_rtx builds on an H100 it cannot run on)."""
-    import torch
-
-    if not torch.cuda.is_available():
-        pytest.skip("TensorRT needs a CUDA GPU")
+    """Building needs no runtime support for the GPU (tensorrt_rtx builds on an H100 it cannot run on, or
+    with no GPU at all)."""
+    _skip_unless_can_build()
     from snncompile.build_engine import build_run
     from snncompile.export_onnx import export_run
 
@@ -113,7 +119,7 @@ def test_tensorrt_rtx_runner_is_unavailable_on_a_datacenter_gpu():
     from snncompile.backends.trt import runtime_reason
 
     reason = runtime_reason("tensorrt_rtx", "9.0")
-    assert reason.startswith("tensorrt_rtx runs engines only on compute capability 7.5, 8.6, 8.9, 12.0, 12.1, this GPU is 9.0")
+    assert reason.startswith("tensorrt_rtx runs engines only on compute capability 8.0, 8.6, 8.9, 12.0, 12.1, this GPU is 9.0")
     assert runtime_reason("tensorrt_rtx", "8.9") is None
     assert runtime_reason("tensorrt_rtx_bindings", "9.0") == reason  # the bindings wheel alone
     assert runtime_reason("tensorrt_bindings", "9.0") is None
@@ -134,3 +140,27 @@ def test_pipeline_builds_engines_and_verifies_them(tmp_path):
     assert "  build   done" in result.output and "verify trt: PASSED" in result.output
     run = next((tmp_path / "digits").iterdir())
     assert (run / "model_fp32.plan").is_file() and (run / "model_layers_fp32.plan").is_file()
+
+
+@pytest.mark.trt
+@pytest.mark.skipif(not HAVE_TRT, reason="TensorRT not installed")
+def test_tensorrt_rtx_engines_are_portable_and_say_where_they_were_built(tmp_path):
+    import json
+
+    import torch
+
+    from snncompile.backends.trt import check_engine_matches, is_rtx, tensorrt_module
+    from snncompile.build_engine import build_run
+    from snncompile.export_onnx import export_run
+
+    if not is_rtx(tensorrt_module().__name__):
+        pytest.skip("TensorRT (not -RTX): engines belong to the GPU they were built on")
+    run = make_run(tmp_path, tiny_zoo_config(REPO / "models" / "digits.toml"))
+    export_run(run, n_random=4, n_real=0, check_numerics=False)
+    side = build_run(run, "fp32", "1:4:16")
+    assert side["portable"] and side["compute_capability"] == "any of 8.0, 8.6, 8.9, 12.0, 12.1"
+    assert json.loads((run / "model_fp32.json").read_text()) == side
+    if not torch.cuda.is_available():
+        assert side["gpu"] == "no GPU (ahead-of-time build)"
+    else:  # built here or anywhere: only the TensorRT-RTX version must match
+        check_engine_matches({**side, "gpu": "another GPU", "compute_capability": "8.6"})

@@ -88,17 +88,35 @@ def gpu_identity() -> dict:
     return {"gpu": props.name, "compute_capability": f"{props.major}.{props.minor}"}
 
 
-# TensorRT for RTX runs engines on RTX-class GPUs only (its support matrix, 1.0-1.5); it still parses
-# and builds elsewhere, e.g. on an H100 (9.0), so `snncompile build` works there but no runner does.
-RTX_RUNTIME_CAPABILITIES = ("7.5", "8.6", "8.9", "12.0", "12.1")
+# TensorRT for RTX runs engines on RTX-class GPUs only: by default compute capability 8.0, 8.6, 8.9 and
+# 12.x (7.5 only when the build asks for it). It still parses and builds anywhere, even with no GPU at
+# all (its ahead-of-time build: the engine is portable and its kernels are compiled where it loads), so
+# `snncompile build` works on a CPU-only machine or an H100 (9.0), where no runner does.
+RTX_RUNTIME_CAPABILITIES = ("8.0", "8.6", "8.9", "12.0", "12.1")
+
+
+def is_rtx(module_name: str) -> bool:
+    """TensorRT-RTX (``tensorrt_rtx`` or its bindings wheel) rather than TensorRT."""
+    return module_name.startswith("tensorrt_rtx")
 
 
 def runtime_reason(module: str, compute_capability: str) -> str | None:
     """Why engines cannot run on this GPU with this TensorRT package, or None when they can."""
-    if module.startswith("tensorrt_rtx") and compute_capability not in RTX_RUNTIME_CAPABILITIES:
+    if is_rtx(module) and compute_capability not in RTX_RUNTIME_CAPABILITIES:
         return (f"tensorrt_rtx runs engines only on compute capability {', '.join(RTX_RUNTIME_CAPABILITIES)}, this GPU "
                 f"is {compute_capability} (`snncompile build` still parses and builds; install tensorrt to run them)")
     return None
+
+
+def build_target(trt) -> dict:
+    """What an engine is built for: this GPU (TensorRT: engines are tuned for the GPU they are built on);
+    for TensorRT-RTX, any supported GPU, and no GPU is needed to build (``portable``)."""
+    if not is_rtx(trt.__name__):
+        return {**gpu_identity(), "portable": False}
+    import torch
+
+    built_on = torch.cuda.get_device_properties(0).name if torch.cuda.is_available() else "no GPU (ahead-of-time build)"
+    return {"gpu": built_on, "compute_capability": f"any of {', '.join(RTX_RUNTIME_CAPABILITIES)}", "portable": True}
 
 
 def _strongly_typed_flags(trt) -> int:
@@ -121,12 +139,13 @@ def _model_bytes(onnx_path: Path, precision: str) -> tuple[bytes, int]:
 
 
 def build_engine(onnx_path: Path, engine_path: Path, options: BuildOptions, steps: int, frame_shape: list[int]) -> dict:
-    """Parse ``onnx_path``, build for this GPU, write the engine atomically; returns the sidecar dict."""
+    """Parse ``onnx_path``, build for this GPU (TensorRT-RTX: for any RTX GPU, with or without one here),
+    write the engine atomically; returns the sidecar dict."""
     from ..artifacts import atomic_write_bytes
 
     options.validate()
     trt = tensorrt_module()
-    gpu = gpu_identity()
+    gpu = build_target(trt)
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
     network = builder.create_network(_strongly_typed_flags(trt))  # explicit batch is the only mode since 10
@@ -148,16 +167,18 @@ def build_engine(onnx_path: Path, engine_path: Path, options: BuildOptions, step
     lo, opt, hi = options.batch
     profile.set_shape("input", [steps, lo, *frame_shape], [steps, opt, *frame_shape], [steps, hi, *frame_shape])
     config.add_optimization_profile(profile)
-    cache_blob = options.timing_cache.read_bytes() if options.timing_cache and options.timing_cache.is_file() else b""
-    cache = config.create_timing_cache(cache_blob)
-    config.set_timing_cache(cache, ignore_mismatch=False)
+    cache = None
+    if not is_rtx(trt.__name__):  # TensorRT-RTX tunes nothing at build time: its timing-cache calls are no-ops
+        cache_blob = options.timing_cache.read_bytes() if options.timing_cache and options.timing_cache.is_file() else b""
+        cache = config.create_timing_cache(cache_blob)
+        config.set_timing_cache(cache, ignore_mismatch=False)
     t0 = time.perf_counter()
     serialized = builder.build_serialized_network(network, config)
     seconds = time.perf_counter() - t0
     if serialized is None:
         raise ExportError(f"TensorRT could not build an engine from {onnx_path.name} (see the log above)")
     atomic_write_bytes(engine_path, bytes(serialized))
-    if options.timing_cache:
+    if options.timing_cache and cache is not None:
         atomic_write_bytes(options.timing_cache, bytes(cache.serialize()))
     return {
         "format": ENGINE_FORMAT,
@@ -175,10 +196,13 @@ def build_engine(onnx_path: Path, engine_path: Path, options: BuildOptions, step
 
 
 def check_engine_matches(sidecar: dict) -> None:
-    """One-line error when an engine was built by another TensorRT or for another GPU."""
+    """One-line error when an engine was built by another TensorRT or for another GPU (a portable
+    TensorRT-RTX engine only needs the same TensorRT-RTX; whether it runs on this GPU is the runner's
+    availability)."""
     trt = tensorrt_module()
     here = {"tensorrt": f"{trt.__name__} {trt.__version__}", **gpu_identity()}
-    for key in ("tensorrt", "gpu", "compute_capability"):
+    keys = ("tensorrt",) if sidecar.get("portable") else ("tensorrt", "gpu", "compute_capability")
+    for key in keys:
         if sidecar.get(key) != here[key]:
             raise ArtifactError(f"engine was built for {key} {sidecar.get(key)!r}, this machine has {here[key]!r}: "
                                 "rebuild it with `snncompile build`")
