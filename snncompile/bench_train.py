@@ -187,25 +187,26 @@ def bench_train(cfg: Config, device: torch.device, precision: str = "fp32", step
             stats["saved_mib_uncompacted"] = _saved_mib(forward, amp, False)
         return stats
 
-    fused = device.type == "cuda" and fused_kernels_available()
-    for label, order, use_fused in ((" (fused LIF)" if fused else " (layer-major)", "layer", fused),
-                                    (" loop (step-major)", "step", False)):
+    def ours(order: str, fused: bool, graph: bool = False, channels_last: bool = False) -> dict:
+        # the network lives only inside this call: the next variant's peak memory does not carry it
         torch.manual_seed(0)
         net = network_from_config(m).to(device)
-        net.fused_lif = use_fused
-        name = ("snncompile" if order == "layer" else "torch") + label
-        results[name] = _attempt(lambda: timed(net.parameters(), lambda: net(x, order), compact=order == "layer"))
+        if channels_last:
+            net.to(memory_format=torch.channels_last)
+        net.fused_lif = fused
+        return timed(net.parameters(), lambda: net(x, order), compact=order == "layer", graph=graph)
+
+    fused = device.type == "cuda" and fused_kernels_available()
+    label = " (fused LIF" if fused else " (layer-major"
+    variants = [(f"snncompile{label})", dict(order="layer", fused=fused))]
+    if device.type == "cuda":
+        variants += [(f"snncompile{label}, CUDA graph)", dict(order="layer", fused=fused, graph=True)),
+                     (f"snncompile{label}, CUDA graph, channels_last)",
+                      dict(order="layer", fused=fused, graph=True, channels_last=True))]
+    variants.append(("torch loop (step-major)", dict(order="step", fused=False)))
+    for name, options in variants:
+        results[name] = _attempt(lambda: ours(**options))
         echo(f"done: {name}")
-        if order == "layer" and device.type == "cuda":
-            for extra in (", CUDA graph", ", CUDA graph, channels_last"):
-                name = f"snncompile{label[:-1]}{extra})"
-                torch.manual_seed(0)
-                net = network_from_config(m).to(device)
-                if "channels_last" in extra:
-                    net.to(memory_format=torch.channels_last)
-                net.fused_lif = use_fused
-                results[name] = _attempt(lambda: timed(net.parameters(), lambda: net(x, "layer"), compact=True, graph=True))
-                echo(f"done: {name}")
     if peers:
         specs = parse_architecture(m.arch)
         if _has("spikingjelly"):
