@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from . import __version__
+from .backends.base import PRECISIONS, TORCH_FAST_PRECISIONS  # numpy only: the runtimes load lazily
 from .errors import SnnCompileError
 
 __all__ = ["main", "cli"]
@@ -109,7 +110,7 @@ def export(run, steps, opset, form, layers, rates, samples, order, precision) ->
 
 @cli.command()
 @click.argument("run", type=click.Path(file_okay=False, path_type=Path))
-@click.option("--precision", type=click.Choice(["fp32", "tf32", "fp16", "bf16"]), default="fp32", show_default=True)
+@click.option("--precision", type=click.Choice(PRECISIONS), default="fp32", show_default=True)
 @click.option("--batch", default="1:16:128", show_default=True, help="Dynamic batch profile MIN:OPT:MAX.")
 @click.option("--workspace", "workspace_mb", default=4096, show_default=True, type=int, help="Builder workspace in MB.")
 @click.option("--timing-cache", type=click.Path(dir_okay=False, path_type=Path), help="Reuse and update this timing cache.")
@@ -132,7 +133,7 @@ def build(run, precision, batch, workspace_mb, timing_cache, model_file) -> None
 @cli.command()
 @click.argument("run", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--runner", "runners", multiple=True, help="Runner(s) to check (default: every available one but torch).")
-@click.option("--precision", type=click.Choice(["fp32", "tf32", "fp16", "bf16", "tf32x2"]), default=None,
+@click.option("--precision", type=click.Choice(TORCH_FAST_PRECISIONS), default=None,
               help="Tolerance preset, and what torch-fast/trt compute at (default: the export's precision, fp32 unless "
                    "exported with --precision; tf32x2: torch-fast's fp32-accurate split-TF32 spike layers).")
 @click.option("--batch", default=64, show_default=True, type=click.IntRange(1), help="Inputs per inference call.")
@@ -206,7 +207,7 @@ def bench_train_cmd(model_toml, overrides, steps_t, batch, precision, steps, war
 @click.option("--iters", default=50, show_default=True, type=click.IntRange(1), help="Timed calls per batch size.")
 @click.option("--warmup", default=10, show_default=True, type=click.IntRange(0), help="Untimed calls first.")
 @click.option("--model", "model_file", default="model.onnx", show_default=True, help="Which unrolled export to time.")
-@click.option("--precision", type=click.Choice(["fp32", "tf32", "fp16", "bf16", "tf32x2"]), default="fp32",
+@click.option("--precision", type=click.Choice(TORCH_FAST_PRECISIONS), default="fp32",
               show_default=True, help="For torch-fast and trt (verified at that precision's tolerances); the other "
                                       "runners stay fp32. tf32x2: torch-fast only, fp32-accurate spike layers on TF32.")
 def bench_run_cmd(run, runners, batches, iters, warmup, model_file, precision) -> None:
