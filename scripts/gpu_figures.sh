@@ -141,7 +141,7 @@ bench_infer() {  # MODEL TINY...: init, export both layouts, bench every GPU run
             && snncompile bench "$run" --model model_$precision.onnx --runners ort-cuda --batch "$batches" $iters_s \
             | sed -n '/^model /,/^wrote/p'
     done
-    cp "$run/bench.png" "$OUT/bench-$model.png" 2>/dev/null || true  # a call brings back 8 files at most
+    cp "$run/bench.png" "$OUT/$model.png" 2>/dev/null || true  # a call brings back 8 files at most
 }
 
 trt_digits() {  # a trained digits model through build and verify at every precision
