@@ -168,6 +168,8 @@ first)
     # the fused kernel compiled for this GPU against pure torch, the graphed training step, torch-fast on CUDA
     stage "GPU tests" 60 python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_bench_train.py tests/test_split_tf32.py \
         tests/test_backends.py -k "not trt"
+    stage "split-TF32 accuracy on this GPU" 10 python3 -m pytest -q -s -p no:cacheprovider tests/test_split_tf32.py \
+        -k on_the_gpu
     for precision in bf16 fp32; do
         stage "bench train bench-cifar $precision" 30 snncompile bench train models/bench-cifar.toml "${tiny_cifar[@]}" \
             --precision "$precision" --peers "${steps[@]}"
