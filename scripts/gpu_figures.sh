@@ -18,7 +18,7 @@
 # /tmp/site, which this script puts on PYTHONPATH). ONNX Runtime CUDA likewise: device-wheels.sh ort-gpu.
 # `first` prints ms per MNIST training step: an epoch is ~600 steps plus evaluation; choose E so that
 # two trainings and the pipeline's export/verify fit the call. ARGS after E go to snncompile as is
-# (e.g. --set train.precision=\'bf16\' --set data.augment=\'shift\' --set data.augment_pad=2, and
+# (e.g. --set train.precision=bf16 --set data.augment=shift --set data.augment_pad=2, and
 # --set train.channels_last=true if `first` showed the channels_last variant faster).
 #
 # Each part writes $OUT/<part>.md (the tables; also printed) and $OUT/<part>.log (stderr, timings).
