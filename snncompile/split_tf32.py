@@ -21,13 +21,13 @@ are left as they are, in full fp32.
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["round_to_tf32", "SplitTF32", "spike_fed_layers", "apply_split_tf32", "tf32_enabled"]
+from .backends.pt import tf32_math
+
+__all__ = ["round_to_tf32", "SplitTF32", "spike_fed_layers", "apply_split_tf32"]
 
 _DROPPED_BITS = 13  # fp32 stores 23 mantissa bits, TF32 10
 
@@ -38,18 +38,6 @@ def round_to_tf32(x: Tensor) -> Tensor:
     half = (1 << (_DROPPED_BITS - 1)) - 1  # 0x0FFF: below half rounds down, above rounds up
     odd = (bits >> _DROPPED_BITS) & 1  # ties go to the even neighbour
     return ((bits + half + odd) & -(1 << _DROPPED_BITS)).view(torch.float32)
-
-
-@contextlib.contextmanager
-def tf32_enabled():
-    """TF32 allowed for cuDNN convolutions and cuBLAS matmuls inside (no effect on the CPU)."""
-    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = True
-    torch.backends.cudnn.allow_tf32 = True
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
 class SplitTF32(nn.Module):
@@ -73,7 +61,7 @@ class SplitTF32(nn.Module):
                          "groups": layer.groups}
 
     def forward(self, x: Tensor) -> Tensor:
-        with tf32_enabled():
+        with tf32_math(True):
             y = F.linear(x, self.weight) if self.conv is None else F.conv2d(x, self.weight, None, **self.conv)
         hi, lo = y.split(self.out_channels, dim=1)
         y = hi + lo

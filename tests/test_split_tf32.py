@@ -139,7 +139,7 @@ def test_tf32x2_export_carries_the_split_weights_and_verifies_on_onnx_runtime(tm
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_on_the_gpu_split_tf32_is_as_accurate_as_fp32_and_plain_tf32_is_not():
-    from snncompile.split_tf32 import tf32_enabled
+    from snncompile.backends.pt import tf32_math
 
     torch.manual_seed(0)
     conv = nn.Conv2d(256, 256, 3, padding=1).cuda()
@@ -149,7 +149,7 @@ def test_on_the_gpu_split_tf32_is_as_accurate_as_fp32_and_plain_tf32_is_not():
     try:
         torch.backends.cudnn.allow_tf32 = False
         fp32_err = (conv(s).double() - exact).abs().max().item()
-        with tf32_enabled():
+        with tf32_math(True):
             tf32_err = (conv(s).double() - exact).abs().max().item()
         torch.backends.cudnn.allow_tf32 = False
         split_err = (SplitTF32(conv)(s).double() - exact).abs().max().item()

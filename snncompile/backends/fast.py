@@ -24,7 +24,7 @@ import torch
 
 from ..errors import ConfigError, RunnerUnavailableError
 from .base import TORCH_FAST_PRECISIONS
-from .pt import TorchRunner, no_tf32
+from .pt import TorchRunner, no_tf32, tf32_math
 
 __all__ = ["TorchFastRunner"]
 
@@ -70,9 +70,7 @@ class TorchFastRunner(TorchRunner):
         if self.precision in ("fp32", "tf32x2"):  # tf32x2: only the split layers enable TF32, for themselves
             stack.enter_context(no_tf32())
         elif self.precision == "tf32":
-            from ..split_tf32 import tf32_enabled
-
-            stack.enter_context(tf32_enabled())
+            stack.enter_context(tf32_math(True))
         if self.precision in _AUTOCAST:
             # no weight-cast cache: cached casts must not outlive a CUDA-graph capture
             stack.enter_context(torch.autocast(self.device.type, dtype=_AUTOCAST[self.precision], cache_enabled=False))

@@ -13,19 +13,24 @@ from ..graphs import StepGraph, UnrolledGraph
 from ..runs import load_network
 from .base import Runner, TensorSpec
 
-__all__ = ["TorchRunner", "export_entry", "no_tf32"]
+__all__ = ["TorchRunner", "export_entry", "no_tf32", "tf32_math"]
 
 
 @contextlib.contextmanager
-def no_tf32():
-    """Full fp32 matmuls/convs on CUDA (TF32 would round inputs to 10 mantissa bits)."""
+def tf32_math(allowed: bool):
+    """TF32 allowed (or not) for cuBLAS matmuls and cuDNN convolutions inside; no effect on the CPU."""
     saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = allowed
+    torch.backends.cudnn.allow_tf32 = allowed
     try:
         yield
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def no_tf32():
+    """Full fp32 matmuls/convs on CUDA (TF32 would round inputs to 10 mantissa bits)."""
+    return tf32_math(False)
 
 
 def export_entry(run_dir: Path, model_file: str) -> dict:
