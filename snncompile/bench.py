@@ -108,7 +108,8 @@ def bench_run(run_dir: str | Path, runners: list[str] | None = None, batches: tu
                     times.append(time.perf_counter() - t0)
                 stats = percentiles(times)
                 stats.update(iters=len(times), samples_per_s=batch / (stats["p50_ms"] / 1e3),
-                             timesteps_per_s=batch * export["T"] / (stats["p50_ms"] / 1e3))
+                             timesteps_per_s=batch * export["T"] / (stats["p50_ms"] / 1e3),
+                             execution=runner.timing_mode(handle))
                 entry["by_batch"][str(batch)] = stats
                 if progress:
                     echo(f"{name} batch {batch}: p50 {stats['p50_ms']:.3f} ms")
@@ -137,15 +138,15 @@ def _n_reference(run_dir: Path) -> int:
 def format_table(results: dict) -> str:
     """Markdown table: one row per runner and batch size."""
     lines = [f"model {results['model']} ({results.get('file', 'model.onnx')}, {results.get('order', 'layer')}-major), T = {results['T']}",
-             "", "| runner | batch | p50 ms | p90 ms | p99 ms | samples/s | timesteps/s |", "|---|---|---|---|---|---|---|"]
+             "", "| runner | batch | p50 ms | p90 ms | p99 ms | samples/s | timesteps/s | execution |", "|---|---|---|---|---|---|---|---|"]
     for runner, entry in results["runners"].items():
         name = runner if entry.get("precision", "fp32") == "fp32" else f"{runner} ({entry['precision']})"
         if "skipped" in entry:
-            lines.append(f"| {name} | - | skipped: {entry['skipped']} | | | | |")
+            lines.append(f"| {name} | - | skipped: {entry['skipped']} | | | | | |")
             continue
         for batch, s in entry["by_batch"].items():
             lines.append(f"| {name} | {batch} | {s['p50_ms']:.3f} | {s['p90_ms']:.3f} | {s['p99_ms']:.3f} | "
-                         f"{s['samples_per_s']:,.0f} | {s['timesteps_per_s']:,.0f} |")
+                         f"{s['samples_per_s']:,.0f} | {s['timesteps_per_s']:,.0f} | {s.get('execution', '')} |")
     return "\n".join(lines)
 
 

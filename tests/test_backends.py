@@ -125,3 +125,64 @@ def test_torch_fast_on_cuda_replays_its_graph_and_verifies(tmp_path):
         runner.infer({"input": x[:, 8:24]})  # another shape: its own graph
         again = runner.infer({"input": x[:, :8]})  # replayed with new input copied in
     np.testing.assert_array_equal(first["scores"], again["scores"])
+
+
+def test_free_dimensions_reads_each_named_axis_once():
+    from snncompile.backends.ort import free_dimensions
+
+    declared = {"input": (4, "batch", 2, 8, 8), "state": ("batch", 16)}
+    feed = {"input": np.zeros((4, 3, 2, 8, 8), np.float32), "state": np.zeros((3, 16), np.float32)}
+    assert free_dimensions(feed, declared) == (("batch", 3),)
+    assert free_dimensions({"x": np.zeros((5, 2))}, {"x": (5, 2)}) == ()
+
+
+def test_ort_cpu_sessions_are_shape_specialized_and_bounded(exported_run, monkeypatch):
+    pytest.importorskip("onnxruntime")
+    import snncompile.backends.ort as ort_mod
+
+    monkeypatch.setattr(ort_mod, "MAX_SESSIONS", 2)
+    x = np.load(exported_run / "reference_inputs.npz")["random"]
+    refs = np.load(exported_run / "reference_outputs.npz")
+    with create_runner("ort-cpu", exported_run) as runner:
+        for b in (5, 7, 5, 9, 32):  # 9 evicts 7, 32 evicts 5
+            out = runner.infer({"input": x[:, :b]})
+            np.testing.assert_array_equal(out["scores"], refs["random/scores"][:b])
+        assert list(runner._specialized) == [(("batch", 9),), (("batch", 32),)]
+        session = runner._specialized[(("batch", 32),)]
+        assert session.get_inputs()[0].shape[1] == 32  # the batch is fixed in the session itself
+
+
+def _bound_on_cpu():
+    """ort-cuda's IO-binding path (fixed buffers, in-place input updates, copy-out) on ONNX Runtime's CPU
+    provider: the same calls the CUDA runner makes, checkable without a GPU. The CUDA-graph option is
+    the CUDA provider's, so it is left out here (the request still goes through its fallback path)."""
+    from snncompile.backends.ort import OrtCudaRunner
+
+    class BoundOnCpu(OrtCudaRunner):
+        provider = "CPUExecutionProvider"
+        device = "cpu"
+        graph_options: dict = {}
+
+    return BoundOnCpu
+
+
+def test_ort_cuda_binding_path_on_the_cpu_provider(exported_run):
+    pytest.importorskip("onnxruntime")
+    x = np.load(exported_run / "reference_inputs.npz")["random"]
+    refs = np.load(exported_run / "reference_outputs.npz")
+    with _bound_on_cpu()(exported_run) as runner:
+        first = runner.infer({"input": x[:, :8]})
+        other = runner.infer({"input": x[:, 8:16]})  # same bound buffers, new data copied in
+        np.testing.assert_array_equal(first["scores"], refs["random/scores"][:8])
+        np.testing.assert_array_equal(other["scores"], refs["random/scores"][8:16])
+        np.testing.assert_array_equal(runner.infer({"input": x})["rates"], refs["random/rates"])
+        handle = runner.prepare({"input": x[:, :8]})
+        assert handle is runner._specialized[(("batch", 8),)]  # the session that infer used
+        runner.run_prepared(handle)
+        # a CUDA graph needs every node on the one provider, asked of ONNX Runtime by disabling its CPU
+        # fallback; with the CPU as that provider it refuses the request, and the runner says why
+        assert runner.timing_mode(handle).startswith("no CUDA graph: ") and "fallback" in runner.timing_mode(handle)
+        np.testing.assert_array_equal(handle.binding.copy_outputs_to_cpu()[0], first["scores"])
+    with _bound_on_cpu()(exported_run, cuda_graph=False) as plain:
+        handle = plain.prepare({"input": x[:, :4]})
+        assert plain.timing_mode(handle) == "CUDA graph off" and not handle.cuda_graph

@@ -84,6 +84,10 @@ class Runner(ABC):
         """Run on a :meth:`prepare` handle and return when the result is complete (benchmarks)."""
         self._run(handle)
 
+    def timing_mode(self, handle) -> str:
+        """How calls on a :meth:`prepare` handle execute, for the bench table (e.g. ``CUDA graph``)."""
+        return ""
+
     def close(self) -> None:
         """Release runtime resources (sessions, device memory)."""
 

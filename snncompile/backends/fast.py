@@ -109,6 +109,9 @@ class TorchFastRunner(TorchRunner):
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
+    def timing_mode(self, handle) -> str:
+        return "CUDA graph" if self.cuda_graph else ""
+
     def _run(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         x = torch.from_numpy(np.ascontiguousarray(feed["input"])).to(self.device)
         if self.cuda_graph:

@@ -283,6 +283,9 @@ class TrtRunner(Runner):
             self._launch()
         self.stream.synchronize()
 
+    def timing_mode(self, handle) -> str:
+        return "CUDA graph" if self.cuda_graph else ""
+
     def _run(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         bufs = self.prepare(feed)
         self.run_prepared(bufs)
