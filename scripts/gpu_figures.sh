@@ -131,6 +131,9 @@ bench_infer() {  # MODEL TINY...: init, export both layouts, bench every GPU run
         snncompile bench "$run" --runners torch-fast --precision $precision --batch "$batches" $iters_s \
             | sed -n '/^model /,/^wrote/p'
     done
+    # what the CUDA graphs save: the same runners launching kernel by kernel
+    snncompile bench "$run" --runners torch-fast,ort-cuda --no-cuda-graph --batch "$batches" $iters_s \
+        | sed -n '/^model /,/^wrote/p'
     # the per-timestep layout of the same network (the layout other tools export), for comparison
     snncompile bench "$run" --model model_per_step.onnx --runners ort-cuda,torch --batch "$batches" $iters_s \
         | sed -n '/^model /,/^wrote/p'

@@ -39,12 +39,13 @@ def _bench_input(run_dir: Path, batch: int, seed: int = 0) -> np.ndarray:
 
 def bench_run(run_dir: str | Path, runners: list[str] | None = None, batches: tuple[int, ...] = (1, 16, 128),
               warmup: int = 10, iters: int = 50, min_seconds: float = 0.0, progress: bool = True,
-              echo=print, model_file: str = "model.onnx", precision: str = "fp32") -> dict:
+              echo=print, model_file: str = "model.onnx", precision: str = "fp32", cuda_graph: bool = True) -> dict:
     """Verify, then time every requested (default: every available) runner at every batch size.
 
     ``precision`` applies to the runners that take one (torch-fast, trt; see ``PRECISION_RUNNERS``),
     which are then verified with that precision's tolerances. ONNX Runtime runs the file as written: at
-    fp32, or at the export's precision for a mixed-precision ``model_fp16.onnx``/``model_bf16.onnx``."""
+    fp32, or at the export's precision for a mixed-precision ``model_fp16.onnx``/``model_bf16.onnx``.
+    ``cuda_graph=False``: torch-fast, ort-cuda and trt launch kernel by kernel (what graphs save)."""
     run_dir = Path(run_dir)
     manifest = read_manifest(run_dir)
     export = manifest.get("exports", {}).get(model_file)
@@ -58,6 +59,7 @@ def bench_run(run_dir: str | Path, runners: list[str] | None = None, batches: tu
     if unknown:
         raise ConfigError(f"unknown runner(s) {', '.join(unknown)} (known: {', '.join(avail)})")
     results: dict = {"model": manifest.get("model"), "file": model_file, "order": export.get("order", "layer"), "T": export["T"], "batches": list(batches),
+                     "cuda_graph": cuda_graph,
                      "environment": environment(), "runners": {}}
     for name in names:
         numerics = runner_numerics(name, precision, export.get("precision", "fp32"))
@@ -77,11 +79,11 @@ def bench_run(run_dir: str | Path, runners: list[str] | None = None, batches: tu
                 export_run(run_dir, steps=export["T"], layers=True, order=export.get("order", "layer"),
                            precision=export.get("precision", "fp32"), n_random=_n_reference(run_dir), n_real=0)
             report = verify_run(run_dir, name, numerics, progress=False, model_file=layers_file,
-                                options=runner_options(name, numerics))
+                                options=runner_options(name, numerics, cuda_graph))
             # ...and the timed file itself must predict what torch predicts (its scores may differ on
             # the samples where a numerical flip happened, which only the _layers graph can show).
             plain = verify_run(run_dir, name, numerics, progress=False, model_file=model_file,
-                               options=runner_options(name, numerics))
+                               options=runner_options(name, numerics, cuda_graph))
             t = plain["top1"]
             changed = t["unambiguous"] - t["unambiguous_agree"]
             reasons = list(report["reasons"])
@@ -93,7 +95,7 @@ def bench_run(run_dir: str | Path, runners: list[str] | None = None, batches: tu
                 entry["skipped"] = "verify failed: " + "; ".join(reasons)
                 echo(f"{name}: skipped ({entry['skipped']})")
                 continue
-        with create_runner(name, run_dir, model_file, **runner_options(name, numerics)) as runner:
+        with create_runner(name, run_dir, model_file, **runner_options(name, numerics, cuda_graph)) as runner:
             entry["by_batch"] = {}
             for batch in batches:
                 x = _bench_input(run_dir, batch)
@@ -113,7 +115,7 @@ def bench_run(run_dir: str | Path, runners: list[str] | None = None, batches: tu
                 entry["by_batch"][str(batch)] = stats
                 if progress:
                     echo(f"{name} batch {batch}: p50 {stats['p50_ms']:.3f} ms")
-    stem = bench_stem(model_file, precision)
+    stem = bench_stem(model_file, precision, cuda_graph)
     results["stem"] = stem
     atomic_write_json(run_dir / f"{stem}.json", results)
     atomic_write_text(run_dir / f"{stem}.md", format_table(results) + "\n")
@@ -124,10 +126,12 @@ def bench_run(run_dir: str | Path, runners: list[str] | None = None, batches: tu
     return results
 
 
-def bench_stem(model_file: str, precision: str) -> str:
-    """File stem of a bench's outputs: ``bench``, ``bench_model_per_step``, ``bench_bf16``, ... so that
-    timing another file or precision does not overwrite the fp32 results of ``model.onnx``."""
-    parts = ["bench"] + ([Path(model_file).stem] if model_file != "model.onnx" else []) + ([precision] if precision != "fp32" else [])
+def bench_stem(model_file: str, precision: str, cuda_graph: bool = True) -> str:
+    """File stem of a bench's outputs: ``bench``, ``bench_model_per_step``, ``bench_bf16``,
+    ``bench_no_cuda_graph``, ... so that timing another file, precision or launch mode does not overwrite
+    the results of ``model.onnx`` at fp32 with graphs."""
+    parts = (["bench"] + ([Path(model_file).stem] if model_file != "model.onnx" else [])
+             + ([precision] if precision != "fp32" else []) + ([] if cuda_graph else ["no_cuda_graph"]))
     return "_".join(parts)
 
 

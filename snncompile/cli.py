@@ -210,7 +210,10 @@ def bench_train_cmd(model_toml, overrides, steps_t, batch, precision, steps, war
 @click.option("--precision", type=click.Choice(TORCH_FAST_PRECISIONS), default="fp32",
               show_default=True, help="For torch-fast and trt (verified at that precision's tolerances); the other "
                                       "runners stay fp32. tf32x2: torch-fast only, fp32-accurate spike layers on TF32.")
-def bench_run_cmd(run, runners, batches, iters, warmup, model_file, precision) -> None:
+@click.option("--cuda-graph/--no-cuda-graph", default=True, show_default=True,
+              help="torch-fast, ort-cuda and trt replay a captured CUDA graph; off: kernel-by-kernel launches "
+                   "(bench_no_cuda_graph.*), to see what the graphs save.")
+def bench_run_cmd(run, runners, batches, iters, warmup, model_file, precision, cuda_graph) -> None:
     """Verify, then time every runner on RUN's export; writes bench.json, bench.md, bench.png."""
     from .bench import bench_run, format_table
     from .errors import ConfigError
@@ -221,7 +224,7 @@ def bench_run_cmd(run, runners, batches, iters, warmup, model_file, precision) -
         raise ConfigError(f"--batch expects comma-separated integers, got {batches!r}") from None
     names = [n.strip() for n in runners.split(",") if n.strip()] or None
     results = bench_run(run, names, sizes, warmup=warmup, iters=iters, echo=click.echo, model_file=model_file,
-                        precision=precision)
+                        precision=precision, cuda_graph=cuda_graph)
     click.echo(format_table(results))
     stem = results["stem"]
     click.echo(f"wrote {run / (stem + '.json')}, {stem}.md" + (f", {stem}.png" if (run / f"{stem}.png").exists() else ""))

@@ -104,3 +104,21 @@ def test_bench_a_mixed_precision_export_verifies_onnx_runtime_at_its_precision(e
     assert manifest["exports"]["model_fp16_layers.onnx"]["precision"] == "fp16"
     report = json.loads((exported / "verify.json").read_text())["ort-cpu:model_fp16_layers.onnx"]
     assert report["precision"] == "fp16" and report["layers_checked"]
+
+
+def test_no_cuda_graph_benches_separately_and_reaches_the_runners(exported, monkeypatch):
+    from snncompile.backends import create_runner, runner_options
+
+    assert runner_options("ort-cuda", cuda_graph=False) == {"cuda_graph": False}
+    assert runner_options("trt", "fp16", cuda_graph=False) == {"precision": "fp16", "cuda_graph": False}
+    assert runner_options("ort-cpu", cuda_graph=False) == {} and runner_options("ort-cuda") == {}
+    made = []
+    monkeypatch.setattr("snncompile.bench.create_runner", lambda *a, **kw: made.append(kw) or create_runner(*a, **kw))
+    result = CliRunner().invoke(cli, ["bench", str(exported), "--runners", "torch-fast,ort-cpu", "--batch", "2",
+                                      "--iters", "2", "--warmup", "0", "--no-cuda-graph"])
+    assert result.exit_code == 0, result.output
+    assert {"cuda_graph": False, "precision": "fp32"} in made  # torch-fast was built without a graph
+    data = json.loads((exported / "bench_no_cuda_graph.json").read_text())
+    assert data["cuda_graph"] is False and data["runners"]["torch-fast"]["verified"] is True
+    assert data["runners"]["torch-fast"]["by_batch"]["2"]["execution"] == ""  # no graph claimed
+    assert not (exported / "bench.json").exists()

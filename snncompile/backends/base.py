@@ -142,9 +142,17 @@ def runner_numerics(name: str, requested: str = "fp32", model_precision: str = "
     return requested
 
 
-def runner_options(name: str, precision: str = "fp32") -> dict:
-    """Constructor options that make runner ``name`` compute at ``precision`` (none for the others)."""
-    return {"precision": runner_numerics(name, precision)} if name in PRECISION_RUNNERS else {}
+# Runners that replay a captured CUDA graph by default (torch-fast on CUDA only)
+CUDA_GRAPH_RUNNERS = ("torch-fast", "ort-cuda", "trt")
+
+
+def runner_options(name: str, precision: str = "fp32", cuda_graph: bool = True) -> dict:
+    """Constructor options that make runner ``name`` compute at ``precision`` (none for the others);
+    ``cuda_graph=False``: one launch per kernel instead of a graph replay, for the runners that graph."""
+    options: dict = {"precision": runner_numerics(name, precision)} if name in PRECISION_RUNNERS else {}
+    if not cuda_graph and name in CUDA_GRAPH_RUNNERS:
+        options["cuda_graph"] = False
+    return options
 
 
 def create_runner(name: str, run_dir: str | Path, model_file: str = "model.onnx", **options) -> Runner:
