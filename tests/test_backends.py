@@ -186,3 +186,19 @@ def test_ort_cuda_binding_path_on_the_cpu_provider(exported_run):
     with _bound_on_cpu()(exported_run, cuda_graph=False) as plain:
         handle = plain.prepare({"input": x[:, :4]})
         assert plain.timing_mode(handle) == "CUDA graph off" and not handle.cuda_graph
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(AVAILABLE["ort-cuda"] is not None, reason=f"ort-cuda: {AVAILABLE['ort-cuda']}")
+def test_ort_cuda_captures_a_cuda_graph_and_replays_new_inputs(exported_run):
+    x = np.load(exported_run / "reference_inputs.npz")["random"]
+    with create_runner("ort-cuda", exported_run) as runner:
+        first = runner.infer({"input": x[:, :8]})
+        handle = runner.prepare({"input": x[:, 8:16]})
+        assert runner.timing_mode(handle) == "CUDA graph", runner.timing_mode(handle)
+        for _ in range(3):  # past ONNX Runtime's warm-up runs: captured, then replayed
+            runner.run_prepared(handle)
+        replayed = runner.infer({"input": x[:, :8]})  # the graph reads the new data copied into its buffer
+    np.testing.assert_array_equal(first["scores"], replayed["scores"])  # same session: same kernels
+    with create_runner("ort-cuda", exported_run, cuda_graph=False) as plain:
+        assert plain.timing_mode(plain.prepare({"input": x[:, :8]})) == "CUDA graph off"
