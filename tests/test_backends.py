@@ -134,6 +134,11 @@ def test_free_dimensions_reads_each_named_axis_once():
     feed = {"input": np.zeros((4, 3, 2, 8, 8), np.float32), "state": np.zeros((3, 16), np.float32)}
     assert free_dimensions(feed, declared) == (("batch", 3),)
     assert free_dimensions({"x": np.zeros((5, 2))}, {"x": (5, 2)}) == ()
+    from snncompile.errors import InputError
+
+    feed["state"] = np.zeros((2, 16), np.float32)
+    with pytest.raises(InputError, match=r"input 'state': axis 0 \(batch\) is 2, another input gives batch = 3"):
+        free_dimensions(feed, declared)
 
 
 def test_ort_cpu_sessions_are_shape_specialized_and_bounded(exported_run, monkeypatch):

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import ArtifactError
+from ..errors import ArtifactError, InputError
 from .base import Runner, TensorSpec, validate_feed
 
 __all__ = ["OrtCpuRunner", "OrtCudaRunner", "cuda_provider_options", "session_outputs", "free_dimensions"]
@@ -40,7 +40,9 @@ def free_dimensions(feed: dict[str, np.ndarray], declared: dict[str, tuple]) -> 
     for name, shape in declared.items():
         for axis, dim in enumerate(shape):
             if isinstance(dim, str) and dim:
-                sizes.setdefault(dim, int(feed[name].shape[axis]))
+                size = int(feed[name].shape[axis])
+                if sizes.setdefault(dim, size) != size:
+                    raise InputError(f"input {name!r}: axis {axis} ({dim}) is {size}, another input gives {dim} = {sizes[dim]}")
     return tuple(sorted(sizes.items()))
 
 
