@@ -7,7 +7,7 @@
 # Here, once per session (costs no device time):
 #     scripts/gpu_figures.sh prepare      # .carry/mnist (the IDX files) and .whl (spikingjelly, snntorch, loguru)
 # Then one device call per part, in the repo root, carry [".carry", ".whl"], timeout_s 590:
-#     bash scripts/gpu_figures.sh first           # GPU tests, bench train (every variant, peers), MNIST step time  (~5 min)
+#     bash scripts/gpu_figures.sh first           # GPU tests, bench train (every variant, peers, torch.compile), MNIST step time
 #     bash scripts/gpu_figures.sh mnist [E [ARGS]] # pipeline on mnist.toml (E epochs), then NeuNorm off, same seed/budget
 #     bash scripts/gpu_figures.sh mnist-off [E [ARGS]]  # only the NeuNorm-off training (if mnist ran out of time)
 #     bash scripts/gpu_figures.sh infer           # bench: torch, torch-fast (fp32, tf32x2, tf32, bf16), ort-cuda if present,
@@ -186,6 +186,10 @@ first)
         --precision bf16 "${steps[@]}"
     stage "bench train nmnist (paper)" 20 snncompile bench train models/nmnist.toml "${tiny_voting[@]}" --T 8 \
         --precision bf16 "${steps[@]}"
+    # the compiled step loop (the strongest plain-PyTorch reference) and ours compiled, beside
+    # the uncompiled variants; last, as compiling takes a minute or more
+    stage "bench train bench-cifar bf16, torch.compile" 150 snncompile bench train models/bench-cifar.toml \
+        "${tiny_cifar[@]}" --precision bf16 --compile "${steps[@]}"
     ;;
 mnist | mnist-off)
     # mnist: the whole pipeline (train, export, verify every runner on all 10,000 test images, bench) with

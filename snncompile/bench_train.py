@@ -9,6 +9,11 @@ One step = forward over T steps + loss + backward + optimizer step, on random bi
   once in a CUDA graph and replayed (one launch per step instead of one per kernel); once more with the
   conv weights, hence activations, in channels_last (``train.channels_last``);
 - ``torch loop``: the per-timestep loop over the same modules (the paper's order, what most code does);
+- with ``compile=True``, both of the above under ``torch.compile`` (Inductor; the fused kernel is left
+  out there, the compiler fuses the pure-torch LIF scan itself): the loop so compiled is the fastest
+  plain-PyTorch setup users have, and ours so compiled shows whether the compiler adds anything. The
+  first calls compile (warm-up, untimed, can take minutes); saved-for-backward bytes are not measured
+  inside compiled code (its saved tensors are the compiler's);
 - ``spikingjelly`` (multi-step LIFNode) and ``snntorch`` (Leaky, step loop), built layer for layer
   from the same architecture and neuron constants, when installed.
 
@@ -147,7 +152,7 @@ def _has(module: str) -> bool:
 
 
 def bench_train(cfg: Config, device: torch.device, precision: str = "fp32", steps: int = 20, warmup: int = 5,
-                peers: bool = False, echo: Callable[[str], None] = print) -> dict:
+                peers: bool = False, echo: Callable[[str], None] = print, compile: bool = False) -> dict:
     """Time a training step of ``cfg``'s network per variant; returns {variant: stats or skip reason}."""
     from .kernels import fused_kernels_available
 
@@ -162,11 +167,13 @@ def bench_train(cfg: Config, device: torch.device, precision: str = "fp32", step
     amp_uncached = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16, cache_enabled=False)
     results: dict = {}
 
-    def timed(params, forward: Callable[[], torch.Tensor], compact: bool = False, graph: bool = False) -> dict:
+    def timed(params, forward: Callable[[], torch.Tensor], compact: bool = False, graph: bool = False,
+              compiled: bool = False) -> dict:
         """Time SGD training steps of ``forward`` (-> class scores) over ``params``; ``compact``: keep
-        saved spikes as uint8, as our trainer does; ``graph``: replay the step from a CUDA graph. Adds
-        ``saved_mib``, what autograd keeps for backward in one forward (measured on any device, after
-        compaction)."""
+        saved spikes as uint8, as our trainer does; ``graph``: replay the step from a CUDA graph;
+        ``compiled``: ``forward`` runs torch.compile'd code (at least 2 warm-up steps: forward and
+        backward compile on the first). Adds ``saved_mib``, what autograd keeps for backward in one
+        forward (measured on any device, after compaction; None for compiled code)."""
         params = list(params)
         opt = torch.optim.SGD(params, lr=cfg.train.lr, momentum=cfg.train.momentum)
 
@@ -181,20 +188,22 @@ def bench_train(cfg: Config, device: torch.device, precision: str = "fp32", step
             forward_backward_update()
 
         stats = _time_steps(_cuda_graphed(forward_backward_update, opt, device) if graph else step,
-                            device, steps, warmup)
-        stats["saved_mib"] = _saved_mib(forward, amp, compact)
+                            device, steps, max(warmup, 2) if compiled else warmup)
+        stats["saved_mib"] = None if compiled else _saved_mib(forward, amp, compact)
         if compact:
             stats["saved_mib_uncompacted"] = _saved_mib(forward, amp, False)
         return stats
 
-    def ours(order: str, fused: bool, graph: bool = False, channels_last: bool = False) -> dict:
+    def ours(order: str, fused: bool, graph: bool = False, channels_last: bool = False, compiled: bool = False) -> dict:
         # the network lives only inside this call: the next variant's peak memory does not carry it
         torch.manual_seed(0)
         net = network_from_config(m).to(device)
         if channels_last:
             net.to(memory_format=torch.channels_last)
         net.fused_lif = fused
-        return timed(net.parameters(), lambda: net(x, order), compact=order == "layer", graph=graph)
+        run = torch.compile(net) if compiled else net
+        return timed(net.parameters(), lambda: run(x, order), compact=order == "layer" and not compiled, graph=graph,
+                     compiled=compiled)
 
     fused = device.type == "cuda" and fused_kernels_available()
     label = " (fused LIF" if fused else " (layer-major"
@@ -204,6 +213,9 @@ def bench_train(cfg: Config, device: torch.device, precision: str = "fp32", step
                      (f"snncompile{label}, CUDA graph, channels_last)",
                       dict(order="layer", fused=fused, graph=True, channels_last=True))]
     variants.append(("torch loop (step-major)", dict(order="step", fused=False)))
+    if compile:
+        variants += [("snncompile (layer-major, torch.compile)", dict(order="layer", fused=False, compiled=True)),
+                     ("torch loop (step-major), torch.compile", dict(order="step", fused=False, compiled=True))]
     for name, options in variants:
         results[name] = _attempt(lambda: ours(**options))
         echo(f"done: {name}")
@@ -300,7 +312,7 @@ def format_train_table(r: dict) -> str:
             lines.append(f"| {name} | {v if v.startswith('failed: ') else 'skipped: ' + v} | | | | |")
             continue
         peak = "-" if v["peak_mib"] is None else f"{v['peak_mib']:.0f}"
-        saved = f"{v['saved_mib']:.1f}"
+        saved = "-" if v["saved_mib"] is None else f"{v['saved_mib']:.1f}"
         if "saved_mib_uncompacted" in v:
             saved += f" ({v['saved_mib_uncompacted']:.1f} without uint8 spikes)"
         lines.append(f"| {name} | {v['median_ms']:.1f} | {r['batch'] / (v['median_ms'] / 1e3):,.0f} | {peak} | {saved} | "

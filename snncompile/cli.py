@@ -187,7 +187,9 @@ def bench() -> None:
 @click.option("--warmup", default=5, show_default=True, type=click.IntRange(0))
 @click.option("--peers", is_flag=True, help="Also time spikingjelly and snntorch on the same network when installed.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
-def bench_train_cmd(model_toml, overrides, steps_t, batch, precision, steps, warmup, peers, device) -> None:
+@click.option("--compile", "compiled", is_flag=True,
+              help="Also time ours and the step loop under torch.compile (compiles during warm-up: minutes).")
+def bench_train_cmd(model_toml, overrides, steps_t, batch, precision, steps, warmup, peers, device, compiled) -> None:
     """Median ms per training step (forward + backward + optimizer) of MODEL_TOML's network."""
     from .bench_train import bench_train, format_train_table
     from .config import load_config
@@ -196,7 +198,8 @@ def bench_train_cmd(model_toml, overrides, steps_t, batch, precision, steps, war
     extra = [f"model.T={steps_t}"] if steps_t else []
     extra += [f"data.batch_size={batch}"] if batch else []
     cfg = load_config(model_toml, [*overrides, *extra])
-    result = bench_train(cfg, resolve_device(device), precision, steps, warmup, peers, echo=lambda s: None)
+    result = bench_train(cfg, resolve_device(device), precision, steps, warmup, peers, echo=lambda s: None,
+                         compile=compiled)
     click.echo(format_train_table(result))
 
 

@@ -135,3 +135,15 @@ def test_a_failing_variant_costs_its_row_not_the_table(monkeypatch):
     table = bt.format_train_table(bt.bench_train(cfg, torch.device("cpu"), steps=1, warmup=0, echo=lambda s: None))
     assert "| torch loop (step-major) | failed: RuntimeError: out of memory |" in table
     assert "| snncompile (layer-major) | 2.0 |" in table
+
+
+def test_bench_train_compile_times_both_orders_under_torch_compile():
+    result = CliRunner().invoke(cli, ["bench", "train", str(REPO / "models" / "bench-nmnist.toml"), "--set",
+                                      "model.arch='4C3-AP2-8FC-10'", "--T", "2", "--batch", "2", "--steps", "2",
+                                      "--warmup", "0", "--device", "cpu", "--compile"])
+    assert result.exit_code == 0, result.output
+    assert "failed:" not in result.output
+    rows = {line.split("|")[1].strip(): line for line in result.output.splitlines() if line.startswith("| ")}
+    for name in ("snncompile (layer-major, torch.compile)", "torch loop (step-major), torch.compile"):
+        cells = [c.strip() for c in rows[name].split("|")[1:-1]]
+        assert float(cells[1]) > 0 and cells[4] == "-", cells  # timed; saved bytes not claimed for compiled code
