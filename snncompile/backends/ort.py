@@ -76,15 +76,16 @@ class _OrtRunner(Runner):
         if not self.path.is_file():
             raise ArtifactError(f"model file not found: {self.path} (run `snncompile export {run_dir}` first)")
         self.threads = threads
-        # The dynamic session validates the file and declares the inputs; runs use specialized ones.
-        self.session = self._open(())
-        declared = self.session.get_inputs()
+        # The dynamic session validates the file and declares the inputs, then goes: runs use
+        # specialized ones (it would hold a second copy of the weights on the GPU)
+        session = self._open(())
+        declared = session.get_inputs()
         self._declared = {i.name: tuple(i.shape) for i in declared}
         self._inputs = [
             TensorSpec(i.name, tuple(d if isinstance(d, int) else None for d in i.shape), _ORT_TYPES.get(i.type, i.type))
             for i in declared
         ]
-        self._outputs = [o.name for o in self.session.get_outputs()]
+        self._outputs = [o.name for o in session.get_outputs()]
         self._specialized: OrderedDict = OrderedDict()
 
     def _session_options(self, dims: tuple[tuple[str, int], ...]):
@@ -144,7 +145,6 @@ class _OrtRunner(Runner):
         for specialized in self._specialized.values():
             self._release(specialized)
         self._specialized.clear()
-        self.session = None
 
 
 class OrtCpuRunner(_OrtRunner):
