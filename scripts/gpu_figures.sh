@@ -11,7 +11,8 @@
 #     bash scripts/gpu_figures.sh mnist [E [ARGS]] # pipeline on mnist.toml (E epochs), then NeuNorm off, same seed/budget
 #     bash scripts/gpu_figures.sh mnist-off [E [ARGS]]  # only the NeuNorm-off training (if mnist ran out of time)
 #     bash scripts/gpu_figures.sh infer           # bench: torch, torch-fast (fp32, tf32x2, tf32, bf16), ort-cuda if present,
-#                                                 # the per-step layout, ORT CUDA on the tf32x2 and fp16 exports
+#                                                 # without CUDA graphs, the per-step layout, ORT CUDA on the tf32x2 and
+#                                                 # fp16 exports, torch-compile at the target batch sizes
 #     bash scripts/gpu_figures.sh trt             # TensorRT on PYTHONPATH: zoo + trained digits build (and verify where it runs)
 # TensorRT-RTX (parses and builds on an H100, cannot run engines there): ../shared/hooks/device-wheels.sh
 # trt-rtx here, its three calls back to back, then the trt part while the machine is warm (it lands in
@@ -88,12 +89,14 @@ if [ "$QUICK" = 1 ]; then
     tiny_voting=(--set "model.arch='8C3(Encoding)-8C3-AP2-16FC-Voting'")
     steps=(--steps 2 --warmup 1 --batch 4)
     batches=1,4
+    nmnist_targets=4 cifar_targets=4
     iters=(--iters 3 --warmup 1)
     mnist_quick=("${tiny_voting[@]}" --set data.limit_train=512 --set data.limit_test=256)
 else
     tiny_cifar=() tiny_nmnist=() tiny_voting=() mnist_quick=()
     steps=(--steps 30 --warmup 10)
     batches=1,64,128
+    nmnist_targets=1,128 cifar_targets=64  # the target batch sizes
     iters=(--iters 200 --warmup 20)
 fi
 mnist_root=$PWD/.carry/mnist
@@ -120,9 +123,9 @@ PY
     ls -d "$runs"/mnist/*/ >/dev/null 2>&1 && snncompile plot "$runs"/mnist/*/ --out "$OUT/mnist-training.png" >&2
 }
 
-bench_infer() {  # MODEL TINY...: init, export both layouts, bench every GPU runner on them
-    local model=$1 run
-    shift
+bench_infer() {  # MODEL COMPILE_BATCHES TINY...: init, export both layouts, bench every GPU runner on them
+    local model=$1 compile_batches=$2 run
+    shift 2
     run=$(snncompile init "models/$model.toml" "$@" --out "$runs" | sed -E 's/^initialised ([^;]+).*/\1/')
     snncompile export "$run" --samples 64 >&2 && snncompile export "$run" --order step --samples 64 >&2 || return 1
     snncompile bench "$run" --runners torch,torch-fast,ort-cuda,trt --batch "$batches" $iters_s | sed -n '/^model /,/^wrote/p'
@@ -145,6 +148,10 @@ bench_infer() {  # MODEL TINY...: init, export both layouts, bench every GPU run
             | sed -n '/^model /,/^wrote/p'
     done
     cp "$run/bench.png" "$OUT/$model.png" 2>/dev/null || true  # a call brings back 8 files at most
+    # last (compiles per shape, a minute or more each): the per-timestep loop under torch.compile with
+    # CUDA graphs, the strongest plain-PyTorch reference, at the target batch sizes
+    snncompile bench "$run" --runners torch-compile,torch-fast --batch "$compile_batches" $iters_s \
+        | sed -n '/^model /,/^wrote/p'
 }
 
 trt_digits() {  # a trained digits model through build and verify at every precision
@@ -206,8 +213,8 @@ mnist | mnist-off)
     mnist_summary | tee -a "$md"
     ;;
 infer)
-    stage "bench bench-nmnist" 120 bash -c 'bench_infer bench-nmnist "$@"' _ "${tiny_nmnist[@]}"
-    stage "bench bench-cifar" 150 bash -c 'bench_infer bench-cifar "$@"' _ "${tiny_cifar[@]}"
+    stage "bench bench-nmnist" 120 bash -c 'bench_infer bench-nmnist "$@"' _ "$nmnist_targets" "${tiny_nmnist[@]}"
+    stage "bench bench-cifar" 150 bash -c 'bench_infer bench-cifar "$@"' _ "$cifar_targets" "${tiny_cifar[@]}"
     ;;
 trt)
     stage "TensorRT tests" 120 python3 -m pytest -q -p no:cacheprovider -m trt tests/test_trt.py

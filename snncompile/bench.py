@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from .artifacts import atomic_save, atomic_write_json, atomic_write_text, environment, read_manifest, record_artifact
-from .backends import available_runners, create_runner, runner_options
+from .backends import available_runners, create_runner, default_runners, runner_options
 from .backends.base import runner_numerics
 from .compare import verify_run
 from .errors import ConfigError
@@ -54,7 +54,7 @@ def bench_run(run_dir: str | Path, runners: list[str] | None = None, batches: tu
     if any(b < 1 for b in batches) or iters < 1 or warmup < 0:
         raise ConfigError("--batch sizes and --iters must be >= 1, --warmup >= 0")
     avail = available_runners()
-    names = list(runners) if runners else [n for n, why in avail.items() if why is None]
+    names = list(runners) if runners else default_runners()
     unknown = [n for n in names if n not in avail]
     if unknown:
         raise ConfigError(f"unknown runner(s) {', '.join(unknown)} (known: {', '.join(avail)})")

@@ -143,11 +143,11 @@ def build(run, precision, batch, workspace_mb, timing_cache, model_file) -> None
 def verify(run, runners, precision, batch, model_file, test_set, no_progress) -> None:
     """Check that RUN's exported model computes PyTorch's spikes and outputs on a runtime."""
     from .artifacts import read_manifest
-    from .backends import available_runners, runner_options
+    from .backends import default_runners, runner_options
     from .compare import default_model_file, format_report, verify_runs
 
     if not runners:
-        runners = tuple(n for n, why in available_runners().items() if why is None and n != "torch")
+        runners = tuple(default_runners(reference=False))
     if precision is None:
         exports = read_manifest(run).get("exports", {})
         precision = exports.get(model_file or default_model_file(exports), {}).get("precision", "fp32")

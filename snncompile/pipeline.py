@@ -81,7 +81,7 @@ def _build_stage(run: Path, onnx_hash: str, trt_unavailable: str | None) -> str:
 def run_pipeline(cfg: Config, out_root: Path, batches: tuple[int, ...] = (1, 32), progress: bool = True,
                  echo: Callable[[str], None] = print) -> dict:
     """Run every stage that is not already done for these inputs; returns the summary dict."""
-    from .backends import available_runners
+    from .backends import available_runners, default_runners
     from .bench import bench_run
     from .compare import verify_runs
     from .export_onnx import export_run
@@ -116,7 +116,7 @@ def run_pipeline(cfg: Config, out_root: Path, batches: tuple[int, ...] = (1, 32)
     # Each runner is checked on the export's reference inputs and, when the dataset is at hand, on the
     # whole test split (``<runner>@test``): identical predictions on every test image, flips counted.
     verify_inputs = _stage_hash("verify", onnx_hash, "reference+test")
-    runners = [n for n, why in available.items() if why is None and n != "torch"]
+    runners = default_runners(reference=False)
     reports = {}
     if _done(run, "verify", verify_inputs) and (run / "verify.json").is_file():
         reports = json.loads((run / "verify.json").read_text())

@@ -10,6 +10,8 @@ from snncompile.errors import ConfigError, RunnerUnavailableError
 
 AVAILABLE = available_runners()
 GPU_RUNNERS = {"ort-cuda", "trt"} | ({"torch-fast"} if __import__("torch").cuda.is_available() else set())
+# runners whose float arithmetic is not the reference's own (GPU kernels, compiled code): judged by verify
+OTHER_ARITHMETIC = GPU_RUNNERS | {"torch-compile"}
 
 
 @pytest.fixture(scope="module")
@@ -35,9 +37,10 @@ def test_runner_conformance(name, exported_run):
         out = runner.infer({"input": x})
     assert set(out) == {"scores", "rates"}
     assert out["scores"].shape == (32, 10) and out["scores"].dtype == np.float32
-    if name in GPU_RUNNERS:
-        # cuDNN sums convolutions in another order than the CPU reference: a membrane within rounding of
-        # V_th may flip (then the scores of that sample differ); verify proves each flip is numerical
+    if name in OTHER_ARITHMETIC:
+        # cuDNN sums convolutions in another order than the CPU reference, compiled code fuses float ops:
+        # a membrane within rounding of V_th may flip (then the scores of that sample differ); verify
+        # proves each flip is numerical
         from snncompile.compare import verify_run
 
         report = verify_run(exported_run, name, "fp32")
@@ -49,7 +52,7 @@ def test_runner_conformance(name, exported_run):
 
 
 def test_unknown_runner_is_one_line(tmp_path):
-    with pytest.raises(ConfigError, match="unknown runner .tensorflow. \\(known: torch, torch-fast, ort-cpu, ort-cuda, trt\\)"):
+    with pytest.raises(ConfigError, match="unknown runner .tensorflow. \\(known: torch, torch-fast, torch-compile, ort-cpu, ort-cuda, trt\\)"):
         create_runner("tensorflow", tmp_path)
 
 
@@ -207,3 +210,11 @@ def test_ort_cuda_captures_a_cuda_graph_and_replays_new_inputs(exported_run):
     np.testing.assert_array_equal(first["scores"], replayed["scores"])  # same session: same kernels
     with create_runner("ort-cuda", exported_run, cuda_graph=False) as plain:
         assert plain.timing_mode(plain.prepare({"input": x[:, :8]})) == "CUDA graph off"
+
+
+def test_torch_compile_is_opt_in_and_runs_the_per_timestep_loop(exported_run):
+    from snncompile.backends import default_runners
+
+    assert "torch-compile" not in default_runners() and "torch-compile" in RUNNERS
+    with create_runner("torch-compile", exported_run) as runner:
+        assert runner.graph.order == "step" and runner.timing_mode(None) == ""  # no CUDA graph on the CPU

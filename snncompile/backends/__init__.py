@@ -4,6 +4,7 @@ Each runtime is imported only inside its own module, and only when a runner of i
 ``snncompile`` works with none of the optional runtimes installed.
 """
 
-from .base import RUNNERS, Runner, TensorSpec, available_runners, create_runner, runner_options, validate_feed
+from .base import RUNNERS, Runner, TensorSpec, available_runners, create_runner, default_runners, runner_options, validate_feed
 
-__all__ = ["RUNNERS", "Runner", "TensorSpec", "available_runners", "create_runner", "runner_options", "validate_feed"]
+__all__ = ["RUNNERS", "Runner", "TensorSpec", "available_runners", "create_runner", "default_runners", "runner_options",
+           "validate_feed"]

@@ -11,7 +11,8 @@ import numpy as np
 
 from ..errors import ConfigError, InputError, RunnerUnavailableError
 
-__all__ = ["TensorSpec", "Runner", "validate_feed", "RUNNERS", "create_runner", "available_runners", "runner_options",
+__all__ = ["TensorSpec", "Runner", "validate_feed", "RUNNERS", "create_runner", "available_runners", "default_runners",
+           "runner_options",
            "runner_numerics"]
 
 
@@ -102,6 +103,7 @@ class Runner(ABC):
 RUNNERS: dict[str, str] = {
     "torch": "snncompile.backends.pt:TorchRunner",
     "torch-fast": "snncompile.backends.fast:TorchFastRunner",
+    "torch-compile": "snncompile.backends.compiled:TorchCompileRunner",
     "ort-cpu": "snncompile.backends.ort:OrtCpuRunner",
     "ort-cuda": "snncompile.backends.ort:OrtCudaRunner",
     "trt": "snncompile.backends.trt:TrtRunner",
@@ -118,6 +120,17 @@ def _runner_class(name: str) -> type[Runner]:
 def available_runners() -> dict[str, str | None]:
     """Every registered runner with None (available) or the reason it is not."""
     return {name: _runner_class(name).unavailable_reason() for name in RUNNERS}
+
+
+# Runners used only when named: torch-compile compiles per input shape (minutes on a big network).
+OPT_IN_RUNNERS = ("torch-compile",)
+
+
+def default_runners(reference: bool = True) -> list[str]:
+    """The runners a command uses when none are named: every available one but the opt-in ones (and
+    but ``torch``, the reference itself, with ``reference=False``)."""
+    return [name for name, why in available_runners().items()
+            if why is None and name not in OPT_IN_RUNNERS and (reference or name != "torch")]
 
 
 # Runners whose numerics follow a precision setting (TensorRT engines are built per precision), and
@@ -142,8 +155,8 @@ def runner_numerics(name: str, requested: str = "fp32", model_precision: str = "
     return requested
 
 
-# Runners that replay a captured CUDA graph by default (torch-fast on CUDA only)
-CUDA_GRAPH_RUNNERS = ("torch-fast", "ort-cuda", "trt")
+# Runners that replay a captured CUDA graph by default (torch-fast and torch-compile on CUDA only)
+CUDA_GRAPH_RUNNERS = ("torch-fast", "torch-compile", "ort-cuda", "trt")
 
 
 def runner_options(name: str, precision: str = "fp32", cuda_graph: bool = True) -> dict:

@@ -1,0 +1,55 @@
+"""``torch-compile``: the per-timestep PyTorch loop under ``torch.compile``, the strongest plain-PyTorch
+inference users have today, timed beside our runners (opt-in: ``--runners torch-compile``).
+
+The exported graph's own module, run in the per-timestep order most SNN code uses, fp32 with TF32 off
+like the reference, compiled by Inductor for each input shape it sees (``dynamic=False``); on CUDA
+with ``mode="reduce-overhead"``, which replays the compiled forward from CUDA graphs. The first call
+per shape compiles (seconds to minutes): bench's warm-up absorbs it. Compiled code may fuse the
+membrane update into other float operations, so verify judges it by flip classification, not bit
+equality.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import ConfigError
+from .pt import TorchRunner, no_tf32
+
+__all__ = ["TorchCompileRunner"]
+
+
+class TorchCompileRunner(TorchRunner):
+    name = "torch-compile"
+
+    def __init__(self, run_dir: Path, model_file: str = "model.onnx", device: str = "auto", cuda_graph: bool = True):
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        super().__init__(run_dir, model_file, device)
+        if self.form != "unrolled":
+            raise ConfigError(f"torch-compile runs unrolled exports; {model_file} is a {self.form!r} export")
+        self.graph.order = "step"
+        self.cuda_graph = cuda_graph and self.device.type == "cuda"
+        self._compiled = torch.compile(self.graph, dynamic=False, mode="reduce-overhead" if self.cuda_graph else None)
+
+    def _forward(self, args: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        if self.cuda_graph:  # a new step for the CUDA-graph trees: the previous call's outputs may be reused
+            torch.compiler.cudagraph_mark_step_begin()
+        with torch.inference_mode(), no_tf32():
+            return self._compiled(*args)
+
+    def run_prepared(self, handle) -> None:
+        self._forward(handle)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def timing_mode(self, handle) -> str:
+        return "CUDA graph" if self.cuda_graph else ""
+
+    def _run(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        args = [torch.from_numpy(np.ascontiguousarray(feed[s.name])).to(self.device) for s in self._inputs]
+        outs = self._forward(args)
+        return {name: out.cpu().numpy() for name, out in zip(self._outputs, outs)}
