@@ -86,8 +86,9 @@ class Runner(ABC):
         self._run(handle)
 
     def timing_mode(self, handle) -> str:
-        """How calls on a :meth:`prepare` handle execute, for the bench table (e.g. ``CUDA graph``)."""
-        return ""
+        """How calls on a :meth:`prepare` handle execute, for the bench table: ``CUDA graph`` for a runner
+        whose ``cuda_graph`` is on, else empty."""
+        return "CUDA graph" if getattr(self, "cuda_graph", False) else ""
 
     def close(self) -> None:
         """Release runtime resources (sessions, device memory)."""

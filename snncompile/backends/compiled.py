@@ -43,11 +43,7 @@ class TorchCompileRunner(TorchRunner):
 
     def run_prepared(self, handle) -> None:
         self._forward(handle)
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-
-    def timing_mode(self, handle) -> str:
-        return "CUDA graph" if self.cuda_graph else ""
+        self._wait()
 
     def _run(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         args = [torch.from_numpy(np.ascontiguousarray(feed[s.name])).to(self.device) for s in self._inputs]

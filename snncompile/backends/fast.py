@@ -106,11 +106,7 @@ class TorchFastRunner(TorchRunner):
             handle[2].replay()
         else:
             self._forward(handle)
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-
-    def timing_mode(self, handle) -> str:
-        return "CUDA graph" if self.cuda_graph else ""
+        self._wait()
 
     def _run(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         x = torch.from_numpy(np.ascontiguousarray(feed["input"])).to(self.device)

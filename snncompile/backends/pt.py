@@ -72,6 +72,10 @@ class TorchRunner(Runner):
     def run_prepared(self, handle) -> None:
         with no_tf32():
             self.graph(*handle)
+        self._wait()
+
+    def _wait(self) -> None:
+        """Return only once the device has finished (timed calls include the GPU's work)."""
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 

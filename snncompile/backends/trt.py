@@ -283,9 +283,6 @@ class TrtRunner(Runner):
             self._launch()
         self.stream.synchronize()
 
-    def timing_mode(self, handle) -> str:
-        return "CUDA graph" if self.cuda_graph else ""
-
     def _run(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         bufs = self.prepare(feed)
         self._launch()  # one call on fresh buffers: a graph would be captured for a single replay
