@@ -201,6 +201,10 @@ def bench_train(cfg: Config, device: torch.device, precision: str = "fp32", step
         if channels_last:
             net.to(memory_format=torch.channels_last)
         net.fused_lif = fused
+        if compiled:
+            # a fresh compiler: code compiled for earlier networks (the same LIF step at other shapes)
+            # would count against Dynamo's per-function recompile limit and fall back to eager
+            torch.compiler.reset()
         run = torch.compile(net) if compiled else net
         return timed(net.parameters(), lambda: run(x, order), compact=order == "layer" and not compiled, graph=graph,
                      compiled=compiled)

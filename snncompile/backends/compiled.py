@@ -33,6 +33,9 @@ class TorchCompileRunner(TorchRunner):
             raise ConfigError(f"torch-compile runs unrolled exports; {model_file} is a {self.form!r} export")
         self.graph.order = "step"
         self.cuda_graph = cuda_graph and self.device.type == "cuda"
+        # a fresh compiler per runner: code compiled for other networks (the same LIF step at other
+        # shapes) would count against Dynamo's per-function recompile limit and fall back to eager
+        torch.compiler.reset()
         self._compiled = torch.compile(self.graph, dynamic=False, mode="reduce-overhead" if self.cuda_graph else None)
 
     def _forward(self, args: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
