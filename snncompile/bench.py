@@ -40,12 +40,14 @@ def _bench_input(run_dir: Path, batch: int, seed: int = 0) -> np.ndarray:
 def bench_run(run_dir: str | Path, runners: list[str] | None = None, batches: tuple[int, ...] = (1, 16, 128),
               warmup: int = 10, iters: int = 50, min_seconds: float = 0.0, progress: bool = True,
               echo=print, model_file: str = "model.onnx", precision: str = "fp32", cuda_graph: bool = True) -> dict:
-    """Verify, then time every requested (default: every available) runner at every batch size.
+    """Verify, then time every requested runner at every batch size (default: every available one but
+    the opt-in ``torch-compile``).
 
     ``precision`` applies to the runners that take one (torch-fast, trt; see ``PRECISION_RUNNERS``),
     which are then verified with that precision's tolerances. ONNX Runtime runs the file as written: at
     fp32, or at the export's precision for a mixed-precision ``model_fp16.onnx``/``model_bf16.onnx``.
-    ``cuda_graph=False``: torch-fast, ort-cuda and trt launch kernel by kernel (what graphs save)."""
+    ``cuda_graph=False``: torch-fast, torch-compile, ort-cuda and trt launch kernel by kernel (what the
+    graphs save)."""
     run_dir = Path(run_dir)
     manifest = read_manifest(run_dir)
     export = manifest.get("exports", {}).get(model_file)

@@ -132,7 +132,7 @@ def build(run, precision, batch, workspace_mb, timing_cache, model_file) -> None
 
 @cli.command()
 @click.argument("run", type=click.Path(file_okay=False, path_type=Path))
-@click.option("--runner", "runners", multiple=True, help="Runner(s) to check (default: every available one but torch).")
+@click.option("--runner", "runners", multiple=True, help="Runner(s) to check (default: every available one but torch and the opt-in torch-compile).")
 @click.option("--precision", type=click.Choice(TORCH_FAST_PRECISIONS), default=None,
               help="Tolerance preset, and what torch-fast/trt compute at (default: the export's precision, fp32 unless "
                    "exported with --precision; tf32x2: torch-fast's fp32-accurate split-TF32 spike layers).")
@@ -205,7 +205,8 @@ def bench_train_cmd(model_toml, overrides, steps_t, batch, precision, steps, war
 
 @bench.command("run")
 @click.argument("run", type=click.Path(file_okay=False, path_type=Path))
-@click.option("--runners", default="", help="Comma-separated runners (default: every available one).")
+@click.option("--runners", default="", help="Comma-separated runners (default: every available one but the opt-in "
+                                             "torch-compile, which compiles per input shape).")
 @click.option("--batch", "batches", default="1,16,128", show_default=True, help="Comma-separated batch sizes.")
 @click.option("--iters", default=50, show_default=True, type=click.IntRange(1), help="Timed calls per batch size.")
 @click.option("--warmup", default=10, show_default=True, type=click.IntRange(0), help="Untimed calls first.")
@@ -214,7 +215,7 @@ def bench_train_cmd(model_toml, overrides, steps_t, batch, precision, steps, war
               show_default=True, help="For torch-fast and trt (verified at that precision's tolerances); the other "
                                       "runners stay fp32. tf32x2: torch-fast only, fp32-accurate spike layers on TF32.")
 @click.option("--cuda-graph/--no-cuda-graph", default=True, show_default=True,
-              help="torch-fast, ort-cuda and trt replay a captured CUDA graph; off: kernel-by-kernel launches "
+              help="torch-fast, torch-compile, ort-cuda and trt replay a captured CUDA graph; off: kernel-by-kernel launches "
                    "(bench_no_cuda_graph.*), to see what the graphs save.")
 def bench_run_cmd(run, runners, batches, iters, warmup, model_file, precision, cuda_graph) -> None:
     """Verify, then time every runner on RUN's export; writes bench.json, bench.md, bench.png."""

@@ -12,8 +12,7 @@ import numpy as np
 from ..errors import ConfigError, InputError, RunnerUnavailableError
 
 __all__ = ["TensorSpec", "Runner", "validate_feed", "RUNNERS", "create_runner", "available_runners", "default_runners",
-           "runner_options",
-           "runner_numerics"]
+           "runner_options", "runner_numerics"]
 
 
 @dataclass(frozen=True)
