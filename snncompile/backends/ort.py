@@ -191,7 +191,7 @@ class OrtCudaRunner(_OrtRunner):
         if self.cuda_graph:
             try:  # all nodes on CUDA or no graph: a node left on the CPU would break capture
                 session = self._create(dims, self.graph_options, cpu_fallback=False)
-            except Exception as e:  # onnxruntime's own error types
+            except Exception as e:  # noqa: BLE001 - onnxruntime's own error types, reported as the reason
                 note = f"no CUDA graph: {_first_line(e)}"
         bound = _BoundSession(session or self._open(dims), None, cuda_graph=session is not None, note=note)
         bound.binding = bound.session.io_binding()
