@@ -40,6 +40,12 @@ MANIFEST = "manifest.json"
 RUN_FORMAT = 1  # bump when the layout of a run directory changes incompatibly
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)  # reading the umask means setting it: put it straight back
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_write(path: str | Path, mode: str = "wb") -> Iterator[io.IOBase]:
     """Open a temp file next to ``path``; on clean exit fsync and rename it over ``path``."""
@@ -47,6 +53,8 @@ def atomic_write(path: str | Path, mode: str = "wb") -> Iterator[io.IOBase]:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        # mkstemp makes the file private (0600); the artifact gets what open() would give it (0666 - umask)
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, mode) as f:
             yield f
             f.flush()
