@@ -9,7 +9,7 @@ One step = forward over T steps + loss + backward + optimizer step, on random bi
   once in a CUDA graph and replayed (one launch per step instead of one per kernel); once more with the
   conv weights, hence activations, in channels_last (``train.channels_last``);
 - ``torch loop``: the per-timestep loop over the same modules (the paper's order, what most code does);
-- with ``compile=True``, both of the above under ``torch.compile`` (Inductor; the fused kernel is left
+- with ``compiled=True``, both of the above under ``torch.compile`` (Inductor; the fused kernel is left
   out there, the compiler fuses the pure-torch LIF scan itself): the loop so compiled is the fastest
   plain-PyTorch setup users have, and ours so compiled shows whether the compiler adds anything. The
   first calls compile (warm-up, untimed, can take minutes); saved-for-backward bytes are not measured
@@ -152,7 +152,7 @@ def _has(module: str) -> bool:
 
 
 def bench_train(cfg: Config, device: torch.device, precision: str = "fp32", steps: int = 20, warmup: int = 5,
-                peers: bool = False, echo: Callable[[str], None] = print, compile: bool = False) -> dict:
+                peers: bool = False, echo: Callable[[str], None] = print, compiled: bool = False) -> dict:
     """Time a training step of ``cfg``'s network per variant; returns {variant: stats or skip reason}."""
     from .kernels import fused_kernels_available
 
@@ -217,7 +217,7 @@ def bench_train(cfg: Config, device: torch.device, precision: str = "fp32", step
                      (f"snncompile{label}, CUDA graph, channels_last)",
                       dict(order="layer", fused=fused, graph=True, channels_last=True))]
     variants.append(("torch loop (step-major)", dict(order="step", fused=False)))
-    if compile:
+    if compiled:
         variants += [("snncompile (layer-major, torch.compile)", dict(order="layer", fused=False, compiled=True)),
                      ("torch loop (step-major), torch.compile", dict(order="step", fused=False, compiled=True))]
     for name, options in variants:

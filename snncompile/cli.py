@@ -199,7 +199,7 @@ def bench_train_cmd(model_toml, overrides, steps_t, batch, precision, steps, war
     extra += [f"data.batch_size={batch}"] if batch else []
     cfg = load_config(model_toml, [*overrides, *extra])
     result = bench_train(cfg, resolve_device(device), precision, steps, warmup, peers, echo=lambda s: None,
-                         compile=compiled)
+                         compiled=compiled)
     click.echo(format_train_table(result))
 
 
