@@ -14,6 +14,9 @@
 #                                                 # without CUDA graphs, the per-step layout, ORT CUDA on the tf32x2 and
 #                                                 # fp16 exports, torch-compile at the target batch sizes
 #     bash scripts/gpu_figures.sh trt             # TensorRT on PYTHONPATH: zoo + trained digits build (and verify where it runs)
+#     bash scripts/gpu_figures.sh headline        # when only one call fits: the issues' headline figures, most
+#                                                 # important first (GPU tests, bench train bf16 with peers, the
+#                                                 # inference targets, MNIST on mnist-cpu's network, then extras)
 # TensorRT-RTX (parses and builds on an H100, cannot run engines there): ../shared/hooks/device-wheels.sh
 # trt-rtx here, its three calls back to back, then the trt part while the machine is warm (it lands in
 # /tmp/site, which this script puts on PYTHONPATH). ONNX Runtime CUDA likewise: device-wheels.sh ort-gpu.
@@ -26,7 +29,7 @@
 # DEADLINE=seconds bounds a part (default 560); QUICK=1 shrinks every network, step count and dataset so
 # the whole script runs on a CPU as a smoke test.
 set -uo pipefail
-part=${1:?usage: gpu_figures.sh prepare|first|mnist|mnist-off|infer|trt [EPOCHS [SNNCOMPILE ARGS]]}
+part=${1:?usage: gpu_figures.sh prepare|first|mnist|mnist-off|infer|trt|headline [EPOCHS [SNNCOMPILE ARGS]]}
 cd "$(dirname "$0")/.."
 
 if [ "$part" = prepare ]; then
@@ -83,6 +86,12 @@ stage() {
     echo "[$name: exit $rc, $(( $(date +%s) - t0 )) s]" | tee -a "$md"
 }
 
+environment() {
+    stage environment 5 bash -c 'nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader;
+        python3 -c "import torch, triton, onnxruntime as o; print(\"torch\", torch.__version__, \"triton\", triton.__version__,
+        \"onnxruntime\", o.__version__, o.get_available_providers())"'
+}
+
 if [ "$QUICK" = 1 ]; then
     tiny_cifar=(--set "model.arch='8C3-AP2-8C3-16FC-10'")
     tiny_nmnist=(--set "model.arch='8C3-AP2-8C3-AP2-16FC-10'")
@@ -102,8 +111,9 @@ fi
 mnist_root=$PWD/.carry/mnist
 [ -d "$mnist_root" ] || mnist_root=$(cd ../shared/data/mnist 2>/dev/null && pwd)
 
-mnist_summary() {  # accuracy and training wall of every MNIST run, from the runs' own records
-    for run in "$runs"/mnist/*/; do
+mnist_summary() {  # [NAME]: accuracy and training wall of every run of models/NAME.toml (mnist), from the runs' own records
+    local name=${1:-mnist}
+    for run in "$runs/$name"/*/; do
         [ -f "$run/metrics.jsonl" ] || continue
         python3 - "$run" <<'PY'
 import json, pathlib, sys
@@ -117,10 +127,10 @@ print(f"{run.name}: NeuNorm {'on' if neunorm else 'off'}, {len(rows)} epochs, te
       f"on {t['device']}; per-epoch test acc {[round(100 * r['test_acc'], 2) for r in rows]}")
 PY
         tag=$(grep -q "neunorm = true" "$run/config.toml" && echo on || echo off)
-        cp "$run/metrics.jsonl" "$OUT/mnist-$tag-metrics.jsonl"
+        cp "$run/metrics.jsonl" "$OUT/$name-$tag-metrics.jsonl"
     done
     # both curves in one PNG (the labels: the config keys the runs differ in)
-    ls -d "$runs"/mnist/*/ >/dev/null 2>&1 && snncompile plot "$runs"/mnist/*/ --out "$OUT/mnist-training.png" >&2
+    ls -d "$runs/$name"/*/ >/dev/null 2>&1 && snncompile plot "$runs/$name"/*/ --out "$OUT/$name-training.png" >&2
 }
 
 bench_infer() {  # MODEL COMPILE_BATCHES TINY...: init, export both layouts, bench every GPU runner on them
@@ -166,15 +176,30 @@ trt_digits() {  # a trained digits model through build and verify at every preci
         snncompile verify "$run" --runner trt --precision "$precision" --no-progress 2>&1 | tail -3
     done
 }
-export -f bench_infer trt_digits
+infer_targets() {  # MODEL BATCHES TINY...: init, export both layouts, bench the runners that can meet the targets
+    local model=$1 batch=$2 run
+    shift 2
+    run=$(snncompile init "models/$model.toml" "$@" --out "$runs" | sed -E 's/^initialised ([^;]+).*/\1/')
+    echo "$run" > "$runs/$model.run"  # for the torch-compile stage later in the call
+    snncompile export "$run" --samples 64 >&2 && snncompile export "$run" --order step --samples 64 >&2 || return 1
+    snncompile bench "$run" --runners torch,torch-fast,ort-cuda --batch "$batch" $iters_s | sed -n '/^model /,/^wrote/p'
+    cp "$run/bench.png" "$OUT/$model.png" 2>/dev/null || true
+    snncompile bench "$run" --model model_per_step.onnx --runners ort-cuda --batch "$batch" $iters_s \
+        | sed -n '/^model /,/^wrote/p'
+}
+
+infer_compiled() {  # MODEL BATCHES: the torch.compile reference beside torch-fast, on infer_targets' run
+    local run
+    run=$(cat "$runs/$1.run") || return 1
+    snncompile bench "$run" --runners torch-compile,torch-fast --batch "$2" $iters_s | sed -n '/^model /,/^wrote/p'
+}
+export -f bench_infer trt_digits infer_targets infer_compiled
 export runs batches OUT
 export iters_s="${iters[*]}"
 
 case "$part" in
 first)
-    stage environment 5 bash -c 'nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader;
-        python3 -c "import torch, triton, onnxruntime as o; print(\"torch\", torch.__version__, \"triton\", triton.__version__,
-        \"onnxruntime\", o.__version__, o.get_available_providers())"'
+    environment
     # the fused kernel compiled for this GPU against pure torch, the graphed training step, torch-fast on CUDA
     stage "GPU tests" 60 python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_bench_train.py tests/test_split_tf32.py \
         tests/test_backends.py -k "not trt"
@@ -216,12 +241,46 @@ infer)
     stage "bench bench-nmnist" 120 bash -c 'bench_infer bench-nmnist "$@"' _ "$nmnist_targets" "${tiny_nmnist[@]}"
     stage "bench bench-cifar" 150 bash -c 'bench_infer bench-cifar "$@"' _ "$cifar_targets" "${tiny_cifar[@]}"
     ;;
+headline)
+    # One call for when the budget allows no more: each stage is what one issue most needs measured, in
+    # that order, so that a call cut short still has the most important figures.
+    environment
+    xdist=(); python3 -c "import xdist" 2>/dev/null && xdist=(-n 4)
+    # capped, like the MNIST stage below: a hang must not cost the figures after it
+    stage "GPU tests" 60 timeout 150 python3 -m pytest -q -p no:cacheprovider "${xdist[@]}" tests/test_kernels.py tests/test_bench_train.py \
+        tests/test_split_tf32.py tests/test_backends.py -k "not trt"
+    # issue 6: the targets are bf16, against the peers on the same network
+    stage "bench train bench-cifar bf16" 30 snncompile bench train models/bench-cifar.toml "${tiny_cifar[@]}" \
+        --precision bf16 --peers "${steps[@]}"
+    stage "bench train bench-nmnist bf16" 25 snncompile bench train models/bench-nmnist.toml "${tiny_nmnist[@]}" \
+        --precision bf16 --peers "${steps[@]}"
+    # issue 7: the fastest runners at the target batch sizes, and our export against the per-step one on ORT CUDA
+    stage "bench bench-nmnist" 45 bash -c 'infer_targets bench-nmnist "$@"' _ "$nmnist_targets" "${tiny_nmnist[@]}"
+    stage "bench bench-cifar" 45 bash -c 'infer_targets bench-cifar "$@"' _ "$cifar_targets" "${tiny_cifar[@]}"
+    # issue 8: the mnist-cpu network (99.56 % after 15 epochs on the CPU) through the whole pipeline on the
+    # GPU, layer-major with the fused kernels; verify checks all 10,000 test images on every runner
+    stage "pipeline mnist-cpu, 15 epochs" 120 timeout 240 snncompile pipeline models/mnist-cpu.toml "${mnist_quick[@]}" \
+        --set "data.root='$mnist_root'" --set train.epochs=15 --set data.augment=shift --set data.augment_pad=2 \
+        --set "train.execution='layer'" --out "$runs" --batch 1,128 --no-progress
+    mnist_summary mnist-cpu | tee -a "$md"
+    # extras, as time allows
+    stage "bench train bench-nmnist fp32" 25 snncompile bench train models/bench-nmnist.toml "${tiny_nmnist[@]}" \
+        --precision fp32 --peers "${steps[@]}"
+    stage "bench train bench-cifar fp32" 30 snncompile bench train models/bench-cifar.toml "${tiny_cifar[@]}" \
+        --precision fp32 --peers "${steps[@]}"
+    stage "bench bench-nmnist, torch.compile" 90 bash -c 'infer_compiled bench-nmnist "$@"' _ "$nmnist_targets"
+    stage "bench bench-cifar, torch.compile" 60 bash -c 'infer_compiled bench-cifar "$@"' _ "$cifar_targets"
+    stage "bench train cifar10 (paper)" 20 snncompile bench train models/cifar10.toml "${tiny_voting[@]}" --T 8 \
+        --precision bf16 "${steps[@]}"
+    stage "bench train nmnist (paper)" 20 snncompile bench train models/nmnist.toml "${tiny_voting[@]}" --T 8 \
+        --precision bf16 "${steps[@]}"
+    ;;
 trt)
     stage "TensorRT tests" 120 python3 -m pytest -q -p no:cacheprovider -m trt tests/test_trt.py
     stage "TensorRT trained digits" 120 bash -c trt_digits
     ;;
 *)
-    echo "unknown part $part (prepare|first|mnist|mnist-off|infer|trt)" >&2
+    echo "unknown part $part (prepare|first|mnist|mnist-off|infer|trt|headline)" >&2
     exit 2
     ;;
 esac
