@@ -73,10 +73,11 @@ def test_torch_fast_reports_every_layer_spike_exact_on_cpu(tmp_path):
 
     run = make_run(tmp_path, tiny_zoo_config(REPO / "models" / "mnist.toml"))
     export_run(run, layers=True, order="step", n_random=32, n_real=0)  # a per-step file: torch-fast still runs layer-major
-    report = verify_run(run, "torch-fast", "fp32", model_file="model_per_step_layers.onnx")
+    # device="cpu": on a GPU machine too, this is the CPU path's test (the GPU's has its own below)
+    report = verify_run(run, "torch-fast", "fp32", model_file="model_per_step_layers.onnx", options={"device": "cpu"})
     assert report["passed"] and report["layers_checked"], report["reasons"]
     assert sum(s["flips"] for s in report["layers"].values()) == 0
-    with create_runner("torch-fast", run, "model_per_step_layers.onnx") as runner:
+    with create_runner("torch-fast", run, "model_per_step_layers.onnx", device="cpu") as runner:
         assert runner.graph.order == "layer" and not runner.graph.net.fused_lif and not runner.cuda_graph
 
 
@@ -89,7 +90,10 @@ def test_torch_fast_bf16_flips_are_measured_not_hidden(tmp_path):
     export_run(run, layers=True, n_random=32, n_real=0)
     fp32 = verify_run(run, "torch-fast", "fp32")
     bf16 = verify_run(run, "torch-fast", "bf16", options={"precision": "bf16"})
-    assert fp32["outputs"]["scores"]["max_abs"] == 0.0
+    assert fp32["passed"], fp32["reasons"]
+    if not __import__("torch").cuda.is_available():
+        # bit for bit on the CPU; on a GPU cuDNN's fp32 kernels sum in another order than the reference's
+        assert fp32["outputs"]["scores"]["max_abs"] == 0.0
     # bf16 convs round the currents: some spikes flip, and every one is counted and classified
     flips = sum(s["flips"] for s in bf16["layers"].values())
     assert flips > 0 and flips == sum(s["numerical"] + s["real"] + s["propagated"] for s in bf16["layers"].values())
@@ -122,7 +126,7 @@ def test_torch_fast_on_cuda_replays_its_graph_and_verifies(tmp_path):
     assert report["passed"], report["reasons"]
     assert sum(s["real"] for s in report["layers"].values()) == 0
     x = np.load(run / "reference_inputs.npz")["random"]
-    with create_runner("torch-fast", run) as runner:
+    with create_runner("torch-fast", run, "model_layers.onnx") as runner:  # the file verify ran
         assert runner.cuda_graph and runner.graph.net.fused_lif
         first = runner.infer({"input": x[:, :8]})
         runner.infer({"input": x[:, 8:24]})  # another shape: its own graph
@@ -217,4 +221,6 @@ def test_torch_compile_is_opt_in_and_runs_the_per_timestep_loop(exported_run):
 
     assert "torch-compile" not in default_runners() and "torch-compile" in RUNNERS
     with create_runner("torch-compile", exported_run) as runner:
-        assert runner.graph.order == "step" and runner.timing_mode(None) == ""  # no CUDA graph on the CPU
+        # reduce-overhead mode (CUDA graphs) on a GPU; nothing to capture on the CPU
+        expected = "CUDA graph" if __import__("torch").cuda.is_available() else ""
+        assert runner.graph.order == "step" and runner.timing_mode(None) == expected

