@@ -49,8 +49,6 @@ def _time_steps(step: Callable[[], None], device: torch.device, steps: int, warm
     for _ in range(warmup):
         step()
     _sync(device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
     times = []
     for _ in range(steps):
         t0 = time.perf_counter()
@@ -187,6 +185,11 @@ def bench_train(cfg: Config, device: torch.device, precision: str = "fp32", step
             opt.zero_grad(set_to_none=True)
             forward_backward_update()
 
+        if device.type == "cuda":
+            # the peak from here on, capture and warm-up included: a graphed step's activations live in
+            # its private pool, allocated during capture and never again during replays
+            _sync(device)
+            torch.cuda.reset_peak_memory_stats(device)
         stats = _time_steps(_cuda_graphed(forward_backward_update, opt, device) if graph else step,
                             device, steps, max(warmup, 2) if compiled else warmup)
         stats["saved_mib"] = None if compiled else _saved_mib(forward, amp, compact)
