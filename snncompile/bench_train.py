@@ -150,8 +150,12 @@ def _has(module: str) -> bool:
 
 
 def bench_train(cfg: Config, device: torch.device, precision: str = "fp32", steps: int = 20, warmup: int = 5,
-                peers: bool = False, echo: Callable[[str], None] = print, compiled: bool = False) -> dict:
-    """Time a training step of ``cfg``'s network per variant; returns {variant: stats or skip reason}."""
+                peers: bool = False, echo: Callable[[str], None] = print, compiled: bool = False,
+                profile: bool = False) -> dict:
+    """Time a training step of ``cfg``'s network per variant; returns {variant: stats or skip reason}.
+
+    ``profile``: also profile our first (eager, layer-major) variant after timing it; the table of
+    where its step's time goes is returned under ``"profile"``."""
     from .kernels import fused_kernels_available
 
     m = cfg.model
@@ -166,7 +170,7 @@ def bench_train(cfg: Config, device: torch.device, precision: str = "fp32", step
     results: dict = {}
 
     def timed(params, forward: Callable[[], torch.Tensor], compact: bool = False, graph: bool = False,
-              compiled: bool = False) -> dict:
+              compiled: bool = False, profiled: bool = False) -> dict:
         """Time SGD training steps of ``forward`` (-> class scores) over ``params``; ``compact``: keep
         saved spikes as uint8, as our trainer does; ``graph``: replay the step from a CUDA graph;
         ``compiled``: ``forward`` runs torch.compile'd code (at least 2 warm-up steps: forward and
@@ -192,12 +196,15 @@ def bench_train(cfg: Config, device: torch.device, precision: str = "fp32", step
             torch.cuda.reset_peak_memory_stats(device)
         stats = _time_steps(_cuda_graphed(forward_backward_update, opt, device) if graph else step,
                             device, steps, max(warmup, 2) if compiled else warmup)
+        if profiled:
+            stats["profile"] = _profile(step, device)
         stats["saved_mib"] = None if compiled else _saved_mib(forward, amp, compact)
         if compact:
             stats["saved_mib_uncompacted"] = _saved_mib(forward, amp, False)
         return stats
 
-    def ours(order: str, fused: bool, graph: bool = False, channels_last: bool = False, compiled: bool = False) -> dict:
+    def ours(order: str, fused: bool, graph: bool = False, channels_last: bool = False, compiled: bool = False,
+             profiled: bool = False) -> dict:
         # the network lives only inside this call: the next variant's peak memory does not carry it
         torch.manual_seed(0)
         net = network_from_config(m).to(device)
@@ -210,11 +217,11 @@ def bench_train(cfg: Config, device: torch.device, precision: str = "fp32", step
             torch.compiler.reset()
         run = torch.compile(net) if compiled else net
         return timed(net.parameters(), lambda: run(x, order), compact=order == "layer" and not compiled, graph=graph,
-                     compiled=compiled)
+                     compiled=compiled, profiled=profiled)
 
     fused = device.type == "cuda" and fused_kernels_available()
     label = " (fused LIF" if fused else " (layer-major"
-    variants = [(f"snncompile{label})", dict(order="layer", fused=fused))]
+    variants = [(f"snncompile{label})", dict(order="layer", fused=fused, profiled=profile))]
     if device.type == "cuda":
         variants += [(f"snncompile{label}, CUDA graph)", dict(order="layer", fused=fused, graph=True)),
                      (f"snncompile{label}, CUDA graph, channels_last)",
@@ -255,8 +262,10 @@ def bench_train(cfg: Config, device: torch.device, precision: str = "fp32", step
             echo("done: snntorch")
         else:
             results["snntorch"] = "not installed (pip install snntorch)"
+    first = next(iter(results.values()))
+    profile_table = first.pop("profile", None) if isinstance(first, dict) else None
     return {"model": cfg.name, "T": steps_t, "batch": batch, "precision": precision, "device": str(device),
-            "steps": steps, "variants": results}
+            "steps": steps, "variants": results, **({"profile": profile_table} if profile_table else {})}
 
 
 def _attempt(measure: Callable[[], dict]) -> dict | str:
@@ -269,6 +278,22 @@ def _attempt(measure: Callable[[], dict]) -> dict | str:
             torch.cuda.empty_cache()
         message = (str(exc).strip().splitlines() or [""])[0][:200]
         return f"failed: {type(exc).__name__}: {message}"
+
+
+def _profile(step: Callable[[], None], device: torch.device, steps: int = 3, rows: int = 15) -> str:
+    """Where ``steps`` training steps spend their time, by torch.profiler: the top ``rows`` GPU kernels
+    by self time on CUDA (CPU operators on the CPU), as profiler's own table."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    cuda = device.type == "cuda"
+    with torch_profile(activities=[ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if cuda else [])]) as prof:
+        for _ in range(steps):
+            step()
+        _sync(device)
+    table = prof.key_averages().table(sort_by="self_device_time_total" if cuda else "self_cpu_time_total",
+                                      row_limit=rows)
+    return f"{'GPU kernels' if cuda else 'CPU operators'} of {steps} steps, by self time:\n{table}"
 
 
 def _cuda_graphed(forward_backward_update: Callable[[], None], opt: torch.optim.Optimizer,

@@ -189,7 +189,11 @@ def bench() -> None:
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--compile", "compiled", is_flag=True,
               help="Also time ours and the step loop under torch.compile (compiles during warm-up: minutes).")
-def bench_train_cmd(model_toml, overrides, steps_t, batch, precision, steps, warmup, peers, device, compiled) -> None:
+@click.option("--profile", is_flag=True,
+              help="Also print where our layer-major step's time goes: torch.profiler's top 15 GPU kernels (CPU "
+                   "operators on a CPU) by self time over 3 steps.")
+def bench_train_cmd(model_toml, overrides, steps_t, batch, precision, steps, warmup, peers, device, compiled,
+                    profile) -> None:
     """Median ms per training step (forward + backward + optimizer) of MODEL_TOML's network."""
     from .bench_train import bench_train, format_train_table
     from .config import load_config
@@ -199,8 +203,10 @@ def bench_train_cmd(model_toml, overrides, steps_t, batch, precision, steps, war
     extra += [f"data.batch_size={batch}"] if batch else []
     cfg = load_config(model_toml, [*overrides, *extra])
     result = bench_train(cfg, resolve_device(device), precision, steps, warmup, peers, echo=lambda s: None,
-                         compiled=compiled)
+                         compiled=compiled, profile=profile)
     click.echo(format_train_table(result))
+    if "profile" in result:
+        click.echo("\n" + result["profile"])
 
 
 @bench.command("run")

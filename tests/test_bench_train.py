@@ -25,6 +25,16 @@ def test_bench_train_prints_every_variant():
             assert f"| {peer} | skipped: not installed" in out
 
 
+def test_bench_train_profile_shows_where_our_step_spends_its_time():
+    result = CliRunner().invoke(cli, ["bench", "train", str(REPO / "models" / "bench-nmnist.toml"), *TINY, "--profile"])
+    assert result.exit_code == 0, result.output
+    table, profile = result.output.split("CPU operators of 3 steps, by self time:")
+    assert "| snncompile (layer-major) |" in table
+    # the profile is of a whole training step: forward convs, their backward, the optimizer
+    for op in ("aten::mkldnn_convolution", "aten::convolution_backward", "Optimizer.step#SGD.step"):
+        assert op in profile, op
+
+
 def test_bench_train_on_a_voting_network_with_mse():
     result = CliRunner().invoke(cli, ["bench", "train", str(REPO / "models" / "digits.toml"), "--set",
                                       "model.arch='8C3-AP2-16FC-Voting'", "--T", "2", "--batch", "4", "--steps", "1",
@@ -110,9 +120,11 @@ def test_cuda_graphed_training_step_trains_like_the_eager_step():
 def test_bench_train_on_cuda_times_the_graphed_step():
     _gpu_or_skip()
     result = CliRunner().invoke(cli, ["bench", "train", str(REPO / "models" / "bench-nmnist.toml"), *TINY[:-2],
-                                      "--device", "cuda", "--precision", "bf16"])
+                                      "--device", "cuda", "--precision", "bf16", "--profile"])
     assert result.exit_code == 0, result.output
     assert ", CUDA graph) |" in result.output and "skipped" not in result.output and "failed:" not in result.output
+    profile = result.output.split("GPU kernels of 3 steps, by self time:")[1]
+    assert "lif_forward" in profile and "lif_backward" in profile  # the fused kernels, profiled as kernels
 
 
 def test_a_failing_variant_costs_its_row_not_the_table(monkeypatch):
