@@ -130,6 +130,29 @@ def test_fused_path_with_compact_spikes_keeps_the_same_gradients():
             assert torch.equal(g_plain[name], g_compact[name]), name
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_currents_are_kept_instead_of_the_membrane_with_the_same_gradients(dtype):
+    """Under autocast the currents are bf16/fp16: backward recomputes the fp32 membrane from them rather
+    than autograd keeping it, which halves the bytes kept and must not change a gradient bit."""
+    from snncompile.memory import SavedActivations
+
+    torch.manual_seed(0)
+    base = (torch.randn(8, 4, 33, device=DEVICE) * 0.6 + 0.3).to(dtype)
+    weights = torch.randn(8, 4, 33, device=DEVICE)
+    half = base.clone().requires_grad_(True)
+    full = base.float().requires_grad_(True)  # the same values: this path keeps the membrane
+    kept = []
+    for currents in (half, full):
+        with SavedActivations() as saved:
+            spikes = fused_lif(currents, P.k_tau1, P.v_th, P.a)
+        kept.append(saved.saved_bytes)
+        (spikes * weights).sum().backward()
+    assert kept == [base.numel() * 2, base.numel() * 4]  # 16-bit currents vs the fp32 membrane
+    assert half.grad.dtype == dtype
+    assert torch.equal(half.grad, full.grad.to(dtype))
+    assert half.grad.abs().sum() > 0
+
+
 def test_fused_spikes_in_half_precision_are_the_same_spikes():
     currents = torch.randn(5, 2, 40, device=DEVICE)
     half = fused_lif(currents, P.k_tau1, P.v_th, P.a, torch.float16)

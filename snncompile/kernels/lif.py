@@ -13,7 +13,9 @@ o[t] = u[t] > V_th is recomputed from it). Backward runs the recurrence in rever
 
 so a layer's whole LIF costs one read of I and one write of o forward, one read of u and g_o and one
 write of g_I backward, instead of ~6 elementwise kernels per step. Arithmetic is fp32 whatever the
-input dtype (membrane state stays fp32 under bf16 autocast).
+input dtype (membrane state stays fp32 under bf16 autocast). When I is bf16/fp16, autograd keeps I (2
+bytes per neuron-step) instead of the fp32 u (4), and backward first recomputes u with the forward
+kernel (spikes not written): memory traded for one read of I and a write and read of u.
 """
 
 from __future__ import annotations
@@ -44,7 +46,8 @@ def _kernels():
     import triton.language as tl
 
     @triton.jit
-    def lif_forward(i_ptr, o_ptr, u_ptr, n, k_tau1, v_th, T: tl.constexpr, SAVE_U: tl.constexpr, BLOCK: tl.constexpr):
+    def lif_forward(i_ptr, o_ptr, u_ptr, n, k_tau1, v_th, T: tl.constexpr, SAVE_U: tl.constexpr,
+                    STORE_O: tl.constexpr, BLOCK: tl.constexpr):
         offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < n
         u = tl.zeros((BLOCK,), dtype=tl.float32)
@@ -53,7 +56,8 @@ def _kernels():
             cur = tl.load(i_ptr + t * n + offs, mask=mask, other=0.0).to(tl.float32)
             u = k_tau1 * u * (1.0 - o) + cur
             o = (u > v_th).to(tl.float32)
-            tl.store(o_ptr + t * n + offs, o, mask=mask)
+            if STORE_O:
+                tl.store(o_ptr + t * n + offs, o, mask=mask)
             if SAVE_U:
                 tl.store(u_ptr + t * n + offs, u, mask=mask)
 
@@ -99,40 +103,50 @@ def _dense(x: Tensor) -> Tensor:
     return x if _time_major_dense(x) else x.contiguous()
 
 
-def _forward(currents: Tensor, k_tau1: float, v_th: float, out_dtype: torch.dtype, membrane: bool):
-    """Launch the forward kernel: (spikes in ``out_dtype``, fp32 membrane or None), both shaped and laid
-    out like ``currents`` (a channels_last input stays channels_last: no copy either way)."""
+def _forward(currents: Tensor, k_tau1: float, v_th: float, out_dtype: torch.dtype, membrane: bool,
+             spikes: bool = True):
+    """Launch the forward kernel: (spikes in ``out_dtype`` or None, fp32 membrane or None), both shaped
+    and laid out like ``currents`` (a channels_last input stays channels_last: no copy either way)."""
     fwd, _ = _kernels()
     steps = currents.shape[0]
     cur = _dense(currents.detach())
     n = cur.numel() // steps
-    spikes = torch.empty_like(cur, dtype=out_dtype)  # empty_like keeps a dense layout's strides
-    # the membrane is fp32 whatever the spikes' dtype; a dummy pointer when not written
-    mem = torch.empty_like(cur, dtype=torch.float32) if membrane else spikes
-    fwd[_grid(n)](cur, spikes, mem, n, float(k_tau1), float(v_th), T=steps, SAVE_U=membrane, BLOCK=_BLOCK)
-    return spikes, (mem if membrane else None)
+    # the membrane is fp32 whatever the spikes' dtype; an output not written gets the other's pointer
+    mem = torch.empty_like(cur, dtype=torch.float32) if membrane else None
+    out = torch.empty_like(cur, dtype=out_dtype) if spikes else mem  # empty_like keeps a dense layout's strides
+    fwd[_grid(n)](cur, out, mem if membrane else out, n, float(k_tau1), float(v_th), T=steps, SAVE_U=membrane,
+                  STORE_O=spikes, BLOCK=_BLOCK)
+    return (out if spikes else None), mem
 
 
 class _FusedLIF(torch.autograd.Function):
     @staticmethod
     def forward(ctx, currents: Tensor, k_tau1: float, v_th: float, a: float, out_dtype: torch.dtype) -> Tensor:  # type: ignore[override]
         save = ctx.needs_input_grad[0]
-        spikes, membrane = _forward(currents, k_tau1, v_th, out_dtype, membrane=save)
+        # Currents narrower than the fp32 membrane (bf16/fp16 under autocast) are saved instead of it, and
+        # backward recomputes the membrane from them with this same kernel (same bits): half the bytes
+        # kept per neuron-step. For fp32 currents both cost the same and the membrane spares backward a pass.
+        recompute = save and currents.element_size() < 4
+        spikes, membrane = _forward(currents, k_tau1, v_th, out_dtype, membrane=save and not recompute)
         if save:
-            ctx.save_for_backward(membrane)
+            ctx.save_for_backward(currents if recompute else membrane)
+        ctx.recompute = recompute
         ctx.constants = (k_tau1, v_th, a, currents.dtype)
         return spikes
 
     @staticmethod
     def backward(ctx, grad_spikes: Tensor):  # type: ignore[override]
         _, bwd = _kernels()
-        (membrane,) = ctx.saved_tensors
+        (saved,) = ctx.saved_tensors
         k_tau1, v_th, a, dtype = ctx.constants
+        membrane = _forward(saved, k_tau1, v_th, dtype, membrane=True, spikes=False)[1] if ctx.recompute else saved
         steps = membrane.shape[0]
         n = membrane.numel() // steps
         grad_out = grad_spikes
         if grad_out.stride() != membrane.stride():  # the kernel pairs elements by memory position
             grad_out = torch.empty_like(membrane, dtype=grad_spikes.dtype).copy_(grad_spikes)
+        # fp32, then cast by torch: a store into a bf16 pointer rounds by the backend's rule (Triton's
+        # interpreter truncates), and the gradient must round to nearest like everywhere else
         grad_in = torch.empty_like(membrane)
         bwd[_grid(n)](membrane, grad_out, grad_in, n, k_tau1, v_th, a / 2, 1.0 / a, T=steps, BLOCK=_BLOCK)
         return grad_in.to(dtype), None, None, None, None
