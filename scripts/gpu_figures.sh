@@ -137,7 +137,7 @@ bench_infer() {  # MODEL COMPILE_BATCHES TINY...: init, export both layouts, ben
     shift 2
     run=$(snncompile init "models/$model.toml" "$@" --out "$runs" | sed -E 's/^initialised ([^;]+).*/\1/')
     snncompile export "$run" --samples 64 >&2 && snncompile export "$run" --order step --samples 64 >&2 || return 1
-    snncompile bench "$run" --runners torch-fast,ort-cuda,trt --batch "$batches" $iters_s | sed -n '/^model /,/^wrote/p'
+    snncompile bench "$run" --runners torch-fast,ort-cuda,trt,torch-loop --batch "$batches" $iters_s | sed -n '/^model /,/^wrote/p'
     # torch-fast at the other precisions: tf32x2 (fp32-accurate spike layers on TF32 cores), tf32, bf16
     for precision in tf32x2 tf32 bf16; do
         snncompile bench "$run" --runners torch-fast --precision $precision --batch "$batches" $iters_s \
@@ -182,7 +182,8 @@ infer_targets() {  # MODEL BATCHES TINY...: init, export both layouts, bench the
     echo "$run" > "$runs/$model.run"  # for the torch-compile stage later in the call
     snncompile export "$run" --samples 64 >&2 && snncompile export "$run" --order step --samples 64 >&2 || return 1
     # not the torch runner: it is the CPU reference (H200 machine: 630 ms per batch of 128, 140 s of a call)
-    snncompile bench "$run" --runners torch-fast,ort-cuda --batch "$batch" $iters_s | sed -n '/^model /,/^wrote/p'
+    # torch-loop: the plain per-timestep PyTorch loop on the GPU, the first reference, side by side
+    snncompile bench "$run" --runners torch-fast,ort-cuda,torch-loop --batch "$batch" $iters_s | sed -n '/^model /,/^wrote/p'
     cp "$run/bench.png" "$OUT/$model.png" 2>/dev/null || true
     snncompile bench "$run" --model model_per_step.onnx --runners ort-cuda --batch "$batch" $iters_s \
         | sed -n '/^model /,/^wrote/p'

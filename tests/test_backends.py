@@ -10,8 +10,9 @@ from snncompile.errors import ConfigError, RunnerUnavailableError
 
 AVAILABLE = available_runners()
 GPU_RUNNERS = {"ort-cuda", "trt"} | ({"torch-fast"} if __import__("torch").cuda.is_available() else set())
-# runners whose float arithmetic is not the reference's own (GPU kernels, compiled code): judged by verify
-OTHER_ARITHMETIC = GPU_RUNNERS | {"torch-compile"}
+# runners whose float arithmetic is not the reference's own (GPU kernels, compiled code, per-step convs
+# on other batch shapes): judged by verify
+OTHER_ARITHMETIC = GPU_RUNNERS | {"torch-compile", "torch-loop"}
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +53,7 @@ def test_runner_conformance(name, exported_run):
 
 
 def test_unknown_runner_is_one_line(tmp_path):
-    with pytest.raises(ConfigError, match="unknown runner .tensorflow. \\(known: torch, torch-fast, torch-compile, ort-cpu, ort-cuda, trt\\)"):
+    with pytest.raises(ConfigError, match="unknown runner .tensorflow. \\(known: torch, torch-fast, torch-compile, torch-loop, ort-cpu, ort-cuda, trt\\)"):
         create_runner("tensorflow", tmp_path)
 
 
@@ -224,3 +225,15 @@ def test_torch_compile_is_opt_in_and_runs_the_per_timestep_loop(exported_run):
         # reduce-overhead mode (CUDA graphs) on a GPU; nothing to capture on the CPU
         expected = "CUDA graph" if __import__("torch").cuda.is_available() else ""
         assert runner.graph.order == "step" and runner.timing_mode(None) == expected
+
+
+def test_torch_loop_is_the_opt_in_per_timestep_reference(exported_run):
+    from snncompile.backends import default_runners
+    from snncompile.compare import verify_run
+
+    assert "torch-loop" not in default_runners() and "torch-loop" in RUNNERS
+    with create_runner("torch-loop", exported_run) as runner:
+        expected = "cuda" if __import__("torch").cuda.is_available() else "cpu"
+        assert runner.graph.order == "step" and runner.device.type == expected and runner.timing_mode(None) == ""
+    report = verify_run(exported_run, "torch-loop", "fp32")
+    assert report["passed"], report["reasons"]

@@ -104,6 +104,7 @@ RUNNERS: dict[str, str] = {
     "torch": "snncompile.backends.pt:TorchRunner",
     "torch-fast": "snncompile.backends.fast:TorchFastRunner",
     "torch-compile": "snncompile.backends.compiled:TorchCompileRunner",
+    "torch-loop": "snncompile.backends.pt:TorchLoopRunner",
     "ort-cpu": "snncompile.backends.ort:OrtCpuRunner",
     "ort-cuda": "snncompile.backends.ort:OrtCudaRunner",
     "trt": "snncompile.backends.trt:TrtRunner",
@@ -122,8 +123,9 @@ def available_runners() -> dict[str, str | None]:
     return {name: _runner_class(name).unavailable_reason() for name in RUNNERS}
 
 
-# Runners used only when named: torch-compile compiles per input shape (minutes on a big network).
-OPT_IN_RUNNERS = ("torch-compile",)
+# Runners used only when named, as references to measure against: torch-compile compiles per input
+# shape (minutes on a big network); torch-loop is the plain eager per-timestep loop.
+OPT_IN_RUNNERS = ("torch-compile", "torch-loop")
 
 
 def default_runners(reference: bool = True) -> list[str]:
