@@ -223,7 +223,8 @@ def test_torch_compile_is_opt_in_and_runs_the_per_timestep_loop(exported_run):
     assert "torch-compile" not in default_runners() and "torch-compile" in RUNNERS
     with create_runner("torch-compile", exported_run) as runner:
         # reduce-overhead mode (CUDA graphs) on a GPU; nothing to capture on the CPU
-        expected = "CUDA graph" if __import__("torch").cuda.is_available() else ""
+        torch = __import__("torch")
+        expected = "CUDA graph" if torch.cuda.is_available() else f"CPU, {torch.get_num_threads()} threads"
         assert runner.graph.order == "step" and runner.timing_mode(None) == expected
 
 
@@ -233,7 +234,10 @@ def test_torch_loop_is_the_opt_in_per_timestep_reference(exported_run):
 
     assert "torch-loop" not in default_runners() and "torch-loop" in RUNNERS
     with create_runner("torch-loop", exported_run) as runner:
-        expected = "cuda" if __import__("torch").cuda.is_available() else "cpu"
-        assert runner.graph.order == "step" and runner.device.type == expected and runner.timing_mode(None) == ""
+        torch = __import__("torch")
+        cuda = torch.cuda.is_available()
+        mode = "" if cuda else f"CPU, {torch.get_num_threads()} threads"  # eager on a GPU: no graph
+        assert runner.graph.order == "step" and runner.device.type == ("cuda" if cuda else "cpu")
+        assert runner.timing_mode(None) == mode
     report = verify_run(exported_run, "torch-loop", "fp32")
     assert report["passed"], report["reasons"]

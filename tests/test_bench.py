@@ -1,6 +1,7 @@
 """`snncompile bench`: verified runners only, percentiles, bench.json/md/png, one-line errors."""
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -120,5 +121,6 @@ def test_no_cuda_graph_benches_separately_and_reaches_the_runners(exported, monk
     assert {"cuda_graph": False, "precision": "fp32"} in made  # torch-fast was built without a graph
     data = json.loads((exported / "bench_no_cuda_graph.json").read_text())
     assert data["cuda_graph"] is False and data["runners"]["torch-fast"]["verified"] is True
-    assert data["runners"]["torch-fast"]["by_batch"]["2"]["execution"] == ""  # no graph claimed
+    assert data["runners"]["torch-fast"]["by_batch"]["2"]["execution"].startswith("CPU, ")  # no graph claimed
+    assert data["runners"]["ort-cpu"]["by_batch"]["2"]["execution"] == f"CPU, {os.cpu_count()} threads"
     assert not (exported / "bench.json").exists()

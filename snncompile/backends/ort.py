@@ -88,12 +88,18 @@ class _OrtRunner(Runner):
         self._outputs = [o.name for o in session.get_outputs()]
         self._specialized: OrderedDict = OrderedDict()
 
+    def timing_mode(self, handle) -> str:
+        return f"CPU, {self._intra_op_threads()} threads"
+
+    def _intra_op_threads(self) -> int:
+        return self.threads or max(1, (os.cpu_count() or 2))
+
     def _session_options(self, dims: tuple[tuple[str, int], ...]):
         ort = _onnxruntime()
         opts = ort.SessionOptions()
         # Intra-op threads = physical cores by default; inter-op parallelism buys nothing for a
         # straight-line unrolled graph and contends with intra-op threads.
-        opts.intra_op_num_threads = self.threads or max(1, (os.cpu_count() or 2))
+        opts.intra_op_num_threads = self._intra_op_threads()
         opts.inter_op_num_threads = 1
         opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         opts.log_severity_level = 3

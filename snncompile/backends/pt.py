@@ -74,6 +74,12 @@ class TorchRunner(Runner):
             self.graph(*handle)
         self._wait()
 
+    def timing_mode(self, handle) -> str:
+        """On the CPU, with how many threads (a GPU machine's bench table shows the CPU rows as such)."""
+        if self.device.type == "cpu":
+            return f"CPU, {torch.get_num_threads()} threads"
+        return super().timing_mode(handle)
+
     def _wait(self) -> None:
         """Return only once the device has finished (timed calls include the GPU's work)."""
         if self.device.type == "cuda":
