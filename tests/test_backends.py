@@ -241,3 +241,14 @@ def test_torch_loop_is_the_opt_in_per_timestep_reference(exported_run):
         assert runner.timing_mode(None) == mode
     report = verify_run(exported_run, "torch-loop", "fp32")
     assert report["passed"], report["reasons"]
+
+
+@pytest.mark.parametrize("name", ["torch-loop", "torch-compile"])
+def test_per_timestep_references_refuse_a_streaming_export_in_one_line(name, tmp_path):
+    pytest.importorskip("onnxscript")
+    from snncompile.export_onnx import export_run
+
+    run = make_run(tmp_path, tiny_zoo_config(REPO / "models" / "digits.toml"))
+    export_run(run, form="step", n_random=4, n_real=0)
+    with pytest.raises(ConfigError, match=f"^{name} runs unrolled exports; model_step.onnx is a 'step' export$"):
+        create_runner(name, run, "model_step.onnx")

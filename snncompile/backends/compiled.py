@@ -16,22 +16,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..errors import ConfigError
-from .pt import TorchRunner, no_tf32
+from .pt import PerTimestepRunner, no_tf32
 
 __all__ = ["TorchCompileRunner"]
 
 
-class TorchCompileRunner(TorchRunner):
+class TorchCompileRunner(PerTimestepRunner):
     name = "torch-compile"
 
     def __init__(self, run_dir: Path, model_file: str = "model.onnx", device: str = "auto", cuda_graph: bool = True):
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
         super().__init__(run_dir, model_file, device)
-        if self.form != "unrolled":
-            raise ConfigError(f"torch-compile runs unrolled exports; {model_file} is a {self.form!r} export")
-        self.graph.order = "step"
         self.cuda_graph = cuda_graph and self.device.type == "cuda"
         # a fresh compiler per runner: code compiled for other networks (the same LIF step at other
         # shapes) would count against Dynamo's per-function recompile limit and fall back to eager

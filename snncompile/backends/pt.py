@@ -13,7 +13,7 @@ from ..graphs import StepGraph, UnrolledGraph
 from ..runs import load_network
 from .base import Runner, TensorSpec
 
-__all__ = ["TorchLoopRunner", "TorchRunner", "export_entry", "no_tf32", "tf32_math"]
+__all__ = ["PerTimestepRunner", "TorchLoopRunner", "TorchRunner", "export_entry", "no_tf32", "tf32_math"]
 
 
 @contextlib.contextmanager
@@ -93,18 +93,22 @@ class TorchRunner(Runner):
         return {name: out.cpu().numpy() for name, out in zip(self._outputs, outs)}
 
 
-class TorchLoopRunner(TorchRunner):
-    """``torch-loop``: the per-timestep PyTorch loop most SNN code runs, eager, on the GPU when there is
-    one (opt-in: ``--runners torch-loop``). The plain reference that torch-fast and torch-compile are
-    measured against, timed on the same card in the same run: the exported graph's own module stepped
-    through T in Python, one launch per op, fp32 with TF32 off."""
-
-    name = "torch-loop"
+class PerTimestepRunner(TorchRunner):
+    """The exported graph's own module stepped through T in Python (the loop most SNN code runs), on the
+    GPU when there is one: the base of the plain references ``torch-loop`` and ``torch-compile``."""
 
     def __init__(self, run_dir: Path, model_file: str = "model.onnx", device: str = "auto"):
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         super().__init__(run_dir, model_file, device)
         if self.form != "unrolled":
-            raise ConfigError(f"torch-loop runs unrolled exports; {model_file} is a {self.form!r} export")
+            raise ConfigError(f"{self.name} runs unrolled exports; {model_file} is a {self.form!r} export")
         self.graph.order = "step"
+
+
+class TorchLoopRunner(PerTimestepRunner):
+    """``torch-loop`` (opt-in: ``--runners torch-loop``): the per-timestep loop eager, one launch per op,
+    fp32 with TF32 off; the plain reference torch-fast and torch-compile are measured against, timed on
+    the same card in the same run."""
+
+    name = "torch-loop"
