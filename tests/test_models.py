@@ -1,9 +1,11 @@
 """Architecture builder, the zoo at tiny size, and layer-major == step-major (PAPER.md §4, §7)."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
-from conftest import ZOO, zoo_ids
+from conftest import MODEL_FILES, ZOO, zoo_ids
 from snncompile.config import load_config
 from snncompile.errors import ConfigError
 from snncompile.models import LIFCell, NeuNormCell, network_from_config, parse_architecture
@@ -68,7 +70,7 @@ def test_voting_head_scores_are_voted_rates():
     assert torch.allclose(net(x), expected)
 
 
-@pytest.mark.parametrize("path", ZOO, ids=zoo_ids())
+@pytest.mark.parametrize("path", MODEL_FILES, ids=[Path(p).stem for p in MODEL_FILES])
 def test_zoo_builds_tiny_and_trains_one_step(path):
     cfg, net = tiny(path)
     x = tiny_input(cfg, batch=2)
