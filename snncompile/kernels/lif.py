@@ -146,8 +146,10 @@ class _FusedLIF(torch.autograd.Function):
         if grad_out.stride() != membrane.stride():  # the kernel pairs elements by memory position
             grad_out = torch.empty_like(membrane, dtype=grad_spikes.dtype).copy_(grad_spikes)
         # fp32, then cast by torch: a store into a bf16 pointer rounds by the backend's rule (Triton's
-        # interpreter truncates), and the gradient must round to nearest like everywhere else
-        grad_in = torch.empty_like(membrane)
+        # interpreter truncates), and the gradient must round to nearest like everywhere else. A recomputed
+        # membrane is ours to overwrite: each program reads u[t] of its neurons before it writes g_I[t]
+        # there, so the gradient takes its place and backward allocates one fp32 buffer, not two.
+        grad_in = membrane if ctx.recompute else torch.empty_like(membrane)
         bwd[_grid(n)](membrane, grad_out, grad_in, n, k_tau1, v_th, a / 2, 1.0 / a, T=steps, BLOCK=_BLOCK)
         return grad_in.to(dtype), None, None, None, None
 
