@@ -269,6 +269,11 @@ headline)
     # issue 7: torch-fast at the tensor-core precisions at the target batch sizes
     stage "bench bench-nmnist" 60 bash -c 'infer_targets bench-nmnist "$@"' _ "$nmnist_targets" "${tiny_nmnist[@]}"
     stage "bench bench-cifar" 90 bash -c 'infer_targets bench-cifar "$@"' _ "$cifar_targets" "${tiny_cifar[@]}"
+    # issue 8: the MNIST result through the whole pipeline (its criterion names an H100: on one, this is
+    # that figure); verify checks all 10,000 test images on every runner present
+    stage "pipeline mnist-fast" 120 timeout 240 snncompile pipeline models/mnist-fast.toml "${mnist_quick[@]}" \
+        --set "data.root='$mnist_root'" --out "$runs" --batch 1,128 --no-progress
+    mnist_summary mnist-fast | tee -a "$md"
     # issue 6: fp32 against the peers (spikingjelly's reference figure is fp32 with TF32 allowed)
     stage "bench train bench-nmnist fp32" 15 snncompile bench train models/bench-nmnist.toml "${tiny_nmnist[@]}" \
         --precision fp32 --peers "${steps[@]}"
