@@ -266,6 +266,12 @@ headline)
         "${tiny_nmnist[@]}" --precision bf16 --profile "${steps[@]}"
     stage "bench train bench-cifar bf16, profile" 30 snncompile bench train models/bench-cifar.toml \
         "${tiny_cifar[@]}" --precision bf16 --profile "${steps[@]}"
+    # the two above autotune cuDNN (train.cudnn_benchmark, default since the H200 run); side by side on
+    # this machine, the heuristic pick the H200 figures had
+    stage "bench train bench-nmnist bf16, cuDNN heuristic" 15 snncompile bench train models/bench-nmnist.toml \
+        "${tiny_nmnist[@]}" --precision bf16 --set train.cudnn_benchmark=false "${steps[@]}"
+    stage "bench train bench-cifar bf16, cuDNN heuristic" 20 snncompile bench train models/bench-cifar.toml \
+        "${tiny_cifar[@]}" --precision bf16 --set train.cudnn_benchmark=false "${steps[@]}"
     # issue 7: torch-fast at the tensor-core precisions at the target batch sizes
     stage "bench bench-nmnist" 60 bash -c 'infer_targets bench-nmnist "$@"' _ "$nmnist_targets" "${tiny_nmnist[@]}"
     stage "bench bench-cifar" 90 bash -c 'infer_targets bench-cifar "$@"' _ "$cifar_targets" "${tiny_cifar[@]}"

@@ -35,7 +35,7 @@ from torch import nn
 from .config import Config
 from .memory import SavedActivations
 from .models import LayerSpec, network_from_config, parse_architecture
-from .train import loss_fn
+from .train import cudnn_autotuning, loss_fn
 
 __all__ = ["bench_train", "format_train_table"]
 
@@ -155,7 +155,16 @@ def bench_train(cfg: Config, device: torch.device, precision: str = "fp32", step
     """Time a training step of ``cfg``'s network per variant; returns {variant: stats or skip reason}.
 
     ``profile``: also profile our first (eager, layer-major) variant after timing it; the table of
-    where its step's time goes is returned under ``"profile"``."""
+    where its step's time goes is returned under ``"profile"``. Every variant, peers included, runs
+    under ``cfg.train.cudnn_benchmark`` (cuDNN autotuning, on by default as in training), so each one
+    picks its convolution algorithms the same way."""
+    with cudnn_autotuning(cfg.train.cudnn_benchmark):
+        result = _bench_train(cfg, device, precision, steps, warmup, peers, echo, compiled, profile)
+    return {**result, "cudnn_benchmark": cfg.train.cudnn_benchmark}
+
+
+def _bench_train(cfg: Config, device: torch.device, precision: str, steps: int, warmup: int, peers: bool,
+                 echo: Callable[[str], None], compiled: bool, profile: bool) -> dict:
     from .kernels import fused_kernels_available
 
     m = cfg.model
@@ -336,7 +345,9 @@ def _decode_peer(out: torch.Tensor, m) -> torch.Tensor:
 
 
 def format_train_table(r: dict) -> str:
-    lines = [f"{r['model']}: T = {r['T']}, batch {r['batch']}, {r['precision']}, {r['device']}, median of {r['steps']} steps",
+    autotune = ", cuDNN autotuning" if r.get("cudnn_benchmark") and r["device"].startswith("cuda") else ""
+    lines = [f"{r['model']}: T = {r['T']}, batch {r['batch']}, {r['precision']}, {r['device']}{autotune}, "
+             f"median of {r['steps']} steps",
              "", "| variant | ms / step | samples/s | peak MiB | saved for backward MiB | vs snncompile |", "|---|---|---|---|---|---|"]
     base = next((v["median_ms"] for v in r["variants"].values() if isinstance(v, dict)), None)
     for name, v in r["variants"].items():

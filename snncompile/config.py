@@ -87,6 +87,10 @@ class TrainConfig:
     threads: int = 0  # CPU threads for torch; 0 = torch's default
     # conv weights (hence activations) in channels_last: what tensor-core convolutions read natively
     channels_last: bool = False
+    # cuDNN times its convolution algorithms on the first call of each input shape and keeps the
+    # fastest (torch.backends.cudnn.benchmark); training shapes are fixed, so the search pays for itself.
+    # Off: cuDNN's heuristic pick, the same algorithm every run (bit-reproducible GPU training).
+    cudnn_benchmark: bool = True
 
 
 _CHOICES: dict[str, tuple[str, ...]] = {

@@ -10,6 +10,7 @@ the epoch, so a run resumed from the checkpoint of epoch e-1 replays epoch e exa
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from dataclasses import dataclass
@@ -32,7 +33,7 @@ from .memory import SavedActivations
 from .models import network_from_config
 from .runs import CHECKPOINT, CONFIG, METRICS, load_checkpoint, load_run_config
 
-__all__ = ["TrainResult", "train", "loss_fn", "evaluate", "resolve_device"]
+__all__ = ["TrainResult", "train", "loss_fn", "evaluate", "resolve_device", "cudnn_autotuning"]
 
 LOG_EVERY = 20  # steps between progress-bar metric updates (each one is a host sync)
 
@@ -52,6 +53,17 @@ def resolve_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise ConfigError("train.device is 'cuda' but no CUDA GPU is visible: use --set train.device=cpu")
     return torch.device(name)
+
+
+@contextlib.contextmanager
+def cudnn_autotuning(enabled: bool):
+    """``torch.backends.cudnn.benchmark`` set to ``enabled`` inside, restored after (a no-op off CUDA)."""
+    saved = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = enabled
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = saved
 
 
 def loss_fn(scores: Tensor, labels: Tensor, kind: str) -> Tensor:
@@ -160,7 +172,7 @@ def train(
     try:
         if ctx.enabled and device.type == "cuda":
             device = torch.device("cuda", ctx.local_rank)
-        with stop_on_peer_failure(ctx):
+        with stop_on_peer_failure(ctx), cudnn_autotuning(cfg.train.cudnn_benchmark):
             return _train(cfg, device, ctx, out_root, resume, state, stop_after, progress, echo, start)
     finally:
         destroy(ctx)

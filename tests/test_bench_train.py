@@ -162,3 +162,21 @@ def test_bench_train_compile_times_both_orders_under_torch_compile():
     for name in ("snncompile (layer-major, torch.compile)", "torch loop (step-major), torch.compile"):
         cells = [c.strip() for c in rows[name].split("|")[1:-1]]
         assert float(cells[1]) > 0 and cells[4] == "-", cells  # timed; saved bytes not claimed for compiled code
+
+
+def test_bench_train_runs_every_variant_under_the_configs_cudnn_autotuning(monkeypatch):
+    """Ours and the peers all run with train.cudnn_benchmark as set; the result records it."""
+    import torch
+
+    import snncompile.bench_train as bench_module
+    from snncompile.config import load_config
+
+    seen = []
+    monkeypatch.setattr(bench_module, "_bench_train",
+                        lambda *args: seen.append(torch.backends.cudnn.benchmark) or {"variants": {}})
+    before = torch.backends.cudnn.benchmark
+    for setting in ("true", "false"):
+        cfg = load_config(REPO / "models" / "bench-nmnist.toml", [f"train.cudnn_benchmark={setting}"])
+        result = bench_module.bench_train(cfg, torch.device("cpu"))
+        assert result["cudnn_benchmark"] is (setting == "true") and torch.backends.cudnn.benchmark == before
+    assert seen == [True, False]

@@ -119,3 +119,19 @@ def test_channels_last_training_learns_the_same_network(tmp_path, digits_cfg):
         torch.testing.assert_close(b[key], a[key], rtol=1e-3, atol=1e-4, msg=key)
     cfg, net = load_network(last.run_dir)
     assert cfg.train.channels_last and abs(last.test_acc - plain.test_acc) <= 0.02
+
+
+def test_cudnn_autotuning_follows_the_config_during_training_and_is_restored(monkeypatch, tmp_path, digits_cfg):
+    """train.cudnn_benchmark (default on) is what cuDNN sees while the run trains; the process's own
+    setting comes back after, whichever way the run ends."""
+    import snncompile.train as train_module
+
+    seen = []
+    monkeypatch.setattr(train_module, "_train", lambda *args: seen.append(torch.backends.cudnn.benchmark))
+    before = torch.backends.cudnn.benchmark
+    assert train_module.Config().train.cudnn_benchmark is True
+    for setting in (True, False):
+        digits_cfg.train.cudnn_benchmark = setting
+        train(digits_cfg, tmp_path, progress=False, echo=lambda s: None)
+        assert torch.backends.cudnn.benchmark == before
+    assert seen == [True, False]
