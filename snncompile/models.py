@@ -97,13 +97,13 @@ class LIFCell(nn.Module):
     def init_state(self, x_t: Tensor) -> tuple[Tensor, ...]:
         return (torch.zeros_like(x_t), torch.zeros_like(x_t))
 
-    def step(self, state: tuple[Tensor, ...], current: Tensor):
-        """Returns (new state, spikes, membrane)."""
+    def step(self, state: tuple[Tensor, ...] | None, current: Tensor):
+        """Returns (new state, spikes, membrane); ``state`` None is the zero initial state."""
         if current.dtype in (torch.float16, torch.bfloat16):
             # Under autocast the conv/linear currents arrive in reduced precision; the membrane
             # recurrence and the threshold compare stay fp32 so spikes do not flip on rounding.
             current = current.float()
-        u, o = lif_step(state[0], state[1], current, self.params)
+        u, o = lif_step(*(state or (None, None)), current, self.params)
         return (u, o), o, u
 
     def extra_repr(self) -> str:
@@ -124,8 +124,9 @@ class NeuNormCell(nn.Module):
     def init_state(self, x_t: Tensor) -> tuple[Tensor, ...]:
         return (self.norm.initial_state(x_t),)
 
-    def step(self, state: tuple[Tensor, ...], spikes: Tensor):
-        x, y = self.norm.step(state[0], spikes)
+    def step(self, state: tuple[Tensor, ...] | None, spikes: Tensor):
+        """Returns (new state, normalised output, None); ``state`` None is the zero initial state."""
+        x, y = self.norm.step(state[0] if state is not None else self.norm.initial_state(spikes), spikes)
         return (x,), y, None
 
 
@@ -260,7 +261,7 @@ class SpikingNetwork(nn.Module):
             elif isinstance(stage, NeuNormCell):
                 h = stage.norm(h)  # vectorised over T; bit-identical to its step form
             elif getattr(stage, "is_cell", False):
-                state = stage.init_state(h[0])
+                state = None  # zeros: the first step skips the leak of a zero membrane
                 outs, mems = [], []
                 # unbind, not h[t]: backward then stacks the T step gradients once, where T
                 # indexing views would each scatter into a zero tensor of the full [T, B, ...] size.
@@ -309,7 +310,7 @@ class SpikingNetwork(nn.Module):
         cells = iter(states) if states is not None else None
         for stage in self.stages:
             if getattr(stage, "is_cell", False):
-                state = next(cells) if cells is not None else stage.init_state(h)
+                state = next(cells) if cells is not None else None
                 state, h, mem = stage.step(state, h)
                 new_states.append(state)
                 if isinstance(stage, LIFCell):

@@ -88,9 +88,13 @@ def spike(u: Tensor, v_th: float, a: float) -> Tensor:
     return (u > v_th).to(u.dtype)
 
 
-def lif_step(u: Tensor, o: Tensor, current: Tensor, p: LIFParams) -> tuple[Tensor, Tensor]:
-    """One LIF step: returns (u[t+1], o[t+1]) from (u[t], o[t], I[t+1]); all tensors [B, ...]."""
-    u_next = p.k_tau1 * u * (1.0 - o) + current
+def lif_step(u: Tensor | None, o: Tensor | None, current: Tensor, p: LIFParams) -> tuple[Tensor, Tensor]:
+    """One LIF step: returns (u[t+1], o[t+1]) from (u[t], o[t], I[t+1]); all tensors [B, ...].
+
+    ``u`` and ``o`` None stand for the zero initial state: then u[1] = I[1], since the leak term
+    k_tau1 * 0 * (1 - 0) is exactly zero (a current of -0.0 keeps its sign, spikes are the same either
+    way). An unrolled graph so saves the first step's four full-size multiply/subtract/add ops."""
+    u_next = current if u is None else p.k_tau1 * u * (1.0 - o) + current
     return u_next, spike(u_next, p.v_th, p.a)
 
 
@@ -106,8 +110,7 @@ def lif_scan(currents: Tensor, p: LIFParams, return_membrane: bool = False):
         spikes ``[T, B, ...]`` (0/1 in the currents' dtype), and with ``return_membrane`` the
         membrane potentials ``[T, B, ...]`` as a second value.
     """
-    u = torch.zeros_like(currents[0])
-    o = torch.zeros_like(currents[0])
+    u = o = None  # the zero initial state
     spikes, membranes = [], []
     for current in currents.unbind(0):  # unbind: one gradient stack in backward, not T scatters
         u, o = lif_step(u, o, current, p)

@@ -74,3 +74,16 @@ def test_module_matches_functions_and_is_stateless():
     first, second = lif(x), lif(x)  # no hidden state carried between calls (reset per sample)
     assert torch.equal(first, second) and torch.equal(first, lif_scan(x, P))
     assert lif(x[:, :1]).equal(first[:, :1])  # samples are independent of each other
+
+
+def test_first_step_from_the_zero_state_is_the_current_itself():
+    """lif_step(None, None, I) (what unrolled graphs run at t = 1) gives the bits the explicit zero
+    state gives: the leak term k_tau1 * 0 * (1 - 0) adds exactly nothing, so u[1] = I[1]."""
+    from snncompile.neurons import lif_step
+
+    current = torch.tensor([0.5, 0.5000001, -3.0, 0.0, 1e-30, 7.25])
+    zeros = torch.zeros_like(current)
+    u_none, o_none = lif_step(None, None, current, P)
+    u_zero, o_zero = lif_step(zeros, zeros, current, P)
+    assert torch.equal(u_none, current) and torch.equal(u_none, u_zero) and torch.equal(o_none, o_zero)
+    assert o_none.tolist() == [0, 1, 0, 0, 0, 1]
