@@ -94,7 +94,14 @@ def lif_step(u: Tensor | None, o: Tensor | None, current: Tensor, p: LIFParams) 
     ``u`` and ``o`` None stand for the zero initial state: then u[1] = I[1], since the leak term
     k_tau1 * 0 * (1 - 0) is exactly zero (a current of -0.0 keeps its sign, spikes are the same either
     way). An unrolled graph so saves the first step's four full-size multiply/subtract/add ops."""
-    u_next = current if u is None else p.k_tau1 * u * (1.0 - o) + current
+    if u is not None:
+        u_next = p.k_tau1 * u * (1.0 - o) + current
+    elif torch.is_grad_enabled() and current.requires_grad:
+        # a tensor of its own while autograd records: the spike keeps u for its surrogate, and a view
+        # of a layer-major current would keep the whole [T*B, ...] conv output alive until backward
+        u_next = current.clone()
+    else:
+        u_next = current
     return u_next, spike(u_next, p.v_th, p.a)
 
 

@@ -87,3 +87,16 @@ def test_first_step_from_the_zero_state_is_the_current_itself():
     u_zero, o_zero = lif_step(zeros, zeros, current, P)
     assert torch.equal(u_none, current) and torch.equal(u_none, u_zero) and torch.equal(o_none, o_zero)
     assert o_none.tolist() == [0, 1, 0, 0, 0, 1]
+
+
+def test_first_step_under_autograd_does_not_keep_the_layer_major_current_alive():
+    """The spike saves u[1] for its surrogate; were u[1] a view of the current (a time slice of the
+    layer-major conv output), backward would hold the whole [T*B, ...] output. Inference aliases it."""
+    from snncompile.neurons import lif_step
+
+    currents = torch.randn(4, 3, 5, requires_grad=True) * 1.0  # non-leaf, like a conv output
+    u, _ = lif_step(None, None, currents.unbind(0)[0], P)
+    assert u.untyped_storage().data_ptr() != currents.untyped_storage().data_ptr()
+    with torch.no_grad():
+        u, _ = lif_step(None, None, currents.unbind(0)[0], P)
+    assert u.untyped_storage().data_ptr() == currents.untyped_storage().data_ptr()
