@@ -29,6 +29,9 @@ class _Group(click.Group):
 @click.version_option(__version__, prog_name="snncompile")
 def cli() -> None:
     """Train spiking networks (STBP), export them to ONNX, verify runtimes spike by spike."""
+    from .host_memory import keep_freed_memory
+
+    keep_freed_memory()  # the process is ours: CPU steps reuse freed memory (SNNCOMPILE_MALLOC=system: off)
 
 
 @cli.command()
