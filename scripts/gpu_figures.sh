@@ -24,6 +24,11 @@
 # (e.g. --set train.precision=bf16 --set data.augment=shift --set data.augment_pad=2, and
 # --set train.channels_last=true if `first` showed the channels_last variant faster).
 #
+# The next GPU session, in this order (15 minutes of device time, the machine's start included): the
+# trt-rtx carry (three calls) and `trt` with DEADLINE=240, which is all issue 4's done-criterion still
+# needs (parse and build on a GPU; engines cannot run on compute capability 9.0); then the ort-gpu carry
+# (four calls) and `headline` with DEADLINE set to what is left minus a minute; give_back at the end.
+#
 # Each part writes $OUT/<part>.md (the tables; also printed) and $OUT/<part>.log (stderr, timings).
 # DEADLINE=seconds bounds a part (default 560); QUICK=1 shrinks every network, step count and dataset so
 # the whole script runs on a CPU as a smoke test.
