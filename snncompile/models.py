@@ -130,15 +130,31 @@ class NeuNormCell(nn.Module):
         return (x,), y, None
 
 
+def _pools_exactly(module: nn.Module, dtype: torch.dtype) -> bool:
+    """An average pool whose every output, on 0/1 spikes, is exact in ``dtype``: a k x k window with
+    k^2 a power of two and no padding gives m / k^2 (m <= k^2 ones), which needs log2(k^2) significand
+    bits (bf16 has 8, fp16 11), so pooling in ``dtype`` equals pooling in fp32 and casting after."""
+    if (not isinstance(module, nn.AvgPool2d) or module.padding not in (0, (0, 0)) or module.ceil_mode
+            or module.divisor_override is not None):
+        return False
+    k = module.kernel_size
+    window = k * k if isinstance(k, int) else k[0] * k[1]
+    significand_bits = 8 if dtype == torch.bfloat16 else 11
+    return window & (window - 1) == 0 and window <= 2**significand_bits
+
+
 def _spike_dtype(currents: Tensor, after: list[nn.Module]) -> torch.dtype:
-    """The dtype the fused kernel writes spikes in: autocast's when it is on and the spikes go straight
-    into a conv/linear (which would cast them to it anyway); fp32 otherwise, so that NeuNorm's channel
-    sums, pooling and the output counts stay exact in any width."""
+    """The dtype the fused kernel writes spikes in: autocast's when it is on and the spikes go into a
+    conv/linear (which would cast them to it anyway), directly or through average pools that are exact
+    in that dtype (:func:`_pools_exactly`: half the bytes written, pooled and read, and no cast kernel,
+    same bits); fp32 otherwise, so that NeuNorm's channel sums, other pools and the output counts stay
+    exact."""
     kind = currents.device.type
-    consumer = next((m for m in after if not isinstance(m, nn.Flatten)), None)
-    if torch.is_autocast_enabled(kind) and isinstance(consumer, (nn.Conv2d, nn.Linear)):
-        return torch.get_autocast_dtype(kind)
-    return torch.float32
+    if not torch.is_autocast_enabled(kind):
+        return torch.float32
+    dtype = torch.get_autocast_dtype(kind)
+    consumer = next((m for m in after if not isinstance(m, nn.Flatten) and not _pools_exactly(m, dtype)), None)
+    return dtype if isinstance(consumer, (nn.Conv2d, nn.Linear)) else torch.float32
 
 
 class SpikingNetwork(nn.Module):

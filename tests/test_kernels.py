@@ -177,3 +177,39 @@ def test_channels_last_currents_stay_channels_last_with_the_same_spikes_and_grad
     (spikes_b * weights).sum().backward()
     assert a.grad.abs().sum() > 0
     assert torch.equal(a.grad, b.grad)
+
+
+def test_spikes_pooled_in_bf16_give_the_same_scores_and_gradients(monkeypatch):
+    """Under bf16 autocast a LIF followed by a 2x2 average pool and a conv writes its spikes in bf16 and
+    the pool averages them there (m/4 is exact in bf16): the scores and every gradient are those of
+    pooling fp32 spikes and casting for the conv after, with half the bytes written and read."""
+    import snncompile.models as models
+
+    cfg = tiny_zoo_config(ZOO[[p.endswith("bench-nmnist.toml") for p in ZOO].index(True)])
+    x = random_input(cfg, 3, torch.Generator().manual_seed(0)).to(DEVICE)
+    y = torch.randint(0, cfg.model.classes, (3,), generator=torch.Generator().manual_seed(0)).to(DEVICE)
+    results = []
+    for exact_pools in (True, False):
+        if not exact_pools:  # every pooled layer back to fp32 spikes: the reference
+            monkeypatch.setattr(models, "_pools_exactly", lambda module, dtype: False)
+        torch.manual_seed(0)
+        net = network_from_config(cfg.model).to(DEVICE)
+        calibrate_firing(net, x)
+        net.fused_lif = True
+        pooled_dtypes = []
+        for stage in net.stages:
+            if isinstance(stage, torch.nn.AvgPool2d):
+                stage.register_forward_pre_hook(lambda mod, args: pooled_dtypes.append(args[0].dtype))
+        with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
+            scores = net(x).float()
+        torch.nn.functional.cross_entropy(scores, y).backward()
+        results.append((pooled_dtypes, scores.detach(), {n: p.grad.clone() for n, p in net.named_parameters()}))
+    (dtypes_new, scores_new, grads_new), (dtypes_old, scores_old, grads_old) = results
+    assert dtypes_new == [torch.bfloat16] * 2 and dtypes_old == [torch.float32] * 2
+    assert torch.equal(scores_new, scores_old)
+    assert grads_old["stages.0.weight"].abs().sum() > 0  # the gradient reaches the first conv
+    for name, grad in grads_old.items():
+        if CUDA:  # cuDNN's weight-gradient sums may differ in order from call to call (see above)
+            torch.testing.assert_close(grads_new[name], grad, rtol=1e-4, atol=1e-8, msg=name)
+        else:
+            assert torch.equal(grads_new[name], grad), name

@@ -141,8 +141,17 @@ def test_fused_spikes_are_reduced_only_where_a_conv_or_linear_casts_them_anyway(
     i = torch.zeros(2, 3)
     to_linear, to_conv = [nn.Flatten(), nn.Linear(3, 3)], [nn.Conv2d(1, 1, 3)]
     to_norm, to_pool = [NeuNormCell(NeuNorm(1, 1, 1), "n")], [nn.AvgPool2d(2), nn.Conv2d(1, 1, 3)]
+    to_pools = [nn.AvgPool2d(2), nn.AvgPool2d(4), nn.Flatten(), nn.Linear(3, 3)]
+    # pooled spikes m/9 (3x3), m/16 (4x4 into fp16 is exact, bf16 too), m/1024 (32x32: not in bf16)
+    inexact = [[nn.AvgPool2d(3), nn.Conv2d(1, 1, 3)], [nn.AvgPool2d(32), nn.Conv2d(1, 1, 3)],
+               [nn.AvgPool2d(2, padding=1), nn.Conv2d(1, 1, 3)], [nn.AvgPool2d(2), nn.Dropout(0.5), nn.Linear(3, 3)]]
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert _spike_dtype(i, to_linear) == _spike_dtype(i, to_conv) == torch.bfloat16
-        # channel sums, pooled values and the output counts stay fp32
-        assert _spike_dtype(i, to_norm) == _spike_dtype(i, to_pool) == _spike_dtype(i, []) == torch.float32
-    assert _spike_dtype(i, to_conv) == torch.float32
+        # pools of 2x2 and 4x4 windows average 0/1 spikes exactly in bf16, so the conv after them reads bf16
+        assert _spike_dtype(i, to_pool) == _spike_dtype(i, to_pools) == torch.bfloat16
+        # channel sums, inexact pools and the output counts stay fp32
+        assert _spike_dtype(i, to_norm) == _spike_dtype(i, []) == torch.float32
+        assert all(_spike_dtype(i, after) == torch.float32 for after in inexact)
+    with torch.autocast("cpu", dtype=torch.float16):
+        assert _spike_dtype(i, [nn.AvgPool2d(32), nn.Conv2d(1, 1, 3)]) == torch.float16  # 1024 <= 2^11
+    assert _spike_dtype(i, to_conv) == _spike_dtype(i, to_pool) == torch.float32
