@@ -62,7 +62,8 @@ def _kernels():
                 tl.store(u_ptr + t * n + offs, u, mask=mask)
 
     @triton.jit
-    def lif_backward(u_ptr, go_ptr, gi_ptr, n, k_tau1, v_th, half_a, inv_a, T: tl.constexpr, BLOCK: tl.constexpr):
+    def lif_backward(u_ptr, go_ptr, gi_ptr, n, k_tau1, v_th, half_a, inv_a, T: tl.constexpr, GRAD_BF16: tl.constexpr,
+                     BLOCK: tl.constexpr):
         offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < n
         g_next = tl.zeros((BLOCK,), dtype=tl.float32)
@@ -74,7 +75,14 @@ def _kernels():
             sg = (tl.abs(u - v_th) < half_a).to(tl.float32) * inv_a
             g_o = g_o - k_tau1 * u * g_next
             g_u = g_o * sg + k_tau1 * (1.0 - o) * g_next
-            tl.store(gi_ptr + t * n + offs, g_u, mask=mask)
+            if GRAD_BF16:
+                # bf16 = the top half of the fp32 bits, rounded to nearest even by integer arithmetic (what
+                # torch's cast does; a bf16 store's own rounding is the backend's: Triton's interpreter truncates)
+                bits = g_u.to(tl.uint32, bitcast=True)
+                bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+                tl.store(gi_ptr + t * n + offs, bits.to(tl.uint16).to(tl.int16, bitcast=True), mask=mask)
+            else:
+                tl.store(gi_ptr + t * n + offs, g_u, mask=mask)
             g_next = g_u
 
     _KERNELS = (lif_forward, lif_backward)
@@ -145,12 +153,18 @@ class _FusedLIF(torch.autograd.Function):
         grad_out = grad_spikes
         if grad_out.stride() != membrane.stride():  # the kernel pairs elements by memory position
             grad_out = torch.empty_like(membrane, dtype=grad_spikes.dtype).copy_(grad_spikes)
-        # fp32, then cast by torch: a store into a bf16 pointer rounds by the backend's rule (Triton's
-        # interpreter truncates), and the gradient must round to nearest like everywhere else. A recomputed
-        # membrane is ours to overwrite: each program reads u[t] of its neurons before it writes g_I[t]
-        # there, so the gradient takes its place and backward allocates one fp32 buffer, not two.
+        if dtype == torch.bfloat16:
+            # written in bf16 by the kernel, rounded to nearest even: no fp32 gradient written, read and cast
+            grad_in = torch.empty_like(membrane, dtype=torch.bfloat16)
+            bwd[_grid(n)](membrane, grad_out, grad_in.view(torch.int16), n, k_tau1, v_th, a / 2, 1.0 / a, T=steps,
+                          GRAD_BF16=True, BLOCK=_BLOCK)
+            return grad_in, None, None, None, None
+        # fp32, cast by torch for fp16. A recomputed membrane is ours to overwrite: each program reads u[t]
+        # of its neurons before it writes g_I[t] there, so the gradient takes its place and backward
+        # allocates one fp32 buffer, not two.
         grad_in = membrane if ctx.recompute else torch.empty_like(membrane)
-        bwd[_grid(n)](membrane, grad_out, grad_in, n, k_tau1, v_th, a / 2, 1.0 / a, T=steps, BLOCK=_BLOCK)
+        bwd[_grid(n)](membrane, grad_out, grad_in, n, k_tau1, v_th, a / 2, 1.0 / a, T=steps, GRAD_BF16=False,
+                      BLOCK=_BLOCK)
         return grad_in.to(dtype), None, None, None, None
 
 
