@@ -9,7 +9,8 @@ from the heap and stay there when freed, ready for the next step (mnist-cpu's CP
 measured side by side: README, "CPU memory allocator").
 
 The cost is a peak resident size up to ~10 % higher, kept until the process ends. The CLI applies it
-to its own process; set ``SNNCOMPILE_MALLOC=system`` to leave glibc's defaults. Library users call it
+to its own process; set ``SNNCOMPILE_MALLOC=system`` to leave glibc's defaults (``keep``, the
+default, applies it). Library users call it
 themselves. Elsewhere than glibc (macOS, musl) it does nothing.
 """
 
@@ -18,6 +19,8 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import os
+
+from .errors import ConfigError
 
 __all__ = ["keep_freed_memory", "OPT_OUT_ENV"]
 
@@ -44,9 +47,13 @@ def keep_freed_memory() -> bool:
     """Serve large blocks from the heap and keep freed memory (glibc; see the module docstring).
 
     Returns True when applied, False when opted out (``SNNCOMPILE_MALLOC=system``) or not on glibc.
-    Idempotent; affects allocations made after the call.
+    Idempotent; affects allocations made after the call. Any other value than ``keep`` (the default)
+    or ``system`` is a ConfigError: a misspelt opt-out must not pass silently.
     """
-    if os.environ.get(OPT_OUT_ENV, "").strip().lower() == "system":
+    choice = os.environ.get(OPT_OUT_ENV, "keep").strip().lower() or "keep"
+    if choice not in ("keep", "system"):
+        raise ConfigError(f"{OPT_OUT_ENV} must be 'keep' (the default) or 'system', got {choice!r}")
+    if choice == "system":
         return False
     libc = _glibc()
     if libc is None:

@@ -43,3 +43,14 @@ def test_large_tensors_come_from_the_heap_once_applied():
 def test_opt_out_leaves_the_allocator_alone(monkeypatch):
     monkeypatch.setenv(host_memory.OPT_OUT_ENV, "system")
     assert host_memory.keep_freed_memory() is False
+
+
+def test_a_misspelt_setting_is_one_line_naming_the_choices(monkeypatch):
+    from click.testing import CliRunner
+
+    from snncompile.cli import cli
+
+    monkeypatch.setenv(host_memory.OPT_OUT_ENV, "sytem")
+    result = CliRunner().invoke(cli, ["init", "--help"])
+    assert result.exit_code == 2 and result.output.strip().splitlines() == [
+        "error: SNNCOMPILE_MALLOC must be 'keep' (the default) or 'system', got 'sytem'"]
