@@ -9,9 +9,8 @@ from the heap and stay there when freed, ready for the next step (mnist-cpu's CP
 measured side by side: README, "CPU memory allocator").
 
 The cost is a peak resident size up to ~10 % higher, kept until the process ends. The CLI applies it
-to its own process; set ``SNNCOMPILE_MALLOC=system`` to leave glibc's defaults (``keep``, the
-default, applies it). Library users call it
-themselves. Elsewhere than glibc (macOS, musl) it does nothing.
+to its own process (``SNNCOMPILE_MALLOC=keep``, the default); ``SNNCOMPILE_MALLOC=system`` leaves
+glibc's defaults. Library users call it themselves. Elsewhere than glibc (macOS, musl) it does nothing.
 """
 
 from __future__ import annotations
