@@ -8,7 +8,7 @@ touches such a tensor slow. :func:`keep_freed_memory` turns that off for this pr
 from the heap and stay there when freed, ready for the next step (mnist-cpu's CPU training step,
 measured side by side: README, "CPU memory allocator").
 
-The cost is a peak resident size up to ~10 % higher, kept until the process ends. The CLI applies it
+The cost is a peak resident size ~10 % higher (9 % for a mnist-cpu `bench train`), kept until the process ends. The CLI applies it
 to its own process (``SNNCOMPILE_MALLOC=keep``, the default); ``SNNCOMPILE_MALLOC=system`` leaves
 glibc's defaults. Library users call it themselves. Elsewhere than glibc (macOS, musl) it does nothing.
 """
