@@ -133,14 +133,21 @@ class NeuNormCell(nn.Module):
 def _pools_exactly(module: nn.Module, dtype: torch.dtype) -> bool:
     """An average pool whose every output, on 0/1 spikes, is exact in ``dtype``: a k x k window with
     k^2 a power of two and no padding gives m / k^2 (m <= k^2 ones), which needs log2(k^2) significand
-    bits (bf16 has 8, fp16 11), so pooling in ``dtype`` equals pooling in fp32 and casting after."""
+    bits (bf16 has 8, fp16 11, fp32 24), so pooling in ``dtype`` equals pooling in fp32 and casting after."""
     if (not isinstance(module, nn.AvgPool2d) or module.padding not in (0, (0, 0)) or module.ceil_mode
             or module.divisor_override is not None):
         return False
     k = module.kernel_size
     window = k * k if isinstance(k, int) else k[0] * k[1]
-    significand_bits = 8 if dtype == torch.bfloat16 else 11
+    significand_bits = {torch.bfloat16: 8, torch.float16: 11}.get(dtype, 24)
     return window & (window - 1) == 0 and window <= 2**significand_bits
+
+
+def _fuses_into_lif(pool: nn.Module | None, dtype: torch.dtype) -> bool:
+    """An average pool the fused LIF kernel can apply itself (:func:`~snncompile.kernels.fused_lif_pool_inference`):
+    a square power-of-two window, stride = window, no padding, exact in ``dtype``."""
+    return (_pools_exactly(pool, dtype) and isinstance(pool.kernel_size, int)
+            and pool.stride in (pool.kernel_size, (pool.kernel_size, pool.kernel_size)))
 
 
 def _spike_dtype(currents: Tensor, after: list[nn.Module]) -> torch.dtype:
@@ -264,13 +271,22 @@ class SpikingNetwork(nn.Module):
         steps, batch = x.shape[:2]
         h = x
         stages = list(stages)
+        pooled_by_lif = -1  # index of a pool the fused LIF before it has already applied
         for i, stage in enumerate(stages):
+            if i == pooled_by_lif:
+                continue
             if self.fused_lif and isinstance(stage, LIFCell) and (record is None or not torch.is_grad_enabled()):
-                from .kernels import fused_lif, fused_lif_inference
+                from .kernels import fused_lif, fused_lif_inference, fused_lif_pool_inference
 
                 p = stage.params
-                if record is None:
-                    h = mark_spikes(fused_lif(h, p.k_tau1, p.v_th, p.a, _spike_dtype(h, stages[i + 1 :])))
+                pool = stages[i + 1] if i + 1 < len(stages) else None
+                out_dtype = _spike_dtype(h, stages[i + 1 :])
+                if record is None and not torch.is_grad_enabled() and _fuses_into_lif(pool, out_dtype):
+                    # inference: the pool inside the LIF kernel, the spikes never written
+                    h = fused_lif_pool_inference(h, p.k_tau1, p.v_th, pool.kernel_size, out_dtype)
+                    pooled_by_lif = i + 1
+                elif record is None:
+                    h = mark_spikes(fused_lif(h, p.k_tau1, p.v_th, p.a, out_dtype))
                 else:  # inference that reports every layer (verify): the kernel writes the membrane too
                     h, membrane = fused_lif_inference(h, p.k_tau1, p.v_th, membrane=True)
                     record[stage.name] = (h, membrane)

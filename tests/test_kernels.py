@@ -23,7 +23,7 @@ from conftest import ZOO, zoo_ids  # noqa: E402
 from helpers import tiny_zoo_config  # noqa: E402
 from snncompile.init_run import calibrate_firing, random_input  # noqa: E402
 from snncompile.kernels import fused_lif  # noqa: E402
-from snncompile.models import network_from_config  # noqa: E402
+from snncompile.models import LIFCell, network_from_config  # noqa: E402
 from snncompile.neurons import LIFParams, lif_scan  # noqa: E402
 
 P = LIFParams(v_th=0.5, k_tau1=0.2, a=1.0)
@@ -213,3 +213,57 @@ def test_spikes_pooled_in_bf16_give_the_same_scores_and_gradients(monkeypatch):
             torch.testing.assert_close(grads_new[name], grad, rtol=1e-4, atol=1e-8, msg=name)
         else:
             assert torch.equal(grads_new[name], grad), name
+
+
+def test_fused_lif_pool_kernel_equals_the_lif_then_the_pool():
+    """Inference's LIF + average pool in one kernel: the pooled spikes of lif_scan then avg_pool2d, bit for
+    bit, with the floor dropping odd rows and columns, in both per-step layouts and at 2x2 and 4x4."""
+    from snncompile.kernels import fused_lif_pool_inference
+
+    torch.manual_seed(0)
+    for shape, k in (((4, 3, 5, 17, 17), 2), ((3, 2, 4, 9, 8), 2), ((3, 2, 3, 16, 19), 4)):
+        currents = torch.randn(shape, device=DEVICE) * 0.6 + 0.3
+        want = torch.nn.functional.avg_pool2d(lif_scan(currents, P).flatten(0, 1), k).unflatten(0, shape[:2])
+        assert 0 < want.sum() < want.numel()
+        last = currents.flatten(0, 1).contiguous(memory_format=torch.channels_last).unflatten(0, shape[:2])
+        for layout in (currents, last):
+            got = fused_lif_pool_inference(layout, P.k_tau1, P.v_th, k)
+            assert got.shape == want.shape and torch.equal(got, want)
+            assert got[0].is_contiguous(memory_format=torch.channels_last) == (layout is last)
+        half = fused_lif_pool_inference(currents, P.k_tau1, P.v_th, k, torch.bfloat16)
+        assert half.dtype == torch.bfloat16 and torch.equal(half.float(), want)
+    with pytest.raises(ValueError, match="power-of-two"):
+        fused_lif_pool_inference(currents, P.k_tau1, P.v_th, 3)
+
+
+@pytest.mark.parametrize("path", ZOO, ids=zoo_ids())
+def test_zoo_inference_with_the_pool_fused_into_the_lif_gives_the_same_scores(path, monkeypatch):
+    """Inference through the fused kernels, with every LIF that feeds a 2x2 pool applying it itself,
+    gives the pure-torch scores bit for bit (and under bf16 autocast, the scores of the unpooled kernel)."""
+    import snncompile.kernels as kernels
+
+    cfg = tiny_zoo_config(path)
+    net = network_from_config(cfg.model).eval().to(DEVICE)
+    x = random_input(cfg, 4, torch.Generator().manual_seed(0)).to(DEVICE)
+    calibrate_firing(net, x)
+    calls = []
+    pooled = kernels.fused_lif_pool_inference
+    monkeypatch.setattr(kernels, "fused_lif_pool_inference", lambda *a, **k: calls.append(1) or pooled(*a, **k))
+    scores = {}
+    with torch.no_grad():
+        for fused in (False, True):
+            net.fused_lif = fused
+            scores[fused] = net(x)
+        assert torch.equal(scores[True], scores[False])
+        with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
+            net.fused_lif = True
+            with_pool = net(x)
+            monkeypatch.setattr(kernels, "fused_lif_pool_inference", None)  # would fail if called
+            monkeypatch.setattr("snncompile.models._fuses_into_lif", lambda pool, dtype: False)
+            without = net(x)
+        assert torch.equal(with_pool, without)
+    pools_after_lif = sum(isinstance(a, LIFCell) and isinstance(b, torch.nn.AvgPool2d)
+                          for a, b in zip(net.stages, list(net.stages)[1:]))
+    assert len(calls) == 2 * pools_after_lif  # fp32 and bf16 passes
+    if "bench-" in str(path):  # no NeuNorm between their LIFs and pools: the fused pool must have run
+        assert pools_after_lif == 2

@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["fused_kernels_available", "fused_lif", "fused_lif_inference"]
+__all__ = ["fused_kernels_available", "fused_lif", "fused_lif_inference", "fused_lif_pool_inference"]
 
 _KERNELS = None
 
@@ -85,7 +85,34 @@ def _kernels():
                 tl.store(gi_ptr + t * n + offs, g_u, mask=mask)
             g_next = g_u
 
-    _KERNELS = (lif_forward, lif_backward)
+    @triton.jit
+    def lif_pool_forward(i_ptr, o_ptr, n_out, channels, width_out, height_out, s_t, s_n, s_c, s_h, s_w,
+                         o_s_t, o_s_n, o_s_c, o_s_h, o_s_w, k_tau1, v_th, T: tl.constexpr, K: tl.constexpr,
+                         BLOCK: tl.constexpr):
+        # one program: BLOCK pooled outputs (n, c, ho, wo) x their K*K input neurons, all T steps in registers
+        idx = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        mask = idx < n_out
+        wo = idx % width_out
+        ho = (idx // width_out) % height_out
+        c = (idx // (width_out * height_out)) % channels
+        n = idx // (width_out * height_out * channels)
+        win = tl.arange(0, K * K)
+        dy = win // K
+        dx = win % K
+        src = (n[:, None] * s_n + c[:, None] * s_c + (ho[:, None] * K + dy[None, :]) * s_h
+               + (wo[:, None] * K + dx[None, :]) * s_w)  # [BLOCK, K*K] element offsets of step 0
+        dst = n * o_s_n + c * o_s_c + ho * o_s_h + wo * o_s_w
+        u = tl.zeros((BLOCK, K * K), dtype=tl.float32)
+        o = tl.zeros((BLOCK, K * K), dtype=tl.float32)
+        for t in tl.static_range(T):
+            cur = tl.load(i_ptr + t * s_t + src, mask=mask[:, None], other=0.0).to(tl.float32)
+            u = k_tau1 * u * (1.0 - o) + cur
+            o = (u > v_th).to(tl.float32)
+            # a sum of 0/1 spikes is exact in any order, and 1/K^2 is a power of two: exactly avg_pool2d's value
+            pooled = tl.sum(o, axis=1) * (1.0 / (K * K))
+            tl.store(o_ptr + t * o_s_t + dst, pooled, mask=mask)
+
+    _KERNELS = (lif_forward, lif_backward, lif_pool_forward)
     return _KERNELS
 
 
@@ -115,7 +142,7 @@ def _forward(currents: Tensor, k_tau1: float, v_th: float, out_dtype: torch.dtyp
              spikes: bool = True):
     """Launch the forward kernel: (spikes in ``out_dtype`` or None, fp32 membrane or None), both shaped
     and laid out like ``currents`` (a channels_last input stays channels_last: no copy either way)."""
-    fwd, _ = _kernels()
+    fwd = _kernels()[0]
     steps = currents.shape[0]
     cur = _dense(currents.detach())
     n = cur.numel() // steps
@@ -144,7 +171,7 @@ class _FusedLIF(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_spikes: Tensor):  # type: ignore[override]
-        _, bwd = _kernels()
+        bwd = _kernels()[1]
         (saved,) = ctx.saved_tensors
         k_tau1, v_th, a, dtype = ctx.constants
         membrane = _forward(saved, k_tau1, v_th, dtype, membrane=True, spikes=False)[1] if ctx.recompute else saved
@@ -173,6 +200,40 @@ def fused_lif(currents: Tensor, k_tau1: float, v_th: float, a: float, out_dtype:
     fused. Under autocast, spikes in the autocast dtype are what the next conv consumes as is (no cast
     kernel, half the bytes written), and what :mod:`snncompile.memory` can then save as uint8."""
     return _FusedLIF.apply(currents, float(k_tau1), float(v_th), float(a), out_dtype)
+
+
+def fused_lif_pool_inference(currents: Tensor, k_tau1: float, v_th: float, pool: int,
+                             out_dtype: torch.dtype = torch.float32) -> Tensor:
+    """Inference only: the LIF over currents ``[T, N, C, H, W]`` followed by ``avg_pool2d(pool)`` (floor,
+    no padding), in one kernel -> ``[T, N, C, H // pool, W // pool]`` in ``out_dtype``, laid out like the
+    currents (channels_last stays channels_last). The spikes themselves are never written: one read of
+    the currents and a write of a pool^2 times smaller tensor, where the LIF then the pool write the
+    spikes and read them back. Neurons in rows/columns the floor drops are not computed (nothing reads
+    them). ``pool * pool`` must be a power of two (2, 4, 8, ...): the mean of 0/1 spikes is then exact."""
+    if pool < 1 or pool & (pool - 1):
+        raise ValueError(f"fused LIF + pool needs a power-of-two window, got {pool}")
+    kernel = _kernels()[2]
+    steps, batch, channels, height, width = currents.shape
+    cur = currents.detach()
+    h_out, w_out = height // pool, width // pool
+    n_out = batch * channels * h_out * w_out
+    if _is_channels_last(cur):  # per step [N, C, H, W] with channels last, like the convolution that made it
+        step_strides = (h_out * w_out * channels, 1, w_out * channels, channels)
+    else:
+        step_strides = (channels * h_out * w_out, h_out * w_out, w_out, 1)
+    out = torch.empty(steps * n_out, device=cur.device, dtype=out_dtype).as_strided(
+        (steps, batch, channels, h_out, w_out), (n_out, *step_strides))
+    grid = ((n_out + _POOL_BLOCK - 1) // _POOL_BLOCK,)
+    kernel[grid](cur, out, n_out, channels, width // pool, height // pool, *cur.stride(), *out.stride(),
+                 float(k_tau1), float(v_th), T=steps, K=pool, BLOCK=_POOL_BLOCK)
+    return out
+
+
+_POOL_BLOCK = 256  # pooled outputs per program; x pool^2 neurons in registers
+
+
+def _is_channels_last(x: Tensor) -> bool:
+    return x.dim() == 5 and not x.is_contiguous() and x[0].is_contiguous(memory_format=torch.channels_last)
 
 
 def fused_lif_inference(currents: Tensor, k_tau1: float, v_th: float, membrane: bool = False):
