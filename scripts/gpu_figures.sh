@@ -262,11 +262,11 @@ headline)
     environment
     xdist=(); python3 -c "import xdist" 2>/dev/null && xdist=(-n 4)
     # the five tests fixed after the first GPU run, the GPU-only ones, and the kernel paths added since
-    # (bf16 gradient store, bf16 pooling, the LIF + pool inference kernel: compiled for the first time here) (capped: a hang must not cost
-    # the figures after it)
+    # (bf16 gradient store, bf16 pooling, the LIF + pool kernels: compiled for the first time here; every
+    # zoo network fused vs pure torch). Capped: a hang must not cost the figures after it
     stage "GPU tests" 60 timeout 150 python3 -m pytest -q -p no:cacheprovider "${xdist[@]}" tests/test_kernels.py \
         tests/test_bench_train.py tests/test_backends.py -k "not trt and (cuda or gpu or compact_spikes or exact_on_cpu \
-        or bf16_flips or opt_in or replays or half_precision or pooled_in_bf16 or lif_pool or pool_fused)"
+        or bf16_flips or opt_in or replays or half_precision or pooled_spikes or lif_pool or pool_fused or zoo_networks_fused)"
     # issue 6: where the bf16 step's time goes (it is 2-20x off its arithmetic), with the corrected peak memory
     stage "bench train bench-nmnist bf16, profile" 25 snncompile bench train models/bench-nmnist.toml \
         "${tiny_nmnist[@]}" --precision bf16 --profile "${steps[@]}"

@@ -276,14 +276,14 @@ class SpikingNetwork(nn.Module):
             if i == pooled_by_lif:
                 continue
             if self.fused_lif and isinstance(stage, LIFCell) and (record is None or not torch.is_grad_enabled()):
-                from .kernels import fused_lif, fused_lif_inference, fused_lif_pool_inference
+                from .kernels import fused_lif, fused_lif_inference, fused_lif_pool
 
                 p = stage.params
                 pool = stages[i + 1] if i + 1 < len(stages) else None
                 out_dtype = _spike_dtype(h, stages[i + 1 :])
-                if record is None and not torch.is_grad_enabled() and _fuses_into_lif(pool, out_dtype):
-                    # inference: the pool inside the LIF kernel, the spikes never written
-                    h = fused_lif_pool_inference(h, p.k_tau1, p.v_th, pool.kernel_size, out_dtype)
+                if record is None and _fuses_into_lif(pool, out_dtype):
+                    # the pool inside the LIF kernel: the full-size spikes (and their gradient) never written
+                    h = fused_lif_pool(h, p.k_tau1, p.v_th, p.a, pool.kernel_size, out_dtype)
                     pooled_by_lif = i + 1
                 elif record is None:
                     h = mark_spikes(fused_lif(h, p.k_tau1, p.v_th, p.a, out_dtype))

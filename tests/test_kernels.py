@@ -179,19 +179,28 @@ def test_channels_last_currents_stay_channels_last_with_the_same_spikes_and_grad
     assert torch.equal(a.grad, b.grad)
 
 
-def test_spikes_pooled_in_bf16_give_the_same_scores_and_gradients(monkeypatch):
-    """Under bf16 autocast a LIF followed by a 2x2 average pool and a conv writes its spikes in bf16 and
-    the pool averages them there (m/4 is exact in bf16): the scores and every gradient are those of
-    pooling fp32 spikes and casting for the conv after, with half the bytes written and read."""
+@pytest.mark.parametrize("precision", ["bf16", "fp32"])
+def test_pooled_spikes_give_the_same_scores_and_gradients_fused_or_not(monkeypatch, precision):
+    """A LIF followed by a 2x2 average pool and a conv, three ways: the LIF kernel then the pool on fp32
+    spikes (the reference), the pool on spikes the kernel wrote in bf16 (m/4 is exact there), and the pool
+    inside the LIF kernel (forward writes only pooled spikes, backward spreads their gradient over each
+    window). Same scores and every gradient the same, under bf16 autocast and in fp32."""
     import snncompile.models as models
 
     cfg = tiny_zoo_config(ZOO[[p.endswith("bench-nmnist.toml") for p in ZOO].index(True)])
+    cfg.model.input_shape = (2, 17, 19)  # odd sizes: the pools' floor drops the last row/column of neurons
     x = random_input(cfg, 3, torch.Generator().manual_seed(0)).to(DEVICE)
     y = torch.randint(0, cfg.model.classes, (3,), generator=torch.Generator().manual_seed(0)).to(DEVICE)
-    results = []
-    for exact_pools in (True, False):
-        if not exact_pools:  # every pooled layer back to fp32 spikes: the reference
-            monkeypatch.setattr(models, "_pools_exactly", lambda module, dtype: False)
+    exact, fuses = models._pools_exactly, models._fuses_into_lif
+    variants = {"fp32 spikes, pool": dict(_pools_exactly=lambda module, dtype: False),
+                "bf16 spikes, pool": dict(_fuses_into_lif=lambda pool, dtype: False),
+                "pool in the LIF kernel": {}}
+    results = {}
+    for name, patches in variants.items():
+        monkeypatch.setattr(models, "_pools_exactly", exact)
+        monkeypatch.setattr(models, "_fuses_into_lif", fuses)
+        for attr, fn in patches.items():
+            monkeypatch.setattr(models, attr, fn)
         torch.manual_seed(0)
         net = network_from_config(cfg.model).to(DEVICE)
         calibrate_firing(net, x)
@@ -200,25 +209,29 @@ def test_spikes_pooled_in_bf16_give_the_same_scores_and_gradients(monkeypatch):
         for stage in net.stages:
             if isinstance(stage, torch.nn.AvgPool2d):
                 stage.register_forward_pre_hook(lambda mod, args: pooled_dtypes.append(args[0].dtype))
-        with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
+        with torch.autocast(DEVICE.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
             scores = net(x).float()
         torch.nn.functional.cross_entropy(scores, y).backward()
-        results.append((pooled_dtypes, scores.detach(), {n: p.grad.clone() for n, p in net.named_parameters()}))
-    (dtypes_new, scores_new, grads_new), (dtypes_old, scores_old, grads_old) = results
-    assert dtypes_new == [torch.bfloat16] * 2 and dtypes_old == [torch.float32] * 2
-    assert torch.equal(scores_new, scores_old)
-    assert grads_old["stages.0.weight"].abs().sum() > 0  # the gradient reaches the first conv
-    for name, grad in grads_old.items():
-        if CUDA:  # cuDNN's weight-gradient sums may differ in order from call to call (see above)
-            torch.testing.assert_close(grads_new[name], grad, rtol=1e-4, atol=1e-8, msg=name)
-        else:
-            assert torch.equal(grads_new[name], grad), name
+        results[name] = (pooled_dtypes, scores.detach(), {n: p.grad.clone() for n, p in net.named_parameters()})
+    half = torch.bfloat16 if precision == "bf16" else torch.float32
+    assert [r[0] for r in results.values()] == [[torch.float32] * 2, [half] * 2, []]  # [] : no pool stage ran
+    _, ref_scores, ref_grads = results["fp32 spikes, pool"]
+    assert ref_grads["stages.0.weight"].abs().sum() > 0  # the gradient reaches the first conv
+    for name, (_, scores, grads) in results.items():
+        assert torch.equal(scores, ref_scores), name
+        for param, grad in ref_grads.items():
+            if CUDA:  # cuDNN's weight-gradient sums may differ in order from call to call (see above)
+                torch.testing.assert_close(grads[param], grad, rtol=1e-4, atol=1e-8, msg=f"{name}: {param}")
+            else:
+                assert torch.equal(grads[param], grad), f"{name}: {param}"
 
 
 def test_fused_lif_pool_kernel_equals_the_lif_then_the_pool():
-    """Inference's LIF + average pool in one kernel: the pooled spikes of lif_scan then avg_pool2d, bit for
-    bit, with the floor dropping odd rows and columns, in both per-step layouts and at 2x2 and 4x4."""
-    from snncompile.kernels import fused_lif_pool_inference
+    """The LIF + average pool kernel against lif_scan then avg_pool2d: pooled spikes bit for bit and, in
+    fp32 and bf16, the gradient of the currents equal to the fused LIF then the pool (bit for bit) and to
+    autograd through the pure-torch scan (fp32 tolerance); the floor dropping odd rows and columns, both
+    per-step layouts, 2x2 and 4x4."""
+    from snncompile.kernels import fused_lif_pool
 
     torch.manual_seed(0)
     for shape, k in (((4, 3, 5, 17, 17), 2), ((3, 2, 4, 9, 8), 2), ((3, 2, 3, 16, 19), 4)):
@@ -226,14 +239,30 @@ def test_fused_lif_pool_kernel_equals_the_lif_then_the_pool():
         want = torch.nn.functional.avg_pool2d(lif_scan(currents, P).flatten(0, 1), k).unflatten(0, shape[:2])
         assert 0 < want.sum() < want.numel()
         last = currents.flatten(0, 1).contiguous(memory_format=torch.channels_last).unflatten(0, shape[:2])
+        weights = torch.randn(want.shape, device=DEVICE)
         for layout in (currents, last):
-            got = fused_lif_pool_inference(layout, P.k_tau1, P.v_th, k)
-            assert got.shape == want.shape and torch.equal(got, want)
-            assert got[0].is_contiguous(memory_format=torch.channels_last) == (layout is last)
-        half = fused_lif_pool_inference(currents, P.k_tau1, P.v_th, k, torch.bfloat16)
-        assert half.dtype == torch.bfloat16 and torch.equal(half.float(), want)
+            for dtype in (torch.float32, torch.bfloat16):
+                a = layout.detach().to(dtype).clone(memory_format=torch.preserve_format).requires_grad_(True)
+                b = a.detach().clone(memory_format=torch.preserve_format).requires_grad_(True)
+                got = fused_lif_pool(a, P.k_tau1, P.v_th, P.a, k, dtype)
+                assert got.dtype == dtype and got[0].is_contiguous(memory_format=torch.channels_last) == (layout is last)
+                spikes = fused_lif(b, P.k_tau1, P.v_th, P.a, dtype)  # the same dtype: the same rounded gradients
+                unfused = torch.nn.functional.avg_pool2d(spikes.flatten(0, 1), k).unflatten(0, shape[:2])
+                assert torch.equal(got, unfused)
+                if dtype == torch.float32:  # (bf16 currents are rounded inputs: other spikes than want's)
+                    assert torch.equal(got, want)
+                (got.float() * weights).sum().backward()
+                (unfused.float() * weights).sum().backward()
+                assert a.grad.dtype == dtype and a.grad.abs().sum() > 0
+                assert torch.equal(a.grad, b.grad), (shape, dtype)
+        ref = currents.clone().requires_grad_(True)
+        pooled = torch.nn.functional.avg_pool2d(lif_scan(ref, P).flatten(0, 1), k).unflatten(0, shape[:2])
+        (pooled * weights).sum().backward()
+        c = currents.clone().requires_grad_(True)
+        (fused_lif_pool(c, P.k_tau1, P.v_th, P.a, k) * weights).sum().backward()
+        torch.testing.assert_close(c.grad, ref.grad, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="power-of-two"):
-        fused_lif_pool_inference(currents, P.k_tau1, P.v_th, 3)
+        fused_lif_pool(currents, P.k_tau1, P.v_th, P.a, 3)
 
 
 @pytest.mark.parametrize("path", ZOO, ids=zoo_ids())
@@ -247,8 +276,8 @@ def test_zoo_inference_with_the_pool_fused_into_the_lif_gives_the_same_scores(pa
     x = random_input(cfg, 4, torch.Generator().manual_seed(0)).to(DEVICE)
     calibrate_firing(net, x)
     calls = []
-    pooled = kernels.fused_lif_pool_inference
-    monkeypatch.setattr(kernels, "fused_lif_pool_inference", lambda *a, **k: calls.append(1) or pooled(*a, **k))
+    pooled = kernels.fused_lif_pool
+    monkeypatch.setattr(kernels, "fused_lif_pool", lambda *a, **k: calls.append(1) or pooled(*a, **k))
     scores = {}
     with torch.no_grad():
         for fused in (False, True):
@@ -258,7 +287,7 @@ def test_zoo_inference_with_the_pool_fused_into_the_lif_gives_the_same_scores(pa
         with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
             net.fused_lif = True
             with_pool = net(x)
-            monkeypatch.setattr(kernels, "fused_lif_pool_inference", None)  # would fail if called
+            monkeypatch.setattr(kernels, "fused_lif_pool", None)  # would fail if called
             monkeypatch.setattr("snncompile.models._fuses_into_lif", lambda pool, dtype: False)
             without = net(x)
         assert torch.equal(with_pool, without)

@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["fused_kernels_available", "fused_lif", "fused_lif_inference", "fused_lif_pool_inference"]
+__all__ = ["fused_kernels_available", "fused_lif", "fused_lif_inference", "fused_lif_pool"]
 
 _KERNELS = None
 
@@ -40,79 +40,10 @@ def fused_kernels_available() -> bool:
 def _kernels():
     """Compile lazily: importing snncompile never imports Triton."""
     global _KERNELS
-    if _KERNELS is not None:
-        return _KERNELS
-    import triton
-    import triton.language as tl
+    if _KERNELS is None:
+        from . import _triton
 
-    @triton.jit
-    def lif_forward(i_ptr, o_ptr, u_ptr, n, k_tau1, v_th, T: tl.constexpr, SAVE_U: tl.constexpr,
-                    STORE_O: tl.constexpr, BLOCK: tl.constexpr):
-        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-        mask = offs < n
-        u = tl.zeros((BLOCK,), dtype=tl.float32)
-        o = tl.zeros((BLOCK,), dtype=tl.float32)
-        for t in tl.static_range(T):
-            cur = tl.load(i_ptr + t * n + offs, mask=mask, other=0.0).to(tl.float32)
-            u = k_tau1 * u * (1.0 - o) + cur
-            o = (u > v_th).to(tl.float32)
-            if STORE_O:
-                tl.store(o_ptr + t * n + offs, o, mask=mask)
-            if SAVE_U:
-                tl.store(u_ptr + t * n + offs, u, mask=mask)
-
-    @triton.jit
-    def lif_backward(u_ptr, go_ptr, gi_ptr, n, k_tau1, v_th, half_a, inv_a, T: tl.constexpr, GRAD_BF16: tl.constexpr,
-                     BLOCK: tl.constexpr):
-        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-        mask = offs < n
-        g_next = tl.zeros((BLOCK,), dtype=tl.float32)
-        for s in tl.static_range(T):
-            t = T - 1 - s
-            u = tl.load(u_ptr + t * n + offs, mask=mask, other=0.0)
-            g_o = tl.load(go_ptr + t * n + offs, mask=mask, other=0.0).to(tl.float32)
-            o = (u > v_th).to(tl.float32)
-            sg = (tl.abs(u - v_th) < half_a).to(tl.float32) * inv_a
-            g_o = g_o - k_tau1 * u * g_next
-            g_u = g_o * sg + k_tau1 * (1.0 - o) * g_next
-            if GRAD_BF16:
-                # bf16 = the top half of the fp32 bits, rounded to nearest even by integer arithmetic (what
-                # torch's cast does; a bf16 store's own rounding is the backend's: Triton's interpreter truncates)
-                bits = g_u.to(tl.uint32, bitcast=True)
-                bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
-                tl.store(gi_ptr + t * n + offs, bits.to(tl.uint16).to(tl.int16, bitcast=True), mask=mask)
-            else:
-                tl.store(gi_ptr + t * n + offs, g_u, mask=mask)
-            g_next = g_u
-
-    @triton.jit
-    def lif_pool_forward(i_ptr, o_ptr, n_out, channels, width_out, height_out, s_t, s_n, s_c, s_h, s_w,
-                         o_s_t, o_s_n, o_s_c, o_s_h, o_s_w, k_tau1, v_th, T: tl.constexpr, K: tl.constexpr,
-                         BLOCK: tl.constexpr):
-        # one program: BLOCK pooled outputs (n, c, ho, wo) x their K*K input neurons, all T steps in registers
-        idx = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-        mask = idx < n_out
-        wo = idx % width_out
-        ho = (idx // width_out) % height_out
-        c = (idx // (width_out * height_out)) % channels
-        n = idx // (width_out * height_out * channels)
-        win = tl.arange(0, K * K)
-        dy = win // K
-        dx = win % K
-        src = (n[:, None] * s_n + c[:, None] * s_c + (ho[:, None] * K + dy[None, :]) * s_h
-               + (wo[:, None] * K + dx[None, :]) * s_w)  # [BLOCK, K*K] element offsets of step 0
-        dst = n * o_s_n + c * o_s_c + ho * o_s_h + wo * o_s_w
-        u = tl.zeros((BLOCK, K * K), dtype=tl.float32)
-        o = tl.zeros((BLOCK, K * K), dtype=tl.float32)
-        for t in tl.static_range(T):
-            cur = tl.load(i_ptr + t * s_t + src, mask=mask[:, None], other=0.0).to(tl.float32)
-            u = k_tau1 * u * (1.0 - o) + cur
-            o = (u > v_th).to(tl.float32)
-            # a sum of 0/1 spikes is exact in any order, and 1/K^2 is a power of two: exactly avg_pool2d's value
-            pooled = tl.sum(o, axis=1) * (1.0 / (K * K))
-            tl.store(o_ptr + t * o_s_t + dst, pooled, mask=mask)
-
-    _KERNELS = (lif_forward, lif_backward, lif_pool_forward)
+        _KERNELS = (_triton.lif_forward, _triton.lif_backward, _triton.lif_pool_forward, _triton.lif_pool_backward)
     return _KERNELS
 
 
@@ -202,31 +133,73 @@ def fused_lif(currents: Tensor, k_tau1: float, v_th: float, a: float, out_dtype:
     return _FusedLIF.apply(currents, float(k_tau1), float(v_th), float(a), out_dtype)
 
 
-def fused_lif_pool_inference(currents: Tensor, k_tau1: float, v_th: float, pool: int,
-                             out_dtype: torch.dtype = torch.float32) -> Tensor:
-    """Inference only: the LIF over currents ``[T, N, C, H, W]`` followed by ``avg_pool2d(pool)`` (floor,
-    no padding), in one kernel -> ``[T, N, C, H // pool, W // pool]`` in ``out_dtype``, laid out like the
-    currents (channels_last stays channels_last). The spikes themselves are never written: one read of
-    the currents and a write of a pool^2 times smaller tensor, where the LIF then the pool write the
-    spikes and read them back. Neurons in rows/columns the floor drops are not computed (nothing reads
-    them). ``pool * pool`` must be a power of two (2, 4, 8, ...): the mean of 0/1 spikes is then exact."""
-    if pool < 1 or pool & (pool - 1):
-        raise ValueError(f"fused LIF + pool needs a power-of-two window, got {pool}")
-    kernel = _kernels()[2]
-    steps, batch, channels, height, width = currents.shape
-    cur = currents.detach()
+def _pool_geometry(cur: Tensor, pool: int):
+    """(pooled shape ``[T, N, C, H/p, W/p]``, its strides in the currents' per-step layout, outputs per step)."""
+    steps, batch, channels, height, width = cur.shape
     h_out, w_out = height // pool, width // pool
     n_out = batch * channels * h_out * w_out
     if _is_channels_last(cur):  # per step [N, C, H, W] with channels last, like the convolution that made it
         step_strides = (h_out * w_out * channels, 1, w_out * channels, channels)
     else:
         step_strides = (channels * h_out * w_out, h_out * w_out, w_out, 1)
-    out = torch.empty(steps * n_out, device=cur.device, dtype=out_dtype).as_strided(
-        (steps, batch, channels, h_out, w_out), (n_out, *step_strides))
-    grid = ((n_out + _POOL_BLOCK - 1) // _POOL_BLOCK,)
-    kernel[grid](cur, out, n_out, channels, width // pool, height // pool, *cur.stride(), *out.stride(),
-                 float(k_tau1), float(v_th), T=steps, K=pool, BLOCK=_POOL_BLOCK)
-    return out
+    return (steps, batch, channels, h_out, w_out), (n_out, *step_strides), n_out
+
+
+class _FusedLIFPool(torch.autograd.Function):
+    """The LIF then ``avg_pool2d(pool)``: forward writes only the pooled spikes; backward spreads each pooled
+    gradient / pool^2 over its window inside the reverse recurrence (avg_pool2d's backward, fused). What it
+    keeps for backward follows :class:`_FusedLIF`: 16-bit currents (membrane recomputed) or the fp32 membrane."""
+
+    @staticmethod
+    def forward(ctx, currents: Tensor, k_tau1: float, v_th: float, a: float, pool: int,  # type: ignore[override]
+                out_dtype: torch.dtype) -> Tensor:
+        fwd = _kernels()[2]
+        cur = _dense(currents.detach())
+        shape, strides, n_out = _pool_geometry(cur, pool)
+        out = torch.empty(shape[0] * n_out, device=cur.device, dtype=out_dtype).as_strided(shape, strides)
+        save = ctx.needs_input_grad[0]
+        recompute = save and cur.element_size() < 4
+        membrane = torch.empty_like(cur, dtype=torch.float32) if save and not recompute else None
+        grid = ((n_out + _POOL_BLOCK - 1) // _POOL_BLOCK,)
+        fwd[grid](cur, out, membrane if membrane is not None else out, n_out, shape[2], shape[3], shape[4],
+                  *cur.stride(), *out.stride(), float(k_tau1), float(v_th), T=shape[0], K=pool,
+                  SAVE_U=membrane is not None, BLOCK=_POOL_BLOCK)
+        if save:
+            ctx.save_for_backward(cur if recompute else membrane)
+        ctx.recompute = recompute
+        ctx.constants = (k_tau1, v_th, a, pool, currents.dtype)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_pooled: Tensor):  # type: ignore[override]
+        bwd = _kernels()[3]
+        (saved,) = ctx.saved_tensors
+        k_tau1, v_th, a, pool, dtype = ctx.constants
+        membrane = _forward(saved, k_tau1, v_th, dtype, membrane=True, spikes=False)[1] if ctx.recompute else saved
+        shape, _, n_out = _pool_geometry(membrane, pool)
+        # neurons in rows/columns the pool's floor drops get no gradient: zeros, written only where they exist
+        dropped = membrane.shape[3] % pool or membrane.shape[4] % pool
+        bf16 = dtype == torch.bfloat16
+        grad_in = (torch.zeros_like if dropped else torch.empty_like)(membrane, dtype=torch.bfloat16 if bf16 else torch.float32)
+        grid = ((n_out + _POOL_BLOCK - 1) // _POOL_BLOCK,)
+        bwd[grid](membrane, grad_pooled, grad_in.view(torch.int16) if bf16 else grad_in, n_out, shape[2], shape[3],
+                  shape[4], *membrane.stride(), *grad_pooled.stride(), float(k_tau1), float(v_th), a / 2, 1.0 / a,
+                  T=shape[0], K=pool, GRAD_BF16=bf16, BLOCK=_POOL_BLOCK)
+        return grad_in.to(dtype), None, None, None, None, None
+
+
+def fused_lif_pool(currents: Tensor, k_tau1: float, v_th: float, a: float, pool: int,
+                   out_dtype: torch.dtype = torch.float32) -> Tensor:
+    """The LIF over currents ``[T, N, C, H, W]`` followed by ``avg_pool2d(pool)`` (floor, no padding), fused
+    -> ``[T, N, C, H // pool, W // pool]`` in ``out_dtype``, laid out like the currents (channels_last stays
+    channels_last). The spikes themselves are never written: one read of the currents and a write of a
+    pool^2 times smaller tensor, where the LIF then the pool write the spikes and read them back (and, in
+    training, write and read their gradient). Neurons in rows/columns the floor drops are computed in
+    backward only. ``pool`` must be a power of two: the mean of 0/1 spikes is then exact, so the result
+    and the gradients are those of the LIF then the pool."""
+    if pool < 1 or pool & (pool - 1):
+        raise ValueError(f"fused LIF + pool needs a power-of-two window, got {pool}")
+    return _FusedLIFPool.apply(currents, float(k_tau1), float(v_th), float(a), int(pool), out_dtype)
 
 
 _POOL_BLOCK = 256  # pooled outputs per program; x pool^2 neurons in registers

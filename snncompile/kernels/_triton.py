@@ -1,0 +1,111 @@
+"""The Triton kernels behind :mod:`snncompile.kernels.lif` (imported lazily from there: importing
+snncompile never imports Triton). Each one runs the LIF recurrence over T in registers for a block of
+neurons; see lif.py for what they compute and why."""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def lif_forward(i_ptr, o_ptr, u_ptr, n, k_tau1, v_th, T: tl.constexpr, SAVE_U: tl.constexpr,
+                STORE_O: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    u = tl.zeros((BLOCK,), dtype=tl.float32)
+    o = tl.zeros((BLOCK,), dtype=tl.float32)
+    for t in tl.static_range(T):
+        cur = tl.load(i_ptr + t * n + offs, mask=mask, other=0.0).to(tl.float32)
+        u = k_tau1 * u * (1.0 - o) + cur
+        o = (u > v_th).to(tl.float32)
+        if STORE_O:
+            tl.store(o_ptr + t * n + offs, o, mask=mask)
+        if SAVE_U:
+            tl.store(u_ptr + t * n + offs, u, mask=mask)
+
+
+@triton.jit
+def store_gradient(ptrs, g, mask, GRAD_BF16: tl.constexpr):
+    """Store the fp32 gradient ``g``; with GRAD_BF16 into a bf16 buffer (passed as int16): the top half of
+    the fp32 bits rounded to nearest even by integer arithmetic, which is what torch's cast does (a bf16
+    store's own rounding is the backend's: Triton's interpreter truncates)."""
+    if GRAD_BF16:
+        bits = g.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+        tl.store(ptrs, bits.to(tl.uint16).to(tl.int16, bitcast=True), mask=mask)
+    else:
+        tl.store(ptrs, g, mask=mask)
+
+
+@triton.jit
+def lif_backward(u_ptr, go_ptr, gi_ptr, n, k_tau1, v_th, half_a, inv_a, T: tl.constexpr, GRAD_BF16: tl.constexpr,
+                 BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    g_next = tl.zeros((BLOCK,), dtype=tl.float32)
+    for s in tl.static_range(T):
+        t = T - 1 - s
+        u = tl.load(u_ptr + t * n + offs, mask=mask, other=0.0)
+        g_o = tl.load(go_ptr + t * n + offs, mask=mask, other=0.0).to(tl.float32)
+        o = (u > v_th).to(tl.float32)
+        sg = (tl.abs(u - v_th) < half_a).to(tl.float32) * inv_a
+        g_o = g_o - k_tau1 * u * g_next
+        g_u = g_o * sg + k_tau1 * (1.0 - o) * g_next
+        store_gradient(gi_ptr + t * n + offs, g_u, mask, GRAD_BF16)
+        g_next = g_u
+
+
+@triton.jit
+def pool_windows(n_out, channels, height_out, width_out, s_n, s_c, s_h, s_w, o_s_n, o_s_c, o_s_h, o_s_w,
+                 K: tl.constexpr, BLOCK: tl.constexpr):
+    """This program's BLOCK pooled outputs (n, c, ho, wo): their mask, the element offsets of their
+    K*K input neurons ``[BLOCK, K*K]`` and their own offsets ``[BLOCK]``, in step 0."""
+    idx = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = idx < n_out
+    wo = idx % width_out
+    ho = (idx // width_out) % height_out
+    c = (idx // (width_out * height_out)) % channels
+    n = idx // (width_out * height_out * channels)
+    win = tl.arange(0, K * K)
+    src = (n[:, None] * s_n + c[:, None] * s_c + (ho[:, None] * K + (win // K)[None, :]) * s_h
+           + (wo[:, None] * K + (win % K)[None, :]) * s_w)
+    return mask, src, n * o_s_n + c * o_s_c + ho * o_s_h + wo * o_s_w
+
+
+@triton.jit
+def lif_pool_forward(i_ptr, o_ptr, u_ptr, n_out, channels, height_out, width_out, s_t, s_n, s_c, s_h, s_w,
+                     o_s_t, o_s_n, o_s_c, o_s_h, o_s_w, k_tau1, v_th, T: tl.constexpr, K: tl.constexpr,
+                     SAVE_U: tl.constexpr, BLOCK: tl.constexpr):
+    # one program: BLOCK pooled outputs x their K*K input neurons, all T steps in registers
+    mask, src, dst = pool_windows(n_out, channels, height_out, width_out, s_n, s_c, s_h, s_w,
+                                  o_s_n, o_s_c, o_s_h, o_s_w, K, BLOCK)
+    u = tl.zeros((BLOCK, K * K), dtype=tl.float32)
+    o = tl.zeros((BLOCK, K * K), dtype=tl.float32)
+    for t in tl.static_range(T):
+        cur = tl.load(i_ptr + t * s_t + src, mask=mask[:, None], other=0.0).to(tl.float32)
+        u = k_tau1 * u * (1.0 - o) + cur
+        o = (u > v_th).to(tl.float32)
+        if SAVE_U:
+            tl.store(u_ptr + t * s_t + src, u, mask=mask[:, None])
+        # a sum of 0/1 spikes is exact in any order, and 1/K^2 is a power of two: exactly avg_pool2d's value
+        pooled = tl.sum(o, axis=1) * (1.0 / (K * K))
+        tl.store(o_ptr + t * o_s_t + dst, pooled, mask=mask)
+
+
+@triton.jit
+def lif_pool_backward(u_ptr, gp_ptr, gi_ptr, n_out, channels, height_out, width_out, s_t, s_n, s_c, s_h, s_w,
+                      g_s_t, g_s_n, g_s_c, g_s_h, g_s_w, k_tau1, v_th, half_a, inv_a, T: tl.constexpr,
+                      K: tl.constexpr, GRAD_BF16: tl.constexpr, BLOCK: tl.constexpr):
+    # lif_backward's recurrence, with g_o[t] of each window neuron = g_pooled[t] / K^2 (avg_pool2d's backward)
+    mask, src, dst = pool_windows(n_out, channels, height_out, width_out, s_n, s_c, s_h, s_w,
+                                  g_s_n, g_s_c, g_s_h, g_s_w, K, BLOCK)
+    g_next = tl.zeros((BLOCK, K * K), dtype=tl.float32)
+    for s in tl.static_range(T):
+        t = T - 1 - s
+        u = tl.load(u_ptr + t * s_t + src, mask=mask[:, None], other=0.0)
+        g_pooled = tl.load(gp_ptr + t * g_s_t + dst, mask=mask, other=0.0).to(tl.float32)
+        o = (u > v_th).to(tl.float32)
+        sg = (tl.abs(u - v_th) < half_a).to(tl.float32) * inv_a
+        g_o = (g_pooled * (1.0 / (K * K)))[:, None] - k_tau1 * u * g_next
+        g_u = g_o * sg + k_tau1 * (1.0 - o) * g_next
+        store_gradient(gi_ptr + t * s_t + src, g_u, mask[:, None], GRAD_BF16)
+        g_next = g_u
