@@ -16,6 +16,10 @@ write of g_I backward, instead of ~6 elementwise kernels per step. Arithmetic is
 input dtype (membrane state stays fp32 under bf16 autocast). When I is bf16/fp16, autograd keeps I (2
 bytes per neuron-step) instead of the fp32 u (4), and backward first recomputes u with the forward
 kernel (spikes not written): memory traded for one read of I and a write and read of u.
+
+A LIF whose spikes go straight into a power-of-two average pool runs as :func:`fused_lif_pool`: the same
+recurrence for the K*K neurons of each pooled output, writing only their mean; backward feeds each of
+them g_o[t] = g_pooled[t] / K^2 (avg_pool2d's backward). The kernels live in ``_triton.py``.
 """
 
 from __future__ import annotations
@@ -180,7 +184,8 @@ class _FusedLIFPool(torch.autograd.Function):
         # neurons in rows/columns the pool's floor drops get no gradient: zeros, written only where they exist
         dropped = membrane.shape[3] % pool or membrane.shape[4] % pool
         bf16 = dtype == torch.bfloat16
-        grad_in = (torch.zeros_like if dropped else torch.empty_like)(membrane, dtype=torch.bfloat16 if bf16 else torch.float32)
+        allocate = torch.zeros_like if dropped else torch.empty_like
+        grad_in = allocate(membrane, dtype=torch.bfloat16 if bf16 else torch.float32)
         grid = ((n_out + _POOL_BLOCK - 1) // _POOL_BLOCK,)
         bwd[grid](membrane, grad_pooled, grad_in.view(torch.int16) if bf16 else grad_in, n_out, shape[2], shape[3],
                   shape[4], *membrane.stride(), *grad_pooled.stride(), float(k_tau1), float(v_th), a / 2, 1.0 / a,
@@ -194,8 +199,8 @@ def fused_lif_pool(currents: Tensor, k_tau1: float, v_th: float, a: float, pool:
     -> ``[T, N, C, H // pool, W // pool]`` in ``out_dtype``, laid out like the currents (channels_last stays
     channels_last). The spikes themselves are never written: one read of the currents and a write of a
     pool^2 times smaller tensor, where the LIF then the pool write the spikes and read them back (and, in
-    training, write and read their gradient). Neurons in rows/columns the floor drops are computed in
-    backward only. ``pool`` must be a power of two: the mean of 0/1 spikes is then exact, so the result
+    training, write and read their gradient). Neurons in rows/columns the floor drops feed nothing: the
+    kernels skip them and their gradient is zero. ``pool`` must be a power of two: the mean of 0/1 spikes is then exact, so the result
     and the gradients are those of the LIF then the pool."""
     if pool < 1 or pool & (pool - 1):
         raise ValueError(f"fused LIF + pool needs a power-of-two window, got {pool}")
