@@ -144,7 +144,7 @@ def _pools_exactly(module: nn.Module, dtype: torch.dtype) -> bool:
 
 
 def _fuses_into_lif(pool: nn.Module | None, dtype: torch.dtype) -> bool:
-    """An average pool the fused LIF kernel can apply itself (:func:`~snncompile.kernels.fused_lif_pool_inference`):
+    """An average pool the fused LIF kernel can apply itself (:func:`~snncompile.kernels.fused_lif_pool`):
     a square power-of-two window, stride = window, no padding, exact in ``dtype``."""
     return (_pools_exactly(pool, dtype) and isinstance(pool.kernel_size, int)
             and pool.stride in (pool.kernel_size, (pool.kernel_size, pool.kernel_size)))

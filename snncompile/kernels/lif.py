@@ -200,8 +200,8 @@ def fused_lif_pool(currents: Tensor, k_tau1: float, v_th: float, a: float, pool:
     channels_last). The spikes themselves are never written: one read of the currents and a write of a
     pool^2 times smaller tensor, where the LIF then the pool write the spikes and read them back (and, in
     training, write and read their gradient). Neurons in rows/columns the floor drops feed nothing: the
-    kernels skip them and their gradient is zero. ``pool`` must be a power of two: the mean of 0/1 spikes is then exact, so the result
-    and the gradients are those of the LIF then the pool."""
+    kernels skip them and their gradient is zero. ``pool`` must be a power of two: the mean of 0/1 spikes
+    is then exact, so the result and the gradients are those of the LIF then the pool."""
     if pool < 1 or pool & (pool - 1):
         raise ValueError(f"fused LIF + pool needs a power-of-two window, got {pool}")
     return _FusedLIFPool.apply(currents, float(k_tau1), float(v_th), float(a), int(pool), out_dtype)
