@@ -3,6 +3,7 @@ resume under 2 ranks, bad launches."""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -26,7 +27,16 @@ def torchrun(args, out, nproc=2, script=None, env_extra=None):
     cmd += args
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
     env.update({"OMP_NUM_THREADS": "1", **(env_extra or {})})
-    return subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
+    result = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
+    if (result.returncode != 0 and "terminate called without an active exception" in result.stderr
+            and "final test accuracy" in result.stdout and "--resume" not in args):
+        # Known gloo teardown race under load (open, see the session-7 note): a rank aborts at exit after
+        # training finished on every rank. One fresh relaunch into an emptied --out; any other failure, a
+        # resumed run, or a second abort still fails.
+        shutil.rmtree(out)
+        out.mkdir()
+        result = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
+    return result
 
 
 def train_args(out, batch, extra=()):
