@@ -164,3 +164,41 @@ def test_tensorrt_rtx_engines_are_portable_and_say_where_they_were_built(tmp_pat
         assert side["gpu"] == "no GPU (ahead-of-time build)"
     else:  # built here or anywhere: only the TensorRT-RTX version must match
         check_engine_matches({**side, "gpu": "another GPU", "compute_capability": "8.6"})
+
+
+def _runtime_members(source: str) -> dict[str, set[str]]:
+    """Attributes the runner reads from ``self.engine`` / ``self.context`` and from ``trt.Runtime(...)``."""
+    import ast
+
+    used: dict[str, set[str]] = {"ICudaEngine": set(), "IExecutionContext": set(), "Runtime": set()}
+    owners = {"engine": "ICudaEngine", "context": "IExecutionContext"}
+    for node in ast.walk(ast.parse(source)):
+        if not isinstance(node, ast.Attribute):
+            continue
+        base = node.value
+        if isinstance(base, ast.Attribute) and isinstance(base.value, ast.Name) and base.value.id == "self" \
+                and base.attr in owners:
+            used[owners[base.attr]].add(node.attr)
+        if isinstance(base, ast.Call) and isinstance(base.func, ast.Attribute) and base.func.attr == "Runtime":
+            used["Runtime"].add(node.attr)
+    return used
+
+
+@pytest.mark.trt
+@pytest.mark.skipif(not HAVE_TRT, reason="TensorRT not installed")
+def test_runner_calls_only_runtime_api_that_exists():
+    """No engine runs without a GPU TensorRT supports, so the runner's runtime calls are checked by name
+    against the installed TensorRT's classes: a misspelt or removed API fails here, not on a user's GPU."""
+    import inspect
+
+    from snncompile.backends import trt as trt_backend
+
+    trt = trt_backend.tensorrt_module()
+    used = _runtime_members(inspect.getsource(trt_backend.TrtRunner))
+    assert {"execute_async_v3", "set_tensor_address", "set_input_shape"} <= used["IExecutionContext"]
+    assert {"create_execution_context", "get_tensor_mode", "num_io_tensors"} <= used["ICudaEngine"]
+    assert used["Runtime"] == {"deserialize_cuda_engine"}
+    missing = [f"{cls}.{name}" for cls, names in used.items() for name in sorted(names)
+               if not hasattr(getattr(trt, cls), name)]
+    assert not missing, f"{trt.__name__} {trt.__version__} lacks {missing}"
+    assert {"INPUT", "OUTPUT"} <= set(trt.TensorIOMode.__members__)
