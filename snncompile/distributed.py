@@ -67,6 +67,14 @@ def init_distributed(device_type: str, timeout_s: float = 600.0) -> DistContext:
     if device_type == "cuda":
         torch.cuda.set_device(local)
     if not dist.is_initialized():
+        # Before the group exists: DistributedDataParallel's constructor imports torch.distributed.nn, whose
+        # functions default to ``group=group.WORLD``, evaluated at import. Imported after init, ten defaults
+        # hold the group forever, destroy_process_group cannot free it, and gloo's worker threads live on
+        # into interpreter shutdown, where one still releasing a finished all-reduce's tensor takes the GIL
+        # and aborts the process ("terminate called without an active exception"). Imported first, the
+        # defaults are None.
+        import torch.distributed.nn  # noqa: F401
+
         dist.init_process_group(backend, timeout=_dt.timedelta(seconds=timeout_s))
     return DistContext(rank, world, local, backend)
 
