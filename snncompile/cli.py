@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from . import __version__
-from .backends.base import PRECISIONS, TORCH_FAST_PRECISIONS  # numpy only: the runtimes load lazily
+from .backends.base import PRECISIONS, RUNNERS, TORCH_FAST_PRECISIONS  # numpy only: the runtimes load lazily
 from .errors import SnnCompileError
 
 __all__ = ["main", "cli"]
@@ -135,7 +135,7 @@ def build(run, precision, batch, workspace_mb, timing_cache, model_file) -> None
 
 @cli.command()
 @click.argument("run", type=click.Path(file_okay=False, path_type=Path))
-@click.option("--runner", "runners", multiple=True, help="Runner(s) to check (default: every available one but torch and the opt-in torch-compile).")
+@click.option("--runner", "runners", multiple=True, type=click.Choice(list(RUNNERS)), help="Runner(s) to check (default: every available one but torch and the opt-in torch-compile).")
 @click.option("--precision", type=click.Choice(TORCH_FAST_PRECISIONS), default=None,
               help="Tolerance preset, and what torch-fast/trt compute at (default: the export's precision, fp32 unless "
                    "exported with --precision; tf32x2: torch-fast's fp32-accurate split-TF32 spike layers).")

@@ -55,3 +55,9 @@ def test_missing_config_and_bad_resume_are_one_line(tmp_path):
     assert r.exit_code == 2 and r.output.strip().splitlines() == [f"error: config file not found: {tmp_path / 'missing.toml'}"]
     r = runner.invoke(cli, ["train", "--resume", str(tmp_path)])
     assert r.exit_code == 1 and len(r.output.strip().splitlines()) == 1 and "manifest.json is missing" in r.output
+
+
+def test_unknown_verify_runner_is_a_usage_error_before_any_work(tmp_path):
+    r = CliRunner().invoke(cli, ["verify", str(tmp_path), "--runner", "tensorflow"])  # tmp_path is no run: not read
+    assert r.exit_code == 2
+    assert "Invalid value for '--runner': 'tensorflow' is not one of 'torch', 'torch-fast'" in r.output
