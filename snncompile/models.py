@@ -130,6 +130,12 @@ class NeuNormCell(nn.Module):
         return (x,), y, None
 
 
+# The Triton kernels index with 32-bit integers (t * N + i): a layer of 2^31 or more neuron-steps (8 GiB of
+# fp32 currents, e.g. a 128x64x64 map at T = 8 and batch 512) takes the pure-torch scan instead of
+# overflowing into wrong memory.
+_KERNEL_INDEX_LIMIT = 2**31
+
+
 def _pools_exactly(module: nn.Module, dtype: torch.dtype) -> bool:
     """An average pool whose every output, on 0/1 spikes, is exact in ``dtype``: a k x k window with
     k^2 a power of two and no padding gives m / k^2 (m <= k^2 ones), which needs log2(k^2) significand
@@ -275,7 +281,8 @@ class SpikingNetwork(nn.Module):
         for i, stage in enumerate(stages):
             if i == pooled_by_lif:
                 continue
-            if self.fused_lif and isinstance(stage, LIFCell) and (record is None or not torch.is_grad_enabled()):
+            if (self.fused_lif and isinstance(stage, LIFCell) and (record is None or not torch.is_grad_enabled())
+                    and h.numel() < _KERNEL_INDEX_LIMIT):
                 from .kernels import fused_lif, fused_lif_inference, fused_lif_pool
 
                 p = stage.params

@@ -155,3 +155,26 @@ def test_fused_spikes_are_reduced_only_where_a_conv_or_linear_casts_them_anyway(
     with torch.autocast("cpu", dtype=torch.float16):
         assert _spike_dtype(i, [nn.AvgPool2d(32), nn.Conv2d(1, 1, 3)]) == torch.float16  # 1024 <= 2^11
     assert _spike_dtype(i, to_conv) == _spike_dtype(i, to_pool) == torch.float32
+
+
+def test_layers_too_large_for_32_bit_kernel_indices_take_the_torch_scan(monkeypatch):
+    """The Triton kernels index t * N + i in 32 bits, so a layer of 2^31 or more neuron-steps runs the
+    pure-torch scan. The limit is lowered here to this small layer's size to exercise both sides of it."""
+    import snncompile.kernels as kernels
+    import snncompile.models as models
+
+    assert models._KERNEL_INDEX_LIMIT == 2**31
+    calls = []
+    for name in ("fused_lif", "fused_lif_pool", "fused_lif_inference"):
+        monkeypatch.setattr(kernels, name, lambda h, *a, _n=name, **k: calls.append(_n) or h[..., ::2, ::2])
+    net = SpikingNetwork("4C3-AP2-Voting", (1, 8, 8), LIFParams(), classes=2, vote_group=1)
+    x = torch.randn(3, 2, 1, 8, 8)
+    layer = 3 * 2 * 4 * 8 * 8  # neuron-steps of the LIF layer
+    reference = net.run_stages(x, net.stages[:3])
+    net.fused_lif = True
+    monkeypatch.setattr(models, "_KERNEL_INDEX_LIMIT", layer + 1)
+    net.run_stages(x, net.stages[:3])
+    assert calls == ["fused_lif_pool"]  # below the limit: the kernel
+    calls.clear()
+    monkeypatch.setattr(models, "_KERNEL_INDEX_LIMIT", layer)
+    assert torch.equal(net.run_stages(x, net.stages[:3]), reference) and calls == []
