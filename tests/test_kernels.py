@@ -296,3 +296,52 @@ def test_zoo_inference_with_the_pool_fused_into_the_lif_gives_the_same_scores(pa
     assert len(calls) == 2 * pools_after_lif  # fp32 and bf16 passes
     if "bench-" in str(path):  # no NeuNorm between their LIFs and pools: the fused pool must have run
         assert pools_after_lif == 2
+
+
+COMPILE_FOR_SM90 = '''
+import inspect
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from snncompile.kernels import _triton as K
+
+def signature(fn, ptrs):
+    args = inspect.signature(fn.fn).parameters
+    floats = {"k_tau1", "v_th", "half_a", "inv_a"}
+    return {a: ptrs.get(a) or ("constexpr" if a.isupper() else "fp32" if a in floats else "i32") for a in args}
+
+variants = []
+for cur, out in [("fp32", "fp32"), ("bf16", "bf16"), ("fp16", "fp16"), ("bf16", "fp32")]:  # lif.py's (currents, spikes)
+    for save in (True, False):
+        ptrs = {"i_ptr": "*" + cur, "o_ptr": "*" + out, "u_ptr": "*fp32" if save else "*" + out}
+        variants.append((K.lif_forward, ptrs, {"T": 8, "SAVE_U": save, "STORE_O": True, "BLOCK": 1024}))
+        variants += [(K.lif_pool_forward, ptrs, {"T": 8, "K": k, "SAVE_U": save, "BLOCK": 256}) for k in (2, 4)]
+for cur in ("bf16", "fp16"):  # backward's membrane recompute from 16-bit currents: membrane only
+    variants.append((K.lif_forward, {"i_ptr": "*" + cur, "o_ptr": "*fp32", "u_ptr": "*fp32"},
+                     {"T": 8, "SAVE_U": True, "STORE_O": False, "BLOCK": 1024}))
+for grad, grad_in, bf16 in [("fp32", "fp32", False), ("bf16", "i16", True), ("fp16", "fp32", False)]:
+    variants.append((K.lif_backward, {"u_ptr": "*fp32", "go_ptr": "*" + grad, "gi_ptr": "*" + grad_in},
+                     {"T": 8, "GRAD_BF16": bf16, "BLOCK": 1024}))
+    variants += [(K.lif_pool_backward, {"u_ptr": "*fp32", "gp_ptr": "*" + grad, "gi_ptr": "*" + grad_in},
+                  {"T": 8, "K": k, "GRAD_BF16": bf16, "BLOCK": 256}) for k in (2, 4)]
+for fn, ptrs, constants in variants:
+    compiled = triton.compile(ASTSource(fn, signature(fn, ptrs), constants), target=GPUTarget("cuda", 90, 32))
+    assert compiled.asm["cubin"], (fn.__name__, ptrs, constants)
+print("compiled", len(variants))
+'''
+
+
+def test_every_kernel_variant_compiles_for_an_h100_without_one():
+    """The interpreter runs the kernels on numpy and forgives what the compiler rejects (types, casts,
+    shapes); so every variant lif.py launches (dtypes, membrane kept or not, 2x2/4x4 pools, bf16 gradient
+    store) is compiled ahead of time to an sm_90 cubin here, no GPU needed, in a fresh interpreter
+    because this module switched Triton to interpret mode."""
+    import subprocess
+    import sys
+
+    backends = pytest.importorskip("triton.backends.nvidia")  # ships ptxas with the triton wheel
+    assert backends is not None
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", COMPILE_FOR_SM90], capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split() == ["compiled", "35"]
