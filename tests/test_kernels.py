@@ -304,6 +304,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from snncompile.kernels import _triton as K
+from snncompile.kernels.lif import pool_block
 
 def signature(fn, ptrs):
     args = inspect.signature(fn.fn).parameters
@@ -315,7 +316,8 @@ for cur, out in [("fp32", "fp32"), ("bf16", "bf16"), ("fp16", "fp16"), ("bf16", 
     for save in (True, False):
         ptrs = {"i_ptr": "*" + cur, "o_ptr": "*" + out, "u_ptr": "*fp32" if save else "*" + out}
         variants.append((K.lif_forward, ptrs, {"T": 8, "SAVE_U": save, "STORE_O": True, "BLOCK": 1024}))
-        variants += [(K.lif_pool_forward, ptrs, {"T": 8, "K": k, "SAVE_U": save, "BLOCK": 256}) for k in (2, 4)]
+        variants += [(K.lif_pool_forward, ptrs, {"T": 8, "K": k, "SAVE_U": save, "BLOCK": pool_block(k)})
+                     for k in (2, 4)]
 for cur in ("bf16", "fp16"):  # backward's membrane recompute from 16-bit currents: membrane only
     variants.append((K.lif_forward, {"i_ptr": "*" + cur, "o_ptr": "*fp32", "u_ptr": "*fp32"},
                      {"T": 8, "SAVE_U": True, "STORE_O": False, "BLOCK": 1024}))
@@ -323,7 +325,7 @@ for grad, grad_in, bf16 in [("fp32", "fp32", False), ("bf16", "i16", True), ("fp
     variants.append((K.lif_backward, {"u_ptr": "*fp32", "go_ptr": "*" + grad, "gi_ptr": "*" + grad_in},
                      {"T": 8, "GRAD_BF16": bf16, "BLOCK": 1024}))
     variants += [(K.lif_pool_backward, {"u_ptr": "*fp32", "gp_ptr": "*" + grad, "gi_ptr": "*" + grad_in},
-                  {"T": 8, "K": k, "GRAD_BF16": bf16, "BLOCK": 256}) for k in (2, 4)]
+                  {"T": 8, "K": k, "GRAD_BF16": bf16, "BLOCK": pool_block(k)}) for k in (2, 4)]
 for fn, ptrs, constants in variants:
     compiled = triton.compile(ASTSource(fn, signature(fn, ptrs), constants), target=GPUTarget("cuda", 90, 32))
     assert compiled.asm["cubin"], (fn.__name__, ptrs, constants)

@@ -164,10 +164,10 @@ class _FusedLIFPool(torch.autograd.Function):
         save = ctx.needs_input_grad[0]
         recompute = save and cur.element_size() < 4
         membrane = torch.empty_like(cur, dtype=torch.float32) if save and not recompute else None
-        grid = ((n_out + _POOL_BLOCK - 1) // _POOL_BLOCK,)
-        fwd[grid](cur, out, membrane if membrane is not None else out, n_out, shape[2], shape[3], shape[4],
-                  *cur.stride(), *out.stride(), float(k_tau1), float(v_th), T=shape[0], K=pool,
-                  SAVE_U=membrane is not None, BLOCK=_POOL_BLOCK)
+        block = pool_block(pool)
+        fwd[((n_out + block - 1) // block,)](cur, out, membrane if membrane is not None else out, n_out, shape[2],
+                                              shape[3], shape[4], *cur.stride(), *out.stride(), float(k_tau1),
+                                              float(v_th), T=shape[0], K=pool, SAVE_U=membrane is not None, BLOCK=block)
         if save:
             ctx.save_for_backward(cur if recompute else membrane)
         ctx.recompute = recompute
@@ -186,10 +186,11 @@ class _FusedLIFPool(torch.autograd.Function):
         bf16 = dtype == torch.bfloat16
         allocate = torch.zeros_like if dropped else torch.empty_like
         grad_in = allocate(membrane, dtype=torch.bfloat16 if bf16 else torch.float32)
-        grid = ((n_out + _POOL_BLOCK - 1) // _POOL_BLOCK,)
-        bwd[grid](membrane, grad_pooled, grad_in.view(torch.int16) if bf16 else grad_in, n_out, shape[2], shape[3],
-                  shape[4], *membrane.stride(), *grad_pooled.stride(), float(k_tau1), float(v_th), a / 2, 1.0 / a,
-                  T=shape[0], K=pool, GRAD_BF16=bf16, BLOCK=_POOL_BLOCK)
+        block = pool_block(pool)
+        bwd[((n_out + block - 1) // block,)](membrane, grad_pooled, grad_in.view(torch.int16) if bf16 else grad_in,
+                                              n_out, shape[2], shape[3], shape[4], *membrane.stride(),
+                                              *grad_pooled.stride(), float(k_tau1), float(v_th), a / 2, 1.0 / a,
+                                              T=shape[0], K=pool, GRAD_BF16=bf16, BLOCK=block)
         return grad_in.to(dtype), None, None, None, None, None
 
 
@@ -207,7 +208,11 @@ def fused_lif_pool(currents: Tensor, k_tau1: float, v_th: float, a: float, pool:
     return _FusedLIFPool.apply(currents, float(k_tau1), float(v_th), float(a), int(pool), out_dtype)
 
 
-_POOL_BLOCK = 256  # pooled outputs per program; x pool^2 neurons in registers
+def pool_block(pool: int) -> int:
+    """Pooled outputs per program of the fused LIF + pool kernels: 1024 neurons (their windows) whatever
+    the pool, which holds registers per thread at ptxas's count for 2x2 (56-80 on sm_90, no spills); a
+    fixed 256 outputs gave 4x4 pools 208-221, a quarter of the resident warps."""
+    return 1024 // (pool * pool)
 
 
 def _is_channels_last(x: Tensor) -> bool:
