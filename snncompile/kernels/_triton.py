@@ -56,14 +56,22 @@ def lif_backward(u_ptr, go_ptr, gi_ptr, n, k_tau1, v_th, half_a, inv_a, T: tl.co
 
 @triton.jit
 def pool_windows(n_out, channels, height_out, width_out, s_n, s_c, s_h, s_w, o_s_n, o_s_c, o_s_h, o_s_w,
-                 K: tl.constexpr, BLOCK: tl.constexpr):
+                 K: tl.constexpr, CHANNELS_LAST: tl.constexpr, BLOCK: tl.constexpr):
     """This program's BLOCK pooled outputs (n, c, ho, wo): their mask, the element offsets of their
-    K*K input neurons ``[BLOCK, K*K]`` and their own offsets ``[BLOCK]``, in step 0."""
+    K*K input neurons ``[BLOCK, K*K]`` and their own offsets ``[BLOCK]``, in step 0. Neighbouring outputs
+    are neighbours in memory: wo varies fastest in NCHW, c in channels_last, so that a warp's loads of one
+    window position fall in a few whole sectors (with wo fastest in channels_last, each thread's 4 bytes
+    would cost a 32-byte sector of its own)."""
     idx = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = idx < n_out
-    wo = idx % width_out
-    ho = (idx // width_out) % height_out
-    c = (idx // (width_out * height_out)) % channels
+    if CHANNELS_LAST:
+        c = idx % channels
+        wo = (idx // channels) % width_out
+        ho = (idx // (channels * width_out)) % height_out
+    else:
+        wo = idx % width_out
+        ho = (idx // width_out) % height_out
+        c = (idx // (width_out * height_out)) % channels
     n = idx // (width_out * height_out * channels)
     win = tl.arange(0, K * K)
     src = (n[:, None] * s_n + c[:, None] * s_c + (ho[:, None] * K + (win // K)[None, :]) * s_h
@@ -74,10 +82,10 @@ def pool_windows(n_out, channels, height_out, width_out, s_n, s_c, s_h, s_w, o_s
 @triton.jit
 def lif_pool_forward(i_ptr, o_ptr, u_ptr, n_out, channels, height_out, width_out, s_t, s_n, s_c, s_h, s_w,
                      o_s_t, o_s_n, o_s_c, o_s_h, o_s_w, k_tau1, v_th, T: tl.constexpr, K: tl.constexpr,
-                     SAVE_U: tl.constexpr, BLOCK: tl.constexpr):
+                     SAVE_U: tl.constexpr, CHANNELS_LAST: tl.constexpr, BLOCK: tl.constexpr):
     # one program: BLOCK pooled outputs x their K*K input neurons, all T steps in registers
     mask, src, dst = pool_windows(n_out, channels, height_out, width_out, s_n, s_c, s_h, s_w,
-                                  o_s_n, o_s_c, o_s_h, o_s_w, K, BLOCK)
+                                  o_s_n, o_s_c, o_s_h, o_s_w, K, CHANNELS_LAST, BLOCK)
     u = tl.zeros((BLOCK, K * K), dtype=tl.float32)
     o = tl.zeros((BLOCK, K * K), dtype=tl.float32)
     for t in tl.static_range(T):
@@ -94,10 +102,10 @@ def lif_pool_forward(i_ptr, o_ptr, u_ptr, n_out, channels, height_out, width_out
 @triton.jit
 def lif_pool_backward(u_ptr, gp_ptr, gi_ptr, n_out, channels, height_out, width_out, s_t, s_n, s_c, s_h, s_w,
                       g_s_t, g_s_n, g_s_c, g_s_h, g_s_w, k_tau1, v_th, half_a, inv_a, T: tl.constexpr,
-                      K: tl.constexpr, GRAD_BF16: tl.constexpr, BLOCK: tl.constexpr):
+                      K: tl.constexpr, GRAD_BF16: tl.constexpr, CHANNELS_LAST: tl.constexpr, BLOCK: tl.constexpr):
     # lif_backward's recurrence, with g_o[t] of each window neuron = g_pooled[t] / K^2 (avg_pool2d's backward)
     mask, src, dst = pool_windows(n_out, channels, height_out, width_out, s_n, s_c, s_h, s_w,
-                                  g_s_n, g_s_c, g_s_h, g_s_w, K, BLOCK)
+                                  g_s_n, g_s_c, g_s_h, g_s_w, K, CHANNELS_LAST, BLOCK)
     g_next = tl.zeros((BLOCK, K * K), dtype=tl.float32)
     for s in tl.static_range(T):
         t = T - 1 - s

@@ -167,7 +167,8 @@ class _FusedLIFPool(torch.autograd.Function):
         block = pool_block(pool)
         fwd[((n_out + block - 1) // block,)](cur, out, membrane if membrane is not None else out, n_out, shape[2],
                                               shape[3], shape[4], *cur.stride(), *out.stride(), float(k_tau1),
-                                              float(v_th), T=shape[0], K=pool, SAVE_U=membrane is not None, BLOCK=block)
+                                              float(v_th), T=shape[0], K=pool, SAVE_U=membrane is not None,
+                                              CHANNELS_LAST=_is_channels_last(cur), BLOCK=block)
         if save:
             ctx.save_for_backward(cur if recompute else membrane)
         ctx.recompute = recompute
@@ -190,7 +191,8 @@ class _FusedLIFPool(torch.autograd.Function):
         bwd[((n_out + block - 1) // block,)](membrane, grad_pooled, grad_in.view(torch.int16) if bf16 else grad_in,
                                               n_out, shape[2], shape[3], shape[4], *membrane.stride(),
                                               *grad_pooled.stride(), float(k_tau1), float(v_th), a / 2, 1.0 / a,
-                                              T=shape[0], K=pool, GRAD_BF16=bf16, BLOCK=block)
+                                              T=shape[0], K=pool, GRAD_BF16=bf16,
+                                              CHANNELS_LAST=_is_channels_last(membrane), BLOCK=block)
         return grad_in.to(dtype), None, None, None, None, None
 
 
