@@ -36,6 +36,7 @@ class DistContext:
     world_size: int = 1
     local_rank: int = 0
     backend: str = "none"
+    owns_group: bool = False  # init_distributed created the process group (so destroy() ends it)
 
     @property
     def enabled(self) -> bool:
@@ -66,7 +67,8 @@ def init_distributed(device_type: str, timeout_s: float = 600.0) -> DistContext:
     backend = "nccl" if device_type == "cuda" else "gloo"
     if device_type == "cuda":
         torch.cuda.set_device(local)
-    if not dist.is_initialized():
+    owns_group = not dist.is_initialized()  # a group the caller set up stays theirs, alive after training
+    if owns_group:
         # Before the group exists: DistributedDataParallel's constructor imports torch.distributed.nn, whose
         # functions default to ``group=group.WORLD``, evaluated at import. Imported after init, ten defaults
         # hold the group forever, destroy_process_group cannot free it, and gloo's worker threads live on
@@ -76,7 +78,7 @@ def init_distributed(device_type: str, timeout_s: float = 600.0) -> DistContext:
         import torch.distributed.nn  # noqa: F401
 
         dist.init_process_group(backend, timeout=_dt.timedelta(seconds=timeout_s))
-    return DistContext(rank, world, local, backend)
+    return DistContext(rank, world, local, backend if owns_group else dist.get_backend(), owns_group)
 
 
 def all_reduce_sum(values: list[float], ctx: DistContext, device: torch.device) -> list[float]:
@@ -94,7 +96,8 @@ def shard_indices(n: int, ctx: DistContext) -> torch.Tensor:
 
 
 def destroy(ctx: DistContext) -> None:
-    if ctx.enabled and dist.is_initialized():
+    """End the process group :func:`init_distributed` started (one the caller started is left to them)."""
+    if ctx.owns_group and dist.is_initialized():
         dist.destroy_process_group()
 
 

@@ -152,3 +152,31 @@ def test_process_group_is_freed_when_training_ends(tmp_path):
     for rank in (0, 1):
         before, after = (tmp_path / f"threads{rank}").read_text().split()
         assert before == after, f"{after} native threads after training, {before} before: the process group was kept"
+
+
+def test_a_process_group_the_caller_started_stays_theirs(tmp_path):
+    """A library user who starts the group can train twice in one process (a second init_process_group over
+    torchrun's store is not reliable in torch); train() leaves their group running and uses its backend."""
+    script = tmp_path / "twice.py"
+    script.write_text(textwrap.dedent(f"""
+        import json, os, sys
+        from pathlib import Path
+        import torch.distributed as dist
+        from snncompile.config import load_config
+        from snncompile.train import train
+        dist.init_process_group("gloo")
+        cfg = load_config({str(REPO / "models" / "digits.toml")!r}, {[*SETTINGS, "train.epochs=1", "data.batch_size=16"]!r})
+        out = Path(sys.argv[1])
+        alive = []
+        for i in range(2):
+            train(cfg, out / str(i), progress=False, echo=lambda s: None)
+            alive.append(dist.is_initialized())
+        dist.destroy_process_group()
+        (out / ("alive" + os.environ["RANK"])).write_text(json.dumps(alive))
+    """))
+    result = torchrun([str(tmp_path)], script=str(script))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert [json.loads((tmp_path / f"alive{rank}").read_text()) for rank in (0, 1)] == [[True, True]] * 2
+    for i in (0, 1):
+        (run,) = (tmp_path / str(i) / "digits").iterdir()  # rank 0 wrote each run once
+        assert json.loads((run / "manifest.json").read_text())["distributed"]["backend"] == "gloo"
