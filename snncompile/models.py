@@ -29,6 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from .errors import ConfigError
+from .kernels.lif import INDEX_LIMIT as _KERNEL_INDEX_LIMIT  # lif.py imports no Triton
 from .layers import NeuNorm, Voting
 from .memory import mark_spikes
 from .neurons import LIFParams, lif_step
@@ -128,12 +129,6 @@ class NeuNormCell(nn.Module):
         """Returns (new state, normalised output, None); ``state`` None is the zero initial state."""
         x, y = self.norm.step(state[0] if state is not None else self.norm.initial_state(spikes), spikes)
         return (x,), y, None
-
-
-# The Triton kernels index with 32-bit integers (t * N + i): a layer of 2^31 or more neuron-steps (8 GiB of
-# fp32 currents, e.g. a 128x64x64 map at T = 8 and batch 512) takes the pure-torch scan instead of
-# overflowing into wrong memory.
-_KERNEL_INDEX_LIMIT = 2**31
 
 
 def _pools_exactly(module: nn.Module, dtype: torch.dtype) -> bool:
@@ -281,6 +276,7 @@ class SpikingNetwork(nn.Module):
         for i, stage in enumerate(stages):
             if i == pooled_by_lif:
                 continue
+            # past the kernels' 32-bit indexing, the pure-torch scan
             if (self.fused_lif and isinstance(stage, LIFCell) and (record is None or not torch.is_grad_enabled())
                     and h.numel() < _KERNEL_INDEX_LIMIT):
                 from .kernels import fused_lif, fused_lif_inference, fused_lif_pool

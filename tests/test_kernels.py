@@ -348,3 +348,19 @@ def test_every_kernel_variant_compiles_for_an_h100_without_one():
     result = subprocess.run([sys.executable, "-c", COMPILE_FOR_SM90], capture_output=True, text=True, env=env, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.split() == ["compiled", "57"]
+
+
+def test_kernel_entry_points_refuse_tensors_past_32_bit_indexing(monkeypatch):
+    """Called directly, a fused kernel given 2^31 or more elements raises instead of indexing wrong memory
+    (the limit lowered to this tensor's size: 2^31 elements cannot be allocated in a test)."""
+    from snncompile.kernels import fused_lif_inference, fused_lif_pool, lif
+
+    assert lif.INDEX_LIMIT == 2**31
+    currents = torch.randn(2, 1, 1, 4, 4, device=DEVICE)
+    monkeypatch.setattr(lif, "INDEX_LIMIT", currents.numel())
+    for call in (lambda: fused_lif(currents, P.k_tau1, P.v_th, P.a), lambda: fused_lif_inference(currents, P.k_tau1, P.v_th),
+                 lambda: fused_lif_pool(currents, P.k_tau1, P.v_th, P.a, 2)):
+        with pytest.raises(ValueError, match="index in 32 bits: 32 elements >= 2\\^31"):
+            call()
+    monkeypatch.setattr(lif, "INDEX_LIMIT", currents.numel() + 1)
+    assert torch.equal(fused_lif(currents, P.k_tau1, P.v_th, P.a), lif_scan(currents, P))

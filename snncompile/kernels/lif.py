@@ -69,7 +69,16 @@ def _time_major_dense(x: Tensor) -> bool:
             and step.is_contiguous(memory_format=torch.channels_last))
 
 
+# The kernels index t * N + i with 32-bit integers: a tensor of 2^31 or more elements (8 GiB of fp32
+# currents, e.g. a 128x64x64 map at T = 8 and batch 512) would read and write wrong memory.
+INDEX_LIMIT = 2**31
+
+
 def _dense(x: Tensor) -> Tensor:
+    """``x`` in a layout the kernels index (copied if needed); a ValueError past their 32-bit indexing."""
+    if x.numel() >= INDEX_LIMIT:
+        raise ValueError(f"the fused LIF kernels index in 32 bits: {x.numel()} elements >= 2^31 "
+                         "(use the pure-torch scan, as SpikingNetwork does for such layers)")
     return x if _time_major_dense(x) else x.contiguous()
 
 
