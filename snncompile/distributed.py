@@ -13,10 +13,20 @@ import datetime as _dt
 import os
 import re
 import signal
+import warnings
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+# Imported before any process group exists, so at import of snncompile (a caller who starts their own group
+# imports us first): DistributedDataParallel's constructor imports torch.distributed.nn, whose functions
+# default to ``group=group.WORLD``, evaluated at import. Imported after init, ten defaults hold the group
+# forever, destroy_process_group cannot free it, and gloo's worker threads live on into interpreter shutdown,
+# where one still releasing a finished all-reduce's tensor takes the GIL and aborts the process ("terminate
+# called without an active exception"). Imported first, the defaults are None.
+if dist.is_available():
+    import torch.distributed.nn  # noqa: F401
 
 from .errors import ConfigError, SnnCompileError
 
@@ -69,16 +79,18 @@ def init_distributed(device_type: str, timeout_s: float = 600.0) -> DistContext:
         torch.cuda.set_device(local)
     owns_group = not dist.is_initialized()  # a group the caller set up stays theirs, alive after training
     if owns_group:
-        # Before the group exists: DistributedDataParallel's constructor imports torch.distributed.nn, whose
-        # functions default to ``group=group.WORLD``, evaluated at import. Imported after init, ten defaults
-        # hold the group forever, destroy_process_group cannot free it, and gloo's worker threads live on
-        # into interpreter shutdown, where one still releasing a finished all-reduce's tensor takes the GIL
-        # and aborts the process ("terminate called without an active exception"). Imported first, the
-        # defaults are None.
-        import torch.distributed.nn  # noqa: F401
-
         dist.init_process_group(backend, timeout=_dt.timedelta(seconds=timeout_s))
+    elif _defaults_hold_a_group():
+        warnings.warn("the process group was started before snncompile was imported, so torch.distributed.nn's "
+                      "default arguments hold it and its threads outlive destroy_process_group (the process may "
+                      "abort at exit): import snncompile before init_process_group", RuntimeWarning, stacklevel=2)
     return DistContext(rank, world, local, backend if owns_group else dist.get_backend(), owns_group)
+
+
+def _defaults_hold_a_group() -> bool:
+    """Whether torch.distributed.nn was imported while a group existed (see the import at the top)."""
+    functions = vars(torch.distributed.nn.functional).values()
+    return any(isinstance(d, dist.ProcessGroup) for f in functions for d in getattr(f, "__defaults__", None) or ())
 
 
 def all_reduce_sum(values: list[float], ctx: DistContext, device: torch.device) -> list[float]:

@@ -156,14 +156,18 @@ def test_process_group_is_freed_when_training_ends(tmp_path):
 
 def test_a_process_group_the_caller_started_stays_theirs(tmp_path):
     """A library user who starts the group can train twice in one process (a second init_process_group over
-    torchrun's store is not reliable in torch); train() leaves their group running and uses its backend."""
+    torchrun's store is not reliable in torch); train() leaves their group running and uses its backend, and
+    their destroy_process_group frees it (its native threads joined, so nothing is left to abort at exit)."""
     script = tmp_path / "twice.py"
     script.write_text(textwrap.dedent(f"""
-        import json, os, sys
+        import json, os, sys, threading
         from pathlib import Path
         import torch.distributed as dist
         from snncompile.config import load_config
         from snncompile.train import train
+        def native_threads():
+            return len(os.listdir("/proc/self/task")) - threading.active_count()
+        before = native_threads()
         dist.init_process_group("gloo")
         cfg = load_config({str(REPO / "models" / "digits.toml")!r}, {[*SETTINGS, "train.epochs=1", "data.batch_size=16"]!r})
         out = Path(sys.argv[1])
@@ -172,11 +176,43 @@ def test_a_process_group_the_caller_started_stays_theirs(tmp_path):
             train(cfg, out / str(i), progress=False, echo=lambda s: None)
             alive.append(dist.is_initialized())
         dist.destroy_process_group()
-        (out / ("alive" + os.environ["RANK"])).write_text(json.dumps(alive))
+        seen = {{"alive": alive, "threads": [before, native_threads()]}}
+        (out / ("seen" + os.environ["RANK"])).write_text(json.dumps(seen))
     """))
     result = torchrun([str(tmp_path)], script=str(script))
     assert result.returncode == 0, result.stderr[-3000:]
-    assert [json.loads((tmp_path / f"alive{rank}").read_text()) for rank in (0, 1)] == [[True, True]] * 2
+    for rank in (0, 1):
+        seen = json.loads((tmp_path / f"seen{rank}").read_text())
+        assert seen["alive"] == [True, True]
+        before, after = seen["threads"]
+        assert before == after, f"{after} native threads after destroy_process_group, {before} before: the group was kept"
     for i in (0, 1):
         (run,) = (tmp_path / str(i) / "digits").iterdir()  # rank 0 wrote each run once
         assert json.loads((run / "manifest.json").read_text())["distributed"]["backend"] == "gloo"
+
+
+@pytest.mark.parametrize("import_first", [True, False])
+def test_a_group_started_before_importing_snncompile_is_warned_about(import_first):
+    """Started before snncompile (so before torch.distributed.nn) was imported, a caller's group is captured by
+    torch.distributed.nn's default arguments and cannot be freed: train() says so and how to avoid it."""
+    lines = ["import warnings", "import torch.distributed as dist",
+             "dist.init_process_group('gloo', rank=0, world_size=1, store=dist.HashStore())",
+             "from snncompile.distributed import init_distributed",
+             "with warnings.catch_warnings(record=True) as caught:",
+             "    warnings.simplefilter('always')",
+             "    ctx = init_distributed('cpu')",
+             "dist.destroy_process_group()",
+             "print(ctx.backend, ctx.owns_group, [str(w.message) for w in caught])"]
+    if import_first:
+        lines.insert(0, "import snncompile.distributed")
+    env = {**os.environ, "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": "29999"}
+    result = subprocess.run([sys.executable, "-c", "\n".join(lines)], capture_output=True, text=True, cwd=REPO,
+                            env=env, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    backend, owns, caught = result.stdout.split(" ", 2)
+    assert (backend, owns) == ("gloo", "False")
+    if import_first:
+        assert caught.strip() == "[]"
+    else:
+        assert "import snncompile before init_process_group" in caught
