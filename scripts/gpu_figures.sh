@@ -151,6 +151,9 @@ bench_infer() {  # MODEL COMPILE_BATCHES TINY...: init, export both layouts, ben
     # what the CUDA graphs save: the same runners launching kernel by kernel
     snncompile bench "$run" --runners torch-fast,ort-cuda --no-cuda-graph --batch "$batches" $iters_s \
         | sed -n '/^model /,/^wrote/p'
+    # what cuDNN autotuning saves: torch-fast with cuDNN's heuristic algorithms (the reference's)
+    snncompile bench "$run" --runners torch-fast --no-cudnn-autotune --batch "$batches" $iters_s \
+        | sed -n '/^model /,/^wrote/p'
     # the per-timestep layout of the same network (the layout other tools export), for comparison
     snncompile bench "$run" --model model_per_step.onnx --runners ort-cuda --batch "$batches" $iters_s \
         | sed -n '/^model /,/^wrote/p'
@@ -190,6 +193,9 @@ infer_targets() {  # MODEL BATCHES TINY...: init, export both layouts, bench the
     # torch-loop: the plain per-timestep PyTorch loop on the GPU, the issue's first reference, side by side
     snncompile bench "$run" --runners torch-fast,ort-cuda,torch-loop --batch "$batch" $iters_s | sed -n '/^model /,/^wrote/p'
     cp "$run/bench.png" "$OUT/$model.png" 2>/dev/null || true
+    # torch-fast autotunes cuDNN (default since it was added, unmeasured before): the heuristic pick beside it
+    snncompile bench "$run" --runners torch-fast --no-cudnn-autotune --batch "$batch" $iters_s \
+        | sed -n '/^model /,/^wrote/p'
     snncompile bench "$run" --model model_per_step.onnx --runners ort-cuda --batch "$batch" $iters_s \
         | sed -n '/^model /,/^wrote/p'
     # with TF32 off the targets are below the fp32 arithmetic floor (README): the tensor-core precisions,
@@ -266,7 +272,7 @@ headline)
     # zoo network fused vs pure torch). Capped: a hang must not cost the figures after it
     stage "GPU tests" 60 timeout 150 python3 -m pytest -q -p no:cacheprovider "${xdist[@]}" tests/test_kernels.py \
         tests/test_bench_train.py tests/test_backends.py -k "not trt and (cuda or gpu or compact_spikes or exact_on_cpu \
-        or bf16_flips or opt_in or replays or half_precision or pooled_spikes or lif_pool or pool_fused or zoo_networks_fused)"
+        or bf16_flips or opt_in or replays or autotuning or half_precision or pooled_spikes or lif_pool or pool_fused or zoo_networks_fused)"
     # issue 6: where the bf16 step's time goes (it is 2-20x off its arithmetic), with the corrected peak memory
     stage "bench train bench-nmnist bf16, profile" 25 snncompile bench train models/bench-nmnist.toml \
         "${tiny_nmnist[@]}" --precision bf16 --profile "${steps[@]}"

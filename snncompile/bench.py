@@ -39,7 +39,8 @@ def _bench_input(run_dir: Path, batch: int, seed: int = 0) -> np.ndarray:
 
 def bench_run(run_dir: str | Path, runners: list[str] | None = None, batches: tuple[int, ...] = (1, 16, 128),
               warmup: int = 10, iters: int = 50, min_seconds: float = 0.0, progress: bool = True,
-              echo=print, model_file: str = "model.onnx", precision: str = "fp32", cuda_graph: bool = True) -> dict:
+              echo=print, model_file: str = "model.onnx", precision: str = "fp32", cuda_graph: bool = True,
+              cudnn_autotune: bool = True) -> dict:
     """Verify, then time every requested runner at every batch size (default: every available one but
     the opt-in ``torch-compile``).
 
@@ -47,7 +48,8 @@ def bench_run(run_dir: str | Path, runners: list[str] | None = None, batches: tu
     which are then verified with that precision's tolerances. ONNX Runtime runs the file as written: at
     fp32, or at the export's precision for a mixed-precision ``model_fp16.onnx``/``model_bf16.onnx``.
     ``cuda_graph=False``: torch-fast, torch-compile, ort-cuda and trt launch kernel by kernel (what the
-    graphs save)."""
+    graphs save). ``cudnn_autotune=False``: torch-fast keeps cuDNN's heuristic algorithms, the reference's
+    (what autotuning saves)."""
     run_dir = Path(run_dir)
     manifest = read_manifest(run_dir)
     export = manifest.get("exports", {}).get(model_file)
@@ -61,10 +63,11 @@ def bench_run(run_dir: str | Path, runners: list[str] | None = None, batches: tu
     if unknown:
         raise ConfigError(f"unknown runner(s) {', '.join(unknown)} (known: {', '.join(avail)})")
     results: dict = {"model": manifest.get("model"), "file": model_file, "order": export.get("order", "layer"), "T": export["T"], "batches": list(batches),
-                     "cuda_graph": cuda_graph,
+                     "cuda_graph": cuda_graph, "cudnn_autotune": cudnn_autotune,
                      "environment": environment(), "runners": {}}
     for name in names:
         numerics = runner_numerics(name, precision, export.get("precision", "fp32"))
+        options = runner_options(name, numerics, cuda_graph, cudnn_autotune)
         entry: dict = {"precision": numerics}
         results["runners"][name] = entry
         if avail[name] is not None:
@@ -81,11 +84,11 @@ def bench_run(run_dir: str | Path, runners: list[str] | None = None, batches: tu
                 export_run(run_dir, steps=export["T"], layers=True, order=export.get("order", "layer"),
                            precision=export.get("precision", "fp32"), n_random=_n_reference(run_dir), n_real=0)
             report = verify_run(run_dir, name, numerics, progress=False, model_file=layers_file,
-                                options=runner_options(name, numerics, cuda_graph))
+                                options=options)
             # ...and the timed file itself must predict what torch predicts (its scores may differ on
             # the samples where a numerical flip happened, which only the _layers graph can show).
             plain = verify_run(run_dir, name, numerics, progress=False, model_file=model_file,
-                               options=runner_options(name, numerics, cuda_graph))
+                               options=options)
             t = plain["top1"]
             changed = t["unambiguous"] - t["unambiguous_agree"]
             reasons = list(report["reasons"])
@@ -97,7 +100,7 @@ def bench_run(run_dir: str | Path, runners: list[str] | None = None, batches: tu
                 entry["skipped"] = "verify failed: " + "; ".join(reasons)
                 echo(f"{name}: skipped ({entry['skipped']})")
                 continue
-        with create_runner(name, run_dir, model_file, **runner_options(name, numerics, cuda_graph)) as runner:
+        with create_runner(name, run_dir, model_file, **options) as runner:
             entry["by_batch"] = {}
             for batch in batches:
                 x = _bench_input(run_dir, batch)
@@ -117,7 +120,7 @@ def bench_run(run_dir: str | Path, runners: list[str] | None = None, batches: tu
                 entry["by_batch"][str(batch)] = stats
                 if progress:
                     echo(f"{name} batch {batch}: p50 {stats['p50_ms']:.3f} ms")
-    stem = bench_stem(model_file, precision, cuda_graph)
+    stem = bench_stem(model_file, precision, cuda_graph, cudnn_autotune)
     results["stem"] = stem
     atomic_write_json(run_dir / f"{stem}.json", results)
     atomic_write_text(run_dir / f"{stem}.md", format_table(results) + "\n")
@@ -128,12 +131,13 @@ def bench_run(run_dir: str | Path, runners: list[str] | None = None, batches: tu
     return results
 
 
-def bench_stem(model_file: str, precision: str, cuda_graph: bool = True) -> str:
+def bench_stem(model_file: str, precision: str, cuda_graph: bool = True, cudnn_autotune: bool = True) -> str:
     """File stem of a bench's outputs: ``bench``, ``bench_model_per_step``, ``bench_bf16``,
-    ``bench_no_cuda_graph``, ... so that timing another file, precision or launch mode does not overwrite
-    the results of ``model.onnx`` at fp32 with graphs."""
+    ``bench_no_cuda_graph``, ``bench_no_autotune``, ... so that timing another file, precision or launch
+    mode does not overwrite the results of ``model.onnx`` at fp32 with graphs and autotuning."""
     parts = (["bench"] + ([Path(model_file).stem] if model_file != "model.onnx" else [])
-             + ([precision] if precision != "fp32" else []) + ([] if cuda_graph else ["no_cuda_graph"]))
+             + ([precision] if precision != "fp32" else []) + ([] if cuda_graph else ["no_cuda_graph"])
+             + ([] if cudnn_autotune else ["no_autotune"]))
     return "_".join(parts)
 
 

@@ -32,10 +32,11 @@ from typing import Callable
 import torch
 from torch import nn
 
+from .backends.pt import cudnn_autotuning
 from .config import Config
 from .memory import SavedActivations
 from .models import LayerSpec, network_from_config, parse_architecture
-from .train import cudnn_autotuning, loss_fn
+from .train import loss_fn
 
 __all__ = ["bench_train", "format_train_table"]
 

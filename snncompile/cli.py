@@ -226,7 +226,10 @@ def bench_train_cmd(model_toml, overrides, steps_t, batch, precision, steps, war
 @click.option("--cuda-graph/--no-cuda-graph", default=True, show_default=True,
               help="torch-fast, torch-compile, ort-cuda and trt replay a captured CUDA graph; off: kernel-by-kernel launches "
                    "(bench_no_cuda_graph.*), to see what the graphs save.")
-def bench_run_cmd(run, runners, batches, iters, warmup, model_file, precision, cuda_graph) -> None:
+@click.option("--cudnn-autotune/--no-cudnn-autotune", default=True, show_default=True,
+              help="torch-fast times cuDNN's algorithms per convolution shape and keeps the fastest; off: cuDNN's "
+                   "heuristic pick, the reference's (bench_no_autotune.*), to see what autotuning saves.")
+def bench_run_cmd(run, runners, batches, iters, warmup, model_file, precision, cuda_graph, cudnn_autotune) -> None:
     """Verify, then time every runner on RUN's export; writes bench.json, bench.md, bench.png."""
     from .bench import bench_run, format_table
     from .errors import ConfigError
@@ -237,7 +240,7 @@ def bench_run_cmd(run, runners, batches, iters, warmup, model_file, precision, c
         raise ConfigError(f"--batch expects comma-separated integers, got {batches!r}") from None
     names = [n.strip() for n in runners.split(",") if n.strip()] or None
     results = bench_run(run, names, sizes, warmup=warmup, iters=iters, echo=click.echo, model_file=model_file,
-                        precision=precision, cuda_graph=cuda_graph)
+                        precision=precision, cuda_graph=cuda_graph, cudnn_autotune=cudnn_autotune)
     click.echo(format_table(results))
     stem = results["stem"]
     click.echo(f"wrote {run / (stem + '.json')}, {stem}.md" + (f", {stem}.png" if (run / f"{stem}.png").exists() else ""))

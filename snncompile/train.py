@@ -10,7 +10,6 @@ the epoch, so a run resumed from the checkpoint of epoch e-1 replays epoch e exa
 
 from __future__ import annotations
 
-import contextlib
 import json
 import time
 from dataclasses import dataclass
@@ -25,6 +24,7 @@ from torch.utils.data import DistributedSampler
 
 from . import __version__
 from .artifacts import atomic_save, atomic_write_text, environment, new_run_dir, read_manifest, record_artifact, update_manifest
+from .backends.pt import cudnn_autotuning
 from .config import Config, dumps_toml
 from .data import Split, batches, load_dataset, to_time_major
 from .distributed import DistContext, all_reduce_sum, destroy, init_distributed, shard_indices, stop_on_peer_failure
@@ -33,7 +33,7 @@ from .memory import SavedActivations
 from .models import network_from_config
 from .runs import CHECKPOINT, CONFIG, METRICS, load_checkpoint, load_run_config
 
-__all__ = ["TrainResult", "train", "loss_fn", "evaluate", "resolve_device", "cudnn_autotuning"]
+__all__ = ["TrainResult", "train", "loss_fn", "evaluate", "resolve_device"]
 
 LOG_EVERY = 20  # steps between progress-bar metric updates (each one is a host sync)
 
@@ -53,17 +53,6 @@ def resolve_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise ConfigError("train.device is 'cuda' but no CUDA GPU is visible: use --set train.device=cpu")
     return torch.device(name)
-
-
-@contextlib.contextmanager
-def cudnn_autotuning(enabled: bool):
-    """``torch.backends.cudnn.benchmark`` set to ``enabled`` inside, restored after (a no-op off CUDA)."""
-    saved = torch.backends.cudnn.benchmark
-    torch.backends.cudnn.benchmark = enabled
-    try:
-        yield
-    finally:
-        torch.backends.cudnn.benchmark = saved
 
 
 def loss_fn(scores: Tensor, labels: Tensor, kind: str) -> Tensor:

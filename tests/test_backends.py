@@ -113,6 +113,21 @@ def test_torch_fast_bad_options_are_one_line(tmp_path):
             create_runner("torch-fast", run, cuda_graph=True)
 
 
+@pytest.mark.parametrize("autotune", [True, False])
+def test_torch_fast_forward_runs_under_its_cudnn_autotuning_setting(exported_run, monkeypatch, autotune):
+    """cuDNN autotuning is on inside torch-fast's forward (where CUDA-graph warm-up times each conv shape)
+    unless turned off, and the process-wide flag is restored after every call."""
+    import torch
+
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", not autotune)
+    with create_runner("torch-fast", exported_run, **({} if autotune else {"autotune": False})) as runner:
+        seen = []
+        forward = runner.graph.forward
+        monkeypatch.setattr(runner.graph, "forward", lambda x: seen.append(torch.backends.cudnn.benchmark) or forward(x))
+        runner.infer({"input": np.load(exported_run / "reference_inputs.npz")["random"][:, :2]})
+    assert seen == [autotune] and torch.backends.cudnn.benchmark is (not autotune)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA GPU")
 def test_torch_fast_on_cuda_replays_its_graph_and_verifies(tmp_path):

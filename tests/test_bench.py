@@ -107,6 +107,23 @@ def test_bench_a_mixed_precision_export_verifies_onnx_runtime_at_its_precision(e
     assert report["precision"] == "fp16" and report["layers_checked"]
 
 
+def test_no_cudnn_autotune_benches_separately_and_reaches_torch_fast(exported, monkeypatch):
+    from snncompile.backends import create_runner, runner_options
+
+    assert runner_options("torch-fast", cudnn_autotune=False) == {"precision": "fp32", "autotune": False}
+    assert runner_options("torch-fast") == {"precision": "fp32"}  # autotuned by default
+    assert runner_options("ort-cuda", cudnn_autotune=False) == {} and runner_options("torch", cudnn_autotune=False) == {}
+    made = []
+    monkeypatch.setattr("snncompile.bench.create_runner", lambda *a, **kw: made.append(kw) or create_runner(*a, **kw))
+    result = CliRunner().invoke(cli, ["bench", str(exported), "--runners", "torch-fast", "--batch", "2",
+                                      "--iters", "2", "--warmup", "0", "--no-cudnn-autotune"])
+    assert result.exit_code == 0, result.output
+    assert made == [{"precision": "fp32", "autotune": False}]
+    data = json.loads((exported / "bench_no_autotune.json").read_text())
+    assert data["cudnn_autotune"] is False and data["runners"]["torch-fast"]["verified"] is True
+    assert not (exported / "bench.json").exists()
+
+
 def test_no_cuda_graph_benches_separately_and_reaches_the_runners(exported, monkeypatch):
     from snncompile.backends import create_runner, runner_options
 

@@ -7,6 +7,10 @@ Same graph module as the torch reference (:class:`~snncompile.graphs.UnrolledGra
   kernel runs only in Triton's interpreter, which tests use);
 - on CUDA, the whole forward captured once per input shape in a CUDA graph and replayed: one launch
   per call instead of hundreds of kernel launches from Python;
+- on CUDA, cuDNN autotuned (``torch.backends.cudnn.benchmark``): each convolution shape is timed over
+  cuDNN's algorithms once, in the warm-up before the capture, and the fastest is kept (neither this pick
+  nor the heuristic one sums in the CPU reference's order; verify classifies the numerical flips either
+  may cause); ``autotune=False`` keeps cuDNN's heuristic pick, PyTorch's default;
 - ``precision``: ``fp32`` (TF32 off, spike-for-spike with the reference), ``tf32x2`` (fp32-accurate:
   the layers that read spikes run as two TF32 tensor-core passes, see :mod:`snncompile.split_tf32`;
   verified at the fp32 preset), ``tf32``, or ``fp16``/``bf16`` autocast for convs/linears; the membrane
@@ -24,7 +28,7 @@ import torch
 
 from ..errors import ConfigError, RunnerUnavailableError
 from .base import TORCH_FAST_PRECISIONS
-from .pt import TorchRunner, no_tf32, tf32_math
+from .pt import TorchRunner, cudnn_autotuning, no_tf32, tf32_math
 
 __all__ = ["TorchFastRunner"]
 
@@ -37,7 +41,7 @@ class TorchFastRunner(TorchRunner):
     name = "torch-fast"
 
     def __init__(self, run_dir: Path, model_file: str = "model.onnx", device: str = "auto", precision: str = "fp32",
-                 fused: bool | None = None, cuda_graph: bool | None = None):
+                 fused: bool | None = None, cuda_graph: bool | None = None, autotune: bool = True):
         if precision not in TORCH_FAST_PRECISIONS:
             raise ConfigError(f"torch-fast precision must be one of {', '.join(TORCH_FAST_PRECISIONS)}, got {precision!r}")
         if device == "auto":
@@ -55,6 +59,7 @@ class TorchFastRunner(TorchRunner):
         self.graph.order = "layer"
         self.graph.net.fused_lif = bool(fused)
         self.precision = precision
+        self.autotune = autotune
         self.split_layers = 0
         if precision == "tf32x2":
             from ..split_tf32 import apply_split_tf32
@@ -64,9 +69,10 @@ class TorchFastRunner(TorchRunner):
         self._captured: dict[tuple, tuple[torch.Tensor, tuple[torch.Tensor, ...], torch.cuda.CUDAGraph]] = {}
 
     def _numerics(self):
-        """The context the forward runs in: TF32 off for fp32, autocast for fp16/bf16."""
+        """The context the forward runs in: TF32 off for fp32, autocast for fp16/bf16, cuDNN autotuning."""
         stack = contextlib.ExitStack()
         stack.enter_context(torch.inference_mode())
+        stack.enter_context(cudnn_autotuning(self.autotune))
         if self.precision in ("fp32", "tf32x2"):  # tf32x2: only the split layers enable TF32, for themselves
             stack.enter_context(no_tf32())
         elif self.precision == "tf32":

@@ -13,7 +13,8 @@ from ..graphs import StepGraph, UnrolledGraph
 from ..runs import load_network
 from .base import Runner, TensorSpec
 
-__all__ = ["PerTimestepRunner", "TorchLoopRunner", "TorchRunner", "export_entry", "no_tf32", "tf32_math"]
+__all__ = ["PerTimestepRunner", "TorchLoopRunner", "TorchRunner", "cudnn_autotuning", "export_entry", "no_tf32",
+           "tf32_math"]
 
 
 @contextlib.contextmanager
@@ -26,6 +27,17 @@ def tf32_math(allowed: bool):
         yield
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+@contextlib.contextmanager
+def cudnn_autotuning(enabled: bool):
+    """``torch.backends.cudnn.benchmark`` set to ``enabled`` inside, restored after (no effect on the CPU)."""
+    saved = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = enabled
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = saved
 
 
 def no_tf32():
