@@ -125,7 +125,8 @@ def test_torch_fast_forward_runs_under_its_cudnn_autotuning_setting(exported_run
         forward = runner.graph.forward
         monkeypatch.setattr(runner.graph, "forward", lambda x: seen.append(torch.backends.cudnn.benchmark) or forward(x))
         runner.infer({"input": np.load(exported_run / "reference_inputs.npz")["random"][:, :2]})
-    assert seen == [autotune] and torch.backends.cudnn.benchmark is (not autotune)
+    # one forward on the CPU; on CUDA the warm-up forwards and the captured one
+    assert seen and set(seen) == {autotune} and torch.backends.cudnn.benchmark is (not autotune)
 
 
 @pytest.mark.gpu
