@@ -48,7 +48,7 @@ def bench_run(run_dir: str | Path, runners: list[str] | None = None, batches: tu
     which are then verified with that precision's tolerances. ONNX Runtime runs the file as written: at
     fp32, or at the export's precision for a mixed-precision ``model_fp16.onnx``/``model_bf16.onnx``.
     ``cuda_graph=False``: torch-fast, torch-compile, ort-cuda and trt launch kernel by kernel (what the
-    graphs save). ``cudnn_autotune=False``: torch-fast keeps cuDNN's heuristic algorithms, the reference's
+    graphs save). ``cudnn_autotune=False``: torch-fast keeps cuDNN's heuristic algorithms, PyTorch's default
     (what autotuning saves)."""
     run_dir = Path(run_dir)
     manifest = read_manifest(run_dir)

@@ -228,7 +228,7 @@ def bench_train_cmd(model_toml, overrides, steps_t, batch, precision, steps, war
                    "(bench_no_cuda_graph.*), to see what the graphs save.")
 @click.option("--cudnn-autotune/--no-cudnn-autotune", default=True, show_default=True,
               help="torch-fast times cuDNN's algorithms per convolution shape and keeps the fastest; off: cuDNN's "
-                   "heuristic pick, the reference's (bench_no_autotune.*), to see what autotuning saves.")
+                   "heuristic pick, PyTorch's default (bench_no_autotune.*), to see what autotuning saves.")
 def bench_run_cmd(run, runners, batches, iters, warmup, model_file, precision, cuda_graph, cudnn_autotune) -> None:
     """Verify, then time every runner on RUN's export; writes bench.json, bench.md, bench.png."""
     from .bench import bench_run, format_table

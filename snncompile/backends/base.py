@@ -159,7 +159,7 @@ def runner_numerics(name: str, requested: str = "fp32", model_precision: str = "
 
 # Runners that replay a captured CUDA graph by default (torch-fast and torch-compile on CUDA only)
 CUDA_GRAPH_RUNNERS = ("torch-fast", "torch-compile", "ort-cuda", "trt")
-AUTOTUNE_RUNNERS = ("torch-fast",)  # cuDNN algorithms timed per shape (the reference keeps the heuristic pick)
+AUTOTUNE_RUNNERS = ("torch-fast",)  # cuDNN algorithms timed per shape, not picked by heuristic
 
 
 def runner_options(name: str, precision: str = "fp32", cuda_graph: bool = True, cudnn_autotune: bool = True) -> dict:
