@@ -40,6 +40,10 @@ class MissingDependencyError(SnnCompileError):
         self.package = package
         self.extra = extra
 
+    def __reduce__(self):
+        # rebuilt from its own arguments when a worker process raises it (the default passes the message only)
+        return type(self), (self.package, self.extra)
+
 
 class ExportError(SnnCompileError):
     """ONNX export failed."""

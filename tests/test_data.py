@@ -57,6 +57,25 @@ def test_truncated_idx_is_one_line(tmp_path):
         read_idx(path)
 
 
+def test_corrupt_gzip_is_one_line(tmp_path):
+    """A damaged deflate stream raises zlib.error, not OSError: still one line naming the file."""
+    make_mnist(tmp_path, compress=True)
+    path = tmp_path / (MNIST_FILES["train_images"] + ".gz")
+    raw = bytearray(path.read_bytes())
+    raw[10:40] = bytes(30)  # the first deflate block header, right after the 10-byte gzip header
+    path.write_bytes(bytes(raw))
+    with pytest.raises(DataError, match="train-images-idx3-ubyte.gz: cannot read") as err:
+        load_mnist(tmp_path)
+    assert "\n" not in str(err.value)
+
+
+def test_mnist_labels_outside_0_to_9_are_one_line(tmp_path):
+    arrays = make_mnist(tmp_path, compress=False)
+    write_idx(tmp_path / MNIST_FILES["test_labels"], np.where(np.arange(5) == 2, 10, arrays["test_labels"]), False)
+    with pytest.raises(DataError, match="MNIST test labels must be digits 0-9, found 0..10"):
+        load_mnist(tmp_path)
+
+
 def test_digits_split_is_seeded_and_disjoint():
     a, b = load_digits(0.2, 0), load_digits(0.2, 0)
     assert torch.equal(a.test.x, b.test.x) and len(a.test) == 359 and len(a.train) == 1438

@@ -144,3 +144,54 @@ def test_without_tonic_the_error_names_the_extra(tmp_path, monkeypatch):
     with pytest.raises(MissingDependencyError, match=r"pip install 'snncompile\[data\]'"):
         read_events("nmnist", path)
     assert torch  # torch stays importable
+
+
+def test_limit_keeps_every_class(tmp_path):
+    """Event datasets list their files class by class: data.limit_* takes a seeded, class-balanced sample
+    (the first N files would have held digits 0-3 only)."""
+    make_nmnist(tmp_path / "data", per_class_train=5, per_class_test=3, events=20)
+    cfg = load_config(REPO / "models" / "nmnist.toml", [
+        "data.root=" + repr(str(tmp_path / "data")), "data.cache_dir=" + repr(str(tmp_path / "cache")),
+        "data.limit_train=20", "data.limit_test=10", "model.T=2"])
+    ds = load_dataset(cfg, progress=False)
+    assert torch.bincount(ds.train.y, minlength=10).tolist() == [2] * 10
+    assert torch.bincount(ds.test.y, minlength=10).tolist() == [1] * 10
+
+
+def test_dvs_cifar10_recording_in_both_formats_is_one_sample(tmp_path):
+    """The original .aedat and tonic's .aedat4 of one recording must not land on both sides of the split."""
+    for cls in SOURCES["dvs_cifar10"].classes:
+        for i in range(10):
+            write_aedat2(tmp_path / "CIFAR10DVS" / cls / f"cifar10_{cls}_{i}.aedat", [1], [1], [1], [5])
+            (tmp_path / "CIFAR10DVS" / cls / f"cifar10_{cls}_{i}.aedat4").write_bytes(b"not read")
+    train, test = list_samples("dvs_cifar10", tmp_path, True, 0), list_samples("dvs_cifar10", tmp_path, False, 0)
+    assert len(train) == 90 and len(test) == 10
+    assert not {p.stem for p, _ in train} & {p.stem for p, _ in test}
+    assert {p.suffix for p, _ in train + test} == {".aedat"}  # the format read without an extra package
+
+
+@pytest.mark.parametrize("content", [b"", b"no header line\n" + bytes(64), b"#!AER-DAT1.0\r\n" + bytes(64)],
+                         ids=["empty", "no-header", "version-1"])
+def test_malformed_aedat_is_one_line(tmp_path, content):
+    path = tmp_path / "bad.aedat"
+    path.write_bytes(content)
+    with pytest.raises(DataError, match="bad.aedat: cannot decode") as err:
+        read_events("dvs_cifar10", path)
+    assert "\n" not in str(err.value)
+
+
+def test_gesture_label_outside_its_classes_is_one_line(tmp_path):
+    write_gesture_npy(tmp_path / "DVSGesture" / "ibmGestureTrain" / "user01_led" / "11.npy", np.array([1]),
+                      np.array([1]), np.array([0]), np.array([1.0]))
+    with pytest.raises(DataError, match="11.npy: label 11 is outside dvs_gesture's 11 classes"):
+        list_samples("dvs_gesture", tmp_path, True)
+
+
+def test_missing_dependency_error_survives_a_worker_process():
+    """Raised in a frame-cache worker, it must reach the parent as itself (its one-line message), not as a
+    BrokenProcessPool from failing to rebuild it."""
+    import pickle
+
+    err = pickle.loads(pickle.dumps(MissingDependencyError("aedat (to read .aedat4)", "data")))
+    assert isinstance(err, MissingDependencyError) and str(err) == "aedat (to read .aedat4) is not installed: pip install 'snncompile[data]'"
+    assert (err.package, err.extra) == ("aedat (to read .aedat4)", "data")

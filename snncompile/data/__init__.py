@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -16,7 +17,7 @@ from ..config import Config, DataConfig
 from ..errors import ConfigError
 from .augment import make_augment
 
-__all__ = ["Split", "Dataset", "load_dataset", "to_time_major"]
+__all__ = ["Split", "Dataset", "balanced_subset", "load_dataset", "to_time_major"]
 
 
 @dataclass
@@ -113,7 +114,8 @@ def _load_events(cfg: Config, progress: bool) -> Dataset:
                         "split_seed": d.split_seed}
     for split, train, limit in (("train", True, d.limit_train), ("test", False, d.limit_test)):
         files = list_samples(d.name, d.root, train, d.split_seed)
-        files = files[:limit] if limit else files
+        if limit and limit < len(files):
+            files = balanced_subset(files, limit, d.split_seed)
         frames, labels, cache_info = load_frames(d.name, split, spec, files, cache, d.split_seed, d.num_workers, progress)
         splits[split] = Split(torch.from_numpy(frames), torch.from_numpy(labels))
         info[f"{split}_cache"] = cache_info
@@ -122,6 +124,19 @@ def _load_events(cfg: Config, progress: bool) -> Dataset:
         raise ConfigError(f"model.input_shape is {cfg.model.input_shape} but {d.name} frames are {shape} "
                           f"(data.downsample={d.downsample}, data.polarity={d.polarity})")
     return Dataset(d.name, splits["train"], splits["test"], list(source.classes), static=False, info=info)
+
+
+def balanced_subset(samples: list[tuple], limit: int, seed: int) -> list[tuple]:
+    """``limit`` of the ``(file, label)`` samples, as even across labels as their counts allow, drawn with a
+    seeded permutation and kept in listing order. Event datasets list their files class by class, so the
+    first ``limit`` would hold only the first few classes."""
+    by_label: dict = {}
+    for i in np.random.default_rng(seed).permutation(len(samples)):
+        by_label.setdefault(samples[i][1], []).append(int(i))
+    keep: list[int] = []
+    for depth in range(max(map(len, by_label.values()), default=0)):  # round robin: one of each label per pass
+        keep += [q[depth] for q in by_label.values() if depth < len(q)][: limit - len(keep)]
+    return [samples[i] for i in sorted(keep)]
 
 
 def to_time_major(x: Tensor, steps: int, static: bool) -> Tensor:

@@ -17,13 +17,12 @@ On-disk layouts (``data.root`` may be tonic's ``save_to`` folder or the dataset 
 
 from __future__ import annotations
 
-import struct
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from ..errors import DataError, MissingDependencyError
+from ..errors import DataError, MissingDependencyError, SnnCompileError
 
 __all__ = ["EventSource", "SOURCES", "FrameSpec", "list_samples", "read_events", "events_to_frames", "split_name"]
 
@@ -113,10 +112,18 @@ def list_samples(name: str, root: str | Path, train: bool, split_seed: int = 0) 
         base = folder / split_name(source, train)
         for sub in sorted(p for p in base.glob("*_*") if p.is_dir()):
             samples += [(p, int(p.stem)) for p in sorted(sub.glob("*.npy")) if p.stem.isdigit()]
+        stray = next((path for path, label in samples if label >= len(source.classes)), None)
+        if stray is not None:
+            raise DataError(f"{stray}: label {stray.stem} is outside {source.name}'s {len(source.classes)} classes "
+                            f"(0-{len(source.classes) - 1})")
     else:  # dvs_cifar10: no official split, seeded 9:1 within each class
         rng = np.random.default_rng(split_seed)
         for label, cls in enumerate(source.classes):
-            files = sorted((folder / cls).glob("*.aedat")) + sorted((folder / cls).glob("*.aedat4"))
+            # one entry per recording: the original release (.aedat) and tonic's conversion (.aedat4) of the
+            # same one would otherwise be split independently, one copy in train and one in test
+            recordings = {f.stem: f for f in sorted((folder / cls).glob("*.aedat4"))}
+            recordings.update({f.stem: f for f in sorted((folder / cls).glob("*.aedat"))})  # needs no extra
+            files = sorted(recordings.values(), key=lambda f: (f.suffix, f.name))
             order = rng.permutation(len(files))
             n_test = int(round(len(files) * 0.1))
             chosen = order[n_test:] if train else order[:n_test]
@@ -156,7 +163,10 @@ def read_events(name: str, path: Path) -> dict[str, np.ndarray]:
         # x in bits 1-7 and y in bits 8-14, both mirrored; polarity bit 0, inverted.
         return {"x": 127 - ((addr & 0xFE) >> 1), "y": 127 - ((addr & 0x7F00) >> 8), "p": 1 - (addr & 1),
                 "t": raw["timeStamp"].astype(np.int64)}
-    except (OSError, ValueError, AssertionError, IndexError, struct.error) as e:
+    except SnnCompileError:
+        raise
+    except Exception as e:  # noqa: BLE001  tonic's decoders fail on malformed files with any type (UnboundLocalError on
+        # an AEDAT file without a header, NotImplementedError on AEDAT 1.x/3.x, a bare Exception on an empty .aedat4)
         raise DataError(f"{path}: cannot decode ({type(e).__name__}: {str(e)[:120]})") from None
 
 

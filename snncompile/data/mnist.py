@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +30,7 @@ def read_idx(path: str | Path) -> np.ndarray:
     try:
         with opener(path, "rb") as f:
             raw = f.read()
-    except (OSError, EOFError) as e:
+    except (OSError, EOFError, zlib.error) as e:  # zlib.error: a damaged deflate stream
         raise DataError(f"{path}: cannot read ({e})") from None
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _DTYPES:
         raise DataError(f"{path}: not an IDX file (bad magic {raw[:4].hex()})")
@@ -65,6 +66,8 @@ def load_mnist(root: str | Path) -> Dataset:
         images, labels = arrays[f"{prefix}_images"], arrays[f"{prefix}_labels"]
         if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
             raise DataError(f"MNIST {prefix} images {images.shape} and labels {labels.shape} do not match")
+        if len(labels) and not 0 <= int(labels.min()) <= int(labels.max()) <= 9:
+            raise DataError(f"MNIST {prefix} labels must be digits 0-9, found {int(labels.min())}..{int(labels.max())}")
         x = torch.from_numpy(images.astype(np.float32) / 255.0).unsqueeze(1)
         return Split(x, torch.from_numpy(labels.astype(np.int64)))
 
