@@ -103,6 +103,10 @@ def read_manifest(run_dir: str | Path) -> dict[str, Any]:
         manifest = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise ArtifactError(f"{path} is corrupt ({e.msg} at line {e.lineno})") from None
+    except UnicodeDecodeError:
+        raise ArtifactError(f"{path} is corrupt (not UTF-8 text)") from None
+    if not isinstance(manifest, dict):
+        raise ArtifactError(f"{path} is corrupt (a JSON {type(manifest).__name__}, not an object)")
     got = manifest.get("run_format")
     if got != RUN_FORMAT:
         raise ArtifactError(
@@ -115,16 +119,34 @@ def read_manifest(run_dir: str | Path) -> dict[str, Any]:
 def update_manifest(run_dir: str | Path, **fields: Any) -> dict[str, Any]:
     """Merge ``fields`` into the manifest (top-level keys; dicts merged one level deep) atomically."""
     path = Path(run_dir) / MANIFEST
-    manifest = read_manifest(run_dir) if path.exists() else {"run_format": RUN_FORMAT}
-    for key, value in fields.items():
-        if isinstance(value, dict) and isinstance(manifest.get(key), dict):
-            manifest[key].update(value)
-        else:
-            manifest[key] = value
-    manifest["snncompile_version"] = __version__
-    manifest["updated"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-    atomic_write_json(path, manifest)
+    with _manifest_lock(Path(run_dir)):  # two commands on one run (verify and bench) must not lose each other's keys
+        manifest = read_manifest(run_dir) if path.exists() else {"run_format": RUN_FORMAT}
+        for key, value in fields.items():
+            if isinstance(value, dict) and isinstance(manifest.get(key), dict):
+                manifest[key].update(value)
+            else:
+                manifest[key] = value
+        manifest["snncompile_version"] = __version__
+        manifest["updated"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+        atomic_write_json(path, manifest)
     return manifest
+
+
+@contextlib.contextmanager
+def _manifest_lock(run_dir: Path) -> Iterator[None]:
+    """An exclusive advisory lock on the run directory itself for a read-modify-write of the manifest (POSIX
+    ``flock``, no extra file; where there is none, e.g. Windows, no lock)."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    fd = os.open(run_dir, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
 
 
 def record_artifact(run_dir: str | Path, name: str, **extra: Any) -> dict[str, Any]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 import tomllib
 import typing
 from dataclasses import dataclass, field
@@ -173,6 +174,8 @@ def _set(cfg: Config, dotted: str, value: Any) -> None:
 
 def _validate(cfg: Config) -> None:
     m, d = cfg.model, cfg.data
+    if cfg.name.strip() in ("", ".", "..") or re.search(r"[/\\\x00]", cfg.name):  # runs go to <out>/<name>/
+        raise ConfigError(f"name must be one directory name (no '/', '\\', '.' or '..'), got {cfg.name!r}")
     if m.T < 1:
         raise ConfigError(f"model.T must be >= 1, got {m.T}")
     if len(m.input_shape) not in (1, 3) or any(s < 1 for s in m.input_shape):

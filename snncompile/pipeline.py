@@ -32,7 +32,8 @@ def find_run(out_root: Path, cfg: Config) -> Path | None:
             manifest = read_manifest(run)
         except ArtifactError:
             continue
-        if manifest.get("config_hash") == cfg.hash() and (run / "checkpoint.pt").is_file():
+        untrained = "init" in manifest  # `snncompile init` weights: nothing to resume, never this config's training
+        if manifest.get("config_hash") == cfg.hash() and (run / "checkpoint.pt").is_file() and not untrained:
             return run
     return None
 
@@ -41,12 +42,20 @@ def _stage_hash(*parts: str) -> str:
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
 
 
-def _done(run: Path, stage: str, inputs: str) -> bool:
-    return read_manifest(run).get("pipeline", {}).get(stage) == inputs
+def _done(run: Path, stage: str, inputs: str, output: Path | None = None) -> bool:
+    """Whether ``stage`` finished for exactly these inputs and, if it has an ``output`` file, that file is still
+    the one it wrote (another command, e.g. a manual ``snncompile bench``, may have replaced it since)."""
+    if output is not None and not output.is_file():
+        return False
+    return read_manifest(run).get("pipeline", {}).get(stage) == _record(inputs, output)
 
 
-def _mark(run: Path, stage: str, inputs: str) -> None:
-    update_manifest(run, pipeline={stage: inputs})
+def _mark(run: Path, stage: str, inputs: str, output: Path | None = None) -> None:
+    update_manifest(run, pipeline={stage: _record(inputs, output)})
+
+
+def _record(inputs: str, output: Path | None) -> str:
+    return inputs if output is None else f"{inputs}:{sha256_file(output)[:16]}"
 
 
 def _plot_training(run: Path) -> None:
@@ -115,31 +124,38 @@ def run_pipeline(cfg: Config, out_root: Path, batches: tuple[int, ...] = (1, 32)
 
     # Each runner is checked on the export's reference inputs and, when the dataset is at hand, on the
     # whole test split (``<runner>@test``): identical predictions on every test image, flips counted.
-    verify_inputs = _stage_hash("verify", onnx_hash, "reference+test")
+    # The runners present and the engines built are inputs too: one installed (or an engine built) since the
+    # last run is verified and benched, not skipped as up to date.
     runners = default_runners(reference=False)
-    reports = {}
+    engines = read_manifest(run).get("pipeline", {}).get("build", "")
+    verify_inputs = _stage_hash("verify", onnx_hash, ",".join(runners), engines, "reference+test")
+    own_reports = [*runners, *(f"{name}@test" for name in runners)]
     if _done(run, "verify", verify_inputs) and (run / "verify.json").is_file():
-        reports = json.loads((run / "verify.json").read_text())
+        saved = json.loads((run / "verify.json").read_text())
+        reports = {name: saved[name] for name in own_reports if name in saved}  # not other commands' entries
         summary["stages"]["verify"] = "up to date"
     else:
         test_set = None  # why the test split is not checked, if it is not
+        complete = True
         reports = verify_runs(run, dict.fromkeys(runners), "fp32", progress=progress)
         try:
             on_test = verify_runs(run, dict.fromkeys(runners), "fp32", progress=progress, inputs="test")
             reports.update({f"{name}@test": report for name, report in on_test.items()})
-        except (ConfigError, DataError) as e:  # no dataset at hand (or none to test on)
+        except DataError as e:  # the dataset is not at hand: the stage is redone once it is
+            test_set, complete = str(e), False
+        except ConfigError as e:  # none to test on (e.g. random data): complete without it
             test_set = str(e)
-        if all(r["passed"] for r in reports.values()):
+        if complete and all(r["passed"] for r in reports.values()):
             _mark(run, "verify", verify_inputs)
         summary["stages"]["verify"] = "done" if test_set is None else f"done (reference inputs only: {test_set})"
 
-    bench_inputs = _stage_hash("bench", onnx_hash, ",".join(map(str, batches)))
-    if _done(run, "bench", bench_inputs) and (run / "bench.json").is_file():
+    bench_inputs = _stage_hash("bench", onnx_hash, ",".join(runners), engines, ",".join(map(str, batches)))
+    if _done(run, "bench", bench_inputs, run / "bench.json"):
         bench = json.loads((run / "bench.json").read_text())
         summary["stages"]["bench"] = "up to date"
     else:
         bench = bench_run(run, None, batches, echo=lambda s: None)
-        _mark(run, "bench", bench_inputs)
+        _mark(run, "bench", bench_inputs, run / "bench.json")
         summary["stages"]["bench"] = "done"
 
     manifest = read_manifest(run)

@@ -28,7 +28,7 @@ from .backends.pt import cudnn_autotuning
 from .config import Config, dumps_toml
 from .data import Split, batches, load_dataset, to_time_major
 from .distributed import DistContext, all_reduce_sum, destroy, init_distributed, shard_indices, stop_on_peer_failure
-from .errors import ConfigError
+from .errors import ArtifactError, ConfigError
 from .memory import SavedActivations
 from .models import network_from_config
 from .runs import CHECKPOINT, CONFIG, METRICS, load_checkpoint, load_run_config
@@ -151,6 +151,9 @@ def train(
     if resume is not None:
         cfg = load_run_config(resume)
         state = load_checkpoint(Path(resume) / CHECKPOINT)
+        if not all(k in state for k in ("optimizer", "scheduler", "epoch")):
+            raise ArtifactError(f"{resume} holds untrained weights (from `snncompile init`), not a training "
+                                "checkpoint: train the config into a new run instead of resuming")
     elif cfg is None:
         raise ConfigError("train() needs a config or a run directory to resume")
     threads = torch.get_num_threads()  # restored after: a pipeline's later stages keep the machine's

@@ -28,3 +28,37 @@ def test_failed_write_leaves_nothing(tmp_path):
             f.write("half")
             raise RuntimeError("disk full")
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("content,why", [(b"\xff\xfe\x00junk", "not UTF-8 text"), (b"[]", "a JSON list, not an object")])
+def test_corrupt_manifest_is_one_line(tmp_path, content, why):
+    from snncompile.artifacts import read_manifest
+    from snncompile.errors import ArtifactError
+
+    (tmp_path / "manifest.json").write_bytes(content)
+    with pytest.raises(ArtifactError, match=f"manifest.json is corrupt \\({why}\\)"):
+        read_manifest(tmp_path)
+
+
+def test_concurrent_manifest_updates_keep_every_key(tmp_path):
+    """verify and bench on one run update its manifest at the same time: neither may lose the other's keys."""
+    import subprocess
+    import sys
+
+    from snncompile.artifacts import read_manifest, update_manifest
+
+    update_manifest(tmp_path, model="m")
+    writer = ("import sys\nfrom snncompile.artifacts import update_manifest\n"
+              "for i in range(150):\n    update_manifest(sys.argv[1], keys={f'{sys.argv[2]}{i}': i})\n")
+    procs = [subprocess.Popen([sys.executable, "-c", writer, str(tmp_path), tag]) for tag in "ab"]
+    assert [p.wait(timeout=120) for p in procs] == [0, 0]
+    assert len(read_manifest(tmp_path)["keys"]) == 300
+
+
+def test_a_text_file_as_checkpoint_is_one_line(tmp_path):
+    from snncompile.errors import ArtifactError
+    from snncompile.runs import load_checkpoint
+
+    (tmp_path / "checkpoint.pt").write_text("hello world\n")
+    with pytest.raises(ArtifactError, match="checkpoint.pt is corrupt or not an snncompile checkpoint"):
+        load_checkpoint(tmp_path / "checkpoint.pt")

@@ -62,3 +62,11 @@ def test_cli_bad_override_exits_2_with_one_line():
     assert result.exit_code == 2
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: unknown config key 'train.lrr'")
+
+
+@pytest.mark.parametrize("name", ["../../escaped", "a/b", "", "..", "a\\b"])
+def test_name_must_be_one_directory_name(name):
+    """Runs go to <out>/<name>/: a name with a path in it would write outside --out."""
+    with pytest.raises(ConfigError, match="name must be one directory name"):
+        load_config(REPO / "models" / "digits.toml", [f"name={name!r}"])
+    assert load_config(REPO / "models" / "digits.toml", ["name='my model-2.1'"]).name == "my model-2.1"

@@ -55,3 +55,31 @@ def test_pipeline_verifies_reference_inputs_when_the_test_split_is_gone(tmp_path
     assert result.exit_code == 0, result.output
     assert "  verify  done (reference inputs only: verify on the test set needs the run's dataset: data.root moved)" in result.output
     assert "verify ort-cpu: PASSED" in result.output and "@test" not in result.output
+    monkeypatch.undo()  # the dataset is back: the test split is checked now, not skipped as up to date
+    again = CliRunner().invoke(cli, ["pipeline", str(REPO / "models" / "digits.toml"), "--out", str(tmp_path), *ARGS])
+    assert again.exit_code == 0, again.output
+    assert "  verify  done\n" in again.output and "verify ort-cpu@test: PASSED" in again.output
+
+
+def test_pipeline_passes_over_init_runs_and_redoes_what_another_command_replaced(tmp_path):
+    runner = CliRunner()
+    digits = str(REPO / "models" / "digits.toml")
+    settings = [a for a in ARGS[:-3]]  # the --set pairs
+    init = runner.invoke(cli, ["init", digits, "--out", str(tmp_path), *settings])
+    assert init.exit_code == 0, init.output
+    (untrained,) = (tmp_path / "digits").iterdir()
+    # same config hash, but `init` weights: the pipeline trains a run of its own instead of resuming them
+    first = runner.invoke(cli, ["pipeline", digits, "--out", str(tmp_path), *ARGS])
+    assert first.exit_code == 0, first.output
+    assert "  train   done" in first.output and f"run: {untrained}\n" not in first.output
+    (run,) = {p for p in (tmp_path / "digits").iterdir()} - {untrained}
+    resumed = runner.invoke(cli, ["train", "--resume", str(untrained)])
+    assert resumed.exit_code == 1 and "holds untrained weights" in resumed.output and "Traceback" not in resumed.output
+    # a manual bench replaces bench.json (and writes verify.json entries of its own)
+    manual = runner.invoke(cli, ["bench", str(run), "--runners", "ort-cpu", "--batch", "4", "--iters", "2"])
+    assert manual.exit_code == 0, manual.output
+    second = runner.invoke(cli, ["pipeline", digits, "--out", str(tmp_path), *ARGS])
+    assert second.exit_code == 0, second.output
+    assert "  verify  up to date" in second.output and "  bench   done" in second.output
+    assert "| torch-fast | 2 |" in second.output and "| ort-cpu | 4 |" not in second.output
+    assert "verify ort-cpu:model" not in second.output  # bench's own verify entries are not the pipeline's
