@@ -31,6 +31,7 @@ __all__ = [
     "sha256_file",
     "read_manifest",
     "update_manifest",
+    "run_dir_lock",
     "record_artifact",
     "new_run_dir",
     "environment",
@@ -119,7 +120,7 @@ def read_manifest(run_dir: str | Path) -> dict[str, Any]:
 def update_manifest(run_dir: str | Path, **fields: Any) -> dict[str, Any]:
     """Merge ``fields`` into the manifest (top-level keys; dicts merged one level deep) atomically."""
     path = Path(run_dir) / MANIFEST
-    with _manifest_lock(Path(run_dir)):  # two commands on one run (verify and bench) must not lose each other's keys
+    with run_dir_lock(Path(run_dir)):  # two commands on one run (verify and bench) must not lose each other's keys
         manifest = read_manifest(run_dir) if path.exists() else {"run_format": RUN_FORMAT}
         for key, value in fields.items():
             if isinstance(value, dict) and isinstance(manifest.get(key), dict):
@@ -133,9 +134,10 @@ def update_manifest(run_dir: str | Path, **fields: Any) -> dict[str, Any]:
 
 
 @contextlib.contextmanager
-def _manifest_lock(run_dir: Path) -> Iterator[None]:
-    """An exclusive advisory lock on the run directory itself for a read-modify-write of the manifest (POSIX
-    ``flock``, no extra file; where there is none, e.g. Windows, no lock)."""
+def run_dir_lock(run_dir: Path) -> Iterator[None]:
+    """An exclusive advisory lock on the run directory itself, for a read-modify-write of one of its JSON files
+    (POSIX ``flock``, no extra file; where there is none, e.g. Windows, no lock). Not reentrant: a holder must
+    not call :func:`update_manifest` inside."""
     try:
         import fcntl
     except ImportError:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .artifacts import atomic_write_json, read_manifest, record_artifact, sha256_file
+from .artifacts import atomic_write_json, read_manifest, record_artifact, run_dir_lock, sha256_file
 from .backends import create_runner
 from .errors import ArtifactError, ConfigError, DataError
 from .runs import load_run_config
@@ -72,6 +72,7 @@ class LayerStats:
     real: int = 0
     propagated: int = 0
     max_numerical_margin: float = 0.0  # largest |u_ref - V_th| among the numerical flips
+    first_real_step: int | None = None  # 1-based first timestep with a real flip (first_step counts every kind)
 
     def add_step_flips(self, counts: np.ndarray) -> None:
         if not self.flips_per_step:
@@ -122,7 +123,11 @@ def _classify_flips(ref: dict, run: dict, layers: list[str], v_th: float, eps: f
         numerical = f & ~up & near
         s.propagated += int((f & up).sum())
         s.numerical += int(numerical.sum())
-        s.real += int((f & ~up & ~near).sum())
+        real = f & ~up & ~near
+        s.real += int(real.sum())
+        real_steps = np.flatnonzero(real.any(axis=(1, 2)))
+        if len(real_steps):
+            s.first_real_step = min(s.first_real_step or steps, int(real_steps[0]) + 1)
         if numerical.any():
             s.max_numerical_margin = max(s.max_numerical_margin, float(margin[numerical].max()))
     return any_flip.any(axis=(1, 2))
@@ -187,7 +192,8 @@ class _Tally:
     def __init__(self, runner: str, plain: list[str]):
         self.runner = runner
         # max_abs_spike_exact: over the samples whose every spike matched (layers checked only)
-        self.errors = {n: {"max_abs": 0.0, "max_rel": 0.0, "max_abs_spike_exact": 0.0} for n in plain}
+        # non_finite: NaN/inf where the reference is finite (a NaN difference would slip through max())
+        self.errors = {n: {"max_abs": 0.0, "max_rel": 0.0, "max_abs_spike_exact": 0.0, "non_finite": 0} for n in plain}
         self.stats: dict[str, LayerStats] = {}
         # unambiguous: the reference's top-2 margin exceeds score_atol; *_exact: samples whose spikes all
         # matched (a numerical flip may legitimately move a voted score by one 1/(T*G) quantum).
@@ -205,6 +211,9 @@ class _Tally:
             flipped = _classify_flips(ref, run, layers, v_th, eps, self.stats)
         for n, e in self.errors.items():
             diff = np.abs(ref[n].astype(np.float64) - run[n])
+            broken = ~np.isfinite(diff)
+            e["non_finite"] += int(broken.sum())
+            diff[broken] = 0.0  # counted above; the maxima describe the finite values
             e["max_abs"] = max(e["max_abs"], float(diff.max(initial=0.0)))
             e["max_abs_spike_exact"] = max(e["max_abs_spike_exact"], float(diff[~flipped].max(initial=0.0)))
             rel = diff / np.maximum(np.abs(ref[n]), 1e-12)
@@ -282,8 +291,11 @@ def verify_runs(run_dir: str | Path, runners: dict[str, dict | None], precision:
     if model_file is None:
         model_file = default_model_file(manifest.get("exports", {}))
     inputs_path = run_dir / "reference_inputs.npz"
-    if not inputs_path.is_file() or model_file not in manifest.get("exports", {}):
-        raise ArtifactError(f"{run_dir} has no {model_file} export with reference inputs: run `snncompile export {run_dir}`")
+    has_reference = inputs_path.is_file() and (run_dir / "reference_outputs.npz").is_file()
+    if not has_reference or model_file not in manifest.get("exports", {}):
+        raise ArtifactError(f"{run_dir} has no {model_file} export with reference inputs and outputs: run "
+                            f"`snncompile export {run_dir}`")
+    _read_reports(run_dir / "verify.json")  # a corrupt one is reported now, not after the whole comparison
     export = manifest["exports"][model_file]
     hash_ok = (run_dir / model_file).is_file() and sha256_file(run_dir / model_file) == export["sha256"]
     if inputs == "reference":
@@ -332,12 +344,26 @@ def verify_runs(run_dir: str | Path, runners: dict[str, dict | None], precision:
             **tally.report(tol),
         }
     path = run_dir / "verify.json"
-    existing = json.loads(path.read_text()) if path.is_file() else {}
-    for name, report in reports.items():
-        key = name if model_file == "model_layers.onnx" else f"{name}:{model_file}"
-        existing[key if inputs == "reference" else f"{key}@test"] = report
-    atomic_write_json(path, existing)
+    with run_dir_lock(run_dir):  # another verify (or bench's) may merge its reports into the same file
+        existing = _read_reports(path)
+        for name, report in reports.items():
+            key = name if model_file == "model_layers.onnx" else f"{name}:{model_file}"
+            existing[key if inputs == "reference" else f"{key}@test"] = report
+        atomic_write_json(path, existing)
     record_artifact(run_dir, "verify.json")
+    return reports
+
+
+def _read_reports(path: Path) -> dict:
+    """verify.json's reports (empty when there is none yet); one line when it is corrupt."""
+    if not path.is_file():
+        return {}
+    try:
+        reports = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        reports = None
+    if not isinstance(reports, dict):
+        raise ArtifactError(f"{path} is corrupt: move it aside (or delete it) and verify again")
     return reports
 
 
@@ -353,8 +379,11 @@ def _failures(tol: Tolerance, errors: dict, top1: dict, stats: dict[str, LayerSt
     # With per-layer spikes, score rounding is judged on the spike-exact samples (flips are judged
     # below, by kind); without them every sample counts.
     key = "max_abs_spike_exact" if stats else "max_abs"
-    if errors["scores"][key] > tol.score_atol:
-        reasons.append(f"scores differ by {errors['scores'][key]:.3g} > {tol.score_atol:g}")
+    for name, e in errors.items():  # scores, and rates when exported: both are spike counts over T, scaled
+        if e["non_finite"]:
+            reasons.append(f"{name}: {e['non_finite']} NaN/inf values where torch's are finite")
+        if e[key] > tol.score_atol:
+            reasons.append(f"{name} differ by {e[key]:.3g} > {tol.score_atol:g}")
     agree, judged = _top1_judged(tol, top1, bool(stats))
     # No judged sample (every reference top-2 margin within score_atol): top-1 says nothing either way;
     # the spikes (classified above) and the score error still decide.
@@ -364,7 +393,7 @@ def _failures(tol: Tolerance, errors: dict, top1: dict, stats: dict[str, LayerSt
     real = [n for n, s in stats.items() if s.real]
     if real:
         first = real[0]
-        reasons.append(f"{sum(stats[n].real for n in real)} real spike mismatches, first in {first} at t={stats[first].first_step}")
+        reasons.append(f"{sum(stats[n].real for n in real)} real spike mismatches, first in {first} at t={stats[first].first_real_step}")
     if numerical_rate > tol.max_numerical_flip_rate:
         reasons.append(f"numerical flip rate {numerical_rate:.2e} > {tol.max_numerical_flip_rate:.0e}")
     return reasons
@@ -374,6 +403,9 @@ def format_report(r: dict) -> str:
     """Human-readable table for the CLI (the JSON holds everything)."""
     n = sum(r["inputs"].values())
     lines = [f"verify {r['runner']} vs torch ({r['precision']}, TF32 off) on {n} inputs ({', '.join(f'{v} {k}' for k, v in r['inputs'].items())})"]
+    if r.get("reference_reproduced") is False:
+        lines.append("warning: the torch reference no longer reproduces the scores the export stored (another torch "
+                     "build or a changed checkpoint?): re-export to compare against today's reference")
     if not r["model_matches_export"]:
         lines.append(f"warning: {r['model']} differs from the file the export recorded (sha256 mismatch)")
     lines.append(f"{'output':<10}{'max abs':>12}{'max rel':>12}{'max abs (spike-exact samples)':>32}")

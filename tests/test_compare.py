@@ -35,6 +35,7 @@ def test_flip_classification_by_hand():
     assert (a["numerical"], a["real"], a["propagated"], a["first_step"]) == (1, 0, 1, 2)
     assert (b["numerical"], b["real"], b["propagated"], b["first_step"]) == (0, 1, 1, 1)
     assert a["max_numerical_margin"] == pytest.approx(0.005, abs=1e-6)
+    assert (a["first_real_step"], b["first_real_step"]) == (None, 1)
     assert a["flips_per_step"] == [0, 1, 1] and a["flip_rate_per_step"] == [0.0, 0.5, 0.5]
 
 
@@ -76,7 +77,7 @@ def test_verify_without_export_is_one_line(tmp_path):
     run = make_run(tmp_path, tiny_zoo_config(REPO / "models" / "bench-nmnist.toml"))
     result = CliRunner().invoke(cli, ["verify", str(run), "--runner", "ort-cpu"])
     assert result.exit_code == 1
-    assert result.output.strip().splitlines() == [f"error: {run} has no model.onnx export with reference inputs: run `snncompile export {run}`"]
+    assert result.output.strip().splitlines() == [f"error: {run} has no model.onnx export with reference inputs and outputs: run `snncompile export {run}`"]
 
 
 def test_verify_on_the_whole_test_set(tmp_path):
@@ -153,7 +154,7 @@ def test_cli_verify_hands_the_precision_to_runners_that_take_one(exported):
 def test_top1_is_judged_only_on_samples_with_a_clear_top1():
     from snncompile.compare import PRESETS, _failures
 
-    errors = {"scores": {"max_abs": 0.1, "max_rel": 1.0, "max_abs_spike_exact": 0.0}}
+    errors = {"scores": {"max_abs": 0.1, "max_rel": 1.0, "max_abs_spike_exact": 0.0, "non_finite": 0}}
     top1 = {"agree": 5, "total": 8, "unambiguous_agree": 0, "unambiguous": 0, "exact_agree": 0, "exact": 0}
     stats = {"lif1": LayerStats(neurons_per_step=100, flips_per_step=[3, 0], numerical=3)}
     # bf16: no sample is clear of the 0.15 margin -> top-1 decides nothing (the flips were judged)
@@ -172,3 +173,60 @@ def test_every_runner_precision_has_a_tolerance_preset():
 
     assert tuple(PRESETS) == TORCH_FAST_PRECISIONS  # PRECISIONS (every precision runner's) + torch-fast's tf32x2
     assert PRESETS["tf32x2"] == PRESETS["fp32"]  # it claims fp32 accuracy
+
+
+def test_real_mismatch_reason_names_the_first_real_flip_not_the_first_flip():
+    """Sample 0: a numerical flip in a at t=1 propagates to b at t=1; sample 1: a real flip in b at t=4.
+    The reason must point at t=4, where the real one is."""
+    from snncompile.compare import PRESETS, _failures
+
+    ref = {n: np.zeros((4, 2, 1), np.float32) for n in ("a.spikes", "b.spikes")}
+    ref.update({n: np.full((4, 2, 1), 0.2, np.float32) for n in ("a.membrane", "b.membrane")})
+    run = {k: v.copy() for k, v in ref.items()}
+    ref["a.membrane"][0, 0, 0] = 0.5001
+    run["a.spikes"][0, 0, 0] = 1  # numerical
+    run["b.spikes"][0, 0, 0] = 1  # propagated
+    run["b.spikes"][3, 1, 0] = 1  # real
+    stats: dict[str, LayerStats] = {}
+    _classify_flips(ref, run, ["a", "b"], 0.5, 0.01, stats)
+    assert (stats["b"].real, stats["b"].propagated, stats["b"].first_step, stats["b"].first_real_step) == (1, 1, 1, 4)
+    errors = {"scores": {"max_abs": 0.0, "max_rel": 0.0, "max_abs_spike_exact": 0.0, "non_finite": 0}}
+    top1 = {"exact_agree": 1, "exact": 1, "unambiguous_agree": 1, "unambiguous": 1}
+    assert "1 real spike mismatches, first in b at t=4" in _failures(PRESETS["fp32"], errors, top1, stats, 0.0)
+
+
+def _tally_reasons(run_scores, run_rates):
+    from snncompile.compare import PRESETS, _Tally
+
+    ref = {"scores": np.array([[3.0, 1.0, 0.0], [0.0, 3.0, 1.0]]), "rates": np.array([[0.5, 0.25], [0.0, 1.0]])}
+    tally = _Tally("candidate", ["scores", "rates"])
+    tally.add("random", ref, {"scores": np.asarray(run_scores), "rates": np.asarray(run_rates)}, None, [], 0.5,
+              PRESETS["fp32"])
+    return tally.report(PRESETS["fp32"])["reasons"]
+
+
+def test_every_output_is_judged_not_only_the_scores():
+    ok_scores, ok_rates = [[3.0, 1.0, 0.0], [0.0, 3.0, 1.0]], [[0.5, 0.25], [0.0, 1.0]]
+    assert _tally_reasons(ok_scores, ok_rates) == []
+    assert _tally_reasons(ok_scores, [[1.5, 0.75], [0.0, 3.0]]) == ["rates differ by 2 > 1e-05"]
+
+
+def test_nan_outputs_fail_verify():
+    """max() keeps its first argument against a NaN, and argmax picks the NaN: both hid NaN outputs."""
+    reasons = _tally_reasons([[np.nan] * 3, [0.0, np.nan, 1.0]], [[0.5, 0.25], [0.0, np.nan]])
+    assert "scores: 4 NaN/inf values where torch's are finite" in reasons
+    assert "rates: 1 NaN/inf values where torch's are finite" in reasons
+
+
+def test_missing_reference_outputs_or_corrupt_verify_json_is_one_line_before_any_work(exported, monkeypatch):
+    import snncompile.compare as compare
+
+    monkeypatch.setattr(compare, "create_runner", lambda *a, **k: pytest.fail("verify ran before the check"))
+    (exported / "verify.json").write_text('{"ort-cpu": ')  # a write cut short
+    result = CliRunner().invoke(cli, ["verify", str(exported), "--runner", "ort-cpu", "--no-progress"])
+    assert result.exit_code == 1
+    assert result.output.strip().splitlines() == [f"error: {exported / 'verify.json'} is corrupt: move it aside (or delete it) and verify again"]
+    (exported / "reference_outputs.npz").unlink()
+    result = CliRunner().invoke(cli, ["verify", str(exported), "--runner", "ort-cpu", "--no-progress"])
+    assert result.exit_code == 1 and "has no model_layers.onnx export with reference inputs and outputs" in result.output
+    assert "Traceback" not in result.output
