@@ -27,7 +27,7 @@ def find_run(out_root: Path, cfg: Config) -> Path | None:
     base = Path(out_root) / cfg.name
     if not base.is_dir():
         return None
-    for run in sorted(base.iterdir(), reverse=True):
+    for run in sorted(base.iterdir(), key=_creation_order, reverse=True):
         try:
             manifest = read_manifest(run)
         except ArtifactError:
@@ -36,6 +36,12 @@ def find_run(out_root: Path, cfg: Config) -> Path | None:
         if manifest.get("config_hash") == cfg.hash() and (run / "checkpoint.pt").is_file() and not untrained:
             return run
     return None
+
+
+def _creation_order(run: Path) -> tuple[str, int]:
+    """Run dirs are ``<UTC stamp>`` then ``<stamp>-1``, ``-2``, ... within one second: ``-10`` is newer than ``-9``."""
+    stamp, _, n = run.name.rpartition("-") if run.name.count("-") == 2 else (run.name, "", "0")
+    return stamp, int(n) if n.isdigit() else 0
 
 
 def _stage_hash(*parts: str) -> str:

@@ -278,8 +278,10 @@ def _train(cfg: Config, device: torch.device, ctx: DistContext, out_root, resume
             "samples_per_s": round(g_seen / train_seconds, 1),
         }
         if main:
-            _save_checkpoint(run_dir, net, opt, sched, epoch, cfg)
+            # The row first: a crash before the checkpoint leaves a row that resume truncates and writes again;
+            # the other order lost the row of an epoch whose checkpoint was saved (a gap in the curves).
             _append_metrics(run_dir / METRICS, row)
+            _save_checkpoint(run_dir, net, opt, sched, epoch, cfg)
         say(
             f"epoch {epoch:3d}/{cfg.train.epochs}  loss {row['train_loss']:.4f}  train acc {100 * row['train_acc']:.2f} %  "
             f"test acc {100 * test_acc:.2f} %  {row['samples_per_s']:.0f} samples/s"

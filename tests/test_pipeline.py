@@ -83,3 +83,13 @@ def test_pipeline_passes_over_init_runs_and_redoes_what_another_command_replaced
     assert "  verify  up to date" in second.output and "  bench   done" in second.output
     assert "| torch-fast | 2 |" in second.output and "| ort-cpu | 4 |" not in second.output
     assert "verify ort-cpu:model" not in second.output  # bench's own verify entries are not the pipeline's
+
+
+def test_runs_started_in_one_second_are_ordered_by_their_counter():
+    from pathlib import Path
+
+    from snncompile.pipeline import _creation_order
+
+    names = ["20261126-133019-9", "20261126-133020", "20261126-133019", "20261126-133019-10"]
+    newest_first = sorted(names, key=lambda n: _creation_order(Path(n)), reverse=True)
+    assert newest_first == ["20261126-133020", "20261126-133019-10", "20261126-133019-9", "20261126-133019"]

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from snncompile.artifacts import read_manifest
+from snncompile.config import apply_overrides
 from snncompile.errors import ArtifactError
 from snncompile.runs import CHECKPOINT, load_checkpoint, load_network
 from snncompile.train import loss_fn, train
@@ -86,6 +87,26 @@ def test_failed_checkpoint_write_leaves_previous_file(tmp_path, monkeypatch, dig
         train(resume=result.run_dir, progress=False, echo=lambda s: None)
     assert (result.run_dir / CHECKPOINT).read_bytes() == before
     assert not [p for p in result.run_dir.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_a_crash_between_an_epochs_writes_leaves_no_gap_in_the_metrics(tmp_path, monkeypatch, digits_cfg):
+    import snncompile.train as trainer
+
+    cfg = apply_overrides(digits_cfg, ["train.epochs=3"])
+    real = trainer._append_metrics
+
+    def dies_at_epoch_2(path, row):
+        if row["epoch"] == 2:
+            raise KeyboardInterrupt  # killed while writing epoch 2's results
+        real(path, row)
+
+    monkeypatch.setattr(trainer, "_append_metrics", dies_at_epoch_2)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, tmp_path, progress=False, echo=lambda s: None)
+    monkeypatch.undo()
+    (run,) = (tmp_path / "digits").iterdir()
+    train(resume=run, progress=False, echo=lambda s: None)
+    assert [json.loads(r)["epoch"] for r in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
 
 
 def test_train_threads_apply_to_training_only(digits_cfg, tmp_path):
