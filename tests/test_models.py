@@ -41,9 +41,14 @@ def test_parse_paper_notation():
     assert [(s.kind, s.size, s.kernel) for s in specs] == [
         ("conv", 128, 3), ("conv", 256, 3), ("pool", 2, 0), ("fc", 1024, 0), ("voting", 0, 0)]
     assert parse_architecture("128C3-10")[-1].kind == "readout"
+    # widths as written (narrow ones too); only test-size shrinking floors them at 4
+    assert [s.size for s in parse_architecture("2C3-3FC-Voting")[:2]] == [2, 3]
+    assert [s.size for s in parse_architecture("128C3-8FC-Voting", width_divisor=4)[:2]] == [32, 4]
+    assert [(s.kind, s.size) for s in parse_architecture("2C5-AP2-10")] == [("conv", 2), ("pool", 2), ("readout", 10)]
 
 
-@pytest.mark.parametrize("arch", ["128C3-XX-Voting", "Voting-128C3", "AP2-10FC-Voting", "128C3-64FC"])
+@pytest.mark.parametrize("arch", ["128C3-XX-Voting", "Voting-128C3", "AP2-10FC-Voting", "128C3-64FC",
+                                  "8C2-8C3-10", "8C3-AP0-10", "0C3-10", "8C3-0FC-10"])
 def test_bad_architecture_is_one_line_config_error(arch):
     with pytest.raises(ConfigError) as err:
         SpikingNetwork(arch, (1, 8, 8), LIFParams())
