@@ -10,6 +10,7 @@ Results go to ``bench.json``, ``bench.md`` and (with matplotlib) ``bench.png`` i
 from __future__ import annotations
 
 import time
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +19,7 @@ from .artifacts import atomic_save, atomic_write_json, atomic_write_text, enviro
 from .backends import available_runners, create_runner, default_runners, runner_options
 from .backends.base import runner_numerics
 from .compare import verify_run
-from .errors import ConfigError
+from .errors import ArtifactError, ConfigError, SnnCompileError
 
 __all__ = ["bench_run", "bench_stem", "format_table", "percentiles"]
 
@@ -29,12 +30,26 @@ def percentiles(times_s: list[float]) -> dict[str, float]:
             "p99_ms": float(np.percentile(ms, 99)), "mean_ms": float(ms.mean())}
 
 
-def _bench_input(run_dir: Path, batch: int, seed: int = 0) -> np.ndarray:
+def _reference_inputs(run_dir: Path) -> dict[str, np.ndarray]:
+    """The export's saved reference inputs (``random`` ``[T, N, ...]``, and ``real`` when it had the dataset)."""
+    path = run_dir / "reference_inputs.npz"
+    try:
+        with np.load(path, allow_pickle=False) as saved:
+            return {k: saved[k] for k in saved.files}
+    except (OSError, ValueError, zipfile.BadZipFile) as e:  # OSError: missing; the others: not an npz
+        raise ArtifactError(f"{path} is missing or corrupt ({type(e).__name__}): run `snncompile export {run_dir}` "
+                            "again") from None
+
+
+def _bench_input(reference: dict[str, np.ndarray], batch: int, seed: int = 0) -> np.ndarray:
     """``[T, batch, ...]`` float32 drawn like the export's random reference inputs (same distribution)."""
-    ref = np.load(run_dir / "reference_inputs.npz")["random"]
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, ref.shape[1], batch)
-    return np.ascontiguousarray(ref[:, idx])
+    ref = reference["random"]
+    idx = np.random.default_rng(seed).integers(0, ref.shape[1], batch)
+    try:
+        return np.ascontiguousarray(ref[:, idx])
+    except MemoryError:
+        raise ConfigError(f"--batch {batch}: not enough memory for its {ref[:, :1].nbytes * batch / 2**30:.1f} GiB "
+                          "of inputs") from None
 
 
 def bench_run(run_dir: str | Path, runners: list[str] | None = None, batches: tuple[int, ...] = (1, 16, 128),
@@ -54,9 +69,11 @@ def bench_run(run_dir: str | Path, runners: list[str] | None = None, batches: tu
     manifest = read_manifest(run_dir)
     export = manifest.get("exports", {}).get(model_file)
     if export is None or export["form"] != "unrolled":
-        raise ConfigError(f"{run_dir} has no unrolled export {model_file}: run `snncompile export {run_dir}` first")
+        raise ArtifactError(f"{run_dir} has no unrolled export {model_file}: run `snncompile export {run_dir}` first")
     if any(b < 1 for b in batches) or iters < 1 or warmup < 0:
         raise ConfigError("--batch sizes and --iters must be >= 1, --warmup >= 0")
+    batches = tuple(dict.fromkeys(batches))  # a repeated size would overwrite its own results
+    reference = _reference_inputs(run_dir)  # before any runner is timed: a missing file is one line, at once
     avail = available_runners()
     names = list(runners) if runners else default_runners()
     unknown = [n for n in names if n not in avail]
@@ -75,35 +92,21 @@ def bench_run(run_dir: str | Path, runners: list[str] | None = None, batches: tu
             echo(f"{name}: skipped ({avail[name]})")
             continue
         if name != "torch":  # torch is the reference itself
-            # The gate checks every layer's spikes: on the _layers variant of the timed graph (same
-            # function, extra outputs), exported on first use.
-            layers_file = model_file.replace(".onnx", "_layers.onnx")
-            if layers_file not in read_manifest(run_dir).get("exports", {}):
-                from .export_onnx import export_run
-
-                export_run(run_dir, steps=export["T"], layers=True, order=export.get("order", "layer"),
-                           precision=export.get("precision", "fp32"), n_random=_n_reference(run_dir), n_real=0)
-            report = verify_run(run_dir, name, numerics, progress=False, model_file=layers_file,
-                                options=options)
-            # ...and the timed file itself must predict what torch predicts (its scores may differ on
-            # the samples where a numerical flip happened, which only the _layers graph can show).
-            plain = verify_run(run_dir, name, numerics, progress=False, model_file=model_file,
-                               options=options)
-            t = plain["top1"]
-            changed = t["unambiguous"] - t["unambiguous_agree"]
-            reasons = list(report["reasons"])
-            if changed > report["top1"]["samples_diverged"]:
-                reasons.append(f"{model_file}: {changed} predictions differ, more than the "
-                               f"{report['top1']['samples_diverged']} samples with numerical spike flips")
-            entry["verified"] = not reasons
-            if reasons:
-                entry["skipped"] = "verify failed: " + "; ".join(reasons)
-                echo(f"{name}: skipped ({entry['skipped']})")
+            try:
+                reasons = _gate(run_dir, name, numerics, options, model_file, export, reference)
+                skipped = "verify failed: " + "; ".join(reasons) if reasons else None
+            except SnnCompileError as e:  # e.g. an engine of the timed file but not of its _layers twin
+                skipped = f"cannot verify: {e}"
+            entry["verified"] = skipped is None
+            if skipped:
+                entry["skipped"] = skipped
+                echo(f"{name}: skipped ({skipped})")
                 continue
+            reference = _reference_inputs(run_dir)  # rewritten if the gate exported the _layers twin
         with create_runner(name, run_dir, model_file, **options) as runner:
             entry["by_batch"] = {}
             for batch in batches:
-                x = _bench_input(run_dir, batch)
+                x = _bench_input(reference, batch)
                 handle = runner.prepare({"input": x})
                 for _ in range(warmup):
                     runner.run_prepared(handle)
@@ -141,8 +144,30 @@ def bench_stem(model_file: str, precision: str, cuda_graph: bool = True, cudnn_a
     return "_".join(parts)
 
 
-def _n_reference(run_dir: Path) -> int:
-    return int(np.load(run_dir / "reference_inputs.npz")["random"].shape[1])
+def _gate(run_dir: Path, name: str, numerics: str, options: dict, model_file: str, export: dict,
+          reference: dict[str, np.ndarray]) -> list[str]:
+    """Why runner ``name`` may not be timed on ``model_file`` (empty: verified). It checks every layer's spikes
+    on the _layers twin of the timed graph (same function, extra outputs; exported on first use), then that
+    the timed file itself predicts what torch predicts (its scores may differ on the samples where a
+    numerical flip happened, which only the _layers graph can show)."""
+    layers_file = model_file if model_file.endswith("_layers.onnx") else model_file.replace(".onnx", "_layers.onnx")
+    if layers_file not in read_manifest(run_dir).get("exports", {}):
+        from .export_onnx import export_run
+
+        # the same reference inputs again: the real samples (and labels) stay in reference_inputs.npz
+        n_real = reference["real"].shape[1] if "real" in reference else 0
+        export_run(run_dir, steps=export["T"], layers=True, order=export.get("order", "layer"),
+                   precision=export.get("precision", "fp32"), n_random=reference["random"].shape[1], n_real=n_real)
+    report = verify_run(run_dir, name, numerics, progress=False, model_file=layers_file, options=options)
+    reasons = list(report["reasons"])
+    if layers_file != model_file:
+        plain = verify_run(run_dir, name, numerics, progress=False, model_file=model_file, options=options)
+        t = plain["top1"]
+        changed = t["unambiguous"] - t["unambiguous_agree"]
+        if changed > report["top1"]["samples_diverged"]:
+            reasons.append(f"{model_file}: {changed} predictions differ, more than the "
+                           f"{report['top1']['samples_diverged']} samples with numerical spike flips")
+    return reasons
 
 
 def format_table(results: dict) -> str:

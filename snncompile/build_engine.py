@@ -5,9 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 from .artifacts import atomic_write_json, read_manifest, record_artifact, update_manifest
-from .errors import ArtifactError
+from .errors import ArtifactError, ConfigError
 
 __all__ = ["build_run"]
+
+# tf32x2 splits the spike layers' weights for TF32 tensor cores: it is built with TF32 on
+_BUILD_PRECISION_OF_EXPORT = {"tf32x2": "tf32"}
 
 
 def build_run(run_dir: str | Path, precision: str = "fp32", batch: str = "1:16:128", workspace_mb: int = 4096,
@@ -21,9 +24,16 @@ def build_run(run_dir: str | Path, precision: str = "fp32", batch: str = "1:16:1
     export = read_manifest(run_dir).get("exports", {}).get(model_file)
     if export is None or export["form"] != "unrolled" or not (run_dir / model_file).is_file():
         raise ArtifactError(f"{run_dir} has no unrolled export {model_file}: run `snncompile export {run_dir}` first")
+    typed = export.get("precision", "fp32")
+    fits = _BUILD_PRECISION_OF_EXPORT.get(typed, typed)
+    if typed != "fp32" and precision != fits:  # a typed export builds only as what it was typed for: another
+        # precision would mislabel the engine (fp32 over fp16 convs) or cast its casts again
+        raise ConfigError(f"{model_file} is a {typed} export: build it with --precision {fits} (or build model.onnx)")
     engine = run_dir / engine_name(model_file, precision)
     frame_shape = export["inputs"]["input"][2:]
-    sidecar = build_engine(run_dir / model_file, engine, options, int(export["T"]), frame_shape)
+    sidecar = build_engine(run_dir / model_file, engine, options, int(export["T"]), frame_shape, typed=typed != "fp32")
+    if typed != "fp32":  # the export did the typing: its count, not the build's (which parsed it as it was)
+        sidecar["reduced_precision_nodes"] = int(export.get("reduced_precision_nodes", 0))
     atomic_write_json(engine.with_suffix(".json"), sidecar)
     update_manifest(run_dir, engines={engine.name: sidecar})
     record_artifact(run_dir, engine.name)

@@ -232,12 +232,8 @@ def bench_train_cmd(model_toml, overrides, steps_t, batch, precision, steps, war
 def bench_run_cmd(run, runners, batches, iters, warmup, model_file, precision, cuda_graph, cudnn_autotune) -> None:
     """Verify, then time every runner on RUN's export; writes bench.json, bench.md, bench.png."""
     from .bench import bench_run, format_table
-    from .errors import ConfigError
 
-    try:
-        sizes = tuple(int(b) for b in batches.split(","))
-    except ValueError:
-        raise ConfigError(f"--batch expects comma-separated integers, got {batches!r}") from None
+    sizes = _batch_sizes(batches)
     names = [n.strip() for n in runners.split(",") if n.strip()] or None
     results = bench_run(run, names, sizes, warmup=warmup, iters=iters, echo=click.echo, model_file=model_file,
                         precision=precision, cuda_graph=cuda_graph, cudnn_autotune=cudnn_autotune)
@@ -255,13 +251,9 @@ def bench_run_cmd(run, runners, batches, iters, warmup, model_file, precision, c
 def pipeline(model_toml, overrides, out_root, batches, no_progress) -> None:
     """Train, export, verify and benchmark MODEL_TOML; stages already done for the same inputs are skipped."""
     from .config import load_config
-    from .errors import ConfigError
     from .pipeline import format_summary, run_pipeline
 
-    try:
-        sizes = tuple(int(b) for b in batches.split(","))
-    except ValueError:
-        raise ConfigError(f"--batch expects comma-separated integers, got {batches!r}") from None
+    sizes = _batch_sizes(batches)
     cfg = load_config(model_toml, list(overrides))
     summary = run_pipeline(cfg, out_root, sizes, progress=not no_progress, echo=click.echo)
     click.echo(format_summary(summary))
@@ -285,6 +277,19 @@ def plot(runs, out, labels) -> None:
     else:
         path = plot_runs(list(runs), out or runs[0].parent / "training_comparison.png", list(labels) or None)
     click.echo(f"wrote {path}")
+
+
+def _batch_sizes(text: str) -> tuple[int, ...]:
+    """``--batch 1,16,128`` -> (1, 16, 128): integers >= 1, each once, checked before any stage runs."""
+    from .errors import ConfigError
+
+    try:
+        sizes = [int(b) for b in text.split(",")]
+    except ValueError:
+        raise ConfigError(f"--batch expects comma-separated integers, got {text!r}") from None
+    if any(b < 1 for b in sizes):
+        raise ConfigError(f"--batch sizes must be >= 1, got {text!r}")
+    return tuple(dict.fromkeys(sizes))  # a repeated size would overwrite its own results
 
 
 @cli.group()

@@ -98,7 +98,7 @@ def run_pipeline(cfg: Config, out_root: Path, batches: tuple[int, ...] = (1, 32)
     """Run every stage that is not already done for these inputs; returns the summary dict."""
     from .backends import available_runners, default_runners
     from .bench import bench_run
-    from .compare import verify_runs
+    from .compare import _read_reports, verify_runs
     from .export_onnx import export_run
     from .train import train
 
@@ -137,7 +137,7 @@ def run_pipeline(cfg: Config, out_root: Path, batches: tuple[int, ...] = (1, 32)
     verify_inputs = _stage_hash("verify", onnx_hash, ",".join(runners), engines, "reference+test")
     own_reports = [*runners, *(f"{name}@test" for name in runners)]
     if _done(run, "verify", verify_inputs) and (run / "verify.json").is_file():
-        saved = json.loads((run / "verify.json").read_text())
+        saved = _read_reports(run / "verify.json")  # one line when corrupt
         reports = {name: saved[name] for name in own_reports if name in saved}  # not other commands' entries
         summary["stages"]["verify"] = "up to date"
     else:

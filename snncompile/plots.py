@@ -34,7 +34,10 @@ def _metrics(run: Path) -> list[dict]:
     if not run.is_dir():
         raise ArtifactError(f"run directory not found: {run}")
     path = run / METRICS
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+    try:
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise ArtifactError(f"{path} is corrupt (not one JSON row per line)") from None
     if not rows:
         raise ArtifactError(f"{run} has no finished epoch ({METRICS} is missing or empty)")
     return rows

@@ -79,7 +79,52 @@ def test_bad_arguments_are_one_line(exported, tmp_path):
     assert result.exit_code == 2 and result.output.strip() == "error: --batch expects comma-separated integers, got '1,x'"
     empty = make_run(tmp_path / "other", tiny_zoo_config(REPO / "models" / "bench-nmnist.toml"))
     result = CliRunner().invoke(cli, ["bench", str(empty)])
-    assert result.exit_code == 2 and "has no unrolled export model.onnx" in result.output
+    assert result.exit_code == 1 and "has no unrolled export model.onnx" in result.output  # as build and verify
+    result = CliRunner().invoke(cli, ["bench", str(exported), "--batch", "0,2"])
+    assert result.exit_code == 2 and result.output.strip() == "error: --batch sizes must be >= 1, got '0,2'"
+    (exported / "reference_inputs.npz").write_bytes(b"not an npz")
+    result = CliRunner().invoke(cli, ["bench", str(exported), "--runners", "torch", "--batch", "1"])
+    assert result.exit_code == 1 and "reference_inputs.npz is missing or corrupt" in result.output
+    assert "Traceback" not in result.output and not (exported / "bench.json").exists()  # nothing timed first
+
+
+def test_pipeline_rejects_a_bad_batch_before_training(tmp_path):
+    result = CliRunner().invoke(cli, ["pipeline", str(REPO / "models" / "digits.toml"), "--out", str(tmp_path),
+                                      "--batch", "2,0"])
+    assert result.exit_code == 2 and result.output.strip() == "error: --batch sizes must be >= 1, got '2,0'"
+    assert not list(tmp_path.iterdir())
+
+
+def test_gate_keeps_the_real_samples_and_a_runner_that_cannot_be_verified_is_skipped(tmp_path, monkeypatch):
+    """The gate exports the _layers twin on first use with the same reference inputs (real ones included), and a
+    runner whose gate cannot run is skipped with the reason while the others are still timed."""
+    import snncompile.bench as bench
+    from snncompile.errors import ArtifactError
+
+    run = make_run(tmp_path, tiny_zoo_config(REPO / "models" / "digits.toml"))
+    export_run(run, n_random=8, n_real=8)
+    before = dict(np.load(run / "reference_inputs.npz"))
+    real_gate = bench._gate
+
+    def gate(run_dir, name, *args):
+        if name == "torch-fast":
+            raise ArtifactError("no model_layers_fp32.plan")
+        return real_gate(run_dir, name, *args)
+
+    monkeypatch.setattr(bench, "_gate", gate)
+    data = bench_run(run, ["torch-fast", "ort-cpu"], (1, 1, 2), warmup=0, iters=2, echo=lambda s: None)
+    assert data["runners"]["torch-fast"]["skipped"] == "cannot verify: no model_layers_fp32.plan"
+    assert data["runners"]["ort-cpu"]["verified"] and list(data["runners"]["ort-cpu"]["by_batch"]) == ["1", "2"]
+    after = np.load(run / "reference_inputs.npz")
+    assert sorted(after.files) == sorted(before) == ["random", "real", "real_labels"]
+    assert all(np.array_equal(after[k], before[k]) for k in before)
+    assert (run / "model_layers.onnx").is_file()
+
+
+def test_bench_of_a_layers_export_gates_on_that_file(exported):
+    export_run(exported, layers=True, n_random=32, n_real=0)
+    data = bench_run(exported, ["ort-cpu"], (2,), warmup=0, iters=2, echo=lambda s: None, model_file="model_layers.onnx")
+    assert data["runners"]["ort-cpu"]["verified"] and "2" in data["runners"]["ort-cpu"]["by_batch"]
 
 
 def test_per_step_layout_is_the_same_function_and_benches_separately(exported):

@@ -61,5 +61,8 @@ def test_bad_input_is_one_line(two_runs, tmp_path):
     empty.mkdir()
     result = CliRunner().invoke(cli, ["plot", str(empty)])
     assert result.output.strip() == f"error: {empty} has no finished epoch (metrics.jsonl is missing or empty)"
+    (empty / "metrics.jsonl").write_text('{"epoch": 1, "test_acc": 0.5}\n{"epoch": 2, "te')  # a torn copy
+    result = CliRunner().invoke(cli, ["plot", str(empty)])
+    assert result.output.strip() == f"error: {empty / 'metrics.jsonl'} is corrupt (not one JSON row per line)"
     labels = CliRunner().invoke(cli, ["plot", str(two_runs[0]), "--label", "a", "--label", "b"])
     assert labels.exit_code == 2 and "--label given 2 times for 1 runs" in labels.output

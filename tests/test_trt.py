@@ -202,3 +202,28 @@ def test_runner_calls_only_runtime_api_that_exists():
                if not hasattr(getattr(trt, cls), name)]
     assert not missing, f"{trt.__name__} {trt.__version__} lacks {missing}"
     assert {"INPUT", "OUTPUT"} <= set(trt.TensorIOMode.__members__)
+
+
+@pytest.mark.trt
+@pytest.mark.skipif(not HAVE_TRT, reason="TensorRT not installed")
+def test_a_typed_export_builds_only_at_its_own_precision_and_is_parsed_as_it_is(tmp_path):
+    """model_fp16.onnx is already typed: an fp32 build would label fp16 convs fp32, and an fp16 build must not
+    cast its casts again (it parses the file as it is and reports the export's count of fp16 nodes)."""
+    import json
+
+    from snncompile.build_engine import build_run
+    from snncompile.export_onnx import export_run
+
+    _skip_unless_can_build()
+    run = make_run(tmp_path, tiny_zoo_config(REPO / "models" / "digits.toml"))
+    typed = export_run(run, n_random=4, n_real=0, precision="fp16", check_numerics=False)
+    result = CliRunner().invoke(cli, ["build", str(run), "--model", "model_fp16.onnx", "--precision", "fp32",
+                                      "--batch", "1:4:16"])
+    assert result.exit_code == 2
+    assert "model_fp16.onnx is a fp16 export: build it with --precision fp16" in result.output
+    side = build_run(run, "fp16", "1:4:16", model_file="model_fp16.onnx")
+    assert side["reduced_precision_nodes"] == typed.reduced_precision_nodes > 0
+    export_run(run, n_random=4, n_real=0, check_numerics=False)
+    rewritten = build_run(run, "fp16", "1:4:16")  # the same typing done at build time from model.onnx
+    assert side["layers"] == rewritten["layers"]
+    assert json.loads((run / "model_fp16_fp16.json").read_text()) == side

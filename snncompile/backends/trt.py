@@ -125,10 +125,10 @@ def _strongly_typed_flags(trt) -> int:
     return 0 if flag is None else 1 << int(flag)
 
 
-def _model_bytes(onnx_path: Path, precision: str) -> tuple[bytes, int]:
-    """The ONNX the builder parses: the file itself for fp32/tf32, else its mixed-precision rewrite
-    (and how many convs/matmuls it moved to ``precision``)."""
-    if precision in ("fp32", "tf32"):
+def _model_bytes(onnx_path: Path, precision: str, typed: bool = False) -> tuple[bytes, int]:
+    """The ONNX the builder parses: the file itself for fp32/tf32 or an export already typed for
+    ``precision``, else its mixed-precision rewrite (and how many convs/matmuls it moved to ``precision``)."""
+    if precision in ("fp32", "tf32") or typed:
         return onnx_path.read_bytes(), 0
     import onnx
 
@@ -138,9 +138,11 @@ def _model_bytes(onnx_path: Path, precision: str) -> tuple[bytes, int]:
     return typed.SerializeToString(), reduced
 
 
-def build_engine(onnx_path: Path, engine_path: Path, options: BuildOptions, steps: int, frame_shape: list[int]) -> dict:
+def build_engine(onnx_path: Path, engine_path: Path, options: BuildOptions, steps: int, frame_shape: list[int],
+                 typed: bool = False) -> dict:
     """Parse ``onnx_path``, build for this GPU (TensorRT-RTX: for any RTX GPU, with or without one here),
-    write the engine atomically; returns the sidecar dict."""
+    write the engine atomically; returns the sidecar dict. ``typed``: the export is already in
+    ``options.precision`` (model_fp16.onnx, ...), parsed as it is."""
     from ..artifacts import atomic_write_bytes
 
     options.validate()
@@ -150,7 +152,7 @@ def build_engine(onnx_path: Path, engine_path: Path, options: BuildOptions, step
     builder = trt.Builder(logger)
     network = builder.create_network(_strongly_typed_flags(trt))  # explicit batch is the only mode since 10
     parser = trt.OnnxParser(network, logger)
-    model, reduced = _model_bytes(onnx_path, options.precision)
+    model, reduced = _model_bytes(onnx_path, options.precision, typed)
     # path: where external weights (model.onnx.data) are looked up
     if not parser.parse(model, str(onnx_path)):
         errors = []
@@ -278,7 +280,8 @@ class TrtRunner(Runner):
                 self._graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(self._graph, stream=self.stream):
                     self._launch()
-            self._graph.replay()
+            with torch.cuda.stream(self.stream):  # replay() launches on the current stream: make it ours,
+                self._graph.replay()  # or the synchronize below would not wait for the graph
         else:
             self._launch()
         self.stream.synchronize()
