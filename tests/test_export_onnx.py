@@ -193,3 +193,30 @@ def test_large_models_use_external_data(tmp_path, monkeypatch):
     assert not [p for p in run.iterdir() if p.name.startswith(".export-")]
     onnx.checker.check_model(str(run / "model.onnx"), full_check=True)
     assert verify_run(run, "ort-cpu", "fp32")["passed"]
+
+
+def test_step_form_of_a_readout_head_streams_to_the_unrolled_result(tmp_path):
+    """A readout head's scores are analog sums that ONNX Runtime and torch round apart (~1 ulp): the step export
+    is checked within fp32's score tolerance there (exact equality failed every such export)."""
+    from snncompile.init_run import init_run
+
+    cfg = load_config(REPO / "models" / "bench-nmnist.toml", ["model.arch='8C3-AP2-8C3-AP2-32FC-10'"])
+    run, _ = init_run(cfg, tmp_path)  # calibrated: every layer fires, so the readout sums real currents
+    result = export_run(run, form="step", n_random=8, n_real=0)
+    assert result.form == "step" and (run / "model_step.onnx").is_file()
+    assert load_network(run)[1].head == "readout"
+
+
+def test_the_file_has_the_opset_it_is_recorded_with(tmp_path):
+    """Below 18 torch converts the graph down and, where that fails, keeps opset 18 without a word: either the
+    file has the requested opset, or the export fails saying which it could write."""
+    run = make_run(tmp_path, tiny_zoo_config(REPO / "models" / "bench-nmnist.toml"))
+    for opset in (13, 17):
+        try:
+            export_run(run, opset=opset, n_random=4, n_real=0)
+        except ExportError as e:
+            assert f"could not write opset {opset} (it wrote 18)" in str(e)
+            continue
+        written = {o.domain: o.version for o in onnx.load(str(run / "model.onnx")).opset_import}[""]
+        manifest = json.loads((run / "manifest.json").read_text())
+        assert written == opset == manifest["exports"]["model.onnx"]["opset"]
