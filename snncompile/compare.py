@@ -25,7 +25,8 @@ from .backends import create_runner
 from .errors import ArtifactError, ConfigError, DataError
 from .runs import load_run_config
 
-__all__ = ["Tolerance", "PRESETS", "verify_run", "verify_runs", "default_model_file", "format_report", "LayerStats"]
+__all__ = ["Tolerance", "PRESETS", "verify_run", "verify_runs", "default_model_file", "format_report", "LayerStats",
+           "report_key"]
 
 
 @dataclass(frozen=True)
@@ -277,7 +278,7 @@ def verify_runs(run_dir: str | Path, runners: dict[str, dict | None], precision:
     ``"test"`` = the run's whole test split, read from the dataset (e.g. all 10,000 MNIST images).
 
     ``model_file`` defaults to ``model_layers.onnx`` when it was exported (per-layer spike checks),
-    else ``model.onnx`` (outputs only)."""
+    else ``model.onnx`` (outputs only). Keys in verify.json: :func:`report_key`."""
     from tqdm.auto import tqdm
 
     if precision not in PRESETS:
@@ -347,11 +348,19 @@ def verify_runs(run_dir: str | Path, runners: dict[str, dict | None], precision:
     with run_dir_lock(run_dir):  # another verify (or bench's) may merge its reports into the same file
         existing = _read_reports(path)
         for name, report in reports.items():
-            key = name if model_file == "model_layers.onnx" else f"{name}:{model_file}"
-            existing[key if inputs == "reference" else f"{key}@test"] = report
+            existing[report_key(name, model_file, precision, inputs)] = report
         atomic_write_json(path, existing)
     record_artifact(run_dir, "verify.json")
     return reports
+
+
+def report_key(runner: str, model_file: str = "model_layers.onnx", precision: str = "fp32", inputs: str = "reference") -> str:
+    """A report's key in verify.json: ``<runner>[:<file>][/<precision>][@test]``, the file when it is not
+    model_layers.onnx and the precision when it is not fp32, so that e.g. a bf16 check of torch-fast (bench
+    --precision bf16 runs one) sits beside its fp32 check instead of replacing it."""
+    key = runner if model_file == "model_layers.onnx" else f"{runner}:{model_file}"
+    key += "" if precision == "fp32" else f"/{precision}"
+    return key if inputs == "reference" else f"{key}@test"
 
 
 def _read_reports(path: Path) -> dict:

@@ -148,7 +148,7 @@ def test_bench_a_mixed_precision_export_verifies_onnx_runtime_at_its_precision(e
     # the gate checked layer by layer on the fp16 graph's _layers twin, exported on first use
     manifest = json.loads((exported / "manifest.json").read_text())
     assert manifest["exports"]["model_fp16_layers.onnx"]["precision"] == "fp16"
-    report = json.loads((exported / "verify.json").read_text())["ort-cpu:model_fp16_layers.onnx"]
+    report = json.loads((exported / "verify.json").read_text())["ort-cpu:model_fp16_layers.onnx/fp16"]
     assert report["precision"] == "fp16" and report["layers_checked"]
 
 

@@ -126,7 +126,7 @@ def test_several_runners_in_one_pass_report_what_each_alone_does(exported, monke
     assert alone["torch-fast"]["outputs"]["scores"]["max_abs"] > 0  # the two runners really differ
     assert alone["ort-cpu"]["outputs"] != alone["torch-fast"]["outputs"]
     saved = json.loads((exported / "verify.json").read_text())
-    assert saved["ort-cpu"] == together["ort-cpu"] and saved["torch-fast"] == together["torch-fast"]
+    assert saved["ort-cpu/bf16"] == together["ort-cpu"] and saved["torch-fast/bf16"] == together["torch-fast"]
 
 
 def test_verify_on_test_set_without_the_dataset_is_one_line(exported):
@@ -145,10 +145,13 @@ def test_verify_on_test_set_without_the_dataset_is_one_line(exported):
 
 def test_cli_verify_hands_the_precision_to_runners_that_take_one(exported):
     # --precision is both the tolerance preset and, for torch-fast/trt, how the runner computes
+    CliRunner().invoke(cli, ["verify", str(exported), "--runner", "torch-fast", "--no-progress"])
     result = CliRunner().invoke(cli, ["verify", str(exported), "--runner", "torch-fast", "--precision", "bf16", "--no-progress"])
     assert "verify torch-fast vs torch (bf16, TF32 off)" in result.output, result.output
-    report = __import__("json").loads((exported / "verify.json").read_text())["torch-fast"]
+    saved = __import__("json").loads((exported / "verify.json").read_text())
+    report = saved["torch-fast/bf16"]
     assert report["precision"] == "bf16" and report["outputs"]["scores"]["max_abs"] > 0  # bf16 did run
+    assert saved["torch-fast"]["precision"] == "fp32"  # the fp32 check is still there, beside it
 
 
 def test_top1_is_judged_only_on_samples_with_a_clear_top1():
