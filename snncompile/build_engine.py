@@ -34,6 +34,7 @@ def build_run(run_dir: str | Path, precision: str = "fp32", batch: str = "1:16:1
     sidecar = build_engine(run_dir / model_file, engine, options, int(export["T"]), frame_shape, typed=typed != "fp32")
     if typed != "fp32":  # the export did the typing: its count, not the build's (which parsed it as it was)
         sidecar["reduced_precision_nodes"] = int(export.get("reduced_precision_nodes", 0))
+    sidecar["onnx_sha256"] = export["sha256"]  # the runner refuses the engine once the file is re-exported
     atomic_write_json(engine.with_suffix(".json"), sidecar)
     update_manifest(run_dir, engines={engine.name: sidecar})
     record_artifact(run_dir, engine.name)

@@ -227,3 +227,26 @@ def test_a_typed_export_builds_only_at_its_own_precision_and_is_parsed_as_it_is(
     rewritten = build_run(run, "fp16", "1:4:16")  # the same typing done at build time from model.onnx
     assert side["layers"] == rewritten["layers"]
     assert json.loads((run / "model_fp16_fp16.json").read_text()) == side
+
+
+@pytest.mark.trt
+@pytest.mark.skipif(not HAVE_TRT, reason="TensorRT not installed")
+def test_an_engine_of_an_earlier_export_is_refused(tmp_path):
+    """After a re-export (more training, another T) the old engine would run the old network: the runner checks
+    the ONNX hash its sidecar recorded against the export's."""
+    import json
+
+    from snncompile.backends.trt import check_engine_current
+    from snncompile.build_engine import build_run
+    from snncompile.errors import ArtifactError
+    from snncompile.export_onnx import export_run
+
+    _skip_unless_can_build()
+    run = make_run(tmp_path, tiny_zoo_config(REPO / "models" / "digits.toml"))
+    export_run(run, n_random=4, n_real=0, check_numerics=False)
+    side = build_run(run, "fp32", "1:4:16")
+    check_engine_current(side, run, "model.onnx")
+    assert json.loads((run / "model_fp32.json").read_text())["onnx_sha256"] == side["onnx_sha256"]
+    export_run(run, steps=6, n_random=4, n_real=0, check_numerics=False)
+    with pytest.raises(ArtifactError, match="model_fp32.plan was built from an earlier model.onnx: rebuild it"):
+        check_engine_current(side, run, "model.onnx")

@@ -210,6 +210,18 @@ def check_engine_matches(sidecar: dict) -> None:
                                 "rebuild it with `snncompile build`")
 
 
+def check_engine_current(sidecar: dict, run_dir: Path, model_file: str) -> None:
+    """One-line error when the engine was built from another ``model_file`` than the one exported now (a
+    re-export, e.g. after more training or at another T, leaves the old engine behind)."""
+    from ..artifacts import read_manifest
+
+    export = read_manifest(run_dir).get("exports", {}).get(model_file, {})
+    built_from = sidecar.get("onnx_sha256")
+    if built_from is not None and built_from != export.get("sha256"):
+        raise ArtifactError(f"{engine_name(model_file, sidecar.get('precision', 'fp32'))} was built from an earlier "
+                            f"{model_file}: rebuild it with `snncompile build {run_dir} --model {model_file}`")
+
+
 class TrtRunner(Runner):
     """Runs ``engine_<precision>.plan``; inputs/outputs live in torch CUDA tensors."""
 
@@ -237,6 +249,7 @@ class TrtRunner(Runner):
                                 f"--precision {precision}`")
         sidecar = json.loads(sidecar_path.read_text())
         check_engine_matches(sidecar)
+        check_engine_current(sidecar, Path(run_dir), model_file)
         self._torch = torch
         self.logger = trt.Logger(trt.Logger.WARNING)
         self.engine = trt.Runtime(self.logger).deserialize_cuda_engine(engine_path.read_bytes())
