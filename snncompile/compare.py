@@ -26,7 +26,7 @@ from .errors import ArtifactError, ConfigError, DataError
 from .runs import load_run_config
 
 __all__ = ["Tolerance", "PRESETS", "verify_run", "verify_runs", "default_model_file", "format_report", "LayerStats",
-           "report_key"]
+           "read_reports", "report_key"]
 
 
 @dataclass(frozen=True)
@@ -296,7 +296,7 @@ def verify_runs(run_dir: str | Path, runners: dict[str, dict | None], precision:
     if not has_reference or model_file not in manifest.get("exports", {}):
         raise ArtifactError(f"{run_dir} has no {model_file} export with reference inputs and outputs: run "
                             f"`snncompile export {run_dir}`")
-    _read_reports(run_dir / "verify.json")  # a corrupt one is reported now, not after the whole comparison
+    read_reports(run_dir / "verify.json")  # a corrupt one is reported now, not after the whole comparison
     export = manifest["exports"][model_file]
     hash_ok = (run_dir / model_file).is_file() and sha256_file(run_dir / model_file) == export["sha256"]
     if inputs == "reference":
@@ -346,7 +346,7 @@ def verify_runs(run_dir: str | Path, runners: dict[str, dict | None], precision:
         }
     path = run_dir / "verify.json"
     with run_dir_lock(run_dir):  # another verify (or bench's) may merge its reports into the same file
-        existing = _read_reports(path)
+        existing = read_reports(path)
         for name, report in reports.items():
             existing[report_key(name, model_file, precision, inputs)] = report
         atomic_write_json(path, existing)
@@ -363,7 +363,7 @@ def report_key(runner: str, model_file: str = "model_layers.onnx", precision: st
     return key if inputs == "reference" else f"{key}@test"
 
 
-def _read_reports(path: Path) -> dict:
+def read_reports(path: Path) -> dict:
     """verify.json's reports (empty when there is none yet); one line when it is corrupt."""
     if not path.is_file():
         return {}

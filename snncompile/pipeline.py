@@ -98,7 +98,7 @@ def run_pipeline(cfg: Config, out_root: Path, batches: tuple[int, ...] = (1, 32)
     """Run every stage that is not already done for these inputs; returns the summary dict."""
     from .backends import available_runners, default_runners
     from .bench import bench_run
-    from .compare import _read_reports, verify_runs
+    from .compare import read_reports, report_key, verify_runs
     from .export_onnx import export_run
     from .train import train
 
@@ -135,9 +135,9 @@ def run_pipeline(cfg: Config, out_root: Path, batches: tuple[int, ...] = (1, 32)
     runners = default_runners(reference=False)
     engines = read_manifest(run).get("pipeline", {}).get("build", "")
     verify_inputs = _stage_hash("verify", onnx_hash, ",".join(runners), engines, "reference+test")
-    own_reports = [*runners, *(f"{name}@test" for name in runners)]
+    own_reports = [report_key(name, inputs=inputs) for name in runners for inputs in ("reference", "test")]
     if _done(run, "verify", verify_inputs) and (run / "verify.json").is_file():
-        saved = _read_reports(run / "verify.json")  # one line when corrupt
+        saved = read_reports(run / "verify.json")  # one line when corrupt
         reports = {name: saved[name] for name in own_reports if name in saved}  # not other commands' entries
         summary["stages"]["verify"] = "up to date"
     else:
@@ -146,7 +146,7 @@ def run_pipeline(cfg: Config, out_root: Path, batches: tuple[int, ...] = (1, 32)
         reports = verify_runs(run, dict.fromkeys(runners), "fp32", progress=progress)
         try:
             on_test = verify_runs(run, dict.fromkeys(runners), "fp32", progress=progress, inputs="test")
-            reports.update({f"{name}@test": report for name, report in on_test.items()})
+            reports.update({report_key(name, inputs="test"): report for name, report in on_test.items()})
         except DataError as e:  # the dataset is not at hand: the stage is redone once it is
             test_set, complete = str(e), False
         except ConfigError as e:  # none to test on (e.g. random data): complete without it
