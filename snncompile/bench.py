@@ -20,6 +20,7 @@ from .backends import available_runners, create_runner, default_runners, runner_
 from .backends.base import runner_numerics
 from .compare import verify_run
 from .errors import ArtifactError, ConfigError, SnnCompileError
+from .export_onnx import export_reference_paths
 
 __all__ = ["bench_run", "bench_stem", "format_table", "percentiles"]
 
@@ -30,9 +31,9 @@ def percentiles(times_s: list[float]) -> dict[str, float]:
             "p99_ms": float(np.percentile(ms, 99)), "mean_ms": float(ms.mean())}
 
 
-def _reference_inputs(run_dir: Path) -> dict[str, np.ndarray]:
+def _reference_inputs(run_dir: Path, export: dict) -> dict[str, np.ndarray]:
     """The export's saved reference inputs (``random`` ``[T, N, ...]``, and ``real`` when it had the dataset)."""
-    path = run_dir / "reference_inputs.npz"
+    path, _ = export_reference_paths(run_dir, export)
     try:
         with np.load(path, allow_pickle=False) as saved:
             return {k: saved[k] for k in saved.files}
@@ -73,7 +74,7 @@ def bench_run(run_dir: str | Path, runners: list[str] | None = None, batches: tu
     if any(b < 1 for b in batches) or iters < 1 or warmup < 0:
         raise ConfigError("--batch sizes and --iters must be >= 1, --warmup >= 0")
     batches = tuple(dict.fromkeys(batches))  # a repeated size would overwrite its own results
-    reference = _reference_inputs(run_dir)  # before any runner is timed: a missing file is one line, at once
+    reference = _reference_inputs(run_dir, export)  # before any runner is timed: a missing file is one line, at once
     avail = available_runners()
     names = list(runners) if runners else default_runners()
     unknown = [n for n in names if n not in avail]
@@ -102,7 +103,7 @@ def bench_run(run_dir: str | Path, runners: list[str] | None = None, batches: tu
                 entry["skipped"] = skipped
                 echo(f"{name}: skipped ({skipped})")
                 continue
-            reference = _reference_inputs(run_dir)  # rewritten if the gate exported the _layers twin
+            reference = _reference_inputs(run_dir, export)  # rewritten if the gate exported the _layers twin
         with create_runner(name, run_dir, model_file, **options) as runner:
             entry["by_batch"] = {}
             for batch in batches:
@@ -154,7 +155,7 @@ def _gate(run_dir: Path, name: str, numerics: str, options: dict, model_file: st
     if layers_file not in read_manifest(run_dir).get("exports", {}):
         from .export_onnx import export_run
 
-        # the same reference inputs again: the real samples (and labels) stay in reference_inputs.npz
+        # the same reference inputs again: the real samples (and labels) stay in its reference file
         n_real = reference["real"].shape[1] if "real" in reference else 0
         export_run(run_dir, steps=export["T"], layers=True, order=export.get("order", "layer"),
                    precision=export.get("precision", "fp32"), n_random=reference["random"].shape[1], n_real=n_real)

@@ -23,6 +23,7 @@ import numpy as np
 from .artifacts import atomic_write_json, read_manifest, record_artifact, run_dir_lock, sha256_file
 from .backends import create_runner
 from .errors import ArtifactError, ConfigError, DataError
+from .export_onnx import export_reference_paths
 from .runs import load_run_config
 
 __all__ = ["Tolerance", "PRESETS", "verify_run", "verify_runs", "default_model_file", "format_report", "LayerStats",
@@ -143,9 +144,9 @@ class _ReferenceInputs:
     """The export's saved inputs per split (``random``, ``real``), ``[T, N, ...]``, with the torch scores
     the export stored for them (so verify can confirm the reference still reproduces them)."""
 
-    def __init__(self, run_dir: Path, inputs_path: Path):
+    def __init__(self, inputs_path: Path, outputs_path: Path):
         self._inputs = np.load(inputs_path, allow_pickle=False)
-        self._stored = np.load(run_dir / "reference_outputs.npz", allow_pickle=False)
+        self._stored = np.load(outputs_path, allow_pickle=False)
         self.sizes = {s: int(self._inputs[s].shape[1]) for s in ("random", "real") if s in self._inputs.files}
 
     def batches(self, split: str, batch: int):
@@ -291,16 +292,15 @@ def verify_runs(run_dir: str | Path, runners: dict[str, dict | None], precision:
     manifest = read_manifest(run_dir)
     if model_file is None:
         model_file = default_model_file(manifest.get("exports", {}))
-    inputs_path = run_dir / "reference_inputs.npz"
-    has_reference = inputs_path.is_file() and (run_dir / "reference_outputs.npz").is_file()
-    if not has_reference or model_file not in manifest.get("exports", {}):
+    export = manifest.get("exports", {}).get(model_file)
+    inputs_path, outputs_path = export_reference_paths(run_dir, export or {})
+    if export is None or not inputs_path.is_file() or not outputs_path.is_file():
         raise ArtifactError(f"{run_dir} has no {model_file} export with reference inputs and outputs: run "
                             f"`snncompile export {run_dir}`")
     read_reports(run_dir / "verify.json")  # a corrupt one is reported now, not after the whole comparison
-    export = manifest["exports"][model_file]
     hash_ok = (run_dir / model_file).is_file() and sha256_file(run_dir / model_file) == export["sha256"]
     if inputs == "reference":
-        source = _ReferenceInputs(run_dir, inputs_path)
+        source = _ReferenceInputs(inputs_path, outputs_path)
     elif inputs == "test":
         source = _TestSet(cfg, int(export["T"]), progress)
     else:

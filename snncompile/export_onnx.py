@@ -35,7 +35,8 @@ from .errors import ConfigError, DataError, ExportError, MissingDependencyError
 from .graphs import StepGraph, UnrolledGraph
 from .runs import load_network
 
-__all__ = ["unrolled_file", "stream_steps", "ALLOWED_OPS", "ExportResult", "export_run", "resolve_run_dir", "reference_inputs", "EXPORTER"]
+__all__ = ["unrolled_file", "stream_steps", "ALLOWED_OPS", "ExportResult", "export_run", "resolve_run_dir", "reference_inputs",
+           "reference_files", "export_reference_paths", "EXPORTER"]
 
 EXPORTER = "torch.export (torch.onnx.export dynamo=True) + onnxscript optimizer"
 DEFAULT_OPSET = 18
@@ -65,6 +66,19 @@ def unrolled_file(order: str = "layer", layers: bool = False, precision: str = "
             + ("_layers" if layers else "") + ".onnx")
 REF_INPUTS = "reference_inputs.npz"
 REF_OUTPUTS = "reference_outputs.npz"
+
+
+def reference_files(steps: int, trained_steps: int) -> tuple[str, str]:
+    """The reference inputs and outputs an unrolled export at T = ``steps`` is verified on: the plain names at
+    the T the run was trained with, ``_T<steps>`` otherwise, so that exports at two T each keep their own."""
+    suffix = "" if steps == trained_steps else f"_T{steps}"
+    return f"reference_inputs{suffix}.npz", f"reference_outputs{suffix}.npz"
+
+
+def export_reference_paths(run_dir: Path, export: dict) -> tuple[Path, Path]:
+    """Where an export's reference inputs and outputs are (exports recorded before per-T names: the plain ones)."""
+    names = export.get("reference_files") or (REF_INPUTS, REF_OUTPUTS)
+    return Path(run_dir) / names[0], Path(run_dir) / names[1]
 
 
 @dataclass
@@ -329,9 +343,10 @@ def export_run(
         if form == "unrolled":
             refs = {f"{split}/{name}": out for split in ("random", "real") if split in arrays
                     for name, out in _torch_outputs(reference, arrays[split]).items()}
-            np.savez(staging / REF_INPUTS, **arrays)
-            np.savez(staging / REF_OUTPUTS, **refs)
-            extra = {REF_INPUTS: staging / REF_INPUTS, REF_OUTPUTS: staging / REF_OUTPUTS}
+            ref_files = reference_files(steps, cfg.model.T)
+            np.savez(staging / ref_files[0], **arrays)
+            np.savez(staging / ref_files[1], **refs)
+            extra = {name: staging / name for name in ref_files}
         numerics = _check_numerics(raw_path, out_path, graph, arrays, form, steps) if check_numerics else "skipped"
         reduced = 0
         if precision in ("fp16", "bf16"):  # after the numerics check, which compares two fp32 graphs
@@ -361,7 +376,7 @@ def export_run(
         "precision": precision, "reduced_precision_nodes": reduced, "split_tf32_layers": split_layers,
         "inputs": in_shapes, "outputs": output_names, "ops": ops, "nodes_raw": nodes_raw, "nodes_clean": nodes_clean,
         "onnx_bytes": onnx_bytes, "export_seconds": round(seconds, 3), "sha256": sha256_file(run_dir / file_name),
-        "reference": ref_note, "cleaned_vs_raw": numerics,
+        "reference": ref_note, "reference_files": list(extra), "cleaned_vs_raw": numerics,
         "versions": {**environment(), "onnx": onnx.__version__, "onnxscript": _version("onnxscript"),
                      "onnx_ir": _version("onnx_ir"), "onnxruntime": _version("onnxruntime")},
     }

@@ -220,3 +220,19 @@ def test_the_file_has_the_opset_it_is_recorded_with(tmp_path):
         written = {o.domain: o.version for o in onnx.load(str(run / "model.onnx")).opset_import}[""]
         manifest = json.loads((run / "manifest.json").read_text())
         assert written == opset == manifest["exports"]["model.onnx"]["opset"]
+
+
+def test_exports_at_two_T_each_keep_their_reference_inputs(tmp_path):
+    """Exporting at another T used to overwrite the one reference set, and the earlier export could no longer
+    be verified (its T no longer matched): each T keeps its own files."""
+    run = make_run(tmp_path, tiny_zoo_config(REPO / "models" / "digits.toml"))
+    trained_T = load_network(run)[0].model.T
+    export_run(run, n_random=8, n_real=0)
+    export_run(run, steps=trained_T + 2, layers=True, n_random=8, n_real=0)
+    manifest = json.loads((run / "manifest.json").read_text())["exports"]
+    assert manifest["model.onnx"]["reference_files"] == ["reference_inputs.npz", "reference_outputs.npz"]
+    assert manifest["model_layers.onnx"]["reference_files"] == [f"reference_inputs_T{trained_T + 2}.npz",
+                                                              f"reference_outputs_T{trained_T + 2}.npz"]
+    assert verify_run(run, "ort-cpu", model_file="model.onnx")["passed"]
+    layers = verify_run(run, "ort-cpu", model_file="model_layers.onnx")
+    assert layers["passed"] and layers["layers"]["lif1"]["flip_rate_per_step"].__len__() == trained_T + 2
