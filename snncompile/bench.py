@@ -22,7 +22,7 @@ from .compare import verify_run
 from .errors import ArtifactError, ConfigError, SnnCompileError
 from .export_onnx import export_reference_paths
 
-__all__ = ["bench_run", "bench_stem", "format_table", "percentiles"]
+__all__ = ["batch_sizes", "bench_run", "bench_stem", "format_table", "percentiles"]
 
 
 def percentiles(times_s: list[float]) -> dict[str, float]:
@@ -53,6 +53,14 @@ def _bench_input(reference: dict[str, np.ndarray], batch: int, seed: int = 0) ->
                           "of inputs") from None
 
 
+def batch_sizes(batches) -> tuple[int, ...]:
+    """The batch sizes to time, each once (a repeated size would overwrite its own results); one line when
+    one is below 1. The pipeline calls it before training, so a bad list fails before any stage runs."""
+    if any(b < 1 for b in batches):
+        raise ConfigError(f"--batch sizes must be >= 1, got {','.join(map(str, batches))}")
+    return tuple(dict.fromkeys(batches))
+
+
 def bench_run(run_dir: str | Path, runners: list[str] | None = None, batches: tuple[int, ...] = (1, 16, 128),
               warmup: int = 10, iters: int = 50, min_seconds: float = 0.0, progress: bool = True,
               echo=print, model_file: str = "model.onnx", precision: str = "fp32", cuda_graph: bool = True,
@@ -71,9 +79,9 @@ def bench_run(run_dir: str | Path, runners: list[str] | None = None, batches: tu
     export = manifest.get("exports", {}).get(model_file)
     if export is None or export["form"] != "unrolled":
         raise ArtifactError(f"{run_dir} has no unrolled export {model_file}: run `snncompile export {run_dir}` first")
-    if any(b < 1 for b in batches) or iters < 1 or warmup < 0:
-        raise ConfigError("--batch sizes and --iters must be >= 1, --warmup >= 0")
-    batches = tuple(dict.fromkeys(batches))  # a repeated size would overwrite its own results
+    batches = batch_sizes(batches)
+    if iters < 1 or warmup < 0:
+        raise ConfigError("--iters must be >= 1, --warmup >= 0")
     reference = _reference_inputs(run_dir, export)  # before any runner is timed: a missing file is one line, at once
     avail = available_runners()
     names = list(runners) if runners else default_runners()

@@ -97,11 +97,12 @@ def run_pipeline(cfg: Config, out_root: Path, batches: tuple[int, ...] = (1, 32)
                  echo: Callable[[str], None] = print) -> dict:
     """Run every stage that is not already done for these inputs; returns the summary dict."""
     from .backends import available_runners, default_runners
-    from .bench import bench_run
+    from .bench import batch_sizes, bench_run
     from .compare import read_reports, report_key, verify_runs
     from .export_onnx import export_run
     from .train import train
 
+    batches = batch_sizes(batches)  # a bad list fails now, not after training, export and verify
     summary: dict = {"stages": {}}
     run = find_run(out_root, cfg)
     train_inputs = _stage_hash("train", cfg.hash())
