@@ -74,6 +74,10 @@ class LayerStats:
     real: int = 0
     propagated: int = 0
     max_numerical_margin: float = 0.0  # largest |u_ref - V_th| among the numerical flips
+    # membrane values that are not the reference's exact bits, and the largest difference: 0 and 0.0 on an
+    # exact-arithmetic model (exact.py) in a runtime that sums in plain fp32
+    membranes_differing: int = 0
+    membrane_max_abs: float = 0.0
     first_real_step: int | None = None  # 1-based first timestep with a real flip (first_step counts every kind)
 
     def add_step_flips(self, counts: np.ndarray) -> None:
@@ -120,7 +124,13 @@ def _classify_flips(ref: dict, run: dict, layers: list[str], v_th: float, eps: f
         s.neurons_per_step += batch * f.shape[2]
         s.add_step_flips(f.sum(axis=(1, 2)))
         up = upstream[:, li, :].T[:, :, None]  # [T, B, 1]
-        margin = np.abs(ref[f"{name}.membrane"].reshape(steps, batch, -1) - v_th)
+        ref_membrane = ref[f"{name}.membrane"].reshape(steps, batch, -1)
+        differing = ref_membrane != run[f"{name}.membrane"].reshape(steps, batch, -1)
+        s.membranes_differing += int(differing.sum())
+        if differing.any():
+            gap = np.abs(ref_membrane[differing].astype(np.float64) - run[f"{name}.membrane"].reshape(steps, batch, -1)[differing])
+            s.membrane_max_abs = max(s.membrane_max_abs, float(np.nan_to_num(gap, nan=np.inf).max()))
+        margin = np.abs(ref_membrane - v_th)
         near = margin <= eps
         numerical = f & ~up & near
         s.propagated += int((f & up).sum())
@@ -342,6 +352,7 @@ def verify_runs(run_dir: str | Path, runners: dict[str, dict | None], precision:
             # None on the test set: only the export's reference inputs have stored torch outputs
             "reference_reproduced": reproduced if inputs == "reference" else None,
             "inputs": dict(source.sizes),
+            "exact_model": cfg.model.exact,
             **tally.report(tol),
         }
     path = run_dir / "verify.json"
@@ -408,6 +419,18 @@ def _failures(tol: Tolerance, errors: dict, top1: dict, stats: dict[str, LayerSt
     return reasons
 
 
+def _exactness_line(r: dict) -> str:
+    """What the membranes say: bit-identical everywhere, or how far apart (and what that means on an exact model)."""
+    differing = sum(s.get("membranes_differing", 0) for s in r["layers"].values())
+    if not differing:
+        return "every membrane bit-identical to torch's" + (" (exact-arithmetic model)" if r.get("exact_model") else "")
+    if r.get("exact_model"):
+        return (f"exact-arithmetic model, yet {differing} membrane values differ: {r['runner']} does not sum fp32 products "
+                "exactly here (TF32, Winograd/FFT convolutions or reduced precision)")
+    return (f"{differing} membrane values differ in their last bits (summation order); model.exact = true makes them "
+            "bit-identical")
+
+
 def format_report(r: dict) -> str:
     """Human-readable table for the CLI (the JSON holds everything)."""
     n = sum(r["inputs"].values())
@@ -428,10 +451,15 @@ def format_report(r: dict) -> str:
     for split, acc in r["accuracy"].items():
         lines.append(f"accuracy on {split} samples: " + ", ".join(f"{k} {100 * v:.2f} %" for k, v in acc.items()))
     if r["layers_checked"]:
-        lines.append(f"{'layer':<10}{'flips':>8}{'flip rate':>12}{'numerical':>11}{'real':>7}{'propagated':>12}{'first t':>9}")
+        lines.append(f"{'layer':<10}{'flips':>8}{'flip rate':>12}{'numerical':>11}{'real':>7}{'propagated':>12}{'first t':>9}"
+                     f"{'membranes not bit-equal':>25}")
         for name, s in r["layers"].items():
             first = "-" if s["first_step"] is None else str(s["first_step"])
-            lines.append(f"{name:<10}{s['flips']:>8}{s['flip_rate']:>12.2e}{s['numerical']:>11}{s['real']:>7}{s['propagated']:>12}{first:>9}")
+            differing = s.get("membranes_differing", 0)
+            membranes = f"{differing} (max {s['membrane_max_abs']:.2g})" if differing else "0"
+            lines.append(f"{name:<10}{s['flips']:>8}{s['flip_rate']:>12.2e}{s['numerical']:>11}{s['real']:>7}{s['propagated']:>12}"
+                         f"{first:>9}{membranes:>25}")
+        lines.append(_exactness_line(r))
     else:
         lines.append("per-layer spikes not checked: `snncompile export RUN --layers` adds model_layers.onnx, "
                      "on which verify classifies every flip")

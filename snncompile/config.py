@@ -37,6 +37,10 @@ class ModelConfig:
     neunorm_before_fc: bool = False
     k_tau2: float = 0.9
     dropout: float = 0.0
+    # exact arithmetic (snncompile/exact.py): every membrane the same bits in every fp32 runtime
+    exact: bool = False
+    exact_bits: int = 8  # fractional bits of the input and NeuNorm outputs (multiples of 2^-exact_bits)
+    exact_input_max: float = 1.0  # the input is clamped to +-this before it is quantized
 
 
 @dataclass
@@ -184,6 +188,9 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(f"need 0 < model.k_tau1 <= 1 and 0 <= model.k_tau2 < 1, got {m.k_tau1}, {m.k_tau2}")
     if m.a <= 0 or not 0.0 <= m.dropout < 1.0:
         raise ConfigError(f"need model.a > 0 and 0 <= model.dropout < 1, got {m.a}, {m.dropout}")
+    if not 0 <= m.exact_bits <= 16 or not m.exact_input_max > 0:
+        raise ConfigError(f"need 0 <= model.exact_bits <= 16 and model.exact_input_max > 0, got {m.exact_bits}, "
+                          f"{m.exact_input_max}")
     if d.batch_size < 1 or d.eval_batch_size < 1:
         raise ConfigError("data.batch_size and data.eval_batch_size must be >= 1")
     if d.augment_pad < 0:

@@ -45,10 +45,10 @@ EXTERNAL_DATA_BYTES = 1_800_000_000  # below protobuf's 2 GB limit with headroom
 # Standard ai.onnx ops the unrolled SNN may use. No Loop/Scan/If (T is unrolled statically), no custom
 # domains, no Python ops: anything outside this list fails the export with the op named.
 ALLOWED_OPS = frozenset({
-    "Add", "AveragePool", "Cast", "Concat", "Constant", "ConstantOfShape", "Conv", "Div", "Equal",
+    "Add", "AveragePool", "Cast", "Clip", "Concat", "Constant", "ConstantOfShape", "Conv", "Div", "Equal",
     "Expand", "Flatten", "Gather", "Gemm", "Greater", "Identity", "MatMul", "Mul", "Neg", "ReduceMean",
-    "ReduceSum", "Reshape", "Shape", "Slice", "Split", "Squeeze", "Sub", "Transpose", "Unsqueeze", "Where",
-})
+    "ReduceSum", "Reshape", "Round", "Shape", "Slice", "Split", "Squeeze", "Sub", "Transpose", "Unsqueeze", "Where",
+})  # Clip and Round: the quantizers of an exact-arithmetic network (exact.py)
 
 UNROLLED_FILE = "model.onnx"
 STEP_FILE = "model_step.onnx"

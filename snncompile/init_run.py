@@ -15,6 +15,7 @@ import torch
 from . import __version__
 from .artifacts import atomic_save, atomic_write_text, environment, new_run_dir, record_artifact, update_manifest
 from .config import Config, dumps_toml
+from .exact import snap_to_grid
 from .models import LIFCell, NeuNormCell, SpikingNetwork, network_from_config
 from .runs import CHECKPOINT, CONFIG
 
@@ -68,6 +69,8 @@ def init_run(cfg: Config, out_root: str | Path, seed: int = 0, calibrate: bool =
                 stage.norm.u_scale.uniform_(-0.5, 0.5)  # exercise the recurrence, not the zero init
     if calibrate:
         rates = calibrate_firing(net, random_input(cfg, batch, torch.Generator().manual_seed(seed)))
+    if cfg.model.exact:
+        snap_to_grid(list(net.stages))
     run = new_run_dir(out_root, cfg.name)
     atomic_write_text(run / CONFIG, dumps_toml(cfg))
     update_manifest(run, model=cfg.name, config_hash=cfg.hash(), created_by=f"snncompile {__version__} init",

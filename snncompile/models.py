@@ -30,6 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from .errors import ConfigError
+from .exact import Quantize
 from .kernels.lif import INDEX_LIMIT as _KERNEL_INDEX_LIMIT  # lif.py imports no Triton
 from .layers import NeuNorm, Voting
 from .memory import mark_spikes
@@ -186,6 +187,9 @@ class SpikingNetwork(nn.Module):
         k_tau2: NeuNorm decay.
         dropout: dropout probability on the spikes of hidden FC layers (new mask every step).
         width_divisor: shrink widths for tiny test networks.
+        exact: exact arithmetic (see :mod:`snncompile.exact`): quantize the input and NeuNorm's outputs
+            to multiples of 2^-exact_bits (the input clamped to ±exact_input_max first), so that with
+            weights on their grid (:func:`~snncompile.exact.snap_to_grid`) every conv/linear sum is exact.
 
     Input ``[T, B, C, H, W]``; output class scores ``[B, classes]``.
     """
@@ -202,6 +206,9 @@ class SpikingNetwork(nn.Module):
         k_tau2: float = 0.9,
         dropout: float = 0.0,
         width_divisor: int = 1,
+        exact: bool = False,
+        exact_bits: int = 8,
+        exact_input_max: float = 1.0,
     ):
         super().__init__()
         self.arch = arch
@@ -215,7 +222,8 @@ class SpikingNetwork(nn.Module):
         self.fused_lif = False
         specs = parse_architecture(arch, width_divisor)
 
-        stages: list[nn.Module] = []
+        self.exact = exact
+        stages: list[nn.Module] = [Quantize(exact_bits, exact_input_max)] if exact else []
         c, h, w = self.input_shape
         flat: int | None = None  # features once flattened
         n_lif = 0
@@ -231,9 +239,13 @@ class SpikingNetwork(nn.Module):
                 stages.append(LIFCell(lif, f"lif{n_lif}"))
                 if neunorm and nxt is not None and (nxt.kind == "conv" or neunorm_before_fc):
                     stages.append(NeuNormCell(NeuNorm(c, h, w, k_tau2), f"neunorm{n_lif}"))
+                    if exact:  # NeuNorm's outputs are real-valued: back onto the grid before they are summed
+                        stages.append(Quantize(exact_bits))
             elif spec.kind == "pool":
                 if flat is not None:
                     raise ConfigError(f"pooling after FC in {arch!r}")
+                if exact and spec.size & (spec.size - 1):
+                    raise ConfigError(f"AP{spec.size} in {arch!r}: exact arithmetic needs power-of-two pooling (AP2, AP4)")
                 if h < spec.size or w < spec.size:
                     raise ConfigError(f"AP{spec.size} needs maps of at least {spec.size}x{spec.size}, got {h}x{w} in {arch!r}")
                 # Floor like the paper's N-MNIST net: 34 -> 17 -> 8.
@@ -426,4 +438,7 @@ def network_from_config(model_cfg, width_divisor: int = 1) -> SpikingNetwork:
         k_tau2=m.k_tau2,
         dropout=m.dropout,
         width_divisor=width_divisor,
+        exact=m.exact,
+        exact_bits=m.exact_bits,
+        exact_input_max=m.exact_input_max,
     )

@@ -29,6 +29,7 @@ from .config import Config, dumps_toml
 from .data import Split, batches, load_dataset, to_time_major
 from .distributed import DistContext, all_reduce_sum, destroy, init_distributed, shard_indices, stop_on_peer_failure
 from .errors import ArtifactError, ConfigError
+from .exact import snap_to_grid
 from .memory import SavedActivations
 from .models import network_from_config
 from .runs import CHECKPOINT, CONFIG, METRICS, load_checkpoint, load_run_config
@@ -266,6 +267,8 @@ def _train(cfg: Config, device: torch.device, ctx: DistContext, out_root, resume
         g_loss, g_correct, g_seen = all_reduce_sum([loss_sum.item(), float(correct.item()), float(seen)], ctx, device)
         lr = opt.param_groups[0]["lr"]
         sched.step()
+        if cfg.model.exact:  # every checkpoint, and the accuracy reported for it, is the exact network's
+            exact_layers = snap_to_grid(list(net.stages))
         test_loss, test_acc = evaluate(net, data.test, cfg, device, data.static, ctx)
         row = {
             "epoch": epoch,
@@ -293,6 +296,11 @@ def _train(cfg: Config, device: torch.device, ctx: DistContext, out_root, resume
             training={"epochs_done": epoch, "epochs": cfg.train.epochs, "test_acc": test_acc, "test_loss": test_loss,
                       "device": str(device), "last_session_seconds": round(elapsed, 2)},
         )
+        if cfg.model.exact:
+            update_manifest(run_dir, exact={"input_bits": cfg.model.exact_bits, "layers": exact_layers})
+            bits = [b for layer in exact_layers for b in layer["weight_bits"]]
+            say(f"exact arithmetic: weights on grids of 2^-{min(bits)} to 2^-{max(bits)}, largest change "
+                f"{max(layer['max_rel_change'] for layer in exact_layers):.1e} of a layer's largest weight")
         record_artifact(run_dir, METRICS)
     return TrainResult(run_dir, epoch, test_acc, test_loss, elapsed)
 

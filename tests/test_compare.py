@@ -46,6 +46,16 @@ def exported(tmp_path):
     return run
 
 
+def test_verify_reports_membranes_that_are_not_bit_equal():
+    ref = {"a.spikes": np.zeros((2, 1, 3), np.float32), "a.membrane": np.array([[[0.1, 0.2, 0.3]], [[0.1, 0.2, 0.3]]], np.float32)}
+    run = {k: v.copy() for k, v in ref.items()}
+    run["a.membrane"][1, 0, 2] = np.nextafter(np.float32(0.3), np.float32(1))
+    stats: dict[str, LayerStats] = {}
+    _classify_flips(ref, run, ["a"], 0.5, 0.01, stats)
+    assert stats["a"].membranes_differing == 1
+    assert stats["a"].membrane_max_abs == pytest.approx(float(np.spacing(np.float32(0.3))))
+
+
 def test_perturbed_weight_fails_and_names_first_divergent_layer(exported):
     path = exported / "model_layers.onnx"
     model = onnx.load(str(path))
