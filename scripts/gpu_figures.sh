@@ -125,12 +125,14 @@ run = pathlib.Path(sys.argv[1])
 rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 t = json.loads((run / "manifest.json").read_text())["training"]
 neunorm = "neunorm = true" in (run / "config.toml").read_text()
-print(f"{run.name}: NeuNorm {'on' if neunorm else 'off'}, {len(rows)} epochs, test acc "
+exact = ", exact arithmetic" if "exact = true" in (run / "config.toml").read_text() else ""
+print(f"{run.name}: NeuNorm {'on' if neunorm else 'off'}{exact}, {len(rows)} epochs, test acc "
       f"{100 * rows[-1]['test_acc']:.2f} % (best {100 * max(r['test_acc'] for r in rows):.2f} %), "
       f"train steps {sum(r['train_seconds'] for r in rows):.0f} s, training wall {t['last_session_seconds']:.0f} s "
       f"on {t['device']}; per-epoch test acc {[round(100 * r['test_acc'], 2) for r in rows]}")
 PY
         tag=$(grep -q "neunorm = true" "$run/config.toml" && echo on || echo off)
+        grep -q "exact = true" "$run/config.toml" && tag=$tag-exact
         cp "$run/metrics.jsonl" "$OUT/$name-$tag-metrics.jsonl"
     done
     # both curves in one PNG (the labels: the config keys the runs differ in)
@@ -291,6 +293,10 @@ headline)
     # that figure); verify checks all 10,000 test images on every runner present
     stage "pipeline mnist-fast" 120 timeout 240 snncompile pipeline models/mnist-fast.toml "${mnist_quick[@]}" \
         --set "data.root='$mnist_root'" --out "$runs" --batch 1,128 --no-progress
+    # the same with exact arithmetic (README, "Exact arithmetic"): zero flips by construction on ONNX Runtime CPU;
+    # the membrane column says whether the GPU runners' convolutions are exact too (TF32 off; cuDNN may pick Winograd)
+    stage "pipeline mnist-fast, exact" 120 timeout 240 snncompile pipeline models/mnist-fast.toml "${mnist_quick[@]}" \
+        --set "data.root='$mnist_root'" --set model.exact=true --out "$runs" --batch 1,128 --no-progress
     mnist_summary mnist-fast | tee -a "$md"
     # issue 6: fp32 against the peers (spikingjelly's reference figure is fp32 with TF32 allowed)
     stage "bench train bench-nmnist fp32" 15 snncompile bench train models/bench-nmnist.toml "${tiny_nmnist[@]}" \

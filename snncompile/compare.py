@@ -424,6 +424,8 @@ def _exactness_line(r: dict) -> str:
     differing = sum(s.get("membranes_differing", 0) for s in r["layers"].values())
     if not differing:
         return "every membrane bit-identical to torch's" + (" (exact-arithmetic model)" if r.get("exact_model") else "")
+    if r.get("exact_model") and r["precision"] != "fp32":
+        return f"exact-arithmetic model run at {r['precision']}: {differing} membrane values differ (exact only in fp32)"
     if r.get("exact_model"):
         return (f"exact-arithmetic model, yet {differing} membrane values differ: {r['runner']} does not sum fp32 products "
                 "exactly here (TF32, Winograd/FFT convolutions or reduced precision)")

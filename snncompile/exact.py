@@ -67,10 +67,9 @@ def quantize(x: Tensor, bits: int, limit: float | None = None) -> Tensor:
         x = x.clamp(-limit, limit)
     scaled = x * float(2.0**bits)
     if torch.is_grad_enabled() and scaled.requires_grad:
-        rounded = _RoundStraightThrough.apply(scaled)
-    else:
-        rounded = torch.round(scaled)
-    return rounded * float(2.0**-bits)
+        return _RoundStraightThrough.apply(scaled) * float(2.0**-bits)
+    # inference: in place on the one new tensor (half the time of three allocating ops on a large map)
+    return scaled.round_().mul_(float(2.0**-bits))
 
 
 class Quantize(nn.Module):

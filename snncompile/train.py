@@ -186,6 +186,8 @@ def _train(cfg: Config, device: torch.device, ctx: DistContext, out_root, resume
             f"{len(data.train)} training samples cannot feed {ctx.world_size} ranks x data.batch_size "
             f"{cfg.data.batch_size}: lower the batch size or the number of processes"
         )
+    if cfg.model.exact:
+        _say_clipped_inputs(data.train.x, cfg.model.exact_input_max, say)
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
     net = network_from_config(cfg.model).to(device)
     if cfg.train.channels_last:  # in place: the parameters stay the same objects, only their strides change
@@ -303,6 +305,15 @@ def _train(cfg: Config, device: torch.device, ctx: DistContext, out_root, resume
                 f"{max(layer['max_rel_change'] for layer in exact_layers):.1e} of a layer's largest weight")
         record_artifact(run_dir, METRICS)
     return TrainResult(run_dir, epoch, test_acc, test_loss, elapsed)
+
+
+def _say_clipped_inputs(x: Tensor, limit: float, say: Callable[[str], None]) -> None:
+    """Exact arithmetic clamps the input to +-limit (exact.py): say so when that cuts training data (event
+    counts above 1, normalised images beyond +-1), since the network then never sees those values."""
+    clipped = int((x.abs() > limit).sum())
+    if clipped:
+        say(f"note: model.exact_input_max = {limit:g} clips {clipped} of {x.numel()} training input values "
+            f"({100 * clipped / x.numel():.2g} %, largest |x| {float(x.abs().max()):g}): raise it to keep them")
 
 
 def _use_fused_lif(cfg: Config, device: torch.device) -> bool:

@@ -56,6 +56,20 @@ def test_verify_reports_membranes_that_are_not_bit_equal():
     assert stats["a"].membrane_max_abs == pytest.approx(float(np.spacing(np.float32(0.3))))
 
 
+
+def test_the_report_says_what_the_membranes_mean():
+    from snncompile.compare import _exactness_line
+
+    def report(differing, exact, precision="fp32"):
+        return {"layers": {"lif1": {"membranes_differing": differing}}, "exact_model": exact, "runner": "ort-cpu",
+                "precision": precision}
+
+    assert _exactness_line(report(0, True)) == "every membrane bit-identical to torch's (exact-arithmetic model)"
+    assert _exactness_line(report(0, False)) == "every membrane bit-identical to torch's"
+    assert "ort-cpu does not sum fp32 products exactly" in _exactness_line(report(3, True))
+    assert "exact only in fp32" in _exactness_line(report(3, True, "fp16"))
+    assert "model.exact = true makes them bit-identical" in _exactness_line(report(3, False))
+
 def test_perturbed_weight_fails_and_names_first_divergent_layer(exported):
     path = exported / "model_layers.onnx"
     model = onnx.load(str(path))

@@ -144,3 +144,14 @@ def test_membranes_are_bit_identical_on_onnx_runtime(tmp_path):
     assert set(differing[True].values()) == {0}, differing[True]
     assert sum(differing[False].values()) > 0, "control: the plain network should show summation-order rounding"
 
+
+
+def test_training_says_when_the_input_clamp_cuts_training_data():
+    from snncompile.train import _say_clipped_inputs
+
+    lines = []
+    _say_clipped_inputs(torch.tensor([0.5, -1.0, 3.0, 0.0]), 1.0, lines.append)
+    assert lines == ["note: model.exact_input_max = 1 clips 1 of 4 training input values (25 %, largest |x| 3): "
+                     "raise it to keep them"]
+    _say_clipped_inputs(torch.tensor([0.5, -1.0]), 1.0, lines.append)
+    assert len(lines) == 1
