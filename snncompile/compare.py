@@ -427,8 +427,8 @@ def _exactness_line(r: dict) -> str:
     if r.get("exact_model") and r["precision"] != "fp32":
         return f"exact-arithmetic model run at {r['precision']}: {differing} membrane values differ (exact only in fp32)"
     if r.get("exact_model"):
-        return (f"exact-arithmetic model, yet {differing} membrane values differ: {r['runner']} does not sum fp32 products "
-                "exactly here (TF32, Winograd/FFT convolutions or reduced precision)")
+        return (f"exact-arithmetic model, yet {differing} membrane values differ: {r['runner']} does not compute in plain fp32 "
+                "here (TF32, Winograd/FFT convolutions, or NeuNorm's multiply-adds fused)")
     return (f"{differing} membrane values differ in their last bits (summation order); model.exact = true makes them "
             "bit-identical")
 

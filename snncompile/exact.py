@@ -25,9 +25,12 @@ The quantizers are part of the network (trained through with a straight-through 
 the trainer snaps the weights at the end of every epoch, before evaluating and checkpointing, so
 every checkpoint, export and reference is the exact network.
 
-What it needs from a runtime: fp32 multiply-accumulate (any order, FMA or not). Not TF32, not
-Winograd or FFT convolutions (their transforms round), not reduced precision. ONNX Runtime CPU and
-PyTorch CPU give bit-identical membranes (tests/test_exact.py).
+What it needs from a runtime: convolutions and matmuls as fp32 multiply-accumulate (any order, FMA
+or not). Not TF32, not Winograd or FFT convolutions (their transforms round), not reduced precision.
+The LIF update ``k_tau1 * u * (1 - o) + I`` may be contracted into a fused multiply-add (its last
+product, by 0 or 1, is exact); NeuNorm's ``k_tau2 * x + drive`` and ``o - U * x`` must be evaluated as
+written (one rounding per op), or a NeuNorm output can cross a rounding boundary of its quantizer.
+ONNX Runtime CPU and PyTorch CPU give bit-identical membranes (tests/test_exact.py).
 """
 
 from __future__ import annotations

@@ -171,6 +171,9 @@ def run_pipeline(cfg: Config, out_root: Path, batches: tuple[int, ...] = (1, 32)
         test_acc=manifest.get("training", {}).get("test_acc"),
         verify={n: {"passed": r["passed"], "flips": sum(s["flips"] for s in r["layers"].values()),
                     "real": sum(s["real"] for s in r["layers"].values()), "top1": r["top1"]["agreement"],
+                    # None for a report written before verify counted them
+                    "membranes_differing": (sum(s["membranes_differing"] for s in r["layers"].values())
+                                            if all("membranes_differing" in s for s in r["layers"].values()) else None),
                     "samples": sum(r["inputs"].values()),
                     # labelled inputs: the real samples among the reference inputs, or the test split
                     "accuracy": r["accuracy"].get("test", r["accuracy"].get("real", {}))} for n, r in reports.items()},
@@ -190,7 +193,9 @@ def format_summary(summary: dict) -> str:
     for name, v in summary["verify"].items():
         acc = ", ".join(f"{k} {100 * a:.2f} %" for k, a in v["accuracy"].items())
         lines.append(f"verify {name}: {'PASSED' if v['passed'] else 'FAILED'} on {v['samples']} inputs, {v['flips']} spike flips "
-                     f"({v['real']} real), top-1 agreement {100 * v['top1']:.2f} %" + (f"; accuracy {acc}" if acc else ""))
+                     f"({v['real']} real)"
+                     + (f", {v['membranes_differing']} membrane values not bit-equal" if v.get("membranes_differing") is not None else "")
+                     + f", top-1 agreement {100 * v['top1']:.2f} %" + (f"; accuracy {acc}" if acc else ""))
     lines.append(format_table(summary["bench"]))
     lines.append("artifacts: " + ", ".join(summary["artifacts"]))
     return "\n".join(lines)

@@ -66,7 +66,7 @@ def test_the_report_says_what_the_membranes_mean():
 
     assert _exactness_line(report(0, True)) == "every membrane bit-identical to torch's (exact-arithmetic model)"
     assert _exactness_line(report(0, False)) == "every membrane bit-identical to torch's"
-    assert "ort-cpu does not sum fp32 products exactly" in _exactness_line(report(3, True))
+    assert "ort-cpu does not compute in plain fp32" in _exactness_line(report(3, True))
     assert "exact only in fp32" in _exactness_line(report(3, True, "fp16"))
     assert "model.exact = true makes them bit-identical" in _exactness_line(report(3, False))
 

@@ -1,6 +1,7 @@
 """`snncompile pipeline`: all stages on the embedded default, then nothing redone on a second run."""
 
 import json
+import re
 
 import pytest
 
@@ -24,7 +25,8 @@ def test_pipeline_runs_every_stage_once(tmp_path):
         assert f"  {stage:<7} done" in first.output
     assert "verify ort-cpu: PASSED on " in first.output and "| ort-cpu | 2 |" in first.output
     # the whole (limited) test split too, prediction for prediction
-    assert "verify ort-cpu@test: PASSED on 64 inputs, 0 spike flips (0 real), top-1 agreement 100.00 %" in first.output
+    assert re.search(r"verify ort-cpu@test: PASSED on 64 inputs, 0 spike flips \(0 real\), \d+ membrane values not "
+                     r"bit-equal, top-1 agreement 100.00 %", first.output), first.output
     assert "  build   skipped: " in first.output
     run = next((tmp_path / "digits").iterdir())
     assert {"checkpoint.pt", "model.onnx", "verify.json", "bench.json", "training.png"} <= {p.name for p in run.iterdir()}
