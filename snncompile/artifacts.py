@@ -15,6 +15,7 @@ import json
 import os
 import platform
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -41,10 +42,20 @@ MANIFEST = "manifest.json"
 RUN_FORMAT = 1  # bump when the layout of a run directory changes incompatibly
 
 
+_UMASK_LOCK = threading.Lock()
+
+
 def _umask() -> int:
-    mask = os.umask(0o022)  # reading the umask means setting it: put it straight back
-    os.umask(mask)
-    return mask
+    """The process umask, read without changing it where Linux shows it (/proc, kernel 4.7+): setting it and
+    putting it back, the only portable way, briefly gives every other thread's new files 0o022."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    with _UMASK_LOCK:  # at least our own writers never see each other's temporary value
+        mask = os.umask(0o022)
+        os.umask(mask)
+        return mask
 
 
 @contextlib.contextmanager

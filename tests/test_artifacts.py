@@ -19,6 +19,25 @@ def test_atomic_write_gives_the_umask_permissions_not_mkstemps_private_ones(tmp_
     assert (tmp_path / "b.json").stat().st_mode & 0o777 == 0o600
 
 
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="Linux /proc only")
+def test_the_umask_is_read_without_setting_it(tmp_path, monkeypatch):
+    """Setting the umask to read it would give other threads' files a wrong mode meanwhile."""
+    from snncompile import artifacts
+
+    old = os.umask(0o027)
+    try:
+        def no_set(mask):  # the /proc reading must not need it
+            raise AssertionError("os.umask called")
+
+        monkeypatch.setattr(artifacts.os, "umask", no_set)
+        assert artifacts._umask() == 0o027
+        atomic_write_text(tmp_path / "d.json", "{}\n")
+    finally:
+        monkeypatch.undo()
+        os.umask(old)
+    assert (tmp_path / "d.json").stat().st_mode & 0o777 == 0o640
+
+
 def test_failed_write_leaves_nothing(tmp_path):
     target = tmp_path / "c.txt"
     with pytest.raises(RuntimeError):
