@@ -115,7 +115,7 @@ class LayerGrid:
     def largest_sum(self) -> Tensor:
         """S_j = |b_j| + X * sum_i |w_ji| per output channel ``[out]`` (float64): the largest |partial sum|."""
         w = self.layer.weight.detach().flatten(1).double()
-        b = self.layer.bias.detach().double() if self.layer.bias is not None else torch.zeros(w.shape[0], dtype=w.dtype)
+        b = self.layer.bias.detach().double() if self.layer.bias is not None else torch.zeros_like(w[:, 0])
         return b.abs() + self.input.bound * w.abs().sum(1)
 
     def weight_bits(self) -> Tensor:

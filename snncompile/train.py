@@ -310,10 +310,14 @@ def _train(cfg: Config, device: torch.device, ctx: DistContext, out_root, resume
 def _say_clipped_inputs(x: Tensor, limit: float, say: Callable[[str], None]) -> None:
     """Exact arithmetic clamps the input to +-limit (exact.py): say so when that cuts training data (event
     counts above 1, normalised images beyond +-1), since the network then never sees those values."""
-    clipped = int((x.abs() > limit).sum())
+    clipped, largest = 0, 0.0
+    for chunk in x.split(64):  # a float copy of 64 samples at a time: event frames are uint16 and can be GBs
+        magnitude = chunk.float().abs()
+        clipped += int((magnitude > limit).sum())
+        largest = max(largest, float(magnitude.max()))
     if clipped:
         say(f"note: model.exact_input_max = {limit:g} clips {clipped} of {x.numel()} training input values "
-            f"({100 * clipped / x.numel():.2g} %, largest |x| {float(x.abs().max()):g}): raise it to keep them")
+            f"({100 * clipped / x.numel():.2g} %, largest |x| {largest:g}): raise it to keep them")
 
 
 def _use_fused_lif(cfg: Config, device: torch.device) -> bool:

@@ -155,3 +155,5 @@ def test_training_says_when_the_input_clamp_cuts_training_data():
                      "raise it to keep them"]
     _say_clipped_inputs(torch.tensor([0.5, -1.0]), 1.0, lines.append)
     assert len(lines) == 1
+    _say_clipped_inputs(torch.tensor([[0, 1, 5]], dtype=torch.uint16), 2.0, lines.append)  # event counts
+    assert lines[1].startswith("note: model.exact_input_max = 2 clips 1 of 3 training input values (33 %, largest |x| 5)")
