@@ -145,17 +145,19 @@ def input_grids(stages: list[nn.Module]) -> list[LayerGrid]:
         ConfigError: a conv/linear layer reads a tensor that is on no grid (the network was built
             without ``exact``), or a pool would leave the grid (a window that is not a power of two).
     """
-    from .models import LIFCell, NeuNormCell
+    from .models import LIFCell, NeuNormCell, _pools_exactly
 
     grid: Grid | None = None  # the network input: real-valued until its quantizer
-    neunorm_bound = None
     plan: list[LayerGrid] = []
     for i, stage in enumerate(stages):
         if isinstance(stage, Quantize):
             if stage.limit is not None:
                 bound = stage.limit
-            elif neunorm_bound is not None:
-                bound = neunorm_bound
+            elif i > 0 and isinstance(stages[i - 1], NeuNormCell):
+                # y = o - U x with 0 <= x < 1/F (x gains (1 - k_tau2)/F^2 per spike, at most F spikes a step,
+                # and decays by k_tau2): |y| <= 1 + max|U| / F; 1e-3 of slack for the fp32 rounding of x
+                u = stages[i - 1].norm.u_scale.detach()
+                bound = (1.0 + float(u.abs().max()) / u.shape[0]) * 1.001
             else:
                 raise ConfigError(f"stage {i}: a quantizer without a limit must follow NeuNorm")
             # rounding may move a value by half a grid step past the bound
@@ -169,18 +171,13 @@ def input_grids(stages: list[nn.Module]) -> list[LayerGrid]:
         elif isinstance(stage, LIFCell):
             grid = Grid(0, 1.0)  # spikes
         elif isinstance(stage, NeuNormCell):
-            # y = o - U x with 0 <= x < 1/F (x sums (1 - k_tau2)/F^2 per spike, at most F spikes, decaying by
-            # k_tau2): |y| <= 1 + max|U| / F; 1e-3 of slack for the fp32 rounding of x itself
-            u = stage.norm.u_scale.detach()
-            neunorm_bound = (1.0 + float(u.abs().max()) / u.shape[0]) * 1.001
-            grid = None
-        elif isinstance(stage, nn.AvgPool2d):
-            window = _pool_window(stage)
-            if grid is not None and (window & (window - 1) or stage.padding not in (0, (0, 0)) or stage.ceil_mode):
+            grid = None  # real-valued until the quantizer after it
+        elif isinstance(stage, nn.AvgPool2d) and grid is not None:
+            if not _pools_exactly(stage, torch.float32):
                 raise ConfigError(f"stage {i}: exact arithmetic needs power-of-two pooling windows without padding "
-                                  f"(AP2, AP4), got a {window}-element window")
-            if grid is not None:  # the window sum is exact on the grid; dividing by 2^k adds k bits
-                grid = Grid(grid.frac_bits + int(math.log2(window)), grid.bound)
+                                  f"(AP2, AP4), got {stage}")
+            # the window sum is exact on the grid; dividing by 2^k adds k fractional bits
+            grid = Grid(grid.frac_bits + int(math.log2(_pool_window(stage))), grid.bound)
         elif not isinstance(stage, (nn.Flatten, nn.Dropout)):
             grid = None  # anything else: unknown values
     return plan

@@ -222,7 +222,6 @@ class SpikingNetwork(nn.Module):
         self.fused_lif = False
         specs = parse_architecture(arch, width_divisor)
 
-        self.exact = exact
         stages: list[nn.Module] = [Quantize(exact_bits, exact_input_max)] if exact else []
         c, h, w = self.input_shape
         flat: int | None = None  # features once flattened

@@ -157,3 +157,12 @@ def test_training_says_when_the_input_clamp_cuts_training_data():
     assert len(lines) == 1
     _say_clipped_inputs(torch.tensor([[0, 1, 5]], dtype=torch.uint16), 2.0, lines.append)  # event counts
     assert lines[1].startswith("note: model.exact_input_max = 2 clips 1 of 3 training input values (33 %, largest |x| 5)")
+
+
+def test_the_grid_walk_refuses_what_would_leave_the_grid():
+    with pytest.raises(ConfigError, match="power-of-two pooling"):
+        input_grids([Quantize(8, 1.0), nn.AvgPool2d(3), nn.Flatten(), nn.Linear(4, 2)])
+    with pytest.raises(ConfigError, match="must follow NeuNorm"):
+        input_grids([Quantize(8), nn.Linear(4, 2)])
+    # a pool of 4 keeps the grid, 2 bits finer
+    assert input_grids([Quantize(8, 1.0), nn.AvgPool2d(2), nn.Flatten(), nn.Linear(4, 2)])[0].input.frac_bits == 10
