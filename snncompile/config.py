@@ -40,7 +40,9 @@ class ModelConfig:
     # exact arithmetic (snncompile/exact.py): every membrane the same bits in every fp32 runtime
     exact: bool = False
     exact_bits: int = 8  # fractional bits of the input and NeuNorm outputs (multiples of 2^-exact_bits)
-    exact_input_max: float = 1.0  # the input is clamped to +-this before it is quantized
+    # the input is clamped to +-this before it is quantized: 4 holds normalised images (MNIST's reach 2.8,
+    # CIFAR10's 2.1); event counts above it are cut, and training says how many
+    exact_input_max: float = 4.0
 
 
 @dataclass

@@ -208,7 +208,7 @@ class SpikingNetwork(nn.Module):
         width_divisor: int = 1,
         exact: bool = False,
         exact_bits: int = 8,
-        exact_input_max: float = 1.0,
+        exact_input_max: float = 4.0,
     ):
         super().__init__()
         self.arch = arch
