@@ -309,9 +309,11 @@ def _train(cfg: Config, device: torch.device, ctx: DistContext, out_root, resume
 
 def _say_clipped_inputs(x: Tensor, limit: float, say: Callable[[str], None]) -> None:
     """Exact arithmetic clamps the input to +-limit (exact.py): say so when that cuts training data (event
-    counts above 1, normalised images beyond +-1), since the network then never sees those values."""
+    counts, or normalised images, beyond it), since the network then never sees those values."""
     clipped, largest = 0, 0.0
-    for chunk in x.split(64):  # a float copy of 64 samples at a time: event frames are uint16 and can be GBs
+    # a float copy of ~16 M values at a time: event frames are uint16 and can be GBs (one sync per chunk)
+    rows = max(1, (1 << 24) // max(1, x[:1].numel()))
+    for chunk in x.split(rows):
         magnitude = chunk.float().abs()
         clipped += int((magnitude > limit).sum())
         largest = max(largest, float(magnitude.max()))
