@@ -221,7 +221,10 @@ def _plot(results: dict, path: Path) -> bool:
         ax.set_ylabel(unit)
         ax.set_title(f"{results['model']} T={results['T']}: {title}")
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend()
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend()
+        else:  # every runner was skipped (their reasons are in the table): say so rather than an empty frame
+            ax.text(0.5, 0.5, "no runner timed", transform=ax.transAxes, ha="center", va="center")
     fig.tight_layout()
 
     def write(f):

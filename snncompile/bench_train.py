@@ -290,7 +290,7 @@ def _attempt(measure: Callable[[], dict]) -> dict | str:
         return f"failed: {type(exc).__name__}: {message}"
 
 
-def _profile(step: Callable[[], None], device: torch.device, steps: int = 3, rows: int = 15) -> str:
+def _profile(step: Callable[[], None], device: torch.device, steps: int = 3, rows: int = 20) -> str:
     """Where ``steps`` training steps spend their time, by torch.profiler: the top ``rows`` GPU kernels
     by self time on CUDA (CPU operators on the CPU), as profiler's own table."""
     from torch.profiler import ProfilerActivity

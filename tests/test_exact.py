@@ -145,6 +145,38 @@ def test_membranes_are_bit_identical_on_onnx_runtime(tmp_path):
     assert sum(differing[False].values()) > 0, "control: the plain network should show summation-order rounding"
 
 
+def test_torch_fast_computes_an_exact_models_membranes_bit_for_bit(tmp_path):
+    """torch-fast (layer-major; on CUDA the fused kernels, CUDA graphs and convolutions without cuDNN, whose
+    transformed algorithms round) against the reference: every membrane the same bits. On a CPU this checks
+    the layer-major path; the CUDA half of the claim runs where a GPU is."""
+    pytest.importorskip("onnxruntime")
+    import torch
+    from helpers import make_run
+    from snncompile.backends import create_runner
+    from snncompile.compare import verify_run
+    from snncompile.export_onnx import export_run
+
+    cfg = load_config(REPO / "models" / "digits.toml", ["model.exact=true"])
+    run = make_run(tmp_path, cfg)
+    export_run(run, layers=True, check_numerics=False)
+    report = verify_run(run, "torch-fast")
+    assert report["passed"] and report["exact_model"]
+    assert {name: layer["membranes_differing"] for name, layer in report["layers"].items() if layer["membranes_differing"]} == {}
+    with create_runner("torch-fast", run, "model_layers.onnx") as runner:
+        assert runner.direct_convs == torch.cuda.is_available()
+
+
+def test_cudnn_is_restored_after_the_direct_convolutions():
+    import torch
+    from snncompile.backends.pt import cudnn_disabled
+
+    before = torch.backends.cudnn.enabled
+    with pytest.raises(RuntimeError), cudnn_disabled():
+        assert torch.backends.cudnn.enabled is False
+        raise RuntimeError("inside")
+    assert torch.backends.cudnn.enabled == before
+
+
 
 def test_training_says_when_the_input_clamp_cuts_training_data():
     from snncompile.train import _say_clipped_inputs

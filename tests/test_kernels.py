@@ -1,9 +1,11 @@
 """The fused Triton LIF kernel against the pure-torch reference: compiled and run on the GPU where CUDA
 is present, else in Triton's interpreter on the CPU (the same kernel source a GPU compiles).
 
-On CUDA the forward spikes still compare bit for bit: the leak ``k_tau1 * u * (1 - o)`` ends in a
-multiply by exactly 0 or 1, so contracting it with ``+ I`` into an FMA rounds like torch's separate
-kernels. Gradients compare within fp32 tolerance (the backward's FMAs round differently).
+The kernels compile without FMA contraction (``lif._NO_FMA``): each product and sum rounds on its own,
+as in torch's separate kernels, on a GPU as in the interpreter. So the forward spikes compare bit for
+bit, and the fused LIF + pool backward equals the LIF backward then the pool's bit for bit. Gradients
+against autograd through the pure-torch scan compare within fp32 tolerance (autograd adds the two paths
+into g_u in its own order).
 """
 
 import os
@@ -304,7 +306,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from snncompile.kernels import _triton as K
-from snncompile.kernels.lif import pool_block
+from snncompile.kernels.lif import _NO_FMA, pool_block
 
 def signature(fn, ptrs):
     args = inspect.signature(fn.fn).parameters
@@ -327,9 +329,15 @@ for grad, grad_in, bf16 in [("fp32", "fp32", False), ("bf16", "i16", True), ("fp
     variants += [(K.lif_pool_backward, {"u_ptr": "*fp32", "gp_ptr": "*" + grad, "gi_ptr": "*" + grad_in},
                   {"T": 8, "K": k, "GRAD_BF16": bf16, "CHANNELS_LAST": last, "BLOCK": pool_block(k)})
                  for k in (2, 4) for last in (False, True)]
-for fn, ptrs, constants in variants:
-    compiled = triton.compile(ASTSource(fn, signature(fn, ptrs), constants), target=GPUTarget("cuda", 90, 32))
+for fn, ptrs, constants in variants:  # with the options every launch in lif.py passes
+    compiled = triton.compile(ASTSource(fn, signature(fn, ptrs), constants), target=GPUTarget("cuda", 90, 32),
+                              options=_NO_FMA)
     assert compiled.asm["cubin"], (fn.__name__, ptrs, constants)
+    assert "fma.rn.f32" not in compiled.asm["ptx"], (fn.__name__, ptrs, constants)  # each product rounded alone
+# control: Triton's default contracts the backward's products into FMAs, which is what _NO_FMA turns off
+fn, ptrs, constants = variants[-1]
+default = triton.compile(ASTSource(fn, signature(fn, ptrs), constants), target=GPUTarget("cuda", 90, 32))
+assert "fma.rn.f32" in default.asm["ptx"]
 print("compiled", len(variants))
 '''
 
@@ -348,6 +356,33 @@ def test_every_kernel_variant_compiles_for_an_h100_without_one():
     result = subprocess.run([sys.executable, "-c", COMPILE_FOR_SM90], capture_output=True, text=True, env=env, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.split() == ["compiled", "57"]
+
+
+def test_every_kernel_launch_compiles_without_fma_contraction(monkeypatch):
+    """Each launch in lif.py passes ``enable_fp_fusion=False`` (the compile test above shows what that
+    option does to the code): with contraction the compiler fused the LIF + 4x4 pool backward's products
+    otherwise than the LIF backward's, and on an H200 the two gradients differed in their last bits."""
+    from snncompile.kernels import fused_lif_pool, lif
+
+    options = []
+
+    class Recorder:
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                options.append(kwargs.get("enable_fp_fusion"))
+                return self.kernel[grid](*args, **kwargs)
+
+            return launch
+
+    monkeypatch.setattr(lif, "_KERNELS", tuple(Recorder(k) for k in lif._kernels()))
+    for dtype in (torch.float32, torch.bfloat16):
+        currents = (torch.randn(3, 2, 2, 4, 4, device=DEVICE) + 0.3).to(dtype).requires_grad_(True)
+        fused_lif(currents, P.k_tau1, P.v_th, P.a, dtype).sum().backward()
+        fused_lif_pool(currents, P.k_tau1, P.v_th, P.a, 2, dtype).float().sum().backward()
+    assert len(options) >= 8 and set(options) == {False}, options
 
 
 def test_kernel_entry_points_refuse_tensors_past_32_bit_indexing(monkeypatch):

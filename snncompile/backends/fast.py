@@ -15,7 +15,12 @@ Same graph module as the torch reference (:class:`~snncompile.graphs.UnrolledGra
   the layers that read spikes run as two TF32 tensor-core passes, see :mod:`snncompile.split_tf32`;
   verified at the fp32 preset), ``tf32``, or ``fp16``/``bf16`` autocast for convs/linears; the membrane
   recurrence and the threshold compare stay fp32 (the LIF cell and the kernel upcast), and
-  ``verify --precision`` reports the flips that remain.
+  ``verify --precision`` reports the flips that remain;
+- an exact-arithmetic model (``model.exact``) at fp32 on CUDA runs its convolutions without cuDNN
+  (:func:`~snncompile.backends.pt.cudnn_disabled`): on an H200, with cuDNN's autotuned algorithms, its
+  membranes differed from the CPU reference's in 830 M of ~2.5 G values, while ONNX Runtime CPU matched
+  all of them. Direct sums are exact on the model's grids in any order; cuDNN's transformed algorithms are
+  not. Slower, and the bench table says so ("convs without cuDNN").
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ import torch
 
 from ..errors import ConfigError, RunnerUnavailableError
 from .base import TORCH_FAST_PRECISIONS
-from .pt import TorchRunner, cudnn_autotuning, no_tf32, tf32_math
+from .pt import TorchRunner, cudnn_autotuning, cudnn_disabled, no_tf32, tf32_math
 
 __all__ = ["TorchFastRunner"]
 
@@ -66,6 +71,7 @@ class TorchFastRunner(TorchRunner):
 
             self.split_layers = apply_split_tf32(self.graph.net)
         self.cuda_graph = on_cuda if cuda_graph is None else cuda_graph
+        self.direct_convs = on_cuda and self.exact_model and precision == "fp32"
         self._captured: dict[tuple, tuple[torch.Tensor, tuple[torch.Tensor, ...], torch.cuda.CUDAGraph]] = {}
 
     def _numerics(self):
@@ -75,12 +81,18 @@ class TorchFastRunner(TorchRunner):
         stack.enter_context(cudnn_autotuning(self.autotune))
         if self.precision in ("fp32", "tf32x2"):  # tf32x2: only the split layers enable TF32, for themselves
             stack.enter_context(no_tf32())
+        if self.direct_convs:
+            stack.enter_context(cudnn_disabled())
         elif self.precision == "tf32":
             stack.enter_context(tf32_math(True))
         if self.precision in _AUTOCAST:
             # no weight-cast cache: cached casts must not outlive a CUDA-graph capture
             stack.enter_context(torch.autocast(self.device.type, dtype=_AUTOCAST[self.precision], cache_enabled=False))
         return stack
+
+    def timing_mode(self, handle) -> str:
+        mode = super().timing_mode(handle)
+        return ", ".join(filter(None, [mode, "convs without cuDNN (exact model)" if self.direct_convs else ""]))
 
     def _forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         with self._numerics():

@@ -40,6 +40,19 @@ def cudnn_autotuning(enabled: bool):
         torch.backends.cudnn.benchmark = saved
 
 
+@contextlib.contextmanager
+def cudnn_disabled():
+    """Convolutions without cuDNN inside (PyTorch's own: im2col, then a cuBLAS matrix product, which sums
+    products directly); no effect on the CPU. cuDNN's Winograd and FFT algorithms transform their
+    operands first, which rounds, so a model whose sums are exact (``model.exact``) would not be."""
+    saved = torch.backends.cudnn.enabled
+    torch.backends.cudnn.enabled = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.enabled = saved
+
+
 def no_tf32():
     """Full fp32 matmuls/convs on CUDA (TF32 would round inputs to 10 mantissa bits)."""
     return tf32_math(False)
@@ -68,6 +81,7 @@ class TorchRunner(Runner):
         self.device = torch.device(device)
         self.steps = int(entry["T"])
         self.form = entry["form"]
+        self.exact_model = bool(cfg.model.exact)
         if self.form == "step":
             self.graph = StepGraph(net, self.steps)
         else:

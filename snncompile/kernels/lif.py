@@ -53,6 +53,14 @@ def _kernels():
 
 _BLOCK = 1024
 
+# Every launch compiles without FMA contraction. With it, the compiler may fuse a product into the
+# following add (one rounding instead of two) or not, per kernel and per constexpr: on an H200 the LIF +
+# 4x4 pool backward and the LIF backward then the pool's disagreed in the last bits of the gradient. Without
+# it each kernel performs exactly the pure-torch path's operations, each rounded once, on every GPU and in
+# Triton's interpreter alike. (The forward's bits do not change: its one fusable product, k_tau1 * u times
+# the 0/1 reset gate, is exact.) The kernels are bound by memory traffic, not by these few instructions.
+_NO_FMA = {"enable_fp_fusion": False}
+
 
 def _grid(n: int):
     return ((n + _BLOCK - 1) // _BLOCK,)
@@ -94,7 +102,7 @@ def _forward(currents: Tensor, k_tau1: float, v_th: float, out_dtype: torch.dtyp
     mem = torch.empty_like(cur, dtype=torch.float32) if membrane else None
     out = torch.empty_like(cur, dtype=out_dtype) if spikes else mem  # empty_like keeps a dense layout's strides
     fwd[_grid(n)](cur, out, mem if membrane else out, n, float(k_tau1), float(v_th), T=steps, SAVE_U=membrane,
-                  STORE_O=spikes, BLOCK=_BLOCK)
+                  STORE_O=spikes, BLOCK=_BLOCK, **_NO_FMA)
     return (out if spikes else None), mem
 
 
@@ -128,14 +136,14 @@ class _FusedLIF(torch.autograd.Function):
             # written in bf16 by the kernel, rounded to nearest even: no fp32 gradient written, read and cast
             grad_in = torch.empty_like(membrane, dtype=torch.bfloat16)
             bwd[_grid(n)](membrane, grad_out, grad_in.view(torch.int16), n, k_tau1, v_th, a / 2, 1.0 / a, T=steps,
-                          GRAD_BF16=True, BLOCK=_BLOCK)
+                          GRAD_BF16=True, BLOCK=_BLOCK, **_NO_FMA)
             return grad_in, None, None, None, None
         # fp32, cast by torch for fp16. A recomputed membrane is ours to overwrite: each program reads u[t]
         # of its neurons before it writes g_I[t] there, so the gradient takes its place and backward
         # allocates one fp32 buffer, not two.
         grad_in = membrane if ctx.recompute else torch.empty_like(membrane)
         bwd[_grid(n)](membrane, grad_out, grad_in, n, k_tau1, v_th, a / 2, 1.0 / a, T=steps, GRAD_BF16=False,
-                      BLOCK=_BLOCK)
+                      BLOCK=_BLOCK, **_NO_FMA)
         return grad_in.to(dtype), None, None, None, None
 
 
@@ -177,7 +185,7 @@ class _FusedLIFPool(torch.autograd.Function):
         fwd[((n_out + block - 1) // block,)](cur, out, membrane if membrane is not None else out, n_out, shape[2],
                                               shape[3], shape[4], *cur.stride(), *out.stride(), float(k_tau1),
                                               float(v_th), T=shape[0], K=pool, SAVE_U=membrane is not None,
-                                              CHANNELS_LAST=_is_channels_last(cur), BLOCK=block)
+                                              CHANNELS_LAST=_is_channels_last(cur), BLOCK=block, **_NO_FMA)
         if save:
             ctx.save_for_backward(cur if recompute else membrane)
         ctx.recompute = recompute
@@ -201,7 +209,7 @@ class _FusedLIFPool(torch.autograd.Function):
                                               n_out, shape[2], shape[3], shape[4], *membrane.stride(),
                                               *grad_pooled.stride(), float(k_tau1), float(v_th), a / 2, 1.0 / a,
                                               T=shape[0], K=pool, GRAD_BF16=bf16,
-                                              CHANNELS_LAST=_is_channels_last(membrane), BLOCK=block)
+                                              CHANNELS_LAST=_is_channels_last(membrane), BLOCK=block, **_NO_FMA)
         return grad_in.to(dtype), None, None, None, None, None
 
 
