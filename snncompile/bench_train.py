@@ -200,6 +200,13 @@ def _bench_train(cfg: Config, device: torch.device, precision: str, steps: int, 
             forward_backward_update()
 
         if device.type == "cuda":
+            if torch.backends.cudnn.benchmark:
+                # cuDNN autotuning times every algorithm on a shape's first call, trying workspaces as large
+                # as free memory allows: a one-off that grows with what is free, not what training needs.
+                # One step before the peak counts, for every variant alike (a peer timed after ours would
+                # otherwise find our shapes already tuned). On the H200, fp32: 5,537 MiB peak for our eager
+                # bench-nmnist step, which tuned first, and 1,539 MiB for the graphed one, which did not.
+                step()
             # the peak from here on, capture and warm-up included: a graphed step's activations live in
             # its private pool, allocated during capture and never again during replays
             _sync(device)
