@@ -139,6 +139,22 @@ class NeuNormCell(nn.Module):
         return (x,), y, None
 
 
+def _bias_moves_into_lif(stage: nn.Module, after) -> bool:
+    """A plain conv/linear with a bias whose output goes straight into a LIF: the fused kernel can add the
+    bias (exact types only: a subclass, e.g. split-TF32's, computes its own way)."""
+    after = list(after)
+    hooked = stage._forward_hooks or stage._forward_pre_hooks  # a caller watching this module's calls
+    return (type(stage) in (nn.Conv2d, nn.Linear) and stage.bias is not None and not hooked
+            and bool(after) and isinstance(after[0], LIFCell))
+
+
+def _without_bias(stage: nn.Module, x: Tensor) -> Tensor:
+    """``stage(x)`` without its bias (:func:`_bias_moves_into_lif`'s stages)."""
+    if isinstance(stage, nn.Conv2d):
+        return stage._conv_forward(x, stage.weight, None)
+    return nn.functional.linear(x, stage.weight)
+
+
 def _pools_exactly(module: nn.Module, dtype: torch.dtype) -> bool:
     """An average pool whose every output, on 0/1 spikes, is exact in ``dtype``: a k x k window with
     k^2 a power of two and no padding gives m / k^2 (m <= k^2 ones), which needs log2(k^2) significand
@@ -291,23 +307,29 @@ class SpikingNetwork(nn.Module):
         h = x
         stages = list(stages)
         pooled_by_lif = -1  # index of a pool the fused LIF before it has already applied
+        bias = None  # a conv/linear's bias the fused LIF after it adds (the conv ran without it)
         for i, stage in enumerate(stages):
             if i == pooled_by_lif:
                 continue
             # past the kernels' 32-bit indexing, the pure-torch scan
-            if (self.fused_lif and isinstance(stage, LIFCell) and (record is None or not torch.is_grad_enabled())
-                    and h.numel() < _KERNEL_INDEX_LIMIT):
+            fused = (self.fused_lif and isinstance(stage, LIFCell) and (record is None or not torch.is_grad_enabled())
+                     and h.numel() < _KERNEL_INDEX_LIMIT)
+            if bias is not None and not (fused and record is None):  # the kernel cannot take it after all
+                h = h + bias.to(h.dtype).view(1, 1, -1, *[1] * (h.dim() - 3))
+                bias = None
+            if fused:
                 from .kernels import fused_lif, fused_lif_inference, fused_lif_pool
 
                 p = stage.params
+                lif_bias, bias = bias, None
                 pool = stages[i + 1] if i + 1 < len(stages) else None
                 out_dtype = _spike_dtype(h, stages[i + 1 :])
                 if record is None and _fuses_into_lif(pool, out_dtype):
                     # the pool inside the LIF kernel: the full-size spikes (and their gradient) never written
-                    h = fused_lif_pool(h, p.k_tau1, p.v_th, p.a, pool.kernel_size, out_dtype)
+                    h = fused_lif_pool(h, p.k_tau1, p.v_th, p.a, pool.kernel_size, out_dtype, bias=lif_bias)
                     pooled_by_lif = i + 1
                 elif record is None:
-                    h = mark_spikes(fused_lif(h, p.k_tau1, p.v_th, p.a, out_dtype))
+                    h = mark_spikes(fused_lif(h, p.k_tau1, p.v_th, p.a, out_dtype, bias=lif_bias))
                 else:  # inference that reports every layer (verify): the kernel writes the membrane too
                     h, membrane = fused_lif_inference(h, p.k_tau1, p.v_th, membrane=True)
                     record[stage.name] = (h, membrane)
@@ -327,6 +349,12 @@ class SpikingNetwork(nn.Module):
                     mark_spikes(h)
                     if record is not None:
                         record[stage.name] = (h, torch.stack(mems))
+            elif self.fused_lif and record is None and _bias_moves_into_lif(stage, stages[i + 1 :]):
+                # cuDNN adds a conv's bias in a kernel of its own, a full read and write of the largest
+                # tensor (15 % of a bench-nmnist bf16 step's GPU time on the H200): the LIF kernel reads
+                # these currents anyway and adds it there
+                h = _without_bias(stage, h.flatten(0, 1)).unflatten(0, (steps, batch))
+                bias = stage.bias
             else:
                 h = stage(h.flatten(0, 1))
                 h = h.unflatten(0, (steps, batch))

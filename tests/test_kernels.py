@@ -21,7 +21,7 @@ import pytest  # noqa: E402
 
 pytest.importorskip("triton")
 
-from conftest import ZOO, zoo_ids  # noqa: E402
+from conftest import REPO, ZOO, zoo_ids  # noqa: E402
 from helpers import tiny_zoo_config  # noqa: E402
 from snncompile.init_run import calibrate_firing, random_input  # noqa: E402
 from snncompile.kernels import fused_lif  # noqa: E402
@@ -315,14 +315,16 @@ def signature(fn, ptrs):
 
 variants = []
 for cur, out in [("fp32", "fp32"), ("bf16", "bf16"), ("fp16", "fp16"), ("bf16", "fp32")]:  # lif.py's (currents, spikes)
-    for save in (True, False):
-        ptrs = {"i_ptr": "*" + cur, "o_ptr": "*" + out, "u_ptr": "*fp32" if save else "*" + out}
-        variants.append((K.lif_forward, ptrs, {"T": 8, "SAVE_U": save, "STORE_O": True, "BLOCK": 1024}))
+    for save in (True, False):  # with and without the conv's bias (training passes it whether it saves or not)
+        ptrs = {"i_ptr": "*" + cur, "o_ptr": "*" + out, "u_ptr": "*fp32" if save else "*" + out, "b_ptr": "*fp32"}
+        variants.append((K.lif_forward, ptrs, {"T": 8, "SAVE_U": save, "STORE_O": True, "HAS_BIAS": save,
+                                               "BLOCK": 1024}))
         variants += [(K.lif_pool_forward, ptrs, {"T": 8, "K": k, "SAVE_U": save, "CHANNELS_LAST": last,
-                                                  "BLOCK": pool_block(k)}) for k in (2, 4) for last in (False, True)]
+                                                  "HAS_BIAS": not save, "BLOCK": pool_block(k)})
+                     for k in (2, 4) for last in (False, True)]
 for cur in ("bf16", "fp16"):  # backward's membrane recompute from 16-bit currents: membrane only
-    variants.append((K.lif_forward, {"i_ptr": "*" + cur, "o_ptr": "*fp32", "u_ptr": "*fp32"},
-                     {"T": 8, "SAVE_U": True, "STORE_O": False, "BLOCK": 1024}))
+    variants.append((K.lif_forward, {"i_ptr": "*" + cur, "o_ptr": "*fp32", "u_ptr": "*fp32", "b_ptr": "*fp32"},
+                     {"T": 8, "SAVE_U": True, "STORE_O": False, "HAS_BIAS": True, "BLOCK": 1024}))
 for grad, grad_in, bf16 in [("fp32", "fp32", False), ("bf16", "i16", True), ("fp16", "fp32", False)]:
     variants.append((K.lif_backward, {"u_ptr": "*fp32", "go_ptr": "*" + grad, "gi_ptr": "*" + grad_in},
                      {"T": 8, "GRAD_BF16": bf16, "BLOCK": 1024}))
@@ -399,3 +401,72 @@ def test_kernel_entry_points_refuse_tensors_past_32_bit_indexing(monkeypatch):
             call()
     monkeypatch.setattr(lif, "INDEX_LIMIT", currents.numel() + 1)
     assert torch.equal(fused_lif(currents, P.k_tau1, P.v_th, P.a), lif_scan(currents, P))
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "features"])
+def test_the_fused_kernels_add_a_conv_bias_per_channel(layout):
+    """fused_lif / fused_lif_pool with ``bias``: spikes bit for bit those of the LIF over currents + bias
+    (added in fp32), and the gradients of currents and bias those of autograd through that, in fp32 and
+    with bf16 currents (whose membrane backward recomputes, bias included)."""
+    from snncompile.kernels import fused_lif_pool
+
+    torch.manual_seed(0)
+    shape = (3, 2, 5) if layout == "features" else (3, 2, 5, 6, 8)
+    base = torch.randn(shape, device=DEVICE) * 0.6 + 0.1
+    if layout == "channels_last":
+        base = base.flatten(0, 1).contiguous(memory_format=torch.channels_last).unflatten(0, shape[:2])
+    bias = torch.randn(5, device=DEVICE) * 0.3
+    view = (1, 1, 5) + (1,) * (len(shape) - 3)
+    pools = (None,) if layout == "features" else (None, 2)
+    for dtype in (torch.float32, torch.bfloat16):
+        for pool in pools:
+            a = base.detach().to(dtype).clone(memory_format=torch.preserve_format).requires_grad_(True)
+            b = bias.clone().requires_grad_(True)
+            a_ref = a.detach().clone(memory_format=torch.preserve_format).requires_grad_(True)
+            b_ref = bias.clone().requires_grad_(True)
+            want = lif_scan(a_ref.float() + b_ref.view(view), P)
+            if pool is None:
+                got = fused_lif(a, P.k_tau1, P.v_th, P.a, torch.float32, bias=b)
+            else:
+                got = fused_lif_pool(a, P.k_tau1, P.v_th, P.a, pool, torch.float32, bias=b)
+                want = torch.nn.functional.avg_pool2d(want.flatten(0, 1), pool).unflatten(0, shape[:2])
+            assert 0 < want.sum() < want.numel() and torch.equal(got, want), (dtype, pool)
+            weights = torch.randn(want.shape, device=DEVICE)
+            (got * weights).sum().backward()
+            (want * weights).sum().backward()
+            assert b.grad.dtype == torch.float32 and b.grad.abs().sum() > 0
+            # bf16: the currents' gradient is stored in bf16 and the bias's sums those values, as the bias
+            # gradient of a bf16 convolution sums its bf16 output gradient; the reference kept fp32
+            tol = {"rtol": 1e-4, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 2e-2}
+            torch.testing.assert_close(b.grad, b_ref.grad, **tol)
+            torch.testing.assert_close(a.grad.float(), a_ref.grad.float(), **tol)
+    with pytest.raises(ValueError, match="one value per channel"):
+        fused_lif(base, P.k_tau1, P.v_th, P.a, bias=torch.zeros(4, device=DEVICE))
+
+
+def test_layer_major_moves_each_conv_bias_into_the_fused_lif_after_it(monkeypatch):
+    """In the fused path a conv/linear whose output goes straight into a LIF runs without its bias and the
+    kernel adds it (cuDNN's separate bias add costs a full read and write of the largest tensor); one that
+    feeds something else (the output layer), or that someone hooks, keeps it. Same scores either way."""
+    from snncompile import models
+
+    cfg = tiny_zoo_config(REPO / "models" / "bench-nmnist.toml")
+    net = network_from_config(cfg.model).eval().to(DEVICE)
+    x = random_input(cfg, 4, torch.Generator().manual_seed(0)).to(DEVICE)
+    calibrate_firing(net, x)
+    stripped = []
+    real = models._without_bias
+    monkeypatch.setattr(models, "_without_bias", lambda stage, h: stripped.append(stage) or real(stage, h))
+    layers = [s for s in net.stages if isinstance(s, (torch.nn.Conv2d, torch.nn.Linear))]
+    scores = {}
+    for fused in (False, True):
+        net.fused_lif = fused
+        with torch.no_grad():
+            scores[fused] = net(x)
+    assert stripped == layers[:-1]  # every layer but the output layer, which feeds no LIF
+    assert torch.equal(scores[False], scores[True])
+    stripped.clear()
+    layers[0].register_forward_hook(lambda *args: None)
+    with torch.no_grad():
+        assert torch.equal(net(x), scores[False])
+    assert stripped == layers[1:-1]

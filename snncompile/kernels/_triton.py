@@ -7,14 +7,18 @@ import triton.language as tl
 
 
 @triton.jit
-def lif_forward(i_ptr, o_ptr, u_ptr, n, k_tau1, v_th, T: tl.constexpr, SAVE_U: tl.constexpr,
-                STORE_O: tl.constexpr, BLOCK: tl.constexpr):
+def lif_forward(i_ptr, o_ptr, u_ptr, b_ptr, n, chan_div, channels, k_tau1, v_th, T: tl.constexpr,
+                SAVE_U: tl.constexpr, STORE_O: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
+    if HAS_BIAS:  # the conv/linear's bias, per channel: channel (i // chan_div) % channels of step index i
+        bias = tl.load(b_ptr + (offs // chan_div) % channels, mask=mask, other=0.0).to(tl.float32)
     u = tl.zeros((BLOCK,), dtype=tl.float32)
     o = tl.zeros((BLOCK,), dtype=tl.float32)
     for t in tl.static_range(T):
         cur = tl.load(i_ptr + t * n + offs, mask=mask, other=0.0).to(tl.float32)
+        if HAS_BIAS:
+            cur = cur + bias
         u = k_tau1 * u * (1.0 - o) + cur
         o = (u > v_th).to(tl.float32)
         if STORE_O:
@@ -58,7 +62,7 @@ def lif_backward(u_ptr, go_ptr, gi_ptr, n, k_tau1, v_th, half_a, inv_a, T: tl.co
 def pool_windows(n_out, channels, height_out, width_out, s_n, s_c, s_h, s_w, o_s_n, o_s_c, o_s_h, o_s_w,
                  K: tl.constexpr, CHANNELS_LAST: tl.constexpr, BLOCK: tl.constexpr):
     """This program's BLOCK pooled outputs (n, c, ho, wo): their mask, the element offsets of their
-    K*K input neurons ``[BLOCK, K*K]`` and their own offsets ``[BLOCK]``, in step 0. Neighbouring outputs
+    K*K input neurons ``[BLOCK, K*K]``, their own offsets ``[BLOCK]``, in step 0, and their channels. Neighbouring outputs
     are neighbours in memory: wo varies fastest in NCHW, c in channels_last, so that a warp's loads of one
     window position fall in a few whole sectors (with wo fastest in channels_last, each thread's 4 bytes
     would cost a 32-byte sector of its own)."""
@@ -76,20 +80,24 @@ def pool_windows(n_out, channels, height_out, width_out, s_n, s_c, s_h, s_w, o_s
     win = tl.arange(0, K * K)
     src = (n[:, None] * s_n + c[:, None] * s_c + (ho[:, None] * K + (win // K)[None, :]) * s_h
            + (wo[:, None] * K + (win % K)[None, :]) * s_w)
-    return mask, src, n * o_s_n + c * o_s_c + ho * o_s_h + wo * o_s_w
+    return mask, src, n * o_s_n + c * o_s_c + ho * o_s_h + wo * o_s_w, c
 
 
 @triton.jit
-def lif_pool_forward(i_ptr, o_ptr, u_ptr, n_out, channels, height_out, width_out, s_t, s_n, s_c, s_h, s_w,
-                     o_s_t, o_s_n, o_s_c, o_s_h, o_s_w, k_tau1, v_th, T: tl.constexpr, K: tl.constexpr,
-                     SAVE_U: tl.constexpr, CHANNELS_LAST: tl.constexpr, BLOCK: tl.constexpr):
+def lif_pool_forward(i_ptr, o_ptr, u_ptr, b_ptr, n_out, channels, height_out, width_out, s_t, s_n, s_c, s_h,
+                     s_w, o_s_t, o_s_n, o_s_c, o_s_h, o_s_w, k_tau1, v_th, T: tl.constexpr, K: tl.constexpr,
+                     SAVE_U: tl.constexpr, CHANNELS_LAST: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
     # one program: BLOCK pooled outputs x their K*K input neurons, all T steps in registers
-    mask, src, dst = pool_windows(n_out, channels, height_out, width_out, s_n, s_c, s_h, s_w,
-                                  o_s_n, o_s_c, o_s_h, o_s_w, K, CHANNELS_LAST, BLOCK)
+    mask, src, dst, c = pool_windows(n_out, channels, height_out, width_out, s_n, s_c, s_h, s_w,
+                                     o_s_n, o_s_c, o_s_h, o_s_w, K, CHANNELS_LAST, BLOCK)
+    if HAS_BIAS:  # a window is one channel's: one bias per pooled output
+        bias = tl.load(b_ptr + c, mask=mask, other=0.0).to(tl.float32)[:, None]
     u = tl.zeros((BLOCK, K * K), dtype=tl.float32)
     o = tl.zeros((BLOCK, K * K), dtype=tl.float32)
     for t in tl.static_range(T):
         cur = tl.load(i_ptr + t * s_t + src, mask=mask[:, None], other=0.0).to(tl.float32)
+        if HAS_BIAS:
+            cur = cur + bias
         u = k_tau1 * u * (1.0 - o) + cur
         o = (u > v_th).to(tl.float32)
         if SAVE_U:
@@ -104,8 +112,8 @@ def lif_pool_backward(u_ptr, gp_ptr, gi_ptr, n_out, channels, height_out, width_
                       g_s_t, g_s_n, g_s_c, g_s_h, g_s_w, k_tau1, v_th, half_a, inv_a, T: tl.constexpr,
                       K: tl.constexpr, GRAD_BF16: tl.constexpr, CHANNELS_LAST: tl.constexpr, BLOCK: tl.constexpr):
     # lif_backward's recurrence, with g_o[t] of each window neuron = g_pooled[t] / K^2 (avg_pool2d's backward)
-    mask, src, dst = pool_windows(n_out, channels, height_out, width_out, s_n, s_c, s_h, s_w,
-                                  g_s_n, g_s_c, g_s_h, g_s_w, K, CHANNELS_LAST, BLOCK)
+    mask, src, dst, _ = pool_windows(n_out, channels, height_out, width_out, s_n, s_c, s_h, s_w,
+                                     g_s_n, g_s_c, g_s_h, g_s_w, K, CHANNELS_LAST, BLOCK)
     g_next = tl.zeros((BLOCK, K * K), dtype=tl.float32)
     for s in tl.static_range(T):
         t = T - 1 - s

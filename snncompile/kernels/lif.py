@@ -90,33 +90,60 @@ def _dense(x: Tensor) -> Tensor:
     return x if _time_major_dense(x) else x.contiguous()
 
 
+def _channel_geometry(x: Tensor) -> tuple[int, int]:
+    """(chan_div, channels): step index i of ``x`` ``[T, B, C, ...]`` belongs to channel
+    ``(i // chan_div) % channels``, in its per-step layout (channels_last: the channel varies fastest)."""
+    if x.dim() < 3:
+        raise ValueError(f"a bias needs currents [T, B, C, ...], got shape {tuple(x.shape)}")
+    channels = x.shape[2]
+    return (1 if _is_channels_last(x) else x[0, 0, 0].numel()), channels
+
+
+def _check_bias(bias: Tensor | None, currents: Tensor) -> None:
+    if bias is not None and (bias.dim() != 1 or bias.numel() != currents.shape[2]):
+        raise ValueError(f"bias of shape {tuple(bias.shape)} for currents {tuple(currents.shape)}: "
+                         f"one value per channel (dimension 2) expected")
+
+
 def _forward(currents: Tensor, k_tau1: float, v_th: float, out_dtype: torch.dtype, membrane: bool,
-             spikes: bool = True):
+             spikes: bool = True, bias: Tensor | None = None):
     """Launch the forward kernel: (spikes in ``out_dtype`` or None, fp32 membrane or None), both shaped
-    and laid out like ``currents`` (a channels_last input stays channels_last: no copy either way)."""
+    and laid out like ``currents`` (a channels_last input stays channels_last: no copy either way).
+    ``bias`` ``[C]``: added to every step's currents of channel c (dimension 2) as they are read, in fp32."""
     fwd = _kernels()[0]
     steps = currents.shape[0]
     cur = _dense(currents.detach())
     n = cur.numel() // steps
+    chan_div, channels = _channel_geometry(cur) if bias is not None else (1, 1)
     # the membrane is fp32 whatever the spikes' dtype; an output not written gets the other's pointer
     mem = torch.empty_like(cur, dtype=torch.float32) if membrane else None
     out = torch.empty_like(cur, dtype=out_dtype) if spikes else mem  # empty_like keeps a dense layout's strides
-    fwd[_grid(n)](cur, out, mem if membrane else out, n, float(k_tau1), float(v_th), T=steps, SAVE_U=membrane,
-                  STORE_O=spikes, BLOCK=_BLOCK, **_NO_FMA)
+    fwd[_grid(n)](cur, out, mem if membrane else out, cur if bias is None else bias.detach().contiguous(), n,
+                  chan_div, channels, float(k_tau1), float(v_th), T=steps, SAVE_U=membrane, STORE_O=spikes,
+                  HAS_BIAS=bias is not None, BLOCK=_BLOCK, **_NO_FMA)
     return (out if spikes else None), mem
+
+
+def _bias_gradient(grad_in: Tensor, bias: Tensor | None, needed: bool) -> Tensor | None:
+    """d loss / d bias: the currents' gradient summed over all but the channel dimension (2), in fp32."""
+    if bias is None or not needed:
+        return None
+    dims = [d for d in range(grad_in.dim()) if d != 2]
+    return grad_in.sum(dim=dims, dtype=torch.float32).to(bias.dtype)
 
 
 class _FusedLIF(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, currents: Tensor, k_tau1: float, v_th: float, a: float, out_dtype: torch.dtype) -> Tensor:  # type: ignore[override]
-        save = ctx.needs_input_grad[0]
+    def forward(ctx, currents: Tensor, bias: Tensor | None, k_tau1: float, v_th: float, a: float,  # type: ignore[override]
+                out_dtype: torch.dtype) -> Tensor:
+        save = any(ctx.needs_input_grad[:2])
         # Currents narrower than the fp32 membrane (bf16/fp16 under autocast) are saved instead of it, and
         # backward recomputes the membrane from them with this same kernel (same bits): half the bytes
         # kept per neuron-step. For fp32 currents both cost the same and the membrane spares backward a pass.
         recompute = save and currents.element_size() < 4
-        spikes, membrane = _forward(currents, k_tau1, v_th, out_dtype, membrane=save and not recompute)
+        spikes, membrane = _forward(currents, k_tau1, v_th, out_dtype, membrane=save and not recompute, bias=bias)
         if save:
-            ctx.save_for_backward(currents if recompute else membrane)
+            ctx.save_for_backward(currents if recompute else membrane, bias)
         ctx.recompute = recompute
         ctx.constants = (k_tau1, v_th, a, currents.dtype)
         return spikes
@@ -124,9 +151,11 @@ class _FusedLIF(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_spikes: Tensor):  # type: ignore[override]
         bwd = _kernels()[1]
-        (saved,) = ctx.saved_tensors
+        saved, bias = ctx.saved_tensors
         k_tau1, v_th, a, dtype = ctx.constants
-        membrane = _forward(saved, k_tau1, v_th, dtype, membrane=True, spikes=False)[1] if ctx.recompute else saved
+        membrane = (_forward(saved, k_tau1, v_th, dtype, membrane=True, spikes=False, bias=bias)[1]
+                    if ctx.recompute else saved)
+        need_bias = ctx.needs_input_grad[1]
         steps = membrane.shape[0]
         n = membrane.numel() // steps
         grad_out = grad_spikes
@@ -137,21 +166,26 @@ class _FusedLIF(torch.autograd.Function):
             grad_in = torch.empty_like(membrane, dtype=torch.bfloat16)
             bwd[_grid(n)](membrane, grad_out, grad_in.view(torch.int16), n, k_tau1, v_th, a / 2, 1.0 / a, T=steps,
                           GRAD_BF16=True, BLOCK=_BLOCK, **_NO_FMA)
-            return grad_in, None, None, None, None
+            return grad_in, _bias_gradient(grad_in, bias, need_bias), None, None, None, None
         # fp32, cast by torch for fp16. A recomputed membrane is ours to overwrite: each program reads u[t]
         # of its neurons before it writes g_I[t] there, so the gradient takes its place and backward
         # allocates one fp32 buffer, not two.
         grad_in = membrane if ctx.recompute else torch.empty_like(membrane)
         bwd[_grid(n)](membrane, grad_out, grad_in, n, k_tau1, v_th, a / 2, 1.0 / a, T=steps, GRAD_BF16=False,
                       BLOCK=_BLOCK, **_NO_FMA)
-        return grad_in.to(dtype), None, None, None, None
+        return grad_in.to(dtype), _bias_gradient(grad_in, bias, need_bias), None, None, None, None
 
 
-def fused_lif(currents: Tensor, k_tau1: float, v_th: float, a: float, out_dtype: torch.dtype = torch.float32) -> Tensor:
+def fused_lif(currents: Tensor, k_tau1: float, v_th: float, a: float, out_dtype: torch.dtype = torch.float32,
+              bias: Tensor | None = None) -> Tensor:
     """Spikes ``[T, B, ...]`` (0/1 in ``out_dtype``) of the LIF recurrence over currents ``[T, B, ...]``,
     fused. Under autocast, spikes in the autocast dtype are what the next conv consumes as is (no cast
-    kernel, half the bytes written), and what :mod:`snncompile.memory` can then save as uint8."""
-    return _FusedLIF.apply(currents, float(k_tau1), float(v_th), float(a), out_dtype)
+    kernel, half the bytes written), and what :mod:`snncompile.memory` can then save as uint8.
+    ``bias`` ``[C]`` (the conv/linear's, which then runs without it): added per channel (dimension 2) in
+    fp32 as the kernel reads the currents, sparing the full-size read and write of a separate bias add;
+    its gradient is the currents' summed over all other dimensions."""
+    _check_bias(bias, currents)
+    return _FusedLIF.apply(currents, bias, float(k_tau1), float(v_th), float(a), out_dtype)
 
 
 def _pool_geometry(cur: Tensor, pool: int):
@@ -172,22 +206,24 @@ class _FusedLIFPool(torch.autograd.Function):
     keeps for backward follows :class:`_FusedLIF`: 16-bit currents (membrane recomputed) or the fp32 membrane."""
 
     @staticmethod
-    def forward(ctx, currents: Tensor, k_tau1: float, v_th: float, a: float, pool: int,  # type: ignore[override]
-                out_dtype: torch.dtype) -> Tensor:
+    def forward(ctx, currents: Tensor, bias: Tensor | None, k_tau1: float, v_th: float, a: float,  # type: ignore[override]
+                pool: int, out_dtype: torch.dtype) -> Tensor:
         fwd = _kernels()[2]
         cur = _dense(currents.detach())
         shape, strides, n_out = _pool_geometry(cur, pool)
         out = torch.empty(shape[0] * n_out, device=cur.device, dtype=out_dtype).as_strided(shape, strides)
-        save = ctx.needs_input_grad[0]
+        save = any(ctx.needs_input_grad[:2])
         recompute = save and cur.element_size() < 4
         membrane = torch.empty_like(cur, dtype=torch.float32) if save and not recompute else None
         block = pool_block(pool)
-        fwd[((n_out + block - 1) // block,)](cur, out, membrane if membrane is not None else out, n_out, shape[2],
+        fwd[((n_out + block - 1) // block,)](cur, out, membrane if membrane is not None else out,
+                                              cur if bias is None else bias.detach().contiguous(), n_out, shape[2],
                                               shape[3], shape[4], *cur.stride(), *out.stride(), float(k_tau1),
                                               float(v_th), T=shape[0], K=pool, SAVE_U=membrane is not None,
-                                              CHANNELS_LAST=_is_channels_last(cur), BLOCK=block, **_NO_FMA)
+                                              CHANNELS_LAST=_is_channels_last(cur), HAS_BIAS=bias is not None,
+                                              BLOCK=block, **_NO_FMA)
         if save:
-            ctx.save_for_backward(cur if recompute else membrane)
+            ctx.save_for_backward(cur if recompute else membrane, bias)
         ctx.recompute = recompute
         ctx.constants = (k_tau1, v_th, a, pool, currents.dtype)
         return out
@@ -195,9 +231,10 @@ class _FusedLIFPool(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_pooled: Tensor):  # type: ignore[override]
         bwd = _kernels()[3]
-        (saved,) = ctx.saved_tensors
+        saved, bias = ctx.saved_tensors
         k_tau1, v_th, a, pool, dtype = ctx.constants
-        membrane = _forward(saved, k_tau1, v_th, dtype, membrane=True, spikes=False)[1] if ctx.recompute else saved
+        membrane = (_forward(saved, k_tau1, v_th, dtype, membrane=True, spikes=False, bias=bias)[1]
+                    if ctx.recompute else saved)
         shape, _, n_out = _pool_geometry(membrane, pool)
         # neurons in rows/columns the pool's floor drops get no gradient: zeros, written only where they exist
         dropped = membrane.shape[3] % pool or membrane.shape[4] % pool
@@ -210,21 +247,24 @@ class _FusedLIFPool(torch.autograd.Function):
                                               *grad_pooled.stride(), float(k_tau1), float(v_th), a / 2, 1.0 / a,
                                               T=shape[0], K=pool, GRAD_BF16=bf16,
                                               CHANNELS_LAST=_is_channels_last(membrane), BLOCK=block, **_NO_FMA)
-        return grad_in.to(dtype), None, None, None, None, None
+        return (grad_in.to(dtype), _bias_gradient(grad_in, bias, ctx.needs_input_grad[1]),
+                None, None, None, None, None)
 
 
 def fused_lif_pool(currents: Tensor, k_tau1: float, v_th: float, a: float, pool: int,
-                   out_dtype: torch.dtype = torch.float32) -> Tensor:
+                   out_dtype: torch.dtype = torch.float32, bias: Tensor | None = None) -> Tensor:
     """The LIF over currents ``[T, N, C, H, W]`` followed by ``avg_pool2d(pool)`` (floor, no padding), fused
     -> ``[T, N, C, H // pool, W // pool]`` in ``out_dtype``, laid out like the currents (channels_last stays
     channels_last). The spikes themselves are never written: one read of the currents and a write of a
     pool^2 times smaller tensor, where the LIF then the pool write the spikes and read them back (and, in
     training, write and read their gradient). Neurons in rows/columns the floor drops feed nothing: the
     kernels skip them and their gradient is zero. ``pool`` must be a power of two: the mean of 0/1 spikes
-    is then exact, so the result and the gradients are those of the LIF then the pool."""
+    is then exact, so the result and the gradients are those of the LIF then the pool. ``bias``: as in
+    :func:`fused_lif`."""
     if pool < 1 or pool & (pool - 1):
         raise ValueError(f"fused LIF + pool needs a power-of-two window, got {pool}")
-    return _FusedLIFPool.apply(currents, float(k_tau1), float(v_th), float(a), int(pool), out_dtype)
+    _check_bias(bias, currents)
+    return _FusedLIFPool.apply(currents, bias, float(k_tau1), float(v_th), float(a), int(pool), out_dtype)
 
 
 def pool_block(pool: int) -> int:
