@@ -139,10 +139,9 @@ class NeuNormCell(nn.Module):
         return (x,), y, None
 
 
-def _bias_moves_into_lif(stage: nn.Module, after) -> bool:
+def _bias_moves_into_lif(stage: nn.Module, after: list) -> bool:
     """A plain conv/linear with a bias whose output goes straight into a LIF: the fused kernel can add the
     bias (exact types only: a subclass, e.g. split-TF32's, computes its own way)."""
-    after = list(after)
     hooked = stage._forward_hooks or stage._forward_pre_hooks  # a caller watching this module's calls
     return (type(stage) in (nn.Conv2d, nn.Linear) and stage.bias is not None and not hooked
             and bool(after) and isinstance(after[0], LIFCell))
@@ -314,7 +313,7 @@ class SpikingNetwork(nn.Module):
             # past the kernels' 32-bit indexing, the pure-torch scan
             fused = (self.fused_lif and isinstance(stage, LIFCell) and (record is None or not torch.is_grad_enabled())
                      and h.numel() < _KERNEL_INDEX_LIMIT)
-            if bias is not None and not (fused and record is None):  # the kernel cannot take it after all
+            if bias is not None and not fused:  # the kernel cannot take it after all (past its indexing)
                 h = h + bias.to(h.dtype).view(1, 1, -1, *[1] * (h.dim() - 3))
                 bias = None
             if fused:

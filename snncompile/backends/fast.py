@@ -81,10 +81,10 @@ class TorchFastRunner(TorchRunner):
         stack.enter_context(cudnn_autotuning(self.autotune))
         if self.precision in ("fp32", "tf32x2"):  # tf32x2: only the split layers enable TF32, for themselves
             stack.enter_context(no_tf32())
-        if self.direct_convs:
-            stack.enter_context(cudnn_disabled())
         elif self.precision == "tf32":
             stack.enter_context(tf32_math(True))
+        if self.direct_convs:
+            stack.enter_context(cudnn_disabled())
         if self.precision in _AUTOCAST:
             # no weight-cast cache: cached casts must not outlive a CUDA-graph capture
             stack.enter_context(torch.autocast(self.device.type, dtype=_AUTOCAST[self.precision], cache_enabled=False))

@@ -13,8 +13,8 @@ from ..graphs import StepGraph, UnrolledGraph
 from ..runs import load_network
 from .base import Runner, TensorSpec
 
-__all__ = ["PerTimestepRunner", "TorchLoopRunner", "TorchRunner", "cudnn_autotuning", "export_entry", "no_tf32",
-           "tf32_math"]
+__all__ = ["PerTimestepRunner", "TorchLoopRunner", "TorchRunner", "cudnn_autotuning", "cudnn_disabled", "export_entry",
+           "no_tf32", "tf32_math"]
 
 
 @contextlib.contextmanager
@@ -30,27 +30,26 @@ def tf32_math(allowed: bool):
 
 
 @contextlib.contextmanager
-def cudnn_autotuning(enabled: bool):
-    """``torch.backends.cudnn.benchmark`` set to ``enabled`` inside, restored after (no effect on the CPU)."""
-    saved = torch.backends.cudnn.benchmark
-    torch.backends.cudnn.benchmark = enabled
+def _cudnn_setting(name: str, value: bool):
+    """``torch.backends.cudnn.<name>`` set to ``value`` inside, restored after (no effect on the CPU)."""
+    saved = getattr(torch.backends.cudnn, name)
+    setattr(torch.backends.cudnn, name, value)
     try:
         yield
     finally:
-        torch.backends.cudnn.benchmark = saved
+        setattr(torch.backends.cudnn, name, saved)
 
 
-@contextlib.contextmanager
+def cudnn_autotuning(enabled: bool):
+    """cuDNN times its algorithms on each new shape and keeps the fastest (``benchmark``) inside, or not."""
+    return _cudnn_setting("benchmark", enabled)
+
+
 def cudnn_disabled():
     """Convolutions without cuDNN inside (PyTorch's own: im2col, then a cuBLAS matrix product, which sums
-    products directly); no effect on the CPU. cuDNN's Winograd and FFT algorithms transform their
-    operands first, which rounds, so a model whose sums are exact (``model.exact``) would not be."""
-    saved = torch.backends.cudnn.enabled
-    torch.backends.cudnn.enabled = False
-    try:
-        yield
-    finally:
-        torch.backends.cudnn.enabled = saved
+    products directly). cuDNN's Winograd and FFT algorithms transform their operands first, which rounds,
+    so a model whose sums are exact (``model.exact``) would not be."""
+    return _cudnn_setting("enabled", False)
 
 
 def no_tf32():
