@@ -442,6 +442,9 @@ def test_the_fused_kernels_add_a_conv_bias_per_channel(layout):
             torch.testing.assert_close(a.grad.float(), a_ref.grad.float(), **tol)
     with pytest.raises(ValueError, match="one value per channel"):
         fused_lif(base, P.k_tau1, P.v_th, P.a, bias=torch.zeros(4, device=DEVICE))
+    with pytest.raises(ValueError, match="one value per channel"):  # no channel dimension at all
+        fused_lif(base[:, :, 0, 0, 0] if base.dim() == 5 else base[:, :, 0], P.k_tau1, P.v_th, P.a,
+                  bias=torch.zeros(5, device=DEVICE))
 
 
 def test_layer_major_moves_each_conv_bias_into_the_fused_lif_after_it(monkeypatch):

@@ -93,14 +93,13 @@ def _dense(x: Tensor) -> Tensor:
 def _channel_geometry(x: Tensor) -> tuple[int, int]:
     """(chan_div, channels): step index i of ``x`` ``[T, B, C, ...]`` belongs to channel
     ``(i // chan_div) % channels``, in its per-step layout (channels_last: the channel varies fastest)."""
-    if x.dim() < 3:
-        raise ValueError(f"a bias needs currents [T, B, C, ...], got shape {tuple(x.shape)}")
     channels = x.shape[2]
     return (1 if _is_channels_last(x) else x[0, 0, 0].numel()), channels
 
 
 def _check_bias(bias: Tensor | None, currents: Tensor) -> None:
-    if bias is not None and (bias.dim() != 1 or bias.numel() != currents.shape[2]):
+    """A bias needs currents ``[T, B, C, ...]`` and one value per channel C."""
+    if bias is not None and (currents.dim() < 3 or bias.dim() != 1 or bias.numel() != currents.shape[2]):
         raise ValueError(f"bias of shape {tuple(bias.shape)} for currents {tuple(currents.shape)}: "
                          f"one value per channel (dimension 2) expected")
 
