@@ -7,7 +7,8 @@ One step = forward over T steps + loss + backward + optimizer step, on random bi
 - ``snncompile``: layer-major, fused Triton LIF on CUDA (pure torch elsewhere), optional bf16 autocast;
 - ``snncompile ... CUDA graph`` (CUDA only): the same step, forward + backward + optimizer, captured
   once in a CUDA graph and replayed (one launch per step instead of one per kernel); once more with the
-  conv weights, hence activations, in channels_last (``train.channels_last``);
+  conv weights, hence activations, in channels_last (``train.channels_last``); both once more with the
+  input conv's 2 or 3 channels zero-padded to 8 (``train.pad_conv_channels``);
 - ``torch loop``: the per-timestep loop over the same modules (the paper's order, what most code does);
 - with ``compiled=True``, both of the above under ``torch.compile`` (Inductor; the fused kernel is left
   out there, the compiler fuses the pure-torch LIF scan itself): the loop so compiled is the fastest
@@ -39,6 +40,8 @@ from .models import LayerSpec, network_from_config, parse_architecture
 from .train import loss_fn
 
 __all__ = ["bench_train", "format_train_table"]
+
+PAD_CHANNELS = 8  # cuDNN's bf16/fp16 tensor-core convolutions want input channels in multiples of 8
 
 
 def _sync(device: torch.device) -> None:
@@ -221,13 +224,14 @@ def _bench_train(cfg: Config, device: torch.device, precision: str, steps: int, 
         return stats
 
     def ours(order: str, fused: bool, graph: bool = False, channels_last: bool = False, compiled: bool = False,
-             profiled: bool = False) -> dict:
+             profiled: bool = False, pad_channels: int | None = None) -> dict:
         # the network lives only inside this call: the next variant's peak memory does not carry it
         torch.manual_seed(0)
         net = network_from_config(m).to(device)
         if channels_last:
             net.to(memory_format=torch.channels_last)
         net.fused_lif = fused
+        net.pad_conv_channels = cfg.train.pad_conv_channels if pad_channels is None else pad_channels
         if compiled:
             # a fresh compiler: code compiled for earlier networks (the same LIF step at other shapes)
             # would count against Dynamo's per-function recompile limit and fall back to eager
@@ -237,17 +241,7 @@ def _bench_train(cfg: Config, device: torch.device, precision: str, steps: int, 
                      compiled=compiled, profiled=profiled)
 
     fused = device.type == "cuda" and fused_kernels_available()
-    label = " (fused LIF" if fused else " (layer-major"
-    variants = [(f"snncompile{label})", dict(order="layer", fused=fused, profiled=profile))]
-    if device.type == "cuda":
-        variants += [(f"snncompile{label}, CUDA graph)", dict(order="layer", fused=fused, graph=True)),
-                     (f"snncompile{label}, CUDA graph, channels_last)",
-                      dict(order="layer", fused=fused, graph=True, channels_last=True))]
-    variants.append(("torch loop (step-major)", dict(order="step", fused=False)))
-    if compiled:
-        variants += [("snncompile (layer-major, torch.compile)", dict(order="layer", fused=False, compiled=True)),
-                     ("torch loop (step-major), torch.compile", dict(order="step", fused=False, compiled=True))]
-    for name, options in variants:
+    for name, options in _variants(cfg, device, fused, compiled, profile):
         results[name] = _attempt(lambda: ours(**options))
         echo(f"done: {name}")
     if peers:
@@ -283,6 +277,28 @@ def _bench_train(cfg: Config, device: torch.device, precision: str, steps: int, 
     profile_table = first.pop("profile", None) if isinstance(first, dict) else None
     return {"model": cfg.name, "T": steps_t, "batch": batch, "precision": precision, "device": str(device),
             "steps": steps, "variants": results, **({"profile": profile_table} if profile_table else {})}
+
+
+def _variants(cfg: Config, device: torch.device, fused: bool, compiled: bool, profile: bool) -> list[tuple[str, dict]]:
+    """(table row, ``ours`` options) of every variant of ours and the plain loop, in timing order."""
+    label = " (fused LIF" if fused else " (layer-major"
+    variants = [(f"snncompile{label})", dict(order="layer", fused=fused, profiled=profile))]
+    if device.type == "cuda":
+        graphed = dict(order="layer", fused=fused, graph=True)
+        variants += [(f"snncompile{label}, CUDA graph)", graphed),
+                     (f"snncompile{label}, CUDA graph, channels_last)", {**graphed, "channels_last": True})]
+        # the same two with every conv's input channels zero-padded to a multiple of 8, where that changes a
+        # conv (the 2 or 3 input channels of the benchmark networks) and the config does not already pad
+        if cfg.train.pad_conv_channels != PAD_CHANNELS and network_from_config(cfg.model).pads_conv_channels(PAD_CHANNELS):
+            pad = f", input channels padded to {PAD_CHANNELS}"
+            variants += [(f"snncompile{label}, CUDA graph{pad})", {**graphed, "pad_channels": PAD_CHANNELS}),
+                         (f"snncompile{label}, CUDA graph, channels_last{pad})",
+                          {**graphed, "channels_last": True, "pad_channels": PAD_CHANNELS})]
+    variants.append(("torch loop (step-major)", dict(order="step", fused=False)))
+    if compiled:
+        variants += [("snncompile (layer-major, torch.compile)", dict(order="layer", fused=False, compiled=True)),
+                     ("torch loop (step-major), torch.compile", dict(order="step", fused=False, compiled=True))]
+    return variants
 
 
 def _attempt(measure: Callable[[], dict]) -> dict | str:

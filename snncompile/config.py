@@ -94,6 +94,9 @@ class TrainConfig:
     threads: int = 0  # CPU threads for torch; 0 = torch's default
     # conv weights (hence activations) in channels_last: what tensor-core convolutions read natively
     channels_last: bool = False
+    # convs whose input channels are not a multiple of this run on zero-padded copies of input and weight
+    # (the same function; 1 = off): cuDNN's bf16 tensor-core kernels want 8 (SpikingNetwork.pad_conv_channels)
+    pad_conv_channels: int = 1
     # cuDNN times its convolution algorithms on the first call of each input shape and keeps the
     # fastest (torch.backends.cudnn.benchmark); training shapes are fixed, so the search pays for itself.
     # Off: cuDNN's heuristic pick, the same algorithm every run (bit-reproducible GPU training).
@@ -202,6 +205,8 @@ def _validate(cfg: Config) -> None:
                           f"{d.downsample}, {d.bin_us}, {d.frame_clip}")
     if cfg.train.epochs < 1:
         raise ConfigError(f"train.epochs must be >= 1, got {cfg.train.epochs}")
+    if cfg.train.pad_conv_channels < 1:
+        raise ConfigError(f"train.pad_conv_channels must be >= 1 (1: no padding), got {cfg.train.pad_conv_channels}")
 
 
 def from_dict(raw: dict[str, Any], source: str = "config") -> Config:

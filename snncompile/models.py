@@ -147,11 +147,29 @@ def _bias_moves_into_lif(stage: nn.Module, after: list) -> bool:
             and bool(after) and isinstance(after[0], LIFCell))
 
 
-def _without_bias(stage: nn.Module, x: Tensor) -> Tensor:
-    """``stage(x)`` without its bias (:func:`_bias_moves_into_lif`'s stages)."""
+def _missing_channels(stage: nn.Module, multiple: int) -> int:
+    """How many zero input channels bring a plain conv's up to a multiple of ``multiple`` (0: none, or
+    not a plain unhooked ``nn.Conv2d``, whose own call must run)."""
+    hooked = stage._forward_hooks or stage._forward_pre_hooks
+    if multiple <= 1 or type(stage) is not nn.Conv2d or hooked or stage.groups != 1:
+        return 0
+    return -stage.in_channels % multiple
+
+
+def _linear_map(stage: nn.Module, x: Tensor, keep_bias: bool = True, pad_channels: int = 1) -> Tensor:
+    """``stage(x)`` for a plain conv/linear, without its bias unless ``keep_bias``
+    (:func:`_bias_moves_into_lif`'s stages), a conv's input channels zero-padded to a multiple of
+    ``pad_channels`` (:attr:`SpikingNetwork.pad_conv_channels`: zero channels times zero weights add
+    exact zeros, so it is the same function; F.pad keeps channels_last)."""
+    bias = stage.bias if keep_bias else None
     if isinstance(stage, nn.Conv2d):
-        return stage._conv_forward(x, stage.weight, None)
-    return nn.functional.linear(x, stage.weight)
+        weight, missing = stage.weight, _missing_channels(stage, pad_channels)
+        if missing:
+            # the weight is padded on every call: its gradient flows back to the real channels only
+            x = nn.functional.pad(x, (0, 0, 0, 0, 0, missing))
+            weight = nn.functional.pad(weight, (0, 0, 0, 0, 0, missing))
+        return stage._conv_forward(x, weight, bias)
+    return nn.functional.linear(x, stage.weight, bias)
 
 
 def _pools_exactly(module: nn.Module, dtype: torch.dtype) -> bool:
@@ -235,6 +253,11 @@ class SpikingNetwork(nn.Module):
         # trainer turns it on for CUDA when Triton is importable; the torch-fast runner for inference,
         # where the kernel also writes the membranes a layer-recording run asks for.
         self.fused_lif = False
+        # Layer-major convs whose input channels are not a multiple of this run on zero-padded copies of
+        # their input and weight (1: never). cuDNN's bf16/fp16 tensor-core kernels want a multiple of 8;
+        # bench-nmnist's 2-channel input conv otherwise runs a legacy kernel (implicit_convolve_sgemm, 12 %
+        # of its bf16 step on the H200). Set by the trainer (train.pad_conv_channels) and bench train.
+        self.pad_conv_channels = 1
         specs = parse_architecture(arch, width_divisor)
 
         stages: list[nn.Module] = [Quantize(exact_bits, exact_input_max)] if exact else []
@@ -292,6 +315,10 @@ class SpikingNetwork(nn.Module):
     def lif_names(self) -> list[str]:
         """Names of the LIF stages in order ('lif1', 'lif2', ...)."""
         return [s.name for s in self.stages if isinstance(s, LIFCell)]
+
+    def pads_conv_channels(self, multiple: int) -> bool:
+        """Whether ``pad_conv_channels = multiple`` would pad any conv's input channels."""
+        return any(_missing_channels(s, multiple) for s in self.stages)
 
     def cells(self) -> list[nn.Module]:
         return [s for s in self.stages if getattr(s, "is_cell", False)]
@@ -352,8 +379,10 @@ class SpikingNetwork(nn.Module):
                 # cuDNN adds a conv's bias in a kernel of its own, a full read and write of the largest
                 # tensor (15 % of a bench-nmnist bf16 step's GPU time on the H200): the LIF kernel reads
                 # these currents anyway and adds it there
-                h = _without_bias(stage, h.flatten(0, 1)).unflatten(0, (steps, batch))
+                h = _linear_map(stage, h.flatten(0, 1), False, self.pad_conv_channels).unflatten(0, (steps, batch))
                 bias = stage.bias
+            elif _missing_channels(stage, self.pad_conv_channels):
+                h = _linear_map(stage, h.flatten(0, 1), True, self.pad_conv_channels).unflatten(0, (steps, batch))
             else:
                 h = stage(h.flatten(0, 1))
                 h = h.unflatten(0, (steps, batch))

@@ -194,6 +194,7 @@ def _train(cfg: Config, device: torch.device, ctx: DistContext, out_root, resume
         net.to(memory_format=torch.channels_last)
     net.execution = cfg.train.execution  # type: ignore[assignment]
     net.fused_lif = _use_fused_lif(cfg, device)
+    net.pad_conv_channels = cfg.train.pad_conv_channels
     opt = _make_optimizer(net, cfg)
     sched = _make_scheduler(opt, cfg)
     first_epoch = 1

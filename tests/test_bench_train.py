@@ -185,3 +185,37 @@ def test_bench_train_runs_every_variant_under_the_configs_cudnn_autotuning(monke
         result = bench_module.bench_train(cfg, torch.device("cpu"))
         assert result["cudnn_benchmark"] is (setting == "true") and torch.backends.cudnn.benchmark == before
     assert seen == [True, False]
+
+
+def test_cuda_variants_add_padded_input_channels_where_they_change_a_conv(monkeypatch):
+    """On CUDA the graphed variants are timed once more with the input conv's channels padded to 8; not when
+    no conv would change or the config already pads. The padded variant's network does run on 8 channels
+    (timed here on the CPU through the same code)."""
+    import torch
+
+    import snncompile.bench_train as bt
+    from snncompile.config import load_config
+
+    cfg = load_config(REPO / "models" / "bench-nmnist.toml", ["model.arch='8C3-AP2-16FC-10'", "model.T=2",
+                                                               "data.batch_size=2"])
+    cuda = torch.device("cuda")
+    names = [name for name, _ in bt._variants(cfg, cuda, True, False, False)]
+    assert names == ["snncompile (fused LIF)", "snncompile (fused LIF, CUDA graph)",
+                     "snncompile (fused LIF, CUDA graph, channels_last)",
+                     "snncompile (fused LIF, CUDA graph, input channels padded to 8)",
+                     "snncompile (fused LIF, CUDA graph, channels_last, input channels padded to 8)",
+                     "torch loop (step-major)"]
+    assert len(bt._variants(cfg, torch.device("cpu"), False, False, False)) == 2
+    cfg.train.pad_conv_channels = 8  # already padded: the base variants are the padded ones
+    assert len(bt._variants(cfg, cuda, True, False, False)) == 4
+    cfg.train.pad_conv_channels = 1
+    cfg.model.input_shape = [8, 34, 34]  # nothing to pad
+    assert len(bt._variants(cfg, cuda, True, False, False)) == 4
+    cfg.model.input_shape = [2, 34, 34]
+
+    seen: list[int] = []
+    real = torch.nn.Conv2d._conv_forward
+    monkeypatch.setattr(torch.nn.Conv2d, "_conv_forward", lambda conv, x, w, b: seen.append(x.shape[1]) or real(conv, x, w, b))
+    monkeypatch.setattr(bt, "_variants", lambda *args: [("padded", dict(order="layer", fused=False, pad_channels=8))])
+    result = bt.bench_train(cfg, torch.device("cpu"), steps=1, warmup=0, echo=lambda s: None)
+    assert isinstance(result["variants"]["padded"], dict) and seen and set(seen) == {8}

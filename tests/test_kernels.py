@@ -458,8 +458,14 @@ def test_layer_major_moves_each_conv_bias_into_the_fused_lif_after_it(monkeypatc
     x = random_input(cfg, 4, torch.Generator().manual_seed(0)).to(DEVICE)
     calibrate_firing(net, x)
     stripped = []
-    real = models._without_bias
-    monkeypatch.setattr(models, "_without_bias", lambda stage, h: stripped.append(stage) or real(stage, h))
+    real = models._linear_map
+
+    def recorded(stage, h, keep_bias=True, pad_channels=1):
+        if not keep_bias:
+            stripped.append(stage)
+        return real(stage, h, keep_bias, pad_channels)
+
+    monkeypatch.setattr(models, "_linear_map", recorded)
     layers = [s for s in net.stages if isinstance(s, (torch.nn.Conv2d, torch.nn.Linear))]
     scores = {}
     for fused in (False, True):
@@ -468,6 +474,12 @@ def test_layer_major_moves_each_conv_bias_into_the_fused_lif_after_it(monkeypatc
             scores[fused] = net(x)
     assert stripped == layers[:-1]  # every layer but the output layer, which feeds no LIF
     assert torch.equal(scores[False], scores[True])
+    net.pad_conv_channels = 8  # the 2-channel input conv padded as well, still without its bias
+    stripped.clear()
+    with torch.no_grad():
+        torch.testing.assert_close(net(x), scores[False], rtol=1e-5, atol=1e-5)
+    assert stripped == layers[:-1]
+    net.pad_conv_channels = 1
     stripped.clear()
     layers[0].register_forward_hook(lambda *args: None)
     with torch.no_grad():

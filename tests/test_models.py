@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import MODEL_FILES, ZOO, zoo_ids
+from conftest import MODEL_FILES, REPO, ZOO, zoo_ids
 from snncompile.config import load_config
 from snncompile.errors import ConfigError
 from snncompile.models import LIFCell, NeuNormCell, network_from_config, parse_architecture
@@ -114,6 +114,70 @@ def test_layer_major_equals_step_major(path):
         scale = g_step.abs().max().item()
         torch.testing.assert_close(g_layer, g_step, rtol=1e-4, atol=1e-5 * max(scale, 1e-6))
     assert any(g.abs().sum() > 0 for g in grads["layer"])
+
+
+def _conv_input_channels(monkeypatch) -> list[int]:
+    """Records the input channel count of every conv call from here on."""
+    seen: list[int] = []
+    real = torch.nn.Conv2d._conv_forward
+    monkeypatch.setattr(torch.nn.Conv2d, "_conv_forward", lambda conv, x, w, b: seen.append(x.shape[1]) or real(conv, x, w, b))
+    return seen
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+def test_padded_conv_channels_are_the_same_function(monkeypatch, channels_last):
+    """pad_conv_channels = 8 (for cuDNN's tensor-core kernels): bench-nmnist's 2-channel input conv runs on
+    8 channels, 6 of them zero in the input and the weight. Scores and gradients agree with the unpadded
+    run up to summation order; the weight keeps its shape and its gradient; the memory format is kept."""
+    cfg, net = tiny(REPO / "models" / "bench-nmnist.toml")
+    if channels_last:
+        net.to(memory_format=torch.channels_last)
+    x = tiny_input(cfg)
+    y = torch.randint(0, cfg.model.classes, (x.shape[1],))
+    seen = _conv_input_channels(monkeypatch)
+    results = {}
+    for pad in (1, 8):
+        net.pad_conv_channels = pad
+        net.zero_grad()
+        seen.clear()
+        scores = net(x)
+        torch.nn.functional.cross_entropy(scores, y).backward()
+        results[pad] = (scores.detach(), [p.grad.clone() for p in net.parameters()], list(seen))
+    first = net.stages[0]
+    assert results[1][2][0] == 2 and results[8][2][0] == 8  # the input conv, padded
+    assert results[8][2][1:] == results[1][2][1:] == [8]  # 128 / 16 = 8 channels already: untouched
+    assert first.weight.shape[1] == 2 and first.weight.is_contiguous(
+        memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    torch.testing.assert_close(results[8][0], results[1][0], rtol=1e-5, atol=1e-5)
+    for padded, plain in zip(results[8][1], results[1][1]):
+        assert padded.shape == plain.shape
+        torch.testing.assert_close(padded, plain, rtol=1e-4, atol=1e-5)
+    assert results[1][1][0].abs().sum() > 0  # the input conv's weight does get a gradient
+
+
+def test_padded_conv_channels_are_bit_exact_with_exact_arithmetic():
+    """With exact arithmetic every conv sum is exact in any order, so the zero channels change no bit."""
+    from snncompile.exact import snap_to_grid
+
+    net = SpikingNetwork("8C3-8C3-AP2-16FC-Voting", (1, 8, 8), LIFParams(v_th=0.5), vote_group=2, neunorm=True,
+                         exact=True)
+    with torch.no_grad():
+        for stage in net.stages:
+            if isinstance(stage, (torch.nn.Conv2d, torch.nn.Linear)):
+                stage.weight.mul_(3.0)
+    snap_to_grid(list(net.stages))
+    x = torch.rand(3, BATCH, 1, 8, 8)
+    outputs = []
+    for pad in (1, 8):
+        net.pad_conv_channels = pad
+        rec = {}
+        with torch.no_grad():
+            net.forward_sequence(x, record=rec)
+        outputs.append(rec)
+    assert outputs[0].keys() == outputs[1].keys()
+    for name, (spikes, membrane) in outputs[0].items():
+        assert torch.equal(spikes, outputs[1][name][0]) and torch.equal(membrane, outputs[1][name][1])
+    assert any(s.sum() > 0 for s, _ in outputs[0].values())
 
 
 def test_lif_state_stays_fp32_under_bf16_autocast():

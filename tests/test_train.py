@@ -7,7 +7,7 @@ import torch
 
 from snncompile.artifacts import read_manifest
 from snncompile.config import apply_overrides
-from snncompile.errors import ArtifactError
+from snncompile.errors import ArtifactError, ConfigError
 from snncompile.runs import CHECKPOINT, load_checkpoint, load_network
 from snncompile.train import loss_fn, train
 
@@ -140,6 +140,28 @@ def test_channels_last_training_learns_the_same_network(tmp_path, digits_cfg):
         torch.testing.assert_close(b[key], a[key], rtol=1e-3, atol=1e-4, msg=key)
     cfg, net = load_network(last.run_dir)
     assert cfg.train.channels_last and abs(last.test_acc - plain.test_acc) <= 0.02
+
+
+def test_padded_conv_channels_train_the_same_network_with_unpadded_weights(tmp_path, digits_cfg, monkeypatch):
+    """train.pad_conv_channels = 8: the digits' 1-channel input conv runs on 8 channels during training,
+    and the run trains to the same weights (to summation order), stored at their real shapes."""
+    seen: list[int] = []
+    real = torch.nn.Conv2d._conv_forward
+    monkeypatch.setattr(torch.nn.Conv2d, "_conv_forward", lambda conv, x, w, b: seen.append(x.shape[1]) or real(conv, x, w, b))
+    digits_cfg.train.epochs = 1
+    plain = train(digits_cfg, tmp_path / "a", progress=False, echo=lambda s: None)
+    assert seen and set(seen) == {1}
+    seen.clear()
+    digits_cfg.train.pad_conv_channels = 8
+    padded = train(digits_cfg, tmp_path / "b", progress=False, echo=lambda s: None)
+    assert set(seen) == {8}
+    a = load_checkpoint(plain.run_dir / CHECKPOINT)["model"]
+    b = load_checkpoint(padded.run_dir / CHECKPOINT)["model"]
+    for key in a:
+        assert b[key].shape == a[key].shape
+        torch.testing.assert_close(b[key], a[key], rtol=1e-3, atol=1e-4, msg=key)
+    with pytest.raises(ConfigError, match="pad_conv_channels must be >= 1"):
+        apply_overrides(digits_cfg, ["train.pad_conv_channels=0"])
 
 
 def test_cudnn_autotuning_follows_the_config_during_training_and_is_restored(monkeypatch, tmp_path, digits_cfg):
