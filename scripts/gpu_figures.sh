@@ -284,12 +284,14 @@ headline)
         --set "data.root='$mnist_root'" --out "$runs" --batch 1,128 --no-progress
     mnist_summary mnist-exact | tee -a "$md"
     # issue 6: the bf16 steps since the kernels add the convs' biases and lost FMA contraction (H200, before:
-    # graphed 3.9-4.3 ms bench-nmnist, 10.9-11.3 ms bench-cifar channels_last); --profile shows whether the
-    # bias add_ (15 % of the nmnist step) is gone
-    stage "bench train bench-nmnist bf16" 20 snncompile bench train models/bench-nmnist.toml "${tiny_nmnist[@]}" \
+    # graphed 3.9-4.3 ms bench-nmnist, 10.9-11.3 ms bench-cifar channels_last); the two new variants with the
+    # input conv's channels padded to 8 (train.pad_conv_channels; the 552 us legacy conv kernel); --profile
+    # shows whether the bias add_ (15 % of the nmnist step) is gone, and now the channels_last steps too
+    # (whether cuDNN's NCHW<->NHWC transposes, a fifth of the NCHW step, are gone there)
+    stage "bench train bench-nmnist bf16" 25 snncompile bench train models/bench-nmnist.toml "${tiny_nmnist[@]}" \
         --precision bf16 --profile "${steps[@]}"
-    stage "bench train bench-cifar bf16" 20 snncompile bench train models/bench-cifar.toml "${tiny_cifar[@]}" \
-        --precision bf16 "${steps[@]}"
+    stage "bench train bench-cifar bf16" 35 snncompile bench train models/bench-cifar.toml "${tiny_cifar[@]}" \
+        --precision bf16 --profile "${steps[@]}"
     # issue 7: bench-cifar inference at the target batch (bench-nmnist's ran in the second session)
     stage "bench bench-cifar" 90 bash -c 'infer_targets bench-cifar "$@"' _ "$cifar_targets" "${tiny_cifar[@]}"
     # issue 6: the paper's networks, with NeuNorm and voting, at T = 8

@@ -206,6 +206,8 @@ def test_cuda_variants_add_padded_input_channels_where_they_change_a_conv(monkey
                      "snncompile (fused LIF, CUDA graph, channels_last, input channels padded to 8)",
                      "torch loop (step-major)"]
     assert len(bt._variants(cfg, torch.device("cpu"), False, False, False)) == 2
+    profiled = [name for name, options in bt._variants(cfg, cuda, True, False, True) if options.get("profiled")]
+    assert profiled == [names[0], names[2], names[4]]  # the eager step, and the channels_last ones' eager steps
     cfg.train.pad_conv_channels = 8  # already padded: the base variants are the padded ones
     assert len(bt._variants(cfg, cuda, True, False, False)) == 4
     cfg.train.pad_conv_channels = 1
