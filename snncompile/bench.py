@@ -64,7 +64,7 @@ def batch_sizes(batches) -> tuple[int, ...]:
 def bench_run(run_dir: str | Path, runners: list[str] | None = None, batches: tuple[int, ...] = (1, 16, 128),
               warmup: int = 10, iters: int = 50, min_seconds: float = 0.0, progress: bool = True,
               echo=print, model_file: str = "model.onnx", precision: str = "fp32", cuda_graph: bool = True,
-              cudnn_autotune: bool = True) -> dict:
+              cudnn_autotune: bool = True, profile: bool = False) -> dict:
     """Verify, then time every requested runner at every batch size (default: every available one but
     the opt-in ``torch-compile``).
 
@@ -73,7 +73,9 @@ def bench_run(run_dir: str | Path, runners: list[str] | None = None, batches: tu
     fp32, or at the export's precision for a mixed-precision ``model_fp16.onnx``/``model_bf16.onnx``.
     ``cuda_graph=False``: torch-fast, torch-compile, ort-cuda and trt launch kernel by kernel (what the
     graphs save). ``cudnn_autotune=False``: torch-fast keeps cuDNN's heuristic algorithms, PyTorch's default
-    (what autotuning saves)."""
+    (what autotuning saves). ``profile``: after timing each runner, profile 3 calls at the last batch size
+    (torch.profiler: on CUDA every kernel of the process, ONNX Runtime's too) into ``<stem>_profile.txt``;
+    with ``cuda_graph=False`` the kernels show as launched one by one."""
     run_dir = Path(run_dir)
     manifest = read_manifest(run_dir)
     export = manifest.get("exports", {}).get(model_file)
@@ -91,6 +93,7 @@ def bench_run(run_dir: str | Path, runners: list[str] | None = None, batches: tu
     results: dict = {"model": manifest.get("model"), "file": model_file, "order": export.get("order", "layer"), "T": export["T"], "batches": list(batches),
                      "cuda_graph": cuda_graph, "cudnn_autotune": cudnn_autotune,
                      "environment": environment(), "runners": {}}
+    profiles: list[str] = []
     for name in names:
         numerics = runner_numerics(name, precision, export.get("precision", "fp32"))
         options = runner_options(name, numerics, cuda_graph, cudnn_autotune)
@@ -132,8 +135,19 @@ def bench_run(run_dir: str | Path, runners: list[str] | None = None, batches: tu
                 entry["by_batch"][str(batch)] = stats
                 if progress:
                     echo(f"{name} batch {batch}: p50 {stats['p50_ms']:.3f} ms")
+            if profile:
+                import torch
+
+                from .profiling import profile_calls
+
+                table = profile_calls(lambda: runner.run_prepared(handle), torch.cuda.is_available(), what="batches")
+                profiles.append(f"{name} ({entry['precision']}), batch {batch}, {stats['execution']}: {table}")
     stem = bench_stem(model_file, precision, cuda_graph, cudnn_autotune)
     results["stem"] = stem
+    if profile:
+        atomic_write_text(run_dir / f"{stem}_profile.txt", "\n\n".join(profiles) + "\n")
+        record_artifact(run_dir, f"{stem}_profile.txt")
+        results["profile_file"] = f"{stem}_profile.txt"
     atomic_write_json(run_dir / f"{stem}.json", results)
     atomic_write_text(run_dir / f"{stem}.md", format_table(results) + "\n")
     record_artifact(run_dir, f"{stem}.json")

@@ -36,6 +36,7 @@ from torch import nn
 from .backends.pt import cudnn_autotuning
 from .config import Config
 from .memory import SavedActivations
+from .profiling import profile_calls
 from .models import LayerSpec, network_from_config, parse_architecture
 from .train import loss_fn
 
@@ -217,8 +218,8 @@ def _bench_train(cfg: Config, device: torch.device, precision: str, steps: int, 
             torch.cuda.reset_peak_memory_stats(device)
         stats = _time_steps(_cuda_graphed(forward_backward_update, opt, device) if graph else step,
                             device, steps, max(warmup, 2) if compiled else warmup)
-        if profiled:
-            stats["profile"] = _profile(step, device)
+        if profiled:  # the eager step: a replayed graph would profile as one launch
+            stats["profile"] = profile_calls(step, device.type == "cuda", what="steps")
         stats["saved_mib"] = None if compiled else _saved_mib(forward, amp, compact)
         if compact:
             stats["saved_mib_uncompacted"] = _saved_mib(forward, amp, False)
@@ -314,22 +315,6 @@ def _attempt(measure: Callable[[], dict]) -> dict | str:
             torch.cuda.empty_cache()
         message = (str(exc).strip().splitlines() or [""])[0][:200]
         return f"failed: {type(exc).__name__}: {message}"
-
-
-def _profile(step: Callable[[], None], device: torch.device, steps: int = 3, rows: int = 20) -> str:
-    """Where ``steps`` eager training steps spend their time, by torch.profiler: the top ``rows`` GPU
-    kernels by self time on CUDA (CPU operators on the CPU), as profiler's own table."""
-    from torch.profiler import ProfilerActivity
-    from torch.profiler import profile as torch_profile
-
-    cuda = device.type == "cuda"
-    with torch_profile(activities=[ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if cuda else [])]) as prof:
-        for _ in range(steps):
-            step()
-        _sync(device)
-    table = prof.key_averages().table(sort_by="self_device_time_total" if cuda else "self_cpu_time_total",
-                                      row_limit=rows)
-    return f"{'GPU kernels' if cuda else 'CPU operators'} of {steps} steps, by self time:\n{table}"
 
 
 def _cuda_graphed(forward_backward_update: Callable[[], None], opt: torch.optim.Optimizer,

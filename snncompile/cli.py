@@ -229,17 +229,25 @@ def bench_train_cmd(model_toml, overrides, steps_t, batch, precision, steps, war
 @click.option("--cudnn-autotune/--no-cudnn-autotune", default=True, show_default=True,
               help="torch-fast times cuDNN's algorithms per convolution shape and keeps the fastest; off: cuDNN's "
                    "heuristic pick, PyTorch's default (bench_no_autotune.*), to see what autotuning saves.")
-def bench_run_cmd(run, runners, batches, iters, warmup, model_file, precision, cuda_graph, cudnn_autotune) -> None:
+@click.option("--profile", is_flag=True,
+              help="Also profile 3 calls of each runner at the last batch size (torch.profiler's top 20 GPU kernels, "
+                   "CPU operators without CUDA) into <stem>_profile.txt, and print it. With --no-cuda-graph the "
+                   "kernels show as launched one by one.")
+def bench_run_cmd(run, runners, batches, iters, warmup, model_file, precision, cuda_graph, cudnn_autotune,
+                  profile) -> None:
     """Verify, then time every runner on RUN's export; writes bench.json, bench.md, bench.png."""
     from .bench import bench_run, format_table
 
     sizes = _batch_sizes(batches)
     names = [n.strip() for n in runners.split(",") if n.strip()] or None
     results = bench_run(run, names, sizes, warmup=warmup, iters=iters, echo=click.echo, model_file=model_file,
-                        precision=precision, cuda_graph=cuda_graph, cudnn_autotune=cudnn_autotune)
+                        precision=precision, cuda_graph=cuda_graph, cudnn_autotune=cudnn_autotune, profile=profile)
     click.echo(format_table(results))
+    if "profile_file" in results:
+        click.echo("\n" + (run / results["profile_file"]).read_text())
     stem = results["stem"]
-    click.echo(f"wrote {run / (stem + '.json')}, {stem}.md" + (f", {stem}.png" if (run / f"{stem}.png").exists() else ""))
+    written = [f"{stem}.md"] + [name for name in (f"{stem}.png", results.get("profile_file")) if name and (run / name).exists()]
+    click.echo(f"wrote {run / (stem + '.json')}, {', '.join(written)}")
 
 
 @cli.command()

@@ -199,3 +199,19 @@ def test_a_bench_where_every_runner_was_skipped_still_plots_without_warnings(tmp
         warnings.simplefilter("error")  # matplotlib's "No artists with labels found" was one, on an H200
         assert _plot(results, tmp_path / "bench.png")
     assert (tmp_path / "bench.png").stat().st_size > 0
+
+
+def test_bench_profile_writes_where_each_runners_time_goes(exported):
+    """--profile: torch.profiler's table per runner at the last batch size, printed and kept beside the
+    bench (torch's operators here on the CPU; on CUDA every kernel, ONNX Runtime's included)."""
+    result = CliRunner().invoke(cli, ["bench", str(exported), "--runners", "torch", "--batch", "1,4", "--iters", "2",
+                                      "--warmup", "1", "--profile"])
+    assert result.exit_code == 0, result.output
+    text = (exported / "bench_profile.txt").read_text()
+    assert text.startswith("torch (fp32), batch 4, ") and "CPU operators of 3 batches, by self time:" in text
+    assert "aten::" in text and "conv" in text  # the reference's own operators, convs among them
+    assert text.strip() in result.output and "bench_profile.txt" in result.output.splitlines()[-1]
+    assert json.loads((exported / "bench.json").read_text())["profile_file"] == "bench_profile.txt"
+    plain = CliRunner().invoke(cli, ["bench", str(exported), "--runners", "torch", "--batch", "1", "--iters", "1"])
+    assert plain.exit_code == 0 and "by self time" not in plain.output
+    assert "_profile.txt" not in plain.output.splitlines()[-1]
