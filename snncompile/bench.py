@@ -4,11 +4,14 @@ Each runner is verified first (fp32 preset on the export's reference inputs) and
 reason if it fails. Then, per batch size: inputs made once and placed where the runner computes
 (``Runner.prepare``), warm-up calls, then timed calls (``Runner.run_prepared`` returns only once the
 result is complete: CUDA runners synchronize) -> p50/p90/p99 latency, samples/s and timesteps/s.
-Results go to ``bench.json``, ``bench.md`` and (with matplotlib) ``bench.png`` in the run dir.
+Results go to ``bench.json``, ``bench.md`` and (with matplotlib) ``bench.png`` in the run dir; a bench of
+some runners keeps the others' earlier rows when they timed the same export on the same machine.
 """
 
 from __future__ import annotations
 
+import datetime
+import json
 import time
 import zipfile
 from pathlib import Path
@@ -90,14 +93,16 @@ def bench_run(run_dir: str | Path, runners: list[str] | None = None, batches: tu
     unknown = [n for n in names if n not in avail]
     if unknown:
         raise ConfigError(f"unknown runner(s) {', '.join(unknown)} (known: {', '.join(avail)})")
-    results: dict = {"model": manifest.get("model"), "file": model_file, "order": export.get("order", "layer"), "T": export["T"], "batches": list(batches),
+    results: dict = {"model": manifest.get("model"), "file": model_file, "export_sha256": export.get("sha256"),
+                     "order": export.get("order", "layer"), "T": export["T"], "batches": list(batches),
                      "cuda_graph": cuda_graph, "cudnn_autotune": cudnn_autotune,
                      "environment": environment(), "runners": {}}
+    measured = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     profiles: list[str] = []
     for name in names:
         numerics = runner_numerics(name, precision, export.get("precision", "fp32"))
         options = runner_options(name, numerics, cuda_graph, cudnn_autotune)
-        entry: dict = {"precision": numerics}
+        entry: dict = {"precision": numerics, "measured": measured}
         results["runners"][name] = entry
         if avail[name] is not None:
             entry["skipped"] = avail[name]
@@ -144,6 +149,9 @@ def bench_run(run_dir: str | Path, runners: list[str] | None = None, batches: tu
                 profiles.append(f"{name} ({entry['precision']}), batch {batch}, {stats['execution']}: {table}")
     stem = bench_stem(model_file, precision, cuda_graph, cudnn_autotune)
     results["stem"] = stem
+    kept = _keep_earlier_runners(run_dir / f"{stem}.json", results)
+    if kept:
+        echo(f"kept from the earlier bench of this export: {', '.join(kept)} (time them again with --runners)")
     if profile:
         atomic_write_text(run_dir / f"{stem}_profile.txt", "\n\n".join(profiles) + "\n")
         record_artifact(run_dir, f"{stem}_profile.txt")
@@ -155,6 +163,24 @@ def bench_run(run_dir: str | Path, runners: list[str] | None = None, batches: tu
     if _plot(results, run_dir / f"{stem}.png"):
         record_artifact(run_dir, f"{stem}.png")
     return results
+
+
+def _keep_earlier_runners(path: Path, results: dict) -> list[str]:
+    """Add to ``results`` the runners that the earlier bench in ``path`` timed and this one did not, when it
+    timed the same export bytes at the same T on the same machine and software: timing one runner again
+    refreshes its rows and keeps the others'. Returns their names (each entry keeps its ``measured``
+    time). An unreadable or other bench's file is replaced, as before."""
+    try:
+        earlier = json.loads(path.read_text())
+        same = all(earlier[k] == results[k] for k in ("export_sha256", "T", "environment")) and results["export_sha256"]
+        runners = dict(earlier["runners"]) if same else {}
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
+    kept = [name for name in runners if name not in results["runners"]]
+    if kept:
+        results["runners"] = {**runners, **results["runners"]}  # a re-timed runner's new entry replaces its old one
+        results["batches"] = sorted({*earlier.get("batches", []), *results["batches"]})
+    return kept
 
 
 def bench_stem(model_file: str, precision: str, cuda_graph: bool = True, cudnn_autotune: bool = True) -> str:

@@ -215,3 +215,24 @@ def test_bench_profile_writes_where_each_runners_time_goes(exported):
     plain = CliRunner().invoke(cli, ["bench", str(exported), "--runners", "torch", "--batch", "1", "--iters", "1"])
     assert plain.exit_code == 0 and "by self time" not in plain.output
     assert "_profile.txt" not in plain.output.splitlines()[-1]
+
+
+def test_timing_some_runners_again_keeps_the_others_rows_of_the_same_export(exported):
+    """A bench of one runner refreshes that runner's rows and keeps the rows the earlier bench timed for the
+    others (same export bytes, T, machine and software); after anything of those changes it starts over."""
+    first = bench_run(exported, ["torch", "ort-cpu"], (1, 4), warmup=0, iters=2, progress=False, echo=lambda s: None)
+    said = []
+    second = bench_run(exported, ["ort-cpu"], (2,), warmup=0, iters=2, progress=False, echo=said.append)
+    assert set(second["runners"]) == {"torch", "ort-cpu"} and second["batches"] == [1, 2, 4]
+    assert second["runners"]["torch"] == first["runners"]["torch"]  # kept as measured, with its time
+    assert list(second["runners"]["ort-cpu"]["by_batch"]) == ["2"]  # re-timed: only the new rows
+    assert said == ["kept from the earlier bench of this export: torch (time them again with --runners)"]
+    saved = json.loads((exported / "bench.json").read_text())
+    assert set(saved["runners"]) == {"torch", "ort-cpu"} and "| torch | 4 |" in (exported / "bench.md").read_text()
+    saved["environment"]["torch"] = "0.0"  # another machine's or version's figures: not mixed in
+    (exported / "bench.json").write_text(json.dumps(saved))
+    third = bench_run(exported, ["ort-cpu"], (1,), warmup=0, iters=2, progress=False, echo=lambda s: None)
+    assert list(third["runners"]) == ["ort-cpu"] and third["batches"] == [1]
+    (exported / "bench.json").write_text("{not json")  # unreadable: replaced, as before
+    fourth = bench_run(exported, ["torch"], (1,), warmup=0, iters=2, progress=False, echo=lambda s: None)
+    assert list(fourth["runners"]) == ["torch"] and json.loads((exported / "bench.json").read_text()) == fourth
