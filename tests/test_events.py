@@ -77,6 +77,11 @@ def test_dvs_cifar10_seeded_9_to_1_split(tmp_path):
     assert sorted(label for _, label in test) == list(range(10))
     assert list_samples("dvs_cifar10", tmp_path, False, 0) == test
     assert list_samples("dvs_cifar10", tmp_path, False, 1) != test
+    # each class splits on its own: recordings missing from the first class leave every other class's split
+    for i in range(4, 10):
+        (tmp_path / "CIFAR10DVS" / "airplane" / f"cifar10_airplane_{i}.aedat").unlink()
+    fewer = list_samples("dvs_cifar10", tmp_path, False, 0)
+    assert [s for s in fewer if s[1] > 0] == [s for s in test if s[1] > 0]
 
 
 def test_cache_hit_rebuild_on_any_parameter_and_repair(tmp_path):

@@ -117,8 +117,10 @@ def list_samples(name: str, root: str | Path, train: bool, split_seed: int = 0) 
             raise DataError(f"{stray}: label {stray.stem} is outside {source.name}'s {len(source.classes)} classes "
                             f"(0-{len(source.classes) - 1})")
     else:  # dvs_cifar10: no official split, seeded 9:1 within each class
-        rng = np.random.default_rng(split_seed)
         for label, cls in enumerate(source.classes):
+            # one generator per class: a class's split does not depend on how many recordings the classes
+            # before it have (an incomplete download of one class would otherwise reshuffle all later ones)
+            rng = np.random.default_rng([split_seed, label])
             # one entry per recording: the original release (.aedat) and tonic's conversion (.aedat4) of the
             # same one would otherwise be split independently, one copy in train and one in test
             recordings = {f.stem: f for f in sorted((folder / cls).glob("*.aedat4"))}
