@@ -218,7 +218,9 @@ def bench_train_cmd(model_toml, overrides, steps_t, batch, precision, steps, war
                                              "torch-compile, which compiles per input shape).")
 @click.option("--batch", "batches", default="1,16,128", show_default=True, help="Comma-separated batch sizes.")
 @click.option("--iters", default=50, show_default=True, type=click.IntRange(1), help="Timed calls per batch size.")
-@click.option("--warmup", default=10, show_default=True, type=click.IntRange(0), help="Untimed calls first.")
+@click.option("--warmup", default=10, show_default=True, type=click.IntRange(0),
+              help="Untimed calls first; with 0 the first timed call carries a runtime's lazy set-up (ONNX Runtime's "
+                   "first run, cuDNN autotuning) into p90/p99.")
 @click.option("--model", "model_file", default="model.onnx", show_default=True, help="Which unrolled export to time.")
 @click.option("--precision", type=click.Choice(TORCH_FAST_PRECISIONS), default="fp32",
               show_default=True, help="For torch-fast and trt (verified at that precision's tolerances); the other "
