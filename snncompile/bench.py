@@ -67,7 +67,7 @@ def batch_sizes(batches) -> tuple[int, ...]:
 def bench_run(run_dir: str | Path, runners: list[str] | None = None, batches: tuple[int, ...] = (1, 16, 128),
               warmup: int = 10, iters: int = 50, min_seconds: float = 0.0, progress: bool = True,
               echo=print, model_file: str = "model.onnx", precision: str = "fp32", cuda_graph: bool = True,
-              cudnn_autotune: bool = True, profile: bool = False) -> dict:
+              cudnn_autotune: bool = True, profile: bool = False, pad_channels: int = 1) -> dict:
     """Verify, then time every requested runner at every batch size (default: every available one but
     the opt-in ``torch-compile``).
 
@@ -76,7 +76,8 @@ def bench_run(run_dir: str | Path, runners: list[str] | None = None, batches: tu
     fp32, or at the export's precision for a mixed-precision ``model_fp16.onnx``/``model_bf16.onnx``.
     ``cuda_graph=False``: torch-fast, torch-compile, ort-cuda and trt launch kernel by kernel (what the
     graphs save). ``cudnn_autotune=False``: torch-fast keeps cuDNN's heuristic algorithms, PyTorch's default
-    (what autotuning saves). ``profile``: after timing each runner, profile 3 calls at the last batch size
+    (what autotuning saves). ``pad_channels > 1``: torch-fast runs convs whose input channels are not a
+    multiple of it on zero-padded copies (``bench_pad8``). ``profile``: after timing each runner, profile 3 calls at the last batch size
     (torch.profiler: on CUDA every kernel of the process, ONNX Runtime's too) into ``<stem>_profile.txt``;
     with ``cuda_graph=False`` the kernels show as launched one by one."""
     run_dir = Path(run_dir)
@@ -95,13 +96,13 @@ def bench_run(run_dir: str | Path, runners: list[str] | None = None, batches: tu
         raise ConfigError(f"unknown runner(s) {', '.join(unknown)} (known: {', '.join(avail)})")
     results: dict = {"model": manifest.get("model"), "file": model_file, "export_sha256": export.get("sha256"),
                      "order": export.get("order", "layer"), "T": export["T"], "batches": list(batches),
-                     "cuda_graph": cuda_graph, "cudnn_autotune": cudnn_autotune,
+                     "cuda_graph": cuda_graph, "cudnn_autotune": cudnn_autotune, "pad_channels": pad_channels,
                      "environment": environment(), "runners": {}}
     measured = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     profiles: list[str] = []
     for name in names:
         numerics = runner_numerics(name, precision, export.get("precision", "fp32"))
-        options = runner_options(name, numerics, cuda_graph, cudnn_autotune)
+        options = runner_options(name, numerics, cuda_graph, cudnn_autotune, pad_channels)
         entry: dict = {"precision": numerics, "measured": measured}
         results["runners"][name] = entry
         if avail[name] is not None:
@@ -147,7 +148,7 @@ def bench_run(run_dir: str | Path, runners: list[str] | None = None, batches: tu
 
                 table = profile_calls(lambda: runner.run_prepared(handle), torch.cuda.is_available(), what="batches")
                 profiles.append(f"{name} ({entry['precision']}), batch {batch}, {stats['execution']}: {table}")
-    stem = bench_stem(model_file, precision, cuda_graph, cudnn_autotune)
+    stem = bench_stem(model_file, precision, cuda_graph, cudnn_autotune, pad_channels)
     results["stem"] = stem
     kept = _keep_earlier_runners(run_dir / f"{stem}.json", results)
     if kept:
@@ -183,13 +184,14 @@ def _keep_earlier_runners(path: Path, results: dict) -> list[str]:
     return kept
 
 
-def bench_stem(model_file: str, precision: str, cuda_graph: bool = True, cudnn_autotune: bool = True) -> str:
+def bench_stem(model_file: str, precision: str, cuda_graph: bool = True, cudnn_autotune: bool = True,
+               pad_channels: int = 1) -> str:
     """File stem of a bench's outputs: ``bench``, ``bench_model_per_step``, ``bench_bf16``,
     ``bench_no_cuda_graph``, ``bench_no_autotune``, ... so that timing another file, precision or launch
     mode does not overwrite the results of ``model.onnx`` at fp32 with graphs and autotuning."""
     parts = (["bench"] + ([Path(model_file).stem] if model_file != "model.onnx" else [])
              + ([precision] if precision != "fp32" else []) + ([] if cuda_graph else ["no_cuda_graph"])
-             + ([] if cudnn_autotune else ["no_autotune"]))
+             + ([] if cudnn_autotune else ["no_autotune"]) + ([f"pad{pad_channels}"] if pad_channels > 1 else []))
     return "_".join(parts)
 
 

@@ -235,15 +235,19 @@ def bench_train_cmd(model_toml, overrides, steps_t, batch, precision, steps, war
               help="Also profile 3 calls of each runner at the last batch size (torch.profiler's top 20 GPU kernels, "
                    "CPU operators without CUDA) into <stem>_profile.txt, and print it. With --no-cuda-graph the "
                    "kernels show as launched one by one.")
+@click.option("--pad-channels", default=1, show_default=True, type=click.IntRange(1),
+              help="torch-fast runs convs whose input channel count is not a multiple of N on zero-padded copies (the "
+                   "same function; cuDNN's tensor-core kernels want 8), written to bench_pad<N>.*.")
 def bench_run_cmd(run, runners, batches, iters, warmup, model_file, precision, cuda_graph, cudnn_autotune,
-                  profile) -> None:
+                  profile, pad_channels) -> None:
     """Verify, then time every runner on RUN's export; writes bench.json, bench.md, bench.png."""
     from .bench import bench_run, format_table
 
     sizes = _batch_sizes(batches)
     names = [n.strip() for n in runners.split(",") if n.strip()] or None
     results = bench_run(run, names, sizes, warmup=warmup, iters=iters, echo=click.echo, model_file=model_file,
-                        precision=precision, cuda_graph=cuda_graph, cudnn_autotune=cudnn_autotune, profile=profile)
+                        precision=precision, cuda_graph=cuda_graph, cudnn_autotune=cudnn_autotune, profile=profile,
+                        pad_channels=pad_channels)
     click.echo(format_table(results))
     if "profile_file" in results:
         click.echo("\n" + (run / results["profile_file"]).read_text())

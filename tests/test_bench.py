@@ -188,6 +188,37 @@ def test_no_cuda_graph_benches_separately_and_reaches_the_runners(exported, monk
     assert not (exported / "bench.json").exists()
 
 
+def test_pad_channels_benches_separately_and_pads_torch_fasts_input_conv(exported, monkeypatch):
+    """--pad-channels 8: torch-fast (only) runs bench-nmnist's 2-channel input conv on 8 channels, verified
+    like any torch-fast, its rows say so, and the results go to bench_pad8.*."""
+    import torch
+
+    from snncompile.backends import runner_options
+
+    assert runner_options("torch-fast", pad_channels=8) == {"precision": "fp32", "pad_channels": 8}
+    assert runner_options("ort-cpu", pad_channels=8) == {} and runner_options("torch-fast") == {"precision": "fp32"}
+    seen: set[int] = set()  # what the 2-channel input conv was given
+    real = torch.nn.Conv2d._conv_forward
+
+    def conv_forward(conv, x, w, b):
+        if conv.in_channels == 2:
+            seen.add(x.shape[1])
+        return real(conv, x, w, b)
+
+    monkeypatch.setattr(torch.nn.Conv2d, "_conv_forward", conv_forward)
+    result = CliRunner().invoke(cli, ["bench", str(exported), "--runners", "torch-fast", "--batch", "2",
+                                      "--iters", "2", "--warmup", "0", "--pad-channels", "8"])
+    assert result.exit_code == 0, result.output
+    data = json.loads((exported / "bench_pad8.json").read_text())
+    entry = data["runners"]["torch-fast"]
+    assert data["pad_channels"] == 8 and entry["verified"] is True
+    assert entry["by_batch"]["2"]["execution"].endswith("input channels padded to 8")
+    assert seen == {2, 8}  # unpadded in the torch reference that verify runs, padded in torch-fast
+    assert not (exported / "bench.json").exists()
+    bad = CliRunner().invoke(cli, ["bench", str(exported), "--pad-channels", "0"])
+    assert bad.exit_code != 0 and "--pad-channels" in bad.output
+
+
 def test_a_bench_where_every_runner_was_skipped_still_plots_without_warnings(tmp_path):
     import warnings
 

@@ -160,17 +160,22 @@ def runner_numerics(name: str, requested: str = "fp32", model_precision: str = "
 # Runners that replay a captured CUDA graph by default (torch-fast and torch-compile on CUDA only)
 CUDA_GRAPH_RUNNERS = ("torch-fast", "torch-compile", "ort-cuda", "trt")
 AUTOTUNE_RUNNERS = ("torch-fast",)  # cuDNN algorithms timed per shape, not picked by heuristic
+PAD_CHANNEL_RUNNERS = ("torch-fast",)  # convs' input channels zero-padded (SpikingNetwork.pad_conv_channels)
 
 
-def runner_options(name: str, precision: str = "fp32", cuda_graph: bool = True, cudnn_autotune: bool = True) -> dict:
+def runner_options(name: str, precision: str = "fp32", cuda_graph: bool = True, cudnn_autotune: bool = True,
+                   pad_channels: int = 1) -> dict:
     """Constructor options that make runner ``name`` compute at ``precision`` (none for the others);
     ``cuda_graph=False``: one launch per kernel instead of a graph replay, for the runners that graph;
-    ``cudnn_autotune=False``: cuDNN's heuristic algorithm pick, for the runners that autotune."""
+    ``cudnn_autotune=False``: cuDNN's heuristic algorithm pick, for the runners that autotune;
+    ``pad_channels > 1``: convs' input channels zero-padded to a multiple of it, for the runners that can."""
     options: dict = {"precision": runner_numerics(name, precision)} if name in PRECISION_RUNNERS else {}
     if not cuda_graph and name in CUDA_GRAPH_RUNNERS:
         options["cuda_graph"] = False
     if not cudnn_autotune and name in AUTOTUNE_RUNNERS:
         options["autotune"] = False
+    if pad_channels > 1 and name in PAD_CHANNEL_RUNNERS:
+        options["pad_channels"] = pad_channels
     return options
 
 

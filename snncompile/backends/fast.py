@@ -16,6 +16,9 @@ Same graph module as the torch reference (:class:`~snncompile.graphs.UnrolledGra
   verified at the fp32 preset), ``tf32``, or ``fp16``/``bf16`` autocast for convs/linears; the membrane
   recurrence and the threshold compare stay fp32 (the LIF cell and the kernel upcast), and
   ``verify --precision`` reports the flips that remain;
+- ``pad_channels``: convs whose input channel count is not a multiple of it run on zero-padded copies
+  of input and weight (:attr:`~snncompile.models.SpikingNetwork.pad_conv_channels`; same function, for
+  cuDNN's tensor-core kernels, which want multiples of 8: bench-nmnist's input conv has 2 channels);
 - an exact-arithmetic model (``model.exact``) at fp32 on CUDA runs its convolutions without cuDNN
   (:func:`~snncompile.backends.pt.cudnn_disabled`): on an H200, with cuDNN's autotuned algorithms, its
   membranes differed from the CPU reference's in 830 M of ~2.5 G values, while ONNX Runtime CPU matched
@@ -46,9 +49,11 @@ class TorchFastRunner(TorchRunner):
     name = "torch-fast"
 
     def __init__(self, run_dir: Path, model_file: str = "model.onnx", device: str = "auto", precision: str = "fp32",
-                 fused: bool | None = None, cuda_graph: bool | None = None, autotune: bool = True):
+                 fused: bool | None = None, cuda_graph: bool | None = None, autotune: bool = True, pad_channels: int = 1):
         if precision not in TORCH_FAST_PRECISIONS:
             raise ConfigError(f"torch-fast precision must be one of {', '.join(TORCH_FAST_PRECISIONS)}, got {precision!r}")
+        if pad_channels < 1:
+            raise ConfigError(f"torch-fast pad_channels must be >= 1 (1: no padding), got {pad_channels}")
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         super().__init__(run_dir, model_file, device)
@@ -70,6 +75,8 @@ class TorchFastRunner(TorchRunner):
             from ..split_tf32 import apply_split_tf32
 
             self.split_layers = apply_split_tf32(self.graph.net)
+        self.graph.net.pad_conv_channels = pad_channels  # after the split: its convs compute their own way
+        self.padded = pad_channels if self.graph.net.pads_conv_channels(pad_channels) else 1
         self.cuda_graph = on_cuda if cuda_graph is None else cuda_graph
         self.direct_convs = on_cuda and self.exact_model and precision == "fp32"
         self._captured: dict[tuple, tuple[torch.Tensor, tuple[torch.Tensor, ...], torch.cuda.CUDAGraph]] = {}
@@ -92,7 +99,8 @@ class TorchFastRunner(TorchRunner):
 
     def timing_mode(self, handle) -> str:
         mode = super().timing_mode(handle)
-        return ", ".join(filter(None, [mode, "convs without cuDNN (exact model)" if self.direct_convs else ""]))
+        return ", ".join(filter(None, [mode, "convs without cuDNN (exact model)" if self.direct_convs else "",
+                                       f"input channels padded to {self.padded}" if self.padded > 1 else ""]))
 
     def _forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         with self._numerics():
