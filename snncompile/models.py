@@ -140,10 +140,12 @@ class NeuNormCell(nn.Module):
 
 
 def _bias_moves_into_lif(stage: nn.Module, after: list) -> bool:
-    """A plain conv/linear with a bias whose output goes straight into a LIF: the fused kernel can add the
-    bias (exact types only: a subclass, e.g. split-TF32's, computes its own way)."""
+    """A conv/linear with a bias whose output goes straight into a LIF: the fused kernel can add the bias.
+    Plain ``nn.Conv2d``/``nn.Linear`` (exact types: a subclass computes its own way) and layers that say how
+    to run without it (``forward_without_bias``: torch-fast's split-TF32 layers)."""
     hooked = stage._forward_hooks or stage._forward_pre_hooks  # a caller watching this module's calls
-    return (type(stage) in (nn.Conv2d, nn.Linear) and stage.bias is not None and not hooked
+    runs_without = type(stage) in (nn.Conv2d, nn.Linear) or hasattr(stage, "forward_without_bias")
+    return (runs_without and getattr(stage, "bias", None) is not None and not hooked
             and bool(after) and isinstance(after[0], LIFCell))
 
 
@@ -157,10 +159,12 @@ def _missing_channels(stage: nn.Module, multiple: int) -> int:
 
 
 def _linear_map(stage: nn.Module, x: Tensor, keep_bias: bool = True, pad_channels: int = 1) -> Tensor:
-    """``stage(x)`` for a plain conv/linear, without its bias unless ``keep_bias``
-    (:func:`_bias_moves_into_lif`'s stages), a conv's input channels zero-padded to a multiple of
+    """``stage(x)`` for a conv/linear, without its bias unless ``keep_bias``
+    (:func:`_bias_moves_into_lif`'s stages), a plain conv's input channels zero-padded to a multiple of
     ``pad_channels`` (:attr:`SpikingNetwork.pad_conv_channels`: zero channels times zero weights add
     exact zeros, so it is the same function; F.pad keeps channels_last)."""
+    if not keep_bias and hasattr(stage, "forward_without_bias"):
+        return stage.forward_without_bias(x)
     bias = stage.bias if keep_bias else None
     if isinstance(stage, nn.Conv2d):
         weight, missing = stage.weight, _missing_channels(stage, pad_channels)

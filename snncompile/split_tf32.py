@@ -61,13 +61,18 @@ class SplitTF32(nn.Module):
                          "groups": layer.groups}
 
     def forward(self, x: Tensor) -> Tensor:
-        with tf32_math(True):
-            y = F.linear(x, self.weight) if self.conv is None else F.conv2d(x, self.weight, None, **self.conv)
-        hi, lo = y.split(self.out_channels, dim=1)
-        y = hi + lo
+        y = self.forward_without_bias(x)
         if self.bias is not None:
             y = y + (self.bias if self.conv is None else self.bias.view(1, -1, 1, 1))
         return y
+
+    def forward_without_bias(self, x: Tensor) -> Tensor:
+        """``W_hi x + W_lo x``: the layer without its bias, which a fused LIF after it adds (the same
+        fp32 addition, in the kernel; :func:`snncompile.models._bias_moves_into_lif`)."""
+        with tf32_math(True):
+            y = F.linear(x, self.weight) if self.conv is None else F.conv2d(x, self.weight, None, **self.conv)
+        hi, lo = y.split(self.out_channels, dim=1)
+        return hi + lo
 
     def extra_repr(self) -> str:
         return f"{'conv2d' if self.conv else 'linear'}, out={self.out_channels}, weight split hi + lo"

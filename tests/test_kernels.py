@@ -485,3 +485,28 @@ def test_layer_major_moves_each_conv_bias_into_the_fused_lif_after_it(monkeypatc
     with torch.no_grad():
         assert torch.equal(net(x), scores[False])
     assert stripped == layers[1:-1]
+
+
+def test_split_tf32_layers_hand_their_bias_to_the_fused_lif_too(monkeypatch):
+    """torch-fast's tf32x2 layers (W_hi x + W_lo x, then the bias) move their bias into the fused LIF as
+    plain layers do: the kernel adds it to hi + lo, the same fp32 addition, so the scores keep their bits.
+    The output layer, which feeds no LIF, still adds its own."""
+    from snncompile.split_tf32 import SplitTF32, apply_split_tf32
+
+    cfg = tiny_zoo_config(REPO / "models" / "bench-nmnist.toml")
+    net = network_from_config(cfg.model).eval().to(DEVICE)
+    x = random_input(cfg, 4, torch.Generator().manual_seed(0)).to(DEVICE)
+    calibrate_firing(net, x)
+    assert apply_split_tf32(net) == 3  # the second conv, the hidden FC and the readout read spikes
+    split = [s for s in net.stages if isinstance(s, SplitTF32)]
+    with_bias = []
+    real = SplitTF32.forward
+    monkeypatch.setattr(SplitTF32, "forward", lambda layer, h: with_bias.append(layer) or real(layer, h))
+    scores = {}
+    for fused in (False, True):
+        with_bias.clear()
+        net.fused_lif = fused
+        with torch.no_grad():
+            scores[fused] = net(x)
+    assert with_bias == split[-1:]  # fused: only the readout ran with its bias
+    assert torch.equal(scores[False], scores[True])
