@@ -5,7 +5,7 @@ reason if it fails. Then, per batch size: inputs made once and placed where the 
 (``Runner.prepare``), warm-up calls, then timed calls (``Runner.run_prepared`` returns only once the
 result is complete: CUDA runners synchronize) -> p50/p90/p99 latency, samples/s and timesteps/s.
 Results go to ``bench.json``, ``bench.md`` and (with matplotlib) ``bench.png`` in the run dir; a bench of
-some runners keeps the others' earlier rows when they timed the same export on the same machine.
+some runners keeps the others' earlier rows when they timed the same export in the same environment.
 """
 
 from __future__ import annotations
@@ -77,9 +77,9 @@ def bench_run(run_dir: str | Path, runners: list[str] | None = None, batches: tu
     ``cuda_graph=False``: torch-fast, torch-compile, ort-cuda and trt launch kernel by kernel (what the
     graphs save). ``cudnn_autotune=False``: torch-fast keeps cuDNN's heuristic algorithms, PyTorch's default
     (what autotuning saves). ``pad_channels > 1``: torch-fast runs convs whose input channels are not a
-    multiple of it on zero-padded copies (``bench_pad8``). ``profile``: after timing each runner, profile 3 calls at the last batch size
-    (torch.profiler: on CUDA every kernel of the process, ONNX Runtime's too) into ``<stem>_profile.txt``;
-    with ``cuda_graph=False`` the kernels show as launched one by one."""
+    multiple of it on zero-padded copies (``bench_pad8``). ``profile``: after timing each runner, profile
+    3 calls at the last batch size (torch.profiler: for a GPU runner every CUDA kernel of the process, ONNX
+    Runtime's too) into ``<stem>_profile.txt``; with ``cuda_graph=False`` the kernels show one by one."""
     run_dir = Path(run_dir)
     manifest = read_manifest(run_dir)
     export = manifest.get("exports", {}).get(model_file)
@@ -146,7 +146,9 @@ def bench_run(run_dir: str | Path, runners: list[str] | None = None, batches: tu
 
                 from .profiling import profile_calls
 
-                table = profile_calls(lambda: runner.run_prepared(handle), torch.cuda.is_available(), what="batches")
+                # the rows of a runner that computes on the CPU say so ("CPU, N threads"): its operators, not kernels
+                on_gpu = torch.cuda.is_available() and not stats["execution"].startswith("CPU")
+                table = profile_calls(lambda: runner.run_prepared(handle), on_gpu, what="batches")
                 profiles.append(f"{name} ({entry['precision']}), batch {batch}, {stats['execution']}: {table}")
     stem = bench_stem(model_file, precision, cuda_graph, cudnn_autotune, pad_channels)
     results["stem"] = stem
@@ -168,7 +170,8 @@ def bench_run(run_dir: str | Path, runners: list[str] | None = None, batches: tu
 
 def _keep_earlier_runners(path: Path, results: dict) -> list[str]:
     """Add to ``results`` the runners that the earlier bench in ``path`` timed and this one did not, when it
-    timed the same export bytes at the same T on the same machine and software: timing one runner again
+    timed the same export bytes at the same T with the same platform, GPU and versions (``environment()``,
+    which names no host): timing one runner again
     refreshes its rows and keeps the others'. Returns their names (each entry keeps its ``measured``
     time). An unreadable or other bench's file is replaced, as before."""
     try:

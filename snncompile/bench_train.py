@@ -36,8 +36,8 @@ from torch import nn
 from .backends.pt import cudnn_autotuning
 from .config import Config
 from .memory import SavedActivations
-from .profiling import profile_calls
 from .models import LayerSpec, network_from_config, parse_architecture
+from .profiling import profile_calls
 from .train import loss_fn
 
 __all__ = ["bench_train", "format_train_table"]
