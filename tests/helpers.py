@@ -8,6 +8,23 @@ from snncompile.config import Config, load_config
 from snncompile.init_run import init_run
 
 
+def conv_input_channels(monkeypatch, in_channels: int | None = None) -> list[int]:
+    """From here on, the channel count of every input a conv is given (only convs built for ``in_channels``
+    input channels, when given): what ``pad_conv_channels`` padded them to."""
+    import torch
+
+    seen: list[int] = []
+    real = torch.nn.Conv2d._conv_forward
+
+    def conv_forward(conv, x, weight, bias):
+        if in_channels is None or conv.in_channels == in_channels:
+            seen.append(x.shape[1])
+        return real(conv, x, weight, bias)
+
+    monkeypatch.setattr(torch.nn.Conv2d, "_conv_forward", conv_forward)
+    return seen
+
+
 def make_run(root: Path, cfg: Config, seed: int = 0) -> Path:
     """A run directory with a freshly initialised checkpoint whose every layer spikes."""
     return init_run(cfg, root, seed)[0]

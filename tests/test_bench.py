@@ -13,7 +13,7 @@ from click.testing import CliRunner  # noqa: E402
 from onnx import numpy_helper  # noqa: E402
 
 from conftest import REPO  # noqa: E402
-from helpers import make_run, tiny_zoo_config  # noqa: E402
+from helpers import conv_input_channels, make_run, tiny_zoo_config  # noqa: E402
 from snncompile.bench import bench_run, percentiles  # noqa: E402
 from snncompile.cli import cli  # noqa: E402
 from snncompile.errors import ConfigError  # noqa: E402
@@ -191,21 +191,11 @@ def test_no_cuda_graph_benches_separately_and_reaches_the_runners(exported, monk
 def test_pad_channels_benches_separately_and_pads_torch_fasts_input_conv(exported, monkeypatch):
     """--pad-channels 8: torch-fast (only) runs bench-nmnist's 2-channel input conv on 8 channels, verified
     like any torch-fast, its rows say so, and the results go to bench_pad8.*."""
-    import torch
-
     from snncompile.backends import runner_options
 
     assert runner_options("torch-fast", pad_channels=8) == {"precision": "fp32", "pad_channels": 8}
     assert runner_options("ort-cpu", pad_channels=8) == {} and runner_options("torch-fast") == {"precision": "fp32"}
-    seen: set[int] = set()  # what the 2-channel input conv was given
-    real = torch.nn.Conv2d._conv_forward
-
-    def conv_forward(conv, x, w, b):
-        if conv.in_channels == 2:
-            seen.add(x.shape[1])
-        return real(conv, x, w, b)
-
-    monkeypatch.setattr(torch.nn.Conv2d, "_conv_forward", conv_forward)
+    seen = conv_input_channels(monkeypatch, in_channels=2)  # what the 2-channel input conv was given
     result = CliRunner().invoke(cli, ["bench", str(exported), "--runners", "torch-fast", "--batch", "2",
                                       "--iters", "2", "--warmup", "0", "--pad-channels", "8"])
     assert result.exit_code == 0, result.output
@@ -213,7 +203,7 @@ def test_pad_channels_benches_separately_and_pads_torch_fasts_input_conv(exporte
     entry = data["runners"]["torch-fast"]
     assert data["pad_channels"] == 8 and entry["verified"] is True
     assert entry["by_batch"]["2"]["execution"].endswith("input channels padded to 8")
-    assert seen == {2, 8}  # unpadded in the torch reference that verify runs, padded in torch-fast
+    assert set(seen) == {2, 8}  # unpadded in the torch reference that verify runs, padded in torch-fast
     assert not (exported / "bench.json").exists()
     bad = CliRunner().invoke(cli, ["bench", str(exported), "--pad-channels", "0"])
     assert bad.exit_code != 0 and "--pad-channels" in bad.output
@@ -250,7 +240,7 @@ def test_bench_profile_writes_where_each_runners_time_goes(exported):
 
 def test_timing_some_runners_again_keeps_the_others_rows_of_the_same_export(exported):
     """A bench of one runner refreshes that runner's rows and keeps the rows the earlier bench timed for the
-    others (same export bytes, T, machine and software); after anything of those changes it starts over."""
+    others (same export bytes, T, platform, GPU and versions); after any of those changes it starts over."""
     first = bench_run(exported, ["torch", "ort-cpu"], (1, 4), warmup=0, iters=2, progress=False, echo=lambda s: None)
     said = []
     second = bench_run(exported, ["ort-cpu"], (2,), warmup=0, iters=2, progress=False, echo=said.append)

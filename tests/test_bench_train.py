@@ -6,6 +6,7 @@ import re
 from click.testing import CliRunner
 
 from conftest import REPO
+from helpers import conv_input_channels
 from snncompile.cli import cli
 
 TINY = ["--set", "model.arch='8C3-AP2-8C3-AP2-16FC-10'", "--T", "3", "--batch", "4", "--steps", "2", "--warmup", "1",
@@ -215,9 +216,7 @@ def test_cuda_variants_add_padded_input_channels_where_they_change_a_conv(monkey
     assert len(bt._variants(cfg, cuda, True, False, False)) == 4
     cfg.model.input_shape = [2, 34, 34]
 
-    seen: list[int] = []
-    real = torch.nn.Conv2d._conv_forward
-    monkeypatch.setattr(torch.nn.Conv2d, "_conv_forward", lambda conv, x, w, b: seen.append(x.shape[1]) or real(conv, x, w, b))
+    seen = conv_input_channels(monkeypatch)
     monkeypatch.setattr(bt, "_variants", lambda *args: [("padded", dict(order="layer", fused=False, pad_channels=8))])
     result = bt.bench_train(cfg, torch.device("cpu"), steps=1, warmup=0, echo=lambda s: None)
     assert isinstance(result["variants"]["padded"], dict) and seen and set(seen) == {8}

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from conftest import MODEL_FILES, REPO, ZOO, zoo_ids
+from helpers import conv_input_channels
 from snncompile.config import load_config
 from snncompile.errors import ConfigError
 from snncompile.models import LIFCell, NeuNormCell, network_from_config, parse_architecture
@@ -116,14 +117,6 @@ def test_layer_major_equals_step_major(path):
     assert any(g.abs().sum() > 0 for g in grads["layer"])
 
 
-def _conv_input_channels(monkeypatch) -> list[int]:
-    """Records the input channel count of every conv call from here on."""
-    seen: list[int] = []
-    real = torch.nn.Conv2d._conv_forward
-    monkeypatch.setattr(torch.nn.Conv2d, "_conv_forward", lambda conv, x, w, b: seen.append(x.shape[1]) or real(conv, x, w, b))
-    return seen
-
-
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
 def test_padded_conv_channels_are_the_same_function(monkeypatch, channels_last):
     """pad_conv_channels = 8 (for cuDNN's tensor-core kernels): bench-nmnist's 2-channel input conv runs on
@@ -134,7 +127,7 @@ def test_padded_conv_channels_are_the_same_function(monkeypatch, channels_last):
         net.to(memory_format=torch.channels_last)
     x = tiny_input(cfg)
     y = torch.randint(0, cfg.model.classes, (x.shape[1],))
-    seen = _conv_input_channels(monkeypatch)
+    seen = conv_input_channels(monkeypatch)
     results = {}
     for pad in (1, 8):
         net.pad_conv_channels = pad

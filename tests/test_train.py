@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 
+from helpers import conv_input_channels
 from snncompile.artifacts import read_manifest
 from snncompile.config import apply_overrides
 from snncompile.errors import ArtifactError, ConfigError
@@ -145,9 +146,7 @@ def test_channels_last_training_learns_the_same_network(tmp_path, digits_cfg):
 def test_padded_conv_channels_train_the_same_network_with_unpadded_weights(tmp_path, digits_cfg, monkeypatch):
     """train.pad_conv_channels = 8: the digits' 1-channel input conv runs on 8 channels during training,
     and the run trains to the same weights (to summation order), stored at their real shapes."""
-    seen: list[int] = []
-    real = torch.nn.Conv2d._conv_forward
-    monkeypatch.setattr(torch.nn.Conv2d, "_conv_forward", lambda conv, x, w, b: seen.append(x.shape[1]) or real(conv, x, w, b))
+    seen = conv_input_channels(monkeypatch)
     digits_cfg.train.epochs = 1
     plain = train(digits_cfg, tmp_path / "a", progress=False, echo=lambda s: None)
     assert seen and set(seen) == {1}
