@@ -313,9 +313,9 @@ headline)
     # shows whether the bias add_ (15 % of the nmnist step) is gone, and now the channels_last steps too
     # (whether cuDNN's NCHW<->NHWC transposes, a fifth of the NCHW step, are gone there)
     stage "bench train bench-nmnist bf16" 25 snncompile bench train models/bench-nmnist.toml "${tiny_nmnist[@]}" \
-        --precision bf16 --profile "${steps[@]}"
+        --precision bf16 --profile --plot "$OUT/train-bench-nmnist-bf16.png" "${steps[@]}"
     stage "bench train bench-cifar bf16" 35 snncompile bench train models/bench-cifar.toml "${tiny_cifar[@]}" \
-        --precision bf16 --profile "${steps[@]}"
+        --precision bf16 --profile --plot "$OUT/train-bench-cifar-bf16.png" "${steps[@]}"
     # issue 7: bench-cifar inference at the target batch (bench-nmnist's ran in the second session)
     stage "bench bench-cifar" 90 bash -c 'infer_targets bench-cifar "$@"' _ "$cifar_targets" "${tiny_cifar[@]}"
     # issue 7's missed target (bench-nmnist b128: 1.7 ms at best, target 1.0): which kernels the time is in,

@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import statistics
 import time
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -40,7 +41,7 @@ from .models import LayerSpec, network_from_config, parse_architecture
 from .profiling import profile_calls
 from .train import loss_fn
 
-__all__ = ["bench_train", "format_train_table"]
+__all__ = ["bench_train", "format_train_table", "plot_train_bench"]
 
 PAD_CHANNELS = 8  # cuDNN's bf16/fp16 tensor-core convolutions want input channels in multiples of 8
 
@@ -373,3 +374,39 @@ def format_train_table(r: dict) -> str:
         lines.append(f"| {name} | {v['median_ms']:.1f} | {r['batch'] / (v['median_ms'] / 1e3):,.0f} | {peak} | {saved} | "
                      f"{v['median_ms'] / base:.2f}x |")
     return "\n".join(lines)
+
+
+def plot_train_bench(r: dict, path: Path) -> Path:
+    """:func:`bench_train`'s result as a PNG: ms per step and peak GPU memory per variant, as bars (the
+    variants that were not timed are named below the chart). Needs matplotlib (the ``plot`` extra)."""
+    from .artifacts import atomic_save
+    from .plots import pyplot
+
+    plt = pyplot()
+    timed = {name: v for name, v in r["variants"].items() if isinstance(v, dict)}
+    untimed = [f"{name}: {v}" for name, v in r["variants"].items() if not isinstance(v, dict)]
+    names = list(timed)[::-1]  # barh draws bottom-up: the table's first row on top
+    fig, (ax_ms, ax_mem) = plt.subplots(1, 2, figsize=(12, 1.2 + 0.45 * max(len(names), 1)), sharey=True)
+    ms = [timed[n]["median_ms"] for n in names]
+    ax_ms.barh(names, ms, color="tab:blue")
+    ax_ms.set_xlabel("ms per training step (median)")
+    peaks = [timed[n]["peak_mib"] for n in names]
+    ax_mem.barh(names, [0 if p is None else p for p in peaks], color="tab:orange")
+    ax_mem.set_xlabel("peak GPU memory, MiB")
+    for ax, values, fmt in ((ax_ms, ms, "{:.1f}"), (ax_mem, peaks, "{:.0f}")):
+        for y, value in enumerate(values):
+            if value is not None:
+                ax.text(0, y, " " + fmt.format(value), va="center", ha="left", fontsize=8, color="white")
+        ax.grid(True, axis="x", alpha=0.3)
+    if not names:
+        ax_ms.text(0.5, 0.5, "no variant timed", transform=ax_ms.transAxes, ha="center", va="center")
+    if all(p is None for p in peaks):  # a CPU run: no peak GPU memory to draw
+        ax_mem.set_xticks([])
+        ax_mem.text(0.5, 0.5, "measured on CUDA only", transform=ax_mem.transAxes, ha="center", va="center")
+    fig.suptitle(f"{r['model']}: T = {r['T']}, batch {r['batch']}, {r['precision']}, {r['device']}")
+    if untimed:
+        fig.text(0.01, 0.01, "not timed: " + "; ".join(untimed)[:200], fontsize=7, va="bottom")
+    fig.tight_layout(rect=(0, 0.04 if untimed else 0, 1, 1))
+    atomic_save(path, lambda f: fig.savefig(f, format="png", dpi=120))
+    plt.close(fig)
+    return path

@@ -195,12 +195,18 @@ def bench() -> None:
 @click.option("--profile", is_flag=True,
               help="Also print where our layer-major step's time goes (eager; on CUDA also the channels_last "
                    "variants'): torch.profiler's top 20 GPU kernels (CPU operators on a CPU) by self time over 3 steps.")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Also write the table as a PNG bar chart (ms per step and peak memory per variant; needs matplotlib).")
 def bench_train_cmd(model_toml, overrides, steps_t, batch, precision, steps, warmup, peers, device, compiled,
-                    profile) -> None:
+                    profile, plot_path) -> None:
     """Median ms per training step (forward + backward + optimizer) of MODEL_TOML's network."""
-    from .bench_train import bench_train, format_train_table
+    from .bench_train import bench_train, format_train_table, plot_train_bench
     from .config import load_config
+    from .plots import pyplot
     from .train import resolve_device
+
+    if plot_path is not None:
+        pyplot()  # matplotlib missing: the one-line error now, not after minutes of timing
 
     extra = [f"model.T={steps_t}"] if steps_t else []
     extra += [f"data.batch_size={batch}"] if batch else []
@@ -210,6 +216,8 @@ def bench_train_cmd(model_toml, overrides, steps_t, batch, precision, steps, war
     click.echo(format_train_table(result))
     for variant, table in result.get("profiles", {}).items():
         click.echo(f"\n{variant}, eager: {table}")
+    if plot_path is not None:
+        click.echo(f"wrote {plot_train_bench(result, plot_path)}")
 
 
 @bench.command("run")

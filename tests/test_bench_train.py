@@ -3,11 +3,13 @@
 import importlib.util
 import re
 
+import pytest
 from click.testing import CliRunner
 
 from conftest import REPO
 from helpers import conv_input_channels
 from snncompile.cli import cli
+from snncompile.errors import MissingDependencyError
 
 TINY = ["--set", "model.arch='8C3-AP2-8C3-AP2-16FC-10'", "--T", "3", "--batch", "4", "--steps", "2", "--warmup", "1",
         "--device", "cpu"]
@@ -220,3 +222,33 @@ def test_cuda_variants_add_padded_input_channels_where_they_change_a_conv(monkey
     monkeypatch.setattr(bt, "_variants", lambda *args: [("padded", dict(order="layer", fused=False, pad_channels=8))])
     result = bt.bench_train(cfg, torch.device("cpu"), steps=1, warmup=0, echo=lambda s: None)
     assert isinstance(result["variants"]["padded"], dict) and seen and set(seen) == {8}
+
+
+def test_bench_train_plot_draws_every_timed_variant_and_names_the_others(tmp_path, monkeypatch):
+    """--plot: ms per step and peak memory per variant as bars in a PNG; a variant that failed is named
+    under the chart, not drawn; without matplotlib it is the one-line error before any timing."""
+    pytest.importorskip("matplotlib")
+    import snncompile.bench_train as bt
+
+    out = tmp_path / "plots" / "train.png"
+    result = CliRunner().invoke(cli, ["bench", "train", str(REPO / "models" / "bench-nmnist.toml"), *TINY,
+                                      "--plot", str(out)])
+    assert result.exit_code == 0, result.output
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"wrote {out}" in result.output
+    drawn = {}
+    real = bt.plot_train_bench
+
+    def spy(r, path):
+        drawn.update(r["variants"])
+        return real(r, path)
+
+    monkeypatch.setattr(bt, "plot_train_bench", spy)
+    monkeypatch.setattr(bt, "_attempt", lambda measure: "failed: RuntimeError: out of memory")
+    result = CliRunner().invoke(cli, ["bench", "train", str(REPO / "models" / "bench-nmnist.toml"), *TINY,
+                                      "--plot", str(out)])
+    assert result.exit_code == 0 and set(drawn.values()) == {"failed: RuntimeError: out of memory"}, result.output
+    monkeypatch.setattr("snncompile.plots.pyplot", lambda: (_ for _ in ()).throw(MissingDependencyError("matplotlib", "plot")))
+    monkeypatch.setattr(bt, "_bench_train", lambda *a: pytest.fail("timed before the missing matplotlib was reported"))
+    result = CliRunner().invoke(cli, ["bench", "train", str(REPO / "models" / "bench-nmnist.toml"), *TINY,
+                                      "--plot", str(out)])
+    assert result.exit_code != 0 and "pip install 'snncompile[plot]'" in result.output
