@@ -231,6 +231,14 @@ infer_profile() {  # MODEL BATCH TINY...: where torch-fast's (tf32x2, bf16) and 
                 $iters_s | sed -n '/^model /,/^wrote/p'
         done
     done
+    # issue 7's layout criterion on this network too (ONNX Runtime CUDA never ran bench-nmnist): our
+    # layer-major export against the per-timestep one, graphed, when onnxruntime-gpu is there
+    python3 -c "import onnxruntime as o, sys; sys.exit('CUDAExecutionProvider' not in o.get_available_providers())" \
+        || { echo "ort-cuda: no onnxruntime-gpu, layout comparison skipped"; return 0; }
+    snncompile export "$run" --order step --samples 64 >&2 || return 1
+    for model in model.onnx model_per_step.onnx; do
+        snncompile bench "$run" --model $model --runners ort-cuda --batch "1,$batch" $iters_s | sed -n '/^model /,/^wrote/p'
+    done
 }
 
 infer_compiled() {  # MODEL BATCHES: the torch.compile reference beside torch-fast, on infer_targets' run
