@@ -258,9 +258,10 @@ class SpikingNetwork(nn.Module):
         # where the kernel also writes the membranes a layer-recording run asks for.
         self.fused_lif = False
         # Layer-major convs whose input channels are not a multiple of this run on zero-padded copies of
-        # their input and weight (1: never). cuDNN's bf16/fp16 tensor-core kernels want a multiple of 8;
-        # bench-nmnist's 2-channel input conv otherwise runs a legacy kernel (implicit_convolve_sgemm, 12 %
-        # of its bf16 step on the H200). Set by the trainer (train.pad_conv_channels) and bench train.
+        # their input and weight (1: never). cuDNN's bf16/fp16 tensor-core kernels want a multiple of 8; in
+        # the H200 profile of a bench-nmnist bf16 step one conv, most likely the 2-channel input conv, ran a
+        # legacy kernel (implicit_convolve_sgemm, 12 % of the step). Set by the trainer
+        # (train.pad_conv_channels), bench train and torch-fast (bench --pad-channels).
         self.pad_conv_channels = 1
         specs = parse_architecture(arch, width_divisor)
 
