@@ -155,7 +155,7 @@ def bench_run(run_dir: str | Path, runners: list[str] | None = None, batches: tu
     kept = _keep_earlier_runners(run_dir / f"{stem}.json", results)
     if kept:
         echo(f"kept from the earlier bench of this export: {', '.join(kept)} (time them again with --runners)")
-    if profile:
+    if profiles:  # none when every runner was skipped
         atomic_write_text(run_dir / f"{stem}_profile.txt", "\n\n".join(profiles) + "\n")
         record_artifact(run_dir, f"{stem}_profile.txt")
         results["profile_file"] = f"{stem}_profile.txt"

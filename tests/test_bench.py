@@ -222,7 +222,7 @@ def test_a_bench_where_every_runner_was_skipped_still_plots_without_warnings(tmp
     assert (tmp_path / "bench.png").stat().st_size > 0
 
 
-def test_bench_profile_writes_where_each_runners_time_goes(exported):
+def test_bench_profile_writes_where_each_runners_time_goes(exported, monkeypatch):
     """--profile: torch.profiler's table per runner at the last batch size, printed and kept beside the
     bench (torch's operators here on the CPU; on CUDA every kernel, ONNX Runtime's included)."""
     result = CliRunner().invoke(cli, ["bench", str(exported), "--runners", "torch", "--batch", "1,4", "--iters", "2",
@@ -236,6 +236,10 @@ def test_bench_profile_writes_where_each_runners_time_goes(exported):
     plain = CliRunner().invoke(cli, ["bench", str(exported), "--runners", "torch", "--batch", "1", "--iters", "1"])
     assert plain.exit_code == 0 and "by self time" not in plain.output
     assert "_profile.txt" not in plain.output.splitlines()[-1]
+    (exported / "bench_profile.txt").unlink()
+    monkeypatch.setattr("snncompile.bench.available_runners", lambda: {"torch": "not here (test)"})
+    skipped = bench_run(exported, ["torch"], (1,), iters=1, progress=False, echo=lambda s: None, profile=True)
+    assert "profile_file" not in skipped and not (exported / "bench_profile.txt").exists()  # nothing timed
 
 
 def test_timing_some_runners_again_keeps_the_others_rows_of_the_same_export(exported):
