@@ -308,7 +308,8 @@ headline)
     stage "GPU tests" 60 timeout 150 python3 -m pytest -q -p no:cacheprovider "${xdist[@]}" tests/test_kernels.py \
         tests/test_bench_train.py tests/test_backends.py tests/test_exact.py -k "not trt and (cuda or gpu or \
         compact_spikes or exact_on_cpu or bf16_flips or opt_in or replays or autotuning or half_precision or \
-        pooled_spikes or lif_pool or pool_fused or zoo_networks_fused or contraction or bit_for_bit)"
+        pooled_spikes or lif_pool or pool_fused or zoo_networks_fused or contraction or bit_for_bit or moves_each \
+        or hand_their_bias)"
     # issue 8's last criterion: MNIST >= 99.5 % and zero flips on ONNX Runtime CPU on all 10,000 test images,
     # which exact arithmetic gives by construction (15 epochs of it reached 99.47 % on the H200, hence 30);
     # torch-fast's membrane column says whether its cuDNN-free convolutions are exact on this GPU too
