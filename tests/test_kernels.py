@@ -360,13 +360,11 @@ def test_every_kernel_variant_compiles_for_an_h100_without_one():
     assert result.stdout.split() == ["compiled", "57"]
 
 
-def test_every_kernel_launch_compiles_without_fma_contraction(monkeypatch):
-    """Each launch in lif.py passes ``enable_fp_fusion=False`` (the compile test above shows what that
-    option does to the code): with contraction the compiler fused the LIF + 4x4 pool backward's products
-    otherwise than the LIF backward's, and on an H200 the two gradients differed in their last bits."""
-    from snncompile.kernels import fused_lif_pool, lif
+def record_launches(monkeypatch) -> list[tuple[str, dict]]:
+    """(kernel name, keyword arguments) of every kernel launch lif.py makes from now on in this test."""
+    from snncompile.kernels import lif
 
-    options = []
+    launches = []
 
     class Recorder:
         def __init__(self, kernel):
@@ -374,17 +372,47 @@ def test_every_kernel_launch_compiles_without_fma_contraction(monkeypatch):
 
         def __getitem__(self, grid):
             def launch(*args, **kwargs):
-                options.append(kwargs.get("enable_fp_fusion"))
+                launches.append((self.kernel.fn.__name__, kwargs))
                 return self.kernel[grid](*args, **kwargs)
 
             return launch
 
     monkeypatch.setattr(lif, "_KERNELS", tuple(Recorder(k) for k in lif._kernels()))
+    return launches
+
+
+def test_every_kernel_launch_compiles_without_fma_contraction(monkeypatch):
+    """Each launch in lif.py passes ``enable_fp_fusion=False`` (the compile test above shows what that
+    option does to the code): with contraction the compiler fused the LIF + 4x4 pool backward's products
+    otherwise than the LIF backward's, and on an H200 the two gradients differed in their last bits."""
+    from snncompile.kernels import fused_lif_pool
+
+    launches = record_launches(monkeypatch)
     for dtype in (torch.float32, torch.bfloat16):
         currents = (torch.randn(3, 2, 2, 4, 4, device=DEVICE) + 0.3).to(dtype).requires_grad_(True)
         fused_lif(currents, P.k_tau1, P.v_th, P.a, dtype).sum().backward()
         fused_lif_pool(currents, P.k_tau1, P.v_th, P.a, 2, dtype).float().sum().backward()
+    options = [kwargs.get("enable_fp_fusion") for _, kwargs in launches]
     assert len(options) >= 8 and set(options) == {False}, options
+
+
+@pytest.mark.parametrize("no_autograd", [torch.no_grad, torch.inference_mode])
+def test_inference_with_a_bias_parameter_keeps_no_membrane(monkeypatch, no_autograd):
+    """Outside autograd the forward kernels write spikes only, even with the bias a Parameter (which
+    requires grad) handed to them: the fp32 membrane, a full-size write, is for backward."""
+    from snncompile.kernels import fused_lif_pool
+
+    launches = record_launches(monkeypatch)
+    currents = torch.randn(3, 2, 4, 4, 4, device=DEVICE) + 0.3
+    bias = torch.nn.Parameter(torch.randn(4, device=DEVICE))
+    with no_autograd():
+        fused_lif(currents, P.k_tau1, P.v_th, P.a, bias=bias)
+        fused_lif_pool(currents, P.k_tau1, P.v_th, P.a, 2, bias=bias)
+    assert [(name, kwargs["SAVE_U"]) for name, kwargs in launches] == [("lif_forward", False),
+                                                                       ("lif_pool_forward", False)]
+    launches.clear()
+    fused_lif(currents, P.k_tau1, P.v_th, P.a, bias=bias)  # with autograd: kept for the bias's gradient
+    assert [kwargs["SAVE_U"] for _, kwargs in launches] == [True]
 
 
 def test_kernel_entry_points_refuse_tensors_past_32_bit_indexing(monkeypatch):

@@ -184,7 +184,17 @@ def fused_lif(currents: Tensor, k_tau1: float, v_th: float, a: float, out_dtype:
     fp32 as the kernel reads the currents, sparing the full-size read and write of a separate bias add;
     its gradient is the currents' summed over all other dimensions."""
     _check_bias(bias, currents)
+    currents, bias = _outside_autograd(currents, bias)
     return _FusedLIF.apply(currents, bias, float(k_tau1), float(v_th), float(a), out_dtype)
+
+
+def _outside_autograd(currents: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    """Under ``no_grad``/``inference_mode``, the inputs detached. A bias Parameter still requires grad
+    there, and ``Function.apply`` sets ``needs_input_grad`` from that alone (forward cannot ask: grad mode
+    is always off inside it): inference would write a full-size fp32 membrane no backward ever reads."""
+    if torch.is_grad_enabled():
+        return currents, bias
+    return currents.detach(), None if bias is None else bias.detach()
 
 
 def _pool_geometry(cur: Tensor, pool: int):
@@ -263,6 +273,7 @@ def fused_lif_pool(currents: Tensor, k_tau1: float, v_th: float, a: float, pool:
     if pool < 1 or pool & (pool - 1):
         raise ValueError(f"fused LIF + pool needs a power-of-two window, got {pool}")
     _check_bias(bias, currents)
+    currents, bias = _outside_autograd(currents, bias)
     return _FusedLIFPool.apply(currents, bias, float(k_tau1), float(v_th), float(a), int(pool), out_dtype)
 
 
