@@ -396,6 +396,21 @@ def test_every_kernel_launch_compiles_without_fma_contraction(monkeypatch):
     assert len(options) >= 8 and set(options) == {False}, options
 
 
+@pytest.mark.parametrize("pool", [None, 2])
+def test_a_nan_gradient_stays_nan_in_bf16(pool):
+    """The kernels' bf16 gradient store rounds fp32 bits by integer arithmetic: a NaN must come out NaN,
+    as from torch's cast, also NVIDIA's canonical 0x7FFFFFFF, whose rounding would carry into the sign
+    bit and give -0.0 (a NaN loss silently zeroed for every layer below)."""
+    from snncompile.kernels import fused_lif_pool
+
+    nan = torch.tensor([0x7FFFFFFF], dtype=torch.int32).view(torch.float32).to(DEVICE)
+    currents = torch.full((2, 1, 1, 2, 2), 0.3, device=DEVICE).to(torch.bfloat16).requires_grad_(True)
+    spikes = (fused_lif(currents, P.k_tau1, P.v_th, P.a, torch.float32) if pool is None
+              else fused_lif_pool(currents, P.k_tau1, P.v_th, P.a, pool, torch.float32))
+    spikes.backward(nan.expand_as(spikes).contiguous())
+    assert currents.grad.isnan().all(), currents.grad.flatten().tolist()
+
+
 @pytest.mark.parametrize("no_autograd", [torch.no_grad, torch.inference_mode])
 def test_inference_with_a_bias_parameter_keeps_no_membrane(monkeypatch, no_autograd):
     """Outside autograd the forward kernels write spikes only, even with the bias a Parameter (which

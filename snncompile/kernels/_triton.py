@@ -31,10 +31,12 @@ def lif_forward(i_ptr, o_ptr, u_ptr, b_ptr, n, chan_div, channels, k_tau1, v_th,
 def store_gradient(ptrs, g, mask, GRAD_BF16: tl.constexpr):
     """Store the fp32 gradient ``g``; with GRAD_BF16 into a bf16 buffer (passed as int16): the top half of
     the fp32 bits rounded to nearest even by integer arithmetic, which is what torch's cast does (a bf16
-    store's own rounding is the backend's: Triton's interpreter truncates)."""
+    store's own rounding is the backend's: Triton's interpreter truncates). A NaN becomes bf16's quiet NaN,
+    as in torch's cast: rounding its bits would carry a NaN such as 0x7FFFFFFF (NVIDIA's canonical one)
+    into the sign bit, a zero gradient."""
     if GRAD_BF16:
         bits = g.to(tl.uint32, bitcast=True)
-        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+        bits = tl.where(g != g, 0x7FC0, (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16)
         tl.store(ptrs, bits.to(tl.uint16).to(tl.int16, bitcast=True), mask=mask)
     else:
         tl.store(ptrs, g, mask=mask)
