@@ -411,6 +411,21 @@ def test_a_nan_gradient_stays_nan_in_bf16(pool):
     assert currents.grad.isnan().all(), currents.grad.flatten().tolist()
 
 
+def test_a_pool_window_past_32x32_fuses_too():
+    """A 64x64 window is more than the 1024 neurons a program of the pooled kernels takes: one output
+    per program then (the block once came out 0: a ZeroDivisionError at launch)."""
+    from snncompile.kernels import fused_lif_pool
+
+    currents = (torch.randn(2, 1, 2, 64, 64, device=DEVICE) + 0.4).requires_grad_(True)
+    reference = currents.detach().clone().requires_grad_(True)
+    pooled = fused_lif_pool(currents, P.k_tau1, P.v_th, P.a, 64)
+    expected = torch.nn.functional.avg_pool2d(lif_scan(reference, P).flatten(0, 1), 64).unflatten(0, (2, 1))
+    assert torch.equal(pooled, expected)
+    pooled.sum().backward()
+    expected.sum().backward()
+    torch.testing.assert_close(currents.grad, reference.grad, rtol=1e-6, atol=1e-9)
+
+
 @pytest.mark.parametrize("no_autograd", [torch.no_grad, torch.inference_mode])
 def test_inference_with_a_bias_parameter_keeps_no_membrane(monkeypatch, no_autograd):
     """Outside autograd the forward kernels write spikes only, even with the bias a Parameter (which

@@ -280,8 +280,9 @@ def fused_lif_pool(currents: Tensor, k_tau1: float, v_th: float, a: float, pool:
 def pool_block(pool: int) -> int:
     """Pooled outputs per program of the fused LIF + pool kernels: 1024 neurons (their windows) whatever
     the pool, which holds registers per thread at ptxas's count for 2x2 (56-80 on sm_90, no spills); a
-    fixed 256 outputs gave 4x4 pools 208-221, a quarter of the resident warps."""
-    return 1024 // (pool * pool)
+    fixed 256 outputs gave 4x4 pools 208-221, a quarter of the resident warps. At least one: a window
+    past 32x32 is a program's alone."""
+    return max(1, 1024 // (pool * pool))
 
 
 def _is_channels_last(x: Tensor) -> bool:
