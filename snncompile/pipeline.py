@@ -48,20 +48,22 @@ def _stage_hash(*parts: str) -> str:
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
 
 
-def _done(run: Path, stage: str, inputs: str, output: Path | None = None) -> bool:
-    """Whether ``stage`` finished for exactly these inputs and, if it has an ``output`` file, that file is still
-    the one it wrote (another command, e.g. a manual ``snncompile bench``, may have replaced it since)."""
-    if output is not None and not output.is_file():
+def _done(run: Path, stage: str, inputs: str, *outputs: Path) -> bool:
+    """Whether ``stage`` finished for exactly these inputs and its ``outputs`` files are all still the ones it
+    wrote (another command, e.g. a manual ``snncompile bench`` or ``export --T 2``, may have replaced or
+    deleted one since)."""
+    if not all(path.is_file() for path in outputs):
         return False
-    return read_manifest(run).get("pipeline", {}).get(stage) == _record(inputs, output)
+    return read_manifest(run).get("pipeline", {}).get(stage) == _record(inputs, outputs)
 
 
-def _mark(run: Path, stage: str, inputs: str, output: Path | None = None) -> None:
-    update_manifest(run, pipeline={stage: _record(inputs, output)})
+def _mark(run: Path, stage: str, inputs: str, *outputs: Path) -> None:
+    update_manifest(run, pipeline={stage: _record(inputs, outputs)})
 
 
-def _record(inputs: str, output: Path | None) -> str:
-    return inputs if output is None else f"{inputs}:{sha256_file(output)[:16]}"
+def _record(inputs: str, outputs: tuple[Path, ...]) -> str:
+    """The stage's input hash, then a hash of each output file in order (one output: ``inputs:hash``)."""
+    return ":".join([inputs, *(sha256_file(path)[:16] for path in outputs)])
 
 
 def _plot_training(run: Path) -> None:
@@ -99,7 +101,7 @@ def run_pipeline(cfg: Config, out_root: Path, batches: tuple[int, ...] = (1, 32)
     from .backends import available_runners, default_runners
     from .bench import batch_sizes, bench_run
     from .compare import read_reports, report_key, verify_runs
-    from .export_onnx import export_run
+    from .export_onnx import export_run, reference_files
     from .train import train
 
     batches = batch_sizes(batches)  # a bad list fails now, not after training, export and verify
@@ -117,12 +119,15 @@ def run_pipeline(cfg: Config, out_root: Path, batches: tuple[int, ...] = (1, 32)
     _plot_training(run)
 
     export_inputs = _stage_hash("export", sha256_file(run / "checkpoint.pt"), "plain+layers")
-    if _done(run, "export", export_inputs) and (run / "model.onnx").is_file() and (run / "model_layers.onnx").is_file():
+    # Every file verify and bench read: e.g. `snncompile export RUN --T 2` rewrites model.onnx, and a deleted
+    # reference file would only fail in verify; either way the export is redone.
+    exported = [run / "model.onnx", run / "model_layers.onnx", *(run / f for f in reference_files(cfg.model.T, cfg.model.T))]
+    if _done(run, "export", export_inputs, *exported):
         summary["stages"]["export"] = "up to date"
     else:
         export_run(run)
         export_run(run, layers=True)
-        _mark(run, "export", export_inputs)
+        _mark(run, "export", export_inputs, *exported)
         summary["stages"]["export"] = "done"
 
     onnx_hash = sha256_file(run / "model.onnx") + sha256_file(run / "model_layers.onnx")

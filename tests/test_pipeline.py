@@ -95,3 +95,24 @@ def test_runs_started_in_one_second_are_ordered_by_their_counter():
     names = ["20261126-133019-9", "20261126-133020", "20261126-133019", "20261126-133019-10"]
     newest_first = sorted(names, key=lambda n: _creation_order(Path(n)), reverse=True)
     assert newest_first == ["20261126-133020", "20261126-133019-10", "20261126-133019-9", "20261126-133019"]
+
+
+def test_pipeline_redoes_an_export_another_command_replaced_or_deleted(tmp_path):
+    # `snncompile export RUN --T 2` rewrites model.onnx: the pipeline exports again instead of benching the T=2
+    # model; a deleted reference file is exported again instead of failing verify
+    runner = CliRunner()
+    digits = str(REPO / "models" / "digits.toml")
+    fast = [*ARGS[:-3], "--set", "train.epochs=1", "--batch", "1", "--no-progress"]
+    first = runner.invoke(cli, ["pipeline", digits, "--out", str(tmp_path), *fast])
+    assert first.exit_code == 0, first.output
+    (run,) = (tmp_path / "digits").iterdir()
+    manual = runner.invoke(cli, ["export", str(run), "--T", "2"])
+    assert manual.exit_code == 0, manual.output
+    again = runner.invoke(cli, ["pipeline", digits, "--out", str(tmp_path), *fast])
+    assert again.exit_code == 0, again.output
+    assert "  export  done" in again.output and "T = 3" in again.output
+    assert json.loads((run / "manifest.json").read_text())["exports"]["model.onnx"]["T"] == 3
+    (run / "reference_outputs.npz").unlink()
+    last = runner.invoke(cli, ["pipeline", digits, "--out", str(tmp_path), *fast])
+    assert last.exit_code == 0, last.output
+    assert "  export  done" in last.output and (run / "reference_outputs.npz").is_file()
