@@ -261,3 +261,55 @@ def test_timing_some_runners_again_keeps_the_others_rows_of_the_same_export(expo
     (exported / "bench.json").write_text("{not json")  # unreadable: replaced, as before
     fourth = bench_run(exported, ["torch"], (1,), warmup=0, iters=2, progress=False, echo=lambda s: None)
     assert list(fourth["runners"]) == ["torch"] and json.loads((exported / "bench.json").read_text()) == fourth
+
+
+def _retrain(run, scale: float = 1.5) -> None:
+    """Stand-in for resumed training: the run's checkpoint gets other weights (every parameter scaled)."""
+    import torch
+
+    from snncompile.runs import load_checkpoint
+
+    state = load_checkpoint(run / "checkpoint.pt")
+    state["model"] = {k: v * scale if v.is_floating_point() else v for k, v in state["model"].items()}
+    torch.save(state, run / "checkpoint.pt")
+
+
+def test_gate_exports_the_layers_twin_again_when_it_is_not_the_timed_files(exported):
+    """A model_layers.onnx of older weights (export --layers, more training, export) or of another T (export
+    --T 2 beside it) is not the timed file's twin: the gate exports it again rather than failing a correct
+    runner on the old graph's real spike mismatches, or checking the T=4 graph for a T=2 file."""
+    export_run(exported, layers=True, n_random=32, n_real=0)
+    _retrain(exported)
+    export_run(exported, layers=False, n_random=32, n_real=0)
+    data = bench_run(exported, ["ort-cpu"], (2,), warmup=0, iters=2, echo=lambda s: None)
+    assert data["runners"]["ort-cpu"]["verified"] is True, data["runners"]["ort-cpu"].get("skipped")
+    export_run(exported, steps=2, layers=False, n_random=32, n_real=0)
+    data = bench_run(exported, ["ort-cpu"], (2,), warmup=0, iters=2, echo=lambda s: None)
+    assert data["T"] == 2 and data["runners"]["ort-cpu"]["verified"] is True, data["runners"]["ort-cpu"].get("skipped")
+    manifest = json.loads((exported / "manifest.json").read_text())
+    assert manifest["exports"]["model_layers.onnx"]["T"] == 2  # the layer check ran on the T=2 graph
+    assert json.loads((exported / "verify.json").read_text())["ort-cpu"]["inputs"] == {"random": 32}
+
+
+def test_gate_fails_a_timed_file_whose_own_verify_failed(exported):
+    """The timed file must pass its own verify: scores off by 5.0 (every prediction unchanged) fail the gate,
+    and so does a file that is not the one its export recorded."""
+    from snncompile.artifacts import sha256_file, update_manifest
+
+    export_run(exported, layers=True, n_random=32, n_real=0)
+    path = exported / "model.onnx"
+    model = onnx.load(str(path))
+    out = model.graph.output[0].name
+    for node in model.graph.node:  # scores + 5: the same top-1 everywhere
+        node.output[:] = [f"{out}_raw" if o == out else o for o in node.output]
+    model.graph.initializer.append(numpy_helper.from_array(np.array(5.0, np.float32), "five"))
+    model.graph.node.append(onnx.helper.make_node("Add", [f"{out}_raw", "five"], [out]))
+    onnx.save(model, str(path))
+    data = bench_run(exported, ["ort-cpu"], (2,), warmup=0, iters=2, echo=lambda s: None)
+    skipped = data["runners"]["ort-cpu"]["skipped"]
+    assert "model.onnx differs from the file its export recorded" in skipped and "by_batch" not in data["runners"]["ort-cpu"]
+    update_manifest(exported, exports={"model.onnx": {**json.loads((exported / "manifest.json").read_text())["exports"]
+                                                      ["model.onnx"], "sha256": sha256_file(path)}})
+    data = bench_run(exported, ["ort-cpu"], (2,), warmup=0, iters=2, echo=lambda s: None)
+    skipped = data["runners"]["ort-cpu"]["skipped"]
+    assert skipped.startswith("verify failed: model.onnx: scores differ by 5 >") and "sha256" not in skipped
