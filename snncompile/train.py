@@ -23,7 +23,8 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DistributedSampler
 
 from . import __version__
-from .artifacts import atomic_save, atomic_write_text, environment, new_run_dir, read_manifest, record_artifact, update_manifest
+from .artifacts import (atomic_save, atomic_write_text, environment, new_run_dir, read_manifest, record_artifact, sha256_file,
+                        update_manifest)
 from .backends.pt import cudnn_autotuning
 from .config import Config, dumps_toml
 from .data import Split, batches, load_dataset, to_time_major
@@ -228,8 +229,7 @@ def _train(cfg: Config, device: torch.device, ctx: DistContext, out_root, resume
     last_epoch = cfg.train.epochs if stop_after is None else min(stop_after, cfg.train.epochs)
     test_loss, test_acc = float("nan"), float("nan")
     if first_epoch > last_epoch and main:  # resuming a run that already has its epochs: report it
-        done = read_manifest(run_dir).get("training", {})
-        test_loss, test_acc = done.get("test_loss", test_loss), done.get("test_acc", test_acc)
+        test_loss, test_acc = _summarise_finished(run_dir, cfg, first_epoch - 1)
         say(f"{run_dir} already has {first_epoch - 1} of {cfg.train.epochs} epochs: nothing to train")
     epoch = first_epoch - 1
     for epoch in range(first_epoch, last_epoch + 1):
@@ -288,24 +288,49 @@ def _train(cfg: Config, device: torch.device, ctx: DistContext, out_root, resume
             # the other order lost the row of an epoch whose checkpoint was saved (a gap in the curves).
             _append_metrics(run_dir / METRICS, row)
             _save_checkpoint(run_dir, net, opt, sched, epoch, cfg)
+            # The summary follows every checkpoint, not the session's end: a run killed now still reports
+            # this epoch's accuracy, and its manifest hashes the metrics it has.
+            _record_training(run_dir, epoch, cfg, test_acc, test_loss, device=str(device),
+                             last_session_seconds=round(time.perf_counter() - start, 2))
+            if cfg.model.exact:
+                update_manifest(run_dir, exact={"input_bits": cfg.model.exact_bits, "layers": exact_layers})
         say(
             f"epoch {epoch:3d}/{cfg.train.epochs}  loss {row['train_loss']:.4f}  train acc {100 * row['train_acc']:.2f} %  "
             f"test acc {100 * test_acc:.2f} %  {row['samples_per_s']:.0f} samples/s"
         )
     elapsed = time.perf_counter() - start
-    if main and epoch >= first_epoch:
-        update_manifest(
-            run_dir,
-            training={"epochs_done": epoch, "epochs": cfg.train.epochs, "test_acc": test_acc, "test_loss": test_loss,
-                      "device": str(device), "last_session_seconds": round(elapsed, 2)},
-        )
-        if cfg.model.exact:
-            update_manifest(run_dir, exact={"input_bits": cfg.model.exact_bits, "layers": exact_layers})
-            bits = [b for layer in exact_layers for b in layer["weight_bits"]]
-            say(f"exact arithmetic: weights on grids of 2^-{min(bits)} to 2^-{max(bits)}, largest change "
-                f"{max(layer['max_rel_change'] for layer in exact_layers):.1e} of a layer's largest weight")
-        record_artifact(run_dir, METRICS)
+    if main and epoch >= first_epoch and cfg.model.exact:
+        bits = [b for layer in exact_layers for b in layer["weight_bits"]]
+        say(f"exact arithmetic: weights on grids of 2^-{min(bits)} to 2^-{max(bits)}, largest change "
+            f"{max(layer['max_rel_change'] for layer in exact_layers):.1e} of a layer's largest weight")
     return TrainResult(run_dir, epoch, test_acc, test_loss, elapsed)
+
+
+def _record_training(run_dir: Path, epoch: int, cfg: Config, test_acc: float, test_loss: float, **extra) -> None:
+    """The manifest's ``training`` summary as of the checkpoint of ``epoch``, and the hash of metrics.jsonl."""
+    update_manifest(run_dir, training={"epochs_done": epoch, "epochs": cfg.train.epochs, "test_acc": test_acc,
+                                       "test_loss": test_loss, **extra})
+    record_artifact(run_dir, METRICS)
+
+
+def _summarise_finished(run_dir: Path, cfg: Config, epoch: int) -> tuple[float, float]:
+    """Test loss and accuracy of a run whose checkpoint (of ``epoch``) already has every epoch to train.
+
+    Read from the checkpointed epoch's row of metrics.jsonl, and written into the manifest when its summary
+    is behind: a run killed between its checkpoint and the summary's update reports them all the same.
+    """
+    done = read_manifest(run_dir).get("training", {})
+    test_loss, test_acc = done.get("test_loss", float("nan")), done.get("test_acc", float("nan"))
+    path = run_dir / METRICS
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+    last = next((row for row in reversed(rows) if row.get("epoch") == epoch), None)
+    if last is not None:
+        test_loss, test_acc = last["test_loss"], last["test_acc"]
+        stale = done.get("epochs_done") != epoch or done.get("test_acc") != test_acc or done.get("test_loss") != test_loss
+        recorded = read_manifest(run_dir).get("artifacts", {}).get(METRICS, {}).get("sha256")
+        if stale or recorded != sha256_file(path):
+            _record_training(run_dir, epoch, cfg, test_acc, test_loss)
+    return test_loss, test_acc
 
 
 def _say_clipped_inputs(x: Tensor, limit: float, say: Callable[[str], None]) -> None:

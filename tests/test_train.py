@@ -177,3 +177,31 @@ def test_cudnn_autotuning_follows_the_config_during_training_and_is_restored(mon
         train(digits_cfg, tmp_path, progress=False, echo=lambda s: None)
         assert torch.backends.cudnn.benchmark == before
     assert seen == [True, False]
+
+
+def test_a_run_killed_after_its_last_checkpoint_still_reports_its_accuracy(tmp_path, monkeypatch, digits_cfg):
+    """The manifest's training summary and metrics hash follow every checkpoint; one killed between its last
+    checkpoint and that update is summarised from metrics.jsonl when resumed with nothing left to train."""
+    import snncompile.train as trainer
+    from snncompile.artifacts import sha256_file
+
+    real = trainer._save_checkpoint
+
+    def killed_after_epoch_2(run_dir, net, opt, sched, epoch, cfg):
+        real(run_dir, net, opt, sched, epoch, cfg)
+        if epoch == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(trainer, "_save_checkpoint", killed_after_epoch_2)
+    with pytest.raises(KeyboardInterrupt):
+        train(digits_cfg, tmp_path, progress=False, echo=lambda s: None)
+    monkeypatch.undo()
+    (run,) = (tmp_path / "digits").iterdir()
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert read_manifest(run)["training"]["test_acc"] == rows[0]["test_acc"]  # epoch 1's, written with its checkpoint
+    said = []
+    again = train(resume=run, progress=False, echo=said.append)
+    assert "nothing to train" in said[-1] and again.test_acc == rows[1]["test_acc"]
+    manifest = read_manifest(run)
+    assert manifest["training"]["epochs_done"] == 2 and manifest["training"]["test_acc"] == rows[1]["test_acc"]
+    assert manifest["artifacts"]["metrics.jsonl"]["sha256"] == sha256_file(run / "metrics.jsonl")
