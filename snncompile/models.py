@@ -210,6 +210,14 @@ def _spike_dtype(currents: Tensor, after: list[nn.Module]) -> torch.dtype:
     return dtype if isinstance(consumer, (nn.Conv2d, nn.Linear)) else torch.float32
 
 
+def _spikes_as_consumed(spikes: Tensor, after) -> Tensor:
+    """The pure-torch path's spikes (fp32) in :func:`_spike_dtype`'s dtype, registered for uint8 saving.
+    Under autocast the conv/linear after them would cast them itself, and autograd would save that
+    unregistered 16-bit copy in full; cast here (exact for 0/1), the copy saved is the registered one."""
+    mark_spikes(spikes)
+    return mark_spikes(spikes.to(_spike_dtype(spikes, after)))
+
+
 class SpikingNetwork(nn.Module):
     """A feed-forward SNN over T steps.
 
@@ -377,9 +385,9 @@ class SpikingNetwork(nn.Module):
                     mems.append(mem)
                 h = torch.stack(outs)
                 if isinstance(stage, LIFCell):
-                    mark_spikes(h)
                     if record is not None:
                         record[stage.name] = (h, torch.stack(mems))
+                    h = _spikes_as_consumed(h, stages[i + 1 :])
             elif self.fused_lif and record is None and _bias_moves_into_lif(stage, stages[i + 1 :]):
                 # cuDNN adds a conv's bias in a kernel of its own, a full read and write of the largest
                 # tensor (15 % of a bench-nmnist bf16 step's GPU time on the H200): the LIF kernel reads
@@ -422,15 +430,15 @@ class SpikingNetwork(nn.Module):
         h = x_t
         new_states = []
         cells = iter(states) if states is not None else None
-        for stage in self.stages:
+        for i, stage in enumerate(self.stages):
             if getattr(stage, "is_cell", False):
                 state = next(cells) if cells is not None else None
                 state, h, mem = stage.step(state, h)
                 new_states.append(state)
                 if isinstance(stage, LIFCell):
-                    mark_spikes(h)
                     if record is not None:
                         record.setdefault(stage.name, []).append((h, mem))
+                    h = _spikes_as_consumed(h, self.stages[i + 1 :])
             else:
                 h = stage(h)
         return h, new_states
