@@ -10,6 +10,7 @@ the epoch, so a run resumed from the checkpoint of epoch e-1 replays epoch e exa
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from dataclasses import dataclass
@@ -25,7 +26,7 @@ from torch.utils.data import DistributedSampler
 from . import __version__
 from .artifacts import (atomic_save, atomic_write_text, environment, new_run_dir, read_manifest, record_artifact, sha256_file,
                         update_manifest)
-from .backends.pt import cudnn_autotuning
+from .backends.pt import cudnn_autotuning, cudnn_disabled, no_tf32
 from .config import Config, dumps_toml
 from .data import Split, batches, load_dataset, to_time_major
 from .distributed import DistContext, all_reduce_sum, destroy, init_distributed, shard_indices, stop_on_peer_failure
@@ -90,6 +91,18 @@ def _autocast(device: torch.device, precision: str):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
 
 
+def _eval_numerics(device: torch.device, cfg: Config) -> contextlib.AbstractContextManager:
+    """The arithmetic of an evaluation: the training precision's, except for an exact model (``model.exact``),
+    whose reported accuracy is the exact network's: fp32 without autocast, TF32 off, and convolutions
+    without cuDNN (whose transformed algorithms round), as the torch-fast runner computes it."""
+    if not cfg.model.exact:
+        return _autocast(device, cfg.train.precision)
+    stack = contextlib.ExitStack()
+    stack.enter_context(no_tf32())
+    stack.enter_context(cudnn_disabled())
+    return stack
+
+
 @torch.no_grad()
 def evaluate(net: nn.Module, split: Split, cfg: Config, device: torch.device, static: bool = True,
              ctx: DistContext | None = None) -> tuple[float, float]:
@@ -103,7 +116,7 @@ def evaluate(net: nn.Module, split: Split, cfg: Config, device: torch.device, st
     correct = torch.zeros((), dtype=torch.long, device=device)
     for x, y in batches(split, cfg.data.eval_batch_size):
         x, y = x.to(device).float(), y.to(device)
-        with _autocast(device, cfg.train.precision):
+        with _eval_numerics(device, cfg):
             scores = net(to_time_major(x, cfg.model.T, static)).float()
         total_loss += loss_fn(scores, y, cfg.train.loss).double() * len(y)
         correct += (scores.argmax(1) == y).sum()

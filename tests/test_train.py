@@ -205,3 +205,31 @@ def test_a_run_killed_after_its_last_checkpoint_still_reports_its_accuracy(tmp_p
     manifest = read_manifest(run)
     assert manifest["training"]["epochs_done"] == 2 and manifest["training"]["test_acc"] == rows[1]["test_acc"]
     assert manifest["artifacts"]["metrics.jsonl"]["sha256"] == sha256_file(run / "metrics.jsonl")
+
+
+def test_an_exact_model_is_evaluated_in_fp32_whatever_the_training_precision(digits_cfg):
+    """model.exact: the accuracy reported for a checkpoint is the exact network's, so evaluation runs without
+    the bf16 autocast of training, with TF32 and cuDNN off (flags read on the CPU too)."""
+    from torch import nn
+
+    from snncompile.data import load_dataset
+    from snncompile.models import network_from_config
+    from snncompile.train import evaluate
+
+    class Spy(nn.Module):
+        def __init__(self, net):
+            super().__init__()
+            self.net, self.seen = net, set()
+
+        def forward(self, x):
+            self.seen.add((torch.is_autocast_enabled("cpu"), torch.backends.cudnn.allow_tf32,
+                           torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.enabled))
+            return self.net(x)
+
+    digits_cfg.train.precision = "bf16"
+    data = load_dataset(digits_cfg, progress=False)
+    for exact, expected in ((False, (True,)), (True, (False, False, False, False))):
+        digits_cfg.model.exact = exact
+        spy = Spy(network_from_config(digits_cfg.model))
+        evaluate(spy, data.test, digits_cfg, torch.device("cpu"), data.static)
+        assert {seen[: len(expected)] for seen in spy.seen} == {expected}, exact
