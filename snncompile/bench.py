@@ -121,35 +121,26 @@ def bench_run(run_dir: str | Path, runners: list[str] | None = None, batches: tu
                 echo(f"{name}: skipped ({skipped})")
                 continue
             reference = _reference_inputs(run_dir, export)  # rewritten if the gate exported the _layers twin
-        with create_runner(name, run_dir, model_file, **options) as runner:
-            entry["by_batch"] = {}
-            for batch in batches:
-                x = _bench_input(reference, batch)
-                handle = runner.prepare({"input": x})
-                for _ in range(warmup):
-                    runner.run_prepared(handle)
-                times: list[float] = []
-                started = time.perf_counter()
-                while len(times) < iters or time.perf_counter() - started < min_seconds:
-                    t0 = time.perf_counter()
-                    runner.run_prepared(handle)
-                    times.append(time.perf_counter() - t0)
-                stats = percentiles(times)
-                stats.update(iters=len(times), samples_per_s=batch / (stats["p50_ms"] / 1e3),
-                             timesteps_per_s=batch * export["T"] / (stats["p50_ms"] / 1e3),
-                             execution=runner.timing_mode(handle))
-                entry["by_batch"][str(batch)] = stats
-                if progress:
-                    echo(f"{name} batch {batch}: p50 {stats['p50_ms']:.3f} ms")
-            if profile:
-                import torch
-
-                from .profiling import profile_calls
-
-                # the rows of a runner that computes on the CPU say so ("CPU, N threads"): its operators, not kernels
-                on_gpu = torch.cuda.is_available() and not stats["execution"].startswith("CPU")
-                table = profile_calls(lambda: runner.run_prepared(handle), on_gpu, what="batches")
-                profiles.append(f"{name} ({entry['precision']}), batch {batch}, {stats['execution']}: {table}")
+        try:
+            with create_runner(name, run_dir, model_file, **options) as runner:
+                entry["by_batch"] = {}
+                for batch in batches:
+                    stats = _time_batch(runner, reference, batch, warmup, iters, min_seconds, export["T"])
+                    handle = stats.pop("handle", None)
+                    entry["by_batch"][str(batch)] = stats
+                    if progress or "failed" in stats:
+                        echo(f"{name} batch {batch}: " + stats.get("failed", f"p50 {stats.get('p50_ms', 0):.3f} ms"))
+                if profile and handle is not None:  # the last batch size, when it ran
+                    profiles.append(_profile(runner, handle, f"{name} ({entry['precision']}), batch {batch}",
+                                             stats["execution"]))
+        except Exception as exc:  # noqa: BLE001  the runner could not be created (or profiled): its row says why
+            failure = _failure(exc)
+            if entry.get("by_batch"):  # the figures measured stand
+                entry["failed"] = failure
+            else:
+                entry.pop("by_batch", None)
+                entry["skipped"] = failure
+            echo(f"{name}: {failure}")
     stem = bench_stem(model_file, precision, cuda_graph, cudnn_autotune, pad_channels)
     results["stem"] = stem
     kept = _keep_earlier_runners(run_dir / f"{stem}.json", results)
@@ -166,6 +157,52 @@ def bench_run(run_dir: str | Path, runners: list[str] | None = None, batches: tu
     if _plot(results, run_dir / f"{stem}.png"):
         record_artifact(run_dir, f"{stem}.png")
     return results
+
+
+def _time_batch(runner, reference: dict[str, np.ndarray], batch: int, warmup: int, iters: int, min_seconds: float,
+                steps: int) -> dict:
+    """One runner at one batch size: percentiles, samples/s and timesteps/s (and the prepared ``handle``, for
+    the profile), or ``{"failed": "failed: <error>"}``: one size that does not fit (out of memory) costs its own
+    row, not the figures already measured nor the other runners'."""
+    try:
+        handle = runner.prepare({"input": _bench_input(reference, batch)})
+        for _ in range(warmup):
+            runner.run_prepared(handle)
+        times: list[float] = []
+        started = time.perf_counter()
+        while len(times) < iters or time.perf_counter() - started < min_seconds:
+            t0 = time.perf_counter()
+            runner.run_prepared(handle)
+            times.append(time.perf_counter() - t0)
+        stats = percentiles(times)
+        stats.update(iters=len(times), samples_per_s=batch / (stats["p50_ms"] / 1e3),
+                     timesteps_per_s=batch * steps / (stats["p50_ms"] / 1e3), execution=runner.timing_mode(handle))
+    except Exception as exc:  # noqa: BLE001  any runtime's error (ORT, TensorRT, CUDA OOM), reported in one line
+        return {"failed": _failure(exc)}
+    return {**stats, "handle": handle}
+
+
+def _failure(exc: Exception) -> str:
+    """``failed: <Type>: <first line>``, after giving back the CUDA memory a failed allocation may have left
+    cached (the next batch size or runner gets it)."""
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    message = (str(exc).strip().splitlines() or [""])[0][:200]
+    return f"failed: {type(exc).__name__}: {message}"
+
+
+def _profile(runner, handle, head: str, execution: str) -> str:
+    """torch.profiler's table of 3 calls of ``runner`` on ``handle`` (the last batch size), after ``head``."""
+    import torch
+
+    from .profiling import profile_calls
+
+    # the rows of a runner that computes on the CPU say so ("CPU, N threads"): its operators, not kernels
+    on_gpu = torch.cuda.is_available() and not execution.startswith("CPU")
+    table = profile_calls(lambda: runner.run_prepared(handle), on_gpu, what="batches")
+    return f"{head}, {execution}: {table}"
 
 
 def _keep_earlier_runners(path: Path, results: dict) -> list[str]:
@@ -292,8 +329,13 @@ def format_table(results: dict) -> str:
             lines.append(f"| {name} | - | skipped: {entry['skipped']} | | | | | |")
             continue
         for batch, s in entry["by_batch"].items():
+            if "failed" in s:
+                lines.append(f"| {name} | {batch} | {s['failed']} | | | | | |")
+                continue
             lines.append(f"| {name} | {batch} | {s['p50_ms']:.3f} | {s['p90_ms']:.3f} | {s['p99_ms']:.3f} | "
                          f"{s['samples_per_s']:,.0f} | {s['timesteps_per_s']:,.0f} | {s.get('execution', '')} |")
+        if "failed" in entry:  # after its figures: e.g. the profile
+            lines.append(f"| {name} | - | {entry['failed']} | | | | | |")
     return "\n".join(lines)
 
 
@@ -310,9 +352,12 @@ def _plot(results: dict, path: Path) -> bool:
     for name, entry in results["runners"].items():
         if "by_batch" not in entry:
             continue
-        b = [int(k) for k in entry["by_batch"]]
-        ax_lat.plot(b, [s["p50_ms"] for s in entry["by_batch"].values()], marker="o", label=name)
-        ax_thr.plot(b, [s["samples_per_s"] for s in entry["by_batch"].values()], marker="o", label=name)
+        timed = {int(k): s for k, s in entry["by_batch"].items() if "failed" not in s}
+        if not timed:
+            continue
+        b = list(timed)
+        ax_lat.plot(b, [s["p50_ms"] for s in timed.values()], marker="o", label=name)
+        ax_thr.plot(b, [s["samples_per_s"] for s in timed.values()], marker="o", label=name)
     from matplotlib.ticker import ScalarFormatter
 
     for ax, title, unit in ((ax_lat, "latency (p50)", "ms per batch of T steps"), (ax_thr, "throughput", "samples/s")):

@@ -313,3 +313,41 @@ def test_gate_fails_a_timed_file_whose_own_verify_failed(exported):
     data = bench_run(exported, ["ort-cpu"], (2,), warmup=0, iters=2, echo=lambda s: None)
     skipped = data["runners"]["ort-cpu"]["skipped"]
     assert skipped.startswith("verify failed: model.onnx: scores differ by 5 >") and "sha256" not in skipped
+
+
+def test_a_runner_failing_at_one_batch_size_costs_only_that_row(exported, monkeypatch):
+    """Out of memory at one batch size (here raised by the real ort-cpu runner's prepare at batch 8) is a
+    `failed:` row; the sizes and runners before and after it are timed and bench.json/md are written."""
+    from snncompile.backends import create_runner
+
+    def runner_failing_at_8(name, *args, **kw):
+        runner = create_runner(name, *args, **kw)
+        if name == "ort-cpu":
+            prepare = runner.prepare
+
+            def prepare_or_oom(feed):
+                if feed["input"].shape[1] == 8:
+                    raise MemoryError("out of memory allocating 8 samples\nsecond line")
+                return prepare(feed)
+
+            runner.prepare = prepare_or_oom
+        return runner
+
+    monkeypatch.setattr("snncompile.bench.create_runner", runner_failing_at_8)
+    result = CliRunner().invoke(cli, ["bench", str(exported), "--runners", "ort-cpu,torch", "--batch", "1,8,2",
+                                      "--iters", "2", "--warmup", "0"])
+    assert result.exit_code == 0 and "Traceback" not in result.output, result.output
+    data = json.loads((exported / "bench.json").read_text())
+    rows = data["runners"]["ort-cpu"]["by_batch"]
+    assert rows["8"] == {"failed": "failed: MemoryError: out of memory allocating 8 samples"}
+    assert rows["1"]["p50_ms"] > 0 and rows["2"]["p50_ms"] > 0 and set(data["runners"]["torch"]["by_batch"]) == {"1", "2", "8"}
+    assert "| ort-cpu | 8 | failed: MemoryError: out of memory allocating 8 samples |" in (exported / "bench.md").read_text()
+    def no_session(name, *args, **kw):  # e.g. a TensorRT engine that does not build here
+        if name == "ort-cpu":
+            raise RuntimeError("session could not be created")
+        return create_runner(name, *args, **kw)
+
+    monkeypatch.setattr("snncompile.bench.create_runner", no_session)
+    data = bench_run(exported, ["ort-cpu", "torch"], (1,), warmup=0, iters=2, echo=lambda s: None)
+    assert data["runners"]["ort-cpu"]["skipped"] == "failed: RuntimeError: session could not be created"
+    assert data["runners"]["torch"]["by_batch"]["1"]["p50_ms"] > 0
