@@ -156,6 +156,9 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
         return float(value)
     if tp is int and isinstance(value, bool) or not isinstance(value, tp):
         raise ConfigError(f"config key {key!r} expects {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+    if tp is str and any(0xD800 <= ord(ch) <= 0xDFFF for ch in value):
+        # e.g. undecodable bytes in a --set argument: config.toml (UTF-8) could not hold it
+        raise ConfigError(f"config key {key!r} is not valid Unicode text: {value!r}")
     return value
 
 
@@ -265,10 +268,28 @@ def _toml_value(v: Any) -> str:
     if isinstance(v, (int, float)):
         return repr(v)
     if isinstance(v, str):
-        return json.dumps(v)  # a JSON string is a valid TOML basic string
+        return _toml_string(v)
     if isinstance(v, list):
         return "[" + ", ".join(_toml_value(x) for x in v) + "]"
     raise TypeError(f"cannot write {type(v).__name__} to TOML")
+
+
+_TOML_ESCAPES = {'"': '\\"', "\\": "\\\\", "\b": "\\b", "\t": "\\t", "\n": "\\n", "\f": "\\f", "\r": "\\r"}
+
+
+def _toml_string(text: str) -> str:
+    """A TOML basic string in ASCII. Not ``json.dumps``: JSON writes a character beyond U+FFFF (an emoji) as a
+    surrogate pair, which TOML rejects, and leaves DEL raw, which TOML forbids; TOML has ``\\UXXXXXXXX``."""
+    out = []
+    for ch in text:
+        code = ord(ch)
+        if ch in _TOML_ESCAPES:
+            out.append(_TOML_ESCAPES[ch])
+        elif 0x20 <= code < 0x7F:
+            out.append(ch)
+        else:
+            out.append(f"\\u{code:04X}" if code <= 0xFFFF else f"\\U{code:08X}")
+    return '"' + "".join(out) + '"'
 
 
 def dumps_toml(cfg: Config) -> str:

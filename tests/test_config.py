@@ -70,3 +70,15 @@ def test_name_must_be_one_directory_name(name):
     with pytest.raises(ConfigError, match="name must be one directory name"):
         load_config(REPO / "models" / "digits.toml", [f"name={name!r}"])
     assert load_config(REPO / "models" / "digits.toml", ["name='my model-2.1'"]).name == "my model-2.1"
+
+
+def test_any_text_round_trips_through_the_written_toml(tmp_path):
+    """Characters beyond U+FFFF (JSON would write surrogate pairs, which TOML rejects), DEL, controls, quotes."""
+    text = 'digits \U0001F642 \u00e9\u4e2d "q" \\ tab\t nl\n del\x7f nul\x00 \U0010FFFF'
+    cfg = apply_overrides(Config(description=text), ["data.root='~/data \U0001F4C1'"])  # as `--set` gives it
+    path = tmp_path / "config.toml"
+    path.write_text(dumps_toml(cfg), encoding="ascii")  # plain ASCII whatever the text
+    again = load_config(path)
+    assert again.description == text and again == cfg and again.hash() == cfg.hash()
+    with pytest.raises(ConfigError, match="'description' is not valid Unicode text"):
+        apply_overrides(Config(), ["description=bad\udcff"])
