@@ -25,7 +25,7 @@ from .compare import verify_run
 from .errors import ArtifactError, ConfigError, SnnCompileError
 from .export_onnx import export_reference_paths
 
-__all__ = ["batch_sizes", "bench_run", "bench_stem", "format_table", "percentiles"]
+__all__ = ["batch_rows", "batch_sizes", "bench_run", "bench_stem", "format_table", "percentiles"]
 
 
 def percentiles(times_s: list[float]) -> dict[str, float]:
@@ -215,9 +215,12 @@ def _keep_earlier_runners(path: Path, results: dict) -> list[str]:
         earlier = json.loads(path.read_text())
         same = all(earlier[k] == results[k] for k in ("export_sha256", "T", "environment")) and results["export_sha256"]
         runners = dict(earlier["runners"]) if same else {}
-    except (OSError, ValueError, KeyError, TypeError):
+        kept = [name for name in runners if name not in results["runners"]]
+        for name in kept:  # read back from JSON in string order ("1", "128", "16"): numerical again
+            if "by_batch" in runners[name]:
+                runners[name] = {**runners[name], "by_batch": dict(batch_rows(runners[name]))}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return []
-    kept = [name for name in runners if name not in results["runners"]]
     if kept:
         results["runners"] = {**runners, **results["runners"]}  # a re-timed runner's new entry replaces its old one
         results["batches"] = sorted({*earlier.get("batches", []), *results["batches"]})
@@ -319,6 +322,12 @@ def _timed_file_reasons(model_file: str, plain: dict, layers: dict) -> list[str]
     return reasons
 
 
+def batch_rows(entry: dict) -> list[tuple[str, dict]]:
+    """A runner entry's ``by_batch`` rows in numerical batch order: bench.json is written with sorted keys, so
+    a file read back lists "1", "128", "16"."""
+    return sorted(entry.get("by_batch", {}).items(), key=lambda row: int(row[0]))
+
+
 def format_table(results: dict) -> str:
     """Markdown table: one row per runner and batch size."""
     lines = [f"model {results['model']} ({results.get('file', 'model.onnx')}, {results.get('order', 'layer')}-major), T = {results['T']}",
@@ -328,7 +337,7 @@ def format_table(results: dict) -> str:
         if "skipped" in entry:
             lines.append(f"| {name} | - | skipped: {entry['skipped']} | | | | | |")
             continue
-        for batch, s in entry["by_batch"].items():
+        for batch, s in batch_rows(entry):
             if "failed" in s:
                 lines.append(f"| {name} | {batch} | {s['failed']} | | | | | |")
                 continue
@@ -352,7 +361,7 @@ def _plot(results: dict, path: Path) -> bool:
     for name, entry in results["runners"].items():
         if "by_batch" not in entry:
             continue
-        timed = {int(k): s for k, s in entry["by_batch"].items() if "failed" not in s}
+        timed = {int(k): s for k, s in batch_rows(entry) if "failed" not in s}
         if not timed:
             continue
         b = list(timed)

@@ -351,3 +351,27 @@ def test_a_runner_failing_at_one_batch_size_costs_only_that_row(exported, monkey
     data = bench_run(exported, ["ort-cpu", "torch"], (1,), warmup=0, iters=2, echo=lambda s: None)
     assert data["runners"]["ort-cpu"]["skipped"] == "failed: RuntimeError: session could not be created"
     assert data["runners"]["torch"]["by_batch"]["1"]["p50_ms"] > 0
+
+
+def test_kept_rows_table_and_plot_list_batch_sizes_in_numerical_order(exported, monkeypatch, tmp_path):
+    """bench.json is written with sorted keys ("1", "16", "2"): the kept rows, bench.md and the plot put the
+    batch sizes back in numerical order."""
+    bench_run(exported, ["torch"], (1, 2, 16), warmup=0, iters=1, progress=False, echo=lambda s: None)
+    data = bench_run(exported, ["ort-cpu"], (1,), warmup=0, iters=1, progress=False, echo=lambda s: None)
+    assert list(data["runners"]["torch"]["by_batch"]) == ["1", "2", "16"]  # kept, read back from bench.json
+    table = (exported / "bench.md").read_text()
+    assert table.index("| torch | 1 |") < table.index("| torch | 2 |") < table.index("| torch | 16 |")
+    saved = json.loads((exported / "bench.json").read_text())
+    assert list(saved["runners"]["torch"]["by_batch"]) == ["1", "16", "2"]  # as written: sorted as strings
+    from snncompile.bench import _plot, format_table
+
+    rows = format_table(saved).splitlines()
+    assert [r.split("|")[2].strip() for r in rows if r.startswith("| torch |")] == ["1", "2", "16"]
+    pytest.importorskip("matplotlib")
+    from matplotlib.axes import Axes
+
+    drawn = []
+    real_plot = Axes.plot
+    monkeypatch.setattr(Axes, "plot", lambda ax, x, *a, **kw: drawn.append(list(x)) or real_plot(ax, x, *a, **kw))
+    assert _plot(saved, tmp_path / "bench.png")
+    assert [1, 2, 16] in drawn and [1, 16, 2] not in drawn
