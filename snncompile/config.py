@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import re
 import tomllib
 import typing
@@ -210,6 +211,40 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(f"train.epochs must be >= 1, got {cfg.train.epochs}")
     if cfg.train.pad_conv_channels < 1:
         raise ConfigError(f"train.pad_conv_channels must be >= 1 (1: no padding), got {cfg.train.pad_conv_channels}")
+    _check_ranges(cfg)
+
+
+_SEEDS = 1 << 32  # torch and numpy both take these; larger ones overflow once mixed with the epoch (train.py)
+
+
+def _check_ranges(cfg: Config) -> None:
+    """The numeric keys the checks above leave out. Written ``not (in range)`` so that nan fails too: out of
+    range, each failed later with a traceback (test_fraction 0: a division by zero after the first epoch) or
+    quietly did something else (a negative data.limit_train dropped samples from the end)."""
+    m, d, t = cfg.model, cfg.data, cfg.train
+    finite = math.isfinite
+    checks = [
+        ("model.classes", m.classes, m.classes >= 1, ">= 1"),
+        ("model.vote_group", m.vote_group, m.vote_group >= 1, ">= 1"),
+        ("model.v_th", m.v_th, finite(m.v_th), "a finite number"),
+        ("data.test_fraction", d.test_fraction, 0.0 < d.test_fraction < 1.0, "between 0 and 1 (exclusive)"),
+        ("data.split_seed", d.split_seed, 0 <= d.split_seed < _SEEDS, "in [0, 2^32)"),
+        ("data.mean", d.mean, all(finite(v) for v in d.mean), "finite numbers"),
+        ("data.std", d.std, all(0.0 < v < math.inf for v in d.std), "positive finite numbers"),
+        ("data.limit_train", d.limit_train, d.limit_train >= 0, ">= 0 (0: all)"),
+        ("data.limit_test", d.limit_test, d.limit_test >= 0, ">= 0 (0: all)"),
+        ("data.num_workers", d.num_workers, d.num_workers >= 0, ">= 0 (0: one per CPU)"),
+        ("train.lr", t.lr, 0.0 < t.lr < math.inf, "a positive finite number"),
+        ("train.momentum", t.momentum, 0.0 <= t.momentum < math.inf, ">= 0 and finite"),
+        ("train.weight_decay", t.weight_decay, 0.0 <= t.weight_decay < math.inf, ">= 0 and finite"),
+        ("train.gamma", t.gamma, 0.0 < t.gamma < math.inf, "a positive finite number"),
+        ("train.milestones", t.milestones, all(e >= 1 for e in t.milestones), "epochs >= 1"),
+        ("train.seed", t.seed, 0 <= t.seed < _SEEDS, "in [0, 2^32)"),
+        ("train.threads", t.threads, t.threads >= 0, ">= 0 (0: torch's default)"),
+    ]
+    for key, value, ok, allowed in checks:
+        if not ok:
+            raise ConfigError(f"{key} must be {allowed}, got {value!r}")
 
 
 def from_dict(raw: dict[str, Any], source: str = "config") -> Config:

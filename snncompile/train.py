@@ -195,6 +195,8 @@ def _train(cfg: Config, device: torch.device, ctx: DistContext, out_root, resume
     data = load_dataset(cfg, progress=progress and main)
     if device.type == "cuda":
         _keep_on_device(data, device)
+    if len(data.test) == 0:  # evaluate() divides by it, after a whole epoch of training
+        raise ConfigError(f"{data.name}'s test split is empty: raise data.test_fraction or data.limit_test")
     if len(data.train) < ctx.world_size * cfg.data.batch_size:
         raise ConfigError(
             f"{len(data.train)} training samples cannot feed {ctx.world_size} ranks x data.batch_size "

@@ -233,3 +233,11 @@ def test_an_exact_model_is_evaluated_in_fp32_whatever_the_training_precision(dig
         spy = Spy(network_from_config(digits_cfg.model))
         evaluate(spy, data.test, digits_cfg, torch.device("cpu"), data.static)
         assert {seen[: len(expected)] for seen in spy.seen} == {expected}, exact
+
+
+def test_an_empty_test_split_is_one_line_before_training(tmp_path, digits_cfg):
+    # in range, yet no sample held out: this divided by zero after a whole epoch
+    cfg = apply_overrides(digits_cfg, ["data.test_fraction=0.0001"])
+    with pytest.raises(ConfigError, match="digits's test split is empty: raise data.test_fraction or data.limit_test"):
+        train(cfg, tmp_path, progress=False, echo=lambda s: None)
+    assert not (tmp_path / "digits").exists()
