@@ -101,3 +101,12 @@ def test_any_text_round_trips_through_the_written_toml(tmp_path):
     assert again.description == text and again == cfg and again.hash() == cfg.hash()
     with pytest.raises(ConfigError, match="'description' is not valid Unicode text"):
         apply_overrides(Config(), ["description=bad\udcff"])
+
+
+def test_a_config_that_is_not_utf8_is_one_line(tmp_path):
+    path = tmp_path / "latin1.toml"
+    path.write_bytes('description = "caf\u00e9"\n'.encode("latin-1"))
+    with pytest.raises(ConfigError, match=r"latin1.toml: not UTF-8 text \(byte 0xe9 at offset 18\); TOML files are UTF-8"):
+        load_config(path)
+    path.write_bytes('description = "caf\u00e9"\n'.encode("utf-8"))
+    assert load_config(path).description == "caf\u00e9"
