@@ -107,3 +107,23 @@ def test_real_mnist():
     ds = load_mnist(SHARED_MNIST)
     assert len(ds.train) == 60000 and len(ds.test) == 10000
     assert sorted(ds.test.y.unique().tolist()) == list(range(10))
+
+
+def test_fetch_without_tonic_names_the_extra(tmp_path, monkeypatch):
+    import sys
+
+    from click.testing import CliRunner
+
+    from snncompile.cli import cli
+    from snncompile.data.fetch import fetch
+    from snncompile.errors import ConfigError, MissingDependencyError
+
+    for module in ("tonic", "tonic.datasets", "tonic.download_utils"):
+        monkeypatch.setitem(sys.modules, module, None)  # import tonic raises ImportError, as when not installed
+    with pytest.raises(MissingDependencyError, match=r"tonic is not installed: pip install 'snncompile\[data\]'"):
+        fetch("nmnist", tmp_path)
+    with pytest.raises(ConfigError, match="nothing to fetch for 'mnist'"):  # said with or without tonic
+        fetch("mnist", tmp_path)
+    result = CliRunner().invoke(cli, ["data", "fetch", "nmnist", "--root", str(tmp_path)])
+    assert result.exit_code != 0 and "pip install 'snncompile[data]'" in result.output
+    assert "Traceback" not in result.output and not list(tmp_path.iterdir())

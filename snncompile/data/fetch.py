@@ -13,42 +13,47 @@ from ..errors import ConfigError, DataError, MissingDependencyError
 __all__ = ["fetch"]
 
 
-def _archives(name: str):
+_FETCHABLE = ("nmnist", "dvs_gesture", "dvs_cifar10")
+
+
+def _tonic():
+    """tonic's datasets and download helpers, or the error naming the extra (tonic is optional, GPL-3.0)."""
     try:
-        from tonic import datasets
+        from tonic import datasets, download_utils
     except ImportError:
         raise MissingDependencyError("tonic", "data") from None
-    if name == "nmnist":
-        c = datasets.NMNIST
-        return c, [(c.train_url, c.train_filename, c.train_md5), (c.test_url, c.test_filename, c.test_md5)]
-    if name == "dvs_gesture":
-        c = datasets.DVSGesture
-        return c, [(c.train_url, c.train_filename, c.train_md5), (c.test_url, c.test_filename, c.test_md5)]
+    return datasets, download_utils
+
+
+def _archives(datasets, name: str):
+    """tonic's dataset class for ``name`` (one of ``_FETCHABLE``) and its (url, filename, md5) archives."""
     if name == "dvs_cifar10":
         c = datasets.CIFAR10DVS
         return c, [(c.url, c.filename, c.file_md5)]
-    raise ConfigError(f"nothing to fetch for {name!r} (fetchable: nmnist, dvs_gesture, dvs_cifar10)")
+    c = {"nmnist": datasets.NMNIST, "dvs_gesture": datasets.DVSGesture}[name]
+    return c, [(c.train_url, c.train_filename, c.train_md5), (c.test_url, c.test_filename, c.test_md5)]
 
 
 def fetch(name: str, root: str | Path) -> Path:
     """Download and extract ``name`` under ``root/<tonic folder>``; returns that folder."""
-    from tonic.download_utils import check_integrity, download_and_extract_archive, extract_archive
-
-    cls, archives = _archives(name)
+    if name not in _FETCHABLE:  # said whether tonic is installed or not
+        raise ConfigError(f"nothing to fetch for {name!r} (fetchable: {', '.join(_FETCHABLE)})")
+    datasets, utils = _tonic()
+    cls, archives = _archives(datasets, name)
     folder = Path(root).expanduser() / cls.__name__
     folder.mkdir(parents=True, exist_ok=True)
     for url, filename, md5 in archives:
         target = folder / filename
-        if target.is_file() and check_integrity(str(target), md5):
-            extract_archive(str(target))
+        if target.is_file() and utils.check_integrity(str(target), md5):
+            utils.extract_archive(str(target))
             continue
         try:
-            download_and_extract_archive(url, str(folder), filename=filename, md5=md5)
+            utils.download_and_extract_archive(url, str(folder), filename=filename, md5=md5)
         except Exception as e:  # urllib, http and checksum errors all end here
             raise DataError(f"downloading {url} failed ({type(e).__name__}: {str(e)[:120]}); "
                             f"place {filename} (md5 {md5}) in {folder} by hand and run again") from None
     if name == "dvs_cifar10":
         for inner in getattr(cls, "data_filename", []):
             if (folder / inner).is_file():
-                extract_archive(str(folder / inner))
+                utils.extract_archive(str(folder / inner))
     return folder
