@@ -183,15 +183,39 @@ def new_run_dir(root: str | Path, model_name: str) -> Path:
     raise ArtifactError(f"could not create a new run directory under {base}")
 
 
-def environment() -> dict[str, str]:
-    """Versions of everything that shapes the numbers: python, torch, CUDA, GPU."""
+def environment() -> dict[str, str | None]:
+    """Versions of everything that shapes the numbers: python, torch, CUDA, GPU, and the runtimes that run
+    exports (onnxruntime, TensorRT, triton; None where not installed), so that figures measured under one
+    version are not mixed with another's (bench keeps earlier rows only under the same environment)."""
+    from importlib.metadata import PackageNotFoundError, version
+
     import torch
 
-    env = {
+    def installed(*distributions: str) -> str | None:
+        # read from the wheel's metadata: importing a runtime can take seconds or initialise CUDA
+        for name in distributions:
+            with contextlib.suppress(PackageNotFoundError):
+                return version(name)
+        return None
+
+    def tensorrt() -> str | None:
+        # the metapackage, its -cuXX wheel, or a _cuXX_bindings wheel installed alone (see backends/trt.py);
+        # tensorrt_rtx is another product, so it is named
+        for family in ("tensorrt", "tensorrt_rtx"):
+            found = installed(*(family + suffix for suffix in
+                                ("", "-cu13", "-cu12", "-cu11", "_cu13_bindings", "_cu12_bindings", "_cu11_bindings")))
+            if found:
+                return f"{family} {found}"
+        return None
+
+    env: dict[str, str | None] = {
         "python": platform.python_version(),
         "platform": platform.platform(),
         "torch": torch.__version__,
         "snncompile": __version__,
+        "onnxruntime": installed("onnxruntime", "onnxruntime-gpu"),
+        "tensorrt": tensorrt(),
+        "triton": installed("triton", "pytorch-triton"),
     }
     if torch.cuda.is_available():
         env["cuda"] = str(torch.version.cuda)

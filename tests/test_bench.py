@@ -375,3 +375,20 @@ def test_kept_rows_table_and_plot_list_batch_sizes_in_numerical_order(exported, 
     monkeypatch.setattr(Axes, "plot", lambda ax, x, *a, **kw: drawn.append(list(x)) or real_plot(ax, x, *a, **kw))
     assert _plot(saved, tmp_path / "bench.png")
     assert [1, 2, 16] in drawn and [1, 16, 2] not in drawn
+
+
+def test_kept_rows_need_the_same_runtime_versions(exported):
+    """environment() names the onnxruntime, TensorRT and triton versions (None when absent, read without
+    importing them), so ort-cpu's rows from an older ONNX Runtime are not kept beside newer figures."""
+    import onnxruntime
+
+    from snncompile.artifacts import environment
+
+    env = environment()
+    assert env["onnxruntime"] == onnxruntime.__version__ and {"tensorrt", "triton"} <= set(env)
+    bench_run(exported, ["ort-cpu"], (1,), warmup=0, iters=1, progress=False, echo=lambda s: None)
+    saved = json.loads((exported / "bench.json").read_text())
+    saved["environment"]["onnxruntime"] = "1.0.0"  # measured under another ONNX Runtime
+    (exported / "bench.json").write_text(json.dumps(saved))
+    data = bench_run(exported, ["torch"], (1,), warmup=0, iters=1, progress=False, echo=lambda s: None)
+    assert list(data["runners"]) == ["torch"]
