@@ -250,9 +250,10 @@ def _bench_train(cfg: Config, device: torch.device, precision: str, steps: int, 
     if peers:
         specs = parse_architecture(m.arch)
         if _has("spikingjelly"):
-            from spikingjelly.activation_based import functional
-
             def sj_stats() -> dict:
+                # imported here, inside the attempt: a broken install costs this row, not the figures timed
+                from spikingjelly.activation_based import functional
+
                 torch.manual_seed(0)
                 sj = _spikingjelly_net(specs, cfg, device)
 

@@ -252,3 +252,31 @@ def test_bench_train_plot_draws_every_timed_variant_and_names_the_others(tmp_pat
     result = CliRunner().invoke(cli, ["bench", "train", str(REPO / "models" / "bench-nmnist.toml"), *TINY,
                                       "--plot", str(out)])
     assert result.exit_code != 0 and "pip install 'snncompile[plot]'" in result.output
+
+
+def test_a_broken_peer_install_costs_its_row(tmp_path, monkeypatch):
+    """A peer that is installed but fails to import (a spikingjelly built for another torch) is a `failed:`
+    row after our variants were timed, not a traceback that loses them; snntorch likewise."""
+    import sys
+
+    import torch
+
+    import snncompile.bench_train as bt
+    from snncompile.config import load_config
+
+    for peer, module in (("spikingjelly", "activation_based"), ("snntorch", None)):
+        package = tmp_path / peer
+        package.mkdir()
+        (package / "__init__.py").write_text("" if module else "raise ImportError('built for another torch')\n")
+        if module:
+            (package / module).mkdir()
+            (package / module / "__init__.py").write_text("raise ImportError('built for another torch')\n")
+        for name in [n for n in sys.modules if n == peer or n.startswith(peer + ".")]:
+            monkeypatch.delitem(sys.modules, name)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    cfg = load_config(REPO / "models" / "bench-nmnist.toml", ["model.arch='4C3-AP2-8FC-10'", "model.T=2",
+                                                               "data.batch_size=2"])
+    result = bt.bench_train(cfg, torch.device("cpu"), steps=1, warmup=0, peers=True, echo=lambda s: None)
+    assert result["variants"]["spikingjelly"] == "failed: ImportError: built for another torch"
+    assert result["variants"]["snntorch"] == "failed: ImportError: built for another torch"
+    assert result["variants"]["snncompile (layer-major)"]["median_ms"] > 0
