@@ -17,7 +17,7 @@ from typing import Callable
 
 from .artifacts import read_manifest, sha256_file, update_manifest
 from .config import Config
-from .errors import ArtifactError, ConfigError, DataError, MissingDependencyError
+from .errors import ArtifactError, ConfigError, DataError, SnnCompileError
 
 __all__ = ["run_pipeline", "find_run"]
 
@@ -66,14 +66,20 @@ def _record(inputs: str, outputs: tuple[Path, ...]) -> str:
     return ":".join([inputs, *(sha256_file(path)[:16] for path in outputs)])
 
 
-def _plot_training(run: Path) -> None:
-    """training.png in the run when matplotlib is there (the pipeline runs without the plot extra)."""
+def _plot_training(run: Path) -> str:
+    """training.png in the run; ``done``, or ``skipped: <why>`` in one line. A plot never stops the pipeline:
+    without matplotlib (the plot extra), with metrics.jsonl deleted or anything else failing, the stages that
+    matter (export, verify, bench) still run."""
     from .plots import plot_training
 
     try:
         plot_training(run)
-    except MissingDependencyError:
-        pass
+    except SnnCompileError as e:  # MissingDependencyError, ArtifactError (no metrics.jsonl), ...
+        return f"skipped: {e}"
+    except Exception as e:  # matplotlib's own errors (a backend, a font, a full disk) are no reason to stop either
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        return f"skipped: {type(e).__name__}" + (f": {first[:200]}" if first else "")
+    return "done"
 
 
 def _build_stage(run: Path, onnx_hash: str, trt_unavailable: str | None) -> str:
@@ -116,7 +122,7 @@ def run_pipeline(cfg: Config, out_root: Path, batches: tuple[int, ...] = (1, 32)
         run = result.run_dir
         _mark(run, "train", train_inputs)
         summary["stages"]["train"] = "done"
-    _plot_training(run)
+    summary["stages"]["plot"] = _plot_training(run)
 
     export_inputs = _stage_hash("export", sha256_file(run / "checkpoint.pt"), "plain+layers")
     # Every file verify and bench read: e.g. `snncompile export RUN --T 2` rewrites model.onnx, and a deleted

@@ -113,6 +113,19 @@ def test_pipeline_redoes_an_export_another_command_replaced_or_deleted(tmp_path)
     assert "  export  done" in again.output and "T = 3" in again.output
     assert json.loads((run / "manifest.json").read_text())["exports"]["model.onnx"]["T"] == 3
     (run / "reference_outputs.npz").unlink()
+    (run / "metrics.jsonl").unlink()  # and the training plot cannot be drawn: said in one line, no reason to stop
     last = runner.invoke(cli, ["pipeline", digits, "--out", str(tmp_path), *fast])
     assert last.exit_code == 0, last.output
     assert "  export  done" in last.output and (run / "reference_outputs.npz").is_file()
+    assert re.search(r"\n  plot    skipped: [^\n]*metrics.jsonl[^\n]*\n  export  done\n", last.output), last.output
+
+
+def test_a_failing_plot_is_one_line_and_never_stops_the_pipeline(tmp_path, monkeypatch):
+    import snncompile.plots as plots
+    from snncompile.pipeline import _plot_training
+
+    def broken(run):
+        raise RuntimeError("no usable font\nsecond line")
+
+    monkeypatch.setattr(plots, "plot_training", broken)
+    assert _plot_training(tmp_path) == "skipped: RuntimeError: no usable font"
