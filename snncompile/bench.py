@@ -18,7 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .artifacts import atomic_save, atomic_write_json, atomic_write_text, environment, read_manifest, record_artifact
+from .artifacts import (MANIFEST, atomic_save, atomic_write_json, atomic_write_text, environment, read_manifest,
+                        record_artifact, run_dir_lock)
 from .backends import available_runners, create_runner, default_runners, runner_options
 from .backends.base import runner_numerics
 from .compare import verify_run
@@ -150,13 +151,33 @@ def bench_run(run_dir: str | Path, runners: list[str] | None = None, batches: tu
         atomic_write_text(run_dir / f"{stem}_profile.txt", "\n\n".join(profiles) + "\n")
         record_artifact(run_dir, f"{stem}_profile.txt")
         results["profile_file"] = f"{stem}_profile.txt"
+    if _plot_or_forget(run_dir, f"{stem}.png", results, echo):
+        results["plot_file"] = f"{stem}.png"
     atomic_write_json(run_dir / f"{stem}.json", results)
     atomic_write_text(run_dir / f"{stem}.md", format_table(results) + "\n")
     record_artifact(run_dir, f"{stem}.json")
     record_artifact(run_dir, f"{stem}.md")
-    if _plot(results, run_dir / f"{stem}.png"):
-        record_artifact(run_dir, f"{stem}.png")
     return results
+
+
+def _plot_or_forget(run_dir: Path, name: str, results: dict, echo) -> bool:
+    """Draw ``results`` into ``run_dir/name`` and record it; where it cannot be drawn (no matplotlib), remove an
+    earlier bench's plot and its manifest entry, which would show figures these results replaced. A plot that
+    fails is said in one line: the figures measured are written all the same."""
+    try:
+        drawn = _plot(results, run_dir / name)
+    except Exception as exc:  # noqa: BLE001  matplotlib's own errors: the plot is the least of the outputs
+        echo(f"{name} not drawn: {type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0][:200]}")
+        drawn = False
+    if drawn:
+        record_artifact(run_dir, name)
+        return True
+    (run_dir / name).unlink(missing_ok=True)
+    with run_dir_lock(run_dir):  # update_manifest merges; removing a key is a read-modify-write of its own
+        manifest = read_manifest(run_dir)
+        if manifest.get("artifacts", {}).pop(name, None) is not None:
+            atomic_write_json(run_dir / MANIFEST, manifest)
+    return False
 
 
 def _time_batch(runner, reference: dict[str, np.ndarray], batch: int, warmup: int, iters: int, min_seconds: float,

@@ -260,7 +260,9 @@ def bench_run_cmd(run, runners, batches, iters, warmup, model_file, precision, c
     if "profile_file" in results:
         click.echo("\n" + (run / results["profile_file"]).read_text())
     stem = results["stem"]
-    written = [f"{stem}.md"] + [name for name in (f"{stem}.png", results.get("profile_file")) if name and (run / name).exists()]
+    # what this bench wrote, not what exists: a bench.png left by an earlier run is not this one's (bench_run
+    # removes it when it draws none)
+    written = [f"{stem}.md"] + [name for name in (results.get("plot_file"), results.get("profile_file")) if name]
     click.echo(f"wrote {run / (stem + '.json')}, {', '.join(written)}")
 
 

@@ -392,3 +392,26 @@ def test_kept_rows_need_the_same_runtime_versions(exported):
     (exported / "bench.json").write_text(json.dumps(saved))
     data = bench_run(exported, ["torch"], (1,), warmup=0, iters=1, progress=False, echo=lambda s: None)
     assert list(data["runners"]) == ["torch"]
+
+
+def test_without_matplotlib_bench_claims_no_plot_and_removes_a_stale_one(exported, monkeypatch):
+    """bench.png is reported only when this bench drew it: without matplotlib an earlier run's plot (figures
+    these results replace) is removed, with its manifest entry, and the CLI does not claim it."""
+    pytest.importorskip("matplotlib")
+    from snncompile.errors import MissingDependencyError
+
+    args = ["bench", str(exported), "--runners", "torch", "--batch", "1", "--iters", "1", "--warmup", "0"]
+    drawn = CliRunner().invoke(cli, args)
+    assert drawn.exit_code == 0 and drawn.output.splitlines()[-1].endswith("bench.md, bench.png"), drawn.output
+    assert "bench.png" in json.loads((exported / "manifest.json").read_text())["artifacts"]
+
+    def no_matplotlib():
+        raise MissingDependencyError("matplotlib", "plot")
+
+    monkeypatch.setattr("snncompile.plots.pyplot", no_matplotlib)
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    assert result.output.splitlines()[-1] == f"wrote {exported / 'bench.json'}, bench.md"
+    assert not (exported / "bench.png").exists()
+    assert "bench.png" not in json.loads((exported / "manifest.json").read_text())["artifacts"]
+    assert "plot_file" not in json.loads((exported / "bench.json").read_text())
