@@ -303,13 +303,14 @@ headline)
     environment
     xdist=(); python3 -c "import xdist" 2>/dev/null && xdist=(-n 4)
     # the two tests fixed after the second GPU run (the kernels now compile without FMA contraction; the
-    # profile test reads the pooled kernels), torch-fast on an exact model (convolutions without cuDNN), and
-    # the GPU-only tests. Capped: a hang must not cost the figures after it
+    # profile test reads the pooled kernels), torch-fast on an exact model (convolutions without cuDNN), the
+    # kernels' NaN gradient, inference membrane and 64x64 pool fixes, split TF32 with analog input on real
+    # tensor cores, and the GPU-only tests. Capped: a hang must not cost the figures after it
     stage "GPU tests" 60 timeout 150 python3 -m pytest -q -p no:cacheprovider "${xdist[@]}" tests/test_kernels.py \
-        tests/test_bench_train.py tests/test_backends.py tests/test_exact.py -k "not trt and (cuda or gpu or \
-        compact_spikes or exact_on_cpu or bf16_flips or opt_in or replays or autotuning or half_precision or \
-        pooled_spikes or lif_pool or pool_fused or zoo_networks_fused or contraction or bit_for_bit or moves_each \
-        or hand_their_bias)"
+        tests/test_bench_train.py tests/test_backends.py tests/test_exact.py tests/test_split_tf32.py -k "not trt and \
+        (cuda or gpu or compact_spikes or exact_on_cpu or bf16_flips or opt_in or replays or autotuning or \
+        half_precision or pooled_spikes or lif_pool or pool_fused or zoo_networks_fused or contraction or \
+        bit_for_bit or moves_each or hand_their_bias or nan_gradient or keeps_no_membrane or past_32x32)"
     # issue 8's last criterion: MNIST >= 99.5 % and zero flips on ONNX Runtime CPU on all 10,000 test images,
     # which exact arithmetic gives by construction (15 epochs of it reached 99.47 % on the H200, hence 30);
     # torch-fast's membrane column says whether its cuDNN-free convolutions are exact on this GPU too

@@ -92,7 +92,7 @@ def init(model_toml, overrides, out_root, seed, no_calibrate) -> None:
               help="layer: each conv once on [T*B, ...] (model.onnx); step: per-timestep unrolling (model_per_step.onnx), for comparison.")
 @click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16", "tf32x2"]), default="fp32", show_default=True,
               help="fp16/bf16: convs and matmuls in that type, neurons in fp32 (model_fp16.onnx); a strongly typed graph. "
-                   "tf32x2: spike layers' weights split into TF32 hi + lo parts, fp32-accurate under TF32 (model_tf32x2.onnx).")
+                   "tf32x2: every conv/linear split into TF32 parts, fp32-accurate under TF32 (model_tf32x2.onnx).")
 def export(run, steps, opset, form, layers, rates, samples, order, precision) -> None:
     """Export RUN (a run directory or its checkpoint) to ONNX, with reference inputs and outputs."""
     from .export_onnx import export_run
@@ -103,7 +103,7 @@ def export(run, steps, opset, form, layers, rates, samples, order, precision) ->
     if r.precision in ("fp16", "bf16"):
         typed = f", {r.reduced_precision_nodes} convs/matmuls in {r.precision}"
     elif r.precision == "tf32x2":
-        typed = f", {r.split_tf32_layers} spike layers with TF32 hi + lo weights"
+        typed = f", {r.split_tf32_layers} convs/linears split for TF32"
     click.echo(
         f"exported {r.path} ({r.form}, T={r.steps}, opset {r.opset}{typed}): {r.onnx_bytes / 1e6:.2f} MB, "
         f"{r.nodes_clean} nodes ({r.nodes_raw} before cleaning), ops {', '.join(r.ops)}; "

@@ -96,7 +96,7 @@ class ExportResult:
     opset: int = DEFAULT_OPSET
     precision: str = "fp32"
     reduced_precision_nodes: int = 0  # convs/matmuls computing in fp16/bf16
-    split_tf32_layers: int = 0  # tf32x2: spike-reading convs/linears with hi + lo weights
+    split_tf32_layers: int = 0  # tf32x2: convs/linears split for TF32 (all of them)
 
 
 def resolve_run_dir(path: str | Path) -> Path:
@@ -261,9 +261,10 @@ def export_run(
         precision: 'fp32', or 'fp16'/'bf16' for a strongly typed mixed-precision graph (``model_fp16.onnx``):
             convs and matmuls in that type, the neurons in fp32 (see mixed_precision.py). The reference
             outputs stay the fp32 torch module's, so verify measures what the 16-bit arithmetic changes.
-            'tf32x2': the layers that read spikes with their weights split into TF32 hi + lo parts
-            (``model_tf32x2.onnx``, see split_tf32.py): fp32-accurate where the runtime computes float
-            convolutions in TF32 (the ort-cuda runner turns TF32 on for this file); fp32 elsewhere.
+            'tf32x2': every conv/linear split for TF32 tensor cores (``model_tf32x2.onnx``, see
+            split_tf32.py): weights into hi + lo parts, and where the input is not spikes the input too,
+            in the graph. fp32-accurate where the runtime computes float convolutions in TF32 (the
+            ort-cuda runner turns TF32 on for this file, for every layer of it); fp32 elsewhere.
     """
     onnx = _require_onnx()
     import onnxscript.optimizer
@@ -295,7 +296,8 @@ def export_run(
         from .split_tf32 import apply_split_tf32
 
         split_net = copy.deepcopy(net)
-        split_layers = apply_split_tf32(split_net)
+        # analog too: a runtime's TF32 switch covers the whole session, every conv/linear of the file
+        split_layers = apply_split_tf32(split_net, analog=True)
         graph = UnrolledGraph(split_net, rates=rates, layers=layers, order=order).eval()
     args = _example_args(graph, cfg, steps, form)
     input_names = graph.input_names if form == "step" else ["input"]

@@ -16,7 +16,23 @@ checks it at the fp32 preset) for two tensor-core passes, done in one call: the 
 along the output channels (``[2 C_out, ...]``) and the halves summed after, then the bias.
 
 Layers whose input is not spikes (the first layer's analog input, a NeuNorm output, a 3x3 average)
-are left as they are, in full fp32.
+need their input split too (``analog=True``). Veltkamp's split, in plain fp32 arithmetic (ONNX has no
+bit cast to round in the graph)::
+
+    t = x + x * 2^13,   x_hi = t - (t - x),   x_lo = x - x_hi
+
+gives an ``x_hi`` of at most 11 significant bits (exact in TF32) and an exact remainder ``x_lo`` of at
+most 12 (``|x_lo| <= 2^-11 |x|``). Then ``W x = W_hi x_hi + W_lo x_hi + W_hi x_lo`` up to the dropped
+``W_lo x_lo`` and the TF32 rounding of ``W_lo`` and ``x_lo`` (at most 2^-22 each): within 2^-20 of
+``sum |W||x|``, three tensor-core passes, done in one call: the three inputs concatenated along the
+input channels against ``[W_hi | W_lo | W_hi]``, summed in the product's fp32 accumulator. The product
+``x * 2^13`` is exact, so a compiler that contracts ``x + x * 2^13`` into an FMA computes the same ``t``
+(Veltkamp's usual ``x * (2^13 + 1)`` is not safe that way: contracted into the outer subtraction it
+leaves ``x_hi`` with more bits than TF32 holds).
+
+torch-fast switches TF32 on for the split layers alone, so it leaves analog layers in plain fp32
+(``analog=False``); an ONNX runtime turns TF32 on for a whole session, so the tf32x2 export splits every
+layer.
 """
 
 from __future__ import annotations
@@ -27,9 +43,10 @@ from torch import Tensor, nn
 
 from .backends.pt import tf32_math
 
-__all__ = ["round_to_tf32", "SplitTF32", "spike_fed_layers", "apply_split_tf32"]
+__all__ = ["round_to_tf32", "split_input", "SplitTF32", "spike_fed_layers", "apply_split_tf32"]
 
 _DROPPED_BITS = 13  # fp32 stores 23 mantissa bits, TF32 10
+_SPLITTER = float(2**_DROPPED_BITS)  # Veltkamp: 24 significant bits - 13 leave 11 in x_hi
 
 
 def round_to_tf32(x: Tensor) -> Tensor:
@@ -40,25 +57,43 @@ def round_to_tf32(x: Tensor) -> Tensor:
     return ((bits + half + odd) & -(1 << _DROPPED_BITS)).view(torch.float32)
 
 
-class SplitTF32(nn.Module):
-    """A frozen copy of a Conv2d/Linear that computes it as ``W_hi x + W_lo x`` under TF32 (inference).
+def split_input(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Veltkamp's split of fp32 ``x`` (any shape): ``(x_hi, x_lo)``, ``x_hi + x_lo == x`` exactly, ``x_hi``
+    exact in TF32 (11 significant bits), ``|x_lo| <= 2^-11 |x|`` with at most 12 significant bits (for
+    ``|x| < 2^114``). Elementwise fp32
+    operations only, so the same ops in an ONNX graph split the same way (module docstring)."""
+    t = x + x * _SPLITTER
+    x_hi = t - (t - x)
+    return x_hi, x - x_hi
 
-    Input and output as the layer's: ``[N, C_in, H, W] -> [N, C_out, H', W']`` or ``[N, F_in] -> [N, F_out]``.
+
+class SplitTF32(nn.Module):
+    """A frozen copy of a Conv2d/Linear that computes it on TF32 tensor cores to fp32 accuracy (inference):
+    ``W_hi x + W_lo x`` for spike input (exact in TF32); with ``analog`` (any input), the input split too,
+    ``W_hi x_hi + W_lo x_hi + W_hi x_lo`` (module docstring).
+
+    Input and output as the layer's: ``[N, C_in, H, W] -> [N, C_out, H', W']`` or ``[..., F_in] -> [..., F_out]``.
     """
 
-    def __init__(self, layer: nn.Conv2d | nn.Linear):
+    def __init__(self, layer: nn.Conv2d | nn.Linear, analog: bool = False):
         super().__init__()
         if isinstance(layer, nn.Conv2d) and (layer.padding_mode != "zeros" or isinstance(layer.padding, str)):
             raise ValueError("SplitTF32 handles zero-padded convolutions with numeric padding")
+        if isinstance(layer, nn.Conv2d) and layer.groups != 1:
+            # the stacked hi/lo weights (and concatenated inputs) would cross the groups' channel blocks
+            raise ValueError(f"SplitTF32 handles ungrouped convolutions, got groups={layer.groups}")
         w = layer.weight.detach().float()
         hi = round_to_tf32(w)
-        self.register_buffer("weight", torch.cat([hi, w - hi]))  # [2 C_out, ...]: hi then lo
+        self.analog = analog
+        # spikes: [2 C_out, C_in, ...], hi then lo, halves summed after; analog: [C_out, 3 C_in, ...] against
+        # the input channels (x_hi, x_hi, x_lo), summed by the product itself
+        self.register_buffer("weight", torch.cat([hi, w - hi, hi], dim=1) if analog else torch.cat([hi, w - hi]))
         self.register_buffer("bias", None if layer.bias is None else layer.bias.detach().float().clone())
         self.out_channels = w.shape[0]
         self.conv = None
         if isinstance(layer, nn.Conv2d):
             self.conv = {"stride": layer.stride, "padding": layer.padding, "dilation": layer.dilation,
-                         "groups": layer.groups}
+                         "groups": 1}
 
     def forward(self, x: Tensor) -> Tensor:
         y = self.forward_without_bias(x)
@@ -69,13 +104,20 @@ class SplitTF32(nn.Module):
     def forward_without_bias(self, x: Tensor) -> Tensor:
         """``W_hi x + W_lo x``: the layer without its bias, which a fused LIF after it adds (the same
         fp32 addition, in the kernel; :func:`snncompile.models._bias_moves_into_lif`)."""
+        channels = 1 if self.conv is not None else -1
+        if self.analog:
+            x_hi, x_lo = split_input(x)
+            x = torch.cat([x_hi, x_hi, x_lo], dim=channels)
         with tf32_math(True):
             y = F.linear(x, self.weight) if self.conv is None else F.conv2d(x, self.weight, None, **self.conv)
-        hi, lo = y.split(self.out_channels, dim=1)
+        if self.analog:
+            return y
+        hi, lo = y.split(self.out_channels, dim=channels)
         return hi + lo
 
     def extra_repr(self) -> str:
-        return f"{'conv2d' if self.conv else 'linear'}, out={self.out_channels}, weight split hi + lo"
+        split = "weight and input split, 3 products" if self.analog else "weight split hi + lo"
+        return f"{'conv2d' if self.conv else 'linear'}, out={self.out_channels}, {split}"
 
 
 def _keeps_spikes_exact(stage: nn.Module) -> bool:
@@ -108,9 +150,13 @@ def spike_fed_layers(stages) -> list[int]:
     return found
 
 
-def apply_split_tf32(net) -> int:
-    """Replace ``net``'s spike-fed Conv2d/Linear stages by :class:`SplitTF32` copies; returns how many."""
-    indices = spike_fed_layers(net.stages)
-    for i in indices:
-        net.stages[i] = SplitTF32(net.stages[i])
-    return len(indices)
+def apply_split_tf32(net, analog: bool = False) -> int:
+    """Replace ``net``'s spike-fed Conv2d/Linear stages by :class:`SplitTF32` copies, and with ``analog``
+    every other Conv2d/Linear stage by one that splits its input too; returns how many were replaced."""
+    spike_fed = set(spike_fed_layers(net.stages))
+    replaced = 0
+    for i, stage in enumerate(net.stages):
+        if isinstance(stage, (nn.Conv2d, nn.Linear)) and (i in spike_fed or analog):
+            net.stages[i] = SplitTF32(stage, analog=i not in spike_fed)
+            replaced += 1
+    return replaced

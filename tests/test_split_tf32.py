@@ -13,7 +13,7 @@ from torch import nn
 from conftest import REPO
 from helpers import make_run, tiny_zoo_config
 from snncompile.models import network_from_config
-from snncompile.split_tf32 import SplitTF32, apply_split_tf32, round_to_tf32, spike_fed_layers
+from snncompile.split_tf32 import SplitTF32, apply_split_tf32, round_to_tf32, spike_fed_layers, split_input
 
 ULP_TF32_AT_1 = 2.0**-10
 
@@ -75,6 +75,156 @@ def test_on_an_emulated_tf32_core_the_split_is_fp32_accurate_where_plain_tf32_is
     assert torch.equal(round_to_tf32(pooled.float()).double(), pooled)
 
 
+def _wide_range_fp32(n: int, seed: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(n, generator=gen) * torch.exp2(torch.randint(-60, 60, (n,), generator=gen).float())
+
+
+def _truncate_to_tf32(x: torch.Tensor) -> torch.Tensor:
+    """What a tensor core may do with an fp32 operand instead of rounding it: drop the 13 low bits."""
+    return (x.contiguous().view(torch.int32) & -(1 << 13)).view(torch.float32)
+
+
+def test_split_input_gives_an_exact_tf32_high_part_and_a_small_remainder():
+    x = torch.cat([_wide_range_fp32(100_000, 2), torch.tensor([0.0, -0.0, 1.0, -3.0, 0.1, 2.0**100, 1.0 - 2**-24])])
+    hi, lo = split_input(x)
+    assert torch.equal(round_to_tf32(hi), hi) and torch.equal(_truncate_to_tf32(hi), hi)  # 11 significant bits
+    assert torch.equal(hi.double() + lo.double(), x.double())  # nothing lost
+    assert (lo.abs() <= x.abs() * 2.0**-11).all()
+    # a remainder of at most 12 significant bits: TF32 keeps all but the last
+    assert ((_truncate_to_tf32(lo) - lo).abs() <= lo.abs() * 2.0**-11).all()
+
+
+def test_split_input_survives_fma_contraction():
+    """A compiler may fuse ``x + x * 2^13`` into one FMA (TensorRT's pointwise kernels, Inductor): the
+    product is exact, so t is the same. Veltkamp's usual ``x * (2^13 + 1)`` does not survive a contraction
+    into ``t - (t - x)``: emulated in float64 (fp32 products are exact there), its high part has bits TF32
+    drops."""
+    x = _wide_range_fp32(100_000, 3)
+    x64 = x.double()
+    t_fma = (x64 + x64 * 2.0**13).float()  # one rounding
+    hi = t_fma - (t_fma - x)
+    assert torch.equal(t_fma, x + x * 2.0**13) and torch.equal(hi, split_input(x)[0])
+    t = x * 8193.0
+    hi_contracted = (x64 * 8193.0 - (t - x).double()).float()  # hi = fma(x, 8193, -(t - x))
+    assert not torch.equal(round_to_tf32(hi_contracted), hi_contracted)
+
+
+@pytest.mark.parametrize("tf32", [round_to_tf32, _truncate_to_tf32], ids=["rounding", "truncating"])
+def test_on_an_emulated_tf32_core_analog_input_split_too_is_fp32_accurate(tf32):
+    """The first conv's analog input is not exact in TF32: W x split as W_hi x_hi + W_lo x_hi + W_hi x_lo is
+    within 2^-20 of sum |W||x| (module docstring), where the weights alone split are off by 2^-14 of it,
+    whether the core rounds its operands or truncates them."""
+    gen = torch.Generator().manual_seed(4)
+    w = torch.randn(16, 8, 3, 3, generator=gen) * 0.1
+    x = torch.randn(8, 8, 10, 10, generator=gen).abs() * 3 + 0.01
+    exact = F.conv2d(x.double(), w.double(), padding=1)
+    scale = F.conv2d(x.double().abs(), w.double().abs(), padding=1)
+
+    def core(a, b):  # operands as the core sees them, exact products and sums
+        return F.conv2d(tf32(a).double(), tf32(b).double(), padding=1)
+
+    hi = round_to_tf32(w)
+    x_hi, x_lo = split_input(x)
+    split = core(x_hi, hi) + core(x_hi, w - hi) + core(x_lo, hi)
+    weights_only = core(x, hi) + core(x, w - hi)
+    assert ((split - exact).abs() <= scale * 2.0**-20).all()
+    assert ((weights_only - exact).abs() / scale).max() > 2.0**-14
+
+
+def test_analog_split_layer_reproduces_the_layer_in_fp32():
+    torch.manual_seed(0)
+    conv, fc = nn.Conv2d(3, 16, 3, padding=1, stride=2), nn.Linear(40, 12)
+    x, f = torch.randn(5, 3, 9, 9), torch.randn(2, 5, 40)  # a linear over [..., F] input too
+    torch.testing.assert_close(SplitTF32(conv, analog=True)(x), conv(x), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(SplitTF32(fc, analog=True)(f), fc(f), rtol=1e-5, atol=1e-6)
+    spikes = (f > 0).float()
+    torch.testing.assert_close(SplitTF32(fc)(spikes), fc(spikes), rtol=1e-6, atol=1e-6)
+    assert SplitTF32(conv, analog=True).weight.shape == (16, 9, 3, 3)  # [W_hi | W_lo | W_hi] on the inputs
+
+
+class _EmulatedTF32Layer(nn.Module):
+    """A conv/linear as a runtime with TF32 on computes it (``tf32``: operands rounded to TF32) or as an
+    exact one does (float64, rounded once to fp32); exact products and sums in both."""
+
+    def __init__(self, layer: nn.Module, tf32: bool):
+        super().__init__()
+        self.layer, self.tf32 = layer, tf32
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        operand = (lambda t: round_to_tf32(t).double()) if self.tf32 else (lambda t: t.double())
+        return _emulated(F.conv2d if isinstance(self.layer, nn.Conv2d) else F.linear, operand,
+                         self.layer)(x, self.layer.weight, self.layer.bias)
+
+
+def _emulated(op, operand, layer=None):
+    """``op`` (F.conv2d / F.linear, with ``layer``'s geometry) on operands passed through ``operand``, in
+    float64 (exact products and sums here), rounded once to fp32, then the bias."""
+    kwargs = {} if layer is None or not isinstance(layer, nn.Conv2d) else {
+        "stride": layer.stride, "padding": layer.padding, "dilation": layer.dilation}
+
+    def run(x, weight, bias=None, *args, **more):
+        out = op(operand(x), operand(weight.detach()), None, *args, **{**kwargs, **more}).float()
+        return out if bias is None else out + bias.detach().view(-1, *[1] * (out.dim() - 2))
+
+    return run
+
+
+@pytest.mark.parametrize("model", ["digits", "mnist"])
+def test_on_an_emulated_tf32_runtime_the_export_s_split_flips_like_exact_arithmetic(model, monkeypatch):
+    """What ORT CUDA / TensorRT do with the tf32x2 export: TF32 for every conv/linear of the graph.
+    Emulated on a calibrated zoo network and compared with torch's fp32 spikes: the network with every
+    layer split (``analog=True``, as exported) flips about as often as exact arithmetic does (any two
+    fp32 summation orders differ at the threshold now and then); with only the spike layers split (as the
+    export was before), the rest in TF32, orders of magnitude more. mnist: NeuNorm feeds every conv."""
+    import copy
+
+    import snncompile.split_tf32 as split_tf32
+    from snncompile.init_run import calibrate_firing, random_input
+
+    cfg = tiny_zoo_config(REPO / "models" / f"{model}.toml")
+    net = network_from_config(cfg.model).eval()
+    x = random_input(cfg, 64, torch.Generator().manual_seed(5))
+    calibrate_firing(net, x)
+
+    def flip_rate(variant) -> float:
+        record = {}
+        with torch.no_grad():
+            variant.forward_sequence(x, "layer", record)
+        return (torch.cat([s.flatten() for s, _ in record.values()]) != reference).double().mean().item()
+
+    record = {}
+    with torch.no_grad():
+        net.forward_sequence(x, "layer", record)
+    reference = torch.cat([s.flatten() for s, _ in record.values()])
+
+    def emulated(net, tf32: bool):
+        """``net`` with its Conv2d/Linear stages (the unsplit ones) computed as the emulated runtime would."""
+        for i, stage in enumerate(net.stages):
+            if isinstance(stage, (nn.Conv2d, nn.Linear)):
+                net.stages[i] = _EmulatedTF32Layer(stage, tf32)
+        return net
+
+    exact = flip_rate(emulated(copy.deepcopy(net), tf32=False))
+    tf32_operand = lambda t: round_to_tf32(t).double()  # noqa: E731
+    core = type("TF32Core", (), {"conv2d": staticmethod(_emulated(F.conv2d, tf32_operand)),
+                                 "linear": staticmethod(_emulated(F.linear, tf32_operand))})
+    monkeypatch.setattr(split_tf32, "F", core)  # the split layers' products on the emulated TF32 core
+    all_split = copy.deepcopy(net)
+    apply_split_tf32(all_split, analog=True)
+    spike_layers_split = copy.deepcopy(net)
+    apply_split_tf32(spike_layers_split)
+    all_split, partly = flip_rate(all_split), flip_rate(emulated(spike_layers_split, tf32=True))
+    print(f"flip rates vs torch fp32: exact {exact:.2e}, all split {all_split:.2e}, spike layers split {partly:.2e}")
+    assert all_split <= 3 * exact + 1e-6
+    assert partly > 30 * max(all_split, 1e-6)
+
+
+def test_a_grouped_convolution_is_refused():
+    with pytest.raises(ValueError, match="ungrouped convolutions, got groups=2"):
+        SplitTF32(nn.Conv2d(4, 8, 3, groups=2))
+
+
 def test_only_layers_that_read_spikes_are_split():
     bench = network_from_config(tiny_zoo_config(REPO / "models" / "bench-cifar.toml").model)
     kinds = [type(s).__name__ for s in bench.stages]
@@ -85,6 +235,11 @@ def test_only_layers_that_read_spikes_are_split():
     split = [type(mnist.stages[i]).__name__ for i in spike_fed_layers(mnist.stages)]
     assert split == ["Linear", "Linear"]
     assert apply_split_tf32(mnist) == 2 and sum(isinstance(s, SplitTF32) for s in mnist.stages) == 2
+    # analog: the rest too, input split
+    mnist = network_from_config(tiny_zoo_config(REPO / "models" / "mnist.toml").model)
+    weighted = sum(isinstance(s, (nn.Conv2d, nn.Linear)) for s in mnist.stages)
+    assert apply_split_tf32(mnist, analog=True) == weighted
+    assert [s.analog for s in mnist.stages if isinstance(s, SplitTF32)] == [True] * (weighted - 2) + [False] * 2
 
 
 def test_torch_fast_tf32x2_verifies_at_fp32(tmp_path):
@@ -103,9 +258,10 @@ def test_torch_fast_tf32x2_verifies_at_fp32(tmp_path):
 
 
 def test_tf32x2_export_carries_the_split_weights_and_verifies_on_onnx_runtime(tmp_path):
-    """`export --precision tf32x2`: the spike layers' stacked hi/lo weights in the graph, the fp32 module's
-    outputs as reference; ONNX Runtime (fp32 on the CPU) passes verify; the CUDA runner turns TF32 on
-    for this file only."""
+    """`export --precision tf32x2`: every conv/linear split in the graph (the spike layers' stacked hi/lo
+    weights; the first conv's input split by the graph and its weights laid along the input channels),
+    the fp32 module's outputs as reference; ONNX Runtime (fp32 on the CPU) passes verify; the CUDA
+    runner turns TF32 on for this file only, which is why no layer of it may be left unsplit."""
     onnx = pytest.importorskip("onnx")
     pytest.importorskip("onnxruntime")
     from onnx import numpy_helper
@@ -119,15 +275,26 @@ def test_tf32x2_export_carries_the_split_weights_and_verifies_on_onnx_runtime(tm
     run = make_run(tmp_path, tiny_zoo_config(REPO / "models" / "bench-cifar.toml"))
     export_run(run, n_random=16, n_real=0)
     result = export_run(run, layers=True, precision="tf32x2", n_random=16, n_real=0)
-    assert result.path.name == "model_tf32x2_layers.onnx" and result.split_tf32_layers == 7
+    assert result.path.name == "model_tf32x2_layers.onnx" and result.split_tf32_layers == 8  # 5 convs, 3 linears
     entry = read_manifest(run)["exports"]["model_tf32x2_layers.onnx"]
-    assert entry["precision"] == "tf32x2" and entry["split_tf32_layers"] == 7
-    conv_weights = [numpy_helper.to_array(t) for t in onnx.load(str(result.path)).graph.initializer if t.dims and len(t.dims) == 4]
-    stacked = [w for w in conv_weights if w.shape[0] in (32, 64, 128) and w.shape[1] > 3]  # 2 x C_out of convs 2-5
+    assert entry["precision"] == "tf32x2" and entry["split_tf32_layers"] == 8
+    graph = onnx.load(str(result.path)).graph
+    conv_weights = [numpy_helper.to_array(t) for t in graph.initializer if t.dims and len(t.dims) == 4]
+    stacked = [w for w in conv_weights if w.shape[0] in (32, 64, 128) and w.shape[1] != 3 * 3]  # 2 x C_out of convs 2-5
     assert len(stacked) == 4
     for w in stacked:
         hi, lo = np.split(w, 2)
         assert np.array_equal(round_to_tf32(torch.tensor(hi)).numpy(), hi) and np.abs(lo).max() > 0
+    first = [w for w in conv_weights if w.shape[1] == 3 * 3]  # the input conv: [W_hi | W_lo | W_hi] on 3 x 3 channels
+    assert len(first) == 1
+    hi, lo, hi_again = np.split(first[0], 3, axis=1)
+    assert np.array_equal(hi, hi_again) and np.array_equal(round_to_tf32(torch.tensor(hi)).numpy(), hi)
+    # the input split survived the exporter's optimizer as written: x * 2^13, not x * (2^13 + 1)
+    constants = [float(v) for t in graph.initializer if t.data_type == onnx.TensorProto.FLOAT and not t.dims
+                 for v in numpy_helper.to_array(t).ravel()]
+    constants += [float(numpy_helper.to_array(a.t)) for n in graph.node if n.op_type == "Constant"
+                  for a in n.attribute if a.name == "value" and not a.t.dims]
+    assert 8192.0 in constants and 8193.0 not in constants
     report = verify_run(run, "ort-cpu", "tf32x2", model_file="model_tf32x2_layers.onnx")
     assert report["passed"], report["reasons"]
     assert cuda_provider_options(run, "model_tf32x2_layers.onnx") == {"use_tf32": "1"}
@@ -153,10 +320,20 @@ def test_on_the_gpu_split_tf32_is_as_accurate_as_fp32_and_plain_tf32_is_not():
             tf32_err = (conv(s).double() - exact).abs().max().item()
         torch.backends.cudnn.allow_tf32 = False
         split_err = (SplitTF32(conv)(s).double() - exact).abs().max().item()
+        # analog input (the first conv's, NeuNorm's output): the input split too
+        x = torch.randn(64, 256, 16, 16, device="cuda")
+        exact_x = F.conv2d(x.double(), conv.weight.double(), conv.bias.double(), padding=1)
+        fp32_x_err = (conv(x).double() - exact_x).abs().max().item()
+        analog_err = (SplitTF32(conv, analog=True)(x).double() - exact_x).abs().max().item()
+        with tf32_math(True):
+            tf32_x_err = (conv(x).double() - exact_x).abs().max().item()
     finally:
         torch.backends.cudnn.allow_tf32 = saved
     # fp32-accurate: within a small factor of cuDNN's own fp32 convolution (tensor cores may accumulate
     # with truncation, so not necessarily better), and far from plain TF32
     assert split_err < 16 * fp32_err + 1e-6
     assert tf32_err > 50 * split_err
-    print(f"max error vs float64: fp32 {fp32_err:.3g}, split TF32 {split_err:.3g}, plain TF32 {tf32_err:.3g}")
+    assert analog_err < 16 * fp32_x_err + 1e-6
+    assert tf32_x_err > 50 * analog_err
+    print(f"max error vs float64: fp32 {fp32_err:.3g}, split TF32 {split_err:.3g}, plain TF32 {tf32_err:.3g}; "
+          f"analog input: fp32 {fp32_x_err:.3g}, split TF32 {analog_err:.3g}, plain TF32 {tf32_x_err:.3g}")
