@@ -181,6 +181,30 @@ def test_ort_cpu_sessions_are_shape_specialized_and_bounded(exported_run, monkey
         assert session.get_inputs()[0].shape[1] == 32  # the batch is fixed in the session itself
 
 
+def test_ort_cpu_threads_follow_the_cpu_affinity(exported_run):
+    """Under taskset (or a cpuset), ONNX Runtime gets one thread per CPU the process may use, not per CPU of
+    the machine: more would only take turns on the same cores."""
+    import os
+
+    pytest.importorskip("onnxruntime")
+    if not hasattr(os, "sched_setaffinity"):
+        pytest.skip("no CPU affinity on this OS")
+    allowed = os.sched_getaffinity(0)
+    if len(allowed) < 2:
+        pytest.skip("needs two usable CPUs to restrict to one")
+    os.sched_setaffinity(0, {min(allowed)})
+    try:
+        with create_runner("ort-cpu", exported_run) as runner:
+            x = np.load(exported_run / "reference_inputs.npz")["random"][:, :2]
+            handle = runner.prepare({"input": x})
+            runner.run_prepared(handle)
+            assert runner.timing_mode(handle) == "CPU, 1 threads"
+            session = next(iter(runner._specialized.values()))
+            assert session.get_session_options().intra_op_num_threads == 1
+    finally:
+        os.sched_setaffinity(0, allowed)
+
+
 def _bound_on_cpu():
     """ort-cuda's IO-binding path (fixed buffers, in-place input updates, copy-out) on ONNX Runtime's CPU
     provider: the same calls the CUDA runner makes, checkable without a GPU. The CUDA-graph option is

@@ -18,7 +18,7 @@ import numpy as np
 from ..errors import ArtifactError, InputError
 from .base import Runner, TensorSpec, validate_feed
 
-__all__ = ["OrtCpuRunner", "OrtCudaRunner", "cuda_provider_options", "session_outputs", "free_dimensions"]
+__all__ = ["OrtCpuRunner", "OrtCudaRunner", "cuda_provider_options", "session_outputs", "free_dimensions", "usable_cpus"]
 
 _ORT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(double)": "float64"}
 MAX_SESSIONS = 4  # shape-specialized sessions kept per runner (verify uses 2 batch sizes, bench 3)
@@ -58,6 +58,15 @@ def _first_line(e: Exception) -> str:
     return (text.splitlines()[0] if text else type(e).__name__)[:200]
 
 
+def usable_cpus() -> int:
+    """The CPUs this process may run on: its affinity mask (taskset, a container's cpuset) where the OS has one,
+    else every CPU. More threads than that would only take turns on the same cores."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # macOS, Windows: no affinity call
+        return max(1, os.cpu_count() or 2)
+
+
 class _OrtRunner(Runner):
     provider = "CPUExecutionProvider"
     provider_options: dict[str, str] = {}
@@ -92,7 +101,7 @@ class _OrtRunner(Runner):
         return f"CPU, {self._intra_op_threads()} threads"
 
     def _intra_op_threads(self) -> int:
-        return self.threads or max(1, (os.cpu_count() or 2))
+        return self.threads or usable_cpus()
 
     def _session_options(self, dims: tuple[tuple[str, int], ...]):
         ort = _onnxruntime()
