@@ -280,3 +280,34 @@ def test_a_broken_peer_install_costs_its_row(tmp_path, monkeypatch):
     assert result["variants"]["spikingjelly"] == "failed: ImportError: built for another torch"
     assert result["variants"]["snntorch"] == "failed: ImportError: built for another torch"
     assert result["variants"]["snncompile (layer-major)"]["median_ms"] > 0
+
+
+def test_ratios_are_to_the_first_of_our_variants_timed(monkeypatch):
+    """Our first variant failing does not make the next row (the torch loop) the 1.00x baseline: the ratios
+    are to the first of ours that was timed, named in the header, and absent when none of ours was."""
+    import torch
+
+    import snncompile.bench_train as bt
+    from snncompile.config import load_config
+
+    calls = []
+
+    def time_steps(step, device, steps, warmup):
+        calls.append(1)
+        if len(calls) == 1:  # our layer-major step
+            raise RuntimeError("out of memory")
+        return {"median_ms": 2.0, "min_ms": 2.0, "peak_mib": None}
+
+    monkeypatch.setattr(bt, "_time_steps", time_steps)
+    cfg = load_config(REPO / "models" / "bench-nmnist.toml", ["model.arch='8C3-AP2-16FC-10'", "model.T=2",
+                                                               "data.batch_size=2"])
+    table = bt.format_train_table(bt.bench_train(cfg, torch.device("cpu"), steps=1, warmup=0, echo=lambda s: None))
+    assert "| vs snncompile (none timed) |" in table and "| torch loop (step-major) | 2.0 |" in table
+    assert "x |" not in table and table.splitlines()[-1].endswith("| - |")
+    result = {"model": "m", "T": 2, "batch": 4, "precision": "fp32", "device": "cuda", "steps": 1, "variants": {
+        "snncompile (fused LIF)": "failed: RuntimeError: out of memory",
+        "snncompile (fused LIF, CUDA graph)": {"median_ms": 4.0, "peak_mib": 1.0, "saved_mib": 1.0},
+        "torch loop (step-major)": {"median_ms": 8.0, "peak_mib": 1.0, "saved_mib": 1.0}}}
+    table = bt.format_train_table(result)
+    assert "| vs snncompile (fused LIF, CUDA graph) |" in table
+    assert "| 1.00x |" in table and table.splitlines()[-1].endswith("| 2.00x |")
