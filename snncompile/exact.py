@@ -176,8 +176,12 @@ def input_grids(stages: list[nn.Module]) -> list[LayerGrid]:
             if not _pools_exactly(stage, torch.float32):
                 raise ConfigError(f"stage {i}: exact arithmetic needs power-of-two pooling windows without padding "
                                   f"(AP2, AP4), got {stage}")
+            window = _pool_window(stage)
+            if window * grid.bound * 2.0**grid.frac_bits > 2.0**SIGNIFICAND_BITS:
+                raise ConfigError(f"stage {i}: a {stage.kernel_size} pool's window sum of values up to {grid.bound:.3g} "
+                                  f"on a 2^-{grid.frac_bits} grid is not exact in fp32: lower model.exact_bits")
             # the window sum is exact on the grid; dividing by 2^k adds k fractional bits
-            grid = Grid(grid.frac_bits + int(math.log2(_pool_window(stage))), grid.bound)
+            grid = Grid(grid.frac_bits + int(math.log2(window)), grid.bound)
         elif not isinstance(stage, (nn.Flatten, nn.Dropout)):
             grid = None  # anything else: unknown values
     return plan
@@ -201,9 +205,7 @@ def snap_to_grid(stages: list[nn.Module]) -> list[dict]:
             for _ in range(4):  # rounding can grow sum|w| past a power of two: then once more, one bit coarser
                 bits = lg.weight_bits()
                 if int(bits.min()) < MIN_WEIGHT_BITS:
-                    raise ConfigError(
-                        f"exact arithmetic: stage {lg.index} ({type(layer).__name__}) would keep only {int(bits.min())} "
-                        f"fractional weight bits next to {lg.input.frac_bits} input bits: lower model.exact_bits")
+                    raise ConfigError(_too_few_bits(lg, int(bits.min())))
                 scale = torch.exp2(bits.to(layer.weight.dtype)).to(layer.weight.device)
                 per_row = scale.view(-1, *[1] * (layer.weight.dim() - 1))
                 layer.weight.copy_(torch.round(layer.weight * per_row) / per_row)
@@ -220,6 +222,17 @@ def snap_to_grid(stages: list[nn.Module]) -> list[dict]:
                 "max_rel_change": float((layer.weight.detach() - before).abs().max()) / largest if largest else 0.0,
             })
     return report
+
+
+def _too_few_bits(lg: LayerGrid, bits: int) -> str:
+    """Why ``lg`` cannot be snapped, and what would help: fewer input bits, unless it has none to give."""
+    head = (f"exact arithmetic: stage {lg.index} ({type(lg.layer).__name__}) would keep only {bits} fractional "
+            f"weight bits next to {lg.input.frac_bits} input bits")
+    if lg.input.frac_bits > 0:
+        return f"{head}: lower model.exact_bits"
+    # spikes (or sums of them) carry no fractional bits: only the weights' own size is left to blame
+    return (f"{head}: its weights are too large for fp32 (sum of |w| per output up to "
+            f"{float(lg.largest_sum().max()):.3g}); did training diverge?")
 
 
 def grid_violations(stages: list[nn.Module]) -> list[str]:

@@ -77,6 +77,17 @@ def test_too_many_input_bits_for_a_layer_is_a_config_error():
         snap_to_grid([Quantize(16, 1.0), layer])
 
 
+def test_too_large_weights_after_spikes_blame_the_weights_not_the_input_bits():
+    # spikes carry 0 fractional bits, so lowering model.exact_bits cannot help: S = 2^22 leaves 24 - 22 = 2
+    layer = nn.Linear(64, 1)
+    with torch.no_grad():
+        layer.weight.fill_(2.0**16)
+        layer.bias.zero_()
+    with pytest.raises(ConfigError, match="only 2 fractional weight bits next to 0 input bits: its weights are too "
+                                          "large for fp32 \\(sum of \\|w\\| per output up to 4.19e\\+06\\)"):
+        snap_to_grid([LIFCell(LIFParams(), "lif1"), layer])
+
+
 def _net(arch: str, exact: bool = True, neunorm: bool = True) -> SpikingNetwork:
     return SpikingNetwork(arch, (1, 8, 8), LIFParams(), neunorm=neunorm, exact=exact, exact_bits=8, exact_input_max=1.0)
 
@@ -196,5 +207,8 @@ def test_the_grid_walk_refuses_what_would_leave_the_grid():
         input_grids([Quantize(8, 1.0), nn.AvgPool2d(3), nn.Flatten(), nn.Linear(4, 2)])
     with pytest.raises(ConfigError, match="must follow NeuNorm"):
         input_grids([Quantize(8), nn.Linear(4, 2)])
+    # a window sum past fp32's 24 bits: 16 values up to 300 on a 2^-16 grid reach 2^28.2
+    with pytest.raises(ConfigError, match="pool's window sum .* is not exact in fp32"):
+        input_grids([Quantize(16, 300.0), nn.AvgPool2d(4), nn.Flatten(), nn.Linear(1, 1)])
     # a pool of 4 keeps the grid, 2 bits finer
     assert input_grids([Quantize(8, 1.0), nn.AvgPool2d(2), nn.Flatten(), nn.Linear(4, 2)])[0].input.frac_bits == 10
