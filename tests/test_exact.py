@@ -177,6 +177,28 @@ def test_torch_fast_computes_an_exact_models_membranes_bit_for_bit(tmp_path):
         assert runner.direct_convs == torch.cuda.is_available()
 
 
+def test_the_reference_runners_convolve_an_exact_model_without_cudnn_on_cuda(tmp_path):
+    """torch, torch-loop and torch-compile run an exact model's convolutions as torch-fast does on CUDA:
+    without cuDNN, whose Winograd/FFT algorithms would round its exact sums (the context they compute
+    in, looked at with the device set to CUDA: no GPU needed to see it); TF32 off either way."""
+    import torch
+    from helpers import make_run
+    from snncompile.backends import create_runner
+    from snncompile.export_onnx import export_run
+
+    run = make_run(tmp_path, load_config(REPO / "models" / "digits.toml", ["model.exact=true"]))
+    export_run(run, n_random=4, n_real=0, check_numerics=False)
+    with create_runner("torch", run, "model.onnx") as runner:
+        assert runner.exact_model
+        runner.device = torch.device("cuda")
+        with runner.fp32_numerics():
+            assert not torch.backends.cudnn.enabled and not torch.backends.cudnn.allow_tf32
+        assert torch.backends.cudnn.enabled
+        runner.exact_model = False
+        with runner.fp32_numerics():
+            assert torch.backends.cudnn.enabled and not torch.backends.cudnn.allow_tf32
+
+
 def test_cudnn_is_restored_after_the_direct_convolutions():
     import torch
     from snncompile.backends.pt import cudnn_disabled

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .pt import PerTimestepRunner, no_tf32
+from .pt import PerTimestepRunner
 
 __all__ = ["TorchCompileRunner"]
 
@@ -35,7 +35,7 @@ class TorchCompileRunner(PerTimestepRunner):
     def _forward(self, args: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
         if self.cuda_graph:  # a new step for the CUDA-graph trees: the previous call's outputs may be reused
             torch.compiler.cudagraph_mark_step_begin()
-        with torch.inference_mode(), no_tf32():
+        with torch.inference_mode(), self.fp32_numerics():
             return self._compiled(*args)
 
     def run_prepared(self, handle) -> None:

@@ -93,9 +93,18 @@ class TorchRunner(Runner):
         super().prepare(feed)
         return [torch.from_numpy(np.ascontiguousarray(feed[s.name])).to(self.device) for s in self._inputs]
 
+    def fp32_numerics(self) -> contextlib.ExitStack:
+        """fp32 as the reference computes it: TF32 off, and for an exact model on CUDA convolutions without
+        cuDNN (:func:`cudnn_disabled`: its Winograd/FFT algorithms would round the exact sums)."""
+        stack = contextlib.ExitStack()
+        stack.enter_context(no_tf32())
+        if self.exact_model and self.device.type == "cuda":
+            stack.enter_context(cudnn_disabled())
+        return stack
+
     @torch.no_grad()
     def run_prepared(self, handle) -> None:
-        with no_tf32():
+        with self.fp32_numerics():
             self.graph(*handle)
         self._wait()
 
@@ -113,7 +122,7 @@ class TorchRunner(Runner):
     @torch.no_grad()
     def _run(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         args = [torch.from_numpy(np.ascontiguousarray(feed[s.name])).to(self.device) for s in self._inputs]
-        with no_tf32():
+        with self.fp32_numerics():
             outs = self.graph(*args)
         return {name: out.cpu().numpy() for name, out in zip(self._outputs, outs)}
 
