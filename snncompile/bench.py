@@ -271,9 +271,8 @@ def _gate(run_dir: Path, name: str, numerics: str, options: dict, model_file: st
     is the torch module of the run's checkpoint: a twin of older weights would fail on real spike mismatches
     that the timed file does not have, and a timed file of older weights fails its own check below.
 
-    The timed file passes when its verify passed; or, where a numerical spike flip happened (which only the
-    _layers graph can show), when its scores differ from torch's no more than its twin's did (on every sample,
-    flipped ones included), it has no NaN/inf, and no more predictions changed than samples had flips."""
+    The timed file passes when it is the file its export recorded and its scores are off only on as few
+    samples as numerical spike flips explain (:func:`_timed_file_reasons`)."""
     layers_file = model_file if model_file.endswith("_layers.onnx") else model_file.replace(".onnx", "_layers.onnx")
     if not _is_twin(run_dir, model_file, export, read_manifest(run_dir).get("exports", {}).get(layers_file), layers_file):
         from .export_onnx import export_run
@@ -322,24 +321,29 @@ def _file_reasons(model_file: str, report: dict) -> list[str]:
 
 def _timed_file_reasons(model_file: str, plain: dict, layers: dict) -> list[str]:
     """Why the timed file fails, given its own verify (``plain``, outputs only) and its twin's (``layers``).
-    A numerical flip may move a score by a quantum or more and change a close prediction, so where the twin
-    showed flips the timed file may differ as much as the twin did, and change at most as many predictions."""
-    if not plain["model_matches_export"] or not layers["top1"]["samples_diverged"]:
-        return [f"{model_file}: {r}" for r in _file_reasons(model_file, plain)]  # no flip: nothing to excuse
+
+    The timed file runs other kernels than its twin (ONNX Runtime and TensorRT choose per graph), so a
+    numerical spike flip may land on other samples in it, and only the twin can show flips. A flip moves the
+    scores of its own sample, by a quantum or more, and may change a close prediction. So the timed file may
+    have scores off on as many samples as the twin had flips (at least one, twice as many where it had any:
+    the same rate of flips lands on other samples), and change no more predictions than that; NaN/inf never.
+    A wrong file (other weights, a shifted bias) has scores off on most samples."""
+    if not plain["model_matches_export"]:
+        return [f"{model_file}: {r}" for r in _file_reasons(model_file, plain)]
+    allowed = max(1, 2 * layers["top1"]["samples_diverged"])
     reasons = []
-    atol = plain["tolerance"]["score_atol"]
     for out, e in plain["outputs"].items():
-        limit = max(layers["outputs"].get(out, {}).get("max_abs", 0.0), atol)
         if e["non_finite"]:
             reasons.append(f"{model_file}: {out}: {e['non_finite']} NaN/inf values where torch's are finite")
-        if e["max_abs"] > limit:
-            reasons.append(f"{model_file}: {out} differ by {e['max_abs']:.3g} > {limit:.3g} (its _layers twin's "
-                           "difference, spike flips included)")
+        if e["samples_off"] > allowed:
+            reasons.append(f"{model_file}: {out} differ by up to {e['max_abs']:.3g} (> {plain['tolerance']['score_atol']:g}) "
+                           f"on {e['samples_off']} samples, more than the {allowed} that numerical spike flips "
+                           f"explain (its _layers twin: {layers['top1']['samples_diverged']} samples with flips)")
     t = plain["top1"]
     changed = t["unambiguous"] - t["unambiguous_agree"]
-    if changed > layers["top1"]["samples_diverged"]:
-        reasons.append(f"{model_file}: {changed} predictions differ, more than the "
-                       f"{layers['top1']['samples_diverged']} samples with numerical spike flips")
+    if changed > allowed:
+        reasons.append(f"{model_file}: {changed} predictions differ, more than the {allowed} that numerical "
+                       "spike flips explain")
     return reasons
 
 

@@ -205,7 +205,9 @@ class _Tally:
         self.runner = runner
         # max_abs_spike_exact: over the samples whose every spike matched (layers checked only)
         # non_finite: NaN/inf where the reference is finite (a NaN difference would slip through max())
-        self.errors = {n: {"max_abs": 0.0, "max_rel": 0.0, "max_abs_spike_exact": 0.0, "non_finite": 0} for n in plain}
+        # samples_off: samples with a value off by more than score_atol (or not finite)
+        self.errors = {n: {"max_abs": 0.0, "max_rel": 0.0, "max_abs_spike_exact": 0.0, "non_finite": 0, "samples_off": 0}
+                       for n in plain}
         self.stats: dict[str, LayerStats] = {}
         # unambiguous: the reference's top-2 margin exceeds score_atol; *_exact: samples whose spikes all
         # matched (a numerical flip may legitimately move a voted score by one 1/(T*G) quantum).
@@ -225,6 +227,7 @@ class _Tally:
             diff = np.abs(ref[n].astype(np.float64) - run[n])
             broken = ~np.isfinite(diff)
             e["non_finite"] += int((broken & np.isfinite(ref[n])).sum())
+            e["samples_off"] += int(((diff > tol.score_atol) | broken).reshape(len(diff), -1).any(1).sum())
             diff[broken] = 0.0  # counted above; the maxima describe the finite values
             e["max_abs"] = max(e["max_abs"], float(diff.max(initial=0.0)))
             e["max_abs_spike_exact"] = max(e["max_abs_spike_exact"], float(diff[~flipped].max(initial=0.0)))
