@@ -21,12 +21,16 @@ def write_nmnist_bin(path: Path, x, y, p, t) -> None:
 
 
 def write_aedat2(path: Path, x, y, p, t) -> None:
-    """AEDAT 2.0 as CIFAR10-DVS ships it: '#' header lines (CRLF), then big-endian (address, timestamp)
-    pairs with DVS128 addresses (x in bits 1-7, y in bits 8-14, both mirrored; bit 0 = 1 - polarity)."""
-    x, y, p, t = (np.asarray(a, np.int64) for a in (x, y, p, t))
-    addr = ((127 - y) << 8) | ((127 - x) << 1) | (1 - p)
-    body = np.zeros(len(x), np.dtype([("address", ">u4"), ("timeStamp", ">u4")]))
-    body["address"], body["timeStamp"] = addr, t
+    """AEDAT 2.0 as CIFAR10-DVS ships it, events in dat2mat.m's coordinates: see :func:`write_aedat2_raw`;
+    DVS128 addresses with x in bits 1-7 (mirrored), y in bits 8-14, bit 0 = 1 - polarity."""
+    x, y, p = (np.asarray(a, np.int64) for a in (x, y, p))
+    write_aedat2_raw(path, (y << 8) | ((127 - x) << 1) | (1 - p), t)
+
+
+def write_aedat2_raw(path: Path, addresses, timestamps) -> None:
+    """'#' header lines (CRLF), then big-endian (address, timestamp) uint32 pairs."""
+    body = np.zeros(len(addresses), np.dtype([("address", ">u4"), ("timeStamp", ">u4")]))
+    body["address"], body["timeStamp"] = addresses, timestamps
     header = b"#!AER-DAT2.0\r\n# This is a raw AE data file - do not edit\r\n# Data format is int32 address, int32 timestamp (8 bytes total), repeated for each event\r\n"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(header + body.tobytes())

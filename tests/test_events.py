@@ -11,7 +11,7 @@ pytest.importorskip("tonic")
 from click.testing import CliRunner  # noqa: E402
 
 from conftest import REPO  # noqa: E402
-from event_files import make_nmnist, write_aedat2, write_gesture_npy, write_nmnist_bin  # noqa: E402
+from event_files import make_nmnist, write_aedat2, write_aedat2_raw, write_gesture_npy, write_nmnist_bin  # noqa: E402
 from snncompile.cli import cli  # noqa: E402
 from snncompile.config import load_config  # noqa: E402
 from snncompile.data import load_dataset  # noqa: E402
@@ -37,11 +37,38 @@ def test_aedat2_round_trip(tmp_path):
     assert ev["p"].tolist() == [1, 0, 1] and ev["t"].tolist() == [10, 20, 4_000_000]
 
 
+def test_aedat2_addresses_decode_as_dat2mat_by_hand(tmp_path):
+    """dat2mat.m, CIFAR10-DVS's own loader: x = 127 - bits 1-7, y = bits 8-14 (not mirrored), ON where bit 0
+    is 0. Address (7 << 8) | (5 << 1) | 0: x 122, y 7, ON; (0 << 8) | (127 << 1) | 1: x 0, y 0, OFF."""
+    path = tmp_path / "cifar10_cat_0.aedat"
+    write_aedat2_raw(path, [(7 << 8) | (5 << 1), (127 << 1) | 1], [10, 20])
+    ev = read_events("dvs_cifar10", path)
+    assert (ev["x"].tolist(), ev["y"].tolist(), ev["p"].tolist()) == ([122, 0], [7, 0], [1, 0])
+
+
+def test_aedat2_timestamps_continue_after_a_backward_step_as_dat2mat(tmp_path):
+    """A timestamp stepping backwards (the 32-bit counter wrapping, or a clock reset): what follows continues
+    from the timestamp before it. Four events 0.5 ms apart across the 2^32 us wrap bin one per step."""
+    from snncompile.data.events import FrameSpec, events_to_frames
+
+    path = tmp_path / "cifar10_cat_0.aedat"
+    wrap = 2**32
+    write_aedat2_raw(path, [0, 0, 0, 0, 0], [wrap - 1000, wrap - 500, 100, 600, 50])
+    t = read_events("dvs_cifar10", path)["t"]
+    # after the wrap: + (2^32 - 500); after the reset at the end: + the time before it as offset, 2^32 + 100
+    assert t.tolist() == [wrap - 1000, wrap - 500, wrap - 400, wrap + 100, wrap + 150]
+    events = {"x": np.full(4, 127), "y": np.zeros(4, np.int64), "p": np.ones(4, np.int64), "t": t[:4]}
+    frames = events_to_frames(events, SOURCES["dvs_cifar10"], FrameSpec(steps=4))
+    assert frames.reshape(4, -1).sum(1).tolist() == [1, 1, 1, 1]
+
+
 def test_gesture_npy_round_trip(tmp_path):
     path = tmp_path / "user01_led" / "3.npy"
     write_gesture_npy(path, np.array([3, 100]), np.array([4, 127]), np.array([0, 1]), np.array([1.5, 2000.0]))
     ev = read_events("dvs_gesture", path)
     assert ev["x"].tolist() == [3, 100] and ev["t"].tolist() == [1500, 2_000_000]
+    write_gesture_npy(path, np.array([0]), np.array([0]), np.array([0]), np.array([1.001]))
+    assert read_events("dvs_gesture", path)["t"].tolist() == [1001]  # 1.001 * 1000 is 1000.999...: rounded
 
 
 def test_frames_by_hand():

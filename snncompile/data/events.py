@@ -146,8 +146,9 @@ def read_events(name: str, path: Path) -> dict[str, np.ndarray]:
             arr = np.load(path, allow_pickle=False)
             if arr.ndim != 2 or arr.shape[1] != 4:
                 raise DataError(f"{path}: expected an [N, 4] array (x, y, p, t), got {arr.shape}")
+            # ms -> us, rounded: 1.001 ms * 1000 is 1000.9999... in binary floating point
             return {"x": arr[:, 0].astype(np.int64), "y": arr[:, 1].astype(np.int64), "p": arr[:, 2].astype(np.int64),
-                    "t": (arr[:, 3].astype(np.float64) * 1000).astype(np.int64)}  # ms -> us
+                    "t": np.rint(arr[:, 3].astype(np.float64) * 1000).astype(np.int64)}
         if path.suffix == ".aedat4":
             io = _tonic_io()
             try:
@@ -161,15 +162,26 @@ def read_events(name: str, path: Path) -> dict[str, np.ndarray]:
         version, start, _ = io.read_aedat_header_from_file(str(path))
         raw = io.get_aer_events_from_file(str(path), version, start)
         addr = raw["address"].astype(np.int64)
-        # DVS128 address layout as decoded by the dataset's own MATLAB loader (dat2mat.m):
-        # x in bits 1-7 and y in bits 8-14, both mirrored; polarity bit 0, inverted.
-        return {"x": 127 - ((addr & 0xFE) >> 1), "y": 127 - ((addr & 0x7F00) >> 8), "p": 1 - (addr & 1),
-                "t": raw["timeStamp"].astype(np.int64)}
+        # DVS128 address layout as decoded by the dataset's own MATLAB loader (dat2mat.m): x in bits 1-7,
+        # mirrored; y in bits 8-14 as is; polarity bit 0, inverted (0 = ON).
+        return {"x": 127 - ((addr & 0xFE) >> 1), "y": (addr & 0x7F00) >> 8, "p": 1 - (addr & 1),
+                "t": _continue_after_backward_steps(raw["timeStamp"].astype(np.int64))}
     except SnnCompileError:
         raise
     except Exception as e:  # noqa: BLE001  tonic's decoders fail on malformed files with any type (UnboundLocalError on
         # an AEDAT file without a header, NotImplementedError on AEDAT 1.x/3.x, a bare Exception on an empty .aedat4)
         raise DataError(f"{path}: cannot decode ({type(e).__name__}: {str(e)[:120]})") from None
+
+
+def _continue_after_backward_steps(t: np.ndarray) -> np.ndarray:
+    """Timestamps ``[N]`` (us) that step backwards (the recorder's clock reset, or its 32-bit counter wrapping
+    after 71 minutes) continued as dat2mat.m does: the run of events after a backward step, up to the next
+    one, is offset by the timestamp just before it (as already offset itself)."""
+    backward = np.flatnonzero(t[:-1] > t[1:])
+    t = t.copy()
+    for k, last in zip(backward, [*backward[1:], len(t) - 1]):  # ascending: t[k] is already offset
+        t[k + 1 : last + 1] += t[k]
+    return t
 
 
 def events_to_frames(events: dict[str, np.ndarray], source: EventSource, spec: FrameSpec) -> np.ndarray:
