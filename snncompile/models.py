@@ -62,7 +62,13 @@ def parse_architecture(arch: str, width_divisor: int = 1) -> list[LayerSpec]:
             1 keeps the widths as written.
     """
     specs: list[LayerSpec] = []
-    tokens = [t.strip() for t in arch.replace("(Encoding)", "").split("-")]
+    tokens = [t.strip() for t in arch.split("-")]
+    first = tokens[0].removesuffix("(Encoding)")  # the paper's label of the first conv: nothing to build
+    if first != tokens[0]:
+        m = _TOKEN.match(first)
+        if m is None or not m["conv"]:
+            raise ConfigError(f"'(Encoding)' labels the first layer, a conv, in {arch!r}; got {tokens[0]!r}")
+        tokens[0] = first
     for i, token in enumerate(tokens):
         m = _TOKEN.match(token)
         if m is None:

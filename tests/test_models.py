@@ -49,7 +49,10 @@ def test_parse_paper_notation():
 
 
 @pytest.mark.parametrize("arch", ["128C3-XX-Voting", "Voting-128C3", "AP2-10FC-Voting", "128C3-64FC",
-                                  "8C2-8C3-10", "8C3-AP0-10", "0C3-10", "8C3-0FC-10"])
+                                  "8C2-8C3-10", "8C3-AP0-10", "0C3-10", "8C3-0FC-10",
+                                  # '(Encoding)' labels the first conv only, once
+                                  "32C3-AP2(Encoding)-Voting", "32C3-64C3(Encoding)-Voting", "32C3-Voting(Encoding)",
+                                  "(Encoding)32C3-Voting", "32C3(Encoding)(Encoding)-Voting", "64FC(Encoding)-Voting"])
 def test_bad_architecture_is_one_line_config_error(arch):
     with pytest.raises(ConfigError) as err:
         SpikingNetwork(arch, (1, 8, 8), LIFParams())
