@@ -37,6 +37,7 @@ class ModelConfig:
     neunorm: bool = False
     neunorm_before_fc: bool = False
     k_tau2: float = 0.9
+    neunorm_u_init: float = 0.0  # every entry of NeuNorm's U at the start (PAPER.md: unverified; 0 = identity)
     dropout: float = 0.0
     # exact arithmetic (snncompile/exact.py): every membrane the same bits in every fp32 runtime
     exact: bool = False
@@ -195,6 +196,8 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(f"model.input_shape must be [C, H, W] (or [F]) with positive sizes, got {m.input_shape}")
     if not 0.0 < m.k_tau1 <= 1.0 or not 0.0 <= m.k_tau2 < 1.0:
         raise ConfigError(f"need 0 < model.k_tau1 <= 1 and 0 <= model.k_tau2 < 1, got {m.k_tau1}, {m.k_tau2}")
+    if not math.isfinite(m.neunorm_u_init):
+        raise ConfigError(f"model.neunorm_u_init must be finite, got {m.neunorm_u_init}")
     if m.a <= 0 or not 0.0 <= m.dropout < 1.0:
         raise ConfigError(f"need model.a > 0 and 0 <= model.dropout < 1, got {m.a}, {m.dropout}")
     if not 0 <= m.exact_bits <= 16 or not m.exact_input_max > 0:

@@ -44,13 +44,14 @@ class NeuNorm(nn.Module):
         channels: F.
         height, width: spatial size of the maps it normalises.
         k_tau2: decay of the auxiliary neuron (PAPER.md: 0.9 default, unverified).
+        u_init: the value every entry of U starts at (PAPER.md: unverified). The default 0 starts NeuNorm as
+            the identity and lets it learn how much to subtract.
     """
 
-    def __init__(self, channels: int, height: int, width: int, k_tau2: float = 0.9):
+    def __init__(self, channels: int, height: int, width: int, k_tau2: float = 0.9, u_init: float = 0.0):
         super().__init__()
         self.k_tau2 = float(k_tau2)
-        # Zero init: NeuNorm starts as the identity and learns how much to subtract.
-        self.u_scale = nn.Parameter(torch.zeros(channels, height, width))
+        self.u_scale = nn.Parameter(torch.full((channels, height, width), float(u_init)))
 
     def initial_state(self, spikes_t: Tensor) -> Tensor:
         """x[0] = 0 for a ``[B, F, H, W]`` step input -> ``[B, 1, H, W]``."""

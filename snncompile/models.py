@@ -236,6 +236,7 @@ class SpikingNetwork(nn.Module):
         neunorm: insert NeuNorm after the LIF of every conv that feeds another conv.
         neunorm_before_fc: also after the last conv (before the first FC).
         k_tau2: NeuNorm decay.
+        neunorm_u_init: the value NeuNorm's U starts at.
         dropout: dropout probability on the spikes of hidden FC layers (new mask every step).
         width_divisor: shrink widths for tiny test networks.
         exact: exact arithmetic (see :mod:`snncompile.exact`): quantize the input and NeuNorm's outputs
@@ -260,6 +261,7 @@ class SpikingNetwork(nn.Module):
         exact: bool = False,
         exact_bits: int = 8,
         exact_input_max: float = 4.0,
+        neunorm_u_init: float = 0.0,
     ):
         super().__init__()
         self.arch = arch
@@ -294,7 +296,7 @@ class SpikingNetwork(nn.Module):
                 n_lif += 1
                 stages.append(LIFCell(lif, f"lif{n_lif}"))
                 if neunorm and nxt is not None and (nxt.kind == "conv" or neunorm_before_fc):
-                    stages.append(NeuNormCell(NeuNorm(c, h, w, k_tau2), f"neunorm{n_lif}"))
+                    stages.append(NeuNormCell(NeuNorm(c, h, w, k_tau2, neunorm_u_init), f"neunorm{n_lif}"))
                     if exact:  # NeuNorm's outputs are real-valued: back onto the grid before they are summed
                         stages.append(Quantize(exact_bits))
             elif spec.kind == "pool":
@@ -510,6 +512,7 @@ def network_from_config(model_cfg, width_divisor: int = 1) -> SpikingNetwork:
         neunorm=m.neunorm,
         neunorm_before_fc=m.neunorm_before_fc,
         k_tau2=m.k_tau2,
+        neunorm_u_init=m.neunorm_u_init,
         dropout=m.dropout,
         width_divisor=width_divisor,
         exact=m.exact,

@@ -59,6 +59,17 @@ def test_bad_architecture_is_one_line_config_error(arch):
     assert "\n" not in str(err.value)
 
 
+def test_neunorm_u_starts_at_the_configured_value():
+    """PAPER.md leaves U's initial value open ([U]): model.neunorm_u_init, 0 (the identity) by default."""
+    path = REPO / "models" / "digits.toml"
+    for overrides, value in (([], 0.0), (["model.neunorm_u_init=0.25"], 0.25)):
+        net = network_from_config(load_config(path, overrides).model)
+        norms = [s.norm.u_scale for s in net.stages if isinstance(s, NeuNormCell)]
+        assert norms and all(torch.equal(u, torch.full_like(u, value)) for u in norms)
+    with pytest.raises(ConfigError, match="model.neunorm_u_init must be finite"):
+        load_config(path, ["model.neunorm_u_init=nan"])
+
+
 def test_neunorm_between_convs_only_by_default():
     net = SpikingNetwork("8C3-8C3-AP2-8C3-16FC-Voting", (1, 8, 8), LIFParams(), neunorm=True)
     kinds = [type(s).__name__ for s in net.stages]
