@@ -197,6 +197,9 @@ def _train(cfg: Config, device: torch.device, ctx: DistContext, out_root, resume
         _keep_on_device(data, device)
     if len(data.test) == 0:  # evaluate() divides by it, after a whole epoch of training
         raise ConfigError(f"{data.name}'s test split is empty: raise data.test_fraction or data.limit_test")
+    if len(data.classes) > cfg.model.classes:  # one_hot would fail at the first batch holding a label past it
+        raise ConfigError(f"{data.name} has {len(data.classes)} classes but model.classes = {cfg.model.classes}: "
+                          f"set model.classes = {len(data.classes)}")
     if len(data.train) < ctx.world_size * cfg.data.batch_size:
         raise ConfigError(
             f"{len(data.train)} training samples cannot feed {ctx.world_size} ranks x data.batch_size "

@@ -241,3 +241,10 @@ def test_an_empty_test_split_is_one_line_before_training(tmp_path, digits_cfg):
     with pytest.raises(ConfigError, match="digits's test split is empty: raise data.test_fraction or data.limit_test"):
         train(cfg, tmp_path, progress=False, echo=lambda s: None)
     assert not (tmp_path / "digits").exists()
+
+
+def test_fewer_model_classes_than_the_dataset_has_is_one_line_before_training(tmp_path, digits_cfg):
+    cfg = apply_overrides(digits_cfg, ["model.classes=8"])
+    with pytest.raises(ConfigError, match="digits has 10 classes but model.classes = 8: set model.classes = 10"):
+        train(cfg, tmp_path, progress=False, echo=lambda s: None)
+    assert not (tmp_path / "digits").exists()
