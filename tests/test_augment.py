@@ -148,3 +148,17 @@ def test_digits_shift_pads_with_normalised_black():
         assert match(x[i].numpy(), y[i].numpy(), pad=1, fill=(-1.0,)), f"sample {i}"
     default = load_dataset(load_config(REPO / "models" / "digits.toml"), progress=False)
     assert default.augment is None and default.info["augment"] == "none"
+
+
+def test_flipping_dvs_gesture_is_refused():
+    """DVS Gesture's classes name the hand and the direction: a mirrored right-hand wave is a left-hand wave."""
+    from types import SimpleNamespace
+
+    from snncompile.config import DataConfig
+    from snncompile.data import _set_augment
+
+    with pytest.raises(ConfigError, match="shift-flip' on dvs_gesture: a mirrored right-hand wave is a left-hand"):
+        _set_augment(SimpleNamespace(name="dvs_gesture", info={}), DataConfig(augment="shift-flip"), 0.0)
+    shifted = SimpleNamespace(name="dvs_gesture", info={})
+    _set_augment(shifted, DataConfig(augment="shift", augment_pad=2), 0.0)
+    assert shifted.info["augment"] == "random shift (pad 2, crop back)"

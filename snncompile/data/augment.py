@@ -33,7 +33,8 @@ def random_shift(x: Tensor, generator: torch.Generator, *, padding: int, flip: b
             shift, as a camera moved once per recording).
         generator: the source of all randomness.
         padding: pixels of padding per side; 0 crops nothing (flip only).
-        flip: also mirror half of the samples left-right (wrong for digits, right for CIFAR10 and DVS scenes).
+        flip: also mirror half of the samples left-right (wrong for digits and for DVS Gesture, whose
+            classes a mirror swaps; right for CIFAR10 and CIFAR10-DVS).
         fill: the padding value, one float or one per channel ``C``.
 
     Returns:
