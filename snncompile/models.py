@@ -482,7 +482,10 @@ class SpikingNetwork(nn.Module):
         scores lie in [0, 1]. Readout head: the linear outputs averaged over T.
         """
         # Summed step by step, in the order a streaming (one step at a time) model accumulates, so
-        # both give bit-identical scores.
+        # both give bit-identical scores; in fp32: a readout's 16-bit outputs under autocast summed in their
+        # own dtype would lose ~1e-3 of the scores
+        if outputs.dtype in (torch.float16, torch.bfloat16):
+            outputs = outputs.float()
         steps = outputs.unbind(0)
         total = steps[0]
         for out_t in steps[1:]:

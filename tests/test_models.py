@@ -254,3 +254,19 @@ def test_layers_too_large_for_32_bit_kernel_indices_take_the_torch_scan(monkeypa
     calls.clear()
     monkeypatch.setattr(models, "_KERNEL_INDEX_LIMIT", layer)
     assert torch.equal(net.run_stages(x, net.stages[:3]), reference) and calls == []
+
+
+def test_a_readout_s_16_bit_outputs_are_averaged_over_t_in_fp32():
+    """Under bf16 autocast a readout's outputs are bf16; decode sums them over T in fp32 (step by step in
+    bf16 the sum rounds at every step: scores off by ~1e-3)."""
+    torch.manual_seed(0)
+    net = SpikingNetwork("8C3-AP2-32FC-10", (2, 8, 8), LIFParams(), classes=10)
+    outputs = (torch.randn(8, 16, 10) * 3).to(torch.bfloat16)  # [T, B, classes], as under autocast
+    scores = net.decode(outputs)
+    in_fp32 = outputs.double().sum(0).float() / 8
+    in_bf16 = outputs[0]
+    for out_t in outputs[1:]:
+        in_bf16 = in_bf16 + out_t
+    assert scores.dtype == torch.float32
+    torch.testing.assert_close(scores, in_fp32, rtol=1e-6, atol=1e-6)
+    assert (in_bf16.float() / 8 - in_fp32).abs().max() > 1e-3
