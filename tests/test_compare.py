@@ -257,3 +257,52 @@ def test_missing_reference_outputs_or_corrupt_verify_json_is_one_line_before_any
     result = CliRunner().invoke(cli, ["verify", str(exported), "--runner", "ort-cpu", "--no-progress"])
     assert result.exit_code == 1 and "has no model_layers.onnx export with reference inputs and outputs" in result.output
     assert "Traceback" not in result.output
+
+
+def _layer_tally_reasons(precision: str, change) -> list[str]:
+    """One layer 'a' (T = 2, 2 samples, 3 neurons, membranes 0.2 under v_th 0.5, no spike) and scores, as
+    torch gave them; ``change(run)`` alters the candidate's copy; the reasons verify gives at ``precision``."""
+    from snncompile.compare import PRESETS, _Tally
+
+    ref = {"a.spikes": np.zeros((2, 2, 3), np.float32), "a.membrane": np.full((2, 2, 3), 0.2, np.float32),
+           "scores": np.array([[3.0, 1.0], [0.0, 3.0]], np.float32)}
+    run = {k: v.copy() for k, v in ref.items()}
+    change(run)
+    tally = _Tally("candidate", ["scores"])
+    tally.add("random", ref, run, None, ["a"], 0.5, PRESETS[precision])
+    return tally.report(PRESETS[precision])["reasons"]
+
+
+def test_nan_membranes_fail_verify_at_any_precision():
+    def nan_membrane(run):
+        run["a.membrane"][1, 0, 2] = np.nan
+
+    for precision in ("fp32", "bf16"):
+        assert _layer_tally_reasons(precision, nan_membrane) == ["1 NaN/inf membranes where torch's are finite, first in a"]
+
+
+def test_membranes_off_without_a_flip_fail_at_fp32_not_at_16_bits():
+    """+0.3 on every membrane, still under V_th: no spike flips, yet not the function. fp32 (and tf32x2)
+    fails it; at bf16, whose membranes drift by themselves, it is only counted."""
+    def shifted(run):
+        run["a.membrane"] += 0.3
+
+    assert _layer_tally_reasons("fp32", shifted) == [
+        "12 membranes off by more than 0.0001 (x max(1, |u|)) where every spike before them matched, first in a"]
+    assert _layer_tally_reasons("bf16", shifted) == []
+
+    def rounding(run):  # a last-bit difference is rounding
+        run["a.membrane"][0, 0, 0] = np.nextafter(np.float32(0.2), np.float32(1))
+
+    assert _layer_tally_reasons("fp32", rounding) == []
+
+
+def test_at_16_bits_scores_are_judged_on_every_sample_even_with_layers():
+    """Where nearly every sample has a spike flip (16 bits), judging scores on the flip-free samples only
+    judged none: a sample with a flip and its scores 0.2 off must fail bf16's 0.15."""
+    def flipped_and_off(run):
+        run["a.spikes"][0, 0, 0] = 1  # membrane 0.2, far from v_th: a real flip on sample 0
+        run["scores"][0] += 0.2
+
+    reasons = _layer_tally_reasons("bf16", flipped_and_off)
+    assert "scores differ by 0.2 > 0.15" in reasons
