@@ -103,7 +103,8 @@ def bench_run(run_dir: str | Path, runners: list[str] | None = None, batches: tu
     profiles: list[str] = []
     for name in names:
         numerics = runner_numerics(name, precision, export.get("precision", "fp32"))
-        options = runner_options(name, numerics, cuda_graph, cudnn_autotune, pad_channels)
+        options = runner_options(name, numerics, cuda_graph, cudnn_autotune, pad_channels,
+                                 model_precision=export.get("precision", "fp32"))
         entry: dict = {"precision": numerics, "measured": measured}
         results["runners"][name] = entry
         if avail[name] is not None:

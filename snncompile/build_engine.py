@@ -9,14 +9,10 @@ from .errors import ArtifactError, ConfigError
 
 __all__ = ["build_run"]
 
-# tf32x2 splits the spike layers' weights for TF32 tensor cores: it is built with TF32 on
-_BUILD_PRECISION_OF_EXPORT = {"tf32x2": "tf32"}
-
-
 def build_run(run_dir: str | Path, precision: str = "fp32", batch: str = "1:16:128", workspace_mb: int = 4096,
               timing_cache: str | Path | None = None, model_file: str = "model.onnx") -> dict:
     """Build ``<model>_<precision>.plan`` (+ ``.json`` sidecar) for this GPU from ``model_file``."""
-    from .backends.trt import BuildOptions, build_engine, engine_name, parse_profile
+    from .backends.trt import ENGINE_PRECISION, BuildOptions, build_engine, engine_name, parse_profile
 
     options = BuildOptions(precision, parse_profile(batch), workspace_mb, Path(timing_cache) if timing_cache else None)
     options.validate()
@@ -25,7 +21,7 @@ def build_run(run_dir: str | Path, precision: str = "fp32", batch: str = "1:16:1
     if export is None or export["form"] != "unrolled" or not (run_dir / model_file).is_file():
         raise ArtifactError(f"{run_dir} has no unrolled export {model_file}: run `snncompile export {run_dir}` first")
     typed = export.get("precision", "fp32")
-    fits = _BUILD_PRECISION_OF_EXPORT.get(typed, typed)
+    fits = ENGINE_PRECISION.get(typed, typed)  # a tf32x2 export (split for TF32) is built with TF32 on
     if typed != "fp32" and precision != fits:  # a typed export builds only as what it was typed for: another
         # precision would mislabel the engine (fp32 over fp16 convs) or cast its casts again
         raise ConfigError(f"{model_file} is a {typed} export: build it with --precision {fits} (or build model.onnx)")

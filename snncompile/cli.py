@@ -138,7 +138,8 @@ def build(run, precision, batch, workspace_mb, timing_cache, model_file) -> None
 @click.option("--runner", "runners", multiple=True, type=click.Choice(list(RUNNERS)), help="Runner(s) to check (default: every available one but torch and the opt-in torch-compile).")
 @click.option("--precision", type=click.Choice(TORCH_FAST_PRECISIONS), default=None,
               help="Tolerance preset, and what torch-fast/trt compute at (default: the export's precision, fp32 unless "
-                   "exported with --precision; tf32x2: torch-fast's fp32-accurate split-TF32 spike layers).")
+                   "exported with --precision; tf32x2: torch-fast's fp32-accurate split-TF32 spike layers, and the TensorRT engine "
+                   "of a tf32x2 export, built with --precision tf32).")
 @click.option("--batch", default=64, show_default=True, type=click.IntRange(1), help="Inputs per inference call.")
 @click.option("--model", "model_file", default=None, help="Which export of RUN to check (default: model_layers.onnx if exported, else model.onnx).")
 @click.option("--test-set", is_flag=True, help="Check on the run's whole test split (read from its dataset) instead of the export's reference inputs.")
@@ -151,10 +152,11 @@ def verify(run, runners, precision, batch, model_file, test_set, no_progress) ->
 
     if not runners:
         runners = tuple(default_runners(reference=False))
-    if precision is None:
-        exports = read_manifest(run).get("exports", {})
-        precision = exports.get(model_file or default_model_file(exports), {}).get("precision", "fp32")
-    reports = verify_runs(run, {name: runner_options(name, precision) for name in runners}, precision, batch,
+    exports = read_manifest(run).get("exports", {})
+    typed = exports.get(model_file or default_model_file(exports), {}).get("precision", "fp32")  # the export's
+    precision = precision or typed
+    options = {name: runner_options(name, precision, model_precision=typed) for name in runners}
+    reports = verify_runs(run, options, precision, batch,
                           model_file=model_file, progress=not no_progress, inputs="test" if test_set else "reference")
     failed = []
     for name, report in reports.items():

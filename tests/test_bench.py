@@ -437,3 +437,18 @@ def test_without_matplotlib_bench_claims_no_plot_and_removes_a_stale_one(exporte
     assert not (exported / "bench.png").exists()
     assert "bench.png" not in json.loads((exported / "manifest.json").read_text())["artifacts"]
     assert "plot_file" not in json.loads((exported / "bench.json").read_text())
+
+
+def test_tensorrt_runs_a_tf32x2_export_at_tf32x2():
+    """A tf32x2 export's engine is built with TF32 on (its only build precision) and held to tf32x2's (fp32's)
+    tolerances: the runner asks for that engine; on any other export tf32x2 means fp32, as before."""
+    from snncompile.backends import runner_options
+    from snncompile.backends.base import runner_numerics
+    from snncompile.backends.trt import ENGINE_PRECISION, engine_name
+
+    assert runner_numerics("trt", "tf32x2", "tf32x2") == "tf32x2"
+    assert runner_options("trt", "tf32x2", model_precision="tf32x2") == {"precision": "tf32x2"}
+    assert runner_numerics("trt", "tf32x2") == "fp32" and runner_options("trt", "tf32x2") == {"precision": "fp32"}
+    assert runner_numerics("ort-cuda", "tf32x2", "tf32x2") == "tf32x2"
+    precision = ENGINE_PRECISION.get("tf32x2", "tf32x2")
+    assert engine_name("model_tf32x2_layers.onnx", precision) == "model_tf32x2_layers_tf32.plan"

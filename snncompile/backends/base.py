@@ -152,6 +152,8 @@ def runner_numerics(name: str, requested: str = "fp32", model_precision: str = "
     that run its graph as written, ``requested`` for those that take a precision, else fp32."""
     if name in GRAPH_RUNNERS:
         return model_precision
+    if name == "trt" and requested == "tf32x2" and model_precision == "tf32x2":
+        return "tf32x2"  # the split export's engine, built with TF32 on, held to fp32's tolerances
     if name not in PRECISION_RUNNERS or (requested == "tf32x2" and name != "torch-fast"):
         return "fp32"  # tf32x2 claims fp32 accuracy: the others are then run at fp32
     return requested
@@ -164,12 +166,13 @@ PAD_CHANNEL_RUNNERS = ("torch-fast",)  # convs' input channels zero-padded (Spik
 
 
 def runner_options(name: str, precision: str = "fp32", cuda_graph: bool = True, cudnn_autotune: bool = True,
-                   pad_channels: int = 1) -> dict:
+                   pad_channels: int = 1, model_precision: str = "fp32") -> dict:
     """Constructor options that make runner ``name`` compute at ``precision`` (none for the others);
     ``cuda_graph=False``: one launch per kernel instead of a graph replay, for the runners that graph;
     ``cudnn_autotune=False``: cuDNN's heuristic algorithm pick, for the runners that autotune;
-    ``pad_channels > 1``: convs' input channels zero-padded to a multiple of it, for the runners that can."""
-    options: dict = {"precision": runner_numerics(name, precision)} if name in PRECISION_RUNNERS else {}
+    ``pad_channels > 1``: convs' input channels zero-padded to a multiple of it, for the runners that can;
+    ``model_precision``: the export's (see :func:`runner_numerics`)."""
+    options: dict = {"precision": runner_numerics(name, precision, model_precision)} if name in PRECISION_RUNNERS else {}
     if not cuda_graph and name in CUDA_GRAPH_RUNNERS:
         options["cuda_graph"] = False
     if not cudnn_autotune and name in AUTOTUNE_RUNNERS:

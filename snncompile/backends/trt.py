@@ -69,6 +69,10 @@ class BuildOptions:
             raise ConfigError(f"--workspace must be at least 16 MB, got {self.workspace_mb}")
 
 
+# the engine precision each runner precision runs on: tf32x2 (a split export, fp32-accurate) is built with TF32
+ENGINE_PRECISION = {"tf32x2": "tf32"}
+
+
 def engine_name(model_file: str, precision: str) -> str:
     """``model.onnx`` at fp16 -> ``model_fp16.plan``."""
     return f"{Path(model_file).stem}_{precision}.plan"
@@ -242,6 +246,7 @@ class TrtRunner(Runner):
     def __init__(self, run_dir: Path, model_file: str = "model.onnx", precision: str = "fp32", cuda_graph: bool = True):
         torch = _require_cuda()
         trt = tensorrt_module()
+        precision = ENGINE_PRECISION.get(precision, precision)
         engine_path = Path(run_dir) / engine_name(model_file, precision)
         sidecar_path = engine_path.with_suffix(".json")
         if not engine_path.is_file() or not sidecar_path.is_file():
