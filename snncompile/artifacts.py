@@ -106,6 +106,16 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+def sha256_model(path: str | Path) -> str:
+    """SHA-256 of an ONNX model as it runs: the file, and its external weights (``<file>.data``, written past
+    protobuf's 2 GB) when it has them; the file's own hash otherwise (:func:`sha256_file`)."""
+    path = Path(path)
+    data = path.with_name(path.name + ".data")
+    if not data.is_file():
+        return sha256_file(path)
+    return hashlib.sha256(f"{sha256_file(path)}:{sha256_file(data)}".encode()).hexdigest()
+
+
 def read_manifest(run_dir: str | Path) -> dict[str, Any]:
     """Load ``manifest.json``; one-line errors for a missing, corrupt or foreign-format run dir."""
     path = Path(run_dir) / MANIFEST
@@ -167,6 +177,16 @@ def record_artifact(run_dir: str | Path, name: str, **extra: Any) -> dict[str, A
     path = Path(run_dir) / name
     entry = {"sha256": sha256_file(path), "bytes": path.stat().st_size, **extra}
     return update_manifest(run_dir, artifacts={name: entry})
+
+
+def forget_artifact(run_dir: str | Path, name: str) -> None:
+    """Remove ``run_dir/name`` and its ``artifacts`` entry (an earlier command's output this one replaced by
+    nothing, e.g. a plot it could not draw)."""
+    (Path(run_dir) / name).unlink(missing_ok=True)
+    with run_dir_lock(Path(run_dir)):  # update_manifest merges; removing a key is a read-modify-write of its own
+        manifest = read_manifest(run_dir)
+        if manifest.get("artifacts", {}).pop(name, None) is not None:
+            atomic_write_json(Path(run_dir) / MANIFEST, manifest)
 
 
 def new_run_dir(root: str | Path, model_name: str) -> Path:

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .artifacts import (MANIFEST, atomic_save, atomic_write_json, atomic_write_text, environment, read_manifest,
-                        record_artifact, run_dir_lock)
+from .artifacts import (atomic_save, atomic_write_json, atomic_write_text, environment, forget_artifact,
+                        read_manifest, record_artifact)
 from .backends import available_runners, create_runner, default_runners, runner_options
 from .backends.base import runner_numerics
 from .compare import verify_run
@@ -173,11 +173,7 @@ def _plot_or_forget(run_dir: Path, name: str, results: dict, echo) -> bool:
     if drawn:
         record_artifact(run_dir, name)
         return True
-    (run_dir / name).unlink(missing_ok=True)
-    with run_dir_lock(run_dir):  # update_manifest merges; removing a key is a read-modify-write of its own
-        manifest = read_manifest(run_dir)
-        if manifest.get("artifacts", {}).pop(name, None) is not None:
-            atomic_write_json(run_dir / MANIFEST, manifest)
+    forget_artifact(run_dir, name)
     return False
 
 

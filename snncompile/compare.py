@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .artifacts import atomic_write_json, read_manifest, record_artifact, run_dir_lock, sha256_file
+from .artifacts import atomic_write_json, read_manifest, record_artifact, run_dir_lock, sha256_model
 from .backends import create_runner
 from .errors import ArtifactError, ConfigError, DataError
 from .export_onnx import export_reference_paths
@@ -321,7 +321,7 @@ def verify_runs(run_dir: str | Path, runners: dict[str, dict | None], precision:
         raise ArtifactError(f"{run_dir} has no {model_file} export with reference inputs and outputs: run "
                             f"`snncompile export {run_dir}`")
     read_reports(run_dir / "verify.json")  # a corrupt one is reported now, not after the whole comparison
-    hash_ok = (run_dir / model_file).is_file() and sha256_file(run_dir / model_file) == export["sha256"]
+    hash_ok = (run_dir / model_file).is_file() and sha256_model(run_dir / model_file) == export["sha256"]
     if inputs == "reference":
         source = _ReferenceInputs(inputs_path, outputs_path)
     elif inputs == "test":

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from . import __version__
-from .artifacts import environment, read_manifest, record_artifact, sha256_file, update_manifest
+from .artifacts import environment, forget_artifact, read_manifest, record_artifact, sha256_model, update_manifest
 from .config import Config
 from .errors import ConfigError, DataError, ExportError, MissingDependencyError
 from .graphs import StepGraph, UnrolledGraph
@@ -369,21 +369,26 @@ def export_run(
         moved = sorted(staging.glob(file_name + ".data")) + [out_path] + list(extra.values())
         for src in moved:
             src.replace(run_dir / src.name)
+        stale_data = not any(src.name == file_name + ".data" for src in moved)  # an earlier export's, unused now
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
+    if stale_data:
+        forget_artifact(run_dir, file_name + ".data")
     onnx_bytes = sum(p.stat().st_size for p in run_dir.glob(file_name + "*"))
     entry = {
         "form": form, "order": order, "T": steps, "opset": opset, "exporter": EXPORTER, "layers": layers, "rates": rates,
         "precision": precision, "reduced_precision_nodes": reduced, "split_tf32_layers": split_layers,
         "inputs": in_shapes, "outputs": output_names, "ops": ops, "nodes_raw": nodes_raw, "nodes_clean": nodes_clean,
-        "onnx_bytes": onnx_bytes, "export_seconds": round(seconds, 3), "sha256": sha256_file(run_dir / file_name),
+        "onnx_bytes": onnx_bytes, "export_seconds": round(seconds, 3), "sha256": sha256_model(run_dir / file_name),
         "reference": ref_note, "reference_files": list(extra), "cleaned_vs_raw": numerics,
         "versions": {**environment(), "onnx": onnx.__version__, "onnxscript": _version("onnxscript"),
                      "onnx_ir": _version("onnx_ir"), "onnxruntime": _version("onnxruntime")},
     }
     update_manifest(run_dir, exports={file_name: entry})
     record_artifact(run_dir, file_name)
+    if (run_dir / (file_name + ".data")).is_file():
+        record_artifact(run_dir, file_name + ".data")
     for name in extra:
         record_artifact(run_dir, name)
     return ExportResult(run_dir / file_name, form, steps, seconds, onnx_bytes, nodes_raw, nodes_clean, ops,

@@ -193,6 +193,17 @@ def test_large_models_use_external_data(tmp_path, monkeypatch):
     assert not [p for p in run.iterdir() if p.name.startswith(".export-")]
     onnx.checker.check_model(str(run / "model.onnx"), full_check=True)
     assert verify_run(run, "ort-cpu", "fp32")["passed"]
+    # the weights are part of the export's hash and of the manifest: changed, the file is not the one exported
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert "model.onnx.data" in manifest["artifacts"]
+    data = bytearray((run / "model.onnx.data").read_bytes())
+    data[:64] = bytes(64)
+    (run / "model.onnx.data").write_bytes(bytes(data))
+    assert not verify_run(run, "ort-cpu", "fp32")["model_matches_export"]
+    monkeypatch.setattr("snncompile.export_onnx.EXTERNAL_DATA_BYTES", 1 << 40)  # exported again, inline
+    export_run(run, n_random=16, n_real=0)
+    assert not (run / "model.onnx.data").exists()  # the earlier export's weights, unused now, are gone
+    assert verify_run(run, "ort-cpu", "fp32")["model_matches_export"]
 
 
 def test_step_form_of_a_readout_head_streams_to_the_unrolled_result(tmp_path):
