@@ -196,7 +196,7 @@ def test_runner_calls_only_runtime_api_that_exists():
     trt = trt_backend.tensorrt_module()
     used = _runtime_members(inspect.getsource(trt_backend.TrtRunner))
     assert {"execute_async_v3", "set_tensor_address", "set_input_shape"} <= used["IExecutionContext"]
-    assert {"create_execution_context", "get_tensor_mode", "num_io_tensors"} <= used["ICudaEngine"]
+    assert {"create_execution_context", "get_tensor_mode", "num_io_tensors", "get_tensor_profile_shape"} <= used["ICudaEngine"]
     assert used["Runtime"] == {"deserialize_cuda_engine"}
     missing = [f"{cls}.{name}" for cls, names in used.items() for name in sorted(names)
                if not hasattr(getattr(trt, cls), name)]
@@ -227,6 +227,26 @@ def test_a_typed_export_builds_only_at_its_own_precision_and_is_parsed_as_it_is(
     rewritten = build_run(run, "fp16", "1:4:16")  # the same typing done at build time from model.onnx
     assert side["layers"] == rewritten["layers"]
     assert json.loads((run / "model_fp16_fp16.json").read_text()) == side
+
+
+@pytest.mark.trt
+@pytest.mark.skipif(not HAVE_TRT, reason="TensorRT not installed")
+def test_a_tf32x2_export_builds_with_tf32_the_engine_its_runner_loads(tmp_path):
+    """Every conv/linear of a tf32x2 export is split for TF32 (its input too where it is analog): it builds
+    only with TF32 on, as the engine the trt runner loads at tf32x2 (verified at fp32's tolerances)."""
+    from snncompile.backends.trt import ENGINE_PRECISION, engine_name
+    from snncompile.build_engine import build_run
+    from snncompile.export_onnx import export_run
+
+    _skip_unless_can_build()
+    run = make_run(tmp_path, tiny_zoo_config(REPO / "models" / "mnist.toml"))  # NeuNorm: analog-fed convs
+    export_run(run, n_random=4, n_real=0, precision="tf32x2", check_numerics=False)
+    result = CliRunner().invoke(cli, ["build", str(run), "--model", "model_tf32x2.onnx", "--precision", "fp32",
+                                      "--batch", "1:4:16"])
+    assert result.exit_code == 2 and "build it with --precision tf32" in result.output
+    side = build_run(run, "tf32", "1:4:16", model_file="model_tf32x2.onnx")
+    assert side["precision"] == "tf32"
+    assert (run / engine_name("model_tf32x2.onnx", ENGINE_PRECISION["tf32x2"])).is_file()
 
 
 @pytest.mark.trt

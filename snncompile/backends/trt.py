@@ -276,7 +276,11 @@ class TrtRunner(Runner):
         torch = self._torch
         bufs = {n: torch.from_numpy(np.ascontiguousarray(feed[n])).cuda() for n in self._input_names}
         for n, t in bufs.items():
-            self.context.set_input_shape(n, tuple(t.shape))
+            if not self.context.set_input_shape(n, tuple(t.shape)):  # False, not an exception, past the profile
+                lo, _, hi = self.engine.get_tensor_profile_shape(n, 0)
+                raise ConfigError(f"{n} of shape {tuple(t.shape)} is outside the engine's profile ({tuple(lo)} to "
+                                  f"{tuple(hi)}): build it again with `snncompile build --batch` covering batch "
+                                  f"{t.shape[1]}")
         for n in self._outputs:
             shape = tuple(self.context.get_tensor_shape(n))
             bufs[n] = torch.empty(shape, dtype=torch.float32, device="cuda")
