@@ -138,7 +138,9 @@ def test_bench_train_on_cuda_times_the_graphed_step():
     assert re.search(r"\blif(_pool)?_forward\b", profile) and re.search(r"\blif(_pool)?_backward\b", profile), profile
 
 
-def test_a_failing_variant_costs_its_row_not_the_table(monkeypatch):
+def _table_with_a_failing_variant(monkeypatch, failing_call: int, message: str) -> str:
+    """bench train's table on a tiny bench-nmnist on the CPU, every variant timed at 2.0 ms but the
+    ``failing_call``-th (1: our layer-major step; 2: the step loop), which raises ``message``."""
     import torch
 
     import snncompile.bench_train as bt
@@ -148,14 +150,18 @@ def test_a_failing_variant_costs_its_row_not_the_table(monkeypatch):
 
     def time_steps(step, device, steps, warmup):
         calls.append(1)
-        if len(calls) == 2:  # the second variant, the step loop
-            raise RuntimeError("out of memory\nsecond line")
+        if len(calls) == failing_call:
+            raise RuntimeError(message)
         return {"median_ms": 2.0, "min_ms": 2.0, "peak_mib": None}
 
     monkeypatch.setattr(bt, "_time_steps", time_steps)
     cfg = load_config(REPO / "models" / "bench-nmnist.toml", ["model.arch='8C3-AP2-16FC-10'", "model.T=2",
                                                                "data.batch_size=2"])
-    table = bt.format_train_table(bt.bench_train(cfg, torch.device("cpu"), steps=1, warmup=0, echo=lambda s: None))
+    return bt.format_train_table(bt.bench_train(cfg, torch.device("cpu"), steps=1, warmup=0, echo=lambda s: None))
+
+
+def test_a_failing_variant_costs_its_row_not_the_table(monkeypatch):
+    table = _table_with_a_failing_variant(monkeypatch, 2, "out of memory\nsecond line")  # the step loop
     assert "| torch loop (step-major) | failed: RuntimeError: out of memory |" in table
     assert "| snncompile (layer-major) | 2.0 |" in table
 
@@ -285,23 +291,9 @@ def test_a_broken_peer_install_costs_its_row(tmp_path, monkeypatch):
 def test_ratios_are_to_the_first_of_our_variants_timed(monkeypatch):
     """Our first variant failing does not make the next row (the torch loop) the 1.00x baseline: the ratios
     are to the first of ours that was timed, named in the header, and absent when none of ours was."""
-    import torch
-
     import snncompile.bench_train as bt
-    from snncompile.config import load_config
 
-    calls = []
-
-    def time_steps(step, device, steps, warmup):
-        calls.append(1)
-        if len(calls) == 1:  # our layer-major step
-            raise RuntimeError("out of memory")
-        return {"median_ms": 2.0, "min_ms": 2.0, "peak_mib": None}
-
-    monkeypatch.setattr(bt, "_time_steps", time_steps)
-    cfg = load_config(REPO / "models" / "bench-nmnist.toml", ["model.arch='8C3-AP2-16FC-10'", "model.T=2",
-                                                               "data.batch_size=2"])
-    table = bt.format_train_table(bt.bench_train(cfg, torch.device("cpu"), steps=1, warmup=0, echo=lambda s: None))
+    table = _table_with_a_failing_variant(monkeypatch, 1, "out of memory")  # our layer-major step
     assert "| vs snncompile (none timed) |" in table and "| torch loop (step-major) | 2.0 |" in table
     assert "x |" not in table and table.splitlines()[-1].endswith("| - |")
     result = {"model": "m", "T": 2, "batch": 4, "precision": "fp32", "device": "cuda", "steps": 1, "variants": {
