@@ -295,14 +295,3 @@ def test_membranes_off_without_a_flip_fail_at_fp32_not_at_16_bits():
         run["a.membrane"][0, 0, 0] = np.nextafter(np.float32(0.2), np.float32(1))
 
     assert _layer_tally_reasons("fp32", rounding) == []
-
-
-def test_at_16_bits_scores_are_judged_on_every_sample_even_with_layers():
-    """Where nearly every sample has a spike flip (16 bits), judging scores on the flip-free samples only
-    judged none: a sample with a flip and its scores 0.2 off must fail bf16's 0.15."""
-    def flipped_and_off(run):
-        run["a.spikes"][0, 0, 0] = 1  # membrane 0.2, far from v_th: a real flip on sample 0
-        run["scores"][0] += 0.2
-
-    reasons = _layer_tally_reasons("bf16", flipped_and_off)
-    assert "scores differ by 0.2 > 0.15" in reasons
