@@ -316,6 +316,9 @@ def verify_runs(run_dir: str | Path, runners: dict[str, dict | None], precision:
     if model_file is None:
         model_file = default_model_file(manifest.get("exports", {}))
     export = manifest.get("exports", {}).get(model_file)
+    if export is not None and export.get("form") == "step":
+        raise ConfigError(f"{model_file} is the step-by-step form: verify checks unrolled exports (the step form is "
+                          f"checked against the unrolled graph when it is exported); verify {run_dir} without --model")
     inputs_path, outputs_path = export_reference_paths(run_dir, export or {})
     if export is None or not inputs_path.is_file() or not outputs_path.is_file():
         raise ArtifactError(f"{run_dir} has no {model_file} export with reference inputs and outputs: run "
