@@ -25,8 +25,10 @@
 # --set train.channels_last=true if `first` showed the channels_last variant faster).
 #
 # The next GPU session, in this order (15 minutes of device time, the machine's start included): the
-# ort-gpu carry (four calls; ONNX Runtime CUDA rows are "skipped" without it), then `headline` with
-# DEADLINE set to what is left minus a minute; give_back at the end. (`trt` ran in the second session:
+# ort-gpu carry (four calls; ONNX Runtime CUDA rows are "skipped" without it), then `headline` AT ONCE (the
+# machine goes back after 30 s idle, and /tmp/ortsite with it: check that the environment line lists
+# CUDAExecutionProvider) with DEADLINE = min(what is left minus a minute, 560) -- one command may run 600 s
+# at most, timeout_s 590 -- and give_back at the end. (`trt` ran in the second session:
 # TensorRT-RTX parses and builds every zoo model and a trained digits model on an H200; it cannot run
 # engines there. Rerun it only on a GPU whose compute capability TensorRT-RTX runs, or with full TensorRT.)
 #
@@ -105,7 +107,8 @@ if [ "$QUICK" = 1 ]; then
     batches=1,4
     nmnist_targets=4 cifar_targets=4
     iters=(--iters 3 --warmup 1)
-    mnist_quick=("${tiny_voting[@]}" --set data.limit_train=512 --set data.limit_test=256)
+    # 2 epochs: the smoke must reach the stages after the exact MNIST pipeline (30 epochs would eat them)
+    mnist_quick=("${tiny_voting[@]}" --set data.limit_train=512 --set data.limit_test=256 --set train.epochs=2)
 else
     tiny_cifar=() tiny_nmnist=() tiny_voting=() mnist_quick=()
     steps=(--steps 30 --warmup 10)
