@@ -71,12 +71,17 @@ def train(model_toml, overrides, out_root, resume, stop_after, no_progress) -> N
 def init(model_toml, overrides, out_root, seed, no_calibrate) -> None:
     """Create an untrained run of MODEL_TOML (weights scaled so every layer fires) for export/bench."""
     from .config import load_config
-    from .init_run import init_run
+    from .init_run import FIRING_TARGET, init_run
 
     cfg = load_config(model_toml, list(overrides))
     run, rates = init_run(cfg, out_root, seed, calibrate=not no_calibrate)
     shown = ", ".join(f"{k} {v:.2f}" for k, v in rates.items())
     click.echo(f"initialised {run}" + (f"; firing rates {shown}" if shown else ""))
+    low, high = FIRING_TARGET
+    outside = [f"{k} {v:.2f}" for k, v in rates.items() if not low <= v <= high]
+    if outside:  # the run is still written (it loads and exports); its speed and flip figures are less telling
+        click.echo(f"warning: calibration left {', '.join(outside)} outside the {low:g}-{high:g} firing rate it "
+                   "aims for: check model.v_th and the layer's input", err=True)
 
 
 @cli.command()

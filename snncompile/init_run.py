@@ -2,8 +2,8 @@
 
 For benchmarking and export checks without training: a network at default init barely spikes past
 its first layers, which would make speed and equivalence figures meaningless. Calibration walks the
-weighted layers in order and scales each one's weights (x1.5 or /1.5 steps) until the LIF right
-after it fires at a rate inside ``target`` on random input drawn like the export's reference inputs.
+weighted layers in order and scales each one's weights and bias (x1.5 or /1.5 steps) until the LIF
+right after it fires at a rate inside ``target`` on random input drawn like the export's reference inputs.
 """
 
 from __future__ import annotations
@@ -21,6 +21,8 @@ from .runs import CHECKPOINT, CONFIG
 
 __all__ = ["calibrate_firing", "init_run", "random_input"]
 
+FIRING_TARGET = (0.05, 0.3)  # the firing rate calibration brings every LIF layer to
+
 
 def random_input(cfg: Config, batch: int, generator: torch.Generator) -> torch.Tensor:
     """``[T, B, ...]``: normal per step for image datasets, binary with density 0.2 for event-like data."""
@@ -31,7 +33,7 @@ def random_input(cfg: Config, batch: int, generator: torch.Generator) -> torch.T
 
 
 @torch.no_grad()
-def calibrate_firing(net: SpikingNetwork, x: torch.Tensor, target: tuple[float, float] = (0.05, 0.3),
+def calibrate_firing(net: SpikingNetwork, x: torch.Tensor, target: tuple[float, float] = FIRING_TARGET,
                      max_steps: int = 40) -> dict[str, float]:
     """Scale each weighted layer so the LIF after it fires within ``target``; returns final rates.
 
@@ -53,7 +55,12 @@ def calibrate_firing(net: SpikingNetwork, x: torch.Tensor, target: tuple[float, 
             rate = float(net.run_stages(h, [stage, lif]).mean())
             if target[0] <= rate <= target[1]:
                 break
-            stage.weight.mul_(1.5 if rate < target[0] else 1 / 1.5)
+            # The whole affine map, bias included: a bias that alone drives the LIF past the target would
+            # otherwise shrink the weights towards zero (1.5^-40) while the rate stays where it was.
+            factor = 1.5 if rate < target[0] else 1 / 1.5
+            stage.weight.mul_(factor)
+            if stage.bias is not None:
+                stage.bias.mul_(factor)
         rates[lif.name] = rate
     return rates
 
