@@ -172,11 +172,12 @@ def train(
     elif cfg is None:
         raise ConfigError("train() needs a config or a run directory to resume")
     threads = torch.get_num_threads()  # restored after: a pipeline's later stages keep the machine's
-    if cfg.train.threads:
-        torch.set_num_threads(cfg.train.threads)
-    device = resolve_device(cfg.train.device)
-    ctx = init_distributed(device.type)
+    ctx = DistContext()  # until init_distributed returns: nothing to destroy if the setup fails before
     try:
+        if cfg.train.threads:
+            torch.set_num_threads(cfg.train.threads)
+        device = resolve_device(cfg.train.device)
+        ctx = init_distributed(device.type)
         if ctx.enabled and device.type == "cuda":
             device = torch.device("cuda", ctx.local_rank)
         with stop_on_peer_failure(ctx), cudnn_autotuning(cfg.train.cudnn_benchmark):

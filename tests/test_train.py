@@ -125,6 +125,28 @@ def test_train_threads_apply_to_training_only(digits_cfg, tmp_path):
         torch.set_num_threads(before)
 
 
+@pytest.mark.parametrize("failure", ["device", "rendezvous"])
+def test_train_threads_are_restored_when_setup_fails(failure, digits_cfg, tmp_path, monkeypatch):
+    """train.threads is set first thing; a launch or device error before training must not leave it set."""
+    import snncompile.train as trainer
+
+    if failure == "device":
+        def no_device(name):
+            raise ConfigError("train.device is 'cuda' but no CUDA GPU is visible: use --set train.device=cpu")
+
+        monkeypatch.setattr(trainer, "resolve_device", no_device)
+    else:
+        monkeypatch.setenv("RANK", "0")
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        for var in ("LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+            monkeypatch.delenv(var, raising=False)
+    before = torch.get_num_threads()
+    digits_cfg.train.threads = before + 1  # differs from the caller's count, whatever the machine has
+    with pytest.raises(ConfigError):
+        train(digits_cfg, tmp_path, progress=False, echo=lambda s: None)
+    assert torch.get_num_threads() == before
+
+
 def test_channels_last_training_learns_the_same_network(tmp_path, digits_cfg):
     """train.channels_last only changes how conv weights and activations are laid out: the run trains to
     the same weights (to convolution rounding: NHWC and NCHW kernels sum in other orders) and its
