@@ -15,13 +15,12 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DistributedSampler
 
 from . import __version__
 from .artifacts import (atomic_save, atomic_write_text, environment, new_run_dir, read_manifest, record_artifact, sha256_file,
@@ -128,17 +127,43 @@ def _epoch_seed(seed: int, epoch: int) -> int:
     return seed * 1_000_003 + epoch
 
 
-def _epoch_order(n: int, cfg: Config, epoch: int, ctx: DistContext) -> list[int]:
-    """This rank's shuffled sample indices for ``epoch``.
+def _epoch_permutation(n: int, seed: int, epoch: int) -> Tensor:
+    """The shuffled order ``[n]`` of every launch's epoch: DistributedSampler's for one replica (the order
+    single-process runs always had, so their resumes replay), which depends on (seed, epoch) alone."""
+    g = torch.Generator()
+    g.manual_seed(seed + epoch)
+    return torch.randperm(n, generator=g)
 
-    One DistributedSampler for every launch (world size 1 included): the permutation depends only on
-    (seed, epoch), and rank r takes every world-th index of it, so W ranks x batch B see exactly the
-    samples that 1 rank x batch W*B sees, step for step.
+
+class _Step(NamedTuple):
+    """One rank's share of a global batch."""
+
+    idx: Tensor  # [n_r] training sample indices
+    weight: float  # multiplies this rank's mean loss (see _epoch_order)
+    counted: int  # samples of idx that count in the metrics: 0 for the stand-in of an empty share
+
+
+def _epoch_order(n: int, cfg: Config, epoch: int, ctx: DistContext) -> list[_Step]:
+    """This rank's steps of ``epoch``: its share of each global batch, with the weight of its loss.
+
+    Global batches are W*B consecutive indices of the epoch's permutation and rank r takes every W-th of
+    each (``batch[r::W]``), so W ranks x batch B train exactly the samples 1 rank x batch W*B trains, step
+    for step, each once (DistributedSampler's padding trained some twice when W did not divide n). DDP
+    averages gradients over the W ranks, so for the last global batch, of m < W*B samples, a rank with n_r
+    of them scales its mean loss by W*n_r/m: the average is then the gradient of the mean over the m.
+    Full batches have weight exactly 1. A rank with no sample there (m < W) still has to join DDP's
+    all-reduce: it trains one real sample at weight 0, counted in no metric. Every rank takes
+    ceil(n / (W*B)) steps.
     """
-    sampler = DistributedSampler(range(n), num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True,
-                                 seed=cfg.train.seed, drop_last=False)
-    sampler.set_epoch(epoch)
-    return list(sampler)
+    world, batch = ctx.world_size, cfg.data.batch_size
+    steps = []
+    for global_batch in _epoch_permutation(n, cfg.train.seed, epoch).split(world * batch):
+        share = global_batch[ctx.rank :: world]
+        if len(share):
+            steps.append(_Step(share, world * len(share) / len(global_batch), len(share)))
+        else:
+            steps.append(_Step(global_batch[:1], 0.0, 0))
+    return steps
 
 
 def train(
@@ -255,17 +280,17 @@ def _train(cfg: Config, device: torch.device, ctx: DistContext, out_root, resume
         model.train()
         # Dropout masks of this epoch: seeded per (seed, epoch, rank) so a resumed epoch replays exactly.
         torch.manual_seed(_epoch_seed(cfg.train.seed, epoch) + 7919 * ctx.rank)
-        order = torch.tensor(_epoch_order(len(data.train), cfg, epoch, ctx))
+        steps = _epoch_order(len(data.train), cfg, epoch, ctx)
         augment_rng = torch.Generator().manual_seed(_epoch_seed(cfg.train.seed, epoch) + 104729 * ctx.rank)
-        n_batches = -(-len(order) // cfg.data.batch_size)
+        n_batches = len(steps)  # the same on every rank
+        global_batch = ctx.world_size * cfg.data.batch_size
         bar = tqdm(total=n_batches, desc=f"epoch {epoch}/{cfg.train.epochs}", disable=not (progress and main),
                    leave=False, unit="batch")
         # Accumulated on the device: no host sync per step (the bar reads them every LOG_EVERY steps).
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         correct = torch.zeros((), dtype=torch.long, device=device)
         seen, t0 = 0, time.perf_counter()
-        for i, start_idx in enumerate(range(0, len(order), cfg.data.batch_size)):
-            idx = order[start_idx : start_idx + cfg.data.batch_size]
+        for i, (idx, weight, counted) in enumerate(steps):
             x = data.train.x[idx].to(device, non_blocking=True).float()  # event frames are stored as uint16
             if data.augment is not None:
                 x = data.augment(x, augment_rng)
@@ -275,15 +300,19 @@ def _train(cfg: Config, device: torch.device, ctx: DistContext, out_root, resume
                 scores = model(to_time_major(x, cfg.model.T, data.static)).float()
             loss = loss_fn(scores, y, cfg.train.loss)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            # Scaled only when the weight is not 1 (a last, smaller global batch): full batches keep their arithmetic.
+            (loss if weight == 1.0 else loss * weight).backward()
             opt.step()
-            seen += len(y)
-            loss_sum += loss.detach().double() * len(y)
-            correct += (scores.detach().argmax(1) == y).sum()
+            if counted:  # a weight-0 stand-in is in no metric: over all ranks each sample counts once
+                seen += counted
+                loss_sum += loss.detach().double() * counted
+                correct += (scores.detach().argmax(1) == y).sum()
             bar.update(1)
             if main and progress and (i % LOG_EVERY == 0 or i == n_batches - 1):
+                # Rank 0 has a sample in every global batch, so seen > 0; the rate is all ranks' samples.
+                done = min((i + 1) * global_batch, len(data.train))
                 bar.set_postfix(loss=f"{loss_sum.item() / seen:.4f}", acc=f"{correct.item() / seen:.3f}",
-                                sps=f"{ctx.world_size * seen / (time.perf_counter() - t0):.0f}")
+                                sps=f"{done / (time.perf_counter() - t0):.0f}")
         bar.close()
         train_seconds = time.perf_counter() - t0
         g_loss, g_correct, g_seen = all_reduce_sum([loss_sum.item(), float(correct.item()), float(seen)], ctx, device)

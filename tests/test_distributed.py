@@ -16,17 +16,24 @@ from snncompile.errors import ConfigError
 from snncompile.runs import CHECKPOINT, load_checkpoint
 from snncompile.train import train
 
-SETTINGS = ["train.epochs=2", "data.limit_train=128", "data.limit_test=64", "model.arch='16C3-AP2-32FC-Voting'",
+# 129 = 4 x 32 + 1: the last global batch has one sample, fewer than the 2 ranks, so rank 1 has none there
+N_TRAIN = 129
+SETTINGS = ["train.epochs=2", f"data.limit_train={N_TRAIN}", "data.limit_test=64", "model.arch='16C3-AP2-32FC-Voting'",
             "model.T=3", "train.threads=1", "train.lr=3e-3"]
+
+
+def plain_env(env_extra=None):
+    """This process's environment without torchrun's variables (a test may itself run under a launcher)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env.update({"OMP_NUM_THREADS": "1", **(env_extra or {})})
+    return env
 
 
 def torchrun(args, nproc=2, script=None, env_extra=None):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
     cmd += [script] if script else ["-m", "snncompile"]
     cmd += args
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-    env.update({"OMP_NUM_THREADS": "1", **(env_extra or {})})
-    return subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=plain_env(env_extra), timeout=300)
 
 
 def train_args(out, batch, extra=()):
@@ -50,17 +57,78 @@ def two_rank_run(tmp_path_factory):
     return out, result
 
 
-def test_two_ranks_equal_one_rank_at_double_batch(two_rank_run, tmp_path):
-    out, _ = two_rank_run
-    cfg = load_config(REPO / "models" / "digits.toml", [*SETTINGS, "data.batch_size=32"])
-    single = train(cfg, tmp_path, progress=False, echo=lambda s: None)
-    a = load_checkpoint(only_run(out) / CHECKPOINT)["model"]
-    b = load_checkpoint(single.run_dir / CHECKPOINT)["model"]
+@pytest.fixture(scope="module")
+def one_rank_run(tmp_path_factory):
+    """The reference run dir for ``n`` training samples: one process at the global batch of two ranks at 16."""
+    runs = {}
+
+    def run(n=N_TRAIN):
+        if n not in runs:
+            settings = [*SETTINGS, f"data.limit_train={n}", "data.batch_size=32"]
+            cfg = load_config(REPO / "models" / "digits.toml", settings)
+            runs[n] = train(cfg, tmp_path_factory.mktemp("single"), progress=False, echo=lambda s: None).run_dir
+        return runs[n]
+
+    return run
+
+
+def assert_same_training(run, reference, n=N_TRAIN):
+    """Same weights to float rounding, and metrics that count each of the n samples once per epoch."""
+    a = load_checkpoint(run / CHECKPOINT)["model"]
+    b = load_checkpoint(reference / CHECKPOINT)["model"]
     moved = 0
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5)
         moved += int(not torch.equal(a[key], torch.zeros_like(a[key])))
     assert moved  # trained weights, not an empty comparison
+    rows = [json.loads(r) for r in (run / "metrics.jsonl").read_text().splitlines()]
+    ref_rows = [json.loads(r) for r in (reference / "metrics.jsonl").read_text().splitlines()]
+    for row, ref in zip(rows, ref_rows, strict=True):
+        hits = row["train_acc"] * n  # correct / seen: a whole number only when seen is n
+        assert hits == pytest.approx(round(hits), abs=1e-6), row
+        assert row["train_loss"] == pytest.approx(ref["train_loss"], rel=1e-5), (row, ref)
+
+
+def test_epoch_order_splits_each_global_batch_without_padding():
+    """Rank r takes every W-th sample of each global batch of W*B; the last, smaller batch is split with loss
+    weights W*n_r/m (DDP's mean over ranks is then the mean over its m samples), and a rank with no sample
+    there trains a stand-in at weight 0, counted nowhere: every rank takes the same number of steps."""
+    from torch.utils.data import DistributedSampler
+
+    from snncompile.distributed import DistContext
+    from snncompile.train import _epoch_order, _epoch_permutation
+
+    cfg = load_config(REPO / "models" / "digits.toml", [*SETTINGS, "data.batch_size=16"])
+    for n, epoch in ((129, 1), (100, 3), (7, 2)):
+        sampler = DistributedSampler(range(n), num_replicas=1, rank=0, shuffle=True, seed=cfg.train.seed)
+        sampler.set_epoch(epoch)  # single-process runs (and their resumes) keep the order they always had
+        assert _epoch_permutation(n, cfg.train.seed, epoch).tolist() == list(sampler)
+    for n, world in ((129, 2), (100, 3), (128, 2), (33, 2)):
+        perm = _epoch_permutation(n, cfg.train.seed, 1)
+        ranks = [_epoch_order(n, cfg, 1, DistContext(rank=r, world_size=world, backend="gloo")) for r in range(world)]
+        steps = -(-n // (world * 16))
+        assert [len(steps_r) for steps_r in ranks] == [steps] * world
+        for k in range(steps):
+            global_batch = perm[k * world * 16 : (k + 1) * world * 16]
+            m = len(global_batch)
+            counted = []
+            for r, steps_r in enumerate(ranks):
+                step = steps_r[k]
+                share = global_batch[r::world]
+                if len(share):
+                    assert torch.equal(step.idx, share) and step.counted == len(share)
+                    assert step.weight / (world * len(share)) == pytest.approx(1 / m)
+                    if m == world * 16:
+                        assert step.weight == 1.0  # exactly: full batches are not rescaled at all
+                    counted += step.idx.tolist()
+                else:
+                    assert (step.weight, step.counted, len(step.idx)) == (0.0, 0, 1)
+            assert sorted(counted) == sorted(global_batch.tolist())
+
+
+def test_two_ranks_equal_one_rank_at_double_batch(two_rank_run, one_rank_run):
+    out, _ = two_rank_run
+    assert_same_training(only_run(out), one_rank_run())
 
 
 def test_rank_zero_writes_once(two_rank_run):
