@@ -1,7 +1,8 @@
 """torchrun / DistributedDataParallel support: detect the launch, set up the process group, shard.
 
 A launch is distributed when torchrun's variables are present (RANK, WORLD_SIZE, LOCAL_RANK,
-MASTER_ADDR, MASTER_PORT). Backend: NCCL on CUDA, gloo on CPU. The global batch is the per-process
+MASTER_ADDR, MASTER_PORT), or when the caller already started the default process group (which stays
+theirs). Backend of a group started here: NCCL on CUDA, gloo on CPU. The global batch is the per-process
 ``data.batch_size`` times the world size; the learning rate is used as configured (scale it yourself
 if you scale the global batch).
 """
@@ -58,13 +59,20 @@ class DistContext:
 
 
 def init_distributed(device_type: str, timeout_s: float = 600.0) -> DistContext:
-    """Initialise the default process group when launched by torchrun; a no-op otherwise.
+    """Initialise the default process group when launched by torchrun, or use the caller's; a no-op otherwise.
+
+    A group the caller started is used (and left running) with or without torchrun's variables: without
+    them, rank and world size are the group's, and the CUDA device the current one (the caller chose it).
 
     Raises a one-line :class:`ConfigError` when some but not all rendezvous variables are set.
     """
     present = [v for v in _TORCHRUN_VARS if v in os.environ]
     if not present:
-        return DistContext()
+        if not (dist.is_available() and dist.is_initialized()):
+            return DistContext()
+        _warn_if_defaults_hold_the_group()
+        local = torch.cuda.current_device() if device_type == "cuda" else 0
+        return DistContext(dist.get_rank(), dist.get_world_size(), local, dist.get_backend(), owns_group=False)
     missing = [v for v in _TORCHRUN_VARS if v not in os.environ]
     if missing:
         raise ConfigError(
@@ -80,11 +88,17 @@ def init_distributed(device_type: str, timeout_s: float = 600.0) -> DistContext:
     owns_group = not dist.is_initialized()  # a group the caller set up stays theirs, alive after training
     if owns_group:
         dist.init_process_group(backend, timeout=_dt.timedelta(seconds=timeout_s))
-    elif _defaults_hold_a_group():
+    else:
+        _warn_if_defaults_hold_the_group()
+    return DistContext(rank, world, local, backend if owns_group else dist.get_backend(), owns_group)
+
+
+def _warn_if_defaults_hold_the_group() -> None:
+    """Warn about a caller's group that torch.distributed.nn captured (started before snncompile was imported)."""
+    if _defaults_hold_a_group():
         warnings.warn("the process group was started before snncompile was imported, so torch.distributed.nn's "
                       "default arguments hold it and its threads outlive destroy_process_group (the process may "
-                      "abort at exit): import snncompile before init_process_group", RuntimeWarning, stacklevel=2)
-    return DistContext(rank, world, local, backend if owns_group else dist.get_backend(), owns_group)
+                      "abort at exit): import snncompile before init_process_group", RuntimeWarning, stacklevel=3)
 
 
 def _defaults_hold_a_group() -> bool:

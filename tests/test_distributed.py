@@ -1,5 +1,5 @@
 """torchrun + DDP on the CPU with gloo: 2 ranks equal 1 rank at twice the batch, rank-0-only writes,
-resume under 2 ranks, bad launches."""
+resume under 2 ranks, bad launches, a process group the caller started."""
 
 import json
 import os
@@ -257,6 +257,42 @@ def test_a_process_group_the_caller_started_stays_theirs(tmp_path):
     for i in (0, 1):
         (run,) = (tmp_path / str(i) / "digits").iterdir()  # rank 0 wrote each run once
         assert json.loads((run / "manifest.json").read_text())["distributed"]["backend"] == "gloo"
+
+
+def test_a_group_started_without_torchrun_is_used(tmp_path, one_rank_run):
+    """A caller who starts the group without torchrun's variables (mp.spawn and a FileStore here, as on a
+    cluster whose scheduler sets its own) gets 2-rank training: equal to 1 rank at twice the batch.
+
+    At 131 samples the last global batch has 3, split 2 and 1: the loss weights 4/3 and 2/3 are what make
+    the ranks' average its mean (at 129 the one sample's stand-in on rank 1 is that sample, so any weights
+    summing to 2 pass)."""
+    n = 131
+    script = tmp_path / "spawned.py"
+    script.write_text(textwrap.dedent(f"""
+        import sys
+        from pathlib import Path
+        from snncompile.train import train  # before the group exists (see distributed.py)
+        import torch.distributed as dist
+        import torch.multiprocessing as mp
+        from snncompile.config import load_config
+
+        def worker(rank, root):
+            store = dist.FileStore(str(root / "store"), 2)
+            dist.init_process_group("gloo", rank=rank, world_size=2, store=store)
+            cfg = load_config({str(REPO / "models" / "digits.toml")!r},
+                              {[*SETTINGS, f"data.limit_train={n}", "data.batch_size=16"]!r})
+            train(cfg, root / "out", progress=False, echo=lambda s: None)
+            dist.destroy_process_group()
+
+        if __name__ == "__main__":
+            mp.spawn(worker, args=(Path(sys.argv[1]),), nprocs=2)
+    """))
+    result = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True, text=True, cwd=REPO,
+                            env=plain_env(), timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    run = only_run(tmp_path / "out")
+    assert json.loads((run / "manifest.json").read_text())["distributed"]["world_size"] == 2
+    assert_same_training(run, one_rank_run(n), n)
 
 
 @pytest.mark.parametrize("import_first", [True, False])
