@@ -274,10 +274,12 @@ def _gate(run_dir: Path, name: str, numerics: str, options: dict, model_file: st
     if not _is_twin(run_dir, model_file, export, read_manifest(run_dir).get("exports", {}).get(layers_file), layers_file):
         from .export_onnx import export_run
 
-        # the same reference inputs again: the real samples (and labels) stay in its reference file
-        n_real = reference["real"].shape[1] if "real" in reference else 0
+        # the same reference inputs again (the counts the timed export asked for, so the same files; exports
+        # recorded before those counts: the counts its file holds)
+        n_random, n_real = export.get("reference_samples") or (
+            reference["random"].shape[1], reference["real"].shape[1] if "real" in reference else 0)
         export_run(run_dir, steps=export["T"], layers=True, order=export.get("order", "layer"),
-                   precision=export.get("precision", "fp32"), n_random=reference["random"].shape[1], n_real=n_real)
+                   precision=export.get("precision", "fp32"), n_random=n_random, n_real=n_real)
     report = verify_run(run_dir, name, numerics, progress=False, model_file=layers_file, options=options)
     reasons = _file_reasons(layers_file, report)
     if layers_file != model_file:

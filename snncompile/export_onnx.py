@@ -68,10 +68,18 @@ REF_INPUTS = "reference_inputs.npz"
 REF_OUTPUTS = "reference_outputs.npz"
 
 
-def reference_files(steps: int, trained_steps: int) -> tuple[str, str]:
+DEFAULT_SAMPLES = 256  # random and real reference inputs each (`export --samples`)
+
+
+def reference_files(steps: int, trained_steps: int, n_random: int = DEFAULT_SAMPLES,
+                    n_real: int = DEFAULT_SAMPLES) -> tuple[str, str]:
     """The reference inputs and outputs an unrolled export at T = ``steps`` is verified on: the plain names at
-    the T the run was trained with, ``_T<steps>`` otherwise, so that exports at two T each keep their own."""
+    the T the run was trained with and the default sample counts; ``_T<steps>`` at another T and
+    ``_n<random>-<real>`` at other counts, so that each export keeps its own (a later export at the same T
+    with fewer samples used to rewrite the shared file, and the earlier export was then verified on fewer)."""
     suffix = "" if steps == trained_steps else f"_T{steps}"
+    if (n_random, n_real) != (DEFAULT_SAMPLES, DEFAULT_SAMPLES):
+        suffix += f"_n{n_random}-{n_real}"
     return f"reference_inputs{suffix}.npz", f"reference_outputs{suffix}.npz"
 
 
@@ -238,8 +246,8 @@ def export_run(
     form: str = "unrolled",
     layers: bool = False,
     rates: bool = False,
-    n_random: int = 256,
-    n_real: int = 256,
+    n_random: int = DEFAULT_SAMPLES,
+    n_real: int = DEFAULT_SAMPLES,
     check_numerics: bool = True,
     order: str = "layer",
     precision: str = "fp32",
@@ -345,7 +353,7 @@ def export_run(
         if form == "unrolled":
             refs = {f"{split}/{name}": out for split in ("random", "real") if split in arrays
                     for name, out in _torch_outputs(reference, arrays[split]).items()}
-            ref_files = reference_files(steps, cfg.model.T)
+            ref_files = reference_files(steps, cfg.model.T, n_random, n_real)
             np.savez(staging / ref_files[0], **arrays)
             np.savez(staging / ref_files[1], **refs)
             extra = {name: staging / name for name in ref_files}
@@ -381,7 +389,8 @@ def export_run(
         "precision": precision, "reduced_precision_nodes": reduced, "split_tf32_layers": split_layers,
         "inputs": in_shapes, "outputs": output_names, "ops": ops, "nodes_raw": nodes_raw, "nodes_clean": nodes_clean,
         "onnx_bytes": onnx_bytes, "export_seconds": round(seconds, 3), "sha256": sha256_model(run_dir / file_name),
-        "reference": ref_note, "reference_files": list(extra), "cleaned_vs_raw": numerics,
+        "reference": ref_note, "reference_files": list(extra), "reference_samples": [n_random, n_real],
+        "cleaned_vs_raw": numerics,
         "versions": {**environment(), "onnx": onnx.__version__, "onnxscript": _version("onnxscript"),
                      "onnx_ir": _version("onnx_ir"), "onnxruntime": _version("onnxruntime")},
     }

@@ -43,3 +43,16 @@ def tiny_zoo_config(path: str | Path) -> Config:
     cfg.model.arch = "-".join(tokens)
     cfg.model.T = 4
     return cfg
+
+
+def reference_file(run: Path, kind: str = "inputs", model_file: str | None = None) -> Path:
+    """The reference inputs (or ``kind="outputs"``) that ``model_file`` (default: the one verify checks) was
+    exported with: their names carry the export's T and sample counts when those are not the defaults."""
+    import json
+
+    from snncompile.compare import default_model_file
+    from snncompile.export_onnx import export_reference_paths
+
+    exports = json.loads((Path(run) / "manifest.json").read_text())["exports"]
+    paths = export_reference_paths(run, exports[model_file or default_model_file(exports)])
+    return paths[0] if kind == "inputs" else paths[1]

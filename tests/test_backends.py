@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from conftest import REPO
-from helpers import make_run, tiny_zoo_config
+from helpers import make_run, reference_file, tiny_zoo_config
 from snncompile.backends import RUNNERS, available_runners, create_runner
 from snncompile.errors import ConfigError, RunnerUnavailableError
 
@@ -30,8 +30,8 @@ def exported_run(tmp_path_factory):
 def test_runner_conformance(name, exported_run):
     if AVAILABLE[name] is not None:
         pytest.skip(f"{name}: {AVAILABLE[name]}")
-    x = np.load(exported_run / "reference_inputs.npz")["random"]
-    refs = np.load(exported_run / "reference_outputs.npz")
+    x = np.load(reference_file(exported_run))["random"]
+    refs = np.load(reference_file(exported_run, "outputs"))
     with create_runner(name, exported_run) as runner:
         assert runner.output_names == ["scores", "rates"]
         assert [s.name for s in runner.inputs] == ["input"]
@@ -124,7 +124,7 @@ def test_torch_fast_forward_runs_under_its_cudnn_autotuning_setting(exported_run
         seen = []
         forward = runner.graph.forward
         monkeypatch.setattr(runner.graph, "forward", lambda x: seen.append(torch.backends.cudnn.benchmark) or forward(x))
-        runner.infer({"input": np.load(exported_run / "reference_inputs.npz")["random"][:, :2]})
+        runner.infer({"input": np.load(reference_file(exported_run))["random"][:, :2]})
     # one forward on the CPU; on CUDA the warm-up forwards and the captured one
     assert seen and set(seen) == {autotune} and torch.backends.cudnn.benchmark is (not autotune)
 
@@ -142,7 +142,7 @@ def test_torch_fast_on_cuda_replays_its_graph_and_verifies(tmp_path):
     report = verify_run(run, "torch-fast", "fp32")
     assert report["passed"], report["reasons"]
     assert sum(s["real"] for s in report["layers"].values()) == 0
-    x = np.load(run / "reference_inputs.npz")["random"]
+    x = np.load(reference_file(run))["random"]
     with create_runner("torch-fast", run, "model_layers.onnx") as runner:  # the file verify ran
         assert runner.cuda_graph and runner.graph.net.fused_lif
         first = runner.infer({"input": x[:, :8]})
@@ -170,8 +170,8 @@ def test_ort_cpu_sessions_are_shape_specialized_and_bounded(exported_run, monkey
     import snncompile.backends.ort as ort_mod
 
     monkeypatch.setattr(ort_mod, "MAX_SESSIONS", 2)
-    x = np.load(exported_run / "reference_inputs.npz")["random"]
-    refs = np.load(exported_run / "reference_outputs.npz")
+    x = np.load(reference_file(exported_run))["random"]
+    refs = np.load(reference_file(exported_run, "outputs"))
     with create_runner("ort-cpu", exported_run) as runner:
         for b in (5, 7, 5, 9, 32):  # 9 evicts 7, 32 evicts 5
             out = runner.infer({"input": x[:, :b]})
@@ -195,7 +195,7 @@ def test_ort_cpu_threads_follow_the_cpu_affinity(exported_run):
     os.sched_setaffinity(0, {min(allowed)})
     try:
         with create_runner("ort-cpu", exported_run) as runner:
-            x = np.load(exported_run / "reference_inputs.npz")["random"][:, :2]
+            x = np.load(reference_file(exported_run))["random"][:, :2]
             handle = runner.prepare({"input": x})
             runner.run_prepared(handle)
             assert runner.timing_mode(handle) == "CPU, 1 threads"
@@ -221,8 +221,8 @@ def _bound_on_cpu():
 
 def test_ort_cuda_binding_path_on_the_cpu_provider(exported_run):
     pytest.importorskip("onnxruntime")
-    x = np.load(exported_run / "reference_inputs.npz")["random"]
-    refs = np.load(exported_run / "reference_outputs.npz")
+    x = np.load(reference_file(exported_run))["random"]
+    refs = np.load(reference_file(exported_run, "outputs"))
     with _bound_on_cpu()(exported_run) as runner:
         first = runner.infer({"input": x[:, :8]})
         other = runner.infer({"input": x[:, 8:16]})  # same bound buffers, new data copied in
@@ -244,7 +244,7 @@ def test_ort_cuda_binding_path_on_the_cpu_provider(exported_run):
 @pytest.mark.gpu
 @pytest.mark.skipif(AVAILABLE["ort-cuda"] is not None, reason=f"ort-cuda: {AVAILABLE['ort-cuda']}")
 def test_ort_cuda_captures_a_cuda_graph_and_replays_new_inputs(exported_run):
-    x = np.load(exported_run / "reference_inputs.npz")["random"]
+    x = np.load(reference_file(exported_run))["random"]
     with create_runner("ort-cuda", exported_run) as runner:
         first = runner.infer({"input": x[:, :8]})
         handle = runner.prepare({"input": x[:, 8:16]})

@@ -13,7 +13,7 @@ from click.testing import CliRunner  # noqa: E402
 from onnx import numpy_helper  # noqa: E402
 
 from conftest import REPO  # noqa: E402
-from helpers import conv_input_channels, make_run, tiny_zoo_config  # noqa: E402
+from helpers import conv_input_channels, make_run, reference_file, tiny_zoo_config  # noqa: E402
 from snncompile.bench import bench_run, percentiles  # noqa: E402
 from snncompile.cli import cli  # noqa: E402
 from snncompile.errors import ConfigError  # noqa: E402
@@ -82,9 +82,10 @@ def test_bad_arguments_are_one_line(exported, tmp_path):
     assert result.exit_code == 1 and "has no unrolled export model.onnx" in result.output  # as build and verify
     result = CliRunner().invoke(cli, ["bench", str(exported), "--batch", "0,2"])
     assert result.exit_code == 2 and result.output.strip() == "error: --batch sizes must be >= 1, got 0,2"
-    (exported / "reference_inputs.npz").write_bytes(b"not an npz")
+    broken = reference_file(exported)
+    broken.write_bytes(b"not an npz")
     result = CliRunner().invoke(cli, ["bench", str(exported), "--runners", "torch", "--batch", "1"])
-    assert result.exit_code == 1 and "reference_inputs.npz is missing or corrupt" in result.output
+    assert result.exit_code == 1 and f"{broken.name} is missing or corrupt" in result.output
     assert "Traceback" not in result.output and not (exported / "bench.json").exists()  # nothing timed first
 
 
@@ -103,7 +104,7 @@ def test_gate_keeps_the_real_samples_and_a_runner_that_cannot_be_verified_is_ski
 
     run = make_run(tmp_path, tiny_zoo_config(REPO / "models" / "digits.toml"))
     export_run(run, n_random=8, n_real=8)
-    before = dict(np.load(run / "reference_inputs.npz"))
+    before = dict(np.load(reference_file(run)))
     real_gate = bench._gate
 
     def gate(run_dir, name, *args):
@@ -115,7 +116,7 @@ def test_gate_keeps_the_real_samples_and_a_runner_that_cannot_be_verified_is_ski
     data = bench_run(run, ["torch-fast", "ort-cpu"], (1, 1, 2), warmup=0, iters=2, echo=lambda s: None)
     assert data["runners"]["torch-fast"]["skipped"] == "cannot verify: no model_layers_fp32.plan"
     assert data["runners"]["ort-cpu"]["verified"] and list(data["runners"]["ort-cpu"]["by_batch"]) == ["1", "2"]
-    after = np.load(run / "reference_inputs.npz")
+    after = np.load(reference_file(run))
     assert sorted(after.files) == sorted(before) == ["random", "real", "real_labels"]
     assert all(np.array_equal(after[k], before[k]) for k in before)
     assert (run / "model_layers.onnx").is_file()

@@ -11,7 +11,7 @@ from click.testing import CliRunner  # noqa: E402
 from onnx import numpy_helper  # noqa: E402
 
 from conftest import REPO  # noqa: E402
-from helpers import make_run, tiny_zoo_config  # noqa: E402
+from helpers import make_run, reference_file, tiny_zoo_config  # noqa: E402
 from snncompile.cli import cli  # noqa: E402
 from snncompile.compare import LayerStats, _classify_flips, verify_run, verify_runs  # noqa: E402
 from snncompile.export_onnx import export_run  # noqa: E402
@@ -253,7 +253,7 @@ def test_missing_reference_outputs_or_corrupt_verify_json_is_one_line_before_any
     result = CliRunner().invoke(cli, ["verify", str(exported), "--runner", "ort-cpu", "--no-progress"])
     assert result.exit_code == 1
     assert result.output.strip().splitlines() == [f"error: {exported / 'verify.json'} is corrupt: move it aside (or delete it) and verify again"]
-    (exported / "reference_outputs.npz").unlink()
+    reference_file(exported, "outputs").unlink()
     result = CliRunner().invoke(cli, ["verify", str(exported), "--runner", "ort-cpu", "--no-progress"])
     assert result.exit_code == 1 and "has no model_layers.onnx export with reference inputs and outputs" in result.output
     assert "Traceback" not in result.output

@@ -11,7 +11,7 @@ pytest.importorskip("onnxruntime")
 import onnx  # noqa: E402
 
 from conftest import REPO, ZOO, zoo_ids  # noqa: E402
-from helpers import make_run, tiny_zoo_config  # noqa: E402
+from helpers import make_run, reference_file, tiny_zoo_config  # noqa: E402
 from snncompile.backends import create_runner  # noqa: E402
 from snncompile.compare import verify_run  # noqa: E402
 from snncompile.config import load_config  # noqa: E402
@@ -44,7 +44,10 @@ def test_zoo_exports_and_ort_cpu_is_spike_exact(tmp_path, path):
     # orders): no real flip, and every numerical one within 1e-4 of V_th.
     assert report["layers_checked"] and all(s["real"] == 0 for s in report["layers"].values())
     assert report["numerical_flip_rate"] <= 1e-6
-    assert report["top1"]["agree"] == report["top1"]["total"]
+    # top-1 differs only where a numerical flip diverged the sample (dvs_cifar10: one flip in 5e7 neuron-steps
+    # changed one near-tie sample's winner)
+    top1 = report["top1"]
+    assert top1["agree"] >= top1["total"] - top1["samples_diverged"] and top1["judged_agree"] == top1["judged"]
     # the comparison means something only if the layers actually spike
     rates = [s for s in _layer_rates(run).values()]
     assert all(0 < r < 1 for r in rates), rates
@@ -68,7 +71,7 @@ def _ops_with_batch_fixed(path, batch, tmp_path):
 
 
 def _layer_rates(run):
-    x = np.load(run / "reference_inputs.npz")["random"][:, :16]
+    x = np.load(reference_file(run))["random"][:, :16]
     with create_runner("ort-cpu", run, "model_layers.onnx") as r:
         out = r.infer({"input": x})
     return {k: float(v.mean()) for k, v in out.items() if k.endswith(".spikes")}
@@ -95,7 +98,7 @@ def test_metadata_and_dynamic_batch(trained_digits):
     assert json.loads(meta["snncompile.normalisation"]) == {"mean": [0.5], "std": [0.5]}
     assert len(meta["snncompile.config_hash"]) == 16 and "snncompile.version" in meta
     assert [o.name for o in model.graph.output][:2] == ["scores", "rates"]
-    x = np.load(run / "reference_inputs.npz")["real"]
+    x = np.load(reference_file(run))["real"]
     with create_runner("ort-cpu", run) as r:
         for batch in (1, 3, 17):
             assert r.infer({"input": x[:, :batch]})["scores"].shape == (batch, 10)
@@ -109,7 +112,7 @@ def test_metadata_and_dynamic_batch(trained_digits):
 def test_step_form_streams_to_the_unrolled_result(trained_digits):
     run = trained_digits.run_dir
     export_run(run, form="step")
-    x = np.load(run / "reference_inputs.npz")["real"][:, :40]
+    x = np.load(reference_file(run))["real"][:, :40]
     _, net = load_network(run)
     streamed = stream_steps(run / "model_step.onnx", StepGraph(net, 4), x)
     with create_runner("ort-cpu", run) as r:
@@ -240,8 +243,8 @@ def test_exports_at_two_T_each_keep_their_reference_inputs(tmp_path):
     be verified (its T no longer matched): each T keeps its own files."""
     run = make_run(tmp_path, tiny_zoo_config(REPO / "models" / "digits.toml"))
     trained_T = load_network(run)[0].model.T
-    export_run(run, n_random=8, n_real=0)
-    export_run(run, steps=trained_T + 2, layers=True, n_random=8, n_real=0)
+    export_run(run)
+    export_run(run, steps=trained_T + 2, layers=True)
     manifest = json.loads((run / "manifest.json").read_text())["exports"]
     assert manifest["model.onnx"]["reference_files"] == ["reference_inputs.npz", "reference_outputs.npz"]
     assert manifest["model_layers.onnx"]["reference_files"] == [f"reference_inputs_T{trained_T + 2}.npz",
@@ -249,3 +252,17 @@ def test_exports_at_two_T_each_keep_their_reference_inputs(tmp_path):
     assert verify_run(run, "ort-cpu", model_file="model.onnx")["passed"]
     layers = verify_run(run, "ort-cpu", model_file="model_layers.onnx")
     assert layers["passed"] and layers["layers"]["lif1"]["flip_rate_per_step"].__len__() == trained_T + 2
+
+
+def test_an_export_with_fewer_samples_keeps_the_earlier_exports_references(tmp_path):
+    """A later export at the same T with fewer --samples rewrote the shared reference files, and the earlier
+    export was then verified on fewer samples: the counts are in the names when they are not the defaults."""
+    run = make_run(tmp_path, tiny_zoo_config(REPO / "models" / "digits.toml"))
+    export_run(run, n_random=24, n_real=0)
+    export_run(run, layers=True, n_random=8, n_real=0)
+    exports = json.loads((run / "manifest.json").read_text())["exports"]
+    assert exports["model.onnx"]["reference_files"] == ["reference_inputs_n24-0.npz", "reference_outputs_n24-0.npz"]
+    assert exports["model.onnx"]["reference_samples"] == [24, 0]
+    assert np.load(reference_file(run, model_file="model.onnx"))["random"].shape[1] == 24
+    assert np.load(reference_file(run, model_file="model_layers.onnx"))["random"].shape[1] == 8
+    assert verify_run(run, "ort-cpu", model_file="model.onnx")["inputs"] == {"random": 24}

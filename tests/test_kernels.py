@@ -22,7 +22,7 @@ import pytest  # noqa: E402
 pytest.importorskip("triton")
 
 from conftest import REPO, ZOO, zoo_ids  # noqa: E402
-from helpers import tiny_zoo_config  # noqa: E402
+from helpers import reference_file, tiny_zoo_config  # noqa: E402
 from snncompile.init_run import calibrate_firing, random_input  # noqa: E402
 from snncompile.kernels import fused_lif  # noqa: E402
 from snncompile.models import LIFCell, network_from_config  # noqa: E402
@@ -91,7 +91,7 @@ def test_torch_fast_with_the_fused_kernel_reports_every_layer_like_torch(tmp_pat
 
     run = make_run(tmp_path, tiny_zoo_config(REPO / "models" / "dvs_gesture.toml"))
     export_run(run, layers=True, n_random=8, n_real=0)
-    x = np.load(run / "reference_inputs.npz")["random"]
+    x = np.load(reference_file(run))["random"]
     with create_runner("torch", run, "model_layers.onnx", device=DEVICE.type) as ref, \
             create_runner("torch-fast", run, "model_layers.onnx", device=DEVICE.type, fused=True) as fast:
         assert fast.graph.net.fused_lif

@@ -14,7 +14,7 @@ from click.testing import CliRunner  # noqa: E402
 from onnx import TensorProto, shape_inference  # noqa: E402
 
 from conftest import REPO, ZOO, zoo_ids  # noqa: E402
-from helpers import make_run, tiny_zoo_config  # noqa: E402
+from helpers import make_run, reference_file, tiny_zoo_config  # noqa: E402
 from snncompile.cli import cli  # noqa: E402
 from snncompile.compare import verify_run  # noqa: E402
 from snncompile.export_onnx import export_run  # noqa: E402
@@ -40,7 +40,7 @@ def zoo_graphs(tmp_path_factory):
         run = make_run(tmp_path_factory.mktemp("zoo"), tiny_zoo_config(path))
         export_run(run, layers=True, n_random=8, n_real=0, check_numerics=False)
         graphs[run.parent.name] = (onnx.load(str(run / "model_layers.onnx")),
-                                   np.load(run / "reference_inputs.npz")["random"])
+                                   np.load(reference_file(run))["random"])
     return graphs
 
 
