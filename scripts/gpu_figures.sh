@@ -318,10 +318,12 @@ headline)
     # profile test reads the pooled kernels), torch-fast on an exact model (convolutions without cuDNN), the
     # kernels' NaN gradient, inference membrane and 64x64 pool fixes, split TF32 with analog input on real
     # tensor cores, and the GPU-only tests. Capped: a hang must not cost the figures after it
-    # -v into the log, and to the tables each failure as it happens and the summary: a run the cap stops
-    # still says which tests failed (-q's dots did not)
-    stage "GPU tests" 60 bash -c 'set -o pipefail; timeout 150 python3 -m pytest -v -p no:cacheprovider "$@" 2>&1 \
-        | tee /dev/stderr | grep -E "FAILED|ERROR|^=+ .*(passed|failed|error)"' _ "${xdist[@]}" tests/test_kernels.py \
+    # -v into the log (appended: `tee /dev/stderr` would truncate it), and to the tables the failures and the
+    # summary, or, when the cap stops the run, how far it got: -q's dots said neither
+    stage "GPU tests" 60 bash -c 'f=$(mktemp); timeout 150 python3 -m pytest -v -p no:cacheprovider "$@" 2>&1 \
+        | tee "$f" >&2; rc=${PIPESTATUS[0]}; grep -E "FAILED|ERROR|^=+ .*(passed|failed|error)" "$f"
+        [ "$rc" = 124 ] && echo "stopped by the 150 s cap after $(grep -cE " (PASSED|FAILED|SKIPPED|ERROR)" "$f") results"
+        rm -f "$f"; exit "$rc"' _ "${xdist[@]}" tests/test_kernels.py \
         tests/test_bench_train.py tests/test_backends.py tests/test_exact.py tests/test_split_tf32.py -k "not trt and \
         (cuda or gpu or compact_spikes or exact_on_cpu or bf16_flips or opt_in or replays or autotuning or \
         half_precision or pooled_spikes or lif_pool or pool_fused or zoo_networks_fused or contraction or \
