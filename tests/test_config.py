@@ -37,10 +37,13 @@ def test_overrides_are_typed():
         ("data.test_fraction=0", r"data.test_fraction must be between 0 and 1 \(exclusive\), got 0.0"),
         ("data.test_fraction=1", "data.test_fraction must be between 0 and 1"),
         ("train.lr=-1", "train.lr must be a positive finite number, got -1.0"),
-        ("train.lr=nan", "train.lr must be a positive finite number, got nan"),
+        ("train.lr=nan", "config key 'train.lr' must be a finite number, got nan"),
+        ("model.a=nan", "config key 'model.a' must be a finite number, got nan"),  # `a <= 0` let nan through
+        ("model.exact_input_max=inf", "config key 'model.exact_input_max' must be a finite number"),
+        ("model.neunorm_u_init=-inf", "config key 'model.neunorm_u_init' must be a finite number"),
         ("train.threads=-1", r"train.threads must be >= 0 \(0: torch's default\), got -1"),
         ("data.std=[0]", r"data.std must be positive finite numbers, got \[0.0\]"),
-        ("data.mean=[inf]", "data.mean must be finite numbers"),
+        ("data.mean=[inf]", r"config key 'data.mean\[0\]' must be a finite number, got inf"),
         ("data.limit_train=-5", r"data.limit_train must be >= 0 \(0: all\), got -5"),
         ("data.limit_test=-1", "data.limit_test must be >= 0"),
         ("data.num_workers=-1", "data.num_workers must be >= 0"),
@@ -52,7 +55,7 @@ def test_overrides_are_typed():
         ("train.milestones=[0, 3]", "train.milestones must be epochs >= 1"),
         ("model.classes=0", "model.classes must be >= 1"),
         ("model.vote_group=0", "model.vote_group must be >= 1"),
-        ("model.v_th=inf", "model.v_th must be a finite number"),
+        ("model.v_th=inf", "config key 'model.v_th' must be a finite number"),
     ],
 )
 def test_bad_override_is_one_line(override, words):

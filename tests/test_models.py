@@ -66,7 +66,7 @@ def test_neunorm_u_starts_at_the_configured_value():
         net = network_from_config(load_config(path, overrides).model)
         norms = [s.norm.u_scale for s in net.stages if isinstance(s, NeuNormCell)]
         assert norms and all(torch.equal(u, torch.full_like(u, value)) for u in norms)
-    with pytest.raises(ConfigError, match="model.neunorm_u_init must be finite"):
+    with pytest.raises(ConfigError, match="config key .model.neunorm_u_init. must be a finite number"):
         load_config(path, ["model.neunorm_u_init=nan"])
 
 
