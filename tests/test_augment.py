@@ -150,8 +150,9 @@ def test_digits_shift_pads_with_normalised_black():
     assert default.augment is None and default.info["augment"] == "none"
 
 
-def test_flipping_dvs_gesture_is_refused():
-    """DVS Gesture's classes name the hand and the direction: a mirrored right-hand wave is a left-hand wave."""
+def test_flipping_dvs_gesture_and_digits_is_refused():
+    """DVS Gesture's classes name the hand and the direction: a mirrored right-hand wave is a left-hand wave;
+    a mirrored digit is not that digit."""
     from types import SimpleNamespace
 
     from snncompile.config import DataConfig
@@ -159,6 +160,9 @@ def test_flipping_dvs_gesture_is_refused():
 
     with pytest.raises(ConfigError, match="shift-flip' on dvs_gesture: a mirrored right-hand wave is a left-hand"):
         _set_augment(SimpleNamespace(name="dvs_gesture", info={}), DataConfig(augment="shift-flip"), 0.0)
+    for digits in ("digits", "mnist", "nmnist"):  # the README said "not for digits"; it was accepted
+        with pytest.raises(ConfigError, match=f"shift-flip' on {digits}: a mirrored digit is not that digit"):
+            _set_augment(SimpleNamespace(name=digits, info={}), DataConfig(augment="shift-flip"), 0.0)
     shifted = SimpleNamespace(name="dvs_gesture", info={})
     _set_augment(shifted, DataConfig(augment="shift", augment_pad=2), 0.0)
     assert shifted.info["augment"] == "random shift (pad 2, crop back)"

@@ -54,12 +54,19 @@ def _normalise(ds: Dataset, mean: list[float], std: list[float]) -> None:
     ds.info.update(mean=list(mean), std=list(std))
 
 
+# Datasets whose classes a horizontal mirror does not keep: why, for the error.
+_NOT_MIRRORABLE = {
+    "dvs_gesture": "a mirrored right-hand wave is a left-hand wave (and clockwise counter-clockwise), another class",
+    **{name: "a mirrored digit is not that digit (a 2, a 3, a 7 are no digit at all mirrored)"
+       for name in ("digits", "mnist", "nmnist")},
+}
+
+
 def _set_augment(ds: Dataset, d: DataConfig, fill: float | list[float]) -> None:
     # 'auto' is what the paper trained with: RandomCrop(32, pad 4) + horizontal flip on CIFAR10 (PAPER.md §5).
     paper_default = "shift-flip" if ds.name == "cifar10" else "none"
-    if ds.name == "dvs_gesture" and d.augment == "shift-flip":  # its labels name the hand and the direction
-        raise ConfigError("data.augment='shift-flip' on dvs_gesture: a mirrored right-hand wave is a left-hand wave "
-                          "(and clockwise counter-clockwise), another class; use 'shift'")
+    if d.augment == "shift-flip" and ds.name in _NOT_MIRRORABLE:
+        raise ConfigError(f"data.augment='shift-flip' on {ds.name}: {_NOT_MIRRORABLE[ds.name]}; use 'shift'")
     ds.augment, ds.info["augment"] = make_augment(d.augment, d.augment_pad, fill, paper_default)
 
 
