@@ -10,6 +10,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import os
 import re
 import tomllib
 import typing
@@ -299,7 +300,13 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
         raise ConfigError(f"{path}: invalid TOML ({e})") from None
     raw.setdefault("name", path.stem)
     cfg = from_dict(raw, str(path))
-    return apply_overrides(cfg, overrides or [])
+    cfg = apply_overrides(cfg, overrides or [])
+    if cfg.data.root and not cfg.data.root.startswith("~"):
+        # Absolute from here on, so the run's config.toml finds the data from any directory: a relative root
+        # stored as given broke `train --resume` and `verify --test-set` elsewhere (and --resume takes no --set).
+        # Relative to the working directory, as the loaders always read it; ~ means the same everywhere.
+        cfg.data.root = os.path.abspath(cfg.data.root)
+    return cfg
 
 
 def _toml_value(v: Any) -> str:

@@ -113,3 +113,15 @@ def test_a_config_that_is_not_utf8_is_one_line(tmp_path):
         load_config(path)
     path.write_bytes('description = "caf\u00e9"\n'.encode("utf-8"))
     assert load_config(path).description == "caf\u00e9"
+
+
+def test_a_relative_data_root_is_stored_absolute(tmp_path, monkeypatch):
+    """Stored as given, a relative root broke `train --resume` run from another directory (which takes no --set)."""
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(REPO / "models" / "mnist.toml", ["data.root=../data/mnist"])
+    assert cfg.data.root == str(tmp_path.parent / "data" / "mnist")
+    stored = tmp_path / "config.toml"
+    stored.write_text(dumps_toml(cfg))
+    monkeypatch.chdir(REPO)
+    assert load_config(stored).data.root == cfg.data.root
+    assert load_config(REPO / "models" / "digits.toml").data.root == ""  # no folder: left empty
