@@ -18,6 +18,9 @@ def build_run(run_dir: str | Path, precision: str = "fp32", batch: str = "1:16:1
     options.validate()
     run_dir = Path(run_dir)
     export = read_manifest(run_dir).get("exports", {}).get(model_file)
+    if export is not None and export.get("form") == "step":  # exporting again would not help: say what does
+        raise ConfigError(f"{model_file} is the step-by-step form: build takes unrolled exports; build {run_dir} "
+                          "without --model (model.onnx)")
     if export is None or export["form"] != "unrolled" or not (run_dir / model_file).is_file():
         raise ArtifactError(f"{run_dir} has no unrolled export {model_file}: run `snncompile export {run_dir}` first")
     typed = export.get("precision", "fp32")

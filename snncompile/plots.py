@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .artifacts import atomic_save, record_artifact
+from .artifacts import atomic_save, read_manifest, record_artifact
 from .errors import ArtifactError, MissingDependencyError
 from .runs import METRICS, load_run_config
 
@@ -59,6 +59,8 @@ def plot_training(run: Path, out: Path | None = None) -> Path:
     manifest), or at ``out``."""
     plt = pyplot()
     rows = _metrics(run)
+    if out is None:
+        read_manifest(run)  # a corrupt manifest fails now, not after training.png was replaced
     epochs = [r["epoch"] for r in rows]
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
     for split in ("train", "test"):

@@ -64,5 +64,14 @@ def test_bad_input_is_one_line(two_runs, tmp_path):
     (empty / "metrics.jsonl").write_text('{"epoch": 1, "test_acc": 0.5}\n{"epoch": 2, "te')  # a torn copy
     result = CliRunner().invoke(cli, ["plot", str(empty)])
     assert result.output.strip() == f"error: {empty / 'metrics.jsonl'} is corrupt (not one JSON row per line)"
+    copy = tmp_path / "copy"  # a run whose manifest is corrupt: the error comes before training.png is replaced
+    copy.mkdir()
+    for name in ("metrics.jsonl", "config.toml"):
+        (copy / name).write_bytes((two_runs[0] / name).read_bytes())
+    (copy / "manifest.json").write_text("{not json")
+    (copy / "training.png").write_bytes(b"earlier")
+    result = CliRunner().invoke(cli, ["plot", str(copy)])
+    assert result.exit_code == 1 and "manifest.json" in result.output and "\n" not in result.output.strip()
+    assert (copy / "training.png").read_bytes() == b"earlier"
     labels = CliRunner().invoke(cli, ["plot", str(two_runs[0]), "--label", "a", "--label", "b"])
     assert labels.exit_code == 2 and "--label given 2 times for 1 runs" in labels.output

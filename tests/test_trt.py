@@ -12,6 +12,7 @@ from snncompile.backends import available_runners, create_runner
 from snncompile.backends.trt import BuildOptions, parse_profile
 from snncompile.cli import cli
 from snncompile.errors import ConfigError, RunnerUnavailableError
+from snncompile.export_onnx import export_run
 
 HAVE_TRT = any(importlib.util.find_spec(m) for m in ("tensorrt", "tensorrt_rtx", "tensorrt_bindings", "tensorrt_rtx_bindings"))
 
@@ -66,6 +67,11 @@ def test_build_needs_an_export(tmp_path):
     run = make_run(tmp_path, tiny_zoo_config(REPO / "models" / "bench-nmnist.toml"))
     result = CliRunner().invoke(cli, ["build", str(run)])
     assert result.exit_code == 1 and "has no unrolled export model.onnx" in result.output
+    export_run(run, form="step", n_random=2, n_real=0)  # exporting again (what the old message said) cannot help
+    result = CliRunner().invoke(cli, ["build", str(run), "--model", "model_step.onnx"])
+    assert result.exit_code == 2 and result.output.strip() == (
+        f"error: model_step.onnx is the step-by-step form: build takes unrolled exports; build {run} without --model "
+        "(model.onnx)")
 
 
 @pytest.mark.trt
