@@ -9,6 +9,7 @@ __all__ = [
     "ExportError",
     "InputError",
     "RunnerUnavailableError",
+    "TrainingInterrupted",
 ]
 
 
@@ -57,3 +58,9 @@ class InputError(SnnCompileError):
 
 class RunnerUnavailableError(SnnCompileError):
     """A runner's runtime, provider or device is not present on this machine."""
+
+
+class TrainingInterrupted(SnnCompileError):
+    """Ctrl-C during training: the message says which checkpoint survived and how to continue."""
+
+    exit_code = 130  # the shell's code for a SIGINT

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from .artifacts import atomic_save, read_manifest, record_artifact
 from .errors import ArtifactError, MissingDependencyError
-from .runs import METRICS, load_run_config
+from .runs import METRICS, load_run_config, read_metrics
 
 __all__ = ["pyplot", "plot_training", "plot_runs", "run_labels"]
 
@@ -33,11 +33,7 @@ def _metrics(run: Path) -> list[dict]:
     """One row per finished epoch, or a one-line error naming the run."""
     if not run.is_dir():
         raise ArtifactError(f"run directory not found: {run}")
-    path = run / METRICS
-    try:
-        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise ArtifactError(f"{path} is corrupt (not one JSON row per line)") from None
+    rows = read_metrics(run / METRICS)
     if not rows:
         raise ArtifactError(f"{run} has no finished epoch ({METRICS} is missing or empty)")
     return rows

@@ -11,11 +11,26 @@ from .config import Config, load_config
 from .errors import ArtifactError
 from .models import SpikingNetwork, network_from_config
 
-__all__ = ["CHECKPOINT", "CONFIG", "METRICS", "load_checkpoint", "load_run_config", "load_network"]
+__all__ = ["CHECKPOINT", "CONFIG", "METRICS", "load_checkpoint", "load_run_config", "load_network", "read_metrics"]
 
 CHECKPOINT = "checkpoint.pt"
 CONFIG = "config.toml"
 METRICS = "metrics.jsonl"
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """The rows of a run's metrics.jsonl, one per finished epoch (none when it is missing), or a one-line error
+    when a line is not a JSON row with its epoch."""
+    import json
+
+    try:
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+        if not all(isinstance(row, dict) and isinstance(row.get("epoch"), int) for row in rows):
+            raise ValueError
+    except (ValueError, UnicodeDecodeError):  # JSONDecodeError is a ValueError
+        raise ArtifactError(f"{path} is corrupt (not one JSON row per line): move it aside (the curves of the "
+                            "epochs so far are then lost) and try again") from None
+    return rows
 
 
 def load_run_config(run_dir: str | Path) -> Config:

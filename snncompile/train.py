@@ -29,11 +29,11 @@ from .backends.pt import cudnn_autotuning, cudnn_disabled, no_tf32
 from .config import Config, dumps_toml
 from .data import Split, batches, load_dataset, to_time_major
 from .distributed import DistContext, all_reduce_sum, destroy, init_distributed, shard_indices, stop_on_peer_failure
-from .errors import ArtifactError, ConfigError
+from .errors import ArtifactError, ConfigError, TrainingInterrupted
 from .exact import snap_to_grid
 from .memory import SavedActivations
 from .models import network_from_config
-from .runs import CHECKPOINT, CONFIG, METRICS, load_checkpoint, load_run_config
+from .runs import CHECKPOINT, CONFIG, METRICS, load_checkpoint, load_run_config, read_metrics
 
 __all__ = ["TrainResult", "train", "loss_fn", "evaluate", "resolve_device"]
 
@@ -190,6 +190,9 @@ def train(
     state = None
     if resume is not None:
         cfg = load_run_config(resume)
+        if not (Path(resume) / CHECKPOINT).is_file():  # stopped before its first epoch ended: nothing to continue
+            raise ArtifactError(f"{resume} has no checkpoint (no epoch finished): start it again with "
+                                f"`snncompile train {Path(resume) / CONFIG}`")
         state = load_checkpoint(Path(resume) / CHECKPOINT)
         if not all(k in state for k in ("optimizer", "scheduler", "epoch")):
             raise ArtifactError(f"{resume} holds untrained weights (from `snncompile init`), not a training "
@@ -276,82 +279,100 @@ def _train(cfg: Config, device: torch.device, ctx: DistContext, out_root, resume
         test_loss, test_acc = _summarise_finished(run_dir, cfg, first_epoch - 1)
         say(f"{run_dir} already has {first_epoch - 1} of {cfg.train.epochs} epochs: nothing to train")
     epoch = first_epoch - 1
-    for epoch in range(first_epoch, last_epoch + 1):
-        model.train()
-        # Dropout masks of this epoch: seeded per (seed, epoch, rank) so a resumed epoch replays exactly.
-        torch.manual_seed(_epoch_seed(cfg.train.seed, epoch) + 7919 * ctx.rank)
-        steps = _epoch_order(len(data.train), cfg, epoch, ctx)
-        augment_rng = torch.Generator().manual_seed(_epoch_seed(cfg.train.seed, epoch) + 104729 * ctx.rank)
-        n_batches = len(steps)  # the same on every rank
-        global_batch = ctx.world_size * cfg.data.batch_size
-        bar = tqdm(total=n_batches, desc=f"epoch {epoch}/{cfg.train.epochs}", disable=not (progress and main),
-                   leave=False, unit="batch")
-        # Accumulated on the device: no host sync per step (the bar reads them every LOG_EVERY steps).
-        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-        correct = torch.zeros((), dtype=torch.long, device=device)
-        seen, t0 = 0, time.perf_counter()
-        for i, (idx, weight, counted) in enumerate(steps):
-            x = data.train.x[idx].to(device, non_blocking=True).float()  # event frames are stored as uint16
-            if data.augment is not None:
-                x = data.augment(x, augment_rng)
-            y = data.train.y[idx].to(device, non_blocking=True)
-            # SavedActivations: the spikes autograd keeps for backward are stored as uint8 (exact)
-            with _autocast(device, cfg.train.precision), SavedActivations():
-                scores = model(to_time_major(x, cfg.model.T, data.static)).float()
-            loss = loss_fn(scores, y, cfg.train.loss)
-            opt.zero_grad(set_to_none=True)
-            # Scaled only when the weight is not 1 (a last, smaller global batch): full batches keep their arithmetic.
-            (loss if weight == 1.0 else loss * weight).backward()
-            opt.step()
-            if counted:  # a weight-0 stand-in is in no metric: over all ranks each sample counts once
-                seen += counted
-                loss_sum += loss.detach().double() * counted
-                correct += (scores.detach().argmax(1) == y).sum()
-            bar.update(1)
-            if main and progress and (i % LOG_EVERY == 0 or i == n_batches - 1):
-                # Rank 0 has a sample in every global batch, so seen > 0; the rate is all ranks' samples.
-                done = min((i + 1) * global_batch, len(data.train))
-                bar.set_postfix(loss=f"{loss_sum.item() / seen:.4f}", acc=f"{correct.item() / seen:.3f}",
-                                sps=f"{done / (time.perf_counter() - t0):.0f}")
-        bar.close()
-        train_seconds = time.perf_counter() - t0
-        g_loss, g_correct, g_seen = all_reduce_sum([loss_sum.item(), float(correct.item()), float(seen)], ctx, device)
-        lr = opt.param_groups[0]["lr"]
-        sched.step()
-        if cfg.model.exact:  # every checkpoint, and the accuracy reported for it, is the exact network's
-            exact_layers = snap_to_grid(list(net.stages))
-        test_loss, test_acc = evaluate(net, data.test, cfg, device, data.static, ctx)
-        row = {
-            "epoch": epoch,
-            "train_loss": g_loss / g_seen,
-            "train_acc": g_correct / g_seen,
-            "test_loss": test_loss,
-            "test_acc": test_acc,
-            "lr": lr,
-            "train_seconds": round(train_seconds, 3),
-            "samples_per_s": round(g_seen / train_seconds, 1),
-        }
-        if main:
-            # The row first: a crash before the checkpoint leaves a row that resume truncates and writes again;
-            # the other order lost the row of an epoch whose checkpoint was saved (a gap in the curves).
-            _append_metrics(run_dir / METRICS, row)
-            _save_checkpoint(run_dir, net, opt, sched, epoch, cfg)
-            # The summary follows every checkpoint, not the session's end: a run killed now still reports
-            # this epoch's accuracy, and its manifest hashes the metrics it has.
-            _record_training(run_dir, epoch, cfg, test_acc, test_loss, device=str(device),
-                             last_session_seconds=round(time.perf_counter() - start, 2))
-            if cfg.model.exact:
-                update_manifest(run_dir, exact={"input_bits": cfg.model.exact_bits, "layers": exact_layers})
-        say(
-            f"epoch {epoch:3d}/{cfg.train.epochs}  loss {row['train_loss']:.4f}  train acc {100 * row['train_acc']:.2f} %  "
-            f"test acc {100 * test_acc:.2f} %  {row['samples_per_s']:.0f} samples/s"
-        )
+    try:
+        for epoch in range(first_epoch, last_epoch + 1):
+            model.train()
+            # Dropout masks of this epoch: seeded per (seed, epoch, rank) so a resumed epoch replays exactly.
+            torch.manual_seed(_epoch_seed(cfg.train.seed, epoch) + 7919 * ctx.rank)
+            steps = _epoch_order(len(data.train), cfg, epoch, ctx)
+            augment_rng = torch.Generator().manual_seed(_epoch_seed(cfg.train.seed, epoch) + 104729 * ctx.rank)
+            n_batches = len(steps)  # the same on every rank
+            global_batch = ctx.world_size * cfg.data.batch_size
+            bar = tqdm(total=n_batches, desc=f"epoch {epoch}/{cfg.train.epochs}", disable=not (progress and main),
+                       leave=False, unit="batch")
+            # Accumulated on the device: no host sync per step (the bar reads them every LOG_EVERY steps).
+            loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+            correct = torch.zeros((), dtype=torch.long, device=device)
+            seen, t0 = 0, time.perf_counter()
+            for i, (idx, weight, counted) in enumerate(steps):
+                x = data.train.x[idx].to(device, non_blocking=True).float()  # event frames are stored as uint16
+                if data.augment is not None:
+                    x = data.augment(x, augment_rng)
+                y = data.train.y[idx].to(device, non_blocking=True)
+                # SavedActivations: the spikes autograd keeps for backward are stored as uint8 (exact)
+                with _autocast(device, cfg.train.precision), SavedActivations():
+                    scores = model(to_time_major(x, cfg.model.T, data.static)).float()
+                loss = loss_fn(scores, y, cfg.train.loss)
+                opt.zero_grad(set_to_none=True)
+                # Scaled only when the weight is not 1 (a last, smaller global batch): full batches keep their
+                # arithmetic.
+                (loss if weight == 1.0 else loss * weight).backward()
+                opt.step()
+                if counted:  # a weight-0 stand-in is in no metric: over all ranks each sample counts once
+                    seen += counted
+                    loss_sum += loss.detach().double() * counted
+                    correct += (scores.detach().argmax(1) == y).sum()
+                bar.update(1)
+                if main and progress and (i % LOG_EVERY == 0 or i == n_batches - 1):
+                    # Rank 0 has a sample in every global batch, so seen > 0; the rate is all ranks' samples.
+                    done = min((i + 1) * global_batch, len(data.train))
+                    bar.set_postfix(loss=f"{loss_sum.item() / seen:.4f}", acc=f"{correct.item() / seen:.3f}",
+                                    sps=f"{done / (time.perf_counter() - t0):.0f}")
+            bar.close()
+            train_seconds = time.perf_counter() - t0
+            g_loss, g_correct, g_seen = all_reduce_sum([loss_sum.item(), float(correct.item()), float(seen)], ctx,
+                                                       device)
+            lr = opt.param_groups[0]["lr"]
+            sched.step()
+            if cfg.model.exact:  # every checkpoint, and the accuracy reported for it, is the exact network's
+                exact_layers = snap_to_grid(list(net.stages))
+            test_loss, test_acc = evaluate(net, data.test, cfg, device, data.static, ctx)
+            row = {
+                "epoch": epoch,
+                "train_loss": g_loss / g_seen,
+                "train_acc": g_correct / g_seen,
+                "test_loss": test_loss,
+                "test_acc": test_acc,
+                "lr": lr,
+                "train_seconds": round(train_seconds, 3),
+                "samples_per_s": round(g_seen / train_seconds, 1),
+            }
+            if main:
+                # The row first: a crash before the checkpoint leaves a row that resume truncates and writes again;
+                # the other order lost the row of an epoch whose checkpoint was saved (a gap in the curves).
+                _append_metrics(run_dir / METRICS, row)
+                _save_checkpoint(run_dir, net, opt, sched, epoch, cfg)
+                # The summary follows every checkpoint, not the session's end: a run killed now still reports
+                # this epoch's accuracy, and its manifest hashes the metrics it has.
+                _record_training(run_dir, epoch, cfg, test_acc, test_loss, device=str(device),
+                                 last_session_seconds=round(time.perf_counter() - start, 2))
+                if cfg.model.exact:
+                    update_manifest(run_dir, exact={"input_bits": cfg.model.exact_bits, "layers": exact_layers})
+            say(
+                f"epoch {epoch:3d}/{cfg.train.epochs}  loss {row['train_loss']:.4f}  "
+                f"train acc {100 * row['train_acc']:.2f} %  "
+                f"test acc {100 * test_acc:.2f} %  {row['samples_per_s']:.0f} samples/s"
+            )
+    except KeyboardInterrupt:
+        if not main:
+            raise
+        raise TrainingInterrupted(_interrupted_message(run_dir, epoch)) from None
     elapsed = time.perf_counter() - start
     if main and epoch >= first_epoch and cfg.model.exact:
         bits = [b for layer in exact_layers for b in layer["weight_bits"]]
         say(f"exact arithmetic: weights on grids of 2^-{min(bits)} to 2^-{max(bits)}, largest change "
             f"{max(layer['max_rel_change'] for layer in exact_layers):.1e} of a layer's largest weight")
     return TrainResult(run_dir, epoch, test_acc, test_loss, elapsed)
+
+
+def _interrupted_message(run_dir: Path, epoch: int) -> str:
+    """What survived a Ctrl-C in ``epoch`` (checkpoints are written atomically between epochs) and what to run."""
+    if not (run_dir / CHECKPOINT).is_file():
+        return (f"interrupted in epoch {epoch}, before any checkpoint: start again with "
+                f"`snncompile train {run_dir / CONFIG}`")
+    saved = load_checkpoint(run_dir / CHECKPOINT)["epoch"]
+    return (f"interrupted in epoch {epoch}: {run_dir} keeps the checkpoint of epoch {saved}; continue with "
+            f"`snncompile train --resume {run_dir}`")
 
 
 def _record_training(run_dir: Path, epoch: int, cfg: Config, test_acc: float, test_loss: float, **extra) -> None:
@@ -370,7 +391,7 @@ def _summarise_finished(run_dir: Path, cfg: Config, epoch: int) -> tuple[float, 
     done = read_manifest(run_dir).get("training", {})
     test_loss, test_acc = done.get("test_loss", float("nan")), done.get("test_acc", float("nan"))
     path = run_dir / METRICS
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+    rows = read_metrics(path)
     last = next((row for row in reversed(rows) if row.get("epoch") == epoch), None)
     if last is not None:
         test_loss, test_acc = last["test_loss"], last["test_acc"]
@@ -442,6 +463,5 @@ def _truncate_metrics(path: Path, last_epoch: int) -> None:
     """Drop rows after ``last_epoch`` (written by a run that died before its next checkpoint)."""
     if not path.exists():
         return
-    rows = [line for line in path.read_text().splitlines() if line.strip()]
-    keep = [line for line in rows if json.loads(line)["epoch"] <= last_epoch]
-    atomic_write_text(path, "".join(line + "\n" for line in keep))
+    keep = [row for row in read_metrics(path) if row["epoch"] <= last_epoch]
+    atomic_write_text(path, "".join(json.dumps(row) + "\n" for row in keep))

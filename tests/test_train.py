@@ -270,3 +270,45 @@ def test_fewer_model_classes_than_the_dataset_has_is_one_line_before_training(tm
     with pytest.raises(ConfigError, match="digits has 10 classes but model.classes = 8: set model.classes = 10"):
         train(cfg, tmp_path, progress=False, echo=lambda s: None)
     assert not (tmp_path / "digits").exists()
+
+
+def test_ctrl_c_says_which_checkpoint_survived_and_how_to_continue(tmp_path, digits_cfg, monkeypatch):
+    """After a Ctrl-C the CLI printed only click's "Aborted!"; now one line names the surviving checkpoint and
+    the command (checkpoints are written between epochs, atomically), and that command works."""
+    import snncompile.train as t
+    from snncompile.errors import TrainingInterrupted
+
+    real = t._epoch_order
+
+    def interrupt_in(epoch_to_stop):
+        def order(n, cfg, epoch, ctx):
+            if epoch == epoch_to_stop:
+                raise KeyboardInterrupt
+            return real(n, cfg, epoch, ctx)
+        return order
+
+    monkeypatch.setattr(t, "_epoch_order", interrupt_in(2))
+    with pytest.raises(TrainingInterrupted) as err:
+        train(digits_cfg, tmp_path / "a", progress=False, echo=lambda s: None)
+    (run,) = (tmp_path / "a" / "digits").iterdir()
+    assert str(err.value) == (f"interrupted in epoch 2: {run} keeps the checkpoint of epoch 1; continue with "
+                              f"`snncompile train --resume {run}`") and err.value.exit_code == 130
+    monkeypatch.setattr(t, "_epoch_order", real)
+    assert train(resume=run, progress=False, echo=lambda s: None).epochs_done == 2
+
+    monkeypatch.setattr(t, "_epoch_order", interrupt_in(1))
+    with pytest.raises(TrainingInterrupted, match="interrupted in epoch 1, before any checkpoint: start again with "
+                                                  "`snncompile train .*config.toml`"):
+        train(digits_cfg, tmp_path / "b", progress=False, echo=lambda s: None)
+    (early,) = (tmp_path / "b" / "digits").iterdir()
+    with pytest.raises(ArtifactError) as err:  # resuming it said only "checkpoint not found"
+        train(resume=early, progress=False, echo=lambda s: None)
+    assert str(err.value) == (f"{early} has no checkpoint (no epoch finished): start it again with "
+                              f"`snncompile train {early / 'config.toml'}`")
+
+
+def test_resume_with_a_corrupt_metrics_file_is_one_line(tmp_path, digits_cfg):
+    part = train(digits_cfg, tmp_path, stop_after=1, progress=False, echo=lambda s: None)
+    (part.run_dir / "metrics.jsonl").write_text('{"epoch": 1, "test_acc": 0.5')  # truncated: a traceback before
+    with pytest.raises(ArtifactError, match=r"metrics.jsonl is corrupt \(not one JSON row per line\): move it aside"):
+        train(resume=part.run_dir, progress=False, echo=lambda s: None)
