@@ -59,7 +59,10 @@ def train(model_toml, overrides, out_root, resume, stop_after, no_progress) -> N
         f"final test accuracy {100 * result.test_acc:.2f} % after {result.epochs_done} epochs, "
         f"{result.elapsed_s:.1f} s wall; run: {result.run_dir}"
     )
-    click.echo(f"next: snncompile export {result.run_dir} --layers && snncompile verify {result.run_dir}")
+    # both exports: verify checks model_layers.onnx, bench times model.onnx
+    run = result.run_dir
+    click.echo(f"next: snncompile export {run} && snncompile export {run} --layers && snncompile verify {run} "
+               f"&& snncompile bench {run}")
 
 
 @cli.command()
@@ -87,7 +90,8 @@ def init(model_toml, overrides, out_root, seed, no_calibrate) -> None:
 @cli.command()
 @click.argument("run", type=click.Path(path_type=Path))
 @click.option("--T", "steps", type=int, help="Timesteps to unroll (default: the T it was trained with).")
-@click.option("--opset", default=18, show_default=True, type=click.IntRange(13, 23), help="ONNX opset.")
+@click.option("--opset", default=18, show_default=True, type=click.IntRange(13, 23),
+              help="ONNX opset (torch 2.13's exporter writes 15 and later; an opset it cannot write is an error).")
 @click.option("--form", type=click.Choice(["unrolled", "step"]), default="unrolled", show_default=True,
               help="unrolled: all T steps in one graph (model.onnx); step: one step with explicit state (model_step.onnx).")
 @click.option("--layers", is_flag=True, help="Also output every LIF layer's spikes and membrane (per-layer verify).")
@@ -104,6 +108,12 @@ def export(run, steps, opset, form, layers, rates, samples, order, precision) ->
 
     r = export_run(run, steps=steps, opset=opset, form=form, layers=layers, rates=rates, n_random=samples, n_real=samples,
                    order=order, precision=precision)
+    if r.form == "unrolled" and not r.n_real:  # real samples asked for, none saved (no dataset, T mismatch): why
+        from .artifacts import read_manifest
+
+        why = read_manifest(r.path.parent)["exports"][r.path.name]["reference"]
+        click.echo(f"note: no real reference inputs ({why.split('no real samples', 1)[-1].strip(' ()')}); "
+                   "verify --test-set needs the dataset too", err=True)
     typed = ""
     if r.precision in ("fp16", "bf16"):
         typed = f", {r.reduced_precision_nodes} convs/matmuls in {r.precision}"
@@ -140,7 +150,8 @@ def build(run, precision, batch, workspace_mb, timing_cache, model_file) -> None
 
 @cli.command()
 @click.argument("run", type=click.Path(file_okay=False, path_type=Path))
-@click.option("--runner", "runners", multiple=True, type=click.Choice(list(RUNNERS)), help="Runner(s) to check (default: every available one but torch and the opt-in torch-compile).")
+@click.option("--runner", "runners", multiple=True, type=click.Choice(list(RUNNERS)), help="Runner(s) to check (default: every available one but torch and the opt-in torch-loop and "
+                   "torch-compile).")
 @click.option("--precision", type=click.Choice(TORCH_FAST_PRECISIONS), default=None,
               help="Tolerance preset, and what torch-fast/trt compute at (default: the export's precision, fp32 unless "
                    "exported with --precision; tf32x2: torch-fast's fp32-accurate split-TF32 spike layers, and the TensorRT engine "
@@ -230,7 +241,7 @@ def bench_train_cmd(model_toml, overrides, steps_t, batch, precision, steps, war
 @bench.command("run")
 @click.argument("run", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--runners", default="", help="Comma-separated runners (default: every available one but the opt-in "
-                                             "torch-compile, which compiles per input shape).")
+                                             "torch-loop and torch-compile, which compiles per input shape).")
 @click.option("--batch", "batches", default="1,16,128", show_default=True, help="Comma-separated batch sizes.")
 @click.option("--iters", default=50, show_default=True, type=click.IntRange(1), help="Timed calls per batch size.")
 @click.option("--warmup", default=10, show_default=True, type=click.IntRange(0),

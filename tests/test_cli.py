@@ -47,6 +47,14 @@ def test_train_command_end_to_end(tmp_path):
     assert result.exit_code == 0, result.output
     assert "final test accuracy" in result.output and "s wall; run:" in result.output
     assert len(list((tmp_path / "digits").iterdir())) == 1
+    # the printed next steps run verbatim (the hint exported only --layers, and bench needs model.onnx)
+    (hint,) = [line for line in result.output.splitlines() if line.startswith("next: ")]
+    steps = [step.split() for step in hint.removeprefix("next: ").split(" && ")]
+    assert [step[1] for step in steps] == ["export", "export", "verify", "bench"]
+    for step in steps:
+        extra = ["--iters", "3", "--warmup", "1", "--batch", "1"] if step[1] == "bench" else []
+        done = CliRunner().invoke(cli, step[1:] + extra)
+        assert done.exit_code == 0, (step, done.output)
 
 
 def test_missing_config_and_bad_resume_are_one_line(tmp_path):
@@ -61,3 +69,19 @@ def test_unknown_verify_runner_is_a_usage_error_before_any_work(tmp_path):
     r = CliRunner().invoke(cli, ["verify", str(tmp_path), "--runner", "tensorflow"])  # tmp_path is no run: not read
     assert r.exit_code == 2
     assert "Invalid value for '--runner': 'tensorflow' is not one of 'torch', 'torch-fast'" in r.output
+
+
+def test_export_says_why_it_saved_no_real_reference_inputs(tmp_path):
+    """A run whose dataset is not where its config says exported "16 random + 0 real" and nothing more: a note
+    on stderr now says why (and what else needs the data)."""
+    from helpers import make_run
+    from snncompile.config import load_config
+
+    cfg = load_config(REPO / "models" / "mnist.toml", [f"data.root='{tmp_path / 'nowhere'}'", "model.T=2",
+                                                       "model.arch='8C3-AP2-16FC-Voting'"])
+    run = make_run(tmp_path, cfg)
+    result = CliRunner().invoke(cli, ["export", str(run), "--samples", "4"])
+    assert result.exit_code == 0, result.output
+    assert "4 random + 0 real reference inputs" in result.stdout
+    (note,) = result.stderr.splitlines()
+    assert note.startswith("note: no real reference inputs (MNIST files missing in") and "verify --test-set" in note
