@@ -8,7 +8,7 @@ import torch
 from helpers import conv_input_channels
 from snncompile.artifacts import read_manifest
 from snncompile.config import apply_overrides
-from snncompile.errors import ArtifactError, ConfigError
+from snncompile.errors import ArtifactError, ConfigError, TrainingInterrupted
 from snncompile.runs import CHECKPOINT, load_checkpoint, load_network
 from snncompile.train import loss_fn, train
 
@@ -102,7 +102,7 @@ def test_a_crash_between_an_epochs_writes_leaves_no_gap_in_the_metrics(tmp_path,
         real(path, row)
 
     monkeypatch.setattr(trainer, "_append_metrics", dies_at_epoch_2)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(TrainingInterrupted):  # the Ctrl-C, said in one line
         train(cfg, tmp_path, progress=False, echo=lambda s: None)
     monkeypatch.undo()
     (run,) = (tmp_path / "digits").iterdir()
@@ -215,7 +215,7 @@ def test_a_run_killed_after_its_last_checkpoint_still_reports_its_accuracy(tmp_p
             raise KeyboardInterrupt
 
     monkeypatch.setattr(trainer, "_save_checkpoint", killed_after_epoch_2)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(TrainingInterrupted):  # the Ctrl-C, said in one line
         train(digits_cfg, tmp_path, progress=False, echo=lambda s: None)
     monkeypatch.undo()
     (run,) = (tmp_path / "digits").iterdir()
@@ -276,7 +276,6 @@ def test_ctrl_c_says_which_checkpoint_survived_and_how_to_continue(tmp_path, dig
     """After a Ctrl-C the CLI printed only click's "Aborted!"; now one line names the surviving checkpoint and
     the command (checkpoints are written between epochs, atomically), and that command works."""
     import snncompile.train as t
-    from snncompile.errors import TrainingInterrupted
 
     real = t._epoch_order
 
