@@ -13,7 +13,6 @@ from __future__ import annotations
 import datetime
 import json
 import time
-import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +23,7 @@ from .backends import available_runners, create_runner, default_runners, runner_
 from .backends.base import runner_numerics
 from .compare import verify_run
 from .errors import ArtifactError, ConfigError, SnnCompileError
-from .export_onnx import export_reference_paths
+from .export_onnx import export_reference_paths, read_reference
 
 __all__ = ["batch_rows", "batch_sizes", "bench_run", "bench_stem", "format_table", "percentiles"]
 
@@ -37,13 +36,13 @@ def percentiles(times_s: list[float]) -> dict[str, float]:
 
 def _reference_inputs(run_dir: Path, export: dict) -> dict[str, np.ndarray]:
     """The export's saved reference inputs (``random`` ``[T, N, ...]``, and ``real`` when it had the dataset)."""
-    path, _ = export_reference_paths(run_dir, export)
-    try:
-        with np.load(path, allow_pickle=False) as saved:
-            return {k: saved[k] for k in saved.files}
-    except (OSError, ValueError, zipfile.BadZipFile) as e:  # OSError: missing; the others: not an npz
-        raise ArtifactError(f"{path} is missing or corrupt ({type(e).__name__}): run `snncompile export {run_dir}` "
-                            "again") from None
+    return read_reference(export_reference_paths(run_dir, export)[0], run_dir, export)
+
+
+def _check_reference_outputs(run_dir: Path, export: dict) -> None:
+    """The export's stored torch outputs, which every runner's gate (verify) reads: missing or corrupt, one line now
+    rather than every runner skipped with it."""
+    read_reference(export_reference_paths(run_dir, export)[1], run_dir, export)
 
 
 def _bench_input(reference: dict[str, np.ndarray], batch: int, seed: int = 0) -> np.ndarray:
@@ -90,6 +89,7 @@ def bench_run(run_dir: str | Path, runners: list[str] | None = None, batches: tu
     if iters < 1 or warmup < 0:
         raise ConfigError("--iters must be >= 1, --warmup >= 0")
     reference = _reference_inputs(run_dir, export)  # before any runner is timed: a missing file is one line, at once
+    _check_reference_outputs(run_dir, export)
     avail = available_runners()
     names = list(runners) if runners else default_runners()
     unknown = [n for n in names if n not in avail]

@@ -23,7 +23,7 @@ import numpy as np
 from .artifacts import atomic_write_json, read_manifest, record_artifact, run_dir_lock, sha256_model
 from .backends import create_runner
 from .errors import ArtifactError, ConfigError, DataError
-from .export_onnx import export_reference_paths
+from .export_onnx import export_reference_paths, read_reference
 from .runs import load_run_config
 
 __all__ = ["Tolerance", "PRESETS", "verify_run", "verify_runs", "default_model_file", "format_report", "LayerStats",
@@ -164,10 +164,11 @@ class _ReferenceInputs:
     """The export's saved inputs per split (``random``, ``real``), ``[T, N, ...]``, with the torch scores
     the export stored for them (so verify can confirm the reference still reproduces them)."""
 
-    def __init__(self, inputs_path: Path, outputs_path: Path):
-        self._inputs = np.load(inputs_path, allow_pickle=False)
-        self._stored = np.load(outputs_path, allow_pickle=False)
-        self.sizes = {s: int(self._inputs[s].shape[1]) for s in ("random", "real") if s in self._inputs.files}
+    def __init__(self, run_dir: Path, export: dict):
+        inputs_path, outputs_path = export_reference_paths(run_dir, export)
+        self._inputs = read_reference(inputs_path, run_dir, export)
+        self._stored = read_reference(outputs_path, run_dir, export)
+        self.sizes = {s: int(self._inputs[s].shape[1]) for s in ("random", "real") if s in self._inputs}
 
     def batches(self, split: str, batch: int):
         """Yield ``(x [T, b, ...] float32, labels [b] | None, stored scores [b, classes])``."""
@@ -326,7 +327,7 @@ def verify_runs(run_dir: str | Path, runners: dict[str, dict | None], precision:
     read_reports(run_dir / "verify.json")  # a corrupt one is reported now, not after the whole comparison
     hash_ok = (run_dir / model_file).is_file() and sha256_model(run_dir / model_file) == export["sha256"]
     if inputs == "reference":
-        source = _ReferenceInputs(inputs_path, outputs_path)
+        source = _ReferenceInputs(run_dir, export)
     elif inputs == "test":
         source = _TestSet(cfg, int(export["T"]), progress)
     else:

@@ -31,12 +31,12 @@ import torch
 from . import __version__
 from .artifacts import environment, forget_artifact, read_manifest, record_artifact, sha256_model, update_manifest
 from .config import Config
-from .errors import ConfigError, DataError, ExportError, MissingDependencyError
+from .errors import ArtifactError, ConfigError, DataError, ExportError, MissingDependencyError
 from .graphs import StepGraph, UnrolledGraph
-from .runs import load_network
+from .runs import load_network, load_run_config
 
 __all__ = ["unrolled_file", "stream_steps", "ALLOWED_OPS", "ExportResult", "export_run", "resolve_run_dir", "reference_inputs",
-           "reference_files", "export_reference_paths", "EXPORTER"]
+           "reference_files", "export_reference_paths", "read_reference", "export_command", "EXPORTER"]
 
 EXPORTER = "torch.export (torch.onnx.export dynamo=True) + onnxscript optimizer"
 DEFAULT_OPSET = 18
@@ -87,6 +87,37 @@ def export_reference_paths(run_dir: Path, export: dict) -> tuple[Path, Path]:
     """Where an export's reference inputs and outputs are (exports recorded before per-T names: the plain ones)."""
     names = export.get("reference_files") or (REF_INPUTS, REF_OUTPUTS)
     return Path(run_dir) / names[0], Path(run_dir) / names[1]
+
+
+def read_reference(path: Path, run_dir: Path, export: dict) -> dict[str, np.ndarray]:
+    """Every array of one of ``export``'s reference npz files, read now: np.load reads an npz lazily, so a cut-short
+    file may fail at np.load or only at its first array. A missing or corrupt file is one line naming the export
+    command that writes it again."""
+    try:
+        with np.load(path, allow_pickle=False) as saved:
+            return {name: saved[name] for name in saved.files}
+    except MemoryError:  # a whole file that does not fit is not a corrupt one
+        raise
+    except Exception as e:  # noqa: BLE001  zipfile, numpy's header parser and the file system raise many types
+        raise ArtifactError(f"{path} is missing or corrupt ({type(e).__name__}): export again: "
+                            f"`{export_command(run_dir, export)}`") from None
+
+
+def export_command(run_dir: Path, export: dict) -> str:
+    """The ``snncompile export`` command that writes the export of manifest entry ``export`` again: the options
+    that name its file (see :func:`unrolled_file`), --rates, --T where it is not the trained T and --samples
+    where it had other counts than the defaults."""
+    options = ["--form step"] if export.get("form") == "step" else []
+    trained_steps = load_run_config(run_dir).model.T
+    if export.get("T", trained_steps) != trained_steps:
+        options.append(f"--T {export['T']}")
+    options += ["--layers"] if export.get("layers") else []
+    options += ["--rates"] if export.get("rates") else []
+    options += ["--order step"] if export.get("order") == "step" else []
+    options += [f"--precision {export['precision']}"] if export.get("precision", "fp32") != "fp32" else []
+    n_random = (export.get("reference_samples") or [DEFAULT_SAMPLES])[0]
+    options += [f"--samples {n_random}"] if n_random != DEFAULT_SAMPLES else []
+    return " ".join(["snncompile export", str(run_dir), *options])
 
 
 @dataclass

@@ -453,3 +453,30 @@ def test_tensorrt_runs_a_tf32x2_export_at_tf32x2():
     assert runner_numerics("ort-cuda", "tf32x2", "tf32x2") == "tf32x2"
     precision = ENGINE_PRECISION.get("tf32x2", "tf32x2")
     assert engine_name("model_tf32x2_layers.onnx", precision) == "model_tf32x2_layers_tf32.plan"
+
+
+def _bench_files(run) -> dict:
+    """What an earlier bench left: its files' bytes and their manifest entries."""
+    artifacts = json.loads((run / "manifest.json").read_text())["artifacts"]
+    return {name: ((run / name).read_bytes(), artifacts.get(name)) for name in ("bench.json", "bench.md", "bench.png")
+            if (run / name).exists()}
+
+
+@pytest.mark.parametrize("kind", ["inputs", "outputs"])
+@pytest.mark.parametrize("damage", ["first half", "garbage"])
+def test_corrupt_reference_files_are_one_line_before_anything_is_timed(exported, kind, damage):
+    """A cut-short reference_outputs npz was a zipfile.BadZipFile traceback out of the first runner's gate: both
+    reference files are read whole before any runner, one line naming the file and the command that writes it."""
+    export_run(exported, layers=True, n_random=32, n_real=0)  # the twin, sharing the files: the gate exports nothing
+    bench_run(exported, ["torch"], (1,), warmup=0, iters=1, progress=False, echo=lambda s: None)
+    before = _bench_files(exported)
+    path = reference_file(exported, kind, "model.onnx")
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2] if damage == "first half" else b"\x00garbage, not an npz" * 10)
+    result = CliRunner().invoke(cli, ["bench", str(exported), "--runners", "torch,ort-cpu", "--batch", "1"])
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
+    (line,) = result.output.strip().splitlines()
+    assert line.startswith(f"error: {path} is missing or corrupt (")
+    assert line.endswith(f"): export again: `snncompile export {exported} --samples 32`"), line
+    assert _bench_files(exported) == before
+

@@ -295,3 +295,30 @@ def test_membranes_off_without_a_flip_fail_at_fp32_not_at_16_bits():
         run["a.membrane"][0, 0, 0] = np.nextafter(np.float32(0.2), np.float32(1))
 
     assert _layer_tally_reasons("fp32", rounding) == []
+
+
+@pytest.mark.parametrize("kind", ["inputs", "outputs"])
+@pytest.mark.parametrize("damage", ["first half", "garbage", "a flipped byte"])
+def test_corrupt_reference_files_are_one_line_before_any_work(exported, monkeypatch, kind, damage):
+    """A cut-short or garbage reference npz was a zipfile.BadZipFile traceback. np.load reads an npz lazily: cut
+    short it fails at once, with a damaged array (its CRC) only when that array is read; both are one line now."""
+    import snncompile.compare as compare
+
+    monkeypatch.setattr(compare, "create_runner", lambda *a, **k: pytest.fail("verify ran before the check"))
+    path = reference_file(exported, kind)
+    data = path.read_bytes()
+    if damage == "first half":
+        path.write_bytes(data[: len(data) // 2])
+    elif damage == "garbage":
+        path.write_bytes(b"\x00garbage, not an npz" * 10)
+    else:
+        flipped = bytearray(data)
+        flipped[len(data) // 2] ^= 0xFF  # inside the first array's data: np.load itself succeeds
+        path.write_bytes(bytes(flipped))
+        with np.load(path) as lazy:
+            assert lazy.files
+    result = CliRunner().invoke(cli, ["verify", str(exported), "--runner", "ort-cpu", "--no-progress"])
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit)
+    (line,) = result.output.strip().splitlines()
+    assert line.startswith(f"error: {path} is missing or corrupt (")
+    assert line.endswith(f"): export again: `snncompile export {exported} --layers --samples 64`"), line

@@ -266,3 +266,19 @@ def test_an_export_with_fewer_samples_keeps_the_earlier_exports_references(tmp_p
     assert np.load(reference_file(run, model_file="model.onnx"))["random"].shape[1] == 24
     assert np.load(reference_file(run, model_file="model_layers.onnx"))["random"].shape[1] == 8
     assert verify_run(run, "ort-cpu", model_file="model.onnx")["inputs"] == {"random": 24}
+
+
+def test_export_command_names_the_options_of_each_file(tmp_path):
+    """The command a message suggests writes the same file again: the options that name it (--layers, --order step,
+    --precision, --form step), --rates, and --T / --samples only where they are not the defaults."""
+    from snncompile.export_onnx import export_command
+
+    run = make_run(tmp_path, tiny_zoo_config(REPO / "models" / "bench-nmnist.toml"))  # trained T = 4
+    plain = {"form": "unrolled", "order": "layer", "T": 4, "layers": False, "rates": False, "precision": "fp32",
+             "reference_samples": [256, 256]}
+    assert export_command(run, plain) == f"snncompile export {run}"
+    assert export_command(run, {}) == f"snncompile export {run}"  # an entry of an older version: the defaults
+    assert (export_command(run, {**plain, "T": 6, "layers": True, "rates": True, "order": "step", "precision": "bf16",
+                                 "reference_samples": [32, 0]})
+            == f"snncompile export {run} --T 6 --layers --rates --order step --precision bf16 --samples 32")
+    assert export_command(run, {**plain, "form": "step", "T": 4}) == f"snncompile export {run} --form step"
