@@ -23,7 +23,7 @@ from .backends import available_runners, create_runner, default_runners, runner_
 from .backends.base import runner_numerics
 from .compare import verify_run
 from .errors import ArtifactError, ConfigError, SnnCompileError
-from .export_onnx import export_reference_paths, read_reference
+from .export_onnx import export_reference_paths, read_reference, require_current_checkpoint
 
 __all__ = ["batch_rows", "batch_sizes", "bench_run", "bench_stem", "format_table", "percentiles"]
 
@@ -85,6 +85,8 @@ def bench_run(run_dir: str | Path, runners: list[str] | None = None, batches: tu
     export = manifest.get("exports", {}).get(model_file)
     if export is None or export["form"] != "unrolled":
         raise ArtifactError(f"{run_dir} has no unrolled export {model_file}: run `snncompile export {run_dir}` first")
+    # the timed file of older weights: one line, not every runner failing its gate (torch is the current checkpoint)
+    require_current_checkpoint(run_dir, model_file, export)
     batches = batch_sizes(batches)
     if iters < 1 or warmup < 0:
         raise ConfigError("--iters must be >= 1, --warmup >= 0")
@@ -263,10 +265,11 @@ def _gate(run_dir: Path, name: str, numerics: str, options: dict, model_file: st
     computes what torch computes.
 
     The twin is (re-)exported from the run's checkpoint unless it is already the timed file's twin: same T,
-    order and precision and the same weights (compared directly, initializer by initializer: the manifest's
-    export entries record no checkpoint hash). Re-exporting is always right here because verify's reference
-    is the torch module of the run's checkpoint: a twin of older weights would fail on real spike mismatches
-    that the timed file does not have, and a timed file of older weights fails its own check below.
+    order, precision and checkpoint hash, and the same weights (compared directly, initializer by initializer:
+    exports recorded before their entries held the checkpoint's hash have none). Re-exporting is always right
+    here because verify's reference is the torch module of the run's checkpoint: a twin of older weights would
+    fail on real spike mismatches that the timed file does not have. A timed file of older weights is refused
+    before any gate (:func:`bench_run`), or, recorded without the checkpoint's hash, fails its own check below.
 
     The timed file passes when it is the file its export recorded and its scores are off only on as few
     samples as numerical spike flips explain (:func:`_timed_file_reasons`)."""
@@ -290,10 +293,11 @@ def _gate(run_dir: Path, name: str, numerics: str, options: dict, model_file: st
 
 def _is_twin(run_dir: Path, model_file: str, export: dict, twin: dict | None, layers_file: str) -> bool:
     """Whether ``layers_file`` (its manifest entry ``twin``) is the _layers twin of the timed export: same T,
-    order and precision, and the same weights (every ``net.*`` initializer equal, by name and bytes)."""
+    order, precision and checkpoint (verify would refuse a twin of another one), and the same weights (every
+    ``net.*`` initializer equal, by name and bytes)."""
     if twin is None or layers_file == model_file:
         return twin is not None
-    if any(twin.get(k) != export.get(k) for k in ("T", "order", "precision")):
+    if any(twin.get(k) != export.get(k) for k in ("T", "order", "precision", "checkpoint_sha256")):
         return False
     try:
         return _weights(run_dir / model_file) == _weights(run_dir / layers_file) != {}

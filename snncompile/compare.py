@@ -23,7 +23,7 @@ import numpy as np
 from .artifacts import atomic_write_json, read_manifest, record_artifact, run_dir_lock, sha256_model
 from .backends import create_runner
 from .errors import ArtifactError, ConfigError, DataError
-from .export_onnx import export_reference_paths, read_reference
+from .export_onnx import export_reference_paths, read_reference, require_current_checkpoint
 from .runs import load_run_config
 
 __all__ = ["Tolerance", "PRESETS", "verify_run", "verify_runs", "default_model_file", "format_report", "LayerStats",
@@ -324,6 +324,7 @@ def verify_runs(run_dir: str | Path, runners: dict[str, dict | None], precision:
     if export is None or not inputs_path.is_file() or not outputs_path.is_file():
         raise ArtifactError(f"{run_dir} has no {model_file} export with reference inputs and outputs: run "
                             f"`snncompile export {run_dir}`")
+    require_current_checkpoint(run_dir, model_file, export)
     read_reports(run_dir / "verify.json")  # a corrupt one is reported now, not after the whole comparison
     hash_ok = (run_dir / model_file).is_file() and sha256_model(run_dir / model_file) == export["sha256"]
     if inputs == "reference":

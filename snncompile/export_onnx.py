@@ -29,14 +29,16 @@ import numpy as np
 import torch
 
 from . import __version__
-from .artifacts import environment, forget_artifact, read_manifest, record_artifact, sha256_model, update_manifest
+from .artifacts import (environment, forget_artifact, read_manifest, record_artifact, sha256_file, sha256_model,
+                        update_manifest)
 from .config import Config
 from .errors import ArtifactError, ConfigError, DataError, ExportError, MissingDependencyError
 from .graphs import StepGraph, UnrolledGraph
-from .runs import load_network, load_run_config
+from .runs import CHECKPOINT, load_checkpoint, load_network, load_run_config
 
 __all__ = ["unrolled_file", "stream_steps", "ALLOWED_OPS", "ExportResult", "export_run", "resolve_run_dir", "reference_inputs",
-           "reference_files", "export_reference_paths", "read_reference", "export_command", "EXPORTER"]
+           "reference_files", "export_reference_paths", "read_reference", "export_command",
+           "require_current_checkpoint", "EXPORTER"]
 
 EXPORTER = "torch.export (torch.onnx.export dynamo=True) + onnxscript optimizer"
 DEFAULT_OPSET = 18
@@ -118,6 +120,22 @@ def export_command(run_dir: Path, export: dict) -> str:
     n_random = (export.get("reference_samples") or [DEFAULT_SAMPLES])[0]
     options += [f"--samples {n_random}"] if n_random != DEFAULT_SAMPLES else []
     return " ".join(["snncompile export", str(run_dir), *options])
+
+
+def require_current_checkpoint(run_dir: Path, file_name: str, export: dict) -> None:
+    """One line when ``file_name`` (manifest entry ``export``) was exported from another checkpoint than the run's
+    current one (e.g. `train --resume` continued since): verify's torch reference is built from the current one,
+    so the old weights would fail as real spike mismatches, and bench would time a model that is no longer the run's.
+
+    Exports recorded before their entries held the checkpoint's hash are not checked (nothing to compare with);
+    without a checkpoint the command that needs it says so."""
+    recorded = export.get("checkpoint_sha256")  # None: an export recorded before entries held it, not checked
+    path = Path(run_dir) / CHECKPOINT
+    if recorded is None or not path.is_file() or sha256_file(path) == recorded:
+        return
+    load_checkpoint(path)  # a corrupt checkpoint says so, rather than passing for newer training
+    raise ArtifactError(f"{file_name} was exported from an earlier checkpoint (training continued since): export it "
+                        f"again: `{export_command(run_dir, export)}`")
 
 
 @dataclass
@@ -311,6 +329,10 @@ def export_run(
     if form not in ("unrolled", "step"):
         raise ConfigError(f"--form must be 'unrolled' or 'step', got {form!r}")
     run_dir = resolve_run_dir(run)
+    # hashed before the weights are read: should training replace the checkpoint in between, the export is recorded
+    # as of the earlier one and verify asks for it again (the reverse would pass old weights off as current)
+    checkpoint = run_dir / CHECKPOINT
+    checkpoint_sha256 = sha256_file(checkpoint) if checkpoint.is_file() else None  # none: load_network says so
     cfg, net = load_network(run_dir)
     manifest = read_manifest(run_dir)
     steps = cfg.model.T if steps is None else steps
@@ -420,6 +442,7 @@ def export_run(
         "precision": precision, "reduced_precision_nodes": reduced, "split_tf32_layers": split_layers,
         "inputs": in_shapes, "outputs": output_names, "ops": ops, "nodes_raw": nodes_raw, "nodes_clean": nodes_clean,
         "onnx_bytes": onnx_bytes, "export_seconds": round(seconds, 3), "sha256": sha256_model(run_dir / file_name),
+        "checkpoint_sha256": checkpoint_sha256,  # what verify and bench compare the run's checkpoint with
         "reference": ref_note, "reference_files": list(extra), "reference_samples": [n_random, n_real],
         "cleaned_vs_raw": numerics,
         "versions": {**environment(), "onnx": onnx.__version__, "onnxscript": _version("onnxscript"),

@@ -264,15 +264,16 @@ def test_timing_some_runners_again_keeps_the_others_rows_of_the_same_export(expo
     assert list(fourth["runners"]) == ["torch"] and json.loads((exported / "bench.json").read_text()) == fourth
 
 
-def _retrain(run, scale: float = 1.5) -> None:
-    """Stand-in for resumed training: the run's checkpoint gets other weights (every parameter scaled)."""
+def _retrain(run, scale: float = 1.5, **fields) -> None:
+    """Stand-in for resumed training: the run's checkpoint gets other weights (every parameter scaled), and
+    ``fields`` (e.g. ``epoch``)."""
     import torch
 
     from snncompile.runs import load_checkpoint
 
     state = load_checkpoint(run / "checkpoint.pt")
     state["model"] = {k: v * scale if v.is_floating_point() else v for k, v in state["model"].items()}
-    torch.save(state, run / "checkpoint.pt")
+    torch.save({**state, **fields}, run / "checkpoint.pt")
 
 
 def test_gate_exports_the_layers_twin_again_when_it_is_not_the_timed_files(exported):
@@ -460,6 +461,35 @@ def _bench_files(run) -> dict:
     artifacts = json.loads((run / "manifest.json").read_text())["artifacts"]
     return {name: ((run / name).read_bytes(), artifacts.get(name)) for name in ("bench.json", "bench.md", "bench.png")
             if (run / name).exists()}
+
+
+def test_a_timed_file_of_an_earlier_checkpoint_is_one_line_before_anything_is_timed(exported, monkeypatch):
+    """The walkthrough: export, export --layers, train --resume, bench: every runner was skipped on "real spike
+    mismatches" (the gate's reference is the current checkpoint) and bench exited 0. The timed file is refused at
+    once, with the command that writes it again, and the earlier results stay."""
+    export_run(exported, layers=True, n_random=32, n_real=0)
+    bench_run(exported, ["torch", "ort-cpu"], (1,), warmup=0, iters=1, progress=False, echo=lambda s: None)
+    before = _bench_files(exported)
+    _retrain(exported)
+    monkeypatch.setattr("snncompile.bench.create_runner", lambda *a, **k: pytest.fail("a runner was created"))
+    monkeypatch.setattr("snncompile.bench._gate", lambda *a, **k: pytest.fail("a runner was verified"))
+    result = CliRunner().invoke(cli, ["bench", str(exported), "--batch", "1", "--iters", "1"])
+    assert result.exit_code == 1 and result.output.strip().splitlines() == [
+        f"error: model.onnx was exported from an earlier checkpoint (training continued since): export it again: "
+        f"`snncompile export {exported} --samples 32`"], result.output
+    assert _bench_files(exported) == before
+
+
+def test_gate_exports_the_twin_again_when_it_was_exported_from_another_checkpoint(exported):
+    """A _layers twin of the same weights but recorded from an earlier checkpoint file (here: the same weights saved
+    again at another epoch) would be refused by verify: the gate exports it again rather than skip the runner."""
+    export_run(exported, layers=True, n_random=32, n_real=0)
+    _retrain(exported, scale=1.0, epoch=7)
+    export_run(exported, layers=False, n_random=32, n_real=0)
+    data = bench_run(exported, ["ort-cpu"], (2,), warmup=0, iters=1, echo=lambda s: None)
+    assert data["runners"]["ort-cpu"]["verified"] is True, data["runners"]["ort-cpu"].get("skipped")
+    exports = json.loads((exported / "manifest.json").read_text())["exports"]
+    assert exports["model_layers.onnx"]["checkpoint_sha256"] == exports["model.onnx"]["checkpoint_sha256"]
 
 
 @pytest.mark.parametrize("kind", ["inputs", "outputs"])

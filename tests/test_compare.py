@@ -297,6 +297,50 @@ def test_membranes_off_without_a_flip_fail_at_fp32_not_at_16_bits():
     assert _layer_tally_reasons("fp32", rounding) == []
 
 
+def _replace_checkpoint(run, scale: float = 1.5) -> None:
+    """Stand-in for `train --resume`: the run's checkpoint gets other weights (every parameter scaled)."""
+    import torch
+
+    from snncompile.runs import CHECKPOINT, load_checkpoint
+
+    state = load_checkpoint(run / CHECKPOINT)
+    state["model"] = {k: v * scale if v.is_floating_point() else v for k, v in state["model"].items()}
+    torch.save(state, run / CHECKPOINT)
+
+
+def test_verify_of_an_export_of_an_earlier_checkpoint_is_one_line_before_any_work(exported, monkeypatch):
+    """The walkthrough: export --layers, train --resume, verify --test-set failed on 10,634 "real spike mismatches"
+    (the reference is the current checkpoint, the file the old weights). Refused at once, with the command that
+    writes the file again; an export recorded before exports held the checkpoint's hash is not checked."""
+    import json
+
+    import snncompile.compare as compare
+
+    real_create_runner = compare.create_runner
+    monkeypatch.setattr(compare, "create_runner", lambda *a, **k: pytest.fail("verify ran before the check"))
+    _replace_checkpoint(exported)
+    expected = [f"error: model_layers.onnx was exported from an earlier checkpoint (training continued since): "
+                f"export it again: `snncompile export {exported} --layers --samples 64`"]
+    for extra in ([], ["--test-set"]):
+        result = CliRunner().invoke(cli, ["verify", str(exported), "--runner", "ort-cpu", "--no-progress", *extra])
+        assert result.exit_code == 1 and result.output.strip().splitlines() == expected, result.output
+    assert not (exported / "verify.json").exists()
+    trained = (exported / "checkpoint.pt").read_bytes()
+    (exported / "checkpoint.pt").write_bytes(trained[:100])  # cut short
+    result = CliRunner().invoke(cli, ["verify", str(exported), "--runner", "ort-cpu", "--no-progress"])
+    assert result.exit_code == 1 and "checkpoint.pt is corrupt or not an snncompile checkpoint" in result.output
+    assert "earlier checkpoint" not in result.output  # not passed off as more training
+    # an export written before entries held the checkpoint's hash: nothing to compare with, verify runs
+    (exported / "checkpoint.pt").write_bytes(trained)
+    manifest = json.loads((exported / "manifest.json").read_text())
+    del manifest["exports"]["model_layers.onnx"]["checkpoint_sha256"]
+    (exported / "manifest.json").write_text(json.dumps(manifest))
+    monkeypatch.setattr(compare, "create_runner", real_create_runner)
+    assert not verify_run(exported, "ort-cpu")["passed"]  # the old weights against the new reference, as before
+    export_run(exported, layers=True, n_random=64, n_real=0)
+    assert verify_run(exported, "ort-cpu")["passed"]
+
+
 @pytest.mark.parametrize("kind", ["inputs", "outputs"])
 @pytest.mark.parametrize("damage", ["first half", "garbage", "a flipped byte"])
 def test_corrupt_reference_files_are_one_line_before_any_work(exported, monkeypatch, kind, damage):

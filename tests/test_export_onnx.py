@@ -268,6 +268,38 @@ def test_an_export_with_fewer_samples_keeps_the_earlier_exports_references(tmp_p
     assert verify_run(run, "ort-cpu", model_file="model.onnx")["inputs"] == {"random": 24}
 
 
+def _replace_checkpoint(run, scale: float = 1.5) -> None:
+    """Stand-in for `train --resume`: the run's checkpoint gets other weights (every parameter scaled)."""
+    import torch
+
+    from snncompile.runs import CHECKPOINT, load_checkpoint
+
+    state = load_checkpoint(run / CHECKPOINT)
+    state["model"] = {k: v * scale if v.is_floating_point() else v for k, v in state["model"].items()}
+    torch.save(state, run / CHECKPOINT)
+
+
+def test_an_export_records_the_checkpoint_it_was_made_from_and_verify_refuses_it_after_more_training(tmp_path):
+    """train --resume after export: verify's torch reference is the new checkpoint while the file holds the old
+    weights, which failed as thousands of real spike mismatches; each export now records its checkpoint's hash,
+    and verify of an export of an earlier checkpoint is one line naming the command that writes that file again."""
+    from snncompile.artifacts import sha256_file
+    from snncompile.runs import CHECKPOINT
+
+    run = make_run(tmp_path, tiny_zoo_config(REPO / "models" / "bench-nmnist.toml"))
+    export_run(run, precision="fp16", layers=True, steps=6, n_random=8, n_real=0)
+    entry = json.loads((run / "manifest.json").read_text())["exports"]["model_fp16_layers.onnx"]
+    assert entry["checkpoint_sha256"] == sha256_file(run / CHECKPOINT)
+    _replace_checkpoint(run)
+    with pytest.raises(ArtifactError) as err:
+        verify_run(run, "ort-cpu", "fp16", model_file="model_fp16_layers.onnx")
+    assert str(err.value) == ("model_fp16_layers.onnx was exported from an earlier checkpoint (training continued "
+                              f"since): export it again: `snncompile export {run} --T 6 --layers --precision fp16 "
+                              "--samples 8`")
+    export_run(run, precision="fp16", layers=True, steps=6, n_random=8, n_real=0)  # what the message says
+    assert verify_run(run, "ort-cpu", "fp16", model_file="model_fp16_layers.onnx")["passed"]
+
+
 def test_export_command_names_the_options_of_each_file(tmp_path):
     """The command a message suggests writes the same file again: the options that name it (--layers, --order step,
     --precision, --form step), --rates, and --T / --samples only where they are not the defaults."""
