@@ -5,7 +5,8 @@ reason if it fails. Then, per batch size: inputs made once and placed where the 
 (``Runner.prepare``), warm-up calls, then timed calls (``Runner.run_prepared`` returns only once the
 result is complete: CUDA runners synchronize) -> p50/p90/p99 latency, samples/s and timesteps/s.
 Results go to ``bench.json``, ``bench.md`` and (with matplotlib) ``bench.png`` in the run dir; a bench of
-some runners keeps the others' earlier rows when they timed the same export in the same environment.
+some runners keeps the others' earlier rows when they timed the same export in the same environment. A bench
+that timed no runner at all is a one-line error and writes nothing: the earlier results stay.
 """
 
 from __future__ import annotations
@@ -145,6 +146,7 @@ def bench_run(run_dir: str | Path, runners: list[str] | None = None, batches: tu
                 entry.pop("by_batch", None)
                 entry["skipped"] = failure
             echo(f"{name}: {failure}")
+    _require_timed(results["runners"])  # nothing measured: the earlier bench's files stay, not a table of skips
     stem = bench_stem(model_file, precision, cuda_graph, cudnn_autotune, pad_channels)
     results["stem"] = stem
     kept = _keep_earlier_runners(run_dir / f"{stem}.json", results)
@@ -161,6 +163,31 @@ def bench_run(run_dir: str | Path, runners: list[str] | None = None, batches: tu
     record_artifact(run_dir, f"{stem}.json")
     record_artifact(run_dir, f"{stem}.md")
     return results
+
+
+def _require_timed(runners: dict[str, dict]) -> None:
+    """One line when no runner of this bench was timed at any batch size, with each one's reason, shortened: the
+    full reasons were said as each runner was skipped."""
+    if any("failed" not in stats for entry in runners.values() for stats in entry.get("by_batch", {}).values()):
+        return
+    reasons = "; ".join(f"{name}: {_brief(_why_untimed(entry))}" for name, entry in runners.items())
+    raise ArtifactError(f"no runner was timed ({reasons}): earlier results left as they were")
+
+
+def _why_untimed(entry: dict) -> str:
+    """Why a runner entry has no timed row: skipped, or every batch size failed (the first one's error)."""
+    if "skipped" in entry:
+        return entry["skipped"]
+    rows = batch_rows(entry)
+    return rows[0][1]["failed"] if rows else entry.get("failed", "not timed")
+
+
+def _brief(reason: str, limit: int = 200) -> str:
+    """``reason`` on one line: its first clause (a failed verify lists every reason, separated by "; "), cut to
+    ``limit`` characters."""
+    first, *more = " ".join(reason.split()).split("; ")
+    first += " ..." if more else ""
+    return first if len(first) <= limit else first[: limit - 4] + " ..."
 
 
 def _plot_or_forget(run_dir: Path, name: str, results: dict, echo) -> bool:

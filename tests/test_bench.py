@@ -16,7 +16,7 @@ from conftest import REPO  # noqa: E402
 from helpers import conv_input_channels, make_run, reference_file, tiny_zoo_config  # noqa: E402
 from snncompile.bench import bench_run, percentiles  # noqa: E402
 from snncompile.cli import cli  # noqa: E402
-from snncompile.errors import ConfigError  # noqa: E402
+from snncompile.errors import ArtifactError, ConfigError  # noqa: E402
 from snncompile.export_onnx import export_run  # noqa: E402
 
 
@@ -100,7 +100,6 @@ def test_gate_keeps_the_real_samples_and_a_runner_that_cannot_be_verified_is_ski
     """The gate exports the _layers twin on first use with the same reference inputs (real ones included), and a
     runner whose gate cannot run is skipped with the reason while the others are still timed."""
     import snncompile.bench as bench
-    from snncompile.errors import ArtifactError
 
     run = make_run(tmp_path, tiny_zoo_config(REPO / "models" / "digits.toml"))
     export_run(run, n_random=8, n_real=8)
@@ -239,8 +238,9 @@ def test_bench_profile_writes_where_each_runners_time_goes(exported, monkeypatch
     assert "_profile.txt" not in plain.output.splitlines()[-1]
     (exported / "bench_profile.txt").unlink()
     monkeypatch.setattr("snncompile.bench.available_runners", lambda: {"torch": "not here (test)"})
-    skipped = bench_run(exported, ["torch"], (1,), iters=1, progress=False, echo=lambda s: None, profile=True)
-    assert "profile_file" not in skipped and not (exported / "bench_profile.txt").exists()  # nothing timed
+    with pytest.raises(ArtifactError, match="no runner was timed"):  # nothing timed: nothing written
+        bench_run(exported, ["torch"], (1,), iters=1, progress=False, echo=lambda s: None, profile=True)
+    assert not (exported / "bench_profile.txt").exists()
 
 
 def test_timing_some_runners_again_keeps_the_others_rows_of_the_same_export(exported):
@@ -307,12 +307,13 @@ def test_gate_fails_a_timed_file_whose_own_verify_failed(exported):
     model.graph.initializer.append(numpy_helper.from_array(np.array(5.0, np.float32), "five"))
     model.graph.node.append(onnx.helper.make_node("Add", [f"{out}_raw", "five"], [out]))
     onnx.save(model, str(path))
-    data = bench_run(exported, ["ort-cpu"], (2,), warmup=0, iters=2, echo=lambda s: None)
+    # torch is timed beside it: a bench that timed nothing is an error, with the reasons cut short
+    data = bench_run(exported, ["ort-cpu", "torch"], (2,), warmup=0, iters=2, echo=lambda s: None)
     skipped = data["runners"]["ort-cpu"]["skipped"]
     assert "model.onnx differs from the file its export recorded" in skipped and "by_batch" not in data["runners"]["ort-cpu"]
     update_manifest(exported, exports={"model.onnx": {**json.loads((exported / "manifest.json").read_text())["exports"]
                                                       ["model.onnx"], "sha256": sha256_file(path)}})
-    data = bench_run(exported, ["ort-cpu"], (2,), warmup=0, iters=2, echo=lambda s: None)
+    data = bench_run(exported, ["ort-cpu", "torch"], (2,), warmup=0, iters=2, echo=lambda s: None)
     skipped = data["runners"]["ort-cpu"]["skipped"]
     assert skipped.startswith("verify failed: model.onnx: scores differ by up to 5 (> 1e-05) on 32 samples, more "
                               "than the 1 that numerical spike flips explain") and "sha256" not in skipped
@@ -510,3 +511,46 @@ def test_corrupt_reference_files_are_one_line_before_anything_is_timed(exported,
     assert line.endswith(f"): export again: `snncompile export {exported} --samples 32`"), line
     assert _bench_files(exported) == before
 
+
+def test_a_bench_that_timed_nothing_is_an_error_and_keeps_the_earlier_results(exported, monkeypatch):
+    """Every runner skipped (here: a corrupt verify.json that no gate can merge into, then every batch size failing)
+    printed a table of skips, exited 0 and replaced good results: one line naming each runner's reason now, nothing
+    written or recorded."""
+    from snncompile.backends import create_runner
+
+    args = ["bench", str(exported), "--runners", "ort-cpu", "--batch", "1,2", "--iters", "1", "--warmup", "0"]
+    first = CliRunner().invoke(cli, args)
+    assert first.exit_code == 0, first.output
+    before = _bench_files(exported)
+    assert set(before) >= {"bench.json", "bench.md"} and all(entry for _, entry in before.values())
+    (exported / "verify.json").write_text('{"ort-cpu": ')  # a write cut short
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    error = result.output.strip().splitlines()[-1]
+    assert error.startswith(f"error: no runner was timed (ort-cpu: cannot verify: {exported / 'verify.json'}")
+    assert error.endswith("verify.json is corrupt: move it aside (or delete it) and verify again): earlier "
+                          "results left as they were"), error
+    assert _bench_files(exported) == before
+    (exported / "verify.json").unlink()
+
+    def failing_at_every_size(name, *args, **kw):
+        runner = create_runner(name, *args, **kw)
+
+        def prepare(feed):
+            raise MemoryError(f"out of memory allocating {feed['input'].shape[1]} samples")
+
+        runner.prepare = prepare
+        return runner
+
+    monkeypatch.setattr("snncompile.bench.create_runner", failing_at_every_size)
+    with pytest.raises(ArtifactError) as err:
+        bench_run(exported, ["ort-cpu", "torch"], (1, 2), warmup=0, iters=1, echo=lambda s: None)
+    assert str(err.value) == ("no runner was timed (ort-cpu: failed: MemoryError: out of memory allocating 1 samples; "
+                              "torch: failed: MemoryError: out of memory allocating 1 samples): earlier results left "
+                              "as they were")
+    assert _bench_files(exported) == before
+    from snncompile.bench import _brief
+
+    # a failed verify lists every reason: the first stands for them (all were printed as the runner was skipped)
+    reasons = "verify failed: 10634 real spike mismatches, first in lif1 at t=1; top-1 agreement 91.00 %\n< 100 %"
+    assert _brief(reasons) == "verify failed: 10634 real spike mismatches, first in lif1 at t=1 ..."
