@@ -84,6 +84,9 @@ def bench_run(run_dir: str | Path, runners: list[str] | None = None, batches: tu
     run_dir = Path(run_dir)
     manifest = read_manifest(run_dir)
     export = manifest.get("exports", {}).get(model_file)
+    if export is not None and export.get("form") == "step":  # exporting again would not help: say what does
+        raise ConfigError(f"{model_file} is the step-by-step form: bench times unrolled exports; bench {run_dir} "
+                          "without --model (model.onnx)")
     if export is None or export["form"] != "unrolled":
         raise ArtifactError(f"{run_dir} has no unrolled export {model_file}: run `snncompile export {run_dir}` first")
     # the timed file of older weights: one line, not every runner failing its gate (torch is the current checkpoint)

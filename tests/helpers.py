@@ -56,3 +56,15 @@ def reference_file(run: Path, kind: str = "inputs", model_file: str | None = Non
     exports = json.loads((Path(run) / "manifest.json").read_text())["exports"]
     paths = export_reference_paths(run, exports[model_file or default_model_file(exports)])
     return paths[0] if kind == "inputs" else paths[1]
+
+
+def replace_checkpoint(run: Path, scale: float = 1.5, **fields) -> None:
+    """Stand-in for `train --resume`: the run's checkpoint gets other weights (every parameter scaled), and
+    ``fields`` (e.g. ``epoch``)."""
+    import torch
+
+    from snncompile.runs import CHECKPOINT, load_checkpoint
+
+    state = load_checkpoint(run / CHECKPOINT)
+    state["model"] = {k: v * scale if v.is_floating_point() else v for k, v in state["model"].items()}
+    torch.save({**state, **fields}, run / CHECKPOINT)

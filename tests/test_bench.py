@@ -13,7 +13,7 @@ from click.testing import CliRunner  # noqa: E402
 from onnx import numpy_helper  # noqa: E402
 
 from conftest import REPO  # noqa: E402
-from helpers import conv_input_channels, make_run, reference_file, tiny_zoo_config  # noqa: E402
+from helpers import conv_input_channels, make_run, reference_file, replace_checkpoint, tiny_zoo_config  # noqa: E402
 from snncompile.bench import bench_run, percentiles  # noqa: E402
 from snncompile.cli import cli  # noqa: E402
 from snncompile.errors import ArtifactError, ConfigError  # noqa: E402
@@ -264,24 +264,12 @@ def test_timing_some_runners_again_keeps_the_others_rows_of_the_same_export(expo
     assert list(fourth["runners"]) == ["torch"] and json.loads((exported / "bench.json").read_text()) == fourth
 
 
-def _retrain(run, scale: float = 1.5, **fields) -> None:
-    """Stand-in for resumed training: the run's checkpoint gets other weights (every parameter scaled), and
-    ``fields`` (e.g. ``epoch``)."""
-    import torch
-
-    from snncompile.runs import load_checkpoint
-
-    state = load_checkpoint(run / "checkpoint.pt")
-    state["model"] = {k: v * scale if v.is_floating_point() else v for k, v in state["model"].items()}
-    torch.save({**state, **fields}, run / "checkpoint.pt")
-
-
 def test_gate_exports_the_layers_twin_again_when_it_is_not_the_timed_files(exported):
     """A model_layers.onnx of older weights (export --layers, more training, export) or of another T (export
     --T 2 beside it) is not the timed file's twin: the gate exports it again rather than failing a correct
     runner on the old graph's real spike mismatches, or checking the T=4 graph for a T=2 file."""
     export_run(exported, layers=True, n_random=32, n_real=0)
-    _retrain(exported)
+    replace_checkpoint(exported)
     export_run(exported, layers=False, n_random=32, n_real=0)
     data = bench_run(exported, ["ort-cpu"], (2,), warmup=0, iters=2, echo=lambda s: None)
     assert data["runners"]["ort-cpu"]["verified"] is True, data["runners"]["ort-cpu"].get("skipped")
@@ -471,7 +459,7 @@ def test_a_timed_file_of_an_earlier_checkpoint_is_one_line_before_anything_is_ti
     export_run(exported, layers=True, n_random=32, n_real=0)
     bench_run(exported, ["torch", "ort-cpu"], (1,), warmup=0, iters=1, progress=False, echo=lambda s: None)
     before = _bench_files(exported)
-    _retrain(exported)
+    replace_checkpoint(exported)
     monkeypatch.setattr("snncompile.bench.create_runner", lambda *a, **k: pytest.fail("a runner was created"))
     monkeypatch.setattr("snncompile.bench._gate", lambda *a, **k: pytest.fail("a runner was verified"))
     result = CliRunner().invoke(cli, ["bench", str(exported), "--batch", "1", "--iters", "1"])
@@ -481,11 +469,19 @@ def test_a_timed_file_of_an_earlier_checkpoint_is_one_line_before_anything_is_ti
     assert _bench_files(exported) == before
 
 
+def test_bench_of_a_step_form_export_says_bench_times_unrolled_ones(exported):
+    export_run(exported, form="step", n_random=2, n_real=0)
+    result = CliRunner().invoke(cli, ["bench", str(exported), "--model", "model_step.onnx"])
+    assert result.exit_code == 2 and result.output.strip() == (  # it said to export again, which cannot help
+        f"error: model_step.onnx is the step-by-step form: bench times unrolled exports; bench {exported} without "
+        "--model (model.onnx)")
+
+
 def test_gate_exports_the_twin_again_when_it_was_exported_from_another_checkpoint(exported):
     """A _layers twin of the same weights but recorded from an earlier checkpoint file (here: the same weights saved
     again at another epoch) would be refused by verify: the gate exports it again rather than skip the runner."""
     export_run(exported, layers=True, n_random=32, n_real=0)
-    _retrain(exported, scale=1.0, epoch=7)
+    replace_checkpoint(exported, scale=1.0, epoch=7)
     export_run(exported, layers=False, n_random=32, n_real=0)
     data = bench_run(exported, ["ort-cpu"], (2,), warmup=0, iters=1, echo=lambda s: None)
     assert data["runners"]["ort-cpu"]["verified"] is True, data["runners"]["ort-cpu"].get("skipped")

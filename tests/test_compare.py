@@ -11,7 +11,7 @@ from click.testing import CliRunner  # noqa: E402
 from onnx import numpy_helper  # noqa: E402
 
 from conftest import REPO  # noqa: E402
-from helpers import make_run, reference_file, tiny_zoo_config  # noqa: E402
+from helpers import make_run, reference_file, replace_checkpoint, tiny_zoo_config  # noqa: E402
 from snncompile.cli import cli  # noqa: E402
 from snncompile.compare import LayerStats, _classify_flips, verify_run, verify_runs  # noqa: E402
 from snncompile.export_onnx import export_run  # noqa: E402
@@ -297,17 +297,6 @@ def test_membranes_off_without_a_flip_fail_at_fp32_not_at_16_bits():
     assert _layer_tally_reasons("fp32", rounding) == []
 
 
-def _replace_checkpoint(run, scale: float = 1.5) -> None:
-    """Stand-in for `train --resume`: the run's checkpoint gets other weights (every parameter scaled)."""
-    import torch
-
-    from snncompile.runs import CHECKPOINT, load_checkpoint
-
-    state = load_checkpoint(run / CHECKPOINT)
-    state["model"] = {k: v * scale if v.is_floating_point() else v for k, v in state["model"].items()}
-    torch.save(state, run / CHECKPOINT)
-
-
 def test_verify_of_an_export_of_an_earlier_checkpoint_is_one_line_before_any_work(exported, monkeypatch):
     """The walkthrough: export --layers, train --resume, verify --test-set failed on 10,634 "real spike mismatches"
     (the reference is the current checkpoint, the file the old weights). Refused at once, with the command that
@@ -318,7 +307,7 @@ def test_verify_of_an_export_of_an_earlier_checkpoint_is_one_line_before_any_wor
 
     real_create_runner = compare.create_runner
     monkeypatch.setattr(compare, "create_runner", lambda *a, **k: pytest.fail("verify ran before the check"))
-    _replace_checkpoint(exported)
+    replace_checkpoint(exported)
     expected = [f"error: model_layers.onnx was exported from an earlier checkpoint (training continued since): "
                 f"export it again: `snncompile export {exported} --layers --samples 64`"]
     for extra in ([], ["--test-set"]):

@@ -11,7 +11,7 @@ pytest.importorskip("onnxruntime")
 import onnx  # noqa: E402
 
 from conftest import REPO, ZOO, zoo_ids  # noqa: E402
-from helpers import make_run, reference_file, tiny_zoo_config  # noqa: E402
+from helpers import make_run, reference_file, replace_checkpoint, tiny_zoo_config  # noqa: E402
 from snncompile.backends import create_runner  # noqa: E402
 from snncompile.compare import verify_run  # noqa: E402
 from snncompile.config import load_config  # noqa: E402
@@ -268,17 +268,6 @@ def test_an_export_with_fewer_samples_keeps_the_earlier_exports_references(tmp_p
     assert verify_run(run, "ort-cpu", model_file="model.onnx")["inputs"] == {"random": 24}
 
 
-def _replace_checkpoint(run, scale: float = 1.5) -> None:
-    """Stand-in for `train --resume`: the run's checkpoint gets other weights (every parameter scaled)."""
-    import torch
-
-    from snncompile.runs import CHECKPOINT, load_checkpoint
-
-    state = load_checkpoint(run / CHECKPOINT)
-    state["model"] = {k: v * scale if v.is_floating_point() else v for k, v in state["model"].items()}
-    torch.save(state, run / CHECKPOINT)
-
-
 def test_an_export_records_the_checkpoint_it_was_made_from_and_verify_refuses_it_after_more_training(tmp_path):
     """train --resume after export: verify's torch reference is the new checkpoint while the file holds the old
     weights, which failed as thousands of real spike mismatches; each export now records its checkpoint's hash,
@@ -290,7 +279,7 @@ def test_an_export_records_the_checkpoint_it_was_made_from_and_verify_refuses_it
     export_run(run, precision="fp16", layers=True, steps=6, n_random=8, n_real=0)
     entry = json.loads((run / "manifest.json").read_text())["exports"]["model_fp16_layers.onnx"]
     assert entry["checkpoint_sha256"] == sha256_file(run / CHECKPOINT)
-    _replace_checkpoint(run)
+    replace_checkpoint(run)
     with pytest.raises(ArtifactError) as err:
         verify_run(run, "ort-cpu", "fp16", model_file="model_fp16_layers.onnx")
     assert str(err.value) == ("model_fp16_layers.onnx was exported from an earlier checkpoint (training continued "

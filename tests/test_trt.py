@@ -7,7 +7,7 @@ import pytest
 from click.testing import CliRunner
 
 from conftest import REPO, ZOO, zoo_ids
-from helpers import make_run, tiny_zoo_config
+from helpers import make_run, replace_checkpoint, tiny_zoo_config
 from snncompile.backends import available_runners, create_runner
 from snncompile.backends.trt import BuildOptions, parse_profile
 from snncompile.cli import cli
@@ -67,6 +67,12 @@ def test_build_needs_an_export(tmp_path):
     run = make_run(tmp_path, tiny_zoo_config(REPO / "models" / "bench-nmnist.toml"))
     result = CliRunner().invoke(cli, ["build", str(run)])
     assert result.exit_code == 1 and "has no unrolled export model.onnx" in result.output
+    export_run(run, n_random=2, n_real=0)
+    replace_checkpoint(run)  # training continued since: an engine of the export's weights would fail verify
+    result = CliRunner().invoke(cli, ["build", str(run)])
+    assert result.exit_code == 1 and result.output.strip() == (
+        f"error: model.onnx was exported from an earlier checkpoint (training continued since): export it again: "
+        f"`snncompile export {run} --samples 2`")
     export_run(run, form="step", n_random=2, n_real=0)  # exporting again (what the old message said) cannot help
     result = CliRunner().invoke(cli, ["build", str(run), "--model", "model_step.onnx"])
     assert result.exit_code == 2 and result.output.strip() == (
