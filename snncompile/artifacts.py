@@ -14,6 +14,7 @@ import io
 import json
 import os
 import platform
+import signal
 import tempfile
 import threading
 from pathlib import Path
@@ -29,6 +30,7 @@ __all__ = [
     "atomic_write_bytes",
     "atomic_write_text",
     "atomic_write_json",
+    "interrupts_deferred",
     "sha256_file",
     "read_manifest",
     "update_manifest",
@@ -96,6 +98,28 @@ def atomic_save(path: str | Path, writer: Callable[[io.IOBase], None]) -> None:
     """Atomically write whatever ``writer(fileobj)`` writes (e.g. ``torch.save``)."""
     with atomic_write(path, "wb") as f:
         writer(f)
+
+
+@contextlib.contextmanager
+def interrupts_deferred() -> Iterator[None]:
+    """Hold a Ctrl-C (SIGINT) until the block ends, then raise it: for commits of several files and the
+    manifest entry that describes them, each write atomic but the set only consistent once all are done.
+    Outside the main thread, where Python cannot set signal handlers, the block runs as it is."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if not caught or previous == signal.SIG_IGN:
+        return
+    if callable(previous) and previous is not signal.default_int_handler:
+        previous(signal.SIGINT, None)  # the caller's own handler, called late
+    else:
+        raise KeyboardInterrupt
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:

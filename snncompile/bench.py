@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from .artifacts import (atomic_save, atomic_write_json, atomic_write_text, environment, forget_artifact,
-                        read_manifest, record_artifact)
+                        interrupts_deferred, read_manifest, record_artifact)
 from .backends import available_runners, create_runner, default_runners, runner_options
 from .backends.base import runner_numerics
 from .compare import verify_run
@@ -155,16 +155,17 @@ def bench_run(run_dir: str | Path, runners: list[str] | None = None, batches: tu
     kept = _keep_earlier_runners(run_dir / f"{stem}.json", results)
     if kept:
         echo(f"kept from the earlier bench of this export: {', '.join(kept)} (time them again with --runners)")
-    if profiles:  # none when every runner was skipped
-        atomic_write_text(run_dir / f"{stem}_profile.txt", "\n\n".join(profiles) + "\n")
-        record_artifact(run_dir, f"{stem}_profile.txt")
-        results["profile_file"] = f"{stem}_profile.txt"
-    if _plot_or_forget(run_dir, f"{stem}.png", results, echo):
-        results["plot_file"] = f"{stem}.png"
-    atomic_write_json(run_dir / f"{stem}.json", results)
-    atomic_write_text(run_dir / f"{stem}.md", format_table(results) + "\n")
-    record_artifact(run_dir, f"{stem}.json")
-    record_artifact(run_dir, f"{stem}.md")
+    with interrupts_deferred():  # the table, plot and json of one bench: all of them or the earlier ones
+        if profiles:  # none when every runner was skipped
+            atomic_write_text(run_dir / f"{stem}_profile.txt", "\n\n".join(profiles) + "\n")
+            record_artifact(run_dir, f"{stem}_profile.txt")
+            results["profile_file"] = f"{stem}_profile.txt"
+        if _plot_or_forget(run_dir, f"{stem}.png", results, echo):
+            results["plot_file"] = f"{stem}.png"
+        atomic_write_json(run_dir / f"{stem}.json", results)
+        atomic_write_text(run_dir / f"{stem}.md", format_table(results) + "\n")
+        record_artifact(run_dir, f"{stem}.json")
+        record_artifact(run_dir, f"{stem}.md")
     return results
 
 

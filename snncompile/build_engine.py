@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .artifacts import atomic_write_json, read_manifest, record_artifact, update_manifest
+from .artifacts import atomic_write_json, interrupts_deferred, read_manifest, record_artifact, update_manifest
 from .errors import ArtifactError, ConfigError
 from .export_onnx import require_current_checkpoint
 
@@ -36,8 +36,9 @@ def build_run(run_dir: str | Path, precision: str = "fp32", batch: str = "1:16:1
     if typed != "fp32":  # the export did the typing: its count, not the build's (which parsed it as it was)
         sidecar["reduced_precision_nodes"] = int(export.get("reduced_precision_nodes", 0))
     sidecar["onnx_sha256"] = export["sha256"]  # the runner refuses the engine once the file is re-exported
-    atomic_write_json(engine.with_suffix(".json"), sidecar)
-    update_manifest(run_dir, engines={engine.name: sidecar})
-    record_artifact(run_dir, engine.name)
-    record_artifact(run_dir, engine.with_suffix(".json").name)
+    with interrupts_deferred():  # the engine is written: its sidecar and manifest entry follow it
+        atomic_write_json(engine.with_suffix(".json"), sidecar)
+        update_manifest(run_dir, engines={engine.name: sidecar})
+        record_artifact(run_dir, engine.name)
+        record_artifact(run_dir, engine.with_suffix(".json").name)
     return sidecar

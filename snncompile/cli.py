@@ -9,7 +9,7 @@ import click
 
 from . import __version__
 from .backends.base import PRECISIONS, RUNNERS, TORCH_FAST_PRECISIONS  # numpy only: the runtimes load lazily
-from .errors import SnnCompileError
+from .errors import Interrupted, SnnCompileError, caused_by_interrupt
 
 __all__ = ["main", "cli"]
 
@@ -21,8 +21,24 @@ class _Group(click.Group):
         try:
             return super().invoke(ctx)
         except SnnCompileError as e:
+            if caused_by_interrupt(e) and not isinstance(e, Interrupted):
+                self._interrupted(ctx)
             click.echo(f"error: {e}", err=True)
             ctx.exit(e.exit_code)
+        except KeyboardInterrupt:
+            self._interrupted(ctx)
+        except Exception as e:
+            if not caused_by_interrupt(e):  # a bug: the traceback is what helps
+                raise
+            self._interrupted(ctx)
+
+    @staticmethod
+    def _interrupted(ctx: click.Context):
+        """A Ctrl-C that no command turned into its own message (e.g. while loading, or a library's wrapped one)."""
+        command = ctx.invoked_subcommand or "command"
+        click.echo(f"error: interrupted: snncompile {command} stopped before it finished (artifacts are written whole "
+                   "or not at all; run it again to finish)", err=True)
+        ctx.exit(Interrupted.exit_code)
 
 
 @click.group(cls=_Group)

@@ -20,7 +20,8 @@ from typing import Any
 
 from .errors import ConfigError
 
-__all__ = ["ModelConfig", "DataConfig", "TrainConfig", "Config", "load_config", "apply_overrides", "dumps_toml"]
+__all__ = ["ModelConfig", "DataConfig", "TrainConfig", "Config", "load_config", "apply_overrides", "dumps_toml",
+           "with_absolute_data_root"]
 
 
 @dataclass
@@ -300,13 +301,20 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
         raise ConfigError(f"{path}: invalid TOML ({e})") from None
     raw.setdefault("name", path.stem)
     cfg = from_dict(raw, str(path))
-    cfg = apply_overrides(cfg, overrides or [])
-    if cfg.data.root and not cfg.data.root.startswith("~"):
-        # Absolute from here on, so the run's config.toml finds the data from any directory: a relative root
-        # stored as given broke `train --resume` and `verify --test-set` elsewhere (and --resume takes no --set).
-        # Relative to the working directory, as the loaders always read it; ~ means the same everywhere.
-        cfg.data.root = os.path.abspath(cfg.data.root)
-    return cfg
+    return with_absolute_data_root(apply_overrides(cfg, overrides or []))
+
+
+def with_absolute_data_root(cfg: Config) -> Config:
+    """``cfg`` with a relative ``data.root`` made absolute (a copy; ``cfg`` itself when there is nothing to do).
+
+    Why: a run's config.toml must find the data from any directory; a relative root stored as given broke
+    `train --resume` and `verify --test-set` elsewhere (and --resume takes no --set). Relative to the working
+    directory, as the loaders always read it; ``~`` means the same everywhere. load_config does it, and so do
+    train() and init_run() for a Config built in Python."""
+    root = cfg.data.root
+    if not root or root.startswith("~") or os.path.isabs(root):
+        return cfg
+    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, root=os.path.abspath(root)))
 
 
 def _toml_value(v: Any) -> str:

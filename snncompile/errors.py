@@ -9,7 +9,9 @@ __all__ = [
     "ExportError",
     "InputError",
     "RunnerUnavailableError",
+    "Interrupted",
     "TrainingInterrupted",
+    "caused_by_interrupt",
 ]
 
 
@@ -60,7 +62,25 @@ class RunnerUnavailableError(SnnCompileError):
     """A runner's runtime, provider or device is not present on this machine."""
 
 
-class TrainingInterrupted(SnnCompileError):
-    """Ctrl-C during training: the message says which checkpoint survived and how to continue."""
+class Interrupted(SnnCompileError):
+    """Ctrl-C: the command stopped; the message says what the run directory kept."""
 
     exit_code = 130  # the shell's code for a SIGINT
+
+
+class TrainingInterrupted(Interrupted):
+    """Ctrl-C during training: the message says which checkpoint survived and how to continue."""
+
+
+def caused_by_interrupt(error: BaseException) -> bool:
+    """Whether ``error`` is a Ctrl-C or was raised while handling one. A library that catches ``Exception``
+    turns an interrupt it happened to be inside into its own error (torch.onnx.export: a module half
+    imported when the KeyboardInterrupt hit, then an AttributeError, then "Failed to export the model"):
+    the chain of causes and contexts still holds the KeyboardInterrupt."""
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, KeyboardInterrupt):
+            return True
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return False

@@ -29,10 +29,11 @@ import numpy as np
 import torch
 
 from . import __version__
-from .artifacts import (environment, forget_artifact, read_manifest, record_artifact, sha256_file, sha256_model,
-                        update_manifest)
+from .artifacts import (environment, forget_artifact, interrupts_deferred, read_manifest, record_artifact, sha256_file,
+                        sha256_model, update_manifest)
 from .config import Config
-from .errors import ArtifactError, ConfigError, DataError, ExportError, MissingDependencyError
+from .errors import (ArtifactError, ConfigError, DataError, ExportError, Interrupted, MissingDependencyError,
+                     caused_by_interrupt)
 from .graphs import StepGraph, UnrolledGraph
 from .runs import CHECKPOINT, load_checkpoint, load_network, load_run_config
 
@@ -371,6 +372,7 @@ def export_run(
     file_name = STEP_FILE if form == "step" else unrolled_file(order, layers, precision)
 
     staging = Path(tempfile.mkdtemp(prefix=".export-", dir=run_dir))
+    committed = False
     try:
         try:
             with _quiet_exporter(), torch.no_grad():
@@ -379,6 +381,8 @@ def export_run(
                     output_names=output_names, dynamic_shapes=dynamic, verbose=False,
                 )
         except Exception as e:  # the exporter raises many types; report the first line
+            if caused_by_interrupt(e):  # a Ctrl-C the exporter wrapped into its own error
+                raise KeyboardInterrupt from None
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise ExportError(f"torch.onnx.export failed: {first[:300]}") from None
         model = program.model
@@ -426,37 +430,48 @@ def export_run(
             nodes_clean = len(typed.graph.node)  # with the casts
         seconds = time.perf_counter() - t0
 
-        # Everything passed: move into place (each rename is atomic; data files before the model).
-        moved = sorted(staging.glob(file_name + ".data")) + [out_path] + list(extra.values())
-        for src in moved:
-            src.replace(run_dir / src.name)
-        stale_data = not any(src.name == file_name + ".data" for src in moved)  # an earlier export's, unused now
+        with interrupts_deferred():  # from here the files and their manifest entry change together
+            onnx_bytes = _commit(run_dir, staging, file_name, list(extra.values()), {
+                "form": form, "order": order, "T": steps, "opset": opset, "exporter": EXPORTER, "layers": layers,
+                "rates": rates, "precision": precision, "reduced_precision_nodes": reduced,
+                "split_tf32_layers": split_layers, "inputs": in_shapes, "outputs": output_names, "ops": ops,
+                "nodes_raw": nodes_raw, "nodes_clean": nodes_clean, "export_seconds": round(seconds, 3),
+                "checkpoint_sha256": checkpoint_sha256,  # what verify and bench compare the run's checkpoint with
+                "reference": ref_note, "reference_files": list(extra), "reference_samples": [n_random, n_real],
+                "cleaned_vs_raw": numerics,
+                "versions": {**environment(), "onnx": onnx.__version__, "onnxscript": _version("onnxscript"),
+                             "onnx_ir": _version("onnx_ir"), "onnxruntime": _version("onnxruntime")},
+            })
+            committed = True
+    except KeyboardInterrupt:
+        if committed:  # the Ctrl-C came while the files were moved into place, and was held until they were
+            raise Interrupted(f"export interrupted as it finished: {run_dir / file_name} and its manifest entry "
+                              "were written whole") from None
+        raise Interrupted(f"export interrupted: nothing of it was written; {run_dir} is as it was") from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-
-    if stale_data:
-        forget_artifact(run_dir, file_name + ".data")
-    onnx_bytes = sum(p.stat().st_size for p in run_dir.glob(file_name + "*"))
-    entry = {
-        "form": form, "order": order, "T": steps, "opset": opset, "exporter": EXPORTER, "layers": layers, "rates": rates,
-        "precision": precision, "reduced_precision_nodes": reduced, "split_tf32_layers": split_layers,
-        "inputs": in_shapes, "outputs": output_names, "ops": ops, "nodes_raw": nodes_raw, "nodes_clean": nodes_clean,
-        "onnx_bytes": onnx_bytes, "export_seconds": round(seconds, 3), "sha256": sha256_model(run_dir / file_name),
-        "checkpoint_sha256": checkpoint_sha256,  # what verify and bench compare the run's checkpoint with
-        "reference": ref_note, "reference_files": list(extra), "reference_samples": [n_random, n_real],
-        "cleaned_vs_raw": numerics,
-        "versions": {**environment(), "onnx": onnx.__version__, "onnxscript": _version("onnxscript"),
-                     "onnx_ir": _version("onnx_ir"), "onnxruntime": _version("onnxruntime")},
-    }
-    update_manifest(run_dir, exports={file_name: entry})
-    record_artifact(run_dir, file_name)
-    if (run_dir / (file_name + ".data")).is_file():
-        record_artifact(run_dir, file_name + ".data")
-    for name in extra:
-        record_artifact(run_dir, name)
     return ExportResult(run_dir / file_name, form, steps, seconds, onnx_bytes, nodes_raw, nodes_clean, ops,
                         n_random, int(arrays.get("real_labels", np.zeros(0)).shape[0]), opset, precision, reduced,
                         split_layers)
+
+
+def _commit(run_dir: Path, staging: Path, file_name: str, references: list[Path], entry: dict) -> int:
+    """Move a finished export from ``staging`` into ``run_dir`` (each rename atomic; data files before the
+    model) and record it in the manifest. Returns the model's bytes, external data included."""
+    moved = sorted(staging.glob(file_name + ".data")) + [staging / file_name] + references
+    for src in moved:
+        src.replace(run_dir / src.name)
+    if not any(src.name == file_name + ".data" for src in moved):  # an earlier export's, unused now
+        forget_artifact(run_dir, file_name + ".data")
+    onnx_bytes = sum(p.stat().st_size for p in run_dir.glob(file_name + "*"))
+    update_manifest(run_dir, exports={file_name: {**entry, "onnx_bytes": onnx_bytes,
+                                                  "sha256": sha256_model(run_dir / file_name)}})
+    record_artifact(run_dir, file_name)
+    if (run_dir / (file_name + ".data")).is_file():
+        record_artifact(run_dir, file_name + ".data")
+    for path in references:
+        record_artifact(run_dir, path.name)
+    return onnx_bytes
 
 
 def _version(module: str) -> str:

@@ -81,3 +81,39 @@ def test_a_text_file_as_checkpoint_is_one_line(tmp_path):
     (tmp_path / "checkpoint.pt").write_text("hello world\n")
     with pytest.raises(ArtifactError, match="checkpoint.pt is corrupt or not an snncompile checkpoint"):
         load_checkpoint(tmp_path / "checkpoint.pt")
+
+
+def test_a_ctrl_c_inside_interrupts_deferred_is_raised_when_the_block_ends():
+    import os
+    import signal
+
+    from snncompile.artifacts import interrupts_deferred
+
+    done = []
+    with pytest.raises(KeyboardInterrupt):
+        with interrupts_deferred():
+            os.kill(os.getpid(), signal.SIGINT)  # delivered at once to this, the main, thread
+            done.append("rest of the block")
+    assert done == ["rest of the block"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back
+    with interrupts_deferred():  # nothing held: nothing raised
+        done.append("quiet block")
+    assert done[-1] == "quiet block"
+
+
+def test_caused_by_interrupt_follows_wrapped_errors():
+    from snncompile.errors import caused_by_interrupt
+
+    def wrapped():  # what torch.onnx.export did with a Ctrl-C during its lazy imports
+        try:
+            try:
+                raise KeyboardInterrupt
+            except KeyboardInterrupt:
+                raise AttributeError("module 'torch._dynamo' has no attribute 'exc'")
+        except AttributeError as e:
+            raise RuntimeError("Failed to export the model with torch.export") from e
+
+    with pytest.raises(RuntimeError) as err:
+        wrapped()
+    assert caused_by_interrupt(err.value)
+    assert not caused_by_interrupt(RuntimeError("a real failure"))

@@ -85,3 +85,32 @@ def test_export_says_why_it_saved_no_real_reference_inputs(tmp_path):
     assert "4 random + 0 real reference inputs" in result.stdout
     (note,) = result.stderr.splitlines()
     assert note.startswith("note: no real reference inputs (MNIST files missing in") and "verify --test-set" in note
+
+
+def test_ctrl_c_is_one_line_and_exit_130_in_every_command(tmp_path, monkeypatch):
+    """Interrupted while loading (a bare KeyboardInterrupt) or inside the exporter (an error wrapping one): one
+    line and the shell's SIGINT code, not "Aborted!" with exit 1 or "torch.onnx.export failed"."""
+    from helpers import make_run, tiny_zoo_config
+
+    run = make_run(tmp_path, tiny_zoo_config(REPO / "models" / "digits.toml"))
+
+    def ctrl_c(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr("snncompile.export_onnx.load_network", ctrl_c)
+        bare = CliRunner().invoke(cli, ["export", str(run)])
+    assert bare.exit_code == 130
+    assert bare.stderr.splitlines() == ["error: interrupted: snncompile export stopped before it finished (artifacts "
+                                        "are written whole or not at all; run it again to finish)"]
+
+    def wrapped(*args, **kwargs):
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt:
+            raise AttributeError("module 'torch._dynamo' has no attribute 'exc'")
+
+    monkeypatch.setattr("torch.onnx.export", wrapped)
+    inside = CliRunner().invoke(cli, ["export", str(run)])
+    assert inside.exit_code == 130
+    assert inside.stderr.splitlines() == [f"error: export interrupted: nothing of it was written; {run} is as it was"]

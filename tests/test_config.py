@@ -125,3 +125,32 @@ def test_a_relative_data_root_is_stored_absolute(tmp_path, monkeypatch):
     monkeypatch.chdir(REPO)
     assert load_config(stored).data.root == cfg.data.root
     assert load_config(REPO / "models" / "digits.toml").data.root == ""  # no folder: left empty
+
+
+def test_a_config_built_in_python_with_a_relative_root_is_recorded_absolute(tmp_path, monkeypatch):
+    """apply_overrides alone keeps what it is given; the run's config.toml, written by train() or init_run(),
+    must still find the data from another directory. The caller's Config is not changed."""
+    from helpers import tiny_zoo_config
+    from snncompile.init_run import init_run
+    from snncompile.train import train
+
+    monkeypatch.chdir(tmp_path)
+    cfg = apply_overrides(tiny_zoo_config(REPO / "models" / "mnist.toml"), ["data.root=data/mnist"])
+    assert cfg.data.root == "data/mnist"
+    run, _ = init_run(cfg, tmp_path / "init")
+    assert _stored_root(run) == str(tmp_path / "data" / "mnist")
+
+    digits = load_config(REPO / "models" / "digits.toml", ["train.epochs=1", "data.limit_train=64", "data.limit_test=32",
+                                                           "model.arch='8C3-AP2-16FC-Voting'", "model.T=2",
+                                                           "train.threads=1"])
+    digits = apply_overrides(digits, ["data.root=unused/by/digits"])
+    result = train(digits, tmp_path / "train", progress=False, echo=lambda s: None)
+    assert _stored_root(result.run_dir) == str(tmp_path / "unused" / "by" / "digits")
+    assert cfg.data.root == "data/mnist" and digits.data.root == "unused/by/digits"
+
+
+def _stored_root(run) -> str:
+    """data.root as the run's config.toml holds it (load_config would make a relative one absolute itself)."""
+    import tomllib
+
+    return tomllib.loads((run / "config.toml").read_text())["data"]["root"]

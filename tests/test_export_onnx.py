@@ -15,7 +15,7 @@ from helpers import make_run, reference_file, replace_checkpoint, tiny_zoo_confi
 from snncompile.backends import create_runner  # noqa: E402
 from snncompile.compare import verify_run  # noqa: E402
 from snncompile.config import load_config  # noqa: E402
-from snncompile.errors import ArtifactError, ConfigError, ExportError, InputError  # noqa: E402
+from snncompile.errors import ArtifactError, ConfigError, ExportError, InputError, Interrupted  # noqa: E402
 from snncompile.export_onnx import ALLOWED_OPS, _check_graph, export_run, stream_steps  # noqa: E402
 from snncompile.graphs import StepGraph  # noqa: E402
 from snncompile.runs import load_network  # noqa: E402
@@ -151,6 +151,53 @@ def test_failed_export_leaves_no_partial_artifact(tmp_path, monkeypatch):
         export_run(run, n_random=8, n_real=0)
     assert sorted(p.name for p in run.iterdir()) == before  # no model.onnx, no npz, no staging dir
     assert (run / "manifest.json").read_text() == manifest_before
+
+
+def _wrapped_ctrl_c(*args, **kwargs):
+    """What torch.onnx.export raised on a Ctrl-C during its lazy imports: the interrupt, wrapped twice."""
+    try:
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt:
+            raise AttributeError("module 'torch._dynamo' has no attribute 'exc'")
+    except AttributeError as e:
+        raise RuntimeError("Failed to export the model with torch.export. This is step 1/3") from e
+
+
+def test_a_ctrl_c_the_exporter_wraps_is_an_interrupt_not_an_export_failure(tmp_path, monkeypatch):
+    run = make_run(tmp_path, tiny_zoo_config(REPO / "models" / "bench-nmnist.toml"))
+    before = sorted(p.name for p in run.iterdir())
+    manifest_before = (run / "manifest.json").read_text()
+    monkeypatch.setattr("torch.onnx.export", _wrapped_ctrl_c)
+    with pytest.raises(Interrupted, match="export interrupted: nothing of it was written"):
+        export_run(run, n_random=8, n_real=0)
+    assert sorted(p.name for p in run.iterdir()) == before
+    assert (run / "manifest.json").read_text() == manifest_before
+
+
+def test_a_ctrl_c_while_an_export_moves_into_place_waits_for_its_manifest_entry(tmp_path, monkeypatch):
+    """The files and the manifest entry that describes them are written one after the other: a Ctrl-C between
+    them would leave a model the manifest does not describe. It is held until both are written."""
+    import os
+    import signal
+
+    import snncompile.export_onnx as export_onnx
+    from snncompile.artifacts import read_manifest, sha256_model
+
+    run = make_run(tmp_path, tiny_zoo_config(REPO / "models" / "bench-nmnist.toml"))
+    real_update = export_onnx.update_manifest
+
+    def ctrl_c_then_update(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)  # after the model and its references were renamed into place
+        return real_update(*args, **kwargs)
+
+    monkeypatch.setattr(export_onnx, "update_manifest", ctrl_c_then_update)
+    with pytest.raises(Interrupted, match="export interrupted as it finished: .*model.onnx and its manifest entry"):
+        export_run(run, n_random=8, n_real=0)
+    entry = read_manifest(run)["exports"]["model.onnx"]
+    assert entry["sha256"] == sha256_model(run / "model.onnx")
+    assert all((run / name).is_file() for name in entry["reference_files"])
+    assert not list(run.glob(".export-*"))
 
 
 def test_allow_list_rejects_loop_and_custom_ops(tmp_path):
