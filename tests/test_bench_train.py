@@ -29,7 +29,15 @@ def test_bench_train_prints_every_variant():
             assert f"| {peer} | skipped: not installed" in out
 
 
-def test_bench_train_profile_shows_where_our_step_spends_its_time():
+def test_bench_train_profile_shows_where_our_step_spends_its_time(monkeypatch):
+    import functools
+
+    import snncompile.bench_train as bench_train
+    from snncompile.profiling import profile_calls
+
+    # every operator, not the top 20: on a busy machine the optimizer's small self time can rank 21st,
+    # and what is checked here is that the profiled call is a whole step, not how its parts rank
+    monkeypatch.setattr(bench_train, "profile_calls", functools.partial(profile_calls, rows=1000))
     result = CliRunner().invoke(cli, ["bench", "train", str(REPO / "models" / "bench-nmnist.toml"), *TINY, "--profile"])
     assert result.exit_code == 0, result.output
     table, profile = result.output.split("CPU operators of 3 steps, by self time:")
