@@ -22,6 +22,7 @@ from .artifacts import (atomic_save, atomic_write_json, atomic_write_text, envir
                         interrupts_deferred, read_manifest, record_artifact)
 from .backends import available_runners, create_runner, default_runners, runner_options
 from .backends.base import runner_numerics
+from .backends.pt import cpu_threads
 from .compare import verify_run
 from .errors import ArtifactError, ConfigError, SnnCompileError
 from .export_onnx import export_reference_paths, read_reference, require_current_checkpoint
@@ -68,7 +69,7 @@ def batch_sizes(batches) -> tuple[int, ...]:
 def bench_run(run_dir: str | Path, runners: list[str] | None = None, batches: tuple[int, ...] = (1, 16, 128),
               warmup: int = 10, iters: int = 50, min_seconds: float = 0.0, progress: bool = True,
               echo=print, model_file: str = "model.onnx", precision: str = "fp32", cuda_graph: bool = True,
-              cudnn_autotune: bool = True, profile: bool = False, pad_channels: int = 1) -> dict:
+              cudnn_autotune: bool = True, profile: bool = False, pad_channels: int = 1, threads: int = 0) -> dict:
     """Verify, then time every requested runner at every batch size (default: every available one but
     the opt-in ``torch-compile``).
 
@@ -80,7 +81,9 @@ def bench_run(run_dir: str | Path, runners: list[str] | None = None, batches: tu
     (what autotuning saves). ``pad_channels > 1``: torch-fast runs convs whose input channels are not a
     multiple of it on zero-padded copies (``bench_pad8``). ``profile``: after timing each runner, profile
     3 calls at the last batch size (torch.profiler: for a GPU runner every CUDA kernel of the process, ONNX
-    Runtime's too) into ``<stem>_profile.txt``; with ``cuda_graph=False`` the kernels show one by one."""
+    Runtime's too) into ``<stem>_profile.txt``; with ``cuda_graph=False`` the kernels show one by one.
+    ``threads``: CPU threads for torch and ONNX Runtime (0: torch's default, ONNX Runtime one per usable core);
+    on a CPU that other work keeps busy, the free cores."""
     run_dir = Path(run_dir)
     manifest = read_manifest(run_dir)
     export = manifest.get("exports", {}).get(model_file)
@@ -107,48 +110,50 @@ def bench_run(run_dir: str | Path, runners: list[str] | None = None, batches: tu
                      "environment": environment(), "runners": {}}
     measured = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     profiles: list[str] = []
-    for name in names:
-        numerics = runner_numerics(name, precision, export.get("precision", "fp32"))
-        options = runner_options(name, numerics, cuda_graph, cudnn_autotune, pad_channels,
-                                 model_precision=export.get("precision", "fp32"))
-        entry: dict = {"precision": numerics, "measured": measured}
-        results["runners"][name] = entry
-        if avail[name] is not None:
-            entry["skipped"] = avail[name]
-            echo(f"{name}: skipped ({avail[name]})")
-            continue
-        if name != "torch":  # torch is the reference itself
-            try:
-                reasons = _gate(run_dir, name, numerics, options, model_file, export, reference)
-                skipped = "verify failed: " + "; ".join(reasons) if reasons else None
-            except SnnCompileError as e:  # e.g. an engine of the timed file but not of its _layers twin
-                skipped = f"cannot verify: {e}"
-            entry["verified"] = skipped is None
-            if skipped:
-                entry["skipped"] = skipped
-                echo(f"{name}: skipped ({skipped})")
+    with cpu_threads(threads):  # torch's runners; ONNX Runtime's get theirs in their options
+        for name in names:
+            numerics = runner_numerics(name, precision, export.get("precision", "fp32"))
+            options = runner_options(name, numerics, cuda_graph, cudnn_autotune, pad_channels,
+                                     model_precision=export.get("precision", "fp32"), threads=threads)
+            entry: dict = {"precision": numerics, "measured": measured}
+            results["runners"][name] = entry
+            if avail[name] is not None:
+                entry["skipped"] = avail[name]
+                echo(f"{name}: skipped ({avail[name]})")
                 continue
-            reference = _reference_inputs(run_dir, export)  # rewritten if the gate exported the _layers twin
-        try:
-            with create_runner(name, run_dir, model_file, **options) as runner:
-                entry["by_batch"] = {}
-                for batch in batches:
-                    stats = _time_batch(runner, reference, batch, warmup, iters, min_seconds, export["T"])
-                    handle = stats.pop("handle", None)
-                    entry["by_batch"][str(batch)] = stats
-                    if progress or "failed" in stats:
-                        echo(f"{name} batch {batch}: " + stats.get("failed", f"p50 {stats.get('p50_ms', 0):.3f} ms"))
-                if profile and handle is not None:  # the last batch size, when it ran
-                    profiles.append(_profile(runner, handle, f"{name} ({entry['precision']}), batch {batch}",
-                                             stats["execution"]))
-        except Exception as exc:  # noqa: BLE001  the runner could not be created (or profiled): its row says why
-            failure = _failure(exc)
-            if entry.get("by_batch"):  # the figures measured stand
-                entry["failed"] = failure
-            else:
-                entry.pop("by_batch", None)
-                entry["skipped"] = failure
-            echo(f"{name}: {failure}")
+            if name != "torch":  # torch is the reference itself
+                try:
+                    reasons = _gate(run_dir, name, numerics, options, model_file, export, reference)
+                    skipped = "verify failed: " + "; ".join(reasons) if reasons else None
+                except SnnCompileError as e:  # e.g. an engine of the timed file but not of its _layers twin
+                    skipped = f"cannot verify: {e}"
+                entry["verified"] = skipped is None
+                if skipped:
+                    entry["skipped"] = skipped
+                    echo(f"{name}: skipped ({skipped})")
+                    continue
+                reference = _reference_inputs(run_dir, export)  # rewritten if the gate exported the _layers twin
+            try:
+                with create_runner(name, run_dir, model_file, **options) as runner:
+                    entry["by_batch"] = {}
+                    for batch in batches:
+                        stats = _time_batch(runner, reference, batch, warmup, iters, min_seconds, export["T"])
+                        handle = stats.pop("handle", None)
+                        entry["by_batch"][str(batch)] = stats
+                        if progress or "failed" in stats:
+                            said = stats.get("failed", f"p50 {stats.get('p50_ms', 0):.3f} ms")
+                            echo(f"{name} batch {batch}: {said}")
+                    if profile and handle is not None:  # the last batch size, when it ran
+                        profiles.append(_profile(runner, handle, f"{name} ({entry['precision']}), batch {batch}",
+                                                 stats["execution"]))
+            except Exception as exc:  # noqa: BLE001  the runner could not be created (or profiled): its row says why
+                failure = _failure(exc)
+                if entry.get("by_batch"):  # the figures measured stand
+                    entry["failed"] = failure
+                else:
+                    entry.pop("by_batch", None)
+                    entry["skipped"] = failure
+                echo(f"{name}: {failure}")
     _require_timed(results["runners"])  # nothing measured: the earlier bench's files stay, not a table of skips
     stem = bench_stem(model_file, precision, cuda_graph, cudnn_autotune, pad_channels)
     results["stem"] = stem

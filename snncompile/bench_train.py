@@ -34,7 +34,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .backends.pt import cudnn_autotuning
+from .backends.pt import cpu_threads, cudnn_autotuning
 from .config import Config
 from .memory import SavedActivations
 from .models import LayerSpec, network_from_config, parse_architecture
@@ -164,10 +164,11 @@ def bench_train(cfg: Config, device: torch.device, precision: str = "fp32", step
     channels_last ones (their steps run eagerly for the profile); the tables of where each step's time
     goes are returned under ``"profiles"``, by variant. Every variant, peers included, runs
     under ``cfg.train.cudnn_benchmark`` (cuDNN autotuning, on by default as in training), so each one
-    picks its convolution algorithms the same way."""
-    with cudnn_autotuning(cfg.train.cudnn_benchmark):
+    picks its convolution algorithms the same way, and on ``cfg.train.threads`` CPU threads (0: torch's default)."""
+    with cpu_threads(cfg.train.threads), cudnn_autotuning(cfg.train.cudnn_benchmark):
+        threads = torch.get_num_threads()
         result = _bench_train(cfg, device, precision, steps, warmup, peers, echo, compiled, profile)
-    return {**result, "cudnn_benchmark": cfg.train.cudnn_benchmark}
+    return {**result, "cudnn_benchmark": cfg.train.cudnn_benchmark, "threads": threads}
 
 
 def _bench_train(cfg: Config, device: torch.device, precision: str, steps: int, warmup: int, peers: bool,
@@ -360,7 +361,8 @@ def _decode_peer(out: torch.Tensor, m) -> torch.Tensor:
 
 def format_train_table(r: dict) -> str:
     autotune = ", cuDNN autotuning" if r.get("cudnn_benchmark") and r["device"].startswith("cuda") else ""
-    lines = [f"{r['model']}: T = {r['T']}, batch {r['batch']}, {r['precision']}, {r['device']}{autotune}, "
+    threads = f" ({r['threads']} threads)" if r["device"] == "cpu" and r.get("threads") else ""
+    lines = [f"{r['model']}: T = {r['T']}, batch {r['batch']}, {r['precision']}, {r['device']}{threads}{autotune}, "
              f"median of {r['steps']} steps",
              ""]
     # the ratios are to the first of OUR variants that was timed, named in the header: where the default one

@@ -280,8 +280,11 @@ def bench_train_cmd(model_toml, overrides, steps_t, batch, precision, steps, war
 @click.option("--pad-channels", default=1, show_default=True, type=click.IntRange(1),
               help="torch-fast runs convs whose input channel count is not a multiple of N on zero-padded copies (the "
                    "same function; cuDNN's tensor-core kernels want 8), written to bench_pad<N>.*.")
+@click.option("--threads", default=0, show_default=True, type=click.IntRange(0),
+              help="CPU threads for torch and ONNX Runtime (0: torch's default, ONNX Runtime one per core). On a CPU "
+                   "other work keeps busy, the free cores: threads that wait for a busy core stall every op.")
 def bench_run_cmd(run, runners, batches, iters, warmup, model_file, precision, cuda_graph, cudnn_autotune,
-                  profile, pad_channels) -> None:
+                  profile, pad_channels, threads) -> None:
     """Verify, then time every runner on RUN's export; writes bench.json, bench.md, bench.png."""
     from .bench import bench_run, format_table
 
@@ -289,7 +292,7 @@ def bench_run_cmd(run, runners, batches, iters, warmup, model_file, precision, c
     names = [n.strip() for n in runners.split(",") if n.strip()] or None
     results = bench_run(run, names, sizes, warmup=warmup, iters=iters, echo=click.echo, model_file=model_file,
                         precision=precision, cuda_graph=cuda_graph, cudnn_autotune=cudnn_autotune, profile=profile,
-                        pad_channels=pad_channels)
+                        pad_channels=pad_channels, threads=threads)
     click.echo(format_table(results))
     if "profile_file" in results:
         click.echo("\n" + (run / results["profile_file"]).read_text())

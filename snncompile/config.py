@@ -137,8 +137,28 @@ class Config:
 
     def hash(self) -> str:
         """SHA-256 of the canonical JSON of the resolved config (first 16 hex digits)."""
-        blob = json.dumps(self.to_dict(), sort_keys=True).encode()
-        return hashlib.sha256(blob).hexdigest()[:16]
+        return _digest(self.to_dict())
+
+    def result_hash(self) -> str:
+        """:meth:`hash` without the :data:`EXECUTION_KEYS`: equal for two configs that train the same weights
+        (the pipeline finds a finished run by it, so fewer threads do not mean training again)."""
+        values = self.to_dict()
+        for key in EXECUTION_KEYS:
+            *sections, leaf = key.split(".")
+            table = values
+            for section in sections:
+                table = table[section]
+            del table[leaf]
+        return _digest(values)
+
+
+# Keys that change how a run executes or what it is called, not the weights it trains.
+EXECUTION_KEYS = ("description", "data.num_workers", "data.cache_dir", "data.eval_batch_size", "train.threads")
+
+
+def _digest(values: dict[str, Any]) -> str:
+    blob = json.dumps(values, sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
 
 
 _SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig}

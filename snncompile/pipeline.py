@@ -23,18 +23,23 @@ __all__ = ["run_pipeline", "find_run"]
 
 
 def find_run(out_root: Path, cfg: Config) -> Path | None:
-    """The newest run dir under ``out_root/<name>`` trained from exactly this config."""
+    """The newest run dir under ``out_root/<name>`` trained from this config, or from one that differs only in
+    how it executes (:data:`~snncompile.config.EXECUTION_KEYS`: threads, frame-cache workers and folder, ...)."""
+    from .runs import load_run_config
+
     base = Path(out_root) / cfg.name
     if not base.is_dir():
         return None
     for run in sorted(base.iterdir(), key=_creation_order, reverse=True):
         try:
             manifest = read_manifest(run)
-        except ArtifactError:
+            untrained = "init" in manifest  # `snncompile init` weights: nothing to resume, never this config's training
+            if untrained or not (run / "checkpoint.pt").is_file():
+                continue
+            if manifest.get("config_hash") == cfg.hash() or load_run_config(run).result_hash() == cfg.result_hash():
+                return run
+        except SnnCompileError:  # a damaged run directory is not this config's run
             continue
-        untrained = "init" in manifest  # `snncompile init` weights: nothing to resume, never this config's training
-        if manifest.get("config_hash") == cfg.hash() and (run / "checkpoint.pt").is_file() and not untrained:
-            return run
     return None
 
 
@@ -103,7 +108,16 @@ def _build_stage(run: Path, onnx_hash: str, trt_unavailable: str | None) -> str:
 
 def run_pipeline(cfg: Config, out_root: Path, batches: tuple[int, ...] = (1, 32), progress: bool = True,
                  echo: Callable[[str], None] = print) -> dict:
-    """Run every stage that is not already done for these inputs; returns the summary dict."""
+    """Run every stage that is not already done for these inputs; returns the summary dict. Every stage runs
+    on ``cfg.train.threads`` CPU threads (0: torch's default), the verify and bench stages too."""
+    from .backends.pt import cpu_threads
+
+    with cpu_threads(cfg.train.threads):
+        return _run_pipeline(cfg, out_root, batches, progress, echo)
+
+
+def _run_pipeline(cfg: Config, out_root: Path, batches: tuple[int, ...], progress: bool,
+                  echo: Callable[[str], None]) -> dict:
     from .backends import available_runners, default_runners
     from .bench import batch_sizes, bench_run
     from .compare import read_reports, report_key, verify_runs
@@ -113,7 +127,7 @@ def run_pipeline(cfg: Config, out_root: Path, batches: tuple[int, ...] = (1, 32)
     batches = batch_sizes(batches)  # a bad list fails now, not after training, export and verify
     summary: dict = {"stages": {}}
     run = find_run(out_root, cfg)
-    train_inputs = _stage_hash("train", cfg.hash())
+    train_inputs = _stage_hash("train", cfg.result_hash())
     if run is not None and _done(run, "train", train_inputs):
         summary["stages"]["train"] = "up to date"
     else:
@@ -172,7 +186,7 @@ def run_pipeline(cfg: Config, out_root: Path, batches: tuple[int, ...] = (1, 32)
         bench = json.loads((run / "bench.json").read_text())
         summary["stages"]["bench"] = "up to date"
     else:
-        bench = bench_run(run, None, batches, echo=lambda s: None)
+        bench = bench_run(run, None, batches, echo=lambda s: None, threads=cfg.train.threads)
         _mark(run, "bench", bench_inputs, run / "bench.json")
         summary["stages"]["bench"] = "done"
 

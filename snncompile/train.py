@@ -25,7 +25,7 @@ from torch.nn.parallel import DistributedDataParallel
 from . import __version__
 from .artifacts import (atomic_save, atomic_write_text, environment, new_run_dir, read_manifest, record_artifact, sha256_file,
                         update_manifest)
-from .backends.pt import cudnn_autotuning, cudnn_disabled, no_tf32
+from .backends.pt import cpu_threads, cudnn_autotuning, cudnn_disabled, no_tf32
 from .config import Config, dumps_toml, with_absolute_data_root
 from .data import Split, batches, load_dataset, to_time_major
 from .distributed import DistContext, all_reduce_sum, destroy, init_distributed, shard_indices, stop_on_peer_failure
@@ -201,20 +201,17 @@ def train(
         raise ConfigError("train() needs a config or a run directory to resume")
     else:
         cfg = with_absolute_data_root(cfg)  # what config.toml records must find the data from anywhere
-    threads = torch.get_num_threads()  # restored after: a pipeline's later stages keep the machine's
     ctx = DistContext()  # until init_distributed returns: nothing to destroy if the setup fails before
     try:
-        if cfg.train.threads:
-            torch.set_num_threads(cfg.train.threads)
-        device = resolve_device(cfg.train.device)
-        ctx = init_distributed(device.type)
-        if ctx.enabled and device.type == "cuda":
-            device = torch.device("cuda", ctx.local_rank)
-        with stop_on_peer_failure(ctx), cudnn_autotuning(cfg.train.cudnn_benchmark):
-            return _train(cfg, device, ctx, out_root, resume, state, stop_after, progress, echo, start)
+        with cpu_threads(cfg.train.threads):  # restored after: a pipeline's later stages keep the machine's
+            device = resolve_device(cfg.train.device)
+            ctx = init_distributed(device.type)
+            if ctx.enabled and device.type == "cuda":
+                device = torch.device("cuda", ctx.local_rank)
+            with stop_on_peer_failure(ctx), cudnn_autotuning(cfg.train.cudnn_benchmark):
+                return _train(cfg, device, ctx, out_root, resume, state, stop_after, progress, echo, start)
     finally:
         destroy(ctx)
-        torch.set_num_threads(threads)
 
 
 def _train(cfg: Config, device: torch.device, ctx: DistContext, out_root, resume, state, stop_after, progress, echo,

@@ -48,6 +48,19 @@ def test_bench_writes_json_table_and_plot(exported):
     assert (exported / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_bench_threads_sets_torch_and_onnx_runtime_threads(exported):
+    import torch
+
+    before = torch.get_num_threads()
+    result = CliRunner().invoke(cli, ["bench", str(exported), "--runners", "torch,ort-cpu", "--batch", "2",
+                                      "--iters", "1", "--warmup", "0", "--threads", "1"])
+    assert result.exit_code == 0, result.output
+    data = json.loads((exported / "bench.json").read_text())
+    assert {name: e["by_batch"]["2"]["execution"] for name, e in data["runners"].items()} == {
+        "torch": "CPU, 1 threads", "ort-cpu": "CPU, 1 threads"}
+    assert torch.get_num_threads() == before
+
+
 def test_bench_precision_applies_to_torch_fast_only(exported):
     result = CliRunner().invoke(cli, ["bench", str(exported), "--runners", "ort-cpu,torch-fast", "--batch", "2",
                                       "--iters", "2", "--warmup", "0", "--precision", "bf16"])

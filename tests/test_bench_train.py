@@ -209,6 +209,25 @@ def test_bench_train_runs_every_variant_under_the_configs_cudnn_autotuning(monke
     assert seen == [True, False]
 
 
+def test_bench_train_times_on_the_configs_threads_and_says_so(monkeypatch):
+    """`--set train.threads=1` was accepted and ignored: both variants ran on every core, so on a busy CPU the
+    ratios measured thread contention (3.7x where one thread each gave 1.2x)."""
+    import torch
+
+    import snncompile.bench_train as bench_module
+    from snncompile.config import load_config
+
+    seen = []
+    monkeypatch.setattr(bench_module, "_bench_train", lambda *args: seen.append(torch.get_num_threads()) or {
+        "variants": {}, "model": "bench-nmnist", "T": 2, "batch": 2, "precision": "fp32", "device": "cpu", "steps": 1})
+    before = torch.get_num_threads()
+    cfg = load_config(REPO / "models" / "bench-nmnist.toml", ["train.threads=1"])
+    result = bench_module.bench_train(cfg, torch.device("cpu"))
+    assert seen == [1] and result["threads"] == 1 and torch.get_num_threads() == before
+    assert bench_module.format_train_table(result).splitlines()[0].startswith("bench-nmnist: T = 2, batch 2, fp32, "
+                                                                               "cpu (1 threads), median of 1 steps")
+
+
 def test_cuda_variants_add_padded_input_channels_where_they_change_a_conv(monkeypatch):
     """On CUDA the graphed variants are timed once more with the input conv's channels padded to 8; not when
     no conv would change or the config already pads. The padded variant's network does run on 8 channels

@@ -14,7 +14,7 @@ from snncompile.cli import cli  # noqa: E402
 
 ARGS = ["--set", "train.epochs=2", "--set", "data.limit_train=256", "--set", "data.limit_test=64",
         "--set", "model.arch='16C3-AP2-32FC-Voting'", "--set", "model.T=3", "--set", "train.lr=3e-3",
-        "--batch", "1,2", "--no-progress"]
+        "--set", "train.threads=1", "--batch", "1,2", "--no-progress"]
 
 
 def test_pipeline_runs_every_stage_once(tmp_path):
@@ -41,7 +41,19 @@ def test_pipeline_runs_every_stage_once(tmp_path):
     third = runner.invoke(cli, ["pipeline", str(REPO / "models" / "digits.toml"), "--out", str(tmp_path),
                                 *ARGS[:-3], "--batch", "4", "--no-progress"])
     assert "  train   up to date" in third.output and "  bench   done" in third.output
-    assert json.loads((run / "bench.json").read_text())["batches"] == [4]
+    bench = json.loads((run / "bench.json").read_text())
+    assert bench["batches"] == [4]
+    # every stage ran on train.threads, bench's ONNX Runtime sessions too (it ran on 2 whatever the config said)
+    assert {e["by_batch"]["4"]["execution"] for e in bench["runners"].values()} == {"CPU, 1 threads"}
+
+    # keys that change how it runs, not what it trains, find the same run: nothing is trained again
+    fourth = runner.invoke(cli, ["pipeline", str(REPO / "models" / "digits.toml"), "--out", str(tmp_path), *ARGS[:-3],
+                                 "--set", "train.threads=2", "--set", "data.eval_batch_size=100", "--set",
+                                 "description='other words'", "--batch", "4", "--no-progress"])
+    assert fourth.exit_code == 0, fourth.output
+    for stage in ("train", "export", "verify"):
+        assert f"  {stage:<7} up to date" in fourth.output
+    assert len(list((tmp_path / "digits").iterdir())) == 1
 
 
 def test_pipeline_verifies_reference_inputs_when_the_test_split_is_gone(tmp_path, monkeypatch):

@@ -162,16 +162,18 @@ def runner_numerics(name: str, requested: str = "fp32", model_precision: str = "
 # Runners that replay a captured CUDA graph by default (torch-fast and torch-compile on CUDA only)
 CUDA_GRAPH_RUNNERS = ("torch-fast", "torch-compile", "ort-cuda", "trt")
 AUTOTUNE_RUNNERS = ("torch-fast",)  # cuDNN algorithms timed per shape, not picked by heuristic
+THREAD_RUNNERS = ("ort-cpu", "ort-cuda")  # a thread count of their own (torch's runners share torch's)
 PAD_CHANNEL_RUNNERS = ("torch-fast",)  # convs' input channels zero-padded (SpikingNetwork.pad_conv_channels)
 
 
 def runner_options(name: str, precision: str = "fp32", cuda_graph: bool = True, cudnn_autotune: bool = True,
-                   pad_channels: int = 1, model_precision: str = "fp32") -> dict:
+                   pad_channels: int = 1, model_precision: str = "fp32", threads: int = 0) -> dict:
     """Constructor options that make runner ``name`` compute at ``precision`` (none for the others);
     ``cuda_graph=False``: one launch per kernel instead of a graph replay, for the runners that graph;
     ``cudnn_autotune=False``: cuDNN's heuristic algorithm pick, for the runners that autotune;
     ``pad_channels > 1``: convs' input channels zero-padded to a multiple of it, for the runners that can;
-    ``model_precision``: the export's (see :func:`runner_numerics`)."""
+    ``model_precision``: the export's (see :func:`runner_numerics`); ``threads``: ONNX Runtime's intra-op CPU
+    threads (0: one per usable core; torch's runners use torch's own setting, :func:`~.pt.cpu_threads`)."""
     options: dict = {"precision": runner_numerics(name, precision, model_precision)} if name in PRECISION_RUNNERS else {}
     if not cuda_graph and name in CUDA_GRAPH_RUNNERS:
         options["cuda_graph"] = False
@@ -179,6 +181,8 @@ def runner_options(name: str, precision: str = "fp32", cuda_graph: bool = True, 
         options["autotune"] = False
     if pad_channels > 1 and name in PAD_CHANNEL_RUNNERS:
         options["pad_channels"] = pad_channels
+    if threads and name in THREAD_RUNNERS:
+        options["threads"] = threads
     return options
 
 

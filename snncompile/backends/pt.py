@@ -40,6 +40,20 @@ def _cudnn_setting(name: str, value: bool):
         setattr(torch.backends.cudnn, name, saved)
 
 
+@contextlib.contextmanager
+def cpu_threads(count: int):
+    """torch's CPU (intra-op) threads set to ``count`` inside (0: left as they are), restored after. On a CPU
+    that other work keeps busy, as many threads as free cores: torch's OpenMP threads wait for each other at
+    every op, so one descheduled thread stalls them all (README, "Training")."""
+    saved = torch.get_num_threads()
+    if count:
+        torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved)
+
+
 def cudnn_autotuning(enabled: bool):
     """cuDNN times its algorithms on each new shape and keeps the fastest (``benchmark``) inside, or not."""
     return _cudnn_setting("benchmark", enabled)
