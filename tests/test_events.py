@@ -135,6 +135,24 @@ def test_cache_hit_rebuild_on_any_parameter_and_repair(tmp_path):
     assert info["status"] == "repaired 1 shard(s)" and np.array_equal(a, c)
 
 
+@pytest.mark.parametrize("damage", [b"\xff\xfe not text", b"[]", b'{"key": "KEY", "shards": []}',
+                                    b'{"key": "KEY", "shards": {"shard-00000.npy": 7}}', b'{"shards": {}}'])
+def test_a_damaged_cache_index_is_rebuilt_not_a_traceback(tmp_path, damage):
+    """Each of these gave a traceback (UnicodeDecodeError, AttributeError, TypeError) in every later run, and
+    the user had to find the hashed cache folder to delete it."""
+    make_nmnist(tmp_path / "data", per_class_train=1, per_class_test=1, events=20)
+    files = list_samples("nmnist", tmp_path / "data", True)
+    spec = FrameSpec(steps=2)
+    built, _, info = load_frames("nmnist", "train", spec, files, tmp_path / "cache", progress=False)
+    index = Path(info["cache"]) / "index.json"
+    key = __import__("json").loads(index.read_text())["key"]
+    index.write_bytes(damage.replace(b"KEY", key.encode()))
+    again, _, info = load_frames("nmnist", "train", spec, files, tmp_path / "cache", progress=False)
+    assert info["status"] == "built" and np.array_equal(built, again)
+    _, _, info = load_frames("nmnist", "train", spec, files, tmp_path / "cache", progress=False)
+    assert info["status"] == "hit"  # the index was written anew
+
+
 def test_changing_T_in_config_rebuilds(tmp_path):
     make_nmnist(tmp_path / "data", per_class_train=1, per_class_test=1, events=30)
     base = ["data.root=" + repr(str(tmp_path / "data")), "data.cache_dir=" + repr(str(tmp_path / "cache"))]

@@ -60,6 +60,19 @@ def _shard_ok(path: Path, sha: str) -> bool:
     return path.is_file() and sha256_file(path) == sha
 
 
+def _known_shards(index_path: Path, key: str) -> dict[str, str]:
+    """{shard file: sha256} from an entry's index.json; empty (so every shard is rebuilt) when the index is
+    missing, of another key, or damaged in any way: the cache is derived data, rebuilt rather than reported."""
+    try:
+        index = json.loads(index_path.read_bytes())
+        shards = index["shards"] if index["key"] == key else {}
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in shards.items()):
+            return {}
+        return dict(shards)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):  # absent, not JSON/UTF-8, wrong shape
+        return {}
+
+
 def load_frames(name: str, split: str, spec: FrameSpec, files: list[tuple[Path, int]], cache_dir: Path,
                 split_seed: int = 0, workers: int = 0, progress: bool = True) -> tuple[np.ndarray, np.ndarray, dict]:
     """Frames ``[N, T, P, H, W]`` uint16 and labels ``[N]`` for ``files``, from the cache or built now.
@@ -72,13 +85,7 @@ def load_frames(name: str, split: str, spec: FrameSpec, files: list[tuple[Path, 
     entry = Path(cache_dir).expanduser() / f"{name}-{split}-{key[:20]}"
     index_path = entry / "index.json"
     shards = [(f"shard-{i // SHARD:05d}.npy", files[i : i + SHARD]) for i in range(0, len(files), SHARD)]
-    index: dict = {}
-    if index_path.is_file():
-        try:
-            index = json.loads(index_path.read_text())
-        except json.JSONDecodeError:
-            index = {}
-    known = index.get("shards", {}) if index.get("key") == key else {}
+    known = _known_shards(index_path, key)
     todo = [(fname, chunk) for fname, chunk in shards if not (fname in known and _shard_ok(entry / fname, known[fname]))]
     status = "hit" if not todo else ("built" if not known else f"repaired {len(todo)} shard(s)")
     if todo:
