@@ -31,6 +31,7 @@ __all__ = [
     "atomic_write_text",
     "atomic_write_json",
     "interrupts_deferred",
+    "require_writable",
     "sha256_file",
     "read_manifest",
     "update_manifest",
@@ -64,8 +65,11 @@ def _umask() -> int:
 def atomic_write(path: str | Path, mode: str = "wb") -> Iterator[io.IOBase]:
     """Open a temp file next to ``path``; on clean exit fsync and rename it over ``path``."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:  # a read-only or full file system, no permission: the target's name, not the temp file's
+        raise ArtifactError(f"cannot write {path}: {e.strerror or e}") from None
     try:
         # mkstemp makes the file private (0600); the artifact gets what open() would give it (0666 - umask)
         os.fchmod(fd, 0o666 & ~_umask())
@@ -120,6 +124,15 @@ def interrupts_deferred() -> Iterator[None]:
         previous(signal.SIGINT, None)  # the caller's own handler, called late
     else:
         raise KeyboardInterrupt
+
+
+def require_writable(folder: str | Path, why: str) -> None:
+    """One line before any work when ``folder`` cannot take new files (a read-only mount, no permission): a
+    command that would compute for minutes and then fail to save says so first. ``why``: what it would write."""
+    folder = Path(folder)
+    if folder.is_dir() and not os.access(folder, os.W_OK | os.X_OK):
+        raise ArtifactError(f"cannot write in {folder} ({why}): it is read-only here; copy the run directory "
+                            "somewhere writable")
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from .artifacts import (atomic_save, atomic_write_json, atomic_write_text, environment, forget_artifact,
-                        interrupts_deferred, read_manifest, record_artifact)
+                        interrupts_deferred, read_manifest, record_artifact, require_writable)
 from .backends import available_runners, create_runner, default_runners, runner_options
 from .backends.base import runner_numerics
 from .backends.pt import cpu_threads
@@ -94,6 +94,7 @@ def bench_run(run_dir: str | Path, runners: list[str] | None = None, batches: tu
         raise ArtifactError(f"{run_dir} has no unrolled export {model_file}: run `snncompile export {run_dir}` first")
     # the timed file of older weights: one line, not every runner failing its gate (torch is the current checkpoint)
     require_current_checkpoint(run_dir, model_file, export)
+    require_writable(run_dir, "the bench table, plot and json")  # before minutes of timing, not after
     batches = batch_sizes(batches)
     if iters < 1 or warmup < 0:
         raise ConfigError("--iters must be >= 1, --warmup >= 0")

@@ -27,6 +27,12 @@ class _Group(click.Group):
             ctx.exit(e.exit_code)
         except KeyboardInterrupt:
             self._interrupted(ctx)
+        except OSError as e:  # a folder it cannot create or write (read-only, no permission, full): the path, once
+            if caused_by_interrupt(e):
+                self._interrupted(ctx)
+            where = f": {e.filename}" if e.filename else ""
+            click.echo(f"error: {e.strerror or e}{where}", err=True)
+            ctx.exit(1)
         except Exception as e:
             if not caused_by_interrupt(e):  # a bug: the traceback is what helps
                 raise

@@ -20,7 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .artifacts import atomic_write_json, read_manifest, record_artifact, run_dir_lock, sha256_model
+from .artifacts import (atomic_write_json, read_manifest, record_artifact, require_writable, run_dir_lock,
+                        sha256_model)
 from .backends import create_runner
 from .errors import ArtifactError, ConfigError, DataError
 from .export_onnx import export_reference_paths, read_reference, require_current_checkpoint
@@ -313,6 +314,7 @@ def verify_runs(run_dir: str | Path, runners: dict[str, dict | None], precision:
     tol = PRESETS[precision]
     run_dir = Path(run_dir)
     cfg = load_run_config(run_dir)
+    require_writable(run_dir, "verify.json")  # before the comparison, not after it: its result would be lost
     manifest = read_manifest(run_dir)
     if model_file is None:
         model_file = default_model_file(manifest.get("exports", {}))

@@ -21,7 +21,7 @@ from typing import Any
 from .errors import ConfigError
 
 __all__ = ["ModelConfig", "DataConfig", "TrainConfig", "Config", "load_config", "apply_overrides", "dumps_toml",
-           "with_absolute_data_root"]
+           "with_absolute_data_paths"]
 
 
 @dataclass
@@ -321,20 +321,21 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
         raise ConfigError(f"{path}: invalid TOML ({e})") from None
     raw.setdefault("name", path.stem)
     cfg = from_dict(raw, str(path))
-    return with_absolute_data_root(apply_overrides(cfg, overrides or []))
+    return with_absolute_data_paths(apply_overrides(cfg, overrides or []))
 
 
-def with_absolute_data_root(cfg: Config) -> Config:
-    """``cfg`` with a relative ``data.root`` made absolute (a copy; ``cfg`` itself when there is nothing to do).
+def with_absolute_data_paths(cfg: Config) -> Config:
+    """``cfg`` with a relative ``data.root`` and ``data.cache_dir`` made absolute (a copy; ``cfg`` itself when
+    there is nothing to do).
 
-    Why: a run's config.toml must find the data from any directory; a relative root stored as given broke
-    `train --resume` and `verify --test-set` elsewhere (and --resume takes no --set). Relative to the working
-    directory, as the loaders always read it; ``~`` means the same everywhere. load_config does it, and so do
-    train() and init_run() for a Config built in Python."""
-    root = cfg.data.root
-    if not root or root.startswith("~") or os.path.isabs(root):
-        return cfg
-    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, root=os.path.abspath(root)))
+    Why: a run's config.toml must find the data and its frame cache from any directory; a relative root stored
+    as given broke `train --resume` and `verify --test-set` elsewhere (and --resume takes no --set), a relative
+    cache folder rebuilt the frames wherever a command ran. Relative to the working directory, as the loaders
+    always read them; ``~`` means the same everywhere. load_config does it, and so do train() and init_run()
+    for a Config built in Python."""
+    paths = {key: os.path.abspath(value) for key in ("root", "cache_dir")
+             if (value := getattr(cfg.data, key)) and not value.startswith("~") and not os.path.isabs(value)}
+    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, **paths)) if paths else cfg
 
 
 def _toml_value(v: Any) -> str:

@@ -29,8 +29,8 @@ import numpy as np
 import torch
 
 from . import __version__
-from .artifacts import (environment, forget_artifact, interrupts_deferred, read_manifest, record_artifact, sha256_file,
-                        sha256_model, update_manifest)
+from .artifacts import (environment, forget_artifact, interrupts_deferred, read_manifest, record_artifact,
+                        require_writable, sha256_file, sha256_model, update_manifest)
 from .config import Config
 from .errors import (ArtifactError, ConfigError, DataError, ExportError, Interrupted, MissingDependencyError,
                      caused_by_interrupt)
@@ -330,6 +330,7 @@ def export_run(
     if form not in ("unrolled", "step"):
         raise ConfigError(f"--form must be 'unrolled' or 'step', got {form!r}")
     run_dir = resolve_run_dir(run)
+    require_writable(run_dir, "the exported model and its reference files")
     # hashed before the weights are read: should training replace the checkpoint in between, the export is recorded
     # as of the earlier one and verify asks for it again (the reverse would pass old weights off as current)
     checkpoint = run_dir / CHECKPOINT

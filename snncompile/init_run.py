@@ -14,7 +14,7 @@ import torch
 
 from . import __version__
 from .artifacts import atomic_save, atomic_write_text, environment, new_run_dir, record_artifact, update_manifest
-from .config import Config, dumps_toml, with_absolute_data_root
+from .config import Config, dumps_toml, with_absolute_data_paths
 from .exact import snap_to_grid
 from .models import LIFCell, NeuNormCell, SpikingNetwork, network_from_config
 from .runs import CHECKPOINT, CONFIG
@@ -67,7 +67,7 @@ def calibrate_firing(net: SpikingNetwork, x: torch.Tensor, target: tuple[float, 
 
 def init_run(cfg: Config, out_root: str | Path, seed: int = 0, calibrate: bool = True, batch: int = 8) -> tuple[Path, dict]:
     """Write ``out_root/<name>/<run-id>/`` with an untrained (calibrated) checkpoint; returns (run, rates)."""
-    cfg = with_absolute_data_root(cfg)  # the run's config.toml must find the data from any directory
+    cfg = with_absolute_data_paths(cfg)  # the run's config.toml must find the data from any directory
     torch.manual_seed(seed)
     net = network_from_config(cfg.model).eval()
     rates: dict[str, float] = {}

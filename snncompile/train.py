@@ -26,7 +26,7 @@ from . import __version__
 from .artifacts import (atomic_save, atomic_write_text, environment, new_run_dir, read_manifest, record_artifact, sha256_file,
                         update_manifest)
 from .backends.pt import cpu_threads, cudnn_autotuning, cudnn_disabled, no_tf32
-from .config import Config, dumps_toml, with_absolute_data_root
+from .config import Config, dumps_toml, with_absolute_data_paths
 from .data import Split, batches, load_dataset, to_time_major
 from .distributed import DistContext, all_reduce_sum, destroy, init_distributed, shard_indices, stop_on_peer_failure
 from .errors import ArtifactError, ConfigError, TrainingInterrupted
@@ -200,7 +200,7 @@ def train(
     elif cfg is None:
         raise ConfigError("train() needs a config or a run directory to resume")
     else:
-        cfg = with_absolute_data_root(cfg)  # what config.toml records must find the data from anywhere
+        cfg = with_absolute_data_paths(cfg)  # what config.toml records must find the data from anywhere
     ctx = DistContext()  # until init_distributed returns: nothing to destroy if the setup fails before
     try:
         with cpu_threads(cfg.train.threads):  # restored after: a pipeline's later stages keep the machine's

@@ -117,3 +117,13 @@ def test_caused_by_interrupt_follows_wrapped_errors():
         wrapped()
     assert caused_by_interrupt(err.value)
     assert not caused_by_interrupt(RuntimeError("a real failure"))
+
+
+def test_a_folder_that_cannot_be_made_names_the_target_not_the_temp_file(tmp_path):
+    from snncompile.artifacts import atomic_write_text
+    from snncompile.errors import ArtifactError
+
+    (tmp_path / "a-file").write_text("not a folder")
+    target = tmp_path / "a-file" / "run" / "verify.json"
+    with pytest.raises(ArtifactError, match=f"^cannot write {target}: Not a directory$"):
+        atomic_write_text(target, "{}")

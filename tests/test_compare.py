@@ -97,6 +97,33 @@ def test_cli_verify_passes_on_untouched_export(exported):
     assert "PASSED: ort-cpu matches torch within fp32 tolerances (" in result.output
 
 
+def test_verify_of_a_read_only_run_says_so_before_comparing(exported, monkeypatch):
+    """It compared every input, then died writing verify.json with a traceback, its PASSED/FAILED never shown.
+    (A read-only mount is simulated: as root, permissions alone do not stop a write.)"""
+    import os
+
+    import snncompile.compare as compare
+
+    real_access = os.access
+    monkeypatch.setattr("snncompile.artifacts.os.access",
+                        lambda path, mode: not (str(path) == str(exported) and mode & os.W_OK) and real_access(path, mode))
+    compared = []
+    monkeypatch.setattr(compare, "create_runner", lambda *a, **k: compared.append(a[0]))
+    result = CliRunner().invoke(cli, ["verify", str(exported), "--runner", "ort-cpu", "--no-progress"])
+    assert result.exit_code == 1 and not compared, result.output
+    assert result.stderr.splitlines() == [f"error: cannot write in {exported} (verify.json): it is read-only here; "
+                                          "copy the run directory somewhere writable"]
+
+
+def test_a_folder_it_cannot_create_is_one_line(tmp_path):
+    (tmp_path / "a-file").write_text("")
+    result = CliRunner().invoke(cli, ["train", str(REPO / "models" / "digits.toml"), "--out", str(tmp_path / "a-file" / "out"),
+                                      "--set", "train.epochs=1", "--set", "data.limit_train=32", "--no-progress"])
+    assert result.exit_code == 1
+    (line,) = result.stderr.splitlines()
+    assert line.startswith(f"error: Not a directory: {tmp_path / 'a-file' / 'out' / 'digits'}"), result.output
+
+
 def test_verify_without_export_is_one_line(tmp_path):
     run = make_run(tmp_path, tiny_zoo_config(REPO / "models" / "bench-nmnist.toml"))
     result = CliRunner().invoke(cli, ["verify", str(run), "--runner", "ort-cpu"])

@@ -118,8 +118,10 @@ def test_a_config_that_is_not_utf8_is_one_line(tmp_path):
 def test_a_relative_data_root_is_stored_absolute(tmp_path, monkeypatch):
     """Stored as given, a relative root broke `train --resume` run from another directory (which takes no --set)."""
     monkeypatch.chdir(tmp_path)
-    cfg = load_config(REPO / "models" / "mnist.toml", ["data.root=../data/mnist"])
+    cfg = load_config(REPO / "models" / "mnist.toml", ["data.root=../data/mnist", "data.cache_dir=frames"])
     assert cfg.data.root == str(tmp_path.parent / "data" / "mnist")
+    assert cfg.data.cache_dir == str(tmp_path / "frames")  # else each directory a command ran in built its own cache
+    assert load_config(REPO / "models" / "mnist.toml", ["data.cache_dir=~/frames"]).data.cache_dir == "~/frames"
     stored = tmp_path / "config.toml"
     stored.write_text(dumps_toml(cfg))
     monkeypatch.chdir(REPO)
