@@ -17,7 +17,7 @@ from .artifacts import atomic_save, atomic_write_text, environment, new_run_dir,
 from .config import Config, dumps_toml, with_absolute_data_paths
 from .exact import snap_to_grid
 from .models import LIFCell, NeuNormCell, SpikingNetwork, network_from_config
-from .runs import CHECKPOINT, CONFIG
+from .runs import CHECKPOINT, CONFIG, model_settings
 
 __all__ = ["calibrate_firing", "init_run", "random_input"]
 
@@ -85,6 +85,7 @@ def init_run(cfg: Config, out_root: str | Path, seed: int = 0, calibrate: bool =
                     environment=environment(), classes=[str(i) for i in range(cfg.model.classes)],
                     init={"seed": seed, "calibrated_rates": rates, "trained": False})
     payload = {"format": 1, "epoch": 0, "snncompile_version": __version__, "config_hash": cfg.hash(),
+               "model_settings": model_settings(cfg),
                "model": {k: v.detach().cpu() for k, v in net.state_dict().items()}}
     atomic_save(run / CHECKPOINT, lambda f: torch.save(payload, f))
     record_artifact(run, CONFIG)

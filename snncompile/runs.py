@@ -11,7 +11,8 @@ from .config import Config, load_config
 from .errors import ArtifactError
 from .models import SpikingNetwork, network_from_config
 
-__all__ = ["CHECKPOINT", "CONFIG", "METRICS", "load_checkpoint", "load_run_config", "load_network", "read_metrics"]
+__all__ = ["CHECKPOINT", "CONFIG", "METRICS", "load_checkpoint", "load_run_config", "load_network", "model_settings",
+           "read_metrics", "require_trained_model_settings"]
 
 CHECKPOINT = "checkpoint.pt"
 CONFIG = "config.toml"
@@ -57,11 +58,35 @@ def load_checkpoint(path: str | Path) -> dict:
     return state
 
 
+def model_settings(cfg: Config) -> dict:
+    """The ``[model]`` section as plain JSON values: what a checkpoint records of the network it holds."""
+    import dataclasses
+    import json
+
+    return json.loads(json.dumps(dataclasses.asdict(cfg.model)))
+
+
+def require_trained_model_settings(run_dir: Path, cfg: Config, state: dict) -> None:
+    """A config.toml whose ``[model]`` was edited after training (v_th 0.5 -> 0.3) would export and verify the
+    edited network on the trained weights, and pass: torch and the runtime compute the same wrong model.
+    Checkpoints written before they recorded their settings are not checked."""
+    trained = state.get("model_settings")
+    if not isinstance(trained, dict):
+        return
+    now = model_settings(cfg)
+    changed = [f"{key} = {now.get(key)!r} (trained with {trained.get(key)!r})"
+               for key in sorted(set(trained) | set(now)) if trained.get(key) != now.get(key)]
+    if changed:
+        raise ArtifactError(f"{run_dir / CONFIG}: [model] is not what the checkpoint was trained with: "
+                            f"{'; '.join(changed[:4])}. Put it back, or train the changed config into a new run")
+
+
 def load_network(run_dir: str | Path) -> tuple[Config, SpikingNetwork]:
     """Rebuild a run's network with its trained weights, in eval mode on the CPU."""
     run_dir = Path(run_dir)
     cfg = load_run_config(run_dir)
     state = load_checkpoint(run_dir / CHECKPOINT)
+    require_trained_model_settings(run_dir, cfg, state)
     net = network_from_config(cfg.model)
     expected, got = net.state_dict(), state["model"]
     missing = [k for k in expected if k not in got]

@@ -33,7 +33,8 @@ from .errors import ArtifactError, ConfigError, TrainingInterrupted
 from .exact import snap_to_grid
 from .memory import SavedActivations
 from .models import network_from_config
-from .runs import CHECKPOINT, CONFIG, METRICS, load_checkpoint, load_run_config, read_metrics
+from .runs import (CHECKPOINT, CONFIG, METRICS, load_checkpoint, load_run_config, model_settings, read_metrics,
+                   require_trained_model_settings)
 
 __all__ = ["TrainResult", "train", "loss_fn", "evaluate", "resolve_device"]
 
@@ -194,6 +195,7 @@ def train(
             raise ArtifactError(f"{resume} has no checkpoint (no epoch finished): start it again with "
                                 f"`snncompile train {Path(resume) / CONFIG}`")
         state = load_checkpoint(Path(resume) / CHECKPOINT)
+        require_trained_model_settings(Path(resume), cfg, state)  # not another network on these weights
         if not all(k in state for k in ("optimizer", "scheduler", "epoch")):
             raise ArtifactError(f"{resume} holds untrained weights (from `snncompile init`), not a training "
                                 "checkpoint: train the config into a new run instead of resuming")
@@ -444,6 +446,7 @@ def _save_checkpoint(run_dir: Path, net, opt, sched, epoch: int, cfg: Config) ->
         "snncompile_version": __version__,
         "epoch": epoch,
         "config_hash": cfg.hash(),
+        "model_settings": model_settings(cfg),  # load_network refuses a config.toml whose [model] was edited since
         "model": {k: v.detach().cpu() for k, v in net.state_dict().items()},
         "optimizer": opt.state_dict(),
         "scheduler": sched.state_dict(),

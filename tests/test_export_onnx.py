@@ -336,6 +336,30 @@ def test_an_export_records_the_checkpoint_it_was_made_from_and_verify_refuses_it
     assert verify_run(run, "ort-cpu", "fp16", model_file="model_fp16_layers.onnx")["passed"]
 
 
+def test_a_config_whose_model_section_was_edited_after_training_is_refused(tmp_path):
+    """v_th edited from 0.5 to 0.3 in config.toml: export wrote the edited network on the trained weights and
+    verify passed it (torch and ONNX Runtime computed the same wrong model)."""
+    import torch
+
+    run = make_run(tmp_path, tiny_zoo_config(REPO / "models" / "bench-nmnist.toml"))
+    path = run / "config.toml"
+    original = path.read_text()
+    assert original.count("v_th = 0.5\n") == 1
+    path.write_text(original.replace("v_th = 0.5\n", "v_th = 0.3\n"))
+    with pytest.raises(ArtifactError, match=r"config.toml: \[model\] is not what the checkpoint was trained with: "
+                                            r"v_th = 0.3 \(trained with 0.5\)\. Put it back"):
+        export_run(run, n_random=4, n_real=0)
+    # the other sections may change (a dataset moved to another folder)
+    path.write_text(original.replace('description = "', 'description = "moved: '))
+    export_run(run, n_random=4, n_real=0)
+    # a checkpoint from before checkpoints recorded their settings is not checked
+    path.write_text(original.replace("v_th = 0.5\n", "v_th = 0.3\n"))
+    state = torch.load(run / "checkpoint.pt", weights_only=True)
+    del state["model_settings"]
+    torch.save(state, run / "checkpoint.pt")
+    export_run(run, n_random=4, n_real=0)
+
+
 def test_export_command_names_the_options_of_each_file(tmp_path):
     """The command a message suggests writes the same file again: the options that name it (--layers, --order step,
     --precision, --form step), --rates, and --T / --samples only where they are not the defaults."""
