@@ -196,6 +196,28 @@ def test_without_tonic_the_error_names_the_extra(tmp_path, monkeypatch):
     assert torch  # torch stays importable
 
 
+def test_the_extra_an_aedat4_file_asks_for_installs_its_reader(tmp_path, monkeypatch):
+    """The message named the data extra, which held tonic only: installing it did not help."""
+    import builtins
+    import tomllib
+
+    extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    real_import = builtins.__import__
+
+    def without_aedat(name, *args, **kwargs):
+        if name == "aedat":
+            raise ImportError("No module named 'aedat'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", without_aedat)
+    path = tmp_path / "x.aedat4"
+    path.write_bytes(b"#!AER-DAT4.0\r\n")
+    with pytest.raises(MissingDependencyError, match=r"pip install 'snncompile\[data\]'") as err:
+        read_events("dvs_cifar10", path)
+    assert "aedat" in str(err.value)
+    assert any(req.split(">")[0].split("=")[0].strip() == "aedat" for req in extras["data"])
+
+
 def test_limit_keeps_every_class(tmp_path):
     """Event datasets list their files class by class: data.limit_* takes a seeded, class-balanced sample
     (the first N files would have held digits 0-3 only)."""
