@@ -111,6 +111,27 @@ def test_dvs_cifar10_seeded_9_to_1_split(tmp_path):
     assert [s for s in fewer if s[1] > 0] == [s for s in test if s[1] > 0]
 
 
+def test_a_small_or_incomplete_copy_of_a_class_per_folder_dataset(tmp_path):
+    """Five recordings a class had no test split (round(0.5) is 0) and said "no test samples"; a class missing
+    altogether (an incomplete download) trained on the other nine without a word."""
+    for cls in SOURCES["dvs_cifar10"].classes:
+        for i in range(5):
+            write_aedat2(tmp_path / "CIFAR10DVS" / cls / f"cifar10_{cls}_{i}.aedat", [1], [1], [1], [5])
+    train, test = list_samples("dvs_cifar10", tmp_path, True, 0), list_samples("dvs_cifar10", tmp_path, False, 0)
+    assert len(train) == 40 and len(test) == 10
+    for f in (tmp_path / "CIFAR10DVS" / "cat").iterdir():
+        f.unlink()
+    with pytest.raises(DataError, match=r"^dvs_cifar10: no training samples of class cat under .* \(an incomplete copy\?\)"):
+        list_samples("dvs_cifar10", tmp_path, True, 0)
+    make_nmnist(tmp_path / "nm", per_class_train=1, per_class_test=1, events=10)
+    for digit in (7, 9):
+        for f in (tmp_path / "nm" / "NMNIST" / "Test" / str(digit)).iterdir():
+            f.unlink()
+    assert len(list_samples("nmnist", tmp_path / "nm", True)) == 10
+    with pytest.raises(DataError, match=r"^nmnist: no test samples of class 7, 9 under "):
+        list_samples("nmnist", tmp_path / "nm", False)
+
+
 def test_cache_hit_rebuild_on_any_parameter_and_repair(tmp_path):
     make_nmnist(tmp_path / "data", per_class_train=2, per_class_test=1, events=50)
     files = list_samples("nmnist", tmp_path / "data", True)

@@ -127,11 +127,18 @@ def list_samples(name: str, root: str | Path, train: bool, split_seed: int = 0) 
             recordings.update({f.stem: f for f in sorted((folder / cls).glob("*.aedat"))})  # needs no extra
             files = sorted(recordings.values(), key=lambda f: (f.suffix, f.name))
             order = rng.permutation(len(files))
-            n_test = int(round(len(files) * 0.1))
+            # a tenth, and at least one of a class with two or more (round(0.5) is 0: five per class had no test split)
+            n_test = max(1, round(len(files) * 0.1)) if len(files) >= 2 else 0
             chosen = order[n_test:] if train else order[:n_test]
             samples += [(files[i], label) for i in sorted(chosen)]
     if not samples:
         raise DataError(f"{source.name}: no {'training' if train else 'test'} samples under {folder}; expected {source.how_to_get}")
+    if name != "dvs_gesture":  # one folder per class: an empty or missing one is an incomplete download, not a choice
+        missing = [cls for label, cls in enumerate(source.classes) if not any(lab == label for _, lab in samples)]
+        if missing:
+            raise DataError(f"{source.name}: no {'training' if train else 'test'} samples of class "
+                            f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''} under {folder} (an "
+                            f"incomplete copy?); expected {source.how_to_get}")
     return samples
 
 
