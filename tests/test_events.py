@@ -184,6 +184,19 @@ def test_changing_T_in_config_rebuilds(tmp_path):
     assert ds6.info["train_cache"]["status"] == "built"
 
 
+def test_a_wrong_input_shape_is_said_before_any_frame_is_built(tmp_path):
+    """It was said after both splits' frame caches were built: minutes on the real datasets."""
+    from snncompile.errors import ConfigError
+
+    make_nmnist(tmp_path / "data", per_class_train=1, per_class_test=1, events=30)
+    cfg = load_config(REPO / "models" / "nmnist.toml", ["data.root=" + repr(str(tmp_path / "data")),
+                                                         "data.cache_dir=" + repr(str(tmp_path / "cache")),
+                                                         "model.input_shape=[2, 32, 32]"])
+    with pytest.raises(ConfigError, match=r"model.input_shape is \[2, 32, 32\] but nmnist frames are \[2, 34, 34\]"):
+        load_dataset(cfg, progress=False)
+    assert not (tmp_path / "cache").exists()
+
+
 def test_training_end_to_end_on_nmnist_files(tmp_path):
     make_nmnist(tmp_path / "data", per_class_train=6, per_class_test=2)
     result = CliRunner().invoke(cli, [

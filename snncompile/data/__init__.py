@@ -118,6 +118,10 @@ def _load_events(cfg: Config, progress: bool) -> Dataset:
         raise ConfigError(f"{d.name} needs data.root: --set data.root=/path/to/data")
     source = SOURCES[d.name]
     spec = FrameSpec(cfg.model.T, d.binning, d.bin_us, d.downsample, d.polarity, d.frame_clip)
+    shape = list(spec.frame_shape(source))  # known before any frame is built: a wrong shape costs no minutes
+    if shape != list(cfg.model.input_shape):
+        raise ConfigError(f"model.input_shape is {cfg.model.input_shape} but {d.name} frames are {shape} "
+                          f"(data.downsample={d.downsample}, data.polarity={d.polarity})")
     cache = Path(d.cache_dir).expanduser() if d.cache_dir else default_cache_dir()
     splits, info = {}, {"frames": {"T": spec.steps, "binning": spec.binning, "bin_us": spec.bin_us,
                                    "downsample": spec.downsample, "polarity": spec.polarity, "clip": spec.clip},
@@ -129,10 +133,6 @@ def _load_events(cfg: Config, progress: bool) -> Dataset:
         frames, labels, cache_info = load_frames(d.name, split, spec, files, cache, d.split_seed, d.num_workers, progress)
         splits[split] = Split(torch.from_numpy(frames), torch.from_numpy(labels))
         info[f"{split}_cache"] = cache_info
-    shape = list(spec.frame_shape(source))
-    if shape != list(cfg.model.input_shape):
-        raise ConfigError(f"model.input_shape is {cfg.model.input_shape} but {d.name} frames are {shape} "
-                          f"(data.downsample={d.downsample}, data.polarity={d.polarity})")
     return Dataset(d.name, splits["train"], splits["test"], list(source.classes), static=False, info=info)
 
 
