@@ -9,7 +9,7 @@ import click
 
 from . import __version__
 from .backends.base import PRECISIONS, RUNNERS, TORCH_FAST_PRECISIONS  # numpy only: the runtimes load lazily
-from .errors import Interrupted, SnnCompileError, caused_by_interrupt
+from .errors import Interrupted, SnnCompileError, TrainingInterrupted, caused_by_interrupt
 
 __all__ = ["main", "cli"]
 
@@ -322,7 +322,11 @@ def pipeline(model_toml, overrides, out_root, batches, no_progress) -> None:
 
     sizes = _batch_sizes(batches)
     cfg = load_config(model_toml, list(overrides))
-    summary = run_pipeline(cfg, out_root, sizes, progress=not no_progress, echo=click.echo)
+    try:
+        summary = run_pipeline(cfg, out_root, sizes, progress=not no_progress, echo=click.echo)
+    except TrainingInterrupted as e:  # not train's own next step: the pipeline goes on from the checkpoint itself
+        raise TrainingInterrupted(f"pipeline {e.survived}", "run the same `snncompile pipeline` command again to "
+                                  "go on from there") from None
     click.echo(format_summary(summary))
     if not all(v["passed"] for v in summary["verify"].values()):
         sys.exit(1)

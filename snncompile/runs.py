@@ -51,11 +51,19 @@ def load_checkpoint(path: str | Path) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001  any file torch cannot read (a text file raises KeyError); weights_only stays on
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ArtifactError(f"{path} is corrupt or not an snncompile checkpoint ({first[:160]})") from None
+        raise ArtifactError(f"{path} is corrupt or not an snncompile checkpoint ({_first_clause(e)}): restore it "
+                            f"from a copy, or train `{path.parent / CONFIG}` again into a new run") from None
     if not isinstance(state, dict) or "model" not in state or state.get("format") != 1:
         raise ArtifactError(f"{path} is not an snncompile checkpoint (format 1 expected)")
     return state
+
+
+def _first_clause(error: Exception, limit: int = 120) -> str:
+    """An exception's first sentence, cut at a word and marked when longer than ``limit`` (torch's reader
+    errors run on for a paragraph)."""
+    text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    text = text.split(". ")[0].rstrip(".")
+    return text if len(text) <= limit else text[:limit].rsplit(" ", 1)[0] + " ..."
 
 
 def model_settings(cfg: Config) -> dict:

@@ -357,7 +357,7 @@ def _train(cfg: Config, device: torch.device, ctx: DistContext, out_root, resume
     except KeyboardInterrupt:
         if not main:
             raise
-        raise TrainingInterrupted(_interrupted_message(run_dir, epoch)) from None
+        raise TrainingInterrupted(*_interrupted_message(run_dir, epoch)) from None
     elapsed = time.perf_counter() - start
     if main and epoch >= first_epoch and cfg.model.exact:
         bits = [b for layer in exact_layers for b in layer["weight_bits"]]
@@ -366,14 +366,14 @@ def _train(cfg: Config, device: torch.device, ctx: DistContext, out_root, resume
     return TrainResult(run_dir, epoch, test_acc, test_loss, elapsed)
 
 
-def _interrupted_message(run_dir: Path, epoch: int) -> str:
+def _interrupted_message(run_dir: Path, epoch: int) -> tuple[str, ...]:
     """What survived a Ctrl-C in ``epoch`` (checkpoints are written atomically between epochs) and what to run."""
     if not (run_dir / CHECKPOINT).is_file():
-        return (f"interrupted in epoch {epoch}, before any checkpoint: start again with "
-                f"`snncompile train {run_dir / CONFIG}`")
+        return (f"interrupted in epoch {epoch}, before any checkpoint",
+                f"start again with `snncompile train {run_dir / CONFIG}`", ": ")
     saved = load_checkpoint(run_dir / CHECKPOINT)["epoch"]
-    return (f"interrupted in epoch {epoch}: {run_dir} keeps the checkpoint of epoch {saved}; continue with "
-            f"`snncompile train --resume {run_dir}`")
+    return (f"interrupted in epoch {epoch}: {run_dir} keeps the checkpoint of epoch {saved}",
+            f"continue with `snncompile train --resume {run_dir}`")
 
 
 def _record_training(run_dir: Path, epoch: int, cfg: Config, test_acc: float, test_loss: float, **extra) -> None:

@@ -83,6 +83,22 @@ def test_a_text_file_as_checkpoint_is_one_line(tmp_path):
         load_checkpoint(tmp_path / "checkpoint.pt")
 
 
+def test_a_cut_short_checkpoint_says_what_to_do_in_whole_words(tmp_path):
+    """torch's reader error ran on for a paragraph, and the message was cut mid-word with no next step."""
+    import torch
+
+    from snncompile.errors import ArtifactError
+    from snncompile.runs import load_checkpoint
+
+    torch.save({"format": 1, "model": {"w": torch.zeros(1000)}}, tmp_path / "whole.pt")
+    (tmp_path / "checkpoint.pt").write_bytes((tmp_path / "whole.pt").read_bytes()[:3000])
+    with pytest.raises(ArtifactError) as err:
+        load_checkpoint(tmp_path / "checkpoint.pt")
+    reason = str(err.value).split("(", 1)[1].rsplit(")", 1)[0]
+    assert len(reason) <= 124 and (reason.endswith(" ...") or len(reason) < 120)
+    assert str(err.value).endswith(f"restore it from a copy, or train `{tmp_path / 'config.toml'}` again into a new run")
+
+
 def test_a_ctrl_c_inside_interrupts_deferred_is_raised_when_the_block_ends():
     import os
     import signal

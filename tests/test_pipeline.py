@@ -141,3 +141,23 @@ def test_a_failing_plot_is_one_line_and_never_stops_the_pipeline(tmp_path, monke
 
     monkeypatch.setattr(plots, "plot_training", broken)
     assert _plot_training(tmp_path) == "skipped: RuntimeError: no usable font"
+
+
+def test_ctrl_c_while_the_pipeline_trains_says_to_run_the_pipeline_again(tmp_path, monkeypatch):
+    """It said `snncompile train --resume RUN`, which finishes the training but not the other stages."""
+    import snncompile.train as trainer
+
+    real = trainer._append_metrics
+
+    def ctrl_c_in_epoch_2(path, row):
+        if row["epoch"] == 2:
+            raise KeyboardInterrupt
+        real(path, row)
+
+    monkeypatch.setattr(trainer, "_append_metrics", ctrl_c_in_epoch_2)
+    result = CliRunner().invoke(cli, ["pipeline", str(REPO / "models" / "digits.toml"), "--out", str(tmp_path), *ARGS])
+    run = next((tmp_path / "digits").iterdir())
+    assert result.exit_code == 130
+    assert result.stderr.splitlines()[-1] == (f"error: pipeline interrupted in epoch 2: {run} keeps the checkpoint of "
+                                              "epoch 1; run the same `snncompile pipeline` command again to go on from "
+                                              "there")
