@@ -168,6 +168,9 @@ def build(run, precision, batch, workspace_mb, timing_cache, model_file) -> None
               f"{side['gpu']}" if side.get("portable") else f"for {side['gpu']} (sm {side['compute_capability']})")
     click.echo(f"built {run / engine_name(model_file, precision)} with {side['tensorrt']}, {target}, in "
                f"{side['build_seconds']:.1f} s: {side['layers']} layers, {typed}, batch {batch}")
+    if timing_cache and side.get("portable"):  # TensorRT-RTX: its timing-cache calls do nothing
+        click.echo(f"note: no timing cache written to {timing_cache}: {side['tensorrt'].split()[0]} times no tactics "
+                   "at build time", err=True)
 
 
 @cli.command()

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .artifacts import atomic_save, read_manifest, record_artifact
+from .artifacts import MANIFEST, atomic_save, read_manifest, record_artifact
 from .errors import ArtifactError, MissingDependencyError
 from .runs import METRICS, load_run_config, read_metrics
 
@@ -34,6 +34,8 @@ def _metrics(run: Path) -> list[dict]:
     if not run.is_dir():
         raise ArtifactError(f"run directory not found: {run}")
     rows = read_metrics(run / METRICS)
+    if not rows and (run / MANIFEST).is_file() and "init" in read_manifest(run):
+        raise ArtifactError(f"{run} holds untrained weights (from `snncompile init`): there are no curves to draw")
     if not rows:
         raise ArtifactError(f"{run} has no finished epoch ({METRICS} is missing or empty)")
     return rows

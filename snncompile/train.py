@@ -255,7 +255,8 @@ def _train(cfg: Config, device: torch.device, ctx: DistContext, out_root, resume
         first_epoch = int(state["epoch"]) + 1
         if main:
             _truncate_metrics(run_dir / METRICS, int(state["epoch"]))
-        say(f"resuming {run_dir} after epoch {state['epoch']}")
+        if first_epoch <= cfg.train.epochs:  # else it says below that there is nothing to train
+            say(f"resuming {run_dir} after epoch {state['epoch']}")
     elif main:
         run_dir = new_run_dir(out_root, cfg.name)
         atomic_write_text(run_dir / CONFIG, dumps_toml(cfg))

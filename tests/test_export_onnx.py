@@ -136,6 +136,11 @@ def test_other_T_unrolls_statically(tmp_path):
             r.infer({"input": np.zeros((6, 2, 2, 34, 34))})
         with pytest.raises(InputError, match="expected \\['input'\\], got \\['x'\\]"):
             r.infer({"x": np.zeros((6, 2, 2, 34, 34), np.float32)})
+        import torch
+
+        with pytest.raises(InputError, match=r"expected a numpy array \(\[6, B, 2, 34, 34\] float32\), got "
+                                             r"torch.Tensor \(use .numpy\(\)\)"):
+            r.infer({"input": torch.zeros((6, 2, 2, 34, 34))})
 
 
 def test_failed_export_leaves_no_partial_artifact(tmp_path, monkeypatch):

@@ -61,6 +61,13 @@ def test_bad_input_is_one_line(two_runs, tmp_path):
     empty.mkdir()
     result = CliRunner().invoke(cli, ["plot", str(empty)])
     assert result.output.strip() == f"error: {empty} has no finished epoch (metrics.jsonl is missing or empty)"
+    from conftest import REPO
+    from helpers import make_run, tiny_zoo_config
+
+    untrained = make_run(tmp_path / "init", tiny_zoo_config(REPO / "models" / "digits.toml"))
+    result = CliRunner().invoke(cli, ["plot", str(untrained)])
+    assert result.output.strip() == (f"error: {untrained} holds untrained weights (from `snncompile init`): there are "
+                                     "no curves to draw")
     (empty / "metrics.jsonl").write_text('{"epoch": 1, "test_acc": 0.5}\n{"epoch": 2, "te')  # a torn copy
     result = CliRunner().invoke(cli, ["plot", str(empty)])
     assert result.output.strip().startswith(f"error: {empty / 'metrics.jsonl'} is corrupt (not one JSON row per line)")

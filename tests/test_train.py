@@ -54,6 +54,7 @@ def test_resume_reproduces_uninterrupted_run(tmp_path, digits_cfg):
     said = []
     again = train(resume=resumed.run_dir, progress=False, echo=said.append)  # nothing left to train
     assert again.test_acc == full.test_acc and "nothing to train" in said[-1]
+    assert not any(line.startswith("resuming") for line in said)  # not "resuming ..." and then nothing
     assert load_checkpoint(resumed.run_dir / CHECKPOINT)["epoch"] == 2
 
 

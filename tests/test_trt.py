@@ -176,6 +176,16 @@ def test_tensorrt_rtx_engines_are_portable_and_say_where_they_were_built(tmp_pat
         assert side["gpu"] == "no GPU (ahead-of-time build)"
     else:  # built here or anywhere: only the TensorRT-RTX version must match
         check_engine_matches({**side, "gpu": "another GPU", "compute_capability": "8.6"})
+    # --timing-cache asks for a file TensorRT-RTX never writes (it times no tactics): said, not silent
+    from click.testing import CliRunner
+
+    from snncompile.cli import cli
+
+    result = CliRunner().invoke(cli, ["build", str(run), "--timing-cache", str(tmp_path / "tactics.cache")])
+    assert result.exit_code == 0, result.output
+    assert result.stderr.splitlines() == [f"note: no timing cache written to {tmp_path / 'tactics.cache'}: "
+                                          f"{side['tensorrt'].split()[0]} times no tactics at build time"]
+    assert not (tmp_path / "tactics.cache").exists()
 
 
 def _runtime_members(source: str) -> dict[str, set[str]]:

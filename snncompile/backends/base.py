@@ -36,6 +36,10 @@ def validate_feed(feed: dict[str, np.ndarray], specs: list[TensorSpec]) -> None:
         raise InputError(f"inputs: expected {sorted(expected)}, got {sorted(feed)}")
     for spec in specs:
         arr = feed[spec.name]
+        if not isinstance(arr, np.ndarray):  # a torch tensor said "expected ... float32, got ... torch.float32"
+            hint = " (use .numpy())" if hasattr(arr, "numpy") else ""
+            raise InputError(f"input {spec.name!r}: expected a numpy array ({spec.describe()}), got "
+                             f"{type(arr).__module__}.{type(arr).__name__}{hint}")
         got = f"[{', '.join(map(str, arr.shape))}] {arr.dtype}"
         if arr.ndim != len(spec.shape) or str(arr.dtype) != spec.dtype:
             raise InputError(f"input {spec.name!r}: expected {spec.describe()}, got {got}")
