@@ -12,6 +12,7 @@ from pathlib import Path
 
 from .artifacts import MANIFEST, atomic_save, read_manifest, record_artifact
 from .errors import ArtifactError, MissingDependencyError
+from .config import EXECUTION_KEYS
 from .runs import METRICS, load_run_config, read_metrics
 
 __all__ = ["pyplot", "plot_training", "plot_runs", "run_labels"]
@@ -66,6 +67,7 @@ def plot_training(run: Path, out: Path | None = None) -> Path:
         ax_acc.plot(epochs, [100 * r[f"{split}_acc"] for r in rows], label=split)
     for ax, label in ((ax_loss, "loss"), (ax_acc, "accuracy (%)")):
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))  # epochs are whole: no 0.95 ... 1.05 ticks
         ax.set_ylabel(label)
         ax.grid(True, alpha=0.3)
         ax.legend()
@@ -88,14 +90,16 @@ def _flat(d: dict, prefix: str = "") -> dict:
 
 
 def run_labels(runs: list[Path]) -> list[str]:
-    """A label per run: the config keys whose values differ between the runs (``key=value, ...``), or the
-    run id where the configs are identical (e.g. the same config trained twice)."""
+    """A label per run: the config keys whose values differ between the runs (``key=value, ...``; not the
+    :data:`~snncompile.config.EXECUTION_KEYS`), or the run id where the configs are identical (e.g. the same config
+    trained twice)."""
     flats = [_flat(load_run_config(r).to_dict()) for r in runs]
     keys = sorted({k for f in flats for k in f})
     differing = [k for k in keys if len({json.dumps(f.get(k), sort_keys=True) for f in flats}) > 1]
     labels = []
     for run, f in zip(runs, flats):
-        parts = [f"{k}={f.get(k)}" for k in differing if k not in ("name", "description")]
+        # not the keys that change only how a run executes (threads, cache folder, ...): they crowded the legend
+        parts = [f"{k}={f.get(k)}" for k in differing if k != "name" and k not in EXECUTION_KEYS]
         labels.append(", ".join(parts) if parts else f"{run.parent.name}/{run.name}")
     if len(set(labels)) < len(labels):  # same differing values (or none): the run ids tell them apart
         labels = [f"{label} ({run.name})" for label, run in zip(labels, runs)]
@@ -118,6 +122,7 @@ def plot_runs(runs: list[Path], out: Path, labels: list[str] | None = None) -> P
     ax_loss.set_yscale("log")
     for ax in (ax_acc, ax_loss):
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))  # epochs are whole: no 0.95 ... 1.05 ticks
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
     fig.suptitle(", ".join(sorted({r.parent.name for r in runs})))
