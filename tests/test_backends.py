@@ -268,15 +268,15 @@ def test_torch_compile_is_opt_in_and_runs_the_per_timestep_loop(exported_run):
         assert runner.graph.order == "step" and runner.timing_mode(None) == expected
 
 
-def test_torch_compile_compiles_whole_graphs_for_every_batch_size(exported_run, monkeypatch):
+def test_torch_compile_compiles_whole_graphs_for_every_batch_size(exported_run):
     """The strongest plain-PyTorch reference must not be handicapped: training's spike marking stopped Dynamo
     after every LIF step (23 graph breaks in the digits net, 3-5x slower), and past Dynamo's limit of compiled
     shapes (8; lowered to 1 here to stay quick) later batch sizes ran eagerly under the runner's name."""
     torch = __import__("torch")
     import torch._dynamo.utils as dynamo_utils
 
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
-    with create_runner("torch-compile", exported_run) as runner:
+    # config.patch, not monkeypatch: on torch 2.11 monkeypatch's undo left the key deleted for later tests
+    with torch._dynamo.config.patch(recompile_limit=1), create_runner("torch-compile", exported_run) as runner:
         dynamo_utils.counters.clear()
         steps, _, *frame = runner.inputs[0].shape  # [T, batch, C, H, W]
         for batch in (1, 2):
