@@ -68,3 +68,16 @@ def replace_checkpoint(run: Path, scale: float = 1.5, **fields) -> None:
     state = load_checkpoint(run / CHECKPOINT)
     state["model"] = {k: v * scale if v.is_floating_point() else v for k, v in state["model"].items()}
     torch.save({**state, **fields}, run / CHECKPOINT)
+
+
+def wrapped_ctrl_c(*args, **kwargs):
+    """Raise what torch.onnx.export raised on a Ctrl-C during its lazy imports: the KeyboardInterrupt, wrapped
+    into an AttributeError (a module half imported) and then into the exporter's own error. Takes any
+    arguments, to stand in for the exporter."""
+    try:
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt:
+            raise AttributeError("module 'torch._dynamo' has no attribute 'exc'")
+    except AttributeError as e:
+        raise RuntimeError("Failed to export the model with torch.export. This is step 1/3") from e

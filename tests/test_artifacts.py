@@ -118,19 +118,11 @@ def test_a_ctrl_c_inside_interrupts_deferred_is_raised_when_the_block_ends():
 
 
 def test_caused_by_interrupt_follows_wrapped_errors():
+    from helpers import wrapped_ctrl_c
     from snncompile.errors import caused_by_interrupt
 
-    def wrapped():  # what torch.onnx.export did with a Ctrl-C during its lazy imports
-        try:
-            try:
-                raise KeyboardInterrupt
-            except KeyboardInterrupt:
-                raise AttributeError("module 'torch._dynamo' has no attribute 'exc'")
-        except AttributeError as e:
-            raise RuntimeError("Failed to export the model with torch.export") from e
-
     with pytest.raises(RuntimeError) as err:
-        wrapped()
+        wrapped_ctrl_c()
     assert caused_by_interrupt(err.value)
     assert not caused_by_interrupt(RuntimeError("a real failure"))
 

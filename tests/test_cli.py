@@ -90,7 +90,7 @@ def test_export_says_why_it_saved_no_real_reference_inputs(tmp_path):
 def test_ctrl_c_is_one_line_and_exit_130_in_every_command(tmp_path, monkeypatch):
     """Interrupted while loading (a bare KeyboardInterrupt) or inside the exporter (an error wrapping one): one
     line and the shell's SIGINT code, not "Aborted!" with exit 1 or "torch.onnx.export failed"."""
-    from helpers import make_run, tiny_zoo_config
+    from helpers import make_run, tiny_zoo_config, wrapped_ctrl_c
 
     run = make_run(tmp_path, tiny_zoo_config(REPO / "models" / "digits.toml"))
 
@@ -104,13 +104,7 @@ def test_ctrl_c_is_one_line_and_exit_130_in_every_command(tmp_path, monkeypatch)
     assert bare.stderr.splitlines() == ["error: interrupted: snncompile export stopped before it finished (artifacts "
                                         "are written whole or not at all; run it again to finish)"]
 
-    def wrapped(*args, **kwargs):
-        try:
-            raise KeyboardInterrupt
-        except KeyboardInterrupt:
-            raise AttributeError("module 'torch._dynamo' has no attribute 'exc'")
-
-    monkeypatch.setattr("torch.onnx.export", wrapped)
+    monkeypatch.setattr("torch.onnx.export", wrapped_ctrl_c)
     inside = CliRunner().invoke(cli, ["export", str(run)])
     assert inside.exit_code == 130
     assert inside.stderr.splitlines() == [f"error: export interrupted: nothing of it was written; {run} is as it was"]

@@ -11,7 +11,7 @@ pytest.importorskip("onnxruntime")
 import onnx  # noqa: E402
 
 from conftest import REPO, ZOO, zoo_ids  # noqa: E402
-from helpers import make_run, reference_file, replace_checkpoint, tiny_zoo_config  # noqa: E402
+from helpers import make_run, reference_file, replace_checkpoint, tiny_zoo_config, wrapped_ctrl_c  # noqa: E402
 from snncompile.backends import create_runner  # noqa: E402
 from snncompile.compare import verify_run  # noqa: E402
 from snncompile.config import load_config  # noqa: E402
@@ -158,22 +158,11 @@ def test_failed_export_leaves_no_partial_artifact(tmp_path, monkeypatch):
     assert (run / "manifest.json").read_text() == manifest_before
 
 
-def _wrapped_ctrl_c(*args, **kwargs):
-    """What torch.onnx.export raised on a Ctrl-C during its lazy imports: the interrupt, wrapped twice."""
-    try:
-        try:
-            raise KeyboardInterrupt
-        except KeyboardInterrupt:
-            raise AttributeError("module 'torch._dynamo' has no attribute 'exc'")
-    except AttributeError as e:
-        raise RuntimeError("Failed to export the model with torch.export. This is step 1/3") from e
-
-
 def test_a_ctrl_c_the_exporter_wraps_is_an_interrupt_not_an_export_failure(tmp_path, monkeypatch):
     run = make_run(tmp_path, tiny_zoo_config(REPO / "models" / "bench-nmnist.toml"))
     before = sorted(p.name for p in run.iterdir())
     manifest_before = (run / "manifest.json").read_text()
-    monkeypatch.setattr("torch.onnx.export", _wrapped_ctrl_c)
+    monkeypatch.setattr("torch.onnx.export", wrapped_ctrl_c)
     with pytest.raises(Interrupted, match="export interrupted: nothing of it was written"):
         export_run(run, n_random=8, n_real=0)
     assert sorted(p.name for p in run.iterdir()) == before
