@@ -5,7 +5,8 @@ The engines are built before verify so that verify checks them too.
 Resumable per stage: each finished stage records in the manifest a hash of its inputs (the config for
 train, the checkpoint for export, the ONNX file for verify/bench, plus the stage's options). Running
 the pipeline again redoes only the stages whose inputs changed. The run directory of a config is found
-by its config hash under ``out/<name>/``.
+under ``out/<name>/`` by its config hash, or by the hash without the keys that change only how a run executes
+(``Config.result_hash``: other threads are no reason to train again).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Callable
 
 from .artifacts import read_manifest, sha256_file, update_manifest
 from .config import Config
-from .errors import ArtifactError, ConfigError, DataError, SnnCompileError
+from .errors import ConfigError, DataError, SnnCompileError
 
 __all__ = ["run_pipeline", "find_run"]
 
