@@ -72,8 +72,8 @@ class TrainingInterrupted(Interrupted):
     """Ctrl-C during training: the message says which checkpoint survived and how to continue; ``survived``
     is the first half alone, for a caller that continues another way (the pipeline: run it again)."""
 
-    def __init__(self, survived: str, next_step: str, sep: str = "; "):
-        super().__init__(f"{survived}{sep}{next_step}")
+    def __init__(self, survived: str, next_step: str):
+        super().__init__(f"{survived}; {next_step}")
         self.survived = survived
 
 

@@ -367,11 +367,11 @@ def _train(cfg: Config, device: torch.device, ctx: DistContext, out_root, resume
     return TrainResult(run_dir, epoch, test_acc, test_loss, elapsed)
 
 
-def _interrupted_message(run_dir: Path, epoch: int) -> tuple[str, ...]:
+def _interrupted_message(run_dir: Path, epoch: int) -> tuple[str, str]:
     """What survived a Ctrl-C in ``epoch`` (checkpoints are written atomically between epochs) and what to run."""
     if not (run_dir / CHECKPOINT).is_file():
         return (f"interrupted in epoch {epoch}, before any checkpoint",
-                f"start again with `snncompile train {run_dir / CONFIG}`", ": ")
+                f"start again with `snncompile train {run_dir / CONFIG}`")
     saved = load_checkpoint(run_dir / CHECKPOINT)["epoch"]
     return (f"interrupted in epoch {epoch}: {run_dir} keeps the checkpoint of epoch {saved}",
             f"continue with `snncompile train --resume {run_dir}`")

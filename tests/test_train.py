@@ -297,7 +297,7 @@ def test_ctrl_c_says_which_checkpoint_survived_and_how_to_continue(tmp_path, dig
     assert train(resume=run, progress=False, echo=lambda s: None).epochs_done == 2
 
     monkeypatch.setattr(t, "_epoch_order", interrupt_in(1))
-    with pytest.raises(TrainingInterrupted, match="interrupted in epoch 1, before any checkpoint: start again with "
+    with pytest.raises(TrainingInterrupted, match="interrupted in epoch 1, before any checkpoint; start again with "
                                                   "`snncompile train .*config.toml`"):
         train(digits_cfg, tmp_path / "b", progress=False, echo=lambda s: None)
     (early,) = (tmp_path / "b" / "digits").iterdir()

@@ -134,7 +134,8 @@ def list_samples(name: str, root: str | Path, train: bool, split_seed: int = 0) 
     if not samples:
         raise DataError(f"{source.name}: no {'training' if train else 'test'} samples under {folder}; expected {source.how_to_get}")
     if name != "dvs_gesture":  # one folder per class: an empty or missing one is an incomplete download, not a choice
-        missing = [cls for label, cls in enumerate(source.classes) if not any(lab == label for _, lab in samples)]
+        present = {label for _, label in samples}
+        missing = [cls for label, cls in enumerate(source.classes) if label not in present]
         if missing:
             raise DataError(f"{source.name}: no {'training' if train else 'test'} samples of class "
                             f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''} under {folder} (an "
