@@ -338,7 +338,7 @@ def pipeline(model_toml, overrides, out_root, batches, no_progress) -> None:
 @cli.command()
 @click.argument("runs", nargs=-1, required=True, type=click.Path(file_okay=False, path_type=Path))
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path),
-              help="PNG to write (one run: its training.png; several: training_comparison.png in the first run's parent).")
+              help="PNG to write (one run: its training.png; several: training_comparison.png in the current folder).")
 @click.option("--label", "labels", multiple=True, help="Curve labels, one per run (default: the config keys the runs differ in).")
 def plot(runs, out, labels) -> None:
     """Training curves of one run, or of several runs side by side (e.g. NeuNorm on vs off)."""
@@ -349,7 +349,8 @@ def plot(runs, out, labels) -> None:
     if len(runs) == 1 and not labels:
         path = plot_training(runs[0], out)
     else:
-        path = plot_runs(list(runs), out or runs[0].parent / "training_comparison.png", list(labels) or None)
+        # not beside the runs: a shell glob over them (`plot runs/mnist/*`) would catch it the next time
+        path = plot_runs(list(runs), out or Path("training_comparison.png"), list(labels) or None)
     click.echo(f"wrote {path}")
 
 

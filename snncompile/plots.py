@@ -108,6 +108,11 @@ def run_labels(runs: list[Path]) -> list[str]:
 
 def plot_runs(runs: list[Path], out: Path, labels: list[str] | None = None) -> Path:
     """Test accuracy and training loss per epoch of several runs on shared axes, written to ``out``."""
+    seen: dict[Path, Path] = {}
+    for run in runs:  # one run twice would draw one curve over the other under the same label
+        if run.resolve() in seen:
+            raise ArtifactError(f"the same run is given twice: {seen[run.resolve()]} and {run}")
+        seen[run.resolve()] = run
     plt = pyplot()
     rows = [_metrics(r) for r in runs]
     labels = labels or run_labels(runs)

@@ -33,7 +33,11 @@ def two_runs(tmp_path_factory):
 
 def test_labels_name_the_differing_config_keys(two_runs):
     assert run_labels(two_runs) == ["model.neunorm=True", "model.neunorm=False"]
-    assert run_labels([two_runs[0], two_runs[0]]) == [f"digits/{two_runs[0].name} ({two_runs[0].name})"] * 2
+    trained_twice = [two_runs[0].parent.parent / "again" / two_runs[0].name, two_runs[0]]  # same id, other folder
+    trained_twice[0].mkdir(parents=True)
+    for name in ("config.toml", "manifest.json"):
+        (trained_twice[0] / name).write_bytes((two_runs[0] / name).read_bytes())
+    assert run_labels(trained_twice) == [f"again/{two_runs[0].name}", f"digits/{two_runs[0].name}"]
 
 
 def test_one_run_writes_training_png_into_the_run(two_runs):
@@ -44,13 +48,17 @@ def test_one_run_writes_training_png_into_the_run(two_runs):
     assert "training.png" in json.loads((two_runs[0] / "manifest.json").read_text())["artifacts"]
 
 
-def test_several_runs_on_shared_axes(two_runs, tmp_path):
+def test_several_runs_on_shared_axes(two_runs, tmp_path, monkeypatch):
     out = tmp_path / "cmp.png"
     result = CliRunner().invoke(cli, ["plot", *map(str, two_runs), "--out", str(out)])
     assert result.exit_code == 0, result.output
     assert out.read_bytes().startswith(PNG) and not list(tmp_path.glob(".*"))  # written atomically, no leftovers
+    monkeypatch.chdir(tmp_path)  # the default lands in the current folder, not among the runs a glob would catch
     default = CliRunner().invoke(cli, ["plot", *map(str, two_runs), "--label", "on", "--label", "off"])
-    assert default.exit_code == 0 and (two_runs[0].parent / "training_comparison.png").is_file()
+    assert default.exit_code == 0 and (tmp_path / "training_comparison.png").is_file()
+    assert not (two_runs[0].parent / "training_comparison.png").exists()
+    twice = CliRunner().invoke(cli, ["plot", str(two_runs[0]), str(two_runs[0].parent / ".." / "digits" / two_runs[0].name)])
+    assert twice.exit_code == 1 and twice.output.startswith(f"error: the same run is given twice: {two_runs[0]} and ")
     assert plot_runs(two_runs, tmp_path / "x.png", ["a", "b"]).is_file()
 
 
