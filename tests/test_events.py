@@ -71,6 +71,18 @@ def test_gesture_npy_round_trip(tmp_path):
     assert read_events("dvs_gesture", path)["t"].tolist() == [1001]  # 1.001 * 1000 is 1000.999...: rounded
 
 
+def test_gesture_npy_that_is_not_a_plain_array_is_one_line(tmp_path):
+    text = tmp_path / "user01_led" / "3.npy"
+    text.parent.mkdir()
+    text.write_text("1 2 0 1.5\n")
+    with pytest.raises(DataError, match=r"3.npy: not a NumPy .npy file \(it does not start with numpy's header\)$"):
+        read_events("dvs_gesture", text)
+    objects = tmp_path / "user01_led" / "4.npy"
+    np.save(objects, np.array([{"x": 1}], dtype=object), allow_pickle=True)  # what np.save of a dict list gives
+    with pytest.raises(DataError, match=r"4.npy: holds Python objects, which are not loaded \(unpickling runs code\)"):
+        read_events("dvs_gesture", objects)
+
+
 def test_frames_by_hand():
     src = SOURCES["nmnist"]
     # t = 0, 100, 200, 399 us over T = 2 equal bins of the 400 us span: bins 0, 0, 1, 1
@@ -130,6 +142,19 @@ def test_a_small_or_incomplete_copy_of_a_class_per_folder_dataset(tmp_path):
     assert len(list_samples("nmnist", tmp_path / "nm", True)) == 10
     with pytest.raises(DataError, match=r"^nmnist: no test samples of class 7, 9 under "):
         list_samples("nmnist", tmp_path / "nm", False)
+
+
+def test_dvs_gesture_reads_any_user_folder_and_wants_every_gesture(tmp_path):
+    """Its labels are file names, so a folder skipped (one not named userNN_lighting was, silently) or a copy
+    without some gesture trained on fewer classes without a word."""
+    split = tmp_path / "DVSGesture" / "ibmGestureTest"
+    one = (np.array([1]), np.array([1]), np.array([0]), np.array([1.0]))
+    for label in range(11):
+        write_gesture_npy(split / ("user24" if label == 10 else "user24_led") / f"{label}.npy", *one)
+    assert sorted(label for _, label in list_samples("dvs_gesture", tmp_path, False)) == list(range(11))
+    (split / "user24" / "10.npy").unlink()
+    with pytest.raises(DataError, match=r"^dvs_gesture: no test samples of class 10 under .* \(an incomplete copy\?\)"):
+        list_samples("dvs_gesture", tmp_path, False)
 
 
 def test_cache_hit_rebuild_on_any_parameter_and_repair(tmp_path):

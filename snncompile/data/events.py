@@ -110,7 +110,7 @@ def list_samples(name: str, root: str | Path, train: bool, split_seed: int = 0) 
             samples += [(p, digit) for p in sorted((base / str(digit)).glob("*.bin"))]
     elif name == "dvs_gesture":
         base = folder / split_name(source, train)
-        for sub in sorted(p for p in base.glob("*_*") if p.is_dir()):
+        for sub in sorted(p for p in base.glob("*") if p.is_dir()):  # tonic's userNN_lighting, or any name
             samples += [(p, int(p.stem)) for p in sorted(sub.glob("*.npy")) if p.stem.isdigit()]
         stray = next((path for path, label in samples if label >= len(source.classes)), None)
         if stray is not None:
@@ -133,13 +133,13 @@ def list_samples(name: str, root: str | Path, train: bool, split_seed: int = 0) 
             samples += [(files[i], label) for i in sorted(chosen)]
     if not samples:
         raise DataError(f"{source.name}: no {'training' if train else 'test'} samples under {folder}; expected {source.how_to_get}")
-    if name != "dvs_gesture":  # one folder per class: an empty or missing one is an incomplete download, not a choice
-        present = {label for _, label in samples}
-        missing = [cls for label, cls in enumerate(source.classes) if label not in present]
-        if missing:
-            raise DataError(f"{source.name}: no {'training' if train else 'test'} samples of class "
-                            f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''} under {folder} (an "
-                            f"incomplete copy?); expected {source.how_to_get}")
+    # every split of each dataset holds every class: a missing one is an incomplete copy, not a choice
+    present = {label for _, label in samples}
+    missing = [cls for label, cls in enumerate(source.classes) if label not in present]
+    if missing:
+        raise DataError(f"{source.name}: no {'training' if train else 'test'} samples of class "
+                        f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''} under {folder} (an "
+                        f"incomplete copy?); expected {source.how_to_get}")
     return samples
 
 
@@ -151,7 +151,7 @@ def read_events(name: str, path: Path) -> dict[str, np.ndarray]:
             ev = io.read_mnist_file(str(path), dtype=np.dtype([("x", int), ("y", int), ("t", int), ("p", int)]))
             return {k: np.asarray(ev[k], np.int64) for k in ("x", "y", "p", "t")}
         if name == "dvs_gesture":
-            arr = np.load(path, allow_pickle=False)
+            arr = _load_plain_npy(path)
             if arr.ndim != 2 or arr.shape[1] != 4:
                 raise DataError(f"{path}: expected an [N, 4] array (x, y, p, t), got {arr.shape}")
             # ms -> us, rounded: 1.001 ms * 1000 is 1000.9999... in binary floating point
@@ -179,6 +179,21 @@ def read_events(name: str, path: Path) -> dict[str, np.ndarray]:
     except Exception as e:  # noqa: BLE001  tonic's decoders fail on malformed files with any type (UnboundLocalError on
         # an AEDAT file without a header, NotImplementedError on AEDAT 1.x/3.x, a bare Exception on an empty .aedat4)
         raise DataError(f"{path}: cannot decode ({type(e).__name__}: {str(e)[:120]})") from None
+
+
+def _load_plain_npy(path: Path) -> np.ndarray:
+    """A ``.npy`` file's numeric array. numpy's own errors point the wrong way here: a text file renamed ``.npy``
+    reads as "pickled data ... load it unsafely", and unpickling a file is what we never do."""
+    with open(path, "rb") as f:
+        if f.read(6) != b"\x93NUMPY":
+            raise DataError(f"{path}: not a NumPy .npy file (it does not start with numpy's header)")
+    try:
+        return np.load(path, allow_pickle=False)
+    except ValueError as e:
+        if "pickle" in str(e):  # "Object arrays cannot be loaded when allow_pickle=False"
+            raise DataError(f"{path}: holds Python objects, which are not loaded (unpickling runs code); save the "
+                            "events as a plain numeric [N, 4] array") from None
+        raise
 
 
 def _continue_after_backward_steps(t: np.ndarray) -> np.ndarray:
