@@ -35,7 +35,9 @@ def find_run(out_root: Path, cfg: Config) -> Path | None:
         try:
             manifest = read_manifest(run)
             untrained = "init" in manifest  # `snncompile init` weights: nothing to resume, never this config's training
-            if untrained or not (run / "checkpoint.pt").is_file():
+            # one stopped before its first checkpoint is taken up again (train --resume starts it at epoch 1)
+            trained_here = (run / "checkpoint.pt").is_file() or str(manifest.get("created_by", "")).endswith(" train")
+            if untrained or not trained_here:
                 continue
             if manifest.get("config_hash") == cfg.hash() or load_run_config(run).result_hash() == cfg.result_hash():
                 return run

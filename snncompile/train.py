@@ -191,14 +191,14 @@ def train(
     state = None
     if resume is not None:
         cfg = load_run_config(resume)
-        if not (Path(resume) / CHECKPOINT).is_file():  # stopped before its first epoch ended: nothing to continue
-            raise ArtifactError(f"{resume} has no checkpoint (no epoch finished): start it again with "
-                                f"`snncompile train {Path(resume) / CONFIG}`")
-        state = load_checkpoint(Path(resume) / CHECKPOINT)
-        require_trained_model_settings(Path(resume), cfg, state)  # not another network on these weights
-        if not all(k in state for k in ("optimizer", "scheduler", "epoch")):
-            raise ArtifactError(f"{resume} holds untrained weights (from `snncompile init`), not a training "
-                                "checkpoint: train the config into a new run instead of resuming")
+        if (Path(resume) / CHECKPOINT).is_file():
+            state = load_checkpoint(Path(resume) / CHECKPOINT)
+            require_trained_model_settings(Path(resume), cfg, state)  # not another network on these weights
+            if not all(k in state for k in ("optimizer", "scheduler", "epoch")):
+                raise ArtifactError(f"{resume} holds untrained weights (from `snncompile init`), not a training "
+                                    "checkpoint: train the config into a new run instead of resuming")
+        else:  # stopped before its first epoch ended: it starts again at epoch 1 in the same directory
+            _require_started_by_train(Path(resume))
     elif cfg is None:
         raise ConfigError("train() needs a config or a run directory to resume")
     else:
@@ -257,6 +257,10 @@ def _train(cfg: Config, device: torch.device, ctx: DistContext, out_root, resume
             _truncate_metrics(run_dir / METRICS, int(state["epoch"]))
         if first_epoch <= cfg.train.epochs:  # else it says below that there is nothing to train
             say(f"resuming {run_dir} after epoch {state['epoch']}")
+    elif run_dir is not None:  # resuming a run interrupted before its first checkpoint
+        if main:
+            _truncate_metrics(run_dir / METRICS, 0)
+            say(f"starting {run_dir} again at epoch 1 (it was stopped before any epoch finished)")
     elif main:
         run_dir = new_run_dir(out_root, cfg.name)
         atomic_write_text(run_dir / CONFIG, dumps_toml(cfg))
@@ -369,12 +373,20 @@ def _train(cfg: Config, device: torch.device, ctx: DistContext, out_root, resume
 
 def _interrupted_message(run_dir: Path, epoch: int) -> tuple[str, str]:
     """What survived a Ctrl-C in ``epoch`` (checkpoints are written atomically between epochs) and what to run."""
-    if not (run_dir / CHECKPOINT).is_file():
+    if not (run_dir / CHECKPOINT).is_file():  # no orphan run dir: --resume starts it again where it is
         return (f"interrupted in epoch {epoch}, before any checkpoint",
-                f"start again with `snncompile train {run_dir / CONFIG}`")
+                f"start it again with `snncompile train --resume {run_dir}`")
     saved = load_checkpoint(run_dir / CHECKPOINT)["epoch"]
     return (f"interrupted in epoch {epoch}: {run_dir} keeps the checkpoint of epoch {saved}",
             f"continue with `snncompile train --resume {run_dir}`")
+
+
+def _require_started_by_train(run_dir: Path) -> None:
+    """A run dir without a checkpoint may start again at epoch 1 only if ``train`` made it: not a damaged
+    ``init`` run (its weights are gone) and not a folder that is no run at all."""
+    manifest = read_manifest(run_dir)
+    if "init" in manifest or not str(manifest.get("created_by", "")).endswith(" train"):
+        raise ArtifactError(f"{run_dir} has no {CHECKPOINT} and was not made by `snncompile train`: nothing to resume")
 
 
 def _record_training(run_dir: Path, epoch: int, cfg: Config, test_acc: float, test_loss: float, **extra) -> None:

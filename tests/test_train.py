@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from helpers import conv_input_channels
-from snncompile.artifacts import read_manifest
+from snncompile.artifacts import read_manifest, update_manifest
 from snncompile.config import apply_overrides
 from snncompile.errors import ArtifactError, ConfigError, TrainingInterrupted
-from snncompile.runs import CHECKPOINT, load_checkpoint, load_network
+from snncompile.runs import CHECKPOINT, load_checkpoint, load_network, read_metrics
 from snncompile.train import loss_fn, train
 
 
@@ -297,14 +297,24 @@ def test_ctrl_c_says_which_checkpoint_survived_and_how_to_continue(tmp_path, dig
     assert train(resume=run, progress=False, echo=lambda s: None).epochs_done == 2
 
     monkeypatch.setattr(t, "_epoch_order", interrupt_in(1))
-    with pytest.raises(TrainingInterrupted, match="interrupted in epoch 1, before any checkpoint; start again with "
-                                                  "`snncompile train .*config.toml`"):
+    with pytest.raises(TrainingInterrupted) as err:
         train(digits_cfg, tmp_path / "b", progress=False, echo=lambda s: None)
     (early,) = (tmp_path / "b" / "digits").iterdir()
-    with pytest.raises(ArtifactError) as err:  # resuming it said only "checkpoint not found"
+    # the command it names goes on in the same directory: starting from the TOML left an orphan run dir each time
+    assert str(err.value) == (f"interrupted in epoch 1, before any checkpoint; start it again with "
+                              f"`snncompile train --resume {early}`")
+    monkeypatch.setattr(t, "_epoch_order", real)
+    said = []
+    again = train(resume=early, progress=False, echo=said.append)
+    assert said[0] == f"starting {early} again at epoch 1 (it was stopped before any epoch finished)"
+    assert again.run_dir == early and again.epochs_done == 2 and list((tmp_path / "b" / "digits").iterdir()) == [early]
+    fresh = train(digits_cfg, tmp_path / "c", progress=False, echo=lambda s: None)  # the same seed from the start
+    assert [r["test_acc"] for r in read_metrics(early / "metrics.jsonl")] == [
+        r["test_acc"] for r in read_metrics(fresh.run_dir / "metrics.jsonl")]
+    (early / "checkpoint.pt").unlink()  # a run dir not made by train (here: marked as init) is not started again
+    update_manifest(early, init={"scale": 1.0})
+    with pytest.raises(ArtifactError, match=f"^{early} has no checkpoint.pt and was not made by `snncompile train`"):
         train(resume=early, progress=False, echo=lambda s: None)
-    assert str(err.value) == (f"{early} has no checkpoint (no epoch finished): start it again with "
-                              f"`snncompile train {early / 'config.toml'}`")
 
 
 def test_resume_with_a_corrupt_metrics_file_is_one_line(tmp_path, digits_cfg):
