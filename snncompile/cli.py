@@ -60,20 +60,26 @@ def cli() -> None:
 @click.argument("model_toml", required=False, type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a config key, e.g. train.lr=0.01.")
 @click.option("--out", "out_root", default="export", show_default=True, type=click.Path(file_okay=False, path_type=Path), help="Artifact root.")
-@click.option("--resume", type=click.Path(file_okay=False, path_type=Path), help="Continue this run directory from its last checkpoint.")
+@click.option("--resume", type=click.Path(file_okay=False, path_type=Path),
+              help="Continue this run directory from its last checkpoint (--set may change only execution settings: "
+                   "train.threads, data.num_workers, ...).")
 @click.option("--stop-after", type=click.IntRange(min=1), help="Stop after this many epochs in total (resumable).")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 def train(model_toml, overrides, out_root, resume, stop_after, no_progress) -> None:
     """Train MODEL_TOML into a new run directory under --out (models/digits.toml: the embedded default)."""
-    from .config import load_config
+    from .config import apply_overrides, load_config
     from .errors import ConfigError
+    from .runs import load_run_config
     from .train import train as run_training
 
     if resume is None and model_toml is None:
         raise ConfigError("give a model TOML (e.g. models/digits.toml) or --resume RUN_DIR")
-    if resume is not None and (model_toml is not None or overrides):
-        raise ConfigError("--resume continues a run with its own config: drop MODEL_TOML and --set")
-    cfg = load_config(model_toml, list(overrides)) if resume is None else None
+    if resume is not None and model_toml is not None:
+        raise ConfigError("--resume continues a run with its own config: drop MODEL_TOML")
+    if resume is None:
+        cfg = load_config(model_toml, list(overrides))
+    else:  # the run's own config; --set may change how it executes (checked against the run in train())
+        cfg = apply_overrides(load_run_config(resume), list(overrides)) if overrides else None
     result = run_training(cfg, out_root, resume=resume, stop_after=stop_after, progress=not no_progress, echo=click.echo)
     if result.run_dir is None:  # a rank other than 0 under torchrun: rank 0 reports
         return

@@ -324,12 +324,36 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
     return with_absolute_data_paths(apply_overrides(cfg, overrides or []))
 
 
+def with_execution_settings(run_cfg: Config, cfg: Config) -> Config:
+    """The config a resumed run trains on: ``run_cfg`` (its config.toml) with the :data:`EXECUTION_KEYS` of
+    ``cfg`` (the threads of this machine, say). Any other difference is an error: a resume continues the same
+    training, so ``cfg`` must train the same weights."""
+    cfg = with_absolute_data_paths(cfg)
+    if cfg.result_hash() != run_cfg.result_hash():
+        theirs, ours = flat_values(run_cfg), flat_values(cfg)
+        changed = sorted(k for k in theirs.keys() | ours.keys() if theirs.get(k) != ours.get(k) and k not in EXECUTION_KEYS)
+        raise ConfigError(f"a resumed run keeps its own config; only {', '.join(EXECUTION_KEYS)} may differ, not "
+                          f"{', '.join(changed)}")
+    return cfg
+
+
+def flat_values(cfg: Config) -> dict[str, Any]:
+    """``{"name": ..., "model.T": 8, ...}``: a config's values by dotted key."""
+    flat = {}
+    for key, value in cfg.to_dict().items():
+        if isinstance(value, dict):
+            flat.update({f"{key}.{k}": v for k, v in value.items()})
+        else:
+            flat[key] = value
+    return flat
+
+
 def with_absolute_data_paths(cfg: Config) -> Config:
     """``cfg`` with a relative ``data.root`` and ``data.cache_dir`` made absolute (a copy; ``cfg`` itself when
     there is nothing to do).
 
     Why: a run's config.toml must find the data and its frame cache from any directory; a relative root stored
-    as given broke `train --resume` and `verify --test-set` elsewhere (and --resume takes no --set), a relative
+    as given broke `train --resume` and `verify --test-set` elsewhere (--resume cannot change data.root), a relative
     cache folder rebuilt the frames wherever a command ran. Relative to the working directory, as the loaders
     always read them; ``~`` means the same everywhere. load_config does it, and so do train() and init_run()
     for a Config built in Python."""

@@ -134,8 +134,8 @@ def _run_pipeline(cfg: Config, out_root: Path, batches: tuple[int, ...], progres
     if run is not None and _done(run, "train", train_inputs):
         summary["stages"]["train"] = "up to date"
     else:
-        # An unfinished run of this config continues; otherwise a new one starts.
-        result = train(cfg if run is None else None, out_root, resume=run, progress=progress, echo=echo)
+        # An unfinished run of this config continues (on this call's threads and workers); otherwise a new one starts.
+        result = train(cfg, out_root, resume=run, progress=progress, echo=echo)
         run = result.run_dir
         _mark(run, "train", train_inputs)
         summary["stages"]["train"] = "done"

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from .artifacts import MANIFEST, atomic_save, read_manifest, record_artifact
 from .errors import ArtifactError, MissingDependencyError
-from .config import EXECUTION_KEYS
+from .config import EXECUTION_KEYS, flat_values
 from .runs import METRICS, load_run_config, read_metrics
 
 __all__ = ["pyplot", "plot_training", "plot_runs", "run_labels"]
@@ -79,21 +79,11 @@ def plot_training(run: Path, out: Path | None = None) -> Path:
     return run / "training.png"
 
 
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
 def run_labels(runs: list[Path]) -> list[str]:
     """A label per run: the config keys whose values differ between the runs (``key=value, ...``; not the
     :data:`~snncompile.config.EXECUTION_KEYS`), or the run id where the configs are identical (e.g. the same config
     trained twice)."""
-    flats = [_flat(load_run_config(r).to_dict()) for r in runs]
+    flats = [flat_values(load_run_config(r)) for r in runs]
     keys = sorted({k for f in flats for k in f})
     differing = [k for k in keys if len({json.dumps(f.get(k), sort_keys=True) for f in flats}) > 1]
     labels = []

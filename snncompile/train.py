@@ -26,7 +26,7 @@ from . import __version__
 from .artifacts import (atomic_save, atomic_write_text, environment, new_run_dir, read_manifest, record_artifact, sha256_file,
                         update_manifest)
 from .backends.pt import cpu_threads, cudnn_autotuning, cudnn_disabled, no_tf32
-from .config import Config, dumps_toml, with_absolute_data_paths
+from .config import Config, dumps_toml, with_absolute_data_paths, with_execution_settings
 from .data import Split, batches, load_dataset, to_time_major
 from .distributed import DistContext, all_reduce_sum, destroy, init_distributed, shard_indices, stop_on_peer_failure
 from .errors import ArtifactError, ConfigError, TrainingInterrupted
@@ -180,7 +180,8 @@ def train(
     Under torchrun every rank calls this; rank 0 alone writes the run directory and prints.
 
     Args:
-        cfg: the resolved config (ignored when resuming: the run's own config.toml is used).
+        cfg: the resolved config. When resuming: None for the run's own config.toml, or that config with other
+            execution settings (:func:`~snncompile.config.with_execution_settings`: threads, ...).
         out_root: artifact root; the run goes to ``out_root/<name>/<run-id>/``.
         resume: run directory to continue from its last checkpoint.
         stop_after: stop after this many epochs in total (the run stays resumable).
@@ -190,7 +191,8 @@ def train(
     start = time.perf_counter()
     state = None
     if resume is not None:
-        cfg = load_run_config(resume)
+        stored = load_run_config(resume)
+        cfg = stored if cfg is None else with_execution_settings(stored, cfg)
         if (Path(resume) / CHECKPOINT).is_file():
             state = load_checkpoint(Path(resume) / CHECKPOINT)
             require_trained_model_settings(Path(resume), cfg, state)  # not another network on these weights

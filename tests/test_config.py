@@ -116,7 +116,7 @@ def test_a_config_that_is_not_utf8_is_one_line(tmp_path):
 
 
 def test_a_relative_data_root_is_stored_absolute(tmp_path, monkeypatch):
-    """Stored as given, a relative root broke `train --resume` run from another directory (which takes no --set)."""
+    """Stored as given, a relative root broke `train --resume` run from another directory (whose --set cannot change data.root)."""
     monkeypatch.chdir(tmp_path)
     cfg = load_config(REPO / "models" / "mnist.toml", ["data.root=../data/mnist", "data.cache_dir=frames"])
     assert cfg.data.root == str(tmp_path.parent / "data" / "mnist")
