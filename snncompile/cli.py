@@ -140,8 +140,7 @@ def export(run, steps, opset, form, layers, rates, samples, order, precision) ->
         from .artifacts import read_manifest
 
         why = read_manifest(r.path.parent)["exports"][r.path.name]["reference"]
-        click.echo(f"note: no real reference inputs ({why.split('no real samples', 1)[-1].strip(' ()')}); "
-                   "verify --test-set needs the dataset too", err=True)
+        click.echo(f"note: no real reference inputs ({why.split('no real samples (', 1)[-1].removesuffix(')')})", err=True)
     typed = ""
     if r.precision in ("fp16", "bf16"):
         typed = f", {r.reduced_precision_nodes} convs/matmuls in {r.precision}"

@@ -192,11 +192,13 @@ def reference_inputs(cfg: Config, steps: int, n_random: int, n_real: int) -> tup
         try:
             ds = load_dataset(cfg, progress=False)
         except (DataError, ConfigError) as e:
-            return arrays, f"{note}; no real samples ({e})"
+            return arrays, f"{note}; no real samples ({e}; verify --test-set needs the dataset too)"
         n = min(n_real, len(ds.test))
         x = ds.test.x[:n]
         if not ds.static and x.shape[1] != steps:
-            return arrays, f"{note}; no real samples (frames have {x.shape[1]} steps, export T is {steps})"
+            # not the dataset's fault: event frames are binned into the trained T, so only an export at it can use them
+            return arrays, (f"{note}; no real samples (the test frames are binned into {x.shape[1]} steps, not the "
+                            f"export's T = {steps}; export at T = {x.shape[1]} to verify on them)")
         arrays["real"] = to_time_major(x.float(), steps, ds.static).contiguous().numpy()
         arrays["real_labels"] = ds.test.y[:n].numpy()
         note = f"{note} + {n} real {ds.name} test samples"

@@ -235,6 +235,10 @@ def test_training_end_to_end_on_nmnist_files(tmp_path):
     run = next((tmp_path / "runs" / "nmnist").iterdir())
     manifest = (run / "manifest.json").read_text()
     assert '"binning": "count"' in manifest and '"status": "built"' in manifest
+    other_T = CliRunner().invoke(cli, ["export", str(run), "--T", "3", "--samples", "2"])
+    assert other_T.exit_code == 0, other_T.output
+    assert other_T.stderr.strip() == ("note: no real reference inputs (the test frames are binned into 4 steps, not "
+                                      "the export's T = 3; export at T = 4 to verify on them)")  # it blamed the dataset
 
 
 def test_without_tonic_the_error_names_the_extra(tmp_path, monkeypatch):
