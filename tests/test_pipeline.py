@@ -36,6 +36,8 @@ def test_pipeline_runs_every_stage_once(tmp_path):
     for stage in ("train", "export", "verify", "bench"):
         assert f"  {stage:<7} up to date" in second.output
     assert len(list((tmp_path / "digits").iterdir())) == 1
+    verify_lines = [[line for line in out.output.splitlines() if line.startswith("verify ")] for out in (first, second)]
+    assert verify_lines[0] == verify_lines[1] and len(verify_lines[0]) >= 4  # the same lines in the same order
 
     # another benchmark batch list redoes only the bench stage
     third = runner.invoke(cli, ["pipeline", str(REPO / "models" / "digits.toml"), "--out", str(tmp_path),
