@@ -37,6 +37,17 @@ def zoo_ids() -> list[str]:
 
 
 @pytest.fixture
+def ctrl_c_raises():
+    """Python's own SIGINT handler for the test, whatever the process started with: under nohup, or a shell's
+    `&`, SIGINT starts ignored and a test's os.kill(SIGINT) would do nothing."""
+    import signal
+
+    started_with = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, started_with)
+
+
+@pytest.fixture
 def digits_cfg() -> Config:
     """The embedded default, shrunk to train in a couple of seconds."""
     return load_config(

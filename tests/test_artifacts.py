@@ -99,32 +99,27 @@ def test_a_cut_short_checkpoint_says_what_to_do_in_whole_words(tmp_path):
     assert str(err.value).endswith(f"restore it from a copy, or train `{tmp_path / 'config.toml'}` again into a new run")
 
 
-def test_a_ctrl_c_inside_interrupts_deferred_is_raised_when_the_block_ends():
+def test_a_ctrl_c_inside_interrupts_deferred_is_raised_when_the_block_ends(ctrl_c_raises):
     import os
     import signal
 
     from snncompile.artifacts import interrupts_deferred
 
-    # Python's own handler, whatever this process started with: under nohup or `&` SIGINT starts ignored
-    started_with = signal.signal(signal.SIGINT, signal.default_int_handler)
-    try:
-        done = []
-        with pytest.raises(KeyboardInterrupt):
-            with interrupts_deferred():
-                os.kill(os.getpid(), signal.SIGINT)  # delivered at once to this, the main, thread
-                done.append("rest of the block")
-        assert done == ["rest of the block"]
-        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back
-        with interrupts_deferred():  # nothing held: nothing raised
-            done.append("quiet block")
-        assert done[-1] == "quiet block"
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        with interrupts_deferred():  # a process that ignores Ctrl-C (nohup) still ignores it afterwards
-            os.kill(os.getpid(), signal.SIGINT)
-            done.append("ignored")
-        assert done[-1] == "ignored" and signal.getsignal(signal.SIGINT) == signal.SIG_IGN
-    finally:
-        signal.signal(signal.SIGINT, started_with)
+    done = []
+    with pytest.raises(KeyboardInterrupt):
+        with interrupts_deferred():
+            os.kill(os.getpid(), signal.SIGINT)  # delivered at once to this, the main, thread
+            done.append("rest of the block")
+    assert done == ["rest of the block"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back
+    with interrupts_deferred():  # nothing held: nothing raised
+        done.append("quiet block")
+    assert done[-1] == "quiet block"
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the fixture puts the handler back
+    with interrupts_deferred():  # a process that ignores Ctrl-C (nohup) still ignores it afterwards
+        os.kill(os.getpid(), signal.SIGINT)
+        done.append("ignored")
+    assert done[-1] == "ignored" and signal.getsignal(signal.SIGINT) == signal.SIG_IGN
 
 
 def test_caused_by_interrupt_follows_wrapped_errors():

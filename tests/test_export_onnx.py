@@ -169,7 +169,7 @@ def test_a_ctrl_c_the_exporter_wraps_is_an_interrupt_not_an_export_failure(tmp_p
     assert (run / "manifest.json").read_text() == manifest_before
 
 
-def test_a_ctrl_c_while_an_export_moves_into_place_waits_for_its_manifest_entry(tmp_path, monkeypatch):
+def test_a_ctrl_c_while_an_export_moves_into_place_waits_for_its_manifest_entry(tmp_path, monkeypatch, ctrl_c_raises):
     """The files and the manifest entry that describes them are written one after the other: a Ctrl-C between
     them would leave a model the manifest does not describe. It is held until both are written."""
     import os
