@@ -61,8 +61,8 @@ def cli() -> None:
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a config key, e.g. train.lr=0.01.")
 @click.option("--out", "out_root", default="export", show_default=True, type=click.Path(file_okay=False, path_type=Path), help="Artifact root.")
 @click.option("--resume", type=click.Path(file_okay=False, path_type=Path),
-              help="Continue this run directory from its last checkpoint (--set may change only execution settings: "
-                   "train.threads, data.num_workers, ...).")
+              help="Continue this run directory from its last checkpoint (--set may change only what leaves the "
+                   "weights alone: data.num_workers, data.cache_dir, ...).")
 @click.option("--stop-after", type=click.IntRange(min=1), help="Stop after this many epochs in total (resumable).")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 def train(model_toml, overrides, out_root, resume, stop_after, no_progress) -> None:

@@ -25,7 +25,7 @@ __all__ = ["run_pipeline", "find_run"]
 
 def find_run(out_root: Path, cfg: Config) -> Path | None:
     """The newest run dir under ``out_root/<name>`` trained from this config, or from one that differs only in
-    how it executes (:data:`~snncompile.config.EXECUTION_KEYS`: threads, frame-cache workers and folder, ...)."""
+    how it executes (:data:`~snncompile.config.EXECUTION_KEYS`: frame-cache workers and folder, ...)."""
     from .runs import load_run_config
 
     base = Path(out_root) / cfg.name
@@ -134,7 +134,7 @@ def _run_pipeline(cfg: Config, out_root: Path, batches: tuple[int, ...], progres
     if run is not None and _done(run, "train", train_inputs):
         summary["stages"]["train"] = "up to date"
     else:
-        # An unfinished run of this config continues (on this call's threads and workers); otherwise a new one starts.
+        # An unfinished run of this config continues (with this call's frame-cache workers); otherwise a new one starts.
         result = train(cfg, out_root, resume=run, progress=progress, echo=echo)
         run = result.run_dir
         _mark(run, "train", train_inputs)

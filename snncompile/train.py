@@ -181,7 +181,7 @@ def train(
 
     Args:
         cfg: the resolved config. When resuming: None for the run's own config.toml, or that config with other
-            execution settings (:func:`~snncompile.config.with_execution_settings`: threads, ...).
+            execution settings (:func:`~snncompile.config.with_execution_settings`: frame-cache workers, ...).
         out_root: artifact root; the run goes to ``out_root/<name>/<run-id>/``.
         resume: run directory to continue from its last checkpoint.
         stop_after: stop after this many epochs in total (the run stays resumable).

@@ -50,12 +50,19 @@ def test_pipeline_runs_every_stage_once(tmp_path):
 
     # keys that change how it runs, not what it trains, find the same run: nothing is trained again
     fourth = runner.invoke(cli, ["pipeline", str(REPO / "models" / "digits.toml"), "--out", str(tmp_path), *ARGS[:-3],
-                                 "--set", "train.threads=2", "--set", "data.eval_batch_size=100", "--set",
-                                 "description='other words'", "--batch", "4", "--no-progress"])
+                                 "--set", "data.eval_batch_size=100", "--set", "description='other words'", "--batch",
+                                 "4", "--no-progress"])
     assert fourth.exit_code == 0, fourth.output
     for stage in ("train", "export", "verify"):
         assert f"  {stage:<7} up to date" in fourth.output
     assert len(list((tmp_path / "digits").iterdir())) == 1
+    # another thread count trains other weights on a CPU (another summation order): not this run
+    from snncompile.config import load_config
+    from snncompile.pipeline import find_run
+
+    overrides = [ARGS[i + 1] for i, a in enumerate(ARGS) if a == "--set"]
+    assert find_run(tmp_path, load_config(REPO / "models" / "digits.toml", overrides)) == run
+    assert find_run(tmp_path, load_config(REPO / "models" / "digits.toml", [*overrides, "train.threads=2"])) is None
 
 
 def test_pipeline_verifies_reference_inputs_when_the_test_split_is_gone(tmp_path, monkeypatch):

@@ -93,13 +93,14 @@ def test_bad_input_is_one_line(two_runs, tmp_path):
 
 
 def test_labels_leave_out_keys_that_change_only_how_a_run_executes(tmp_path):
-    """Two runs on other threads and cache folders were labelled with every such key: the legend overflowed."""
+    """Two runs with other frame-cache workers and folders were labelled with every such key: the legend
+    overflowed. (Threads are not such a key: on a CPU they change the weights.)"""
     from conftest import REPO
     from helpers import make_run, tiny_zoo_config
     from snncompile.config import apply_overrides
     from snncompile.plots import run_labels
 
     base = tiny_zoo_config(REPO / "models" / "digits.toml")
-    a = make_run(tmp_path / "a", apply_overrides(base, ["model.neunorm=true", "train.threads=1", "data.cache_dir=/x"]))
-    b = make_run(tmp_path / "b", apply_overrides(base, ["model.neunorm=false", "train.threads=2", "data.cache_dir=/y"]))
+    a = make_run(tmp_path / "a", apply_overrides(base, ["model.neunorm=true", "data.num_workers=1", "data.cache_dir=/x"]))
+    b = make_run(tmp_path / "b", apply_overrides(base, ["model.neunorm=false", "data.num_workers=2", "data.cache_dir=/y"]))
     assert run_labels([a, b]) == ["model.neunorm=True", "model.neunorm=False"]
