@@ -25,7 +25,7 @@ from .backends.base import runner_numerics
 from .backends.pt import cpu_threads
 from .compare import verify_run
 from .errors import ArtifactError, ConfigError, SnnCompileError
-from .export_onnx import export_reference_paths, read_reference, require_current_checkpoint
+from .export_onnx import export_reference_paths, missing_export, read_reference, require_current_checkpoint
 
 __all__ = ["batch_rows", "batch_sizes", "bench_run", "bench_stem", "format_table", "percentiles"]
 
@@ -91,7 +91,7 @@ def bench_run(run_dir: str | Path, runners: list[str] | None = None, batches: tu
         raise ConfigError(f"{model_file} is the step-by-step form: bench times unrolled exports; bench {run_dir} "
                           "without --model (model.onnx)")
     if export is None or export["form"] != "unrolled":
-        raise ArtifactError(f"{run_dir} has no unrolled export {model_file}: run `snncompile export {run_dir}` first")
+        raise missing_export(run_dir, model_file)
     # the timed file of older weights: one line, not every runner failing its gate (torch is the current checkpoint)
     require_current_checkpoint(run_dir, model_file, export)
     require_writable(run_dir, "the bench table, plot and json")  # before minutes of timing, not after

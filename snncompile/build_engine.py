@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from .artifacts import atomic_write_json, interrupts_deferred, read_manifest, record_artifact, update_manifest
-from .errors import ArtifactError, ConfigError
-from .export_onnx import require_current_checkpoint
+from .errors import ConfigError
+from .export_onnx import missing_export, require_current_checkpoint
 
 __all__ = ["build_run"]
 
@@ -23,7 +23,7 @@ def build_run(run_dir: str | Path, precision: str = "fp32", batch: str = "1:16:1
         raise ConfigError(f"{model_file} is the step-by-step form: build takes unrolled exports; build {run_dir} "
                           "without --model (model.onnx)")
     if export is None or export["form"] != "unrolled" or not (run_dir / model_file).is_file():
-        raise ArtifactError(f"{run_dir} has no unrolled export {model_file}: run `snncompile export {run_dir}` first")
+        raise missing_export(run_dir, model_file)
     require_current_checkpoint(run_dir, model_file, export)  # an engine of older weights would fail verify
     typed = export.get("precision", "fp32")
     fits = ENGINE_PRECISION.get(typed, typed)  # a tf32x2 export (split for TF32) is built with TF32 on

@@ -24,7 +24,8 @@ from .artifacts import (atomic_write_json, read_manifest, record_artifact, requi
                         sha256_model)
 from .backends import create_runner
 from .errors import ArtifactError, ConfigError, DataError
-from .export_onnx import export_reference_paths, read_reference, require_current_checkpoint
+from .export_onnx import (export_command, export_reference_paths, missing_export, read_reference,
+                          require_current_checkpoint)
 from .runs import load_run_config
 
 __all__ = ["Tolerance", "PRESETS", "verify_run", "verify_runs", "default_model_file", "format_report", "LayerStats",
@@ -204,6 +205,16 @@ class _TestSet:
             yield to_time_major(x.float(), self._steps, self._ds.static).contiguous().numpy(), y.numpy(), None
 
 
+def layers_hint(run_dir: Path, exports: dict, model_file: str) -> str:
+    """How to check ``model_file``'s spikes layer by layer: verify its ``_layers`` twin where one was exported at
+    the same T, else the export command that writes that twin (with ``model_file``'s own T, order, precision)."""
+    twin = model_file if model_file.endswith("_layers.onnx") else model_file.replace(".onnx", "_layers.onnx")
+    export, twin_export = exports.get(model_file, {}), exports.get(twin)
+    if twin_export is not None and twin_export.get("T") == export.get("T"):
+        return f"`snncompile verify {run_dir} --model {twin}` checks them"
+    return f"`{export_command(run_dir, {**export, 'layers': True})}` adds {twin}, on which verify classifies every flip"
+
+
 def default_model_file(exports: dict) -> str:
     """The export verify checks unless told otherwise: ``model_layers.onnx`` (per-layer spikes) when the
     manifest's ``exports`` has it, else ``model.onnx``."""
@@ -323,9 +334,11 @@ def verify_runs(run_dir: str | Path, runners: dict[str, dict | None], precision:
         raise ConfigError(f"{model_file} is the step-by-step form: verify checks unrolled exports (the step form is "
                           f"checked against the unrolled graph when it is exported); verify {run_dir} without --model")
     inputs_path, outputs_path = export_reference_paths(run_dir, export or {})
-    if export is None or not inputs_path.is_file() or not outputs_path.is_file():
-        raise ArtifactError(f"{run_dir} has no {model_file} export with reference inputs and outputs: run "
-                            f"`snncompile export {run_dir}`")
+    if export is None:
+        raise missing_export(run_dir, model_file)
+    if not inputs_path.is_file() or not outputs_path.is_file():
+        raise ArtifactError(f"{run_dir}: the reference inputs and outputs of {model_file} are gone: run "
+                            f"`{export_command(run_dir, export)}` again")
     require_current_checkpoint(run_dir, model_file, export)
     read_reports(run_dir / "verify.json")  # a corrupt one is reported now, not after the whole comparison
     hash_ok = (run_dir / model_file).is_file() and sha256_model(run_dir / model_file) == export["sha256"]
@@ -375,6 +388,8 @@ def verify_runs(run_dir: str | Path, runners: dict[str, dict | None], precision:
             "exact_model": cfg.model.exact,
             **tally.report(tol),
         }
+        if not reports[name]["layers_checked"]:
+            reports[name]["layers_hint"] = layers_hint(run_dir, manifest.get("exports", {}), model_file)
     path = run_dir / "verify.json"
     with run_dir_lock(run_dir):  # another verify (or bench's) may merge its reports into the same file
         existing = read_reports(path)
@@ -456,11 +471,16 @@ def _exactness_line(r: dict) -> str:
     differing = sum(s.get("membranes_differing", 0) for s in r["layers"].values())
     if not differing:
         return "every membrane bit-identical to torch's" + (" (exact-arithmetic model)" if r.get("exact_model") else "")
+    if not r["passed"]:  # not rounding, whatever the model: the reasons below say what
+        return f"{differing} membrane values differ from torch's"
     if r.get("exact_model") and r["precision"] != "fp32":
         return f"exact-arithmetic model run at {r['precision']}: {differing} membrane values differ (exact only in fp32)"
     if r.get("exact_model"):
         return (f"exact-arithmetic model, yet {differing} membrane values differ: {r['runner']} does not compute in plain fp32 "
                 "here (TF32, Winograd/FFT convolutions, or NeuNorm's multiply-adds fused)")
+    if r["precision"] not in ("fp32", "tf32x2"):  # tf32x2 is fp32-accurate; the others round the inputs of each sum
+        return (f"{differing} membrane values differ: {r['precision']} arithmetic (model.exact = true makes fp32 runs "
+                "bit-identical, not this precision)")
     return (f"{differing} membrane values differ in their last bits (summation order); model.exact = true makes them "
             "bit-identical")
 
@@ -495,8 +515,8 @@ def format_report(r: dict) -> str:
                          f"{first:>9}{membranes:>25}")
         lines.append(_exactness_line(r))
     else:
-        lines.append("per-layer spikes not checked: `snncompile export RUN --layers` adds model_layers.onnx, "
-                     "on which verify classifies every flip")
+        lines.append("per-layer spikes not checked: " + r.get("layers_hint", "`snncompile export RUN --layers` adds "
+                                                            "model_layers.onnx, on which verify classifies every flip"))
     if r["first_divergence"]:
         fd = r["first_divergence"]
         lines.append(f"first divergence: {fd['layer']} at t={fd['step']}")

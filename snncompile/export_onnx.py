@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import re
 import shutil
 import tempfile
 import time
@@ -121,6 +122,26 @@ def export_command(run_dir: Path, export: dict) -> str:
     n_random = (export.get("reference_samples") or [DEFAULT_SAMPLES])[0]
     options += [f"--samples {n_random}"] if n_random != DEFAULT_SAMPLES else []
     return " ".join(["snncompile export", str(run_dir), *options])
+
+
+def missing_export(run_dir: Path, model_file: str) -> ArtifactError:
+    """The one-line error for an export ``run_dir`` does not have, with the step that makes it: training first
+    when there is no checkpoint yet, the ``export`` options that write ``model_file`` when export can (e.g.
+    ``--precision fp16 --layers`` for model_fp16_layers.onnx), else the exports the run has."""
+    run_dir = Path(run_dir)
+    if not (run_dir / CHECKPOINT).is_file():
+        return ArtifactError(f"{run_dir} has no {model_file} and no checkpoint to export it from (no epoch finished): "
+                             f"`snncompile train --resume {run_dir}` first")
+    written = re.fullmatch(r"model(_per_step)?(?:_(fp16|bf16|tf32x2))?(_layers)?\.onnx", model_file)
+    if model_file == "model_step.onnx":
+        options = {"form": "step"}
+    elif written:
+        options = {"order": "step" if written[1] else "layer", "precision": written[2] or "fp32",
+                   "layers": bool(written[3])}
+    else:
+        exports = ", ".join(sorted(read_manifest(run_dir).get("exports", {}))) or "none yet"
+        return ArtifactError(f"{run_dir} has no export named {model_file} (its exports: {exports})")
+    return ArtifactError(f"{run_dir} has no {model_file}: run `{export_command(run_dir, options)}` first")
 
 
 def require_current_checkpoint(run_dir: Path, file_name: str, export: dict) -> None:

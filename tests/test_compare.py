@@ -60,15 +60,23 @@ def test_verify_reports_membranes_that_are_not_bit_equal():
 def test_the_report_says_what_the_membranes_mean():
     from snncompile.compare import _exactness_line
 
-    def report(differing, exact, precision="fp32"):
+    def report(differing, exact, precision="fp32", passed=True):
         return {"layers": {"lif1": {"membranes_differing": differing}}, "exact_model": exact, "runner": "ort-cpu",
-                "precision": precision}
+                "precision": precision, "passed": passed}
 
     assert _exactness_line(report(0, True)) == "every membrane bit-identical to torch's (exact-arithmetic model)"
     assert _exactness_line(report(0, False)) == "every membrane bit-identical to torch's"
     assert "ort-cpu does not compute in plain fp32" in _exactness_line(report(3, True))
     assert "exact only in fp32" in _exactness_line(report(3, True, "fp16"))
-    assert "model.exact = true makes them bit-identical" in _exactness_line(report(3, False))
+    assert _exactness_line(report(3, False)) == ("3 membrane values differ in their last bits (summation order); "
+                                                 "model.exact = true makes them bit-identical")
+    assert _exactness_line(report(3, False, "tf32x2")) == _exactness_line(report(3, False))  # fp32-accurate
+    # it said "last bits (summation order)" of fp16 gaps of 0.45 and of a corrupted model too
+    assert _exactness_line(report(3, False, "fp16")) == ("3 membrane values differ: fp16 arithmetic (model.exact = "
+                                                         "true makes fp32 runs bit-identical, not this precision)")
+    assert _exactness_line(report(3, False, passed=False)) == "3 membrane values differ from torch's"
+    assert _exactness_line(report(3, True, passed=False)) == "3 membrane values differ from torch's"
+
 
 def test_perturbed_weight_fails_and_names_first_divergent_layer(exported):
     path = exported / "model_layers.onnx"
@@ -128,7 +136,38 @@ def test_verify_without_export_is_one_line(tmp_path):
     run = make_run(tmp_path, tiny_zoo_config(REPO / "models" / "bench-nmnist.toml"))
     result = CliRunner().invoke(cli, ["verify", str(run), "--runner", "ort-cpu"])
     assert result.exit_code == 1
-    assert result.output.strip().splitlines() == [f"error: {run} has no model.onnx export with reference inputs and outputs: run `snncompile export {run}`"]
+    assert result.output.strip().splitlines() == [f"error: {run} has no model.onnx: run `snncompile export {run}` first"]
+
+
+def test_the_next_step_named_fits_the_file_asked_for(tmp_path):
+    """Every missing export was answered with `snncompile export RUN`, which cannot write model_fp16_layers.onnx,
+    nor anything without a checkpoint; and unchecked layers always pointed at plain model_layers.onnx."""
+    from snncompile.compare import layers_hint
+    from snncompile.export_onnx import missing_export
+
+    from snncompile.runs import load_run_config
+
+    run = make_run(tmp_path / "a", tiny_zoo_config(REPO / "models" / "mnist.toml"))
+    T = load_run_config(run).model.T
+    assert str(missing_export(run, "model_fp16_layers.onnx")) == (
+        f"{run} has no model_fp16_layers.onnx: run `snncompile export {run} --layers --precision fp16` first")
+    assert str(missing_export(run, "model_per_step.onnx")) == (
+        f"{run} has no model_per_step.onnx: run `snncompile export {run} --order step` first")
+    assert str(missing_export(run, "model_step.onnx")).endswith(f"`snncompile export {run} --form step` first")
+    assert str(missing_export(run, "nope.onnx")) == f"{run} has no export named nope.onnx (its exports: none yet)"
+    (run / "checkpoint.pt").unlink()  # a run stopped before its first epoch ended
+    assert str(missing_export(run, "model.onnx")) == (f"{run} has no model.onnx and no checkpoint to export it from (no "
+                                                      f"epoch finished): `snncompile train --resume {run}` first")
+
+    exports = {"model_fp16.onnx": {"T": T, "precision": "fp16"}, "model.onnx": {"T": T + 1},
+               "model_layers.onnx": {"T": T, "layers": True}, "model_per_step.onnx": {"T": T, "order": "step"},
+               "model_per_step_layers.onnx": {"T": T, "order": "step", "layers": True}}
+    assert layers_hint(run, exports, "model_fp16.onnx") == (f"`snncompile export {run} --layers --precision fp16` adds "
+                                                            "model_fp16_layers.onnx, on which verify classifies every flip")
+    assert layers_hint(run, exports, "model.onnx").startswith(f"`snncompile export {run} --T {T + 1} --layers` adds "
+                                                              "model_layers.onnx")  # the twin at the trained T is not its twin
+    assert layers_hint(run, exports, "model_per_step.onnx") == (
+        f"`snncompile verify {run} --model model_per_step_layers.onnx` checks them")
 
 
 def test_verify_on_the_whole_test_set(tmp_path):
@@ -282,7 +321,9 @@ def test_missing_reference_outputs_or_corrupt_verify_json_is_one_line_before_any
     assert result.output.strip().splitlines() == [f"error: {exported / 'verify.json'} is corrupt: move it aside (or delete it) and verify again"]
     reference_file(exported, "outputs").unlink()
     result = CliRunner().invoke(cli, ["verify", str(exported), "--runner", "ort-cpu", "--no-progress"])
-    assert result.exit_code == 1 and "has no model_layers.onnx export with reference inputs and outputs" in result.output
+    assert result.exit_code == 1 and result.output.strip() == (
+        f"error: {exported}: the reference inputs and outputs of model_layers.onnx are gone: run `snncompile export "
+        f"{exported} --layers --samples 64` again")
     assert "Traceback" not in result.output
 
 

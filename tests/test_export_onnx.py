@@ -209,7 +209,7 @@ def test_allow_list_rejects_loop_and_custom_ops(tmp_path):
 
 def test_corrupt_and_missing_model_files_are_one_line(tmp_path):
     run = make_run(tmp_path, tiny_zoo_config(REPO / "models" / "bench-nmnist.toml"))
-    with pytest.raises(ArtifactError, match="model file not found"):
+    with pytest.raises(ArtifactError, match="has no model.onnx: run `snncompile export .*` first"):
         create_runner("ort-cpu", run)
     (run / "model.onnx").write_bytes(b"\x08\x07garbage")
     with pytest.raises(ArtifactError, match="cannot be loaded by ONNX Runtime") as err:

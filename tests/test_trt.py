@@ -66,7 +66,7 @@ def test_bad_profile_is_exit_2_before_touching_tensorrt(tmp_path):
 def test_build_needs_an_export(tmp_path):
     run = make_run(tmp_path, tiny_zoo_config(REPO / "models" / "bench-nmnist.toml"))
     result = CliRunner().invoke(cli, ["build", str(run)])
-    assert result.exit_code == 1 and "has no unrolled export model.onnx" in result.output
+    assert result.exit_code == 1 and f"has no model.onnx: run `snncompile export {run}` first" in result.output
     export_run(run, n_random=2, n_real=0)
     replace_checkpoint(run)  # training continued since: an engine of the export's weights would fail verify
     result = CliRunner().invoke(cli, ["build", str(run)])

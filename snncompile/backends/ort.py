@@ -83,7 +83,9 @@ class _OrtRunner(Runner):
     def __init__(self, run_dir: Path, model_file: str = "model.onnx", threads: int = 0):
         self.path = Path(run_dir) / model_file
         if not self.path.is_file():
-            raise ArtifactError(f"model file not found: {self.path} (run `snncompile export {run_dir}` first)")
+            from ..export_onnx import missing_export
+
+            raise missing_export(run_dir, model_file)
         self.threads = threads
         # The dynamic session validates the file and declares the inputs, then goes: runs use
         # specialized ones (it would hold a second copy of the weights on the GPU)

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..errors import ArtifactError, ConfigError, RunnerUnavailableError
+from ..errors import ConfigError, RunnerUnavailableError
 from ..graphs import StepGraph, UnrolledGraph
 from ..runs import load_network
 from .base import Runner, TensorSpec
@@ -77,7 +77,9 @@ def export_entry(run_dir: Path, model_file: str) -> dict:
 
     entry = read_manifest(run_dir).get("exports", {}).get(model_file)
     if entry is None:
-        raise ArtifactError(f"{run_dir} has no export {model_file!r}: run `snncompile export {run_dir}` first")
+        from ..export_onnx import missing_export
+
+        raise missing_export(run_dir, model_file)
     return entry
 
 
