@@ -124,7 +124,7 @@ def bench_run(run_dir: str | Path, runners: list[str] | None = None, batches: tu
                 continue
             if name != "torch":  # torch is the reference itself
                 try:
-                    reasons = _gate(run_dir, name, numerics, options, model_file, export, reference)
+                    reasons = _gate(run_dir, name, numerics, options, model_file, export, reference, echo)
                     skipped = "verify failed: " + "; ".join(reasons) if reasons else None
                 except SnnCompileError as e:  # e.g. an engine of the timed file but not of its _layers twin
                     skipped = f"cannot verify: {e}"
@@ -296,7 +296,7 @@ def bench_stem(model_file: str, precision: str, cuda_graph: bool = True, cudnn_a
 
 
 def _gate(run_dir: Path, name: str, numerics: str, options: dict, model_file: str, export: dict,
-          reference: dict[str, np.ndarray]) -> list[str]:
+          reference: dict[str, np.ndarray], echo=print) -> list[str]:
     """Why runner ``name`` may not be timed on ``model_file`` (empty: verified). It checks every layer's spikes
     on the _layers twin of the timed graph (same function, extra outputs), then that the timed file itself
     computes what torch computes.
@@ -311,7 +311,8 @@ def _gate(run_dir: Path, name: str, numerics: str, options: dict, model_file: st
     The timed file passes when it is the file its export recorded and its scores are off only on as few
     samples as numerical spike flips explain (:func:`_timed_file_reasons`)."""
     layers_file = model_file if model_file.endswith("_layers.onnx") else model_file.replace(".onnx", "_layers.onnx")
-    if not _is_twin(run_dir, model_file, export, read_manifest(run_dir).get("exports", {}).get(layers_file), layers_file):
+    earlier = read_manifest(run_dir).get("exports", {}).get(layers_file)
+    if not _is_twin(run_dir, model_file, export, earlier, layers_file):
         from .export_onnx import export_run
 
         # the same reference inputs again (the counts the timed export asked for, so the same files; exports
@@ -320,6 +321,10 @@ def _gate(run_dir: Path, name: str, numerics: str, options: dict, model_file: st
             reference["random"].shape[1], reference["real"].shape[1] if "real" in reference else 0)
         export_run(run_dir, steps=export["T"], layers=True, order=export.get("order", "layer"),
                    precision=export.get("precision", "fp32"), n_random=n_random, n_real=n_real)
+        # said: the user's own export of that name is replaced (and verify's default file with it)
+        replaced = "" if earlier is None else (f"; it replaces the one at T = {earlier['T']}" if earlier.get("T") != export["T"]
+                                               else "; it replaces one of other weights")
+        echo(f"exported {layers_file} (T = {export['T']}) to check {model_file} layer by layer{replaced}")
     report = verify_run(run_dir, name, numerics, progress=False, model_file=layers_file, options=options)
     reasons = _file_reasons(layers_file, report)
     if layers_file != model_file:

@@ -286,11 +286,16 @@ def test_gate_exports_the_layers_twin_again_when_it_is_not_the_timed_files(expor
     export_run(exported, layers=False, n_random=32, n_real=0)
     data = bench_run(exported, ["ort-cpu"], (2,), warmup=0, iters=2, echo=lambda s: None)
     assert data["runners"]["ort-cpu"]["verified"] is True, data["runners"]["ort-cpu"].get("skipped")
+    trained_T = json.loads((exported / "manifest.json").read_text())["exports"]["model_layers.onnx"]["T"]
     export_run(exported, steps=2, layers=False, n_random=32, n_real=0)
-    data = bench_run(exported, ["ort-cpu"], (2,), warmup=0, iters=2, echo=lambda s: None)
+    said = []
+    data = bench_run(exported, ["ort-cpu"], (2,), warmup=0, iters=2, echo=said.append)
     assert data["T"] == 2 and data["runners"]["ort-cpu"]["verified"] is True, data["runners"]["ort-cpu"].get("skipped")
     manifest = json.loads((exported / "manifest.json").read_text())
     assert manifest["exports"]["model_layers.onnx"]["T"] == 2  # the layer check ran on the T=2 graph
+    # and says so: the user's own model_layers.onnx (verify's default file) was replaced without a word
+    assert said[0] == (f"exported model_layers.onnx (T = 2) to check model.onnx layer by layer; it replaces the one at "
+                       f"T = {trained_T}")
     assert json.loads((exported / "verify.json").read_text())["ort-cpu"]["inputs"] == {"random": 32}
 
 
