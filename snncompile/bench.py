@@ -59,11 +59,12 @@ def _bench_input(reference: dict[str, np.ndarray], batch: int, seed: int = 0) ->
 
 
 def batch_sizes(batches) -> tuple[int, ...]:
-    """The batch sizes to time, each once (a repeated size would overwrite its own results); one line when
-    one is below 1. The pipeline calls it before training, so a bad list fails before any stage runs."""
+    """The batch sizes to time, each once (a repeated size would overwrite its own results), smallest first
+    (the table's order; the pipeline's bench stage is the same for 2,1 as for 1,2); one line when one is below
+    1. The pipeline calls it before training, so a bad list fails before any stage runs."""
     if any(b < 1 for b in batches):
         raise ConfigError(f"--batch sizes must be >= 1, got {','.join(map(str, batches))}")
-    return tuple(dict.fromkeys(batches))
+    return tuple(sorted(set(batches)))
 
 
 def bench_run(run_dir: str | Path, runners: list[str] | None = None, batches: tuple[int, ...] = (1, 16, 128),

@@ -80,6 +80,10 @@ def _plot_training(run: Path) -> str:
     matter (export, verify, bench) still run."""
     from .plots import plot_training
 
+    metrics = run / "metrics.jsonl"
+    inputs = _stage_hash("plot", sha256_file(metrics)) if metrics.is_file() else None
+    if inputs is not None and _done(run, "plot", inputs, run / "training.png"):  # the same curves: not drawn again
+        return "up to date"
     try:
         plot_training(run)
     except SnnCompileError as e:  # MissingDependencyError, ArtifactError (no metrics.jsonl), ...
@@ -87,6 +91,7 @@ def _plot_training(run: Path) -> str:
     except Exception as e:  # matplotlib's own errors (a backend, a font, a full disk) are no reason to stop either
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         return f"skipped: {type(e).__name__}" + (f": {first[:200]}" if first else "")
+    _mark(run, "plot", inputs, run / "training.png")
     return "done"
 
 

@@ -33,9 +33,13 @@ def test_pipeline_runs_every_stage_once(tmp_path):
 
     second = runner.invoke(cli, ["pipeline", str(REPO / "models" / "digits.toml"), "--out", str(tmp_path), *ARGS])
     assert second.exit_code == 0, second.output
-    for stage in ("train", "export", "verify", "bench"):
+    for stage in ("train", "plot", "export", "verify", "bench"):  # the plot was drawn again each time
         assert f"  {stage:<7} up to date" in second.output
     assert len(list((tmp_path / "digits").iterdir())) == 1
+    # the same batch sizes in another order are the same bench
+    reordered = runner.invoke(cli, ["pipeline", str(REPO / "models" / "digits.toml"), "--out", str(tmp_path),
+                                    *ARGS[:-3], "--batch", "2,1", "--no-progress"])
+    assert "  bench   up to date" in reordered.output, reordered.output
     verify_lines = [[line for line in out.output.splitlines() if line.startswith("verify ")] for out in (first, second)]
     assert verify_lines[0] == verify_lines[1] and len(verify_lines[0]) >= 4  # the same lines in the same order
 
