@@ -81,7 +81,7 @@ def bench_run(run_dir: str | Path, runners: list[str] | None = None, batches: tu
     graphs save). ``cudnn_autotune=False``: torch-fast keeps cuDNN's heuristic algorithms, PyTorch's default
     (what autotuning saves). ``pad_channels > 1``: torch-fast runs convs whose input channels are not a
     multiple of it on zero-padded copies (``bench_pad8``). ``profile``: after timing each runner, profile
-    3 calls at the last batch size (torch.profiler: for a GPU runner every CUDA kernel of the process, ONNX
+    3 calls at the last (largest) batch size (torch.profiler: for a GPU runner every CUDA kernel of the process, ONNX
     Runtime's too) into ``<stem>_profile.txt``; with ``cuda_graph=False`` the kernels show one by one.
     ``threads``: CPU threads for torch and ONNX Runtime (0: torch's default, ONNX Runtime one per usable core);
     on a CPU that other work keeps busy, the free cores."""
