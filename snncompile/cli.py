@@ -66,7 +66,8 @@ def cli() -> None:
 @click.option("--stop-after", type=click.IntRange(min=1), help="Stop after this many epochs in total (resumable).")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 def train(model_toml, overrides, out_root, resume, stop_after, no_progress) -> None:
-    """Train MODEL_TOML into a new run directory under --out (models/digits.toml: the embedded default)."""
+    """Train MODEL_TOML (e.g. models/digits.toml: sklearn's digits, no download) into a new run directory under
+    --out, or continue a run with --resume RUN_DIR."""
     from .config import apply_overrides, load_config
     from .errors import ConfigError
     from .runs import load_run_config
