@@ -157,6 +157,19 @@ def test_dvs_gesture_reads_any_user_folder_and_wants_every_gesture(tmp_path):
         list_samples("dvs_gesture", tmp_path, False)
 
 
+def test_a_truncated_nmnist_file_is_named_with_its_reason_and_leaves_no_cache_folder(tmp_path):
+    """It said "operands could not be broadcast together with shapes (101,) (100,)", and the failed first build
+    left an empty hashed folder in the cache."""
+    make_nmnist(tmp_path / "data", per_class_train=1, per_class_test=1, events=30)
+    files = list_samples("nmnist", tmp_path / "data", True)
+    cut = files[3][0]
+    cut.write_bytes(cut.read_bytes()[:-2])
+    with pytest.raises(DataError, match=r"^.*\.bin: 148 bytes is not a whole number of 5-byte N-MNIST events \(a "
+                                        r"truncated copy\?\)$"):
+        load_frames("nmnist", "train", FrameSpec(steps=2), files, tmp_path / "cache", workers=1, progress=False)
+    assert not list((tmp_path / "cache").iterdir())
+
+
 def test_cache_hit_rebuild_on_any_parameter_and_repair(tmp_path):
     make_nmnist(tmp_path / "data", per_class_train=2, per_class_test=1, events=50)
     files = list_samples("nmnist", tmp_path / "data", True)

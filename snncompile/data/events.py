@@ -147,6 +147,9 @@ def read_events(name: str, path: Path) -> dict[str, np.ndarray]:
     """Decode one sample file into int64 arrays x, y, p (0/1) and t (microseconds)."""
     try:
         if name == "nmnist":
+            size = path.stat().st_size
+            if size % 5:  # tonic's decoder failed on it with a numpy broadcast error
+                raise DataError(f"{path}: {size} bytes is not a whole number of 5-byte N-MNIST events (a truncated copy?)")
             io = _tonic_io()
             ev = io.read_mnist_file(str(path), dtype=np.dtype([("x", int), ("y", int), ("t", int), ("p", int)]))
             return {k: np.asarray(ev[k], np.int64) for k in ("x", "y", "p", "t")}

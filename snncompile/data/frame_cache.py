@@ -89,21 +89,28 @@ def load_frames(name: str, split: str, spec: FrameSpec, files: list[tuple[Path, 
     todo = [(fname, chunk) for fname, chunk in shards if not (fname in known and _shard_ok(entry / fname, known[fname]))]
     status = "hit" if not todo else ("built" if not known else f"repaired {len(todo)} shard(s)")
     if todo:
+        new_entry = not entry.exists()
         entry.mkdir(parents=True, exist_ok=True)
         jobs = [(name, spec, [str(p) for p, _ in chunk], entry / fname) for fname, chunk in todo]
         n_workers = workers or max(1, (os.cpu_count() or 2))
         bar = tqdm(total=sum(len(c) for _, c in todo), desc=f"frames {name}/{split}", unit="sample", disable=not progress)
         results = []
-        if n_workers == 1 or len(jobs) == 1:
-            for job in jobs:
-                results.append(_build_shard(job))
-                bar.update(results[-1][2])
-        else:
-            with ProcessPoolExecutor(n_workers) as pool:
-                for res in pool.map(_build_shard, jobs):
-                    results.append(res)
-                    bar.update(res[2])
-        bar.close()
+        try:
+            if n_workers == 1 or len(jobs) == 1:
+                for job in jobs:
+                    results.append(_build_shard(job))
+                    bar.update(results[-1][2])
+            else:
+                with ProcessPoolExecutor(n_workers) as pool:
+                    for res in pool.map(_build_shard, jobs):
+                        results.append(res)
+                        bar.update(res[2])
+        except BaseException:
+            if new_entry and not any(entry.iterdir()):  # no empty hashed folder left behind by a failed first build
+                entry.rmdir()
+            raise
+        finally:
+            bar.close()  # before the error is printed: it was printed inside the bar's line, then the bar again
         known = {**known, **{fname: sha for fname, sha, _ in results}}
         atomic_write_json(index_path, {"key": key, "format": CACHE_FORMAT, "dataset": name, "split": split,
                                        "spec": asdict(spec), "samples": len(files), "shards": known})
