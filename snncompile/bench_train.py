@@ -38,6 +38,7 @@ from .backends.pt import cpu_threads, cudnn_autotuning
 from .config import Config
 from .memory import SavedActivations
 from .models import LayerSpec, network_from_config, parse_architecture
+from .text import counted
 from .profiling import profile_calls
 from .train import loss_fn
 
@@ -361,9 +362,9 @@ def _decode_peer(out: torch.Tensor, m) -> torch.Tensor:
 
 def format_train_table(r: dict) -> str:
     autotune = ", cuDNN autotuning" if r.get("cudnn_benchmark") and r["device"].startswith("cuda") else ""
-    threads = f" ({r['threads']} threads)" if r["device"] == "cpu" and r.get("threads") else ""
+    threads = f" ({counted(r['threads'], 'thread')})" if r["device"] == "cpu" and r.get("threads") else ""
     lines = [f"{r['model']}: T = {r['T']}, batch {r['batch']}, {r['precision']}, {r['device']}{threads}{autotune}, "
-             f"median of {r['steps']} steps",
+             f"median of {counted(r['steps'], 'step')}",
              ""]
     # the ratios are to the first of OUR variants that was timed, named in the header: where the default one
     # failed, another variant of ours (never the torch loop or a peer) is 1.00x, and where none of ours was

@@ -10,6 +10,7 @@ import click
 from . import __version__
 from .backends.base import PRECISIONS, RUNNERS, TORCH_FAST_PRECISIONS  # numpy only: the runtimes load lazily
 from .errors import Interrupted, SnnCompileError, TrainingInterrupted, caused_by_interrupt
+from .text import counted
 
 __all__ = ["main", "cli"]
 
@@ -85,7 +86,7 @@ def train(model_toml, overrides, out_root, resume, stop_after, no_progress) -> N
     if result.run_dir is None:  # a rank other than 0 under torchrun: rank 0 reports
         return
     click.echo(
-        f"final test accuracy {100 * result.test_acc:.2f} % after {result.epochs_done} epochs, "
+        f"final test accuracy {100 * result.test_acc:.2f} % after {counted(result.epochs_done, 'epoch')}, "
         f"{result.elapsed_s:.1f} s wall; run: {result.run_dir}"
     )
     # both exports: verify checks model_layers.onnx, bench times model.onnx
@@ -260,7 +261,7 @@ def bench_train_cmd(model_toml, overrides, steps_t, batch, precision, steps, war
     extra = [f"model.T={steps_t}"] if steps_t else []
     extra += [f"data.batch_size={batch}"] if batch else []
     cfg = load_config(model_toml, [*overrides, *extra])
-    result = bench_train(cfg, resolve_device(device), precision, steps, warmup, peers, echo=lambda s: None,
+    result = bench_train(cfg, resolve_device(device, "--device "), precision, steps, warmup, peers, echo=lambda s: None,
                          compiled=compiled, profile=profile)
     click.echo(format_train_table(result))
     for variant, table in result.get("profiles", {}).items():
@@ -351,7 +352,7 @@ def plot(runs, out, labels) -> None:
     from .plots import plot_runs, plot_training
 
     if labels and len(labels) != len(runs):
-        raise click.UsageError(f"--label given {len(labels)} times for {len(runs)} runs")
+        raise click.UsageError(f"--label given {counted(len(labels), 'time')} for {counted(len(runs), 'run')}")
     if len(runs) == 1 and not labels:
         path = plot_training(runs[0], out)
     else:

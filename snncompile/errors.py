@@ -38,14 +38,17 @@ class ArtifactError(SnnCompileError):
 class MissingDependencyError(SnnCompileError):
     """An optional dependency is not installed; the message names the pip extra."""
 
-    def __init__(self, package: str, extra: str):
-        super().__init__(f"{package} is not installed: pip install 'snncompile[{extra}]'")
+    def __init__(self, package: str, extra: str, alternative: str = ""):
+        """``alternative``: another way to get it, said after the extra (e.g. another extra and when it fits)."""
+        super().__init__(f"{package} is not installed: pip install 'snncompile[{extra}]'"
+                         + (f" ({alternative})" if alternative else ""))
         self.package = package
         self.extra = extra
+        self.alternative = alternative
 
     def __reduce__(self):
         # rebuilt from its own arguments when a worker process raises it (the default passes the message only)
-        return type(self), (self.package, self.extra)
+        return type(self), (self.package, self.extra, self.alternative)
 
 
 class ExportError(SnnCompileError):

@@ -8,6 +8,7 @@ ablation explains itself. Needs matplotlib (the ``plot`` extra); PNGs are writte
 from __future__ import annotations
 
 import json
+import textwrap
 from pathlib import Path
 
 from .artifacts import MANIFEST, atomic_save, read_manifest, record_artifact
@@ -42,13 +43,16 @@ def _metrics(run: Path) -> list[dict]:
     return rows
 
 
-def _save(fig, plt, path: Path) -> Path:
+def _save(fig, plt, path: Path, layout: bool = True) -> Path:
+    """``layout``: tight_layout here (False: the caller laid the figure out; the saved image still takes in
+    everything drawn, e.g. a legend below the axes)."""
     from matplotlib.ticker import MaxNLocator
 
     for ax in fig.axes:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs
-    fig.tight_layout()
-    atomic_save(path, lambda f: fig.savefig(f, format="png", dpi=120))
+    if layout:
+        fig.tight_layout()
+    atomic_save(path, lambda f: fig.savefig(f, format="png", dpi=120, bbox_inches="tight"))
     plt.close(fig)
     return path
 
@@ -107,11 +111,13 @@ def plot_runs(runs: list[Path], out: Path, labels: list[str] | None = None) -> P
     rows = [_metrics(r) for r in runs]
     labels = labels or run_labels(runs)
     fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(11, 4.2))
+    legend = []
     for r, label in zip(rows, labels):
         epochs = [row["epoch"] for row in r]
         best = max(row["test_acc"] for row in r)
-        ax_acc.plot(epochs, [100 * row["test_acc"] for row in r], marker="o", label=f"{label}: {100 * best:.2f} % best")
-        ax_loss.plot(epochs, [row["train_loss"] for row in r], marker="o", label=label)
+        ax_acc.plot(epochs, [100 * row["test_acc"] for row in r], marker="o")
+        ax_loss.plot(epochs, [row["train_loss"] for row in r], marker="o")
+        legend.append(textwrap.fill(f"{label}: {100 * best:.2f} % best", 70))
     ax_acc.set_ylabel("test accuracy (%)")
     ax_loss.set_ylabel("training loss")
     ax_loss.set_yscale("log")
@@ -119,6 +125,10 @@ def plot_runs(runs: list[Path], out: Path, labels: list[str] | None = None) -> P
         ax.set_xlabel("epoch")
         ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))  # epochs are whole: no 0.95 ... 1.05 ticks
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=8)
+    # one legend below both plots, long labels wrapped: inside the axes, the labels of runs that differ in
+    # many keys covered the curves (and tight_layout gave up with a warning)
     fig.suptitle(", ".join(sorted({r.parent.name for r in runs})))
-    return _save(fig, plt, out)
+    fig.tight_layout()
+    fig.legend(ax_acc.get_lines(), legend, loc="upper center", bbox_to_anchor=(0.5, 0.0), fontsize=8,
+               ncol=1 if max(len(line) for text in legend for line in text.splitlines()) > 50 else 2)
+    return _save(fig, plt, out, layout=False)

@@ -50,11 +50,12 @@ class TrainResult:
     elapsed_s: float
 
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str, option: str = "--set train.device=") -> torch.device:
+    """``name`` ('auto', 'cpu', 'cuda') as a device; ``option`` is how the user set it, for the one-line error."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("train.device is 'cuda' but no CUDA GPU is visible: use --set train.device=cpu")
+        raise ConfigError(f"{option}cuda asks for a CUDA GPU, but none is visible: use {option}cpu")
     return torch.device(name)
 
 

@@ -198,7 +198,7 @@ def test_ort_cpu_threads_follow_the_cpu_affinity(exported_run):
             x = np.load(reference_file(exported_run))["random"][:, :2]
             handle = runner.prepare({"input": x})
             runner.run_prepared(handle)
-            assert runner.timing_mode(handle) == "CPU, 1 threads"
+            assert runner.timing_mode(handle) == "CPU, 1 thread"
             session = next(iter(runner._specialized.values()))
             assert session.get_session_options().intra_op_num_threads == 1
     finally:

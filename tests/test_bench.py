@@ -57,7 +57,7 @@ def test_bench_threads_sets_torch_and_onnx_runtime_threads(exported):
     assert result.exit_code == 0, result.output
     data = json.loads((exported / "bench.json").read_text())
     assert {name: e["by_batch"]["2"]["execution"] for name, e in data["runners"].items()} == {
-        "torch": "CPU, 1 threads", "ort-cpu": "CPU, 1 threads"}
+        "torch": "CPU, 1 thread", "ort-cpu": "CPU, 1 thread"}
     assert torch.get_num_threads() == before
 
 

@@ -226,7 +226,7 @@ def test_bench_train_times_on_the_configs_threads_and_says_so(monkeypatch):
     result = bench_module.bench_train(cfg, torch.device("cpu"))
     assert seen == [1] and result["threads"] == 1 and torch.get_num_threads() == before
     assert bench_module.format_train_table(result).splitlines()[0].startswith("bench-nmnist: T = 2, batch 2, fp32, "
-                                                                               "cpu (1 threads), median of 1 steps")
+                                                                               "cpu (1 thread), median of 1 step")
 
 
 def test_cuda_variants_add_padded_input_channels_where_they_change_a_conv(monkeypatch):

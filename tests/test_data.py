@@ -127,3 +127,27 @@ def test_fetch_without_tonic_names_the_extra(tmp_path, monkeypatch):
     result = CliRunner().invoke(cli, ["data", "fetch", "nmnist", "--root", str(tmp_path)])
     assert result.exit_code != 0 and "pip install 'snncompile[data]'" in result.output
     assert "Traceback" not in result.output and not list(tmp_path.iterdir())
+
+
+def test_fetch_offline_names_every_archive_to_place_by_hand(tmp_path, monkeypatch):
+    """It named the training archive only: placed by hand, the next run failed on the test archive."""
+    from types import SimpleNamespace
+
+    pytest.importorskip("tonic")
+    import snncompile.data.fetch as fetch_module
+    from snncompile.errors import DataError
+
+    datasets, _ = fetch_module._tonic()
+
+    def offline(url, *args, **kwargs):
+        raise OSError("Network is unreachable")
+
+    utils = SimpleNamespace(check_integrity=lambda path, md5: False, extract_archive=lambda path: None,
+                            download_and_extract_archive=offline)
+    monkeypatch.setattr(fetch_module, "_tonic", lambda: (datasets, utils))
+    gesture = datasets.DVSGesture
+    with pytest.raises(DataError) as err:
+        fetch_module.fetch("dvs_gesture", tmp_path)
+    assert str(err.value).endswith(
+        f"place {gesture.train_filename} (md5 {gesture.train_md5}) and {gesture.test_filename} (md5 {gesture.test_md5}) "
+        f"in {tmp_path / 'DVSGesture'} by hand and run again")

@@ -50,7 +50,7 @@ def test_pipeline_runs_every_stage_once(tmp_path):
     bench = json.loads((run / "bench.json").read_text())
     assert bench["batches"] == [4]
     # every stage ran on train.threads, bench's ONNX Runtime sessions too (it ran on 2 whatever the config said)
-    assert {e["by_batch"]["4"]["execution"] for e in bench["runners"].values()} == {"CPU, 1 threads"}
+    assert {e["by_batch"]["4"]["execution"] for e in bench["runners"].values()} == {"CPU, 1 thread"}
 
     # keys that change how it runs, not what it trains, find the same run: nothing is trained again
     fourth = runner.invoke(cli, ["pipeline", str(REPO / "models" / "digits.toml"), "--out", str(tmp_path), *ARGS[:-3],

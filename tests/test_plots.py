@@ -89,7 +89,7 @@ def test_bad_input_is_one_line(two_runs, tmp_path):
     assert result.exit_code == 1 and "manifest.json" in result.output and "\n" not in result.output.strip()
     assert (copy / "training.png").read_bytes() == b"earlier"
     labels = CliRunner().invoke(cli, ["plot", str(two_runs[0]), "--label", "a", "--label", "b"])
-    assert labels.exit_code == 2 and "--label given 2 times for 1 runs" in labels.output
+    assert labels.exit_code == 2 and "--label given 2 times for 1 run" in labels.output
 
 
 def test_labels_leave_out_keys_that_change_only_how_a_run_executes(tmp_path):

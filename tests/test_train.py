@@ -345,3 +345,15 @@ def test_resume_with_a_corrupt_metrics_file_is_one_line(tmp_path, digits_cfg):
     (part.run_dir / "metrics.jsonl").write_text('{"epoch": 1, "test_acc": 0.5')  # truncated: a traceback before
     with pytest.raises(ArtifactError, match=r"metrics.jsonl is corrupt \(not one JSON row per line\): move it aside"):
         train(resume=part.run_dir, progress=False, echo=lambda s: None)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a CUDA GPU")
+def test_asking_for_cuda_without_one_names_the_option_the_user_gave():
+    """bench train --device cuda said `use --set train.device=cpu`, an option bench train does not read."""
+    from snncompile.train import resolve_device
+
+    with pytest.raises(ConfigError, match=r"^--set train.device=cuda asks for a CUDA GPU, but none is visible: use "
+                                          r"--set train.device=cpu$"):
+        resolve_device("cuda")
+    with pytest.raises(ConfigError, match=r"^--device cuda asks for a CUDA GPU, but none is visible: use --device cpu$"):
+        resolve_device("cuda", "--device ")

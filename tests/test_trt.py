@@ -55,7 +55,9 @@ def test_without_tensorrt_every_entry_point_says_which_extra(tmp_path, monkeypat
     export_run(run, n_random=8, n_real=0)
     result = CliRunner().invoke(cli, ["build", str(run), "--precision", "fp16"])
     assert result.exit_code == 1
-    assert result.output.strip() == "error: TensorRT (tensorrt or tensorrt_rtx) is not installed: pip install 'snncompile[trt]'"
+    assert result.output.strip() == ("error: TensorRT (tensorrt or tensorrt_rtx) is not installed: pip install "
+                                     "'snncompile[trt]' (or 'snncompile[trt-rtx]': TensorRT-RTX, which builds engines "
+                                     "without a GPU)")
 
 
 def test_bad_profile_is_exit_2_before_touching_tensorrt(tmp_path):

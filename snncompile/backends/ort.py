@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ArtifactError, InputError
+from ..text import counted
 from .base import Runner, TensorSpec, validate_feed
 
 __all__ = ["OrtCpuRunner", "OrtCudaRunner", "cuda_provider_options", "session_outputs", "free_dimensions", "usable_cpus"]
@@ -100,7 +101,7 @@ class _OrtRunner(Runner):
         self._specialized: OrderedDict = OrderedDict()
 
     def timing_mode(self, handle) -> str:
-        return f"CPU, {self._intra_op_threads()} threads"
+        return f"CPU, {counted(self._intra_op_threads(), 'thread')}"
 
     def _intra_op_threads(self) -> int:
         return self.threads or usable_cpus()

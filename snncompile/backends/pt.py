@@ -11,6 +11,7 @@ import torch
 from ..errors import ConfigError, RunnerUnavailableError
 from ..graphs import StepGraph, UnrolledGraph
 from ..runs import load_network
+from ..text import counted
 from .base import Runner, TensorSpec
 
 __all__ = ["PerTimestepRunner", "TorchLoopRunner", "TorchRunner", "cudnn_autotuning", "cudnn_disabled", "export_entry",
@@ -127,7 +128,7 @@ class TorchRunner(Runner):
     def timing_mode(self, handle) -> str:
         """On the CPU, with how many threads (a GPU machine's bench table shows the CPU rows as such)."""
         if self.device.type == "cpu":
-            return f"CPU, {torch.get_num_threads()} threads"
+            return f"CPU, {counted(torch.get_num_threads(), 'thread')}"
         return super().timing_mode(handle)
 
     def _wait(self) -> None:

@@ -41,7 +41,8 @@ def tensorrt_module():
             return __import__(name)
         except ImportError:
             continue
-    raise MissingDependencyError("TensorRT (tensorrt or tensorrt_rtx)", "trt")
+    raise MissingDependencyError("TensorRT (tensorrt or tensorrt_rtx)", "trt",
+                                 "or 'snncompile[trt-rtx]': TensorRT-RTX, which builds engines without a GPU")
 
 
 def parse_profile(text: str) -> tuple[int, int, int]:

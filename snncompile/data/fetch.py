@@ -42,7 +42,7 @@ def fetch(name: str, root: str | Path) -> Path:
     cls, archives = _archives(datasets, name)
     folder = Path(root).expanduser() / cls.__name__
     folder.mkdir(parents=True, exist_ok=True)
-    for url, filename, md5 in archives:
+    for i, (url, filename, md5) in enumerate(archives):
         target = folder / filename
         if target.is_file() and utils.check_integrity(str(target), md5):
             utils.extract_archive(str(target))
@@ -50,8 +50,11 @@ def fetch(name: str, root: str | Path) -> Path:
         try:
             utils.download_and_extract_archive(url, str(folder), filename=filename, md5=md5)
         except Exception as e:  # urllib, http and checksum errors all end here
+            # every archive still to come, not only this one: offline, the test split's would fail next
+            missing = [f"{f} (md5 {m})" for _, f, m in archives[i:]
+                       if not ((folder / f).is_file() and utils.check_integrity(str(folder / f), m))]
             raise DataError(f"downloading {url} failed ({type(e).__name__}: {str(e)[:120]}); "
-                            f"place {filename} (md5 {md5}) in {folder} by hand and run again") from None
+                            f"place {' and '.join(missing)} in {folder} by hand and run again") from None
     if name == "dvs_cifar10":
         for inner in getattr(cls, "data_filename", []):
             if (folder / inner).is_file():
