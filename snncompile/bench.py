@@ -59,12 +59,12 @@ def _bench_input(reference: dict[str, np.ndarray], batch: int, seed: int = 0) ->
 
 
 def batch_sizes(batches) -> tuple[int, ...]:
-    """The batch sizes to time, each once (a repeated size would overwrite its own results), smallest first
-    (the table's order; the pipeline's bench stage is the same for 2,1 as for 1,2); one line when one is below
-    1. The pipeline calls it before training, so a bad list fails before any stage runs."""
+    """The batch sizes to time, each once (a repeated size would overwrite its own results), in the order given
+    (``--profile`` profiles the last); one line when one is below 1. The pipeline calls it before training, so a
+    bad list fails before any stage runs."""
     if any(b < 1 for b in batches):
         raise ConfigError(f"--batch sizes must be >= 1, got {','.join(map(str, batches))}")
-    return tuple(sorted(set(batches)))
+    return tuple(dict.fromkeys(batches))
 
 
 def bench_run(run_dir: str | Path, runners: list[str] | None = None, batches: tuple[int, ...] = (1, 16, 128),
@@ -81,7 +81,7 @@ def bench_run(run_dir: str | Path, runners: list[str] | None = None, batches: tu
     graphs save). ``cudnn_autotune=False``: torch-fast keeps cuDNN's heuristic algorithms, PyTorch's default
     (what autotuning saves). ``pad_channels > 1``: torch-fast runs convs whose input channels are not a
     multiple of it on zero-padded copies (``bench_pad8``). ``profile``: after timing each runner, profile
-    3 calls at the last (largest) batch size (torch.profiler: for a GPU runner every CUDA kernel of the process, ONNX
+    3 calls at the last batch size (torch.profiler: for a GPU runner every CUDA kernel of the process, ONNX
     Runtime's too) into ``<stem>_profile.txt``; with ``cuda_graph=False`` the kernels show one by one.
     ``threads``: CPU threads for torch and ONNX Runtime (0: torch's default, ONNX Runtime one per usable core);
     on a CPU that other work keeps busy, the free cores."""
@@ -324,7 +324,7 @@ def _gate(run_dir: Path, name: str, numerics: str, options: dict, model_file: st
                    precision=export.get("precision", "fp32"), n_random=n_random, n_real=n_real)
         # said: the user's own export of that name is replaced (and verify's default file with it)
         replaced = "" if earlier is None else (f"; it replaces the one at T = {earlier['T']}" if earlier.get("T") != export["T"]
-                                               else "; it replaces one of other weights")
+                                               else "; it replaces the earlier one")
         echo(f"exported {layers_file} (T = {export['T']}) to check {model_file} layer by layer{replaced}")
     report = verify_run(run_dir, name, numerics, progress=False, model_file=layers_file, options=options)
     reasons = _file_reasons(layers_file, report)

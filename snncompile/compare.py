@@ -210,7 +210,8 @@ def layers_hint(run_dir: Path, exports: dict, model_file: str) -> str:
     the same T, else the export command that writes that twin (with ``model_file``'s own T, order, precision)."""
     twin = model_file if model_file.endswith("_layers.onnx") else model_file.replace(".onnx", "_layers.onnx")
     export, twin_export = exports.get(model_file, {}), exports.get(twin)
-    if twin_export is not None and twin_export.get("T") == export.get("T"):
+    same = ("T", "checkpoint_sha256")  # a twin of older weights: verify would refuse it
+    if twin_export is not None and all(twin_export.get(k) == export.get(k) for k in same):
         return f"`snncompile verify {run_dir} --model {twin}` checks them"
     return f"`{export_command(run_dir, {**export, 'layers': True})}` adds {twin}, on which verify classifies every flip"
 

@@ -36,7 +36,7 @@ from .config import Config
 from .errors import (ArtifactError, ConfigError, DataError, ExportError, Interrupted, MissingDependencyError,
                      caused_by_interrupt)
 from .graphs import StepGraph, UnrolledGraph
-from .runs import CHECKPOINT, load_checkpoint, load_network, load_run_config
+from .runs import CHECKPOINT, load_checkpoint, load_network, load_run_config, missing_checkpoint
 
 __all__ = ["unrolled_file", "stream_steps", "ALLOWED_OPS", "ExportResult", "export_run", "resolve_run_dir", "reference_inputs",
            "reference_files", "export_reference_paths", "read_reference", "export_command",
@@ -125,13 +125,13 @@ def export_command(run_dir: Path, export: dict) -> str:
 
 
 def missing_export(run_dir: Path, model_file: str) -> ArtifactError:
-    """The one-line error for an export ``run_dir`` does not have, with the step that makes it: training first
-    when there is no checkpoint yet, the ``export`` options that write ``model_file`` when export can (e.g.
-    ``--precision fp16 --layers`` for model_fp16_layers.onnx), else the exports the run has."""
+    """The one-line error for an export ``run_dir`` does not have, with the step that makes it: the checkpoint's
+    own (:func:`~snncompile.runs.missing_checkpoint`) when there is none to export from, the ``export`` options
+    that write ``model_file`` when export can (e.g. ``--precision fp16 --layers`` for model_fp16_layers.onnx),
+    else the exports the run has."""
     run_dir = Path(run_dir)
     if not (run_dir / CHECKPOINT).is_file():
-        return ArtifactError(f"{run_dir} has no {model_file} and no checkpoint to export it from (no epoch finished): "
-                             f"`snncompile train --resume {run_dir}` first")
+        return missing_checkpoint(run_dir)
     written = re.fullmatch(r"model(_per_step)?(?:_(fp16|bf16|tf32x2))?(_layers)?\.onnx", model_file)
     if model_file == "model_step.onnx":
         options = {"form": "step"}

@@ -6,7 +6,7 @@ Resumable per stage: each finished stage records in the manifest a hash of its i
 train, the checkpoint for export, the ONNX file for verify/bench, plus the stage's options). Running
 the pipeline again redoes only the stages whose inputs changed. The run directory of a config is found
 under ``out/<name>/`` by its config hash, or by the hash without the keys that change only how a run executes
-(``Config.result_hash``: other threads are no reason to train again).
+(``Config.result_hash``: another frame-cache folder is no reason to train again).
 """
 
 from __future__ import annotations
@@ -35,9 +35,9 @@ def find_run(out_root: Path, cfg: Config) -> Path | None:
         try:
             manifest = read_manifest(run)
             untrained = "init" in manifest  # `snncompile init` weights: nothing to resume, never this config's training
-            # one stopped before its first checkpoint is taken up again (train --resume starts it at epoch 1)
-            trained_here = (run / "checkpoint.pt").is_file() or str(manifest.get("created_by", "")).endswith(" train")
-            if untrained or not trained_here:
+            # no checkpoint: a crash in epoch 1, or a run another process is training right now; a Ctrl-C in
+            # epoch 1 removes its run dir, so the pipeline leaves none of these behind itself
+            if untrained or not (run / "checkpoint.pt").is_file():
                 continue
             if manifest.get("config_hash") == cfg.hash() or load_run_config(run).result_hash() == cfg.result_hash():
                 return run
@@ -190,7 +190,8 @@ def _run_pipeline(cfg: Config, out_root: Path, batches: tuple[int, ...], progres
             _mark(run, "verify", verify_inputs)
         summary["stages"]["verify"] = "done" if test_set is None else f"done (reference inputs only: {test_set})"
 
-    bench_inputs = _stage_hash("bench", onnx_hash, ",".join(runners), engines, ",".join(map(str, batches)))
+    # the sizes as a set: --batch 2,1 times what 1,2 timed (the table lists them in numerical order either way)
+    bench_inputs = _stage_hash("bench", onnx_hash, ",".join(runners), engines, ",".join(map(str, sorted(batches))))
     if _done(run, "bench", bench_inputs, run / "bench.json"):
         bench = json.loads((run / "bench.json").read_text())
         summary["stages"]["bench"] = "up to date"

@@ -92,7 +92,7 @@ def run_labels(runs: list[Path]) -> list[str]:
     differing = [k for k in keys if len({json.dumps(f.get(k), sort_keys=True) for f in flats}) > 1]
     labels = []
     for run, f in zip(runs, flats):
-        # not the keys that change only how a run executes (threads, cache folder, ...): they crowded the legend
+        # not the keys that change only how a run executes (cache folder, workers, ...): they crowded the legend
         parts = [f"{k}={f.get(k)}" for k in differing if k != "name" and k not in EXECUTION_KEYS]
         labels.append(", ".join(parts) if parts else f"{run.parent.name}/{run.name}")
     if len(set(labels)) < len(labels):  # same differing values (or none): the run ids tell them apart

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from .artifacts import read_manifest
+from .artifacts import MANIFEST, read_manifest
 from .config import Config, load_config
 from .errors import ArtifactError
 from .models import SpikingNetwork, network_from_config
@@ -43,10 +43,32 @@ def load_run_config(run_dir: str | Path) -> Config:
     return load_config(run_dir / CONFIG)
 
 
+def stopped_before_first_epoch(run_dir: Path) -> bool:
+    """Whether ``run_dir`` is a run ``train`` made that has no checkpoint because no epoch of it finished (a
+    crash or a Ctrl-C in epoch 1): ``train --resume`` starts it again at epoch 1. Not an init run, nor a trained
+    one whose checkpoint was deleted: those lost weights, and starting over would overwrite their records."""
+    if (run_dir / CHECKPOINT).is_file():
+        return False
+    manifest = read_manifest(run_dir)
+    made_by_train = "init" not in manifest and str(manifest.get("created_by", "")).endswith(" train")
+    return made_by_train and "training" not in manifest and not read_metrics(run_dir / METRICS)
+
+
+def missing_checkpoint(run_dir: Path) -> ArtifactError:
+    """The one-line error for a run without a checkpoint, with the step that fits it."""
+    if stopped_before_first_epoch(run_dir):
+        return ArtifactError(f"{run_dir} has no checkpoint: it was stopped before its first epoch ended; "
+                             f"`snncompile train --resume {run_dir}` starts it again")
+    return ArtifactError(f"{run_dir / CHECKPOINT} is missing: restore it from a copy, or train `{run_dir / CONFIG}` "
+                         "again into a new run")
+
+
 def load_checkpoint(path: str | Path) -> dict:
     """Load a checkpoint with ``weights_only=True`` (tensors and plain values only, no pickled code)."""
     path = Path(path)
     if not path.is_file():
+        if path.name == CHECKPOINT and (path.parent / MANIFEST).is_file():  # a run's: say what fits that run
+            raise missing_checkpoint(path.parent)
         raise ArtifactError(f"checkpoint not found: {path}")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,8 +34,8 @@ from .errors import ArtifactError, ConfigError, TrainingInterrupted
 from .exact import snap_to_grid
 from .memory import SavedActivations
 from .models import network_from_config
-from .runs import (CHECKPOINT, CONFIG, METRICS, load_checkpoint, load_run_config, model_settings, read_metrics,
-                   require_trained_model_settings)
+from .runs import (CHECKPOINT, CONFIG, METRICS, load_checkpoint, load_run_config, missing_checkpoint, model_settings,
+                   read_metrics, require_trained_model_settings, stopped_before_first_epoch)
 
 __all__ = ["TrainResult", "train", "loss_fn", "evaluate", "resolve_device"]
 
@@ -50,11 +51,15 @@ class TrainResult:
     elapsed_s: float
 
 
-def resolve_device(name: str, option: str = "--set train.device=") -> torch.device:
-    """``name`` ('auto', 'cpu', 'cuda') as a device; ``option`` is how the user set it, for the one-line error."""
+def resolve_device(name: str, option: str | None = "--set train.device=") -> torch.device:
+    """``name`` ('auto', 'cpu', 'cuda') as a device; ``option`` is how the user set it, for the one-line error
+    (None: a resumed run's config.toml set it, and the device is part of what the run trains)."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
+        if option is None:
+            raise ConfigError("this run trains on CUDA (train.device = 'cuda' in its config.toml) and no CUDA GPU is "
+                              "visible: resume it on a machine with one")
         raise ConfigError(f"{option}cuda asks for a CUDA GPU, but none is visible: use {option}cpu")
     return torch.device(name)
 
@@ -200,8 +205,8 @@ def train(
             if not all(k in state for k in ("optimizer", "scheduler", "epoch")):
                 raise ArtifactError(f"{resume} holds untrained weights (from `snncompile init`), not a training "
                                     "checkpoint: train the config into a new run instead of resuming")
-        else:  # stopped before its first epoch ended: it starts again at epoch 1 in the same directory
-            _require_started_by_train(Path(resume))
+        elif not stopped_before_first_epoch(Path(resume)):  # else it starts again at epoch 1 in the same directory
+            raise missing_checkpoint(Path(resume))
     elif cfg is None:
         raise ConfigError("train() needs a config or a run directory to resume")
     else:
@@ -209,7 +214,7 @@ def train(
     ctx = DistContext()  # until init_distributed returns: nothing to destroy if the setup fails before
     try:
         with cpu_threads(cfg.train.threads):  # restored after: a pipeline's later stages keep the machine's
-            device = resolve_device(cfg.train.device)
+            device = resolve_device(cfg.train.device, None if resume is not None else "--set train.device=")
             ctx = init_distributed(device.type)
             if ctx.enabled and device.type == "cuda":
                 device = torch.device("cuda", ctx.local_rank)
@@ -365,6 +370,12 @@ def _train(cfg: Config, device: torch.device, ctx: DistContext, out_root, resume
     except KeyboardInterrupt:
         if not main:
             raise
+        if resume is None and not (run_dir / CHECKPOINT).is_file():
+            # this call's run dir, before its first checkpoint: nothing in it is worth keeping, and left behind
+            # it would be one more run without weights after every early Ctrl-C
+            shutil.rmtree(run_dir, ignore_errors=True)
+            raise TrainingInterrupted(f"interrupted in epoch {epoch}, before the first checkpoint: {run_dir} is "
+                                      "removed", "run the same command again") from None
         raise TrainingInterrupted(*_interrupted_message(run_dir, epoch)) from None
     elapsed = time.perf_counter() - start
     if main and epoch >= first_epoch and cfg.model.exact:
@@ -376,20 +387,12 @@ def _train(cfg: Config, device: torch.device, ctx: DistContext, out_root, resume
 
 def _interrupted_message(run_dir: Path, epoch: int) -> tuple[str, str]:
     """What survived a Ctrl-C in ``epoch`` (checkpoints are written atomically between epochs) and what to run."""
-    if not (run_dir / CHECKPOINT).is_file():  # no orphan run dir: --resume starts it again where it is
+    if not (run_dir / CHECKPOINT).is_file():  # a run started again by --resume: it goes on where it is
         return (f"interrupted in epoch {epoch}, before any checkpoint",
                 f"start it again with `snncompile train --resume {run_dir}`")
     saved = load_checkpoint(run_dir / CHECKPOINT)["epoch"]
     return (f"interrupted in epoch {epoch}: {run_dir} keeps the checkpoint of epoch {saved}",
             f"continue with `snncompile train --resume {run_dir}`")
-
-
-def _require_started_by_train(run_dir: Path) -> None:
-    """A run dir without a checkpoint may start again at epoch 1 only if ``train`` made it: not a damaged
-    ``init`` run (its weights are gone) and not a folder that is no run at all."""
-    manifest = read_manifest(run_dir)
-    if "init" in manifest or not str(manifest.get("created_by", "")).endswith(" train"):
-        raise ArtifactError(f"{run_dir} has no {CHECKPOINT} and was not made by `snncompile train`: nothing to resume")
 
 
 def _record_training(run_dir: Path, epoch: int, cfg: Config, test_acc: float, test_loss: float, **extra) -> None:

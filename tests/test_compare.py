@@ -155,9 +155,9 @@ def test_the_next_step_named_fits_the_file_asked_for(tmp_path):
         f"{run} has no model_per_step.onnx: run `snncompile export {run} --order step` first")
     assert str(missing_export(run, "model_step.onnx")).endswith(f"`snncompile export {run} --form step` first")
     assert str(missing_export(run, "nope.onnx")) == f"{run} has no export named nope.onnx (its exports: none yet)"
-    (run / "checkpoint.pt").unlink()  # a run stopped before its first epoch ended
-    assert str(missing_export(run, "model.onnx")) == (f"{run} has no model.onnx and no checkpoint to export it from (no "
-                                                      f"epoch finished): `snncompile train --resume {run}` first")
+    (run / "checkpoint.pt").unlink()  # an init run's weights are gone: `train --resume` cannot bring them back
+    assert str(missing_export(run, "model.onnx")) == (f"{run / 'checkpoint.pt'} is missing: restore it from a copy, or "
+                                                      f"train `{run / 'config.toml'}` again into a new run")
 
     exports = {"model_fp16.onnx": {"T": T, "precision": "fp16"}, "model.onnx": {"T": T + 1},
                "model_layers.onnx": {"T": T, "layers": True}, "model_per_step.onnx": {"T": T, "order": "step"},
@@ -168,6 +168,8 @@ def test_the_next_step_named_fits_the_file_asked_for(tmp_path):
                                                               "model_layers.onnx")  # the twin at the trained T is not its twin
     assert layers_hint(run, exports, "model_per_step.onnx") == (
         f"`snncompile verify {run} --model model_per_step_layers.onnx` checks them")
+    exports["model_per_step_layers.onnx"]["checkpoint_sha256"] = "older weights"  # verify would refuse that twin
+    assert layers_hint(run, exports, "model_per_step.onnx").startswith(f"`snncompile export {run} --layers --order step`")
 
 
 def test_verify_on_the_whole_test_set(tmp_path):

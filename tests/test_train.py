@@ -132,8 +132,8 @@ def test_train_threads_are_restored_when_setup_fails(failure, digits_cfg, tmp_pa
     import snncompile.train as trainer
 
     if failure == "device":
-        def no_device(name):
-            raise ConfigError("train.device is 'cuda' but no CUDA GPU is visible: use --set train.device=cpu")
+        def no_device(name, option=None):
+            raise ConfigError("--set train.device=cuda asks for a CUDA GPU, but none is visible")
 
         monkeypatch.setattr(trainer, "resolve_device", no_device)
     else:
@@ -299,22 +299,47 @@ def test_ctrl_c_says_which_checkpoint_survived_and_how_to_continue(tmp_path, dig
     monkeypatch.setattr(t, "_epoch_order", interrupt_in(1))
     with pytest.raises(TrainingInterrupted) as err:
         train(digits_cfg, tmp_path / "b", progress=False, echo=lambda s: None)
-    (early,) = (tmp_path / "b" / "digits").iterdir()
-    # the command it names goes on in the same directory: starting from the TOML left an orphan run dir each time
-    assert str(err.value) == (f"interrupted in epoch 1, before any checkpoint; start it again with "
-                              f"`snncompile train --resume {early}`")
+    # nothing worth keeping: the run dir goes (each early Ctrl-C left one more run without weights)
+    assert not list((tmp_path / "b" / "digits").iterdir())
+    assert str(err.value).startswith("interrupted in epoch 1, before the first checkpoint: ")
+    assert str(err.value).endswith(" is removed; run the same command again")
+
+
+def test_a_run_that_died_in_its_first_epoch_starts_again_but_a_finished_one_is_never_overwritten(
+        tmp_path, digits_cfg, monkeypatch):
+    """A crash in epoch 1 leaves a run without a checkpoint: `train --resume` starts it again where it is. A run
+    whose checkpoint was deleted after epochs finished, or an init run without one, is refused: starting over
+    would truncate its metrics and overwrite its record."""
+    import snncompile.train as t
+    from snncompile.export_onnx import missing_export
+
+    real = t._epoch_order
+
+    def crash(n, cfg, epoch, ctx):
+        raise RuntimeError("the machine went away")
+
+    monkeypatch.setattr(t, "_epoch_order", crash)
+    with pytest.raises(RuntimeError):
+        train(digits_cfg, tmp_path / "a", progress=False, echo=lambda s: None)
+    (early,) = (tmp_path / "a" / "digits").iterdir()
+    assert str(missing_export(early, "model.onnx")) == (f"{early} has no checkpoint: it was stopped before its first "
+                                                        f"epoch ended; `snncompile train --resume {early}` starts it again")
     monkeypatch.setattr(t, "_epoch_order", real)
     said = []
     again = train(resume=early, progress=False, echo=said.append)
     assert said[0] == f"starting {early} again at epoch 1 (it was stopped before any epoch finished)"
-    assert again.run_dir == early and again.epochs_done == 2 and list((tmp_path / "b" / "digits").iterdir()) == [early]
+    assert again.run_dir == early and again.epochs_done == 2 and list((tmp_path / "a" / "digits").iterdir()) == [early]
     fresh = train(digits_cfg, tmp_path / "c", progress=False, echo=lambda s: None)  # the same seed from the start
     assert [r["test_acc"] for r in read_metrics(early / "metrics.jsonl")] == [
         r["test_acc"] for r in read_metrics(fresh.run_dir / "metrics.jsonl")]
-    (early / "checkpoint.pt").unlink()  # a run dir not made by train (here: marked as init) is not started again
-    update_manifest(early, init={"scale": 1.0})
-    with pytest.raises(ArtifactError, match=f"^{early} has no checkpoint.pt and was not made by `snncompile train`"):
+
+    (early / "checkpoint.pt").unlink()  # finished epochs, checkpoint deleted: never started over
+    refused = (f"{early / 'checkpoint.pt'} is missing: restore it from a copy, or train `{early / 'config.toml'}` again "
+               "into a new run")
+    with pytest.raises(ArtifactError) as err:
         train(resume=early, progress=False, echo=lambda s: None)
+    assert str(err.value) == refused and len(read_metrics(early / "metrics.jsonl")) == 2
+    assert str(missing_export(early, "model.onnx")) == refused  # export's advice too, not "train --resume"
 
 
 def test_resume_may_change_how_the_run_executes_but_not_what_it_trains(tmp_path, digits_cfg, monkeypatch):
@@ -357,3 +382,5 @@ def test_asking_for_cuda_without_one_names_the_option_the_user_gave():
         resolve_device("cuda")
     with pytest.raises(ConfigError, match=r"^--device cuda asks for a CUDA GPU, but none is visible: use --device cpu$"):
         resolve_device("cuda", "--device ")
+    with pytest.raises(ConfigError, match=r"resume it on a machine with one$"):  # --resume cannot change the device
+        resolve_device("cuda", None)

@@ -53,6 +53,7 @@ def fetch(name: str, root: str | Path) -> Path:
             # every archive still to come, not only this one: offline, the test split's would fail next
             missing = [f"{f} (md5 {m})" for _, f, m in archives[i:]
                        if not ((folder / f).is_file() and utils.check_integrity(str(folder / f), m))]
+            missing = missing or [f"{filename} (md5 {md5})"]  # downloaded, but the extraction failed
             raise DataError(f"downloading {url} failed ({type(e).__name__}: {str(e)[:120]}); "
                             f"place {' and '.join(missing)} in {folder} by hand and run again") from None
     if name == "dvs_cifar10":
