@@ -207,7 +207,8 @@ class _TestSet:
 
 def layers_hint(run_dir: Path, exports: dict, model_file: str) -> str:
     """How to check ``model_file``'s spikes layer by layer: verify its ``_layers`` twin where one was exported at
-    the same T, else the export command that writes that twin (with ``model_file``'s own T, order, precision)."""
+    the same T from the same checkpoint, else the export command that writes that twin (with ``model_file``'s
+    own T, order, precision)."""
     twin = model_file if model_file.endswith("_layers.onnx") else model_file.replace(".onnx", "_layers.onnx")
     export, twin_export = exports.get(model_file, {}), exports.get(twin)
     same = ("T", "checkpoint_sha256")  # a twin of older weights: verify would refuse it
