@@ -164,6 +164,8 @@ def _digest(values: dict[str, Any]) -> str:
 
 
 _SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig}
+MAX_STEPS = 4096  # model.T: far past any SNN's window, and short of sizes torch cannot allocate
+EVENT_DATASETS = ("nmnist", "dvs_cifar10", "dvs_gesture")
 
 
 def _type_name(tp: Any) -> str:
@@ -207,7 +209,9 @@ def _set(cfg: Config, dotted: str, value: Any) -> None:
     section, key = parts
     types_ = _field_types(_SECTIONS[section])
     if key not in types_:
-        raise ConfigError(f"unknown config key {dotted!r} (known in [{section}]: {', '.join(types_)})")
+        elsewhere = [s for s, cls in _SECTIONS.items() if key in _field_types(cls)]
+        hint = f"it is a [{elsewhere[0]}] key: {elsewhere[0]}.{key}; " if elsewhere else ""
+        raise ConfigError(f"unknown config key {dotted!r} ({hint}known in [{section}]: {', '.join(types_)})")
     value = _coerce(dotted, value, types_[key])
     if dotted in _CHOICES and value not in _CHOICES[dotted]:
         raise ConfigError(f"config key {dotted!r} must be one of {', '.join(_CHOICES[dotted])}, got {value!r}")
@@ -218,8 +222,8 @@ def _validate(cfg: Config) -> None:
     m, d = cfg.model, cfg.data
     if cfg.name.strip() in ("", ".", "..") or re.search(r"[/\\\x00]", cfg.name):  # runs go to <out>/<name>/
         raise ConfigError(f"name must be one directory name (no '/', '\\', '.' or '..'), got {cfg.name!r}")
-    if m.T < 1:
-        raise ConfigError(f"model.T must be >= 1, got {m.T}")
+    if not 1 <= m.T <= MAX_STEPS:  # a huge T overflowed torch's expand() with a traceback
+        raise ConfigError(f"model.T must be between 1 and {MAX_STEPS}, got {m.T}")
     if len(m.input_shape) not in (1, 3) or any(s < 1 for s in m.input_shape):
         raise ConfigError(f"model.input_shape must be [C, H, W] (or [F]) with positive sizes, got {m.input_shape}")
     if not 0.0 < m.k_tau1 <= 1.0 or not 0.0 <= m.k_tau2 < 1.0:
@@ -233,11 +237,26 @@ def _validate(cfg: Config) -> None:
         raise ConfigError("data.batch_size and data.eval_batch_size must be >= 1")
     if d.augment_pad < 0:
         raise ConfigError(f"data.augment_pad must be >= 0, got {d.augment_pad}")
+    if d.augment in ("shift", "shift-flip") and len(m.input_shape) == 3 and d.augment_pad > min(m.input_shape[1:]) // 2:
+        raise ConfigError(f"data.augment_pad {d.augment_pad} would shift {m.input_shape[1]}x{m.input_shape[2]} images "
+                          f"mostly out of frame: at most {min(m.input_shape[1:]) // 2}")
+    for key in ("mean", "std"):
+        values = getattr(d, key)
+        if values and d.name in EVENT_DATASETS:
+            raise ConfigError(f"data.{key} normalises images; {d.name} frames are event counts and are not "
+                              "normalised: remove it")
+        if values and len(m.input_shape) == 3 and len(values) != m.input_shape[0]:
+            raise ConfigError(f"data.{key} has {len(values)} values for the {m.input_shape[0]} channel(s) of "
+                              f"model.input_shape {m.input_shape}: one per channel")
     if d.downsample < 1 or d.bin_us < 1 or d.frame_clip < 0:
         raise ConfigError(f"need data.downsample >= 1, data.bin_us >= 1, data.frame_clip >= 0; got "
                           f"{d.downsample}, {d.bin_us}, {d.frame_clip}")
-    if cfg.train.epochs < 1:
-        raise ConfigError(f"train.epochs must be >= 1, got {cfg.train.epochs}")
+    t = cfg.train
+    if t.epochs < 1:
+        raise ConfigError(f"train.epochs must be >= 1, got {t.epochs}")
+    if t.schedule == "multistep" and not t.milestones:
+        raise ConfigError("train.schedule = 'multistep' needs train.milestones (the epochs after which the learning "
+                          "rate is multiplied by train.gamma), e.g. [30, 60]")
     if cfg.train.pad_conv_channels < 1:
         raise ConfigError(f"train.pad_conv_channels must be >= 1 (1: no padding), got {cfg.train.pad_conv_channels}")
     _check_ranges(cfg)
@@ -253,6 +272,8 @@ def _check_ranges(cfg: Config) -> None:
     m, d, t = cfg.model, cfg.data, cfg.train
     checks = [
         ("model.classes", m.classes, m.classes >= 1, ">= 1"),
+        # at or below 0 every neuron fires at every step, whatever its input: nothing is learned
+        ("model.v_th", m.v_th, m.v_th > 0.0, "> 0"),
         ("model.vote_group", m.vote_group, m.vote_group >= 1, ">= 1"),
         ("data.test_fraction", d.test_fraction, 0.0 < d.test_fraction < 1.0, "between 0 and 1 (exclusive)"),
         ("data.split_seed", d.split_seed, 0 <= d.split_seed < _SEEDS, "in [0, 2^32)"),
@@ -261,9 +282,9 @@ def _check_ranges(cfg: Config) -> None:
         ("data.limit_test", d.limit_test, d.limit_test >= 0, ">= 0 (0: all)"),
         ("data.num_workers", d.num_workers, d.num_workers >= 0, ">= 0 (0: one per CPU)"),
         ("train.lr", t.lr, 0.0 < t.lr < math.inf, "a positive finite number"),
-        ("train.momentum", t.momentum, 0.0 <= t.momentum < math.inf, ">= 0 and finite"),
+        ("train.momentum", t.momentum, 0.0 <= t.momentum < 1.0, "in [0, 1) (SGD diverges from 1 up)"),
         ("train.weight_decay", t.weight_decay, 0.0 <= t.weight_decay < math.inf, ">= 0 and finite"),
-        ("train.gamma", t.gamma, 0.0 < t.gamma < math.inf, "a positive finite number"),
+        ("train.gamma", t.gamma, 0.0 < t.gamma <= 1.0, "in (0, 1] (the schedules decay the learning rate by it)"),
         ("train.milestones", t.milestones, all(e >= 1 for e in t.milestones), "epochs >= 1"),
         ("train.seed", t.seed, 0 <= t.seed < _SEEDS, "in [0, 2^32)"),
         ("train.threads", t.threads, t.threads >= 0, ">= 0 (0: torch's default)"),
@@ -322,6 +343,12 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: invalid TOML ({e})") from None
     raw.setdefault("name", path.stem)
+    model = raw.get("model", {})
+    named = isinstance(model, dict) and "arch" in model or any(o.split("=", 1)[0].strip() == "model.arch"
+                                                               for o in overrides or [])
+    if not named:  # an empty file, or one without [model], trained a default network nobody chose
+        raise ConfigError(f'{path}: no [model] arch: a model TOML names its network, e.g. arch = '
+                          f'"32C3-AP2-64C3-AP2-256FC-Voting" (the files in models/ are examples)')
     cfg = from_dict(raw, str(path))
     return with_absolute_data_paths(apply_overrides(cfg, overrides or []))
 

@@ -74,7 +74,8 @@ def parse_architecture(arch: str, width_divisor: int = 1) -> list[LayerSpec]:
         if m is None:
             raise ConfigError(
                 f"architecture token {token!r} not understood in {arch!r} "
-                "(expected kCs, APn, nFC, Voting or a bare n readout)"
+                "(expected e.g. 32C3 (channels C kernel), AP2, 256FC, Voting, or a bare 10 readout last; "
+                "'(Encoding)' may follow the first conv, spelled so)"
             )
         shrink = lambda n: int(n) if width_divisor == 1 else max(4, int(n) // width_divisor)  # noqa: E731
         sizes = [int(v) for v in (m["conv"], m["k"], m["pool"], m["fc"], m["out"]) if v is not None]

@@ -32,7 +32,7 @@ def test_overrides_are_typed():
         ("train.epochs=true", "expects int"),
         ("model.neunorm=3", "expects bool"),
         ("train.optimizer=rmsprop", "must be one of adam, sgd"),
-        ("model.T=0", "model.T must be >= 1"),
+        ("model.T=0", "model.T must be between 1 and 4096, got 0"),
         ("train.lr", "expects key=value"),
         ("data.test_fraction=0", r"data.test_fraction must be between 0 and 1 \(exclusive\), got 0.0"),
         ("data.test_fraction=1", "data.test_fraction must be between 0 and 1"),
@@ -49,9 +49,17 @@ def test_overrides_are_typed():
         ("data.num_workers=-1", "data.num_workers must be >= 0"),
         ("data.split_seed=-1", r"data.split_seed must be in \[0, 2\^32\)"),
         ("train.seed=4294967296", r"train.seed must be in \[0, 2\^32\)"),
-        ("train.momentum=-0.5", "train.momentum must be >= 0"),
+        ("train.momentum=-0.5", r"train.momentum must be in \[0, 1\)"),
+        ("train.momentum=5", r"train.momentum must be in \[0, 1\) \(SGD diverges from 1 up\), got 5.0"),  # was taken
         ("train.weight_decay=-1e-4", "train.weight_decay must be >= 0"),
-        ("train.gamma=0", "train.gamma must be a positive finite number"),
+        ("train.gamma=0", r"train.gamma must be in \(0, 1\]"),
+        ("train.gamma=5", r"train.gamma must be in \(0, 1\] \(the schedules decay the learning rate by it\)"),
+        ("train.schedule=multistep", "train.schedule = 'multistep' needs train.milestones"),  # ran at a constant lr
+        ("model.T=100000000000000000000", "model.T must be between 1 and 4096"),  # a traceback in torch's expand()
+        ("model.v_th=-1", r"model.v_th must be > 0, got -1.0"),  # trained with every neuron always firing
+        ("model.v_th=0", "model.v_th must be > 0"),
+        ("data.mean=[0.5, 0.5]", r"data.mean has 2 values for the 1 channel\(s\) of model.input_shape \[1, 8, 8\]"),
+        ("model.lr=0.01", r"unknown config key 'model.lr' \(it is a \[train\] key: train.lr; known in \[model\]"),
         ("train.milestones=[0, 3]", "train.milestones must be epochs >= 1"),
         ("model.classes=0", "model.classes must be >= 1"),
         ("model.vote_group=0", "model.vote_group must be >= 1"),
@@ -62,6 +70,16 @@ def test_bad_override_is_one_line(override, words):
     with pytest.raises(ConfigError, match=words) as err:
         apply_overrides(Config(), [override])
     assert "\n" not in str(err.value)
+
+
+def test_settings_that_only_look_valid_alone():
+    """Accepted before, then wrong later: a pad that shifts 8x8 digits out of frame trained to chance, and an
+    event dataset's data.mean was ignored; the wrong number of means blamed model.input_shape."""
+    with pytest.raises(ConfigError, match=r"data.augment_pad 100 would shift 8x8 images mostly out of frame: at most 4"):
+        apply_overrides(Config(), ["data.augment=shift", "data.augment_pad=100"])
+    apply_overrides(Config(), ["data.augment=shift", "data.augment_pad=4"])
+    with pytest.raises(ConfigError, match=r"data.std normalises images; nmnist frames are event counts"):
+        apply_overrides(Config(), ["data.name=nmnist", "model.input_shape=[2, 34, 34]", "data.std=[0.5, 0.5]"])
 
 
 def test_unknown_key_in_toml(tmp_path):
@@ -108,11 +126,20 @@ def test_any_text_round_trips_through_the_written_toml(tmp_path):
 
 def test_a_config_that_is_not_utf8_is_one_line(tmp_path):
     path = tmp_path / "latin1.toml"
-    path.write_bytes('description = "caf\u00e9"\n'.encode("latin-1"))
+    path.write_bytes('description = "caf\u00e9"\n[model]\narch = "8C3-Voting"\n'.encode("latin-1"))
     with pytest.raises(ConfigError, match=r"latin1.toml: not UTF-8 text \(byte 0xe9 at offset 18\); TOML files are UTF-8"):
         load_config(path)
-    path.write_bytes('description = "caf\u00e9"\n'.encode("utf-8"))
+    path.write_bytes('description = "caf\u00e9"\n[model]\narch = "8C3-Voting"\n'.encode("utf-8"))
     assert load_config(path).description == "caf\u00e9"
+
+
+def test_a_model_toml_must_name_its_network(tmp_path):
+    """An empty file, or one without [model], trained ModelConfig's default network for 10 epochs, unasked."""
+    path = tmp_path / "no_model.toml"
+    path.write_text('[data]\nname = "digits"\n')
+    with pytest.raises(ConfigError, match=r"no_model.toml: no \[model\] arch: a model TOML names its network"):
+        load_config(path)
+    assert load_config(path, ["model.arch='8C3-AP2-16FC-Voting'"]).model.arch == "8C3-AP2-16FC-Voting"
 
 
 def test_a_relative_data_root_is_stored_absolute(tmp_path, monkeypatch):
