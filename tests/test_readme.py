@@ -1,4 +1,5 @@
-"""The README's Python API block runs as written (a fresh interpreter, in a directory laid out like the repo)."""
+"""The README as written: its Python API block runs (a fresh interpreter, in a directory laid out like the repo), and
+its key table names every config key."""
 
 import re
 import shutil
@@ -24,3 +25,16 @@ def test_python_api_block_runs_as_written(tmp_path):
     assert accuracy > 0.5  # 3 epochs of training, not chance (0.1)
     (run,) = (tmp_path / "export" / "digits").iterdir()
     assert {"model.onnx", "model_layers.onnx", "verify.json"} <= {p.name for p in run.iterdir()}
+
+
+def test_every_config_key_is_in_the_key_table():
+    """A user writing a TOML from scratch had the examples and the error's key list to go by."""
+    import dataclasses
+
+    from snncompile.config import _SECTIONS
+
+    text = (REPO / "README.md").read_text()
+    table = text[text.index("### Config keys"):text.index("### Event datasets")]
+    missing = [f"{section}.{f.name}" for section, cls in _SECTIONS.items() for f in dataclasses.fields(cls)
+               if f"`{section}.{f.name}`" not in table]
+    assert not missing, f"keys not in the README's key table: {missing}"
