@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..config import Config, DataConfig
+from ..config import EVENT_DATASETS, Config, DataConfig
 from ..errors import ConfigError
 from .augment import make_augment
 
@@ -88,7 +88,7 @@ def load_dataset(cfg: Config, progress: bool = True) -> Dataset:
 
         ds = load_cifar10(d.root)
         mean, std = d.mean or [0.4914, 0.4822, 0.4465], d.std or [0.2023, 0.1994, 0.2010]
-    elif d.name in ("nmnist", "dvs_cifar10", "dvs_gesture"):
+    elif d.name in EVENT_DATASETS:
         ds = _load_events(cfg, progress)
         _set_augment(ds, d, fill=0.0)  # padding = no events
         return ds
