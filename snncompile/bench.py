@@ -25,7 +25,7 @@ from .backends.base import runner_numerics
 from .backends.pt import cpu_threads
 from .compare import verify_run
 from .errors import ArtifactError, ConfigError, SnnCompileError
-from .export_onnx import export_reference_paths, missing_export, read_reference, require_current_checkpoint
+from .export_onnx import export_reference_paths, layers_twin, missing_export, read_reference, require_current_checkpoint
 
 __all__ = ["batch_rows", "batch_sizes", "bench_run", "bench_stem", "format_table", "percentiles"]
 
@@ -311,7 +311,7 @@ def _gate(run_dir: Path, name: str, numerics: str, options: dict, model_file: st
 
     The timed file passes when it is the file its export recorded and its scores are off only on as few
     samples as numerical spike flips explain (:func:`_timed_file_reasons`)."""
-    layers_file = model_file if model_file.endswith("_layers.onnx") else model_file.replace(".onnx", "_layers.onnx")
+    layers_file = layers_twin(model_file)
     earlier = read_manifest(run_dir).get("exports", {}).get(layers_file)
     if not _is_twin(run_dir, model_file, export, earlier, layers_file):
         from .export_onnx import export_run

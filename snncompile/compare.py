@@ -24,7 +24,7 @@ from .artifacts import (atomic_write_json, read_manifest, record_artifact, requi
                         sha256_model)
 from .backends import create_runner
 from .errors import ArtifactError, ConfigError, DataError
-from .export_onnx import (export_command, export_reference_paths, missing_export, read_reference,
+from .export_onnx import (export_command, export_reference_paths, layers_twin, missing_export, read_reference,
                           require_current_checkpoint)
 from .runs import load_run_config
 
@@ -209,7 +209,7 @@ def layers_hint(run_dir: Path, exports: dict, model_file: str) -> str:
     """How to check ``model_file``'s spikes layer by layer: verify its ``_layers`` twin where one was exported at
     the same T from the same checkpoint, else the export command that writes that twin (with ``model_file``'s
     own T, order, precision)."""
-    twin = model_file if model_file.endswith("_layers.onnx") else model_file.replace(".onnx", "_layers.onnx")
+    twin = layers_twin(model_file)
     export, twin_export = exports.get(model_file, {}), exports.get(twin)
     same = ("T", "checkpoint_sha256")  # a twin of older weights: verify would refuse it
     if twin_export is not None and all(twin_export.get(k) == export.get(k) for k in same):

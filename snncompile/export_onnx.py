@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import re
 import shutil
 import tempfile
 import time
@@ -68,6 +67,14 @@ def unrolled_file(order: str = "layer", layers: bool = False, precision: str = "
     LIF layer's spikes and membranes (what verify classifies flips on), e.g. ``model_fp16_layers.onnx``."""
     return ("model" + ("_per_step" if order == "step" else "") + ("" if precision == "fp32" else f"_{precision}")
             + ("_layers" if layers else "") + ".onnx")
+
+
+def layers_twin(model_file: str) -> str:
+    """The ``_layers`` export of the same graph as ``model_file`` (model_fp16.onnx -> model_fp16_layers.onnx),
+    on which verify checks every layer's spikes; a ``_layers`` file is its own twin."""
+    return model_file if model_file.endswith("_layers.onnx") else model_file.replace(".onnx", "_layers.onnx")
+
+
 REF_INPUTS = "reference_inputs.npz"
 REF_OUTPUTS = "reference_outputs.npz"
 
@@ -132,12 +139,14 @@ def missing_export(run_dir: Path, model_file: str) -> ArtifactError:
     run_dir = Path(run_dir)
     if not (run_dir / CHECKPOINT).is_file():
         return missing_checkpoint(run_dir)
-    written = re.fullmatch(r"model(_per_step)?(?:_(fp16|bf16|tf32x2))?(_layers)?\.onnx", model_file)
+    # the options whose file name (unrolled_file) this is: the naming rule read backwards, not written twice
+    written = [{"order": order, "precision": precision, "layers": layers} for order in ("layer", "step")
+               for precision in EXPORT_PRECISIONS for layers in (False, True)
+               if unrolled_file(order, layers, precision) == model_file]
     if model_file == "model_step.onnx":
         options = {"form": "step"}
     elif written:
-        options = {"order": "step" if written[1] else "layer", "precision": written[2] or "fp32",
-                   "layers": bool(written[3])}
+        options = written[0]
     else:
         exports = ", ".join(sorted(read_manifest(run_dir).get("exports", {}))) or "none yet"
         return ArtifactError(f"{run_dir} has no export named {model_file} (its exports: {exports})")
