@@ -92,6 +92,23 @@ def _make_scheduler(opt: torch.optim.Optimizer, cfg: Config):
     return torch.optim.lr_scheduler.LambdaLR(opt, lambda epoch: 1.0)
 
 
+def _unused_milestones_note(cfg: Config) -> str | None:
+    """A note when train.milestones will not act as written. Not an error: shortening a run (`--set
+    train.epochs=1` on a config with milestones [35, 70]) or switching its schedule is a normal smoke test, but
+    the user should know the run trains at a rate the config does not describe."""
+    t = cfg.train
+    if not t.milestones:
+        return None
+    if t.schedule not in ("step", "multistep"):
+        return f"note: train.milestones {t.milestones} are not read by train.schedule = {t.schedule!r}"
+    # the scheduler steps after each epoch: a milestone at or past the last epoch never changes the rate
+    # ('step' decays every milestones[0] epochs and reads no other)
+    if (t.milestones[0] if t.schedule == "step" else min(t.milestones)) >= t.epochs:
+        return (f"note: train.milestones {t.milestones} are all at or past the last epoch (train.epochs = "
+                f"{t.epochs}): the learning rate stays {t.lr:g} for the whole run")
+    return None
+
+
 def _autocast(device: torch.device, precision: str):
     enabled = precision == "bf16"
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
@@ -245,6 +262,8 @@ def _train(cfg: Config, device: torch.device, ctx: DistContext, out_root, resume
         )
     if cfg.model.exact:
         _say_clipped_inputs(data.train.x, cfg.model.exact_input_max, say)
+    if (note := _unused_milestones_note(cfg)) is not None:
+        say(note)
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
     net = network_from_config(cfg.model).to(device)
     if cfg.train.channels_last:  # in place: the parameters stay the same objects, only their strides change

@@ -384,3 +384,28 @@ def test_asking_for_cuda_without_one_names_the_option_the_user_gave():
         resolve_device("cuda", "--device ")
     with pytest.raises(ConfigError, match=r"resume it on a machine with one$"):  # --resume cannot change the device
         resolve_device("cuda", None)
+
+
+@pytest.mark.parametrize("overrides, note", [
+    (["train.schedule=multistep", "train.milestones=[2, 9]", "train.epochs=3"], None),
+    (["train.schedule=multistep", "train.milestones=[3, 9]", "train.epochs=3"],
+     "note: train.milestones [3, 9] are all at or past the last epoch (train.epochs = 3): the learning rate stays "),
+    (["train.schedule=step", "train.milestones=[2]", "train.epochs=3"], None),
+    (["train.schedule=step", "train.milestones=[5, 1]", "train.epochs=3"], "are all at or past the last epoch"),
+    (["train.schedule=cosine", "train.milestones=[1]"], "note: train.milestones [1] are not read by train.schedule = 'cosine'"),
+    (["train.schedule=step"], None),
+])
+def test_milestones_that_never_act_are_noted(digits_cfg, overrides, note):
+    """A shortened run of a multistep config (cifar10's [35, 70, 105] at train.epochs=1) trained at a constant
+    rate without a word; it is allowed (a smoke test), but said."""
+    from snncompile.train import _unused_milestones_note
+
+    got = _unused_milestones_note(apply_overrides(digits_cfg, overrides))
+    assert got == note if note is None else got.startswith(note) or note in got
+
+
+def test_training_says_when_its_milestones_never_act(tmp_path, digits_cfg):
+    lines = []
+    cfg = apply_overrides(digits_cfg, ["train.schedule=multistep", "train.milestones=[35, 70]", "train.epochs=1"])
+    train(cfg, tmp_path, progress=False, echo=lines.append)
+    assert any("train.milestones [35, 70] are all at or past the last epoch (train.epochs = 1)" in s for s in lines)
