@@ -3,6 +3,7 @@
 import subprocess
 import sys
 
+import pytest
 from click.testing import CliRunner
 
 from conftest import REPO
@@ -63,6 +64,15 @@ def test_missing_config_and_bad_resume_are_one_line(tmp_path):
     assert r.exit_code == 2 and r.output.strip().splitlines() == [f"error: config file not found: {tmp_path / 'missing.toml'}"]
     r = runner.invoke(cli, ["train", "--resume", str(tmp_path)])
     assert r.exit_code == 1 and len(r.output.strip().splitlines()) == 1 and "manifest.json is missing" in r.output
+
+
+@pytest.mark.parametrize("model", ["mnist.toml", "cifar10.toml"])
+def test_a_dataset_without_data_root_is_a_usage_error(tmp_path, model):
+    """It is the config that lacks something, like every other config error (exit 2); it exited 1, as for a
+    dataset folder that is missing or broken."""
+    r = CliRunner().invoke(cli, ["train", str(REPO / "models" / model), "--set", "data.root=", "--out", str(tmp_path)])
+    assert r.exit_code == 2 and "needs data.root: --set data.root=/path/to/" in r.output
+    assert len(r.output.strip().splitlines()) == 1 and not any(tmp_path.iterdir())
 
 
 def test_unknown_verify_runner_is_a_usage_error_before_any_work(tmp_path):

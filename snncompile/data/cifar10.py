@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..errors import DataError
+from ..errors import ConfigError, DataError
 from . import Dataset, Split
 
 __all__ = [
@@ -195,10 +195,11 @@ def load_cifar10(root: str | Path) -> Dataset:
         A static :class:`Dataset` named ``"cifar10"``; class names from ``batches.meta`` when present.
 
     Raises:
-        DataError: missing folder or files, corrupt or malicious pickles, wrong shapes (one line each).
+        ConfigError: no data.root. DataError: missing folder or files, corrupt or malicious pickles, wrong shapes
+            (one line each).
     """
     if not root:
-        raise DataError(f"CIFAR10 needs data.root: --set data.root=/path/to/{CIFAR10_FOLDER} (or its parent folder)")
+        raise ConfigError(f"CIFAR10 needs data.root: --set data.root=/path/to/{CIFAR10_FOLDER} (or its parent folder)")
     root = Path(root).expanduser()
     folder = _resolve_folder(root)
     needed = (*CIFAR10_TRAIN_FILES, CIFAR10_TEST_FILE)

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..errors import DataError
+from ..errors import ConfigError, DataError
 from . import Dataset, Split
 
 __all__ = ["read_idx", "load_mnist", "MNIST_FILES"]
@@ -54,7 +54,7 @@ def _find(root: Path, stem: str) -> Path | None:
 def load_mnist(root: str | Path) -> Dataset:
     """MNIST as ``[N, 1, 28, 28]`` float32 in [0, 1] (60,000 train / 10,000 test)."""
     if not root:
-        raise DataError("MNIST needs data.root: --set data.root=/path/to/mnist (a folder with the 4 IDX files)")
+        raise ConfigError("MNIST needs data.root: --set data.root=/path/to/mnist (a folder with the 4 IDX files)")
     root = Path(root).expanduser()
     paths = {k: _find(root, v) for k, v in MNIST_FILES.items()}
     missing = [MNIST_FILES[k] for k, p in paths.items() if p is None]
