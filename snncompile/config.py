@@ -355,7 +355,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
 
 def with_execution_settings(run_cfg: Config, cfg: Config) -> Config:
     """The config a resumed run trains on: ``run_cfg`` (its config.toml) with the :data:`EXECUTION_KEYS` of
-    ``cfg`` (the threads of this machine, say). Any other difference is an error: a resume continues the same
+    ``cfg`` (this machine's data.num_workers, say). Any other difference is an error: a resume continues the same
     training, so ``cfg`` must train the same weights."""
     cfg = with_absolute_data_paths(cfg)
     if cfg.result_hash() != run_cfg.result_hash():
