@@ -36,6 +36,53 @@ def write_aedat2_raw(path: Path, addresses, timestamps) -> None:
     path.write_bytes(header + body.tobytes())
 
 
+# AEDAT 4.0 (iniVation DV, tonic's CIFAR10-DVS download), as the `aedat` package decodes it: the magic line, a
+# size-prefixed IOHeader flatbuffer (file identifier IOHE) whose description XML declares the streams, then packets
+# of (u32 stream id, u32 length, size-prefixed EventPacket flatbuffer, identifier EVTS). Uncompressed, so only
+# flatbuffers (an onnxruntime dependency) is needed to write one.
+_AEDAT4_EVENT = np.dtype({"names": ["t", "x", "y", "on"], "formats": ["<i8", "<i2", "<i2", "u1"],
+                          "offsets": [0, 8, 10, 12], "itemsize": 16})  # the schema's struct, padded to int64's 8
+_AEDAT4_STREAMS = ('<dv version="2.0"><node name="outInfo" path="/mainloop/Recorder/outInfo/">'
+                   '<node name="0" path="/mainloop/Recorder/outInfo/0/">'
+                   '<attr key="compression" type="string">NONE</attr>'
+                   '<attr key="typeIdentifier" type="string">EVTS</attr>'
+                   '<node name="info" path="/mainloop/Recorder/outInfo/0/info/">'
+                   '<attr key="sizeX" type="int">{w}</attr><attr key="sizeY" type="int">{h}</attr>'
+                   '</node></node></node></dv>')
+
+
+def write_aedat4(path: Path, x, y, p, t, width=128, height=128, events_per_packet=None) -> None:
+    """One event stream (id 0) of ``t`` (us), ``x``, ``y``, ``p`` (1 = ON), in packets of at most
+    ``events_per_packet`` events (default: one packet)."""
+    import flatbuffers
+
+    header = flatbuffers.Builder(1024)
+    description = header.CreateString(_AEDAT4_STREAMS.format(w=width, h=height))
+    header.StartObject(3)  # table IOHeader: compression (default NONE), file_data_position, description
+    header.PrependInt64Slot(1, -1, -1)  # -1: no file data table; the decoder reads packets to the end of the file
+    header.PrependUOffsetTRelativeSlot(2, description, 0)
+    header.FinishSizePrefixed(header.EndObject(), file_identifier=b"IOHE")
+    events = np.zeros(len(t), _AEDAT4_EVENT)  # zeros: the 3 padding bytes too
+    events["t"], events["x"], events["y"], events["on"] = t, x, y, np.asarray(p, bool)
+    step = events_per_packet or max(len(events), 1)
+    packets = []
+    for start in range(0, len(events), step):
+        raw = events[start:start + step].tobytes()
+        b = flatbuffers.Builder(len(raw) + 64)
+        # a vector of 16-byte structs copied in at once (the builder's numpy helper takes scalar types only)
+        b.StartVector(_AEDAT4_EVENT.itemsize, len(raw) // _AEDAT4_EVENT.itemsize, 8)
+        b.head -= len(raw)
+        b.Bytes[b.head:b.head + len(raw)] = raw
+        vector = b.EndVector()
+        b.StartObject(1)  # table EventPacket { elements: [Event] }
+        b.PrependUOffsetTRelativeSlot(0, vector, 0)
+        b.FinishSizePrefixed(b.EndObject(), file_identifier=b"EVTS")
+        body = bytes(b.Output())
+        packets.append(np.array([0, len(body)], "<u4").tobytes() + body)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"#!AER-DAT4.0\r\n" + bytes(header.Output()) + b"".join(packets))
+
+
 def write_gesture_npy(path: Path, x, y, p, t_ms) -> None:
     """tonic's DVS Gesture release: one [N, 4] array per sample, columns x, y, p, t (milliseconds)."""
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -11,7 +11,8 @@ pytest.importorskip("tonic")
 from click.testing import CliRunner  # noqa: E402
 
 from conftest import REPO  # noqa: E402
-from event_files import make_nmnist, write_aedat2, write_aedat2_raw, write_gesture_npy, write_nmnist_bin  # noqa: E402
+from event_files import (make_nmnist, random_events, write_aedat2, write_aedat2_raw, write_aedat4,  # noqa: E402
+                         write_gesture_npy, write_nmnist_bin)
 from snncompile.cli import cli  # noqa: E402
 from snncompile.config import load_config  # noqa: E402
 from snncompile.data import load_dataset  # noqa: E402
@@ -35,6 +36,33 @@ def test_aedat2_round_trip(tmp_path):
     ev = read_events("dvs_cifar10", path)
     assert ev["x"].tolist() == [0, 127, 64] and ev["y"].tolist() == [5, 0, 127]
     assert ev["p"].tolist() == [1, 0, 1] and ev["t"].tolist() == [10, 20, 4_000_000]
+
+
+def test_aedat4_round_trip_through_the_aedat_decoder(tmp_path):
+    """tonic's CIFAR10-DVS download (.aedat4), read by the real `aedat` decoder through tonic: events in two
+    packets come back in order with their fields where tonic's dtype puts them (t, x, y, on)."""
+    pytest.importorskip("aedat")
+    pytest.importorskip("flatbuffers")
+    x, y, p, t = random_events(np.random.default_rng(0), 1001, 128, 128, 2_000_000)
+    path = tmp_path / "cifar10_cat_0.aedat4"
+    write_aedat4(path, x, y, p, t, events_per_packet=600)
+    ev = read_events("dvs_cifar10", path)
+    assert {k: ev[k].dtype for k in "xypt"} == dict.fromkeys("xypt", np.dtype(np.int64))
+    assert (ev["x"].tolist(), ev["y"].tolist(), ev["p"].tolist(), ev["t"].tolist()) == (
+        x.tolist(), y.tolist(), p.tolist(), t.tolist())
+
+
+def test_aedat4_without_events_is_one_line(tmp_path):
+    pytest.importorskip("aedat")
+    pytest.importorskip("flatbuffers")
+    path = tmp_path / "cifar10_cat_0.aedat4"
+    write_aedat4(path, [], [], [], [])
+    with pytest.raises(DataError, match=r"cifar10_cat_0.aedat4: an AEDAT 4 file without events \(a truncated copy\?\)$"):
+        read_events("dvs_cifar10", path)
+    path.write_bytes(path.read_bytes()[:20])  # cut inside its header
+    with pytest.raises(DataError, match=r"cifar10_cat_0.aedat4: cannot decode \(") as err:
+        read_events("dvs_cifar10", path)
+    assert "\n" not in str(err.value)
 
 
 def test_aedat2_addresses_decode_as_dat2mat_by_hand(tmp_path):

@@ -161,14 +161,7 @@ def read_events(name: str, path: Path) -> dict[str, np.ndarray]:
             return {"x": arr[:, 0].astype(np.int64), "y": arr[:, 1].astype(np.int64), "p": arr[:, 2].astype(np.int64),
                     "t": np.rint(arr[:, 3].astype(np.float64) * 1000).astype(np.int64)}
         if path.suffix == ".aedat4":
-            io = _tonic_io()
-            try:
-                ev = io.read_aedat4(str(path))
-            except ImportError:
-                raise MissingDependencyError("aedat (to read .aedat4)", "data") from None
-            names = ev.dtype.names
-            return {"t": np.asarray(ev[names[0]], np.int64), "x": np.asarray(ev[names[1]], np.int64),
-                    "y": np.asarray(ev[names[2]], np.int64), "p": np.asarray(ev[names[3]], np.int64)}
+            return _read_aedat4(path)
         io = _tonic_io()
         version, start, _ = io.read_aedat_header_from_file(str(path))
         raw = io.get_aer_events_from_file(str(path), version, start)
@@ -182,6 +175,26 @@ def read_events(name: str, path: Path) -> dict[str, np.ndarray]:
     except Exception as e:  # noqa: BLE001  tonic's decoders fail on malformed files with any type (UnboundLocalError on
         # an AEDAT file without a header, NotImplementedError on AEDAT 1.x/3.x, a bare Exception on an empty .aedat4)
         raise DataError(f"{path}: cannot decode ({type(e).__name__}: {str(e)[:120]})") from None
+
+
+def _read_aedat4(path: Path) -> dict[str, np.ndarray]:
+    """The events of an AEDAT 4.0 file (tonic's CIFAR10-DVS download): its first event stream, every packet.
+    Read with the `aedat` decoder directly, not tonic's wrapper, which failed on a file without event packets
+    with numpy's "need at least one array to concatenate"."""
+    try:
+        import aedat
+    except ImportError:
+        raise MissingDependencyError("aedat (to read .aedat4)", "data") from None
+    decoder = aedat.Decoder(str(path))
+    streams = [i for i, stream in decoder.id_to_stream().items() if stream["type"] == "events"]
+    if not streams:
+        raise DataError(f"{path}: an AEDAT 4 file without an event stream")
+    packets = [packet["events"] for packet in decoder if packet["stream_id"] == min(streams)]
+    if not packets:
+        raise DataError(f"{path}: an AEDAT 4 file without events (a truncated copy?)")
+    ev = np.concatenate(packets)
+    return {"t": ev["t"].astype(np.int64), "x": ev["x"].astype(np.int64), "y": ev["y"].astype(np.int64),
+            "p": ev["on"].astype(np.int64)}
 
 
 def _load_plain_npy(path: Path) -> np.ndarray:
