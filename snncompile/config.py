@@ -224,8 +224,9 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(f"name must be one directory name (no '/', '\\', '.' or '..'), got {cfg.name!r}")
     if not 1 <= m.T <= MAX_STEPS:  # a huge T overflowed torch's expand() with a traceback
         raise ConfigError(f"model.T must be between 1 and {MAX_STEPS}, got {m.T}")
-    if len(m.input_shape) not in (1, 3) or any(s < 1 for s in m.input_shape):
-        raise ConfigError(f"model.input_shape must be [C, H, W] (or [F]) with positive sizes, got {m.input_shape}")
+    # [C, H, W] only: every dataset gives frames, and a flat [F] passed here, then failed building the network
+    if len(m.input_shape) != 3 or any(s < 1 for s in m.input_shape):
+        raise ConfigError(f"model.input_shape must be [C, H, W] with positive sizes, got {m.input_shape}")
     if not 0.0 < m.k_tau1 <= 1.0 or not 0.0 <= m.k_tau2 < 1.0:
         raise ConfigError(f"need 0 < model.k_tau1 <= 1 and 0 <= model.k_tau2 < 1, got {m.k_tau1}, {m.k_tau2}")
     if m.a <= 0 or not 0.0 <= m.dropout < 1.0:
@@ -237,7 +238,7 @@ def _validate(cfg: Config) -> None:
         raise ConfigError("data.batch_size and data.eval_batch_size must be >= 1")
     if d.augment_pad < 0:
         raise ConfigError(f"data.augment_pad must be >= 0, got {d.augment_pad}")
-    if d.augment in ("shift", "shift-flip") and len(m.input_shape) == 3 and d.augment_pad > min(m.input_shape[1:]) // 2:
+    if d.augment in ("shift", "shift-flip") and d.augment_pad > min(m.input_shape[1:]) // 2:
         raise ConfigError(f"data.augment_pad {d.augment_pad} would shift {m.input_shape[1]}x{m.input_shape[2]} images "
                           f"mostly out of frame: at most {min(m.input_shape[1:]) // 2}")
     for key in ("mean", "std"):
@@ -245,7 +246,7 @@ def _validate(cfg: Config) -> None:
         if values and d.name in EVENT_DATASETS:
             raise ConfigError(f"data.{key} normalises images; {d.name} frames are event counts and are not "
                               "normalised: remove it")
-        if values and len(m.input_shape) == 3 and len(values) != m.input_shape[0]:
+        if values and len(values) != m.input_shape[0]:
             raise ConfigError(f"data.{key} has {len(values)} values for the {m.input_shape[0]} channel(s) of "
                               f"model.input_shape {m.input_shape}: one per channel")
     if d.downsample < 1 or d.bin_us < 1 or d.frame_clip < 0:

@@ -500,7 +500,7 @@ class SpikingNetwork(nn.Module):
         return output_sum / steps
 
     def forward(self, x: Tensor, order: ExecutionOrder | None = None) -> Tensor:
-        """``[T, B, C, H, W]`` (or ``[T, B, F]`` for an FC-first net) -> class scores ``[B, classes]``."""
+        """``[T, B, C, H, W]`` -> class scores ``[B, classes]``."""
         return self.decode(self.forward_sequence(x, order))
 
 

@@ -62,6 +62,7 @@ def test_overrides_are_typed():
         ("model.lr=0.01", r"unknown config key 'model.lr' \(it is a \[train\] key: train.lr; known in \[model\]"),
         ("train.milestones=[0, 3]", "train.milestones must be epochs >= 1"),
         ("model.classes=0", "model.classes must be >= 1"),
+        ("model.input_shape=[64]", r"model.input_shape must be \[C, H, W\] with positive sizes, got \[64\]"),
         ("model.vote_group=0", "model.vote_group must be >= 1"),
         ("model.v_th=inf", "config key 'model.v_th' must be a finite number"),
     ],
