@@ -177,7 +177,7 @@ def test_tensorrt_rtx_engines_are_portable_and_say_where_they_were_built(tmp_pat
     if not torch.cuda.is_available():
         assert side["gpu"] == "no GPU (ahead-of-time build)"
     else:  # built here or anywhere: only the TensorRT-RTX version must match
-        check_engine_matches({**side, "gpu": "another GPU", "compute_capability": "8.6"})
+        check_engine_matches({**side, "gpu": "another GPU", "compute_capability": "8.6"}, run, "model.onnx")
     # --timing-cache asks for a file TensorRT-RTX never writes (it times no tactics): said, not silent
     from click.testing import CliRunner
 
@@ -294,3 +294,19 @@ def test_an_engine_of_an_earlier_export_is_refused(tmp_path):
     export_run(run, steps=6, n_random=4, n_real=0, check_numerics=False)
     with pytest.raises(ArtifactError, match="model_fp32.plan was built from an earlier model.onnx: rebuild it"):
         check_engine_current(side, run, "model.onnx")
+
+
+def test_every_rebuild_hint_is_a_command_that_writes_the_same_engine(tmp_path):
+    """A stale fp16 engine said `snncompile build RUN --model model.onnx`: that writes model_fp32.plan and the
+    same error came back; the batch-profile hint lacked RUN itself. Pure functions: no TensorRT needed."""
+    from snncompile.artifacts import update_manifest
+    from snncompile.backends.trt import check_engine_current, rebuild_command
+    from snncompile.errors import ArtifactError
+
+    assert rebuild_command(tmp_path, "model.onnx", "fp32") == f"`snncompile build {tmp_path}`"
+    assert rebuild_command(tmp_path, "model_T8.onnx", "fp16", batch="1:16:256") == (
+        f"`snncompile build {tmp_path} --model model_T8.onnx --precision fp16 --batch 1:16:256`")
+    update_manifest(tmp_path, exports={"model.onnx": {"sha256": "new"}})
+    with pytest.raises(ArtifactError, match=rf"^model_fp16.plan was built from an earlier model.onnx: rebuild it with "
+                                            rf"`snncompile build {tmp_path} --precision fp16`$"):
+        check_engine_current({"precision": "fp16", "onnx_sha256": "old"}, tmp_path, "model.onnx")

@@ -202,7 +202,16 @@ def build_engine(onnx_path: Path, engine_path: Path, options: BuildOptions, step
     }
 
 
-def check_engine_matches(sidecar: dict) -> None:
+def rebuild_command(run_dir: Path, model_file: str, precision: str, batch: str | None = None) -> str:
+    """The ``snncompile build`` command that writes this engine again: its export, its precision (build's
+    default would write ``<model>_fp32.plan`` beside a stale fp16 one) and, when given, a batch profile."""
+    options = "".join([f" --model {model_file}" if model_file != "model.onnx" else "",
+                       f" --precision {precision}" if precision != "fp32" else "",
+                       f" --batch {batch}" if batch else ""])
+    return f"`snncompile build {run_dir}{options}`"
+
+
+def check_engine_matches(sidecar: dict, run_dir: Path, model_file: str) -> None:
     """One-line error when an engine was built by another TensorRT or for another GPU (a portable
     TensorRT-RTX engine only needs the same TensorRT-RTX; whether it runs on this GPU is the runner's
     availability)."""
@@ -211,8 +220,9 @@ def check_engine_matches(sidecar: dict) -> None:
     keys = ("tensorrt",) if sidecar.get("portable") else ("tensorrt", "gpu", "compute_capability")
     for key in keys:
         if sidecar.get(key) != here[key]:
-            raise ArtifactError(f"engine was built for {key} {sidecar.get(key)!r}, this machine has {here[key]!r}: "
-                                "rebuild it with `snncompile build`")
+            raise ArtifactError(f"{engine_name(model_file, sidecar.get('precision', 'fp32'))} was built for {key} "
+                                f"{sidecar.get(key)!r}, this machine has {here[key]!r}: rebuild it with "
+                                f"{rebuild_command(run_dir, model_file, sidecar.get('precision', 'fp32'))}")
 
 
 def check_engine_current(sidecar: dict, run_dir: Path, model_file: str) -> None:
@@ -223,12 +233,13 @@ def check_engine_current(sidecar: dict, run_dir: Path, model_file: str) -> None:
     export = read_manifest(run_dir).get("exports", {}).get(model_file, {})
     built_from = sidecar.get("onnx_sha256")
     if built_from is not None and built_from != export.get("sha256"):
-        raise ArtifactError(f"{engine_name(model_file, sidecar.get('precision', 'fp32'))} was built from an earlier "
-                            f"{model_file}: rebuild it with `snncompile build {run_dir} --model {model_file}`")
+        precision = sidecar.get("precision", "fp32")
+        raise ArtifactError(f"{engine_name(model_file, precision)} was built from an earlier {model_file}: rebuild it "
+                            f"with {rebuild_command(run_dir, model_file, precision)}")
 
 
 class TrtRunner(Runner):
-    """Runs ``engine_<precision>.plan``; inputs/outputs live in torch CUDA tensors."""
+    """Runs ``<model>_<precision>.plan`` (:func:`engine_name`); inputs/outputs live in torch CUDA tensors."""
 
     name = "trt"
 
@@ -251,10 +262,10 @@ class TrtRunner(Runner):
         engine_path = Path(run_dir) / engine_name(model_file, precision)
         sidecar_path = engine_path.with_suffix(".json")
         if not engine_path.is_file() or not sidecar_path.is_file():
-            raise ArtifactError(f"no {engine_path.name} in {run_dir}: run `snncompile build {run_dir} --model {model_file} "
-                                f"--precision {precision}`")
+            raise ArtifactError(f"no {engine_path.name} in {run_dir}: run "
+                                f"{rebuild_command(Path(run_dir), model_file, precision)}")
         sidecar = json.loads(sidecar_path.read_text())
-        check_engine_matches(sidecar)
+        check_engine_matches(sidecar, Path(run_dir), model_file)
         check_engine_current(sidecar, Path(run_dir), model_file)
         self._torch = torch
         self.logger = trt.Logger(trt.Logger.WARNING)
@@ -265,7 +276,7 @@ class TrtRunner(Runner):
         self.stream = torch.cuda.Stream()
         self.cuda_graph = cuda_graph
         self._graph = None
-        self._trt = trt
+        self._rebuild = (Path(run_dir), model_file, precision)  # for the batch-profile error
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         self._input_names = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
         self._outputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
@@ -278,10 +289,12 @@ class TrtRunner(Runner):
         bufs = {n: torch.from_numpy(np.ascontiguousarray(feed[n])).cuda() for n in self._input_names}
         for n, t in bufs.items():
             if not self.context.set_input_shape(n, tuple(t.shape)):  # False, not an exception, past the profile
-                lo, _, hi = self.engine.get_tensor_profile_shape(n, 0)
+                lo, opt, hi = self.engine.get_tensor_profile_shape(n, 0)
+                batch = t.shape[1]  # inputs are [T, B, ...]
+                profile = f"{min(lo[1], batch)}:{opt[1]}:{max(hi[1], batch)}"
                 raise ConfigError(f"{n} of shape {tuple(t.shape)} is outside the engine's profile ({tuple(lo)} to "
-                                  f"{tuple(hi)}): build it again with `snncompile build --batch` covering batch "
-                                  f"{t.shape[1]}")
+                                  f"{tuple(hi)}): build it again with "
+                                  f"{rebuild_command(*self._rebuild, batch=profile)}")
         for n in self._outputs:
             shape = tuple(self.context.get_tensor_shape(n))
             bufs[n] = torch.empty(shape, dtype=torch.float32, device="cuda")
