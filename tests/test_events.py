@@ -131,8 +131,11 @@ def test_missing_folder_names_layout(tmp_path):
     with pytest.raises(DataError, match="NMNIST/Train and NMNIST/Test with one folder per digit") as err:
         list_samples("nmnist", tmp_path / "nope", True)
     assert "\n" not in str(err.value)
-    with pytest.raises(DataError, match="no training samples"):
-        list_samples("nmnist", tmp_path, True)
+    # the fetch command as it runs: --root is required, and it is this data.root (it said `data fetch nmnist`)
+    assert f"(`snncompile data fetch nmnist --root {tmp_path / 'nope'}`, or https://" in str(err.value)
+    with pytest.raises(DataError, match="no training samples") as err:
+        list_samples("dvs_gesture", tmp_path, True)
+    assert str(err.value).endswith(f"<label>.npy (`snncompile data fetch dvs_gesture --root {tmp_path}`)")
 
 
 def test_dvs_cifar10_seeded_9_to_1_split(tmp_path):

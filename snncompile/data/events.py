@@ -36,20 +36,25 @@ class EventSource:
     width: int
     height: int
     classes: tuple[str, ...]
-    how_to_get: str
+    layout: str  # the files data.root must hold
+    url: str = ""  # where to get them by hand
+
+    def expected(self, root: str | Path) -> str:
+        """The layout, and the commands that produce it in ``root`` (data fetch requires its --root)."""
+        by_hand = f", or {self.url}" if self.url else ""
+        return f"{self.layout} (`snncompile data fetch {self.name} --root {root}`{by_hand})"
 
 
 SOURCES = {
     "nmnist": EventSource("nmnist", "NMNIST", 34, 34, tuple(str(i) for i in range(10)),
-                          "NMNIST/Train and NMNIST/Test with one folder per digit of .bin files "
-                          "(snncompile data fetch nmnist, or https://www.garrickorchard.com/datasets/n-mnist)"),
+                          "NMNIST/Train and NMNIST/Test with one folder per digit of .bin files",
+                          "https://www.garrickorchard.com/datasets/n-mnist"),
     "dvs_cifar10": EventSource("dvs_cifar10", "CIFAR10DVS", 128, 128,
                                ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"),
-                               "CIFAR10DVS/<class>/*.aedat (one folder per class; snncompile data fetch dvs_cifar10, "
-                               "or https://figshare.com/articles/dataset/CIFAR10-DVS_New/4724671)"),
+                               "CIFAR10DVS/<class>/*.aedat, one folder per class",
+                               "https://figshare.com/articles/dataset/CIFAR10-DVS_New/4724671"),
     "dvs_gesture": EventSource("dvs_gesture", "DVSGesture", 128, 128, tuple(str(i) for i in range(11)),
-                               "DVSGesture/ibmGestureTrain and ibmGestureTest with <user>_<lighting>/<label>.npy "
-                               "(snncompile data fetch dvs_gesture)"),
+                               "DVSGesture/ibmGestureTrain and ibmGestureTest with <user>_<lighting>/<label>.npy"),
 }
 
 
@@ -90,7 +95,7 @@ def _dataset_folder(root: Path, source: EventSource) -> Path:
     root = Path(root).expanduser()
     folder = root / source.folder if (root / source.folder).is_dir() else root
     if not folder.is_dir():
-        raise DataError(f"{source.name}: folder {root} not found; expected {source.how_to_get}")
+        raise DataError(f"{source.name}: folder {root} not found; expected {source.expected(root)}")
     return folder
 
 
@@ -132,14 +137,14 @@ def list_samples(name: str, root: str | Path, train: bool, split_seed: int = 0) 
             chosen = order[n_test:] if train else order[:n_test]
             samples += [(files[i], label) for i in sorted(chosen)]
     if not samples:
-        raise DataError(f"{source.name}: no {'training' if train else 'test'} samples under {folder}; expected {source.how_to_get}")
+        raise DataError(f"{source.name}: no {'training' if train else 'test'} samples under {folder}; expected {source.expected(root)}")
     # every split of each dataset holds every class: a missing one is an incomplete copy, not a choice
     present = {label for _, label in samples}
     missing = [cls for label, cls in enumerate(source.classes) if label not in present]
     if missing:
         raise DataError(f"{source.name}: no {'training' if train else 'test'} samples of class "
                         f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''} under {folder} (an "
-                        f"incomplete copy?); expected {source.how_to_get}")
+                        f"incomplete copy?); expected {source.expected(root)}")
     return samples
 
 
