@@ -24,7 +24,7 @@ from .backends import available_runners, create_runner, default_runners, runner_
 from .backends.base import runner_numerics
 from .backends.pt import cpu_threads
 from .compare import verify_run
-from .errors import ArtifactError, ConfigError, SnnCompileError
+from .errors import ArtifactError, ConfigError, SnnCompileError, described
 from .export_onnx import export_reference_paths, layers_twin, missing_export, read_reference, require_current_checkpoint
 
 __all__ = ["batch_rows", "batch_sizes", "bench_run", "bench_stem", "format_table", "percentiles"]
@@ -149,7 +149,7 @@ def bench_run(run_dir: str | Path, runners: list[str] | None = None, batches: tu
                         profiles.append(_profile(runner, handle, f"{name} ({entry['precision']}), batch {batch}",
                                                  stats["execution"]))
             except Exception as exc:  # noqa: BLE001  the runner could not be created (or profiled): its row says why
-                failure = _failure(exc)
+                failure = failure_row(exc)
                 if entry.get("by_batch"):  # the figures measured stand
                     entry["failed"] = failure
                 else:
@@ -208,7 +208,7 @@ def _plot_or_forget(run_dir: Path, name: str, results: dict, echo) -> bool:
     try:
         drawn = _plot(results, run_dir / name)
     except Exception as exc:  # noqa: BLE001  matplotlib's own errors: the plot is the least of the outputs
-        echo(f"{name} not drawn: {type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0][:200]}")
+        echo(f"{name} not drawn: {described(exc)}")
         drawn = False
     if drawn:
         record_artifact(run_dir, name)
@@ -236,19 +236,18 @@ def _time_batch(runner, reference: dict[str, np.ndarray], batch: int, warmup: in
         stats.update(iters=len(times), samples_per_s=batch / (stats["p50_ms"] / 1e3),
                      timesteps_per_s=batch * steps / (stats["p50_ms"] / 1e3), execution=runner.timing_mode(handle))
     except Exception as exc:  # noqa: BLE001  any runtime's error (ORT, TensorRT, CUDA OOM), reported in one line
-        return {"failed": _failure(exc)}
+        return {"failed": failure_row(exc)}
     return {**stats, "handle": handle}
 
 
-def _failure(exc: Exception) -> str:
-    """``failed: <Type>: <first line>``, after giving back the CUDA memory a failed allocation may have left
-    cached (the next batch size or runner gets it)."""
+def failure_row(exc: Exception) -> str:
+    """A benchmark table's ``failed: <Type>: <first line>``, after giving back the CUDA memory a failed
+    allocation may have left cached (the next batch size, runner or variant gets it)."""
     import torch
 
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-    message = (str(exc).strip().splitlines() or [""])[0][:200]
-    return f"failed: {type(exc).__name__}: {message}"
+    return f"failed: {described(exc)}"
 
 
 def _profile(runner, handle, head: str, execution: str) -> str:

@@ -315,10 +315,9 @@ def _attempt(measure: Callable[[], dict]) -> dict | str:
     try:
         return measure()
     except Exception as exc:  # noqa: BLE001 - reported in the table, one line
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-        message = (str(exc).strip().splitlines() or [""])[0][:200]
-        return f"failed: {type(exc).__name__}: {message}"
+        from .bench import failure_row
+
+        return failure_row(exc)
 
 
 def _cuda_graphed(forward_backward_update: Callable[[], None], opt: torch.optim.Optimizer,

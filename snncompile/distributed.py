@@ -29,7 +29,7 @@ import torch.distributed as dist
 if dist.is_available():
     import torch.distributed.nn  # noqa: F401
 
-from .errors import ConfigError, SnnCompileError
+from .errors import ConfigError, SnnCompileError, first_line
 
 __all__ = ["DistContext", "init_distributed", "all_reduce_sum", "shard_indices", "stop_on_peer_failure",
            "PeerFailureError"]
@@ -149,7 +149,7 @@ def stop_on_peer_failure(ctx: DistContext):
         text = str(e)
         if not isinstance(e, dist.DistError) and not any(k in text for k in ("gloo", "NCCL", "closed by peer")):
             raise
-        first = re.sub(r"^\[[^\]]*\]\s*", "", text.strip().splitlines()[0])[:120] if text.strip() else type(e).__name__
+        first = re.sub(r"^\[[^\]]*\]\s*", "", first_line(e, limit=10**6))[:120]  # without gloo's "[file:line]"
         raise PeerFailureError(f"rank {ctx.rank}: a collective failed, another rank probably crashed ({first}); "
                                "the last complete checkpoint is intact: continue with --resume RUN_DIR") from None
     finally:

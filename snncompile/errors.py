@@ -12,7 +12,22 @@ __all__ = [
     "Interrupted",
     "TrainingInterrupted",
     "caused_by_interrupt",
+    "first_line",
+    "described",
 ]
+
+
+def first_line(exc: BaseException, limit: int = 200) -> str:
+    """The first line of an exception's message, at most ``limit`` characters, or its type's name when it has
+    none: third-party errors run on for paragraphs, and every message here is one line."""
+    text = str(exc).strip()
+    return (text.splitlines()[0] if text else type(exc).__name__)[:limit]
+
+
+def described(exc: BaseException, limit: int = 200) -> str:
+    """``<Type>: <first line>``, or ``<Type>`` alone for an exception without a message."""
+    text = str(exc).strip()
+    return type(exc).__name__ + (f": {first_line(exc, limit)}" if text else "")
 
 
 class SnnCompileError(Exception):

@@ -18,7 +18,7 @@ from typing import Callable
 
 from .artifacts import read_manifest, sha256_file, update_manifest
 from .config import Config
-from .errors import ConfigError, DataError, SnnCompileError
+from .errors import ConfigError, DataError, SnnCompileError, described
 
 __all__ = ["run_pipeline", "find_run"]
 
@@ -89,8 +89,7 @@ def _plot_training(run: Path) -> str:
     except SnnCompileError as e:  # MissingDependencyError, ArtifactError (no metrics.jsonl), ...
         return f"skipped: {e}"
     except Exception as e:  # matplotlib's own errors (a backend, a font, a full disk) are no reason to stop either
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        return f"skipped: {type(e).__name__}" + (f": {first[:200]}" if first else "")
+        return f"skipped: {described(e)}"
     _mark(run, "plot", inputs, run / "training.png")
     return "done"
 

@@ -8,7 +8,7 @@ import torch
 
 from .artifacts import MANIFEST, read_manifest
 from .config import Config, load_config
-from .errors import ArtifactError
+from .errors import ArtifactError, first_line
 from .models import SpikingNetwork, network_from_config
 
 __all__ = ["CHECKPOINT", "CONFIG", "METRICS", "load_checkpoint", "load_run_config", "load_network", "model_settings",
@@ -83,8 +83,7 @@ def load_checkpoint(path: str | Path) -> dict:
 def _first_clause(error: Exception, limit: int = 120) -> str:
     """An exception's first sentence, cut at a word and marked when longer than ``limit`` (torch's reader
     errors run on for a paragraph)."""
-    text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-    text = text.split(". ")[0].rstrip(".")
+    text = first_line(error, limit=10**6).split(". ")[0].rstrip(".")
     return text if len(text) <= limit else text[:limit].rsplit(" ", 1)[0] + " ..."
 
 

@@ -118,3 +118,13 @@ def test_ctrl_c_is_one_line_and_exit_130_in_every_command(tmp_path, monkeypatch)
     inside = CliRunner().invoke(cli, ["export", str(run)])
     assert inside.exit_code == 130
     assert inside.stderr.splitlines() == [f"error: export interrupted: nothing of it was written; {run} is as it was"]
+
+
+def test_first_line_of_any_error():
+    """One helper for every "first line of a third-party error": an empty message (IndexError in one copy of
+    it) gives the type's name, a paragraph its first line, cut to the limit."""
+    from snncompile.errors import described, first_line
+
+    assert first_line(KeyError()) == "KeyError" and described(KeyError()) == "KeyError"
+    assert first_line(ValueError("  bad shape\n  at line 3\n")) == "bad shape"
+    assert described(RuntimeError("x" * 300), limit=5) == "RuntimeError: xxxxx"

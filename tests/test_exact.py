@@ -11,7 +11,7 @@ from conftest import REPO
 from snncompile.config import load_config
 from snncompile.errors import ConfigError
 from snncompile.exact import Grid, LayerGrid, Quantize, grid_violations, input_grids, quantize, snap_to_grid
-from snncompile.models import LIFCell, NeuNormCell, SpikingNetwork
+from snncompile.models import LIFCell, SpikingNetwork
 from snncompile.neurons import LIFParams
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from helpers import conv_input_channels
-from snncompile.artifacts import read_manifest, update_manifest
+from snncompile.artifacts import read_manifest
 from snncompile.config import apply_overrides
 from snncompile.errors import ArtifactError, ConfigError, TrainingInterrupted
 from snncompile.runs import CHECKPOINT, load_checkpoint, load_network, read_metrics

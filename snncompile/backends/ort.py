@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import ArtifactError, InputError
+from ..errors import ArtifactError, InputError, first_line
 from ..text import counted
 from .base import Runner, TensorSpec, validate_feed
 
@@ -52,11 +52,6 @@ def _numpy_type(ort_type: str) -> type:
     if ort_type not in _ORT_TYPES:
         raise ArtifactError(f"unsupported tensor type {ort_type} at the graph boundary")
     return np.dtype(_ORT_TYPES[ort_type]).type
-
-
-def _first_line(e: Exception) -> str:
-    text = str(e).strip()
-    return (text.splitlines()[0] if text else type(e).__name__)[:200]
 
 
 def usable_cpus() -> int:
@@ -135,7 +130,7 @@ class _OrtRunner(Runner):
         try:
             return self._create(dims)
         except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph/... types
-            raise ArtifactError(f"{self.path} cannot be loaded by ONNX Runtime: {_first_line(e)}") from None
+            raise ArtifactError(f"{self.path} cannot be loaded by ONNX Runtime: {first_line(e)}") from None
 
     def _specialized_for(self, feed: dict[str, np.ndarray]):
         """The shape-specialized runtime object for ``feed``'s dimensions, created on first use (LRU)."""
@@ -210,7 +205,7 @@ class OrtCudaRunner(_OrtRunner):
             try:  # all nodes on CUDA or no graph: a node left on the CPU would break capture
                 session = self._create(dims, self.graph_options, cpu_fallback=False)
             except Exception as e:  # noqa: BLE001 - onnxruntime's own error types, reported as the reason
-                note = f"no CUDA graph: {_first_line(e)}"
+                note = f"no CUDA graph: {first_line(e)}"
         bound = _BoundSession(session or self._open(dims), None, cuda_graph=session is not None, note=note)
         bound.binding = bound.session.io_binding()
         sizes = dict(dims)
