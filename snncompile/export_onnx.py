@@ -33,7 +33,7 @@ from .artifacts import (environment, forget_artifact, interrupts_deferred, read_
                         require_writable, sha256_file, sha256_model, update_manifest)
 from .config import Config
 from .errors import (ArtifactError, ConfigError, DataError, ExportError, Interrupted, MissingDependencyError,
-                     caused_by_interrupt)
+                     caused_by_interrupt, first_line)
 from .graphs import StepGraph, UnrolledGraph
 from .runs import CHECKPOINT, load_checkpoint, load_network, load_run_config, missing_checkpoint
 
@@ -304,13 +304,15 @@ def _check_graph(onnx, path: Path) -> list[str]:
     try:
         onnx.checker.check_model(str(path), full_check=True)
     except onnx.checker.ValidationError as e:
-        raise ExportError(f"onnx.checker rejected the exported graph: {str(e).splitlines()[0][:200]}") from None
+        raise ExportError(f"onnx.checker rejected the exported graph: {first_line(e)}") from None
     model = onnx.load(str(path), load_external_data=False)
     domains = {n.domain for n in model.graph.node} - {"", "ai.onnx"}
     ops = sorted({n.op_type for n in model.graph.node})
     bad = sorted(set(ops) - ALLOWED_OPS)
-    if domains or bad or model.functions:
-        raise ExportError(f"exported graph uses non-standard or disallowed ops: {bad or sorted(domains)}")
+    problems = [f"{what} {items}" for what, items in (("ops", bad), ("custom domains", sorted(domains)),
+                                                       ("local functions", [f.name for f in model.functions])) if items]
+    if problems:  # each part named: with only local functions this said "disallowed ops: []"
+        raise ExportError(f"exported graph uses non-standard or disallowed {'; '.join(problems)}")
     return ops
 
 
@@ -416,8 +418,7 @@ def export_run(
         except Exception as e:  # the exporter raises many types; report the first line
             if caused_by_interrupt(e):  # a Ctrl-C the exporter wrapped into its own error
                 raise KeyboardInterrupt from None
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise ExportError(f"torch.onnx.export failed: {first[:300]}") from None
+            raise ExportError(f"torch.onnx.export failed: {first_line(e, limit=300)}") from None
         model = program.model
         written = model.opset_imports.get("")
         if written != opset:  # below 18 torch converts down and, where that fails, quietly keeps its own opset

@@ -368,3 +368,24 @@ def test_export_command_names_the_options_of_each_file(tmp_path):
                                  "reference_samples": [32, 0]})
             == f"snncompile export {run} --T 6 --layers --rates --order step --precision bf16 --samples 32")
     assert export_command(run, {**plain, "form": "step", "T": 4}) == f"snncompile export {run} --form step"
+
+
+def test_a_graph_outside_the_allow_list_names_every_reason(tmp_path):
+    """With only a local function wrong, the message said "disallowed ops: []"; a custom domain beside a bad op
+    was not named."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from snncompile.export_onnx import _check_graph
+
+    twice = helper.make_function("local", "Twice", ["a"], ["b"], [helper.make_node("Add", ["a", "a"], ["b"])],
+                                 [helper.make_opsetid("", 18)])
+    graph = helper.make_graph([helper.make_node("Twice", ["x"], ["t"], domain="local"), helper.make_node("Relu", ["t"], ["y"])],
+                              "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])])
+    path = tmp_path / "g.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("local", 1)],
+                                functions=[twice]), str(path))
+    with pytest.raises(ExportError, match=r"^exported graph uses non-standard or disallowed ops \['Relu', 'Twice'\]; "
+                                          r"custom domains \['local'\]; local functions \['Twice'\]$"):
+        _check_graph(onnx, path)
