@@ -1,9 +1,10 @@
 """`snncompile bench`: verified latency and throughput of every runner available here.
 
-Each runner is verified first (fp32 preset on the export's reference inputs) and skipped with the
-reason if it fails. Then, per batch size: inputs made once and placed where the runner computes
-(``Runner.prepare``), warm-up calls, then timed calls (``Runner.run_prepared`` returns only once the
-result is complete: CUDA runners synchronize) -> p50/p90/p99 latency, samples/s and timesteps/s.
+Each runner is verified first, at the precision it runs (``runner_numerics``), on the export's reference
+inputs (on its ``_layers`` twin, then the timed file), and skipped with the reason if it fails. Then, per
+batch size: inputs made once and placed where the runner computes (``Runner.prepare``), warm-up calls,
+then timed calls (``Runner.run_prepared`` returns only once the result is complete: CUDA runners
+synchronize) -> p50/p90/p99 latency, samples/s and timesteps/s.
 Results go to ``bench.json``, ``bench.md`` and (with matplotlib) ``bench.png`` in the run dir; a bench of
 some runners keeps the others' earlier rows when they timed the same export in the same environment. A bench
 that timed no runner at all is a one-line error and writes nothing: the earlier results stay.
@@ -68,11 +69,11 @@ def batch_sizes(batches) -> tuple[int, ...]:
 
 
 def bench_run(run_dir: str | Path, runners: list[str] | None = None, batches: tuple[int, ...] = (1, 16, 128),
-              warmup: int = 10, iters: int = 50, min_seconds: float = 0.0, progress: bool = True,
+              warmup: int = 10, iters: int = 50, progress: bool = True,
               echo=print, model_file: str = "model.onnx", precision: str = "fp32", cuda_graph: bool = True,
               cudnn_autotune: bool = True, profile: bool = False, pad_channels: int = 1, threads: int = 0) -> dict:
     """Verify, then time every requested runner at every batch size (default: every available one but
-    the opt-in ``torch-compile``).
+    the opt-in ``torch-compile`` and ``torch-loop``).
 
     ``precision`` applies to the runners that take one (torch-fast, trt; see ``PRECISION_RUNNERS``),
     which are then verified with that precision's tolerances. ONNX Runtime runs the file as written: at
@@ -139,7 +140,7 @@ def bench_run(run_dir: str | Path, runners: list[str] | None = None, batches: tu
                 with create_runner(name, run_dir, model_file, **options) as runner:
                     entry["by_batch"] = {}
                     for batch in batches:
-                        stats = _time_batch(runner, reference, batch, warmup, iters, min_seconds, export["T"])
+                        stats = _time_batch(runner, reference, batch, warmup, iters, export["T"])
                         handle = stats.pop("handle", None)
                         entry["by_batch"][str(batch)] = stats
                         if progress or "failed" in stats:
@@ -217,8 +218,7 @@ def _plot_or_forget(run_dir: Path, name: str, results: dict, echo) -> bool:
     return False
 
 
-def _time_batch(runner, reference: dict[str, np.ndarray], batch: int, warmup: int, iters: int, min_seconds: float,
-                steps: int) -> dict:
+def _time_batch(runner, reference: dict[str, np.ndarray], batch: int, warmup: int, iters: int, steps: int) -> dict:
     """One runner at one batch size: percentiles, samples/s and timesteps/s (and the prepared ``handle``, for
     the profile), or ``{"failed": "failed: <error>"}``: one size that does not fit (out of memory) costs its own
     row, not the figures already measured nor the other runners'."""
@@ -227,8 +227,7 @@ def _time_batch(runner, reference: dict[str, np.ndarray], batch: int, warmup: in
         for _ in range(warmup):
             runner.run_prepared(handle)
         times: list[float] = []
-        started = time.perf_counter()
-        while len(times) < iters or time.perf_counter() - started < min_seconds:
+        for _ in range(iters):
             t0 = time.perf_counter()
             runner.run_prepared(handle)
             times.append(time.perf_counter() - t0)

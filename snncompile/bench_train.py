@@ -159,7 +159,8 @@ def _has(module: str) -> bool:
 def bench_train(cfg: Config, device: torch.device, precision: str = "fp32", steps: int = 20, warmup: int = 5,
                 peers: bool = False, echo: Callable[[str], None] = print, compiled: bool = False,
                 profile: bool = False) -> dict:
-    """Time a training step of ``cfg``'s network per variant; returns {variant: stats or skip reason}.
+    """Time a training step of ``cfg``'s network per variant; returns the settings (model, T, batch, precision,
+    device, steps, threads, ...) with ``"variants"``: {variant: stats, or the skip or ``failed: ...`` reason}.
 
     ``profile``: also profile our first (eager, layer-major) variant after timing it, and on CUDA the
     channels_last ones (their steps run eagerly for the profile); the tables of where each step's time

@@ -53,7 +53,6 @@ class Tolerance:
 
 
 PRESETS = {
-    # fp32 is spike-for-spike: no flip of any kind, scores equal to fp32 rounding.
     # fp32: no real flip; numerical flips only at the rate of rounding coincidences between two
     # libraries' different summation orders (seen: ~1 in 10-30 M neuron-steps, ORT vs torch CPU);
     # scores equal to rounding on every sample whose spikes all matched.
@@ -61,7 +60,7 @@ PRESETS = {
     "tf32": Tolerance(membrane_eps=1e-2, score_atol=0.05, max_numerical_flip_rate=1e-4, min_top1=0.99),
     "fp16": Tolerance(membrane_eps=2e-2, score_atol=0.10, max_numerical_flip_rate=1e-3, min_top1=0.98),
     "bf16": Tolerance(membrane_eps=1e-1, score_atol=0.15, max_numerical_flip_rate=5e-3, min_top1=0.95),
-    # torch-fast's split-TF32 spike layers claim fp32 accuracy: held to fp32's tolerances
+    # tf32x2 exports (on ORT and TensorRT) and torch-fast's split-TF32 layers claim fp32 accuracy: fp32's tolerances
     "tf32x2": Tolerance(membrane_eps=1e-4, score_atol=1e-5, max_numerical_flip_rate=1e-6, min_top1=1.0, top1_spike_exact=True),
 }
 
@@ -310,7 +309,7 @@ def verify_runs(run_dir: str | Path, runners: dict[str, dict | None], precision:
                 model_file: str | None = None, progress: bool = False, inputs: str = "reference") -> dict[str, dict]:
     """Compare each runner with the torch reference in one pass over the inputs (the reference runs once per
     batch, the dataset is read once); returns ``{runner: report}``, each also merged into ``verify.json``
-    under the runner's name, suffixed ``@test`` for the test set.
+    (under :func:`report_key`).
 
     ``runners``: name -> the runner's constructor options (see ``backends.runner_options``; None = defaults).
     ``inputs``: ``"reference"`` = the export's saved inputs (seeded random + real test samples);
