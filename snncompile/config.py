@@ -166,6 +166,7 @@ def _digest(values: dict[str, Any]) -> str:
 _SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig}
 MAX_STEPS = 4096  # model.T: far past any SNN's window, and short of sizes torch cannot allocate
 EVENT_DATASETS = ("nmnist", "dvs_cifar10", "dvs_gesture")
+IMAGE_DATASETS = ("digits", "mnist", "cifar10")  # static images, shown at every step
 
 
 def _type_name(tp: Any) -> str:

@@ -205,17 +205,11 @@ def _require_onnx():
 def reference_inputs(cfg: Config, steps: int, n_random: int, n_real: int) -> tuple[dict[str, np.ndarray], str]:
     """Seeded random inputs ``[T, N, ...]`` and, when the dataset is present, real test samples.
 
-    Returns (arrays, note). Static images are random normal per step (a stronger test of the graph
-    than a repeated image); event-style inputs are binary with density 0.2.
+    Returns (arrays, note). The random ones are :func:`~snncompile.data.random_input`'s.
     """
-    from .data import load_dataset, to_time_major
+    from .data import load_dataset, random_input, to_time_major
 
-    gen = torch.Generator().manual_seed(cfg.train.seed + 12345)
-    shape = (steps, n_random, *cfg.model.input_shape)
-    if cfg.data.name in ("digits", "mnist", "cifar10"):
-        rand = torch.randn(shape, generator=gen)
-    else:
-        rand = (torch.rand(shape, generator=gen) < 0.2).float()
+    rand = random_input(cfg, n_random, torch.Generator().manual_seed(cfg.train.seed + 12345), steps)
     arrays = {"random": rand.numpy()}
     note = "seeded random"
     if n_real:

@@ -15,21 +15,14 @@ import torch
 from . import __version__
 from .artifacts import atomic_save, atomic_write_text, environment, new_run_dir, record_artifact, update_manifest
 from .config import Config, dumps_toml, with_absolute_data_paths
+from .data import random_input
 from .exact import snap_to_grid
 from .models import LIFCell, NeuNormCell, SpikingNetwork, network_from_config
 from .runs import CHECKPOINT, CONFIG, model_settings
 
-__all__ = ["calibrate_firing", "init_run", "random_input"]
+__all__ = ["calibrate_firing", "init_run"]
 
 FIRING_TARGET = (0.05, 0.3)  # the firing rate calibration brings every LIF layer to
-
-
-def random_input(cfg: Config, batch: int, generator: torch.Generator) -> torch.Tensor:
-    """``[T, B, ...]``: normal per step for image datasets, binary with density 0.2 for event-like data."""
-    shape = (cfg.model.T, batch, *cfg.model.input_shape)
-    if cfg.data.name in ("digits", "mnist", "cifar10"):
-        return torch.randn(shape, generator=generator)
-    return (torch.rand(shape, generator=generator) < 0.2).float()
 
 
 @torch.no_grad()

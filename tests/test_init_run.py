@@ -8,7 +8,8 @@ from conftest import REPO
 from helpers import tiny_zoo_config
 from snncompile.cli import cli
 from snncompile.config import load_config
-from snncompile.init_run import calibrate_firing, init_run, random_input
+from snncompile.data import random_input
+from snncompile.init_run import calibrate_firing, init_run
 from snncompile.models import network_from_config
 from snncompile.runs import load_network
 

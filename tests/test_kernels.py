@@ -23,7 +23,8 @@ pytest.importorskip("triton")
 
 from conftest import REPO, ZOO, zoo_ids  # noqa: E402
 from helpers import reference_file, tiny_zoo_config  # noqa: E402
-from snncompile.init_run import calibrate_firing, random_input  # noqa: E402
+from snncompile.data import random_input  # noqa: E402
+from snncompile.init_run import calibrate_firing  # noqa: E402
 from snncompile.kernels import fused_lif  # noqa: E402
 from snncompile.models import LIFCell, network_from_config  # noqa: E402
 from snncompile.neurons import LIFParams, lif_scan  # noqa: E402

@@ -180,7 +180,8 @@ def test_on_an_emulated_tf32_runtime_the_export_s_split_flips_like_exact_arithme
     import copy
 
     import snncompile.split_tf32 as split_tf32
-    from snncompile.init_run import calibrate_firing, random_input
+    from snncompile.data import random_input
+    from snncompile.init_run import calibrate_firing
 
     cfg = tiny_zoo_config(REPO / "models" / f"{model}.toml")
     net = network_from_config(cfg.model).eval()

@@ -13,11 +13,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..config import EVENT_DATASETS, Config, DataConfig
+from ..config import EVENT_DATASETS, IMAGE_DATASETS, Config, DataConfig
 from ..errors import ConfigError
 from .augment import make_augment
 
-__all__ = ["Split", "Dataset", "balanced_subset", "load_dataset", "to_time_major"]
+__all__ = ["Split", "Dataset", "balanced_subset", "load_dataset", "random_input", "to_time_major"]
 
 
 @dataclass
@@ -147,6 +147,16 @@ def balanced_subset(samples: list[tuple], limit: int, seed: int) -> list[tuple]:
     for depth in range(max(map(len, by_label.values()), default=0)):  # round robin: one of each label per pass
         keep += [q[depth] for q in by_label.values() if depth < len(q)][: limit - len(keep)]
     return [samples[i] for i in sorted(keep)]
+
+
+def random_input(cfg: Config, batch: int, generator: torch.Generator, steps: int | None = None) -> Tensor:
+    """Seeded stand-in inputs ``[T, B, ...]`` (``T = steps``, default model.T) shaped like the dataset's: normal
+    per step for image datasets (a stronger test of a graph than one image repeated), binary with density 0.2
+    for event data and ``random``."""
+    shape = (cfg.model.T if steps is None else steps, batch, *cfg.model.input_shape)
+    if cfg.data.name in IMAGE_DATASETS:
+        return torch.randn(shape, generator=generator)
+    return (torch.rand(shape, generator=generator) < 0.2).float()
 
 
 def to_time_major(x: Tensor, steps: int, static: bool) -> Tensor:
