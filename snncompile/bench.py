@@ -26,7 +26,7 @@ from .backends.base import runner_numerics
 from .backends.pt import cpu_threads
 from .compare import verify_run
 from .errors import ArtifactError, ConfigError, SnnCompileError, described
-from .export_onnx import export_reference_paths, layers_twin, missing_export, read_reference, require_current_checkpoint
+from .export_onnx import export_reference_paths, layers_twin, read_reference, unrolled_export
 
 __all__ = ["batch_rows", "batch_sizes", "bench_run", "bench_stem", "format_table", "percentiles"]
 
@@ -88,14 +88,8 @@ def bench_run(run_dir: str | Path, runners: list[str] | None = None, batches: tu
     on a CPU that other work keeps busy, the free cores."""
     run_dir = Path(run_dir)
     manifest = read_manifest(run_dir)
-    export = manifest.get("exports", {}).get(model_file)
-    if export is not None and export.get("form") == "step":  # exporting again would not help: say what does
-        raise ConfigError(f"{model_file} is the step-by-step form: bench times unrolled exports; bench {run_dir} "
-                          "without --model (model.onnx)")
-    if export is None or export["form"] != "unrolled":
-        raise missing_export(run_dir, model_file)
     # the timed file of older weights: one line, not every runner failing its gate (torch is the current checkpoint)
-    require_current_checkpoint(run_dir, model_file, export)
+    export = unrolled_export(run_dir, model_file, "bench")
     require_writable(run_dir, "the bench table, plot and json")  # before minutes of timing, not after
     batches = batch_sizes(batches)
     if iters < 1 or warmup < 0:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .artifacts import atomic_write_json, interrupts_deferred, read_manifest, record_artifact, update_manifest
+from .artifacts import atomic_write_json, interrupts_deferred, record_artifact, update_manifest
 from .errors import ConfigError
-from .export_onnx import missing_export, require_current_checkpoint
+from .export_onnx import unrolled_export
 
 __all__ = ["build_run"]
 
@@ -18,13 +18,7 @@ def build_run(run_dir: str | Path, precision: str = "fp32", batch: str = "1:16:1
     options = BuildOptions(precision, parse_profile(batch), workspace_mb, Path(timing_cache) if timing_cache else None)
     options.validate()
     run_dir = Path(run_dir)
-    export = read_manifest(run_dir).get("exports", {}).get(model_file)
-    if export is not None and export.get("form") == "step":  # exporting again would not help: say what does
-        raise ConfigError(f"{model_file} is the step-by-step form: build takes unrolled exports; build {run_dir} "
-                          "without --model (model.onnx)")
-    if export is None or export["form"] != "unrolled" or not (run_dir / model_file).is_file():
-        raise missing_export(run_dir, model_file)
-    require_current_checkpoint(run_dir, model_file, export)  # an engine of older weights would fail verify
+    export = unrolled_export(run_dir, model_file, "build", file_needed=True)  # older weights would fail verify
     typed = export.get("precision", "fp32")
     fits = ENGINE_PRECISION.get(typed, typed)  # a tf32x2 export (split for TF32) is built with TF32 on
     if typed != "fp32" and precision != fits:  # a typed export builds only as what it was typed for: another

@@ -24,8 +24,7 @@ from .artifacts import (atomic_write_json, read_manifest, record_artifact, requi
                         sha256_model)
 from .backends import create_runner
 from .errors import ArtifactError, ConfigError, DataError
-from .export_onnx import (export_command, export_reference_paths, layers_twin, missing_export, read_reference,
-                          require_current_checkpoint)
+from .export_onnx import export_command, export_reference_paths, layers_twin, read_reference, unrolled_export
 from .runs import load_run_config
 
 __all__ = ["Tolerance", "PRESETS", "verify_run", "verify_runs", "default_model_file", "format_report", "LayerStats",
@@ -330,17 +329,11 @@ def verify_runs(run_dir: str | Path, runners: dict[str, dict | None], precision:
     manifest = read_manifest(run_dir)
     if model_file is None:
         model_file = default_model_file(manifest.get("exports", {}))
-    export = manifest.get("exports", {}).get(model_file)
-    if export is not None and export.get("form") == "step":
-        raise ConfigError(f"{model_file} is the step-by-step form: verify checks unrolled exports (the step form is "
-                          f"checked against the unrolled graph when it is exported); verify {run_dir} without --model")
-    inputs_path, outputs_path = export_reference_paths(run_dir, export or {})
-    if export is None:
-        raise missing_export(run_dir, model_file)
+    export = unrolled_export(run_dir, model_file, "verify")
+    inputs_path, outputs_path = export_reference_paths(run_dir, export)
     if not inputs_path.is_file() or not outputs_path.is_file():
         raise ArtifactError(f"{run_dir}: the reference inputs and outputs of {model_file} are gone: run "
                             f"`{export_command(run_dir, export)}` again")
-    require_current_checkpoint(run_dir, model_file, export)
     read_reports(run_dir / "verify.json")  # a corrupt one is reported now, not after the whole comparison
     hash_ok = (run_dir / model_file).is_file() and sha256_model(run_dir / model_file) == export["sha256"]
     if inputs == "reference":

@@ -39,7 +39,7 @@ from .runs import CHECKPOINT, load_checkpoint, load_network, load_run_config, mi
 
 __all__ = ["unrolled_file", "stream_steps", "ALLOWED_OPS", "ExportResult", "export_run", "resolve_run_dir", "reference_inputs",
            "reference_files", "export_reference_paths", "read_reference", "export_command",
-           "require_current_checkpoint", "EXPORTER"]
+           "require_current_checkpoint", "unrolled_export", "EXPORTER"]
 
 EXPORTER = "torch.export (torch.onnx.export dynamo=True) + onnxscript optimizer"
 DEFAULT_OPSET = 18
@@ -151,6 +151,24 @@ def missing_export(run_dir: Path, model_file: str) -> ArtifactError:
         exports = ", ".join(sorted(read_manifest(run_dir).get("exports", {}))) or "none yet"
         return ArtifactError(f"{run_dir} has no export named {model_file} (its exports: {exports})")
     return ArtifactError(f"{run_dir} has no {model_file}: run `{export_command(run_dir, options)}` first")
+
+
+def unrolled_export(run_dir: Path, model_file: str, command: str, file_needed: bool = False) -> dict:
+    """The manifest's entry of ``model_file`` when it is an unrolled export of the run's current checkpoint (what
+    verify, bench and build take), else the one-line error that says what to run: for the step form, the command
+    without --model (exporting again would not help); for a missing export, what writes it
+    (:func:`missing_export`); for older weights, the export again (:func:`require_current_checkpoint`).
+    ``file_needed``: the file itself must be there too (build reads it; verify and bench report a missing file
+    as its hash)."""
+    run_dir = Path(run_dir)
+    export = read_manifest(run_dir).get("exports", {}).get(model_file)
+    if export is not None and export.get("form") == "step":
+        raise ConfigError(f"{model_file} is the step-by-step form, checked against the unrolled graph when it was "
+                          f"exported: {command} takes unrolled exports; `snncompile {command} {run_dir}` without --model")
+    if export is None or export.get("form") != "unrolled" or (file_needed and not (run_dir / model_file).is_file()):
+        raise missing_export(run_dir, model_file)
+    require_current_checkpoint(run_dir, model_file, export)
+    return export
 
 
 def require_current_checkpoint(run_dir: Path, file_name: str, export: dict) -> None:

@@ -491,8 +491,8 @@ def test_bench_of_a_step_form_export_says_bench_times_unrolled_ones(exported):
     export_run(exported, form="step", n_random=2, n_real=0)
     result = CliRunner().invoke(cli, ["bench", str(exported), "--model", "model_step.onnx"])
     assert result.exit_code == 2 and result.output.strip() == (  # it said to export again, which cannot help
-        f"error: model_step.onnx is the step-by-step form: bench times unrolled exports; bench {exported} without "
-        "--model (model.onnx)")
+        f"error: model_step.onnx is the step-by-step form, checked against the unrolled graph when it was exported: "
+        f"bench takes unrolled exports; `snncompile bench {exported}` without --model")
 
 
 def test_gate_exports_the_twin_again_when_it_was_exported_from_another_checkpoint(exported):

@@ -260,7 +260,7 @@ def test_step_form_of_a_readout_head_streams_to_the_unrolled_result(tmp_path):
     result = export_run(run, form="step", n_random=8, n_real=0)
     assert result.form == "step" and (run / "model_step.onnx").is_file()
     assert load_network(run)[1].head == "readout"
-    with pytest.raises(ConfigError, match="model_step.onnx is the step-by-step form: verify checks unrolled exports"):
+    with pytest.raises(ConfigError, match=r"model_step.onnx is the step-by-step form, checked .*: verify takes unrolled exports; `snncompile verify "):
         verify_run(run, "ort-cpu", "fp32", model_file="model_step.onnx")
 
 
