@@ -53,7 +53,6 @@ ALLOWED_OPS = frozenset({
     "ReduceSum", "Reshape", "Round", "Shape", "Slice", "Split", "Squeeze", "Sub", "Transpose", "Unsqueeze", "Where",
 })  # Clip and Round: the quantizers of an exact-arithmetic network (exact.py)
 
-UNROLLED_FILE = "model.onnx"
 STEP_FILE = "model_step.onnx"
 
 
@@ -143,7 +142,7 @@ def missing_export(run_dir: Path, model_file: str) -> ArtifactError:
     written = [{"order": order, "precision": precision, "layers": layers} for order in ("layer", "step")
                for precision in EXPORT_PRECISIONS for layers in (False, True)
                if unrolled_file(order, layers, precision) == model_file]
-    if model_file == "model_step.onnx":
+    if model_file == STEP_FILE:
         options = {"form": "step"}
     elif written:
         options = written[0]

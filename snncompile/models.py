@@ -268,7 +268,6 @@ class SpikingNetwork(nn.Module):
         self.arch = arch
         self.input_shape = tuple(int(s) for s in input_shape)
         self.classes = classes
-        self.lif_params = lif
         self.execution: ExecutionOrder = "layer"
         # Layer-major LIF scans through the fused Triton kernel (snncompile.kernels) when set; the
         # trainer turns it on for CUDA when Triton is importable; the torch-fast runner for inference,
