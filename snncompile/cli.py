@@ -9,6 +9,7 @@ import click
 
 from . import __version__
 from .backends.base import PRECISIONS, RUNNERS, TORCH_FAST_PRECISIONS  # numpy only: the runtimes load lazily
+from .export_options import DEFAULT_OPSET, DEFAULT_SAMPLES, EXPORT_PRECISIONS
 from .errors import Interrupted, SnnCompileError, TrainingInterrupted, caused_by_interrupt
 from .text import counted
 
@@ -120,16 +121,16 @@ def init(model_toml, overrides, out_root, seed, no_calibrate) -> None:
 @cli.command()
 @click.argument("run", type=click.Path(path_type=Path))
 @click.option("--T", "steps", type=int, help="Timesteps to unroll (default: the T it was trained with).")
-@click.option("--opset", default=18, show_default=True, type=click.IntRange(13, 23),
+@click.option("--opset", default=DEFAULT_OPSET, show_default=True, type=click.IntRange(13, 23),
               help="ONNX opset (torch 2.13's exporter writes 15 and later; an opset it cannot write is an error).")
 @click.option("--form", type=click.Choice(["unrolled", "step"]), default="unrolled", show_default=True,
               help="unrolled: all T steps in one graph (model.onnx); step: one step with explicit state (model_step.onnx).")
 @click.option("--layers", is_flag=True, help="Also output every LIF layer's spikes and membrane (per-layer verify).")
 @click.option("--rates", is_flag=True, help="Also output the output layer's firing rates.")
-@click.option("--samples", default=256, show_default=True, type=click.IntRange(1), help="Random and real reference inputs (each).")
+@click.option("--samples", default=DEFAULT_SAMPLES, show_default=True, type=click.IntRange(1), help="Random and real reference inputs (each).")
 @click.option("--order", type=click.Choice(["layer", "step"]), default="layer", show_default=True,
               help="layer: each conv once on [T*B, ...] (model.onnx); step: per-timestep unrolling (model_per_step.onnx), for comparison.")
-@click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16", "tf32x2"]), default="fp32", show_default=True,
+@click.option("--precision", type=click.Choice(EXPORT_PRECISIONS), default="fp32", show_default=True,
               help="fp16/bf16: convs and matmuls in that type, neurons in fp32 (model_fp16.onnx); a strongly typed graph. "
                    "tf32x2: every conv/linear split into TF32 parts, fp32-accurate under TF32 (model_tf32x2.onnx).")
 def export(run, steps, opset, form, layers, rates, samples, order, precision) -> None:

@@ -34,6 +34,7 @@ from .artifacts import (environment, forget_artifact, interrupts_deferred, read_
 from .config import Config
 from .errors import (ArtifactError, ConfigError, DataError, ExportError, Interrupted, MissingDependencyError,
                      caused_by_interrupt, first_line)
+from .export_options import DEFAULT_OPSET, DEFAULT_SAMPLES, EXPORT_PRECISIONS
 from .graphs import StepGraph, UnrolledGraph
 from .runs import CHECKPOINT, load_checkpoint, load_network, load_run_config, missing_checkpoint
 
@@ -42,7 +43,6 @@ __all__ = ["unrolled_file", "stream_steps", "ALLOWED_OPS", "ExportResult", "expo
            "require_current_checkpoint", "unrolled_export", "EXPORTER"]
 
 EXPORTER = "torch.export (torch.onnx.export dynamo=True) + onnxscript optimizer"
-DEFAULT_OPSET = 18
 EXTERNAL_DATA_BYTES = 1_800_000_000  # below protobuf's 2 GB limit with headroom for the graph
 
 # Standard ai.onnx ops the unrolled SNN may use. No Loop/Scan/If (T is unrolled statically), no custom
@@ -54,9 +54,6 @@ ALLOWED_OPS = frozenset({
 })  # Clip and Round: the quantizers of an exact-arithmetic network (exact.py)
 
 STEP_FILE = "model_step.onnx"
-
-
-EXPORT_PRECISIONS = ("fp32", "fp16", "bf16", "tf32x2")
 
 
 def unrolled_file(order: str = "layer", layers: bool = False, precision: str = "fp32") -> str:
@@ -78,7 +75,6 @@ REF_INPUTS = "reference_inputs.npz"
 REF_OUTPUTS = "reference_outputs.npz"
 
 
-DEFAULT_SAMPLES = 256  # random and real reference inputs each (`export --samples`)
 
 
 def reference_files(steps: int, trained_steps: int, n_random: int = DEFAULT_SAMPLES,
