@@ -11,6 +11,7 @@ __all__ = [
     "RunnerUnavailableError",
     "Interrupted",
     "TrainingInterrupted",
+    "TrainingDiverged",
     "caused_by_interrupt",
     "first_line",
     "described",
@@ -84,6 +85,10 @@ class Interrupted(SnnCompileError):
     """Ctrl-C: the command stopped; the message says what the run directory kept."""
 
     exit_code = 130  # the shell's code for a SIGINT
+
+
+class TrainingDiverged(SnnCompileError):
+    """The loss or the weights became inf/nan: the epoch is not checkpointed, the message says what was kept."""
 
 
 class TrainingInterrupted(Interrupted):

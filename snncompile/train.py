@@ -30,7 +30,7 @@ from .backends.pt import cpu_threads, cudnn_autotuning, cudnn_disabled, no_tf32
 from .config import Config, dumps_toml, with_absolute_data_paths, with_execution_settings
 from .data import Split, batches, load_dataset, to_time_major
 from .distributed import DistContext, all_reduce_sum, destroy, init_distributed, shard_indices, stop_on_peer_failure
-from .errors import ArtifactError, ConfigError, TrainingInterrupted
+from .errors import ArtifactError, ConfigError, TrainingDiverged, TrainingInterrupted
 from .exact import snap_to_grid
 from .memory import SavedActivations
 from .models import network_from_config
@@ -355,6 +355,10 @@ def _train(cfg: Config, device: torch.device, ctx: DistContext, out_root, resume
             train_seconds = time.perf_counter() - t0
             g_loss, g_correct, g_seen = all_reduce_sum([loss_sum.item(), float(correct.item()), float(seen)], ctx,
                                                        device)
+            if not _finite(g_loss, net):  # a NaN checkpoint would export, and even verify, as a valid network
+                if not main:  # every rank sees the same loss and weights: rank 0 says the rest
+                    raise TrainingDiverged(f"training diverged in epoch {epoch}")
+                _stop_diverged(run_dir, epoch, g_loss, made_here=resume is None)
             lr = opt.param_groups[0]["lr"]
             sched.step()
             if cfg.model.exact:  # every checkpoint, and the accuracy reported for it, is the exact network's
@@ -402,6 +406,26 @@ def _train(cfg: Config, device: torch.device, ctx: DistContext, out_root, resume
         say(f"exact arithmetic: weights on grids of 2^-{min(bits)} to 2^-{max(bits)}, largest change "
             f"{max(layer['max_rel_change'] for layer in exact_layers):.1e} of a layer's largest weight")
     return TrainResult(run_dir, epoch, test_acc, test_loss, elapsed)
+
+
+def _finite(loss: float, net: nn.Module) -> bool:
+    """Whether an epoch's mean loss and every weight after it are finite (one check per parameter per epoch)."""
+    return loss == loss and abs(loss) != float("inf") and all(bool(torch.isfinite(p).all()) for p in net.parameters())
+
+
+def _stop_diverged(run_dir: Path, epoch: int, loss: float, made_here: bool) -> None:
+    """Raise :class:`TrainingDiverged` for ``epoch``, whose weights are not saved. A run this call made and no
+    epoch of which finished is removed, as after a Ctrl-C: nothing in it is worth keeping."""
+    finite_loss = loss == loss and abs(loss) != float("inf")
+    cause = f"training diverged in epoch {epoch} ({'weights became inf or nan' if finite_loss else f'mean loss {loss:g}'})"
+    fix = "lower train.lr (or use train.optimizer = 'adam')"
+    if (run_dir / CHECKPOINT).is_file():
+        saved = load_checkpoint(run_dir / CHECKPOINT)["epoch"]
+        raise TrainingDiverged(f"{cause}: not saved, {run_dir} keeps the checkpoint of epoch {saved}; {fix} in a new run")
+    if made_here:
+        shutil.rmtree(run_dir, ignore_errors=True)
+        raise TrainingDiverged(f"{cause}: {run_dir} is removed; {fix}")
+    raise TrainingDiverged(f"{cause}: no checkpoint is written; {fix}")
 
 
 def _interrupted_message(run_dir: Path, epoch: int) -> tuple[str, str]:

@@ -409,3 +409,26 @@ def test_training_says_when_its_milestones_never_act(tmp_path, digits_cfg):
     cfg = apply_overrides(digits_cfg, ["train.schedule=multistep", "train.milestones=[35, 70]", "train.epochs=1"])
     train(cfg, tmp_path, progress=False, echo=lines.append)
     assert any("train.milestones [35, 70] are all at or past the last epoch (train.epochs = 1)" in s for s in lines)
+
+
+def test_a_diverged_epoch_is_never_checkpointed(tmp_path, digits_cfg, monkeypatch):
+    """SGD at lr 1e30 left NaN weights, exit 0 and a "final test accuracy"; their export verified PASSED (both
+    sides computed the same NaN network). Now the epoch is not saved and the error says what was kept."""
+    import snncompile.train as t
+    from snncompile.errors import TrainingDiverged
+
+    from conftest import REPO
+    from snncompile.config import load_config
+
+    # the README's digits network (the shrunk test one stays finite at this rate)
+    cfg = load_config(REPO / "models" / "digits.toml", ["train.optimizer=sgd", "train.lr=1e30", "train.epochs=1",
+                                                        "train.threads=1"])
+    with pytest.raises(TrainingDiverged, match=r"^training diverged in epoch 1 \(.*\): .* is removed; lower train.lr"):
+        train(cfg, tmp_path, progress=False, echo=lambda s: None)
+    assert not any((tmp_path / "digits").iterdir())  # the run dir this call made, nothing in it worth keeping
+    checks = iter([True, False])  # epoch 1 fine, epoch 2 diverges
+    monkeypatch.setattr(t, "_finite", lambda loss, net: next(checks))
+    with pytest.raises(TrainingDiverged, match=r"epoch 2 .*: not saved, .* keeps the checkpoint of epoch 1; lower"):
+        train(apply_overrides(digits_cfg, ["train.epochs=2"]), tmp_path, progress=False, echo=lambda s: None)
+    (run,) = (tmp_path / "digits").iterdir()
+    assert load_checkpoint(run / CHECKPOINT)["epoch"] == 1 and [r["epoch"] for r in read_metrics(run / "metrics.jsonl")] == [1]
