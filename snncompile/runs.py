@@ -7,12 +7,12 @@ from pathlib import Path
 import torch
 
 from .artifacts import MANIFEST, read_manifest
-from .config import Config, load_config
-from .errors import ArtifactError, first_line
+from .config import EXECUTION_KEYS, Config, flat_values, load_config
+from .errors import ArtifactError, ConfigError, first_line
 from .models import SpikingNetwork, network_from_config
 
 __all__ = ["CHECKPOINT", "CONFIG", "METRICS", "load_checkpoint", "load_run_config", "load_network", "model_settings",
-           "read_metrics", "require_trained_model_settings"]
+           "read_metrics", "require_trained_model_settings", "require_trained_config"]
 
 CHECKPOINT = "checkpoint.pt"
 CONFIG = "config.toml"
@@ -108,6 +108,25 @@ def require_trained_model_settings(run_dir: Path, cfg: Config, state: dict) -> N
     if changed:
         raise ArtifactError(f"{run_dir / CONFIG}: [model] is not what the checkpoint was trained with: "
                             f"{'; '.join(changed[:4])}. Put it back, or train the changed config into a new run")
+
+
+def require_trained_config(run_dir: Path, cfg: Config, state: dict) -> None:
+    """`train --resume` continues the training its checkpoint holds. A config.toml edited since in [train] or
+    [data] (train.lr, train.epochs) trained nothing new: the optimizer and the schedule come back from the
+    checkpoint (a finished cosine schedule trains at rate 0), while the manifest kept the old config. The
+    execution settings and data.root (the data moved) may differ. Checkpoints written before they recorded
+    their config are not checked."""
+    trained = state.get("trained_config")
+    if not isinstance(trained, dict):
+        return
+    free = {*EXECUTION_KEYS, "data.root"}
+    now = flat_values(cfg)
+    changed = [f"{key} = {now.get(key)!r} (trained with {trained.get(key)!r})"
+               for key in sorted(set(trained) | set(now)) if key not in free and trained.get(key) != now.get(key)]
+    if changed:
+        raise ConfigError(f"{run_dir / CONFIG} was edited after its last checkpoint: {'; '.join(changed[:4])}. A "
+                          f"resumed run keeps the config it trained with: put it back, or train the edited config "
+                          f"into a new run (`snncompile train {run_dir / CONFIG}`)")
 
 
 def load_network(run_dir: str | Path) -> tuple[Config, SpikingNetwork]:

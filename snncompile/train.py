@@ -27,7 +27,7 @@ from . import __version__
 from .artifacts import (atomic_save, atomic_write_text, environment, new_run_dir, read_manifest, record_artifact, sha256_file,
                         update_manifest)
 from .backends.pt import cpu_threads, cudnn_autotuning, cudnn_disabled, no_tf32
-from .config import Config, dumps_toml, with_absolute_data_paths, with_execution_settings
+from .config import Config, dumps_toml, flat_values, with_absolute_data_paths, with_execution_settings
 from .data import Split, batches, load_dataset, to_time_major
 from .distributed import DistContext, all_reduce_sum, destroy, init_distributed, shard_indices, stop_on_peer_failure
 from .errors import ArtifactError, ConfigError, TrainingDiverged, TrainingInterrupted
@@ -35,7 +35,8 @@ from .exact import snap_to_grid
 from .memory import SavedActivations
 from .models import network_from_config
 from .runs import (CHECKPOINT, CONFIG, METRICS, load_checkpoint, load_run_config, missing_checkpoint, model_settings,
-                   read_metrics, require_trained_model_settings, stopped_before_first_epoch)
+                   read_metrics, require_trained_config, require_trained_model_settings,
+                   stopped_before_first_epoch)
 
 __all__ = ["TrainResult", "train", "loss_fn", "evaluate", "resolve_device"]
 
@@ -219,6 +220,7 @@ def train(
         if (Path(resume) / CHECKPOINT).is_file():
             state = load_checkpoint(Path(resume) / CHECKPOINT)
             require_trained_model_settings(Path(resume), cfg, state)  # not another network on these weights
+            require_trained_config(Path(resume), cfg, state)  # nor another training on them
             if not all(k in state for k in ("optimizer", "scheduler", "epoch")):
                 raise ArtifactError(f"{resume} holds untrained weights (from `snncompile init`), not a training "
                                     "checkpoint: train the config into a new run instead of resuming")
@@ -509,6 +511,7 @@ def _save_checkpoint(run_dir: Path, net, opt, sched, epoch: int, cfg: Config) ->
         "epoch": epoch,
         "config_hash": cfg.hash(),
         "model_settings": model_settings(cfg),  # load_network refuses a config.toml whose [model] was edited since
+        "trained_config": flat_values(cfg),  # and train --resume one whose [train] or [data] was
         "model": {k: v.detach().cpu() for k, v in net.state_dict().items()},
         "optimizer": opt.state_dict(),
         "scheduler": sched.state_dict(),

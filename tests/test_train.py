@@ -432,3 +432,24 @@ def test_a_diverged_epoch_is_never_checkpointed(tmp_path, digits_cfg, monkeypatc
         train(apply_overrides(digits_cfg, ["train.epochs=2"]), tmp_path, progress=False, echo=lambda s: None)
     (run,) = (tmp_path / "digits").iterdir()
     assert load_checkpoint(run / CHECKPOINT)["epoch"] == 1 and [r["epoch"] for r in read_metrics(run / "metrics.jsonl")] == [1]
+
+
+def test_resume_refuses_a_config_toml_edited_in_train_or_data(tmp_path, digits_cfg):
+    """Editing train.lr and train.epochs in config.toml, then --resume, trained one more epoch at rate 0 (the
+    finished cosine schedule came back from the checkpoint), rewrote the checkpoint with identical weights and
+    left the manifest's old config hash. data.root may change (the data moved)."""
+    from snncompile.config import dumps_toml
+    from snncompile.runs import load_run_config
+
+    part = train(apply_overrides(digits_cfg, ["train.schedule=cosine"]), tmp_path, stop_after=1, progress=False,
+                 echo=lambda s: None)
+    before = (part.run_dir / CHECKPOINT).read_bytes()
+    edited = apply_overrides(load_run_config(part.run_dir), ["train.lr=0.5", "train.epochs=3"])
+    (part.run_dir / "config.toml").write_text(dumps_toml(edited))
+    with pytest.raises(ConfigError, match=r"config.toml was edited after its last checkpoint: train.epochs = 3 \(trained "
+                                          r"with 2\); train.lr = 0.5 \(trained with 0.003\)\. A resumed run keeps"):
+        train(resume=part.run_dir, progress=False, echo=lambda s: None)
+    assert (part.run_dir / CHECKPOINT).read_bytes() == before
+    moved = apply_overrides(edited, ["train.lr=0.003", "train.epochs=2", f"data.root='{tmp_path}'"])
+    (part.run_dir / "config.toml").write_text(dumps_toml(moved))
+    assert train(resume=part.run_dir, progress=False, echo=lambda s: None).epochs_done == 2
