@@ -209,6 +209,29 @@ def run_dir_lock(run_dir: Path) -> Iterator[None]:
         os.close(fd)  # closing releases the lock
 
 
+@contextlib.contextmanager
+def sole_trainer(run_dir: Path) -> Iterator[None]:
+    """Refuses, in one line, a second process that would train ``run_dir`` while this one does (two `train
+    --resume` of one run both trained, overwrote each other's checkpoints and wrote every epoch twice into
+    metrics.jsonl). An exclusive ``flock`` on the run's config.toml, which training never replaces: no lock file
+    is left behind, and the lock goes with the process however it ends. No lock where there is no flock."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    fd = os.open(run_dir / "config.toml", os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ArtifactError(f"{run_dir} is being trained by another process: wait for it to finish, or stop "
+                                "it first") from None
+        yield
+    finally:
+        os.close(fd)
+
+
 def record_artifact(run_dir: str | Path, name: str, **extra: Any) -> dict[str, Any]:
     """Hash ``run_dir/name`` and record it under ``artifacts`` in the manifest."""
     path = Path(run_dir) / name

@@ -25,7 +25,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from . import __version__
 from .artifacts import (atomic_save, atomic_write_text, environment, new_run_dir, read_manifest, record_artifact, sha256_file,
-                        update_manifest)
+                        sole_trainer, update_manifest)
 from .backends.pt import cpu_threads, cudnn_autotuning, cudnn_disabled, no_tf32
 from .config import Config, dumps_toml, flat_values, with_absolute_data_paths, with_execution_settings
 from .data import Split, batches, load_dataset, to_time_major
@@ -237,7 +237,8 @@ def train(
             ctx = init_distributed(device.type)
             if ctx.enabled and device.type == "cuda":
                 device = torch.device("cuda", ctx.local_rank)
-            with stop_on_peer_failure(ctx), cudnn_autotuning(cfg.train.cudnn_benchmark):
+            alone = sole_trainer(Path(resume)) if resume is not None and ctx.is_main else contextlib.nullcontext()
+            with alone, stop_on_peer_failure(ctx), cudnn_autotuning(cfg.train.cudnn_benchmark):
                 return _train(cfg, device, ctx, out_root, resume, state, stop_after, progress, echo, start)
     finally:
         destroy(ctx)

@@ -453,3 +453,27 @@ def test_resume_refuses_a_config_toml_edited_in_train_or_data(tmp_path, digits_c
     moved = apply_overrides(edited, ["train.lr=0.003", "train.epochs=2", f"data.root='{tmp_path}'"])
     (part.run_dir / "config.toml").write_text(dumps_toml(moved))
     assert train(resume=part.run_dir, progress=False, echo=lambda s: None).epochs_done == 2
+
+
+def test_a_run_is_trained_by_one_process_at_a_time(tmp_path, digits_cfg):
+    """Two `train --resume` of one run both trained, overwrote each other's checkpoints and wrote every epoch
+    twice into metrics.jsonl. The lock is config.toml's flock, held by another process here."""
+    import fcntl
+    import subprocess
+    import sys
+
+    part = train(digits_cfg, tmp_path, stop_after=1, progress=False, echo=lambda s: None)
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, sys, time; f = open(sys.argv[1]); "
+                               "fcntl.flock(f, fcntl.LOCK_EX); print('locked', flush=True); time.sleep(60)",
+                               str(part.run_dir / "config.toml")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(ArtifactError, match=r"is being trained by another process: wait for it to finish"):
+            train(resume=part.run_dir, progress=False, echo=lambda s: None)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert [r["epoch"] for r in read_metrics(part.run_dir / "metrics.jsonl")] == [1]
+    assert train(resume=part.run_dir, progress=False, echo=lambda s: None).epochs_done == 2
+    with open(part.run_dir / "config.toml") as f:  # released when training ends
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
