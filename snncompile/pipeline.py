@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Callable
 
 from .artifacts import read_manifest, sha256_file, update_manifest
-from .config import Config
-from .errors import ConfigError, DataError, SnnCompileError, described
+from .config import Config, load_config
+from .errors import ArtifactError, ConfigError, DataError, SnnCompileError, described
 
 __all__ = ["run_pipeline", "find_run"]
 
@@ -41,9 +41,20 @@ def find_run(out_root: Path, cfg: Config) -> Path | None:
                 continue
             if manifest.get("config_hash") == cfg.hash() or load_run_config(run).result_hash() == cfg.result_hash():
                 return run
-        except SnnCompileError:  # a damaged run directory is not this config's run
-            continue
+        except SnnCompileError as e:
+            if _config_of(run) == cfg.result_hash():  # this config's run, damaged: training again would hide that
+                raise ArtifactError(f"{run} is a run of this config but cannot be read ({e}): repair it, or move it "
+                                    f"out of {base} to train a new one") from None
+            continue  # a damaged run directory of another config
     return None
+
+
+def _config_of(run: Path) -> str | None:
+    """The result hash of ``run``'s config.toml read on its own (without the manifest), or None."""
+    try:
+        return load_config(run / "config.toml").result_hash()
+    except SnnCompileError:
+        return None
 
 
 def _creation_order(run: Path) -> tuple[str, int]:

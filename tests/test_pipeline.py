@@ -122,6 +122,23 @@ def test_runs_started_in_one_second_are_ordered_by_their_counter():
     assert newest_first == ["20261126-133020", "20261126-133019-10", "20261126-133019-9", "20261126-133019"]
 
 
+def test_a_damaged_run_of_the_same_config_stops_the_pipeline_instead_of_a_silent_retraining(tmp_path, digits_cfg):
+    """A truncated manifest.json made the pipeline pass over its own run and train a new one without a word
+    (hours, on a real model); a damaged run of another config is still passed over."""
+    from snncompile.config import apply_overrides
+    from snncompile.errors import ArtifactError
+    from snncompile.pipeline import find_run
+    from snncompile.train import train
+
+    run = train(digits_cfg, tmp_path, stop_after=1, progress=False, echo=lambda s: None).run_dir
+    manifest = run / "manifest.json"
+    manifest.write_text(manifest.read_text()[:100])
+    with pytest.raises(ArtifactError, match=r"is a run of this config but cannot be read \(.*manifest.json.*\): repair "
+                                            r"it, or move it out of .* to train a new one$"):
+        find_run(tmp_path, digits_cfg)
+    assert find_run(tmp_path, apply_overrides(digits_cfg, ["train.seed=5"])) is None
+
+
 def test_pipeline_redoes_an_export_another_command_replaced_or_deleted(tmp_path):
     # `snncompile export RUN --T 2` rewrites model.onnx: the pipeline exports again instead of benching the T=2
     # model; a deleted reference file is exported again instead of failing verify
