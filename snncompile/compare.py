@@ -209,6 +209,9 @@ def layers_hint(run_dir: Path, exports: dict, model_file: str) -> str:
     own T, order, precision)."""
     twin = layers_twin(model_file)
     export, twin_export = exports.get(model_file, {}), exports.get(twin)
+    if twin == model_file:  # a _layers export whose layer outputs are not the run's: not the file export wrote
+        return (f"{model_file}'s layer outputs are not this run's network's (another run's file?): "
+                f"`{export_command(run_dir, {**export, 'layers': True})}` writes it again")
     same = ("T", "checkpoint_sha256")  # a twin of older weights: verify would refuse it
     if twin_export is not None and all(twin_export.get(k) == export.get(k) for k in same):
         return f"`snncompile verify {run_dir} --model {twin}` checks them"

@@ -170,6 +170,10 @@ def test_the_next_step_named_fits_the_file_asked_for(tmp_path):
         f"`snncompile verify {run} --model model_per_step_layers.onnx` checks them")
     exports["model_per_step_layers.onnx"]["checkpoint_sha256"] = "older weights"  # verify would refuse that twin
     assert layers_hint(run, exports, "model_per_step.onnx").startswith(f"`snncompile export {run} --layers --order step`")
+    # a _layers file whose layer outputs are not the run's (another run's, copied in) said to verify itself
+    assert layers_hint(run, exports, "model_layers.onnx") == (
+        f"model_layers.onnx's layer outputs are not this run's network's (another run's file?): "
+        f"`snncompile export {run} --layers` writes it again")
 
 
 def test_verify_on_the_whole_test_set(tmp_path):
