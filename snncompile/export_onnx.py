@@ -175,11 +175,18 @@ def require_current_checkpoint(run_dir: Path, file_name: str, export: dict) -> N
     without a checkpoint the command that needs it says so."""
     recorded = export.get("checkpoint_sha256")  # None: an export recorded before entries held it, not checked
     path = Path(run_dir) / CHECKPOINT
-    if recorded is None or not path.is_file() or sha256_file(path) == recorded:
+    current = sha256_file(path) if recorded is not None and path.is_file() else recorded
+    if current == recorded:
         return
     load_checkpoint(path)  # a corrupt checkpoint says so, rather than passing for newer training
-    raise ArtifactError(f"{file_name} was exported from an earlier checkpoint (training continued since): export it "
-                        f"again: `{export_command(run_dir, export)}`")
+    trained = read_manifest(run_dir).get("artifacts", {}).get(CHECKPOINT, {}).get("sha256")
+    again = f"`{export_command(run_dir, export)}`"
+    if current == trained:
+        raise ArtifactError(f"{file_name} was exported from an earlier checkpoint (training continued since): export it "
+                            f"again: {again}")
+    raise ArtifactError(f"{file_name} was exported from another checkpoint, and {CHECKPOINT} is not the one this "
+                        f"run's training recorded in manifest.json (replaced by hand?): restore it, or export again: "
+                        f"{again}")
 
 
 @dataclass

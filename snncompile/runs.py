@@ -111,11 +111,12 @@ def require_trained_model_settings(run_dir: Path, cfg: Config, state: dict) -> N
 
 
 def require_trained_config(run_dir: Path, cfg: Config, state: dict) -> None:
-    """`train --resume` continues the training its checkpoint holds. A config.toml edited since in [train] or
-    [data] (train.lr, train.epochs) trained nothing new: the optimizer and the schedule come back from the
-    checkpoint (a finished cosine schedule trains at rate 0), while the manifest kept the old config. The
-    execution settings and data.root (the data moved) may differ. Checkpoints written before they recorded
-    their config are not checked."""
+    """The checkpoint must have been trained with the run's config.toml, [train] and [data] included. Edited since
+    (train.lr, train.epochs), `train --resume` trained nothing new: the optimizer and the schedule come back from
+    the checkpoint (a finished cosine schedule trains at rate 0), while the manifest kept the old config. A
+    checkpoint copied in from another run (another seed) exported and verified as this run's, under its
+    accuracy. The execution settings and data.root (the data moved) may differ. Checkpoints written before they
+    recorded their config are not checked."""
     trained = state.get("trained_config")
     if not isinstance(trained, dict):
         return
@@ -124,9 +125,10 @@ def require_trained_config(run_dir: Path, cfg: Config, state: dict) -> None:
     changed = [f"{key} = {now.get(key)!r} (trained with {trained.get(key)!r})"
                for key in sorted(set(trained) | set(now)) if key not in free and trained.get(key) != now.get(key)]
     if changed:
-        raise ConfigError(f"{run_dir / CONFIG} was edited after its last checkpoint: {'; '.join(changed[:4])}. A "
-                          f"resumed run keeps the config it trained with: put it back, or train the edited config "
-                          f"into a new run (`snncompile train {run_dir / CONFIG}`)")
+        raise ConfigError(f"{run_dir / CHECKPOINT} was not trained with {run_dir / CONFIG}: {'; '.join(changed[:4])} "
+                          f"(config.toml edited since, or the checkpoint copied from another run?). A run keeps the "
+                          f"config it trained with: put back what changed, or train the config into a new run "
+                          f"(`snncompile train {run_dir / CONFIG}`)")
 
 
 def load_network(run_dir: str | Path) -> tuple[Config, SpikingNetwork]:
@@ -135,6 +137,7 @@ def load_network(run_dir: str | Path) -> tuple[Config, SpikingNetwork]:
     cfg = load_run_config(run_dir)
     state = load_checkpoint(run_dir / CHECKPOINT)
     require_trained_model_settings(run_dir, cfg, state)
+    require_trained_config(run_dir, cfg, state)
     net = network_from_config(cfg.model)
     expected, got = net.state_dict(), state["model"]
     missing = [k for k in expected if k not in got]

@@ -58,16 +58,19 @@ def reference_file(run: Path, kind: str = "inputs", model_file: str | None = Non
     return paths[0] if kind == "inputs" else paths[1]
 
 
-def replace_checkpoint(run: Path, scale: float = 1.5, **fields) -> None:
+def replace_checkpoint(run: Path, scale: float = 1.5, by_hand: bool = False, **fields) -> None:
     """Stand-in for `train --resume`: the run's checkpoint gets other weights (every parameter scaled), and
-    ``fields`` (e.g. ``epoch``)."""
+    ``fields`` (e.g. ``epoch``), recorded in the manifest as training records it; ``by_hand``: not recorded."""
     import torch
 
+    from snncompile.artifacts import record_artifact
     from snncompile.runs import CHECKPOINT, load_checkpoint
 
     state = load_checkpoint(run / CHECKPOINT)
     state["model"] = {k: v * scale if v.is_floating_point() else v for k, v in state["model"].items()}
     torch.save({**state, **fields}, run / CHECKPOINT)
+    if not by_hand:
+        record_artifact(run, CHECKPOINT)
 
 
 def wrapped_ctrl_c(*args, **kwargs):

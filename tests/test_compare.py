@@ -389,6 +389,12 @@ def test_verify_of_an_export_of_an_earlier_checkpoint_is_one_line_before_any_wor
         assert result.exit_code == 1 and result.output.strip().splitlines() == expected, result.output
     assert not (exported / "verify.json").exists()
     trained = (exported / "checkpoint.pt").read_bytes()
+    replace_checkpoint(exported, by_hand=True)  # another checkpoint copied in: no training wrote it
+    result = CliRunner().invoke(cli, ["verify", str(exported), "--runner", "ort-cpu", "--no-progress"])
+    assert result.exit_code == 1 and result.output.strip() == (
+        "error: model_layers.onnx was exported from another checkpoint, and checkpoint.pt is not the one this run's "
+        "training recorded in manifest.json (replaced by hand?): restore it, or export again: "
+        f"`snncompile export {exported} --layers --samples 64`")
     (exported / "checkpoint.pt").write_bytes(trained[:100])  # cut short
     result = CliRunner().invoke(cli, ["verify", str(exported), "--runner", "ort-cpu", "--no-progress"])
     assert result.exit_code == 1 and "checkpoint.pt is corrupt or not an snncompile checkpoint" in result.output

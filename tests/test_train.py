@@ -446,8 +446,8 @@ def test_resume_refuses_a_config_toml_edited_in_train_or_data(tmp_path, digits_c
     before = (part.run_dir / CHECKPOINT).read_bytes()
     edited = apply_overrides(load_run_config(part.run_dir), ["train.lr=0.5", "train.epochs=3"])
     (part.run_dir / "config.toml").write_text(dumps_toml(edited))
-    with pytest.raises(ConfigError, match=r"config.toml was edited after its last checkpoint: train.epochs = 3 \(trained "
-                                          r"with 2\); train.lr = 0.5 \(trained with 0.003\)\. A resumed run keeps"):
+    with pytest.raises(ConfigError, match=r"checkpoint.pt was not trained with .*config.toml: train.epochs = 3 \(trained "
+                                          r"with 2\); train.lr = 0.5 \(trained with 0.003\) \(config.toml edited"):
         train(resume=part.run_dir, progress=False, echo=lambda s: None)
     assert (part.run_dir / CHECKPOINT).read_bytes() == before
     moved = apply_overrides(edited, ["train.lr=0.003", "train.epochs=2", f"data.root='{tmp_path}'"])
@@ -477,3 +477,19 @@ def test_a_run_is_trained_by_one_process_at_a_time(tmp_path, digits_cfg):
     assert train(resume=part.run_dir, progress=False, echo=lambda s: None).epochs_done == 2
     with open(part.run_dir / "config.toml") as f:  # released when training ends
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
+def test_a_checkpoint_copied_in_from_another_run_is_not_taken_for_this_runs(tmp_path, digits_cfg):
+    """Another seed's checkpoint copied over a run's exported, and verified, as this run's under its accuracy."""
+    import shutil
+
+    from snncompile.runs import load_network
+
+    ours = train(digits_cfg, tmp_path / "a", stop_after=1, progress=False, echo=lambda s: None).run_dir
+    theirs = train(apply_overrides(digits_cfg, ["train.seed=1"]), tmp_path / "b", stop_after=1, progress=False,
+                   echo=lambda s: None).run_dir
+    load_network(ours)
+    shutil.copy(theirs / CHECKPOINT, ours / CHECKPOINT)
+    with pytest.raises(ConfigError, match=r"checkpoint.pt was not trained with .*config.toml: train.seed = 0 \(trained "
+                                          r"with 1\) \(config.toml edited since, or the checkpoint copied from another"):
+        load_network(ours)
