@@ -157,8 +157,9 @@ def unrolled_export(run_dir: Path, model_file: str, command: str, file_needed: b
     as its hash)."""
     run_dir = Path(run_dir)
     export = read_manifest(run_dir).get("exports", {}).get(model_file)
-    if export is not None and export.get("form") == "step":
-        raise ConfigError(f"{model_file} is the step-by-step form, checked against the unrolled graph when it was "
+    # exported or not: the step form's error, not missing_export's `export --form step`, which leads back here
+    if model_file == STEP_FILE or (export is not None and export.get("form") == "step"):
+        raise ConfigError(f"{model_file} is the step-by-step form, checked against the unrolled graph when it is "
                           f"exported: {command} takes unrolled exports; `snncompile {command} {run_dir}` without --model")
     if export is None or export.get("form") != "unrolled" or (file_needed and not (run_dir / model_file).is_file()):
         raise missing_export(run_dir, model_file)
