@@ -172,6 +172,10 @@ def read_manifest(run_dir: str | Path) -> dict[str, Any]:
             f"{run_dir} was written by snncompile {manifest.get('snncompile_version', '?')} with run format "
             f"{got}; this is snncompile {__version__} expecting run format {RUN_FORMAT}: re-train or re-export"
         )
+    # the tables every command reads with .get(): anything else was an AttributeError traceback
+    wrong = [key for key in ("exports", "artifacts", "training") if not isinstance(manifest.get(key, {}), dict)]
+    if wrong:
+        raise ArtifactError(f"{path} is corrupt ({', '.join(wrong)} is not a JSON object)")
     return manifest
 
 

@@ -77,6 +77,14 @@ def load_checkpoint(path: str | Path) -> dict:
                             f"from a copy, or train `{path.parent / CONFIG}` again into a new run") from None
     if not isinstance(state, dict) or "model" not in state or state.get("format") != 1:
         raise ArtifactError(f"{path} is not an snncompile checkpoint (format 1 expected)")
+    # what the commands use, checked before they do (a hand-made one was an AttributeError or ValueError traceback)
+    model, epoch = state["model"], state.get("epoch", 0)
+    if not isinstance(model, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in model.items()):
+        raise ArtifactError(f"{path} is not an snncompile checkpoint (its model is not a dict of named tensors)")
+    if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
+        raise ArtifactError(f"{path} is not an snncompile checkpoint (epoch {epoch!r} is not a count)")
+    if not all(isinstance(state.get(key, {}), dict) for key in ("optimizer", "scheduler")):
+        raise ArtifactError(f"{path} is not an snncompile checkpoint (its optimizer or scheduler state is not a dict)")
     return state
 
 

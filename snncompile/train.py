@@ -30,7 +30,7 @@ from .backends.pt import cpu_threads, cudnn_autotuning, cudnn_disabled, no_tf32
 from .config import Config, dumps_toml, flat_values, with_absolute_data_paths, with_execution_settings
 from .data import Split, batches, load_dataset, to_time_major
 from .distributed import DistContext, all_reduce_sum, destroy, init_distributed, shard_indices, stop_on_peer_failure
-from .errors import ArtifactError, ConfigError, TrainingDiverged, TrainingInterrupted
+from .errors import ArtifactError, ConfigError, TrainingDiverged, TrainingInterrupted, first_line
 from .exact import snap_to_grid
 from .memory import SavedActivations
 from .models import network_from_config
@@ -279,9 +279,13 @@ def _train(cfg: Config, device: torch.device, ctx: DistContext, out_root, resume
     first_epoch = 1
     run_dir = Path(resume) if resume is not None else None
     if state is not None:
-        net.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
+        try:
+            net.load_state_dict(state["model"])
+            opt.load_state_dict(state["optimizer"])
+            sched.load_state_dict(state["scheduler"])
+        except (RuntimeError, ValueError, KeyError, TypeError) as e:  # a hand-made or damaged one: torch's traceback
+            raise ArtifactError(f"{Path(resume) / CHECKPOINT} does not fit this run's network and optimizer "
+                                f"({first_line(e, 120)}): restore it from a copy") from None
         first_epoch = int(state["epoch"]) + 1
         if main:
             _truncate_metrics(run_dir / METRICS, int(state["epoch"]))

@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from snncompile.artifacts import atomic_write_text
+from snncompile.artifacts import RUN_FORMAT, atomic_write_text
 
 
 def test_atomic_write_gives_the_umask_permissions_not_mkstemps_private_ones(tmp_path):
@@ -49,7 +49,11 @@ def test_failed_write_leaves_nothing(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.parametrize("content,why", [(b"\xff\xfe\x00junk", "not UTF-8 text"), (b"[]", "a JSON list, not an object")])
+@pytest.mark.parametrize("content,why", [
+    (b"\xff\xfe\x00junk", "not UTF-8 text"), (b"[]", "a JSON list, not an object"),
+    (b'{"run_format": %d, "exports": "x"}' % RUN_FORMAT,
+     "exports is not a JSON object"),  # an AttributeError traceback in verify and bench
+])
 def test_corrupt_manifest_is_one_line(tmp_path, content, why):
     from snncompile.artifacts import read_manifest
     from snncompile.errors import ArtifactError
@@ -133,7 +137,7 @@ def test_caused_by_interrupt_follows_wrapped_errors():
 
 
 def test_a_folder_that_cannot_be_made_names_the_target_not_the_temp_file(tmp_path):
-    from snncompile.artifacts import atomic_write_text
+    from snncompile.artifacts import RUN_FORMAT, atomic_write_text
     from snncompile.errors import ArtifactError
 
     (tmp_path / "a-file").write_text("not a folder")

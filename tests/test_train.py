@@ -66,6 +66,27 @@ def test_corrupt_checkpoint_is_one_line(tmp_path):
     assert "\n" not in str(err.value)
 
 
+@pytest.mark.parametrize("damage, words", [
+    ({"model": {"stages.0.weight": 3}}, "its model is not a dict of named tensors"),
+    ({"epoch": "two"}, "epoch 'two' is not a count"),
+    ({"optimizer": [1]}, "its optimizer or scheduler state is not a dict"),
+])
+def test_a_hand_made_checkpoint_is_one_line(tmp_path, damage, words):
+    """Each was a traceback in export or train --resume (AttributeError, ValueError)."""
+    path = tmp_path / "checkpoint.pt"
+    torch.save({"format": 1, "epoch": 1, "model": {"w": torch.zeros(1)}, "optimizer": {}, "scheduler": {}, **damage}, path)
+    with pytest.raises(ArtifactError, match=f"is not an snncompile checkpoint \\({words}\\)$"):
+        load_checkpoint(path)
+
+
+def test_resume_from_an_optimizer_state_of_another_network_is_one_line(tmp_path, digits_cfg):
+    part = train(digits_cfg, tmp_path, stop_after=1, progress=False, echo=lambda s: None)
+    state = load_checkpoint(part.run_dir / CHECKPOINT)
+    torch.save({**state, "optimizer": {"state": {}, "param_groups": []}}, part.run_dir / CHECKPOINT)
+    with pytest.raises(ArtifactError, match=r"checkpoint.pt does not fit this run's network and optimizer \(.*\): restore"):
+        train(resume=part.run_dir, progress=False, echo=lambda s: None)
+
+
 def test_checkpoint_refuses_pickled_code(tmp_path):
     class Evil:
         def __reduce__(self):
