@@ -508,13 +508,15 @@ def _commit(run_dir: Path, staging: Path, file_name: str, references: list[Path]
     """Move a finished export from ``staging`` into ``run_dir`` (each rename atomic; data files before the
     model) and record it in the manifest. Returns the model's bytes, external data included."""
     moved = sorted(staging.glob(file_name + ".data")) + [staging / file_name] + references
+    # hashed here, not after the move: a concurrent export of the same name that lands in between would otherwise
+    # have its file certified by this export's entry (another T's references); now verify sees the mismatch
+    sha256 = sha256_model(staging / file_name)
     for src in moved:
         src.replace(run_dir / src.name)
     if not any(src.name == file_name + ".data" for src in moved):  # an earlier export's, unused now
         forget_artifact(run_dir, file_name + ".data")
     onnx_bytes = sum(p.stat().st_size for p in run_dir.glob(file_name + "*"))
-    update_manifest(run_dir, exports={file_name: {**entry, "onnx_bytes": onnx_bytes,
-                                                  "sha256": sha256_model(run_dir / file_name)}})
+    update_manifest(run_dir, exports={file_name: {**entry, "onnx_bytes": onnx_bytes, "sha256": sha256}})
     record_artifact(run_dir, file_name)
     if (run_dir / (file_name + ".data")).is_file():
         record_artifact(run_dir, file_name + ".data")
