@@ -218,6 +218,18 @@ def layers_hint(run_dir: Path, exports: dict, model_file: str) -> str:
     return f"`{export_command(run_dir, {**export, 'layers': True})}` adds {twin}, on which verify classifies every flip"
 
 
+def _changed_exports(run_dir: Path, exports: dict, checked: str) -> dict[str, str]:
+    """The run's other unrolled exports whose file is there but no longer the one export wrote (another run's
+    model.onnx copied in: verify passed on model_layers.onnx without a word about the file users deploy), each
+    with the command that writes it again."""
+    changed = {}
+    for name, entry in sorted(exports.items()):
+        path = run_dir / name
+        if name != checked and entry.get("form") == "unrolled" and path.is_file() and sha256_model(path) != entry.get("sha256"):
+            changed[name] = export_command(run_dir, entry)
+    return changed
+
+
 def default_model_file(exports: dict) -> str:
     """The export verify checks unless told otherwise: ``model_layers.onnx`` (per-layer spikes) when the
     manifest's ``exports`` has it, else ``model.onnx``."""
@@ -339,6 +351,7 @@ def verify_runs(run_dir: str | Path, runners: dict[str, dict | None], precision:
                             f"`{export_command(run_dir, export)}` again")
     read_reports(run_dir / "verify.json")  # a corrupt one is reported now, not after the whole comparison
     hash_ok = (run_dir / model_file).is_file() and sha256_model(run_dir / model_file) == export["sha256"]
+    changed = _changed_exports(run_dir, manifest.get("exports", {}), model_file)
     if inputs == "reference":
         source = _ReferenceInputs(run_dir, export)
     elif inputs == "test":
@@ -378,6 +391,7 @@ def verify_runs(run_dir: str | Path, runners: dict[str, dict | None], precision:
             "tolerance": asdict(tol),
             "model": model_file,
             "model_matches_export": hash_ok,
+            "exports_changed": changed,
             "reference": "torch fp32 on CPU, TF32 off (the exported graph's own module)",
             # None on the test set: only the export's reference inputs have stored torch outputs
             "reference_reproduced": reproduced if inputs == "reference" else None,
@@ -491,6 +505,9 @@ def format_report(r: dict) -> str:
                      "build or a changed checkpoint?): re-export to compare against today's reference")
     if not r["model_matches_export"]:
         lines.append(f"warning: {r['model']} differs from the file the export recorded (sha256 mismatch)")
+    for name, command in r.get("exports_changed", {}).items():
+        lines.append(f"warning: {name}, not checked here, differs from the file its export recorded (sha256 "
+                     f"mismatch): `{command}` writes it again")
     lines.append(f"{'output':<10}{'max abs':>12}{'max rel':>12}{'max abs (spike-exact samples)':>32}")
     for name, e in r["outputs"].items():
         exact = f"{e['max_abs_spike_exact']:.3g}" if r["layers_checked"] else "-"

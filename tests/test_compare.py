@@ -435,3 +435,19 @@ def test_corrupt_reference_files_are_one_line_before_any_work(exported, monkeypa
     (line,) = result.output.strip().splitlines()
     assert line.startswith(f"error: {path} is missing or corrupt (")
     assert line.endswith(f"): export again: `snncompile export {exported} --layers --samples 64`"), line
+
+
+def test_verify_names_the_runs_other_exports_that_changed_since(exported):
+    """Another run's model.onnx copied in: verify checked model_layers.onnx, PASSED, and said nothing about the
+    file users deploy and bench times."""
+    from snncompile.compare import format_report
+
+    export_run(exported, n_random=64, n_real=0)  # model.onnx beside model_layers.onnx
+    report = verify_run(exported, "ort-cpu")
+    assert report["passed"] and report["exports_changed"] == {}
+    (exported / "model.onnx").write_bytes((exported / "model.onnx").read_bytes() + b"\0")  # no longer export's file
+    report = verify_run(exported, "ort-cpu")
+    assert report["model"] == "model_layers.onnx" and report["exports_changed"] == {
+        "model.onnx": f"snncompile export {exported} --samples 64"}
+    assert (f"warning: model.onnx, not checked here, differs from the file its export recorded (sha256 mismatch): "
+            f"`snncompile export {exported} --samples 64` writes it again") in format_report(report).splitlines()
