@@ -20,13 +20,13 @@ from pathlib import Path
 import numpy as np
 
 from .artifacts import (atomic_save, atomic_write_json, atomic_write_text, environment, forget_artifact,
-                        interrupts_deferred, read_manifest, record_artifact, require_writable)
+                        interrupts_deferred, read_manifest, record_artifact, require_writable, sha256_model)
 from .backends import available_runners, create_runner, default_runners, runner_options
 from .backends.base import runner_numerics
 from .backends.pt import cpu_threads
 from .compare import verify_run
 from .errors import ArtifactError, ConfigError, SnnCompileError, described
-from .export_onnx import export_reference_paths, layers_twin, read_reference, unrolled_export
+from .export_onnx import export_command, export_reference_paths, layers_twin, read_reference, unrolled_export
 
 __all__ = ["batch_rows", "batch_sizes", "bench_run", "bench_stem", "format_table", "percentiles"]
 
@@ -89,7 +89,11 @@ def bench_run(run_dir: str | Path, runners: list[str] | None = None, batches: tu
     run_dir = Path(run_dir)
     manifest = read_manifest(run_dir)
     # the timed file of older weights: one line, not every runner failing its gate (torch is the current checkpoint)
-    export = unrolled_export(run_dir, model_file, "bench")
+    export = unrolled_export(run_dir, model_file, "bench", file_needed=True)
+    # before the gates: a missing or replaced timed file re-exported the user's _layers twin, then failed anyway
+    if sha256_model(run_dir / model_file) != export.get("sha256"):
+        raise ArtifactError(f"{model_file} is not the file its export wrote (sha256 mismatch): export it again: "
+                            f"`{export_command(run_dir, export)}`")
     require_writable(run_dir, "the bench table, plot and json")  # before minutes of timing, not after
     batches = batch_sizes(batches)
     if iters < 1 or warmup < 0:

@@ -313,10 +313,12 @@ def test_gate_fails_a_timed_file_whose_own_verify_failed(exported):
     model.graph.initializer.append(numpy_helper.from_array(np.array(5.0, np.float32), "five"))
     model.graph.node.append(onnx.helper.make_node("Add", [f"{out}_raw", "five"], [out]))
     onnx.save(model, str(path))
-    # torch is timed beside it: a bench that timed nothing is an error, with the reasons cut short
-    data = bench_run(exported, ["ort-cpu", "torch"], (2,), warmup=0, iters=2, echo=lambda s: None)
-    skipped = data["runners"]["ort-cpu"]["skipped"]
-    assert "model.onnx differs from the file its export recorded" in skipped and "by_batch" not in data["runners"]["ort-cpu"]
+    # not the file its export recorded: refused before any runner, and before its _layers twin is exported again
+    twin = (exported / "model_layers.onnx").read_bytes()
+    with pytest.raises(ArtifactError, match=r"^model.onnx is not the file its export wrote \(sha256 mismatch\): export "
+                                            r"it again: `snncompile export .* --samples 32`$"):
+        bench_run(exported, ["ort-cpu", "torch"], (2,), warmup=0, iters=2, echo=lambda s: None)
+    assert (exported / "model_layers.onnx").read_bytes() == twin and not (exported / "bench.json").exists()
     update_manifest(exported, exports={"model.onnx": {**json.loads((exported / "manifest.json").read_text())["exports"]
                                                       ["model.onnx"], "sha256": sha256_file(path)}})
     data = bench_run(exported, ["ort-cpu", "torch"], (2,), warmup=0, iters=2, echo=lambda s: None)
