@@ -11,7 +11,7 @@ from . import __version__
 from .backends.base import PRECISIONS, RUNNERS, TORCH_FAST_PRECISIONS  # numpy only: the runtimes load lazily
 from .export_options import DEFAULT_OPSET, DEFAULT_SAMPLES, EXPORT_PRECISIONS
 from .errors import Interrupted, SnnCompileError, TrainingInterrupted, caused_by_interrupt
-from .text import counted
+from .text import counted, shell_path
 
 __all__ = ["main", "cli"]
 
@@ -92,6 +92,7 @@ def train(model_toml, overrides, out_root, resume, stop_after, no_progress) -> N
     )
     # both exports: verify checks model_layers.onnx, bench times model.onnx
     run = result.run_dir
+    run = shell_path(run)
     click.echo(f"next: snncompile export {run} && snncompile export {run} --layers && snncompile verify {run} "
                f"&& snncompile bench {run}")
 

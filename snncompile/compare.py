@@ -25,6 +25,7 @@ from .artifacts import (atomic_write_json, read_manifest, record_artifact, requi
 from .backends import create_runner
 from .errors import ArtifactError, ConfigError, DataError
 from .export_onnx import export_command, export_reference_paths, layers_twin, read_reference, unrolled_export
+from .text import shell_path
 from .runs import load_run_config
 
 __all__ = ["Tolerance", "PRESETS", "verify_run", "verify_runs", "default_model_file", "format_report", "LayerStats",
@@ -214,7 +215,7 @@ def layers_hint(run_dir: Path, exports: dict, model_file: str) -> str:
                 f"`{export_command(run_dir, {**export, 'layers': True})}` writes it again")
     same = ("T", "checkpoint_sha256")  # a twin of older weights: verify would refuse it
     if twin_export is not None and all(twin_export.get(k) == export.get(k) for k in same):
-        return f"`snncompile verify {run_dir} --model {twin}` checks them"
+        return f"`snncompile verify {shell_path(run_dir)} --model {twin}` checks them"
     return f"`{export_command(run_dir, {**export, 'layers': True})}` adds {twin}, on which verify classifies every flip"
 
 

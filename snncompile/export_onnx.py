@@ -36,6 +36,7 @@ from .errors import (ArtifactError, ConfigError, DataError, ExportError, Interru
                      caused_by_interrupt, first_line)
 from .export_options import DEFAULT_OPSET, DEFAULT_SAMPLES, EXPORT_PRECISIONS
 from .graphs import StepGraph, UnrolledGraph
+from .text import shell_path
 from .runs import CHECKPOINT, load_checkpoint, load_network, load_run_config, missing_checkpoint
 
 __all__ = ["unrolled_file", "stream_steps", "ALLOWED_OPS", "ExportResult", "export_run", "resolve_run_dir", "reference_inputs",
@@ -123,7 +124,7 @@ def export_command(run_dir: Path, export: dict) -> str:
     options += [f"--precision {export['precision']}"] if export.get("precision", "fp32") != "fp32" else []
     n_random = (export.get("reference_samples") or [DEFAULT_SAMPLES])[0]
     options += [f"--samples {n_random}"] if n_random != DEFAULT_SAMPLES else []
-    return " ".join(["snncompile export", str(run_dir), *options])
+    return " ".join(["snncompile export", shell_path(run_dir), *options])
 
 
 def missing_export(run_dir: Path, model_file: str) -> ArtifactError:
@@ -160,7 +161,7 @@ def unrolled_export(run_dir: Path, model_file: str, command: str, file_needed: b
     # exported or not: the step form's error, not missing_export's `export --form step`, which leads back here
     if model_file == STEP_FILE or (export is not None and export.get("form") == "step"):
         raise ConfigError(f"{model_file} is the step-by-step form, checked against the unrolled graph when it is "
-                          f"exported: {command} takes unrolled exports; `snncompile {command} {run_dir}` without --model")
+                          f"exported: {command} takes unrolled exports; `snncompile {command} {shell_path(run_dir)}` without --model")
     if export is None or export.get("form") != "unrolled" or (file_needed and not (run_dir / model_file).is_file()):
         raise missing_export(run_dir, model_file)
     require_current_checkpoint(run_dir, model_file, export)

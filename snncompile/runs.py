@@ -10,6 +10,7 @@ from .artifacts import MANIFEST, read_manifest
 from .config import EXECUTION_KEYS, Config, flat_values, load_config
 from .errors import ArtifactError, ConfigError, first_line
 from .models import SpikingNetwork, network_from_config
+from .text import shell_path
 
 __all__ = ["CHECKPOINT", "CONFIG", "METRICS", "load_checkpoint", "load_run_config", "load_network", "model_settings",
            "read_metrics", "require_trained_model_settings", "require_trained_config"]
@@ -58,8 +59,8 @@ def missing_checkpoint(run_dir: Path) -> ArtifactError:
     """The one-line error for a run without a checkpoint, with the step that fits it."""
     if stopped_before_first_epoch(run_dir):
         return ArtifactError(f"{run_dir} has no checkpoint: it was stopped before its first epoch ended; "
-                             f"`snncompile train --resume {run_dir}` starts it again")
-    return ArtifactError(f"{run_dir / CHECKPOINT} is missing: restore it from a copy, or train `{run_dir / CONFIG}` "
+                             f"`snncompile train --resume {shell_path(run_dir)}` starts it again")
+    return ArtifactError(f"{run_dir / CHECKPOINT} is missing: restore it from a copy, or `snncompile train {shell_path(run_dir / CONFIG)}` "
                          "again into a new run")
 
 
@@ -74,7 +75,7 @@ def load_checkpoint(path: str | Path) -> dict:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001  any file torch cannot read (a text file raises KeyError); weights_only stays on
         raise ArtifactError(f"{path} is corrupt or not an snncompile checkpoint ({_first_clause(e)}): restore it "
-                            f"from a copy, or train `{path.parent / CONFIG}` again into a new run") from None
+                            f"from a copy, or `snncompile train {shell_path(path.parent / CONFIG)}` again into a new run") from None
     if not isinstance(state, dict) or "model" not in state or state.get("format") != 1:
         raise ArtifactError(f"{path} is not an snncompile checkpoint (format 1 expected)")
     # what the commands use, checked before they do (a hand-made one was an AttributeError or ValueError traceback)
@@ -136,7 +137,7 @@ def require_trained_config(run_dir: Path, cfg: Config, state: dict) -> None:
         raise ConfigError(f"{run_dir / CHECKPOINT} was not trained with {run_dir / CONFIG}: {'; '.join(changed[:4])} "
                           f"(config.toml edited since, or the checkpoint copied from another run?). A run keeps the "
                           f"config it trained with: put back what changed, or train the config into a new run "
-                          f"(`snncompile train {run_dir / CONFIG}`)")
+                          f"(`snncompile train {shell_path(run_dir / CONFIG)}`)")
 
 
 def load_network(run_dir: str | Path) -> tuple[Config, SpikingNetwork]:

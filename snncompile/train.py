@@ -37,6 +37,7 @@ from .models import network_from_config
 from .runs import (CHECKPOINT, CONFIG, METRICS, load_checkpoint, load_run_config, missing_checkpoint, model_settings,
                    read_metrics, require_trained_config, require_trained_model_settings,
                    stopped_before_first_epoch)
+from .text import shell_path
 
 __all__ = ["TrainResult", "train", "loss_fn", "evaluate", "resolve_device"]
 
@@ -439,10 +440,10 @@ def _interrupted_message(run_dir: Path, epoch: int) -> tuple[str, str]:
     """What survived a Ctrl-C in ``epoch`` (checkpoints are written atomically between epochs) and what to run."""
     if not (run_dir / CHECKPOINT).is_file():  # a run started again by --resume: it goes on where it is
         return (f"interrupted in epoch {epoch}, before any checkpoint",
-                f"start it again with `snncompile train --resume {run_dir}`")
+                f"start it again with `snncompile train --resume {shell_path(run_dir)}`")
     saved = load_checkpoint(run_dir / CHECKPOINT)["epoch"]
     return (f"interrupted in epoch {epoch}: {run_dir} keeps the checkpoint of epoch {saved}",
-            f"continue with `snncompile train --resume {run_dir}`")
+            f"continue with `snncompile train --resume {shell_path(run_dir)}`")
 
 
 def _record_training(run_dir: Path, epoch: int, cfg: Config, test_acc: float, test_loss: float, **extra) -> None:

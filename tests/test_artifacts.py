@@ -100,7 +100,7 @@ def test_a_cut_short_checkpoint_says_what_to_do_in_whole_words(tmp_path):
         load_checkpoint(tmp_path / "checkpoint.pt")
     reason = str(err.value).split("(", 1)[1].rsplit(")", 1)[0]
     assert len(reason) <= 124 and (reason.endswith(" ...") or len(reason) < 120)
-    assert str(err.value).endswith(f"restore it from a copy, or train `{tmp_path / 'config.toml'}` again into a new run")
+    assert str(err.value).endswith(f"restore it from a copy, or `snncompile train {tmp_path / 'config.toml'}` again into a new run")
 
 
 def test_a_ctrl_c_inside_interrupts_deferred_is_raised_when_the_block_ends(ctrl_c_raises):

@@ -157,7 +157,7 @@ def test_the_next_step_named_fits_the_file_asked_for(tmp_path):
     assert str(missing_export(run, "nope.onnx")) == f"{run} has no export named nope.onnx (its exports: none yet)"
     (run / "checkpoint.pt").unlink()  # an init run's weights are gone: `train --resume` cannot bring them back
     assert str(missing_export(run, "model.onnx")) == (f"{run / 'checkpoint.pt'} is missing: restore it from a copy, or "
-                                                      f"train `{run / 'config.toml'}` again into a new run")
+                                                      f"`snncompile train {run / 'config.toml'}` again into a new run")
 
     exports = {"model_fp16.onnx": {"T": T, "precision": "fp16"}, "model.onnx": {"T": T + 1},
                "model_layers.onnx": {"T": T, "layers": True}, "model_per_step.onnx": {"T": T, "order": "step"},

@@ -389,3 +389,16 @@ def test_a_graph_outside_the_allow_list_names_every_reason(tmp_path):
     with pytest.raises(ExportError, match=r"^exported graph uses non-standard or disallowed ops \['Relu', 'Twice'\]; "
                                           r"custom domains \['local'\]; local functions \['Twice'\]$"):
         _check_graph(onnx, path)
+
+
+def test_suggested_commands_quote_a_path_with_a_space(tmp_path):
+    """Pasted as printed, `snncompile export /data/my run --T 2` split the run into two arguments."""
+    from snncompile.backends.trt import rebuild_command
+    from snncompile.export_onnx import export_command
+    from snncompile.runs import missing_checkpoint
+
+    run = make_run(tmp_path / "my runs", tiny_zoo_config(REPO / "models" / "digits.toml"))
+    assert export_command(run, {"T": 2}) == f"snncompile export '{run}' --T 2"
+    assert rebuild_command(run, "model.onnx", "fp16") == f"`snncompile build '{run}' --precision fp16`"
+    (run / "checkpoint.pt").unlink()
+    assert f"`snncompile train '{run / 'config.toml'}'` again" in str(missing_checkpoint(run))

@@ -355,7 +355,7 @@ def test_a_run_that_died_in_its_first_epoch_starts_again_but_a_finished_one_is_n
         r["test_acc"] for r in read_metrics(fresh.run_dir / "metrics.jsonl")]
 
     (early / "checkpoint.pt").unlink()  # finished epochs, checkpoint deleted: never started over
-    refused = (f"{early / 'checkpoint.pt'} is missing: restore it from a copy, or train `{early / 'config.toml'}` again "
+    refused = (f"{early / 'checkpoint.pt'} is missing: restore it from a copy, or `snncompile train {early / 'config.toml'}` again "
                "into a new run")
     with pytest.raises(ArtifactError) as err:
         train(resume=early, progress=False, echo=lambda s: None)

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ArtifactError, ConfigError, ExportError, MissingDependencyError, RunnerUnavailableError
+from ..text import shell_path
 from .base import PRECISIONS, Runner, TensorSpec
 
 __all__ = ["engine_name", "tensorrt_module", "parse_profile", "BuildOptions", "build_engine", "TrtRunner", "ENGINE_FORMAT"]
@@ -208,7 +209,7 @@ def rebuild_command(run_dir: Path, model_file: str, precision: str, batch: str |
     options = "".join([f" --model {model_file}" if model_file != "model.onnx" else "",
                        f" --precision {precision}" if precision != "fp32" else "",
                        f" --batch {batch}" if batch else ""])
-    return f"`snncompile build {run_dir}{options}`"
+    return f"`snncompile build {shell_path(run_dir)}{options}`"
 
 
 def check_engine_matches(sidecar: dict, run_dir: Path, model_file: str) -> None:

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import DataError, MissingDependencyError, SnnCompileError
+from ..text import shell_path
 
 __all__ = ["EventSource", "SOURCES", "FrameSpec", "list_samples", "read_events", "events_to_frames", "split_name"]
 
@@ -42,7 +43,7 @@ class EventSource:
     def expected(self, root: str | Path) -> str:
         """The layout, and the commands that produce it in ``root`` (data fetch requires its --root)."""
         by_hand = f", or {self.url}" if self.url else ""
-        return f"{self.layout} (`snncompile data fetch {self.name} --root {root}`{by_hand})"
+        return f"{self.layout} (`snncompile data fetch {self.name} --root {shell_path(root)}`{by_hand})"
 
 
 SOURCES = {
