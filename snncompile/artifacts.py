@@ -106,22 +106,27 @@ def atomic_save(path: str | Path, writer: Callable[[io.IOBase], None]) -> None:
 
 @contextlib.contextmanager
 def interrupts_deferred() -> Iterator[None]:
-    """Hold a Ctrl-C (SIGINT) until the block ends, then raise it: for commits of several files and the
-    manifest entry that describes them, each write atomic but the set only consistent once all are done.
+    """Hold a Ctrl-C (SIGINT) or a SIGTERM until the block ends, then act on it: for commits of several files and
+    the manifest entry that describes them, each write atomic but the set only consistent once all are done.
     Outside the main thread, where Python cannot set signal handlers, the block runs as it is."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     caught: list[int] = []
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    previous = {signum: signal.signal(signum, lambda signum, frame: caught.append(signum))
+                for signum in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
-    if not caught or previous == signal.SIG_IGN:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    if not caught or previous[caught[0]] == signal.SIG_IGN:
         return
-    if callable(previous) and previous is not signal.default_int_handler:
-        previous(signal.SIGINT, None)  # the caller's own handler, called late
+    signum, handler = caught[0], previous[caught[0]]
+    if handler == signal.SIG_DFL:  # a SIGTERM nobody handles: the process ends now, as it would have
+        signal.raise_signal(signum)
+    elif callable(handler) and handler is not signal.default_int_handler:
+        handler(signum, None)  # the caller's own handler, called late
     else:
         raise KeyboardInterrupt
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import sys
 from pathlib import Path
 
@@ -410,7 +411,16 @@ def data_prepare(model_toml, overrides, no_progress) -> None:
                f"in {seconds:.2f} s = {n / seconds:.0f} samples/s ({status})")
 
 
+def _terminated(signum, frame):
+    raise KeyboardInterrupt
+
+
 def main() -> None:
+    # A SIGTERM (timeout, kill, a cluster scheduler's preemption) stops a command as Ctrl-C does: the same cleanup
+    # of staging folders and half-written files, the same one line. Python's default dies at once and left an
+    # export's staging folder, the size of the model twice, in the run directory.
+    if signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _terminated)
     cli(prog_name="snncompile")
 
 

@@ -126,6 +126,25 @@ def test_a_ctrl_c_inside_interrupts_deferred_is_raised_when_the_block_ends(ctrl_
     assert done[-1] == "ignored" and signal.getsignal(signal.SIGINT) == signal.SIG_IGN
 
 
+def test_a_sigterm_inside_interrupts_deferred_waits_for_the_block_too():
+    import os
+    import signal
+
+    from snncompile.artifacts import interrupts_deferred
+    from snncompile.cli import _terminated
+
+    previous = signal.signal(signal.SIGTERM, _terminated)  # what the CLI installs
+    try:
+        done = []
+        with pytest.raises(KeyboardInterrupt):
+            with interrupts_deferred():
+                os.kill(os.getpid(), signal.SIGTERM)
+                done.append("rest of the block")
+        assert done == ["rest of the block"] and signal.getsignal(signal.SIGTERM) is _terminated
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def test_caused_by_interrupt_follows_wrapped_errors():
     from helpers import wrapped_ctrl_c
     from snncompile.errors import caused_by_interrupt

@@ -402,3 +402,25 @@ def test_suggested_commands_quote_a_path_with_a_space(tmp_path):
     assert rebuild_command(run, "model.onnx", "fp16") == f"`snncompile build '{run}' --precision fp16`"
     (run / "checkpoint.pt").unlink()
     assert f"`snncompile train '{run / 'config.toml'}'` again" in str(missing_checkpoint(run))
+
+
+def test_a_sigterm_during_export_leaves_no_staging_folder(tmp_path):
+    """`timeout` or `kill` stopped an export and left its .export-* folder (the model, twice) in the run dir, and
+    no later export removed it: Python's default SIGTERM runs no cleanup. The CLI now stops as for a Ctrl-C."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    run = make_run(tmp_path, tiny_zoo_config(REPO / "models" / "digits.toml"))
+    proc = subprocess.Popen([sys.executable, "-m", "snncompile", "export", str(run), "--samples", "4"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ})
+    deadline = time.monotonic() + 120
+    while not list(run.glob(".export-*")) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert proc.poll() is None, "the export ended before it could be stopped"
+    proc.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "interrupted" in output, output
+    assert not list(run.glob(".export-*")) and not (run / "model.onnx").exists()
