@@ -17,6 +17,20 @@ from .text import counted, shell_path
 __all__ = ["main", "cli"]
 
 
+def _culprit(e: OSError) -> str:
+    """The path an OSError is about. "Not a directory" names the path it could not make, several levels below
+    the real cause: the file standing where a folder must be (`--out a/b` where `a` is a file)."""
+    import errno
+    from pathlib import Path
+
+    path = Path(e.filename)
+    if e.errno == errno.ENOTDIR:
+        for parent in [path, *path.parents]:
+            if parent.is_file():
+                return f"{parent} is a file"
+    return str(path)
+
+
 class _Group(click.Group):
     """Turns our errors into one-line messages with the error's exit code."""
 
@@ -33,7 +47,7 @@ class _Group(click.Group):
         except OSError as e:  # a folder it cannot create or write (read-only, no permission, full): the path, once
             if caused_by_interrupt(e):
                 self._interrupted(ctx)
-            where = f": {e.filename}" if e.filename else ""
+            where = f": {_culprit(e)}" if e.filename else ""
             click.echo(f"error: {e.strerror or e}{where}", err=True)
             ctx.exit(1)
         except Exception as e:

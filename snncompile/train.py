@@ -536,5 +536,7 @@ def _truncate_metrics(path: Path, last_epoch: int) -> None:
     """Drop rows after ``last_epoch`` (written by a run that died before its next checkpoint)."""
     if not path.exists():
         return
-    keep = [row for row in read_metrics(path) if row["epoch"] <= last_epoch]
-    atomic_write_text(path, "".join(json.dumps(row) + "\n" for row in keep))
+    rows = read_metrics(path)
+    keep = [row for row in rows if row["epoch"] <= last_epoch]
+    if len(keep) < len(rows):  # untouched otherwise: a finished run resumed on a read-only mount failed writing it
+        atomic_write_text(path, "".join(json.dumps(row) + "\n" for row in keep))

@@ -514,3 +514,11 @@ def test_a_checkpoint_copied_in_from_another_run_is_not_taken_for_this_runs(tmp_
     with pytest.raises(ConfigError, match=r"checkpoint.pt was not trained with .*config.toml: train.seed = 0 \(trained "
                                           r"with 1\) \(config.toml edited since, or the checkpoint copied from another"):
         load_network(ours)
+
+
+def test_resuming_a_finished_run_rewrites_nothing(tmp_path, digits_cfg):
+    """It rewrote metrics.jsonl with the same rows, and so failed on a read-only mount with nothing to train."""
+    run = train(digits_cfg, tmp_path, progress=False, echo=lambda s: None).run_dir
+    before = (run / "metrics.jsonl").stat().st_ino
+    assert train(resume=run, progress=False, echo=lambda s: None).epochs_done == 2
+    assert (run / "metrics.jsonl").stat().st_ino == before  # an atomic rewrite is a new file
