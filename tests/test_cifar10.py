@@ -180,7 +180,9 @@ def test_missing_one_batch_names_only_that_file(tmp_path):
 
 
 def test_empty_root_asks_for_data_root():
-    with pytest.raises(DataError, match="data.root"):
+    from snncompile.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="data.root"):  # the config's to fix (exit 2), not the data's
         load_cifar10("")
 
 
