@@ -8,7 +8,7 @@ import torch
 
 from .artifacts import MANIFEST, read_manifest
 from .config import EXECUTION_KEYS, Config, flat_values, load_config
-from .errors import ArtifactError, ConfigError, first_line
+from .errors import ArtifactError, first_line
 from .models import SpikingNetwork, network_from_config
 from .text import shell_path
 
@@ -124,17 +124,18 @@ def require_trained_config(run_dir: Path, cfg: Config, state: dict) -> None:
     (train.lr, train.epochs), `train --resume` trained nothing new: the optimizer and the schedule come back from
     the checkpoint (a finished cosine schedule trains at rate 0), while the manifest kept the old config. A
     checkpoint copied in from another run (another seed) exported and verified as this run's, under its
-    accuracy. The execution settings and data.root (the data moved) may differ. Checkpoints written before they
-    recorded their config are not checked."""
+    accuracy. The execution settings, data.root (the data moved) and the run's name may differ, and only the keys
+    the checkpoint recorded are compared (a key a later version adds is not a difference). Checkpoints written
+    before they recorded their config are not checked."""
     trained = state.get("trained_config")
     if not isinstance(trained, dict):
         return
-    free = {*EXECUTION_KEYS, "data.root"}
+    free = {*EXECUTION_KEYS, "data.root", "name"}
     now = flat_values(cfg)
-    changed = [f"{key} = {now.get(key)!r} (trained with {trained.get(key)!r})"
-               for key in sorted(set(trained) | set(now)) if key not in free and trained.get(key) != now.get(key)]
+    changed = [f"{key} = {now.get(key)!r} (trained with {trained[key]!r})"
+               for key in sorted(trained) if key not in free and trained[key] != now.get(key)]
     if changed:
-        raise ConfigError(f"{run_dir / CHECKPOINT} was not trained with {run_dir / CONFIG}: {'; '.join(changed[:4])} "
+        raise ArtifactError(f"{run_dir / CHECKPOINT} was not trained with {run_dir / CONFIG}: {'; '.join(changed[:4])} "
                           f"(config.toml edited since, or the checkpoint copied from another run?). A run keeps the "
                           f"config it trained with: put back what changed, or train the config into a new run "
                           f"(`snncompile train {shell_path(run_dir / CONFIG)}`)")

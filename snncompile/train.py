@@ -213,10 +213,27 @@ def train(
         progress: show a tqdm progress bar.
         echo: where per-epoch summaries go.
     """
+    with contextlib.ExitStack() as lock:  # held until training ends: one process trains a run at a time
+        return _locked_train(lock, cfg, out_root, resume, stop_after, progress, echo)
+
+
+def _main_process() -> bool:
+    """Rank 0 of a torchrun launch (its RANK variable; init_distributed checks it later), or a plain process."""
+    import os
+
+    return os.environ.get("RANK", "0") == "0"
+
+
+def _locked_train(lock: contextlib.ExitStack, cfg: Config | None, out_root, resume, stop_after, progress,
+                  echo) -> TrainResult:
+    """:func:`train`, with ``lock`` holding :func:`sole_trainer` of the run once it has one (a resumed run's before
+    its checkpoint is read, so that it is not read while another process replaces it)."""
     start = time.perf_counter()
     state = None
     if resume is not None:
         stored = load_run_config(resume)
+        if _main_process():
+            lock.enter_context(sole_trainer(Path(resume)))
         cfg = stored if cfg is None else with_execution_settings(stored, cfg)
         if (Path(resume) / CHECKPOINT).is_file():
             state = load_checkpoint(Path(resume) / CHECKPOINT)
@@ -238,15 +255,14 @@ def train(
             ctx = init_distributed(device.type)
             if ctx.enabled and device.type == "cuda":
                 device = torch.device("cuda", ctx.local_rank)
-            alone = sole_trainer(Path(resume)) if resume is not None and ctx.is_main else contextlib.nullcontext()
-            with alone, stop_on_peer_failure(ctx), cudnn_autotuning(cfg.train.cudnn_benchmark):
-                return _train(cfg, device, ctx, out_root, resume, state, stop_after, progress, echo, start)
+            with stop_on_peer_failure(ctx), cudnn_autotuning(cfg.train.cudnn_benchmark):
+                return _train(cfg, device, ctx, out_root, resume, state, stop_after, progress, echo, start, lock)
     finally:
         destroy(ctx)
 
 
 def _train(cfg: Config, device: torch.device, ctx: DistContext, out_root, resume, state, stop_after, progress, echo,
-           start: float) -> TrainResult:
+           start: float, lock: contextlib.ExitStack) -> TrainResult:
     from tqdm.auto import tqdm
 
     main = ctx.is_main
@@ -309,12 +325,13 @@ def _train(cfg: Config, device: torch.device, ctx: DistContext, out_root, resume
             classes=data.classes,
         )
         record_artifact(run_dir, CONFIG)
-    if main:
+        lock.enter_context(sole_trainer(run_dir))  # a `train --resume` of it meanwhile is refused
+    last_epoch = cfg.train.epochs if stop_after is None else min(stop_after, cfg.train.epochs)
+    if main and first_epoch <= last_epoch:  # a finished run resumed writes nothing (it may be on a read-only mount)
         update_manifest(run_dir, distributed={"world_size": ctx.world_size, "backend": ctx.backend,
                                               "global_batch": ctx.world_size * cfg.data.batch_size})
     model = DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None) if ctx.enabled else net
 
-    last_epoch = cfg.train.epochs if stop_after is None else min(stop_after, cfg.train.epochs)
     test_loss, test_acc = float("nan"), float("nan")
     if first_epoch > last_epoch and main:  # resuming a run that already has its epochs: report it
         test_loss, test_acc = _summarise_finished(run_dir, cfg, first_epoch - 1)

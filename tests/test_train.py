@@ -467,7 +467,7 @@ def test_resume_refuses_a_config_toml_edited_in_train_or_data(tmp_path, digits_c
     before = (part.run_dir / CHECKPOINT).read_bytes()
     edited = apply_overrides(load_run_config(part.run_dir), ["train.lr=0.5", "train.epochs=3"])
     (part.run_dir / "config.toml").write_text(dumps_toml(edited))
-    with pytest.raises(ConfigError, match=r"checkpoint.pt was not trained with .*config.toml: train.epochs = 3 \(trained "
+    with pytest.raises(ArtifactError, match=r"checkpoint.pt was not trained with .*config.toml: train.epochs = 3 \(trained "
                                           r"with 2\); train.lr = 0.5 \(trained with 0.003\) \(config.toml edited"):
         train(resume=part.run_dir, progress=False, echo=lambda s: None)
     assert (part.run_dir / CHECKPOINT).read_bytes() == before
@@ -511,7 +511,7 @@ def test_a_checkpoint_copied_in_from_another_run_is_not_taken_for_this_runs(tmp_
                    echo=lambda s: None).run_dir
     load_network(ours)
     shutil.copy(theirs / CHECKPOINT, ours / CHECKPOINT)
-    with pytest.raises(ConfigError, match=r"checkpoint.pt was not trained with .*config.toml: train.seed = 0 \(trained "
+    with pytest.raises(ArtifactError, match=r"checkpoint.pt was not trained with .*config.toml: train.seed = 0 \(trained "
                                           r"with 1\) \(config.toml edited since, or the checkpoint copied from another"):
         load_network(ours)
 
@@ -519,6 +519,41 @@ def test_a_checkpoint_copied_in_from_another_run_is_not_taken_for_this_runs(tmp_
 def test_resuming_a_finished_run_rewrites_nothing(tmp_path, digits_cfg):
     """It rewrote metrics.jsonl with the same rows, and so failed on a read-only mount with nothing to train."""
     run = train(digits_cfg, tmp_path, progress=False, echo=lambda s: None).run_dir
-    before = (run / "metrics.jsonl").stat().st_ino
+    before = {name: (run / name).stat().st_ino for name in ("metrics.jsonl", "manifest.json", CHECKPOINT)}
     assert train(resume=run, progress=False, echo=lambda s: None).epochs_done == 2
-    assert (run / "metrics.jsonl").stat().st_ino == before  # an atomic rewrite is a new file
+    # an atomic rewrite is a new file
+    assert {name: (run / name).stat().st_ino for name in before} == before
+
+
+def test_a_run_being_trained_fresh_is_not_resumed_meanwhile(tmp_path, digits_cfg, monkeypatch):
+    """Only resumed runs held the lock: a `train --resume` of a run that `train MODEL.toml` was still training
+    trained it too (every epoch twice in metrics.jsonl)."""
+    import snncompile.train as t
+
+    refused = []
+    real_append = t._append_metrics
+
+    def append_then_try_to_resume(path, row):
+        real_append(path, row)
+        if not refused:
+            with pytest.raises(ArtifactError, match="is being trained by another process") as err:
+                train(resume=path.parent, progress=False, echo=lambda s: None)
+            refused.append(str(err.value))
+
+    monkeypatch.setattr(t, "_append_metrics", append_then_try_to_resume)
+    run = train(digits_cfg, tmp_path, progress=False, echo=lambda s: None).run_dir
+    assert refused and [r["epoch"] for r in read_metrics(run / "metrics.jsonl")] == [1, 2]
+
+
+def test_a_config_key_a_later_version_adds_or_a_new_name_is_no_difference(tmp_path, digits_cfg):
+    """Compared key by key over what the checkpoint recorded: one more [train] key in a later version would
+    otherwise refuse every run trained before it; the run's name changes no weight."""
+    from snncompile.config import dumps_toml
+    from snncompile.runs import load_network, load_run_config
+
+    run = train(digits_cfg, tmp_path, stop_after=1, progress=False, echo=lambda s: None).run_dir
+    state = load_checkpoint(run / CHECKPOINT)
+    del state["trained_config"]["train.seed"]  # as if this version had no such key yet
+    torch.save(state, run / CHECKPOINT)
+    (run / "config.toml").write_text(dumps_toml(apply_overrides(load_run_config(run), ["name=renamed"])))
+    load_network(run)
