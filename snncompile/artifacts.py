@@ -120,9 +120,11 @@ def interrupts_deferred() -> Iterator[None]:
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
-    if not caught or previous[caught[0]] == signal.SIG_IGN:
+    # the first signal that was not ignored (a SIGINT to a process started with `&` must not hide a SIGTERM after it)
+    acted = [signum for signum in caught if previous[signum] != signal.SIG_IGN]
+    if not acted:
         return
-    signum, handler = caught[0], previous[caught[0]]
+    signum, handler = acted[0], previous[acted[0]]
     if handler == signal.SIG_DFL:  # a SIGTERM nobody handles: the process ends now, as it would have
         signal.raise_signal(signum)
     elif callable(handler) and handler is not signal.default_int_handler:

@@ -42,11 +42,23 @@ def find_run(out_root: Path, cfg: Config) -> Path | None:
             if manifest.get("config_hash") == cfg.hash() or load_run_config(run).result_hash() == cfg.result_hash():
                 return run
         except SnnCompileError as e:
-            if _config_of(run) == cfg.result_hash():  # this config's run, damaged: training again would hide that
+            # this config's run, damaged: training again would hide that (one of an older run format is passed over)
+            if not _older_format(run) and _config_of(run) == cfg.result_hash():
                 raise ArtifactError(f"{run} is a run of this config but cannot be read ({e}): repair it, or move it "
                                     f"out of {base} to train a new one") from None
             continue  # a damaged run directory of another config
     return None
+
+
+def _older_format(run: Path) -> bool:
+    """Whether ``run``'s manifest is intact but of another run format (written by another snncompile version)."""
+    from .artifacts import RUN_FORMAT
+
+    try:
+        manifest = json.loads((run / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(manifest, dict) and manifest.get("run_format") != RUN_FORMAT
 
 
 def _config_of(run: Path) -> str | None:

@@ -141,6 +141,14 @@ def test_a_sigterm_inside_interrupts_deferred_waits_for_the_block_too():
                 os.kill(os.getpid(), signal.SIGTERM)
                 done.append("rest of the block")
         assert done == ["rest of the block"] and signal.getsignal(signal.SIGTERM) is _terminated
+        ignoring = signal.signal(signal.SIGINT, signal.SIG_IGN)  # a background job's SIGINT comes first: not a mask
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                with interrupts_deferred():
+                    os.kill(os.getpid(), signal.SIGINT)
+                    os.kill(os.getpid(), signal.SIGTERM)
+        finally:
+            signal.signal(signal.SIGINT, ignoring)
     finally:
         signal.signal(signal.SIGTERM, previous)
 

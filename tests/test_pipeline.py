@@ -137,6 +137,8 @@ def test_a_damaged_run_of_the_same_config_stops_the_pipeline_instead_of_a_silent
                                             r"it, or move it out of .* to train a new one$"):
         find_run(tmp_path, digits_cfg)
     assert find_run(tmp_path, apply_overrides(digits_cfg, ["train.seed=5"])) is None
+    manifest.write_text(json.dumps({"run_format": 0}))  # intact, of an older version: passed over, as before
+    assert find_run(tmp_path, digits_cfg) is None
 
 
 def test_pipeline_redoes_an_export_another_command_replaced_or_deleted(tmp_path):
