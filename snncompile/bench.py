@@ -322,10 +322,12 @@ def _gate(run_dir: Path, name: str, numerics: str, options: dict, model_file: st
         replaced = "" if earlier is None else (f"; it replaces the one at T = {earlier['T']}" if earlier.get("T") != export["T"]
                                                else "; it replaces the earlier one")
         echo(f"exported {layers_file} (T = {export['T']}) to check {model_file} layer by layer{replaced}")
-    report = verify_run(run_dir, name, numerics, progress=False, model_file=layers_file, options=options)
+    report = verify_run(run_dir, name, numerics, progress=False, model_file=layers_file, options=options,
+                        other_exports=False)
     reasons = _file_reasons(layers_file, report)
     if layers_file != model_file:
-        plain = verify_run(run_dir, name, numerics, progress=False, model_file=model_file, options=options)
+        plain = verify_run(run_dir, name, numerics, progress=False, model_file=model_file, options=options,
+                           other_exports=False)
         reasons += _timed_file_reasons(model_file, plain, report)
     return reasons
 

@@ -315,13 +315,14 @@ class _Tally:
 
 def verify_run(run_dir: str | Path, runner: str = "ort-cpu", precision: str = "fp32", batch: int = 64,
                model_file: str | None = None, progress: bool = False, inputs: str = "reference",
-               options: dict | None = None) -> dict:
+               options: dict | None = None, other_exports: bool = True) -> dict:
     """Compare one runner with the torch reference: :func:`verify_runs` for ``{runner: options}``."""
-    return verify_runs(run_dir, {runner: options}, precision, batch, model_file, progress, inputs)[runner]
+    return verify_runs(run_dir, {runner: options}, precision, batch, model_file, progress, inputs, other_exports)[runner]
 
 
 def verify_runs(run_dir: str | Path, runners: dict[str, dict | None], precision: str = "fp32", batch: int = 64,
-                model_file: str | None = None, progress: bool = False, inputs: str = "reference") -> dict[str, dict]:
+                model_file: str | None = None, progress: bool = False, inputs: str = "reference",
+                other_exports: bool = True) -> dict[str, dict]:
     """Compare each runner with the torch reference in one pass over the inputs (the reference runs once per
     batch, the dataset is read once); returns ``{runner: report}``, each also merged into ``verify.json``
     (under :func:`report_key`).
@@ -331,7 +332,8 @@ def verify_runs(run_dir: str | Path, runners: dict[str, dict | None], precision:
     ``"test"`` = the run's whole test split, read from the dataset (e.g. all 10,000 MNIST images).
 
     ``model_file`` defaults to ``model_layers.onnx`` when it was exported (per-layer spike checks),
-    else ``model.onnx`` (outputs only). Keys in verify.json: :func:`report_key`."""
+    else ``model.onnx`` (outputs only). Keys in verify.json: :func:`report_key`. ``other_exports``: also name the
+    run's other unrolled exports whose file changed since export (``exports_changed``; hashes each one)."""
     from tqdm.auto import tqdm
 
     if precision not in PRESETS:
@@ -352,7 +354,9 @@ def verify_runs(run_dir: str | Path, runners: dict[str, dict | None], precision:
                             f"`{export_command(run_dir, export)}` again")
     read_reports(run_dir / "verify.json")  # a corrupt one is reported now, not after the whole comparison
     hash_ok = (run_dir / model_file).is_file() and sha256_model(run_dir / model_file) == export["sha256"]
-    changed = _changed_exports(run_dir, manifest.get("exports", {}), model_file)
+    # False for bench's gates: it checks the timed file's own hash, and hashing every export twice per runner
+    # costs seconds on a large network
+    changed = _changed_exports(run_dir, manifest.get("exports", {}), model_file) if other_exports else {}
     if inputs == "reference":
         source = _ReferenceInputs(run_dir, export)
     elif inputs == "test":

@@ -308,5 +308,6 @@ def test_every_rebuild_hint_is_a_command_that_writes_the_same_engine(tmp_path):
         f"`snncompile build {tmp_path} --model model_T8.onnx --precision fp16 --batch 1:16:256`")
     update_manifest(tmp_path, exports={"model.onnx": {"sha256": "new"}})
     with pytest.raises(ArtifactError, match=rf"^model_fp16.plan was built from an earlier model.onnx: rebuild it with "
-                                            rf"`snncompile build {tmp_path} --precision fp16`$"):
-        check_engine_current({"precision": "fp16", "onnx_sha256": "old"}, tmp_path, "model.onnx")
+                                            rf"`snncompile build {tmp_path} --precision fp16 --batch 1:8:64`$"):
+        check_engine_current({"precision": "fp16", "onnx_sha256": "old", "profile": {"min": 1, "opt": 8, "max": 64}},
+                             tmp_path, "model.onnx")

@@ -212,6 +212,13 @@ def rebuild_command(run_dir: Path, model_file: str, precision: str, batch: str |
     return f"`snncompile build {shell_path(run_dir)}{options}`"
 
 
+def _recorded_profile(sidecar: dict) -> str | None:
+    """The ``--batch MIN:OPT:MAX`` the engine was built with (its sidecar's ``profile``), so that a rebuild writes
+    the same engine, not one with build's default profile."""
+    p = sidecar.get("profile")
+    return f"{p['min']}:{p['opt']}:{p['max']}" if isinstance(p, dict) and {"min", "opt", "max"} <= p.keys() else None
+
+
 def check_engine_matches(sidecar: dict, run_dir: Path, model_file: str) -> None:
     """One-line error when an engine was built by another TensorRT or for another GPU (a portable
     TensorRT-RTX engine only needs the same TensorRT-RTX; whether it runs on this GPU is the runner's
@@ -219,11 +226,12 @@ def check_engine_matches(sidecar: dict, run_dir: Path, model_file: str) -> None:
     trt = tensorrt_module()
     here = {"tensorrt": f"{trt.__name__} {trt.__version__}", **gpu_identity()}
     keys = ("tensorrt",) if sidecar.get("portable") else ("tensorrt", "gpu", "compute_capability")
+    precision = sidecar.get("precision", "fp32")
     for key in keys:
         if sidecar.get(key) != here[key]:
-            raise ArtifactError(f"{engine_name(model_file, sidecar.get('precision', 'fp32'))} was built for {key} "
-                                f"{sidecar.get(key)!r}, this machine has {here[key]!r}: rebuild it with "
-                                f"{rebuild_command(run_dir, model_file, sidecar.get('precision', 'fp32'))}")
+            raise ArtifactError(f"{engine_name(model_file, precision)} was built for {key} {sidecar.get(key)!r}, this "
+                                f"machine has {here[key]!r}: rebuild it with "
+                                f"{rebuild_command(run_dir, model_file, precision, _recorded_profile(sidecar))}")
 
 
 def check_engine_current(sidecar: dict, run_dir: Path, model_file: str) -> None:
@@ -236,7 +244,7 @@ def check_engine_current(sidecar: dict, run_dir: Path, model_file: str) -> None:
     if built_from is not None and built_from != export.get("sha256"):
         precision = sidecar.get("precision", "fp32")
         raise ArtifactError(f"{engine_name(model_file, precision)} was built from an earlier {model_file}: rebuild it "
-                            f"with {rebuild_command(run_dir, model_file, precision)}")
+                            f"with {rebuild_command(run_dir, model_file, precision, _recorded_profile(sidecar))}")
 
 
 class TrtRunner(Runner):
