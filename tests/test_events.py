@@ -39,7 +39,7 @@ def test_aedat2_round_trip(tmp_path):
 
 
 def test_aedat4_round_trip_through_the_aedat_decoder(tmp_path):
-    """tonic's CIFAR10-DVS download (.aedat4), read by the real `aedat` decoder through tonic: events in two
+    """tonic's CIFAR10-DVS download (.aedat4), read by the real `aedat` decoder (no tonic needed): events in two
     packets come back in order with their fields where tonic's dtype puts them (t, x, y, on)."""
     pytest.importorskip("aedat")
     pytest.importorskip("flatbuffers")
