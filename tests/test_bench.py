@@ -80,6 +80,12 @@ def test_runner_failing_verify_is_skipped_with_reason(exported):
     init = next(i for i in model.graph.initializer if i.name == "net.stages.0.bias")
     init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init) + np.float32(3.0), init.name))
     onnx.save(model, str(path))
+    # recorded as the export's own file, so that its verify is what fails (a file that is not the export's is
+    # refused before any runner)
+    from snncompile.artifacts import sha256_file, update_manifest
+
+    entry = json.loads((exported / "manifest.json").read_text())["exports"]["model.onnx"]
+    update_manifest(exported, exports={"model.onnx": {**entry, "sha256": sha256_file(path)}})
     data = bench_run(exported, ["ort-cpu", "torch"], (2,), warmup=0, iters=2, echo=lambda s: None)
     assert data["runners"]["ort-cpu"]["skipped"].startswith("verify failed:")
     assert "by_batch" in data["runners"]["torch"]

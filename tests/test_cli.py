@@ -120,14 +120,6 @@ def test_ctrl_c_is_one_line_and_exit_130_in_every_command(tmp_path, monkeypatch)
     assert inside.stderr.splitlines() == [f"error: export interrupted: nothing of it was written; {run} is as it was"]
 
 
-def test_a_file_where_a_folder_must_be_is_named(tmp_path):
-    """`--out a/sub` where `a` is a file said "Not a directory: a/sub/digits/<run-id>", a path that is not the cause."""
-    (tmp_path / "a").write_text("")
-    r = CliRunner().invoke(cli, ["train", str(REPO / "models" / "digits.toml"), "--out", str(tmp_path / "a" / "sub"),
-                                 "--set", "train.epochs=1", "--no-progress"])
-    assert r.exit_code == 1 and r.output.strip() == f"error: Not a directory: {tmp_path / 'a'} is a file"
-
-
 def test_first_line_of_any_error():
     """One helper for every "first line of a third-party error": an empty message (IndexError in one copy of
     it) gives the type's name, a paragraph its first line, cut to the limit."""
