@@ -164,7 +164,7 @@ def test_caused_by_interrupt_follows_wrapped_errors():
 
 
 def test_a_folder_that_cannot_be_made_names_the_target_not_the_temp_file(tmp_path):
-    from snncompile.artifacts import RUN_FORMAT, atomic_write_text
+    from snncompile.artifacts import atomic_write_text
     from snncompile.errors import ArtifactError
 
     (tmp_path / "a-file").write_text("not a folder")
