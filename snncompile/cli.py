@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 from pathlib import Path
@@ -433,7 +434,9 @@ def main() -> None:
     # A SIGTERM (timeout, kill, a cluster scheduler's preemption) stops a command as Ctrl-C does: the same cleanup
     # of staging folders and half-written files, the same one line. Python's default dies at once and left an
     # export's staging folder, the size of the model twice, in the run directory.
-    if signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+    # Not under torchrun: it stops the other ranks with SIGTERM when one fails, which distributed.py turns into
+    # their own one-line error (a handler here could answer a late second SIGTERM with "interrupted" instead).
+    if signal.getsignal(signal.SIGTERM) == signal.SIG_DFL and "RANK" not in os.environ:
         signal.signal(signal.SIGTERM, _terminated)
     cli(prog_name="snncompile")
 
