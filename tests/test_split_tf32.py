@@ -330,11 +330,14 @@ def test_on_the_gpu_split_tf32_is_as_accurate_as_fp32_and_plain_tf32_is_not():
             tf32_x_err = (conv(x).double() - exact_x).abs().max().item()
     finally:
         torch.backends.cudnn.allow_tf32 = saved
+    # printed first: when an assertion fails, every figure is in the log (the third GPU session's run
+    # stopped at the analog one and left plain TF32's analog error unknown)
+    print(f"max error vs float64: fp32 {fp32_err:.3g}, split TF32 {split_err:.3g}, plain TF32 {tf32_err:.3g}; "
+          f"analog input: fp32 {fp32_x_err:.3g}, split TF32 {analog_err:.3g}, plain TF32 {tf32_x_err:.3g}")
     # fp32-accurate: within a small factor of cuDNN's own fp32 convolution (tensor cores may accumulate
-    # with truncation, so not necessarily better), and far from plain TF32
+    # with truncation, so not necessarily better), and far from plain TF32. On an H200 (2026-11-27) the
+    # analog assertion failed: split 7.6e-5 against fp32's 8.4e-7 (README, "Third session")
     assert split_err < 16 * fp32_err + 1e-6
     assert tf32_err > 50 * split_err
     assert analog_err < 16 * fp32_x_err + 1e-6
     assert tf32_x_err > 50 * analog_err
-    print(f"max error vs float64: fp32 {fp32_err:.3g}, split TF32 {split_err:.3g}, plain TF32 {tf32_err:.3g}; "
-          f"analog input: fp32 {fp32_x_err:.3g}, split TF32 {analog_err:.3g}, plain TF32 {tf32_x_err:.3g}")
