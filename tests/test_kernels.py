@@ -307,7 +307,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from snncompile.kernels import _triton as K
-from snncompile.kernels.lif import _NO_FMA, pool_block
+from snncompile.kernels.lif import _NO_FMA, pool_block, pool_forward_warps
 
 def signature(fn, ptrs):
     args = inspect.signature(fn.fn).parameters
@@ -321,7 +321,8 @@ for cur, out in [("fp32", "fp32"), ("bf16", "bf16"), ("fp16", "fp16"), ("bf16", 
         variants.append((K.lif_forward, ptrs, {"T": 8, "SAVE_U": save, "STORE_O": True, "HAS_BIAS": save,
                                                "BLOCK": 1024}))
         variants += [(K.lif_pool_forward, ptrs, {"T": 8, "K": k, "SAVE_U": save, "CHANNELS_LAST": last,
-                                                  "HAS_BIAS": not save, "BLOCK": pool_block(k)})
+                                                  "HAS_BIAS": not save, "BLOCK": pool_block(k),
+                                                  "num_warps": pool_forward_warps(last)})
                      for k in (2, 4) for last in (False, True)]
 for cur in ("bf16", "fp16"):  # backward's membrane recompute from 16-bit currents: membrane only
     variants.append((K.lif_forward, {"i_ptr": "*" + cur, "o_ptr": "*fp32", "u_ptr": "*fp32", "b_ptr": "*fp32"},
@@ -333,8 +334,9 @@ for grad, grad_in, bf16 in [("fp32", "fp32", False), ("bf16", "i16", True), ("fp
                   {"T": 8, "K": k, "GRAD_BF16": bf16, "CHANNELS_LAST": last, "BLOCK": pool_block(k)})
                  for k in (2, 4) for last in (False, True)]
 for fn, ptrs, constants in variants:  # with the options every launch in lif.py passes
+    warps = {"num_warps": constants.pop("num_warps")} if "num_warps" in constants else {}
     compiled = triton.compile(ASTSource(fn, signature(fn, ptrs), constants), target=GPUTarget("cuda", 90, 32),
-                              options=_NO_FMA)
+                              options={**_NO_FMA, **warps})
     assert compiled.asm["cubin"], (fn.__name__, ptrs, constants)
     assert "fma.rn.f32" not in compiled.asm["ptx"], (fn.__name__, ptrs, constants)  # each product rounded alone
 # control: Triton's default contracts the backward's products into FMAs, which is what _NO_FMA turns off
@@ -395,6 +397,22 @@ def test_every_kernel_launch_compiles_without_fma_contraction(monkeypatch):
         fused_lif_pool(currents, P.k_tau1, P.v_th, P.a, 2, dtype).float().sum().backward()
     options = [kwargs.get("enable_fp_fusion") for _, kwargs in launches]
     assert len(options) >= 8 and set(options) == {False}, options
+
+
+def test_the_channels_last_pooled_forward_runs_one_warp_per_program(monkeypatch):
+    """With channels last, the pooled forward launches one warp per program, so that a window's neurons
+    are summed inside a warp (pool_forward_warps: with four, the sum crossed warps through shared memory,
+    and the kernel ran 6-7x slower than in NCHW on an H200); NCHW keeps Triton's four. The spikes are the
+    same either way (the layouts' test above)."""
+    from snncompile.kernels import fused_lif_pool
+
+    launches = record_launches(monkeypatch)
+    currents = torch.randn(3, 2, 16, 4, 4, device=DEVICE) + 0.3
+    last = currents.flatten(0, 1).contiguous(memory_format=torch.channels_last).unflatten(0, (3, 2))
+    for layout in (currents, last):
+        fused_lif_pool(layout, P.k_tau1, P.v_th, P.a, 2, torch.float32)
+    warps = [(kwargs["CHANNELS_LAST"], kwargs["num_warps"]) for name, kwargs in launches if name == "lif_pool_forward"]
+    assert warps == [(False, 4), (True, 1)]
 
 
 @pytest.mark.parametrize("pool", [None, 2])
