@@ -212,6 +212,11 @@ infer_targets() {  # MODEL BATCHES TINY...: init, export both layouts, bench the
         snncompile bench "$run" --runners torch-fast --precision $precision --batch "$batch" $iters_s \
             | sed -n '/^model /,/^wrote/p'
     done
+    # the same in channels_last (no cuDNN transposes around each conv)
+    for precision in tf32x2 bf16; do
+        snncompile bench "$run" --runners torch-fast --precision $precision --batch "$batch" --channels-last $iters_s \
+            | sed -n '/^model /,/^wrote/p'
+    done
 }
 
 infer_profile() {  # MODEL BATCH TINY...: where torch-fast's (tf32x2, bf16) and ort-cuda's GPU time goes at BATCH
@@ -230,10 +235,14 @@ infer_profile() {  # MODEL BATCH TINY...: where torch-fast's (tf32x2, bf16) and 
     # the input conv's 2 channels zero-padded to 8 (a tensor-core shape), graphed, against the same unpadded
     snncompile bench "$run" --runners torch-fast --precision bf16 --batch "$batch" --pad-channels 8 --no-cuda-graph \
         --profile $iters_s | sed -n '/^model /,/^wrote/p'
-    for precision in bf16 tf32; do  # the tensor-core precisions (fp32 has no tensor-core kernels to gain)
-        for pad in 1 8; do
-            snncompile bench "$run" --runners torch-fast --precision $precision --batch "1,$batch" --pad-channels $pad \
-                $iters_s | sed -n '/^model /,/^wrote/p'
+    # the tensor-core precisions (fp32 has no tensor-core kernels to gain): NCHW, channels_last (no cuDNN
+    # transposes around each conv; new), each without and with the padded input conv
+    for precision in bf16 tf32; do
+        for layout in "" --channels-last; do
+            for pad in 1 8; do
+                snncompile bench "$run" --runners torch-fast --precision $precision --batch "1,$batch" --pad-channels $pad \
+                    $layout $iters_s | sed -n '/^model /,/^wrote/p'
+            done
         done
     done
     # issue 7's layout criterion on this network too (ONNX Runtime CUDA never ran bench-nmnist): our

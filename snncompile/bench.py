@@ -71,7 +71,8 @@ def batch_sizes(batches) -> tuple[int, ...]:
 def bench_run(run_dir: str | Path, runners: list[str] | None = None, batches: tuple[int, ...] = (1, 16, 128),
               warmup: int = 10, iters: int = 50, progress: bool = True,
               echo=print, model_file: str = "model.onnx", precision: str = "fp32", cuda_graph: bool = True,
-              cudnn_autotune: bool = True, profile: bool = False, pad_channels: int = 1, threads: int = 0) -> dict:
+              cudnn_autotune: bool = True, profile: bool = False, pad_channels: int = 1, threads: int = 0,
+              channels_last: bool = False) -> dict:
     """Verify, then time every requested runner at every batch size (default: every available one but
     the opt-in ``torch-compile`` and ``torch-loop``).
 
@@ -81,7 +82,8 @@ def bench_run(run_dir: str | Path, runners: list[str] | None = None, batches: tu
     ``cuda_graph=False``: torch-fast, torch-compile, ort-cuda and trt launch kernel by kernel (what the
     graphs save). ``cudnn_autotune=False``: torch-fast keeps cuDNN's heuristic algorithms, PyTorch's default
     (what autotuning saves). ``pad_channels > 1``: torch-fast runs convs whose input channels are not a
-    multiple of it on zero-padded copies (``bench_pad8``). ``profile``: after timing each runner, profile
+    multiple of it on zero-padded copies (``bench_pad8``). ``channels_last``: torch-fast's conv weights and
+    activations in channels_last (``bench_channels_last``). ``profile``: after timing each runner, profile
     3 calls at the last batch size (torch.profiler: for a GPU runner every CUDA kernel of the process, ONNX
     Runtime's too) into ``<stem>_profile.txt``; with ``cuda_graph=False`` the kernels show one by one.
     ``threads``: CPU threads for torch and ONNX Runtime (0: torch's default, ONNX Runtime one per usable core);
@@ -108,6 +110,7 @@ def bench_run(run_dir: str | Path, runners: list[str] | None = None, batches: tu
     results: dict = {"model": manifest.get("model"), "file": model_file, "export_sha256": export.get("sha256"),
                      "order": export.get("order", "layer"), "T": export["T"], "batches": list(batches),
                      "cuda_graph": cuda_graph, "cudnn_autotune": cudnn_autotune, "pad_channels": pad_channels,
+                     "channels_last": channels_last,
                      "environment": environment(), "runners": {}}
     measured = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     profiles: list[str] = []
@@ -115,7 +118,8 @@ def bench_run(run_dir: str | Path, runners: list[str] | None = None, batches: tu
         for name in names:
             numerics = runner_numerics(name, precision, export.get("precision", "fp32"))
             options = runner_options(name, numerics, cuda_graph, cudnn_autotune, pad_channels,
-                                     model_precision=export.get("precision", "fp32"), threads=threads)
+                                     model_precision=export.get("precision", "fp32"), threads=threads,
+                                     channels_last=channels_last)
             entry: dict = {"precision": numerics, "measured": measured}
             results["runners"][name] = entry
             if avail[name] is not None:
@@ -156,7 +160,7 @@ def bench_run(run_dir: str | Path, runners: list[str] | None = None, batches: tu
                     entry["skipped"] = failure
                 echo(f"{name}: {failure}")
     _require_timed(results["runners"])  # nothing measured: the earlier bench's files stay, not a table of skips
-    stem = bench_stem(model_file, precision, cuda_graph, cudnn_autotune, pad_channels)
+    stem = bench_stem(model_file, precision, cuda_graph, cudnn_autotune, pad_channels, channels_last)
     results["stem"] = stem
     kept = _keep_earlier_runners(run_dir / f"{stem}.json", results)
     if kept:
@@ -282,13 +286,14 @@ def _keep_earlier_runners(path: Path, results: dict) -> list[str]:
 
 
 def bench_stem(model_file: str, precision: str, cuda_graph: bool = True, cudnn_autotune: bool = True,
-               pad_channels: int = 1) -> str:
+               pad_channels: int = 1, channels_last: bool = False) -> str:
     """File stem of a bench's outputs: ``bench``, ``bench_model_per_step``, ``bench_bf16``,
     ``bench_no_cuda_graph``, ``bench_no_autotune``, ... so that timing another file, precision or launch
     mode does not overwrite the results of ``model.onnx`` at fp32 with graphs and autotuning."""
     parts = (["bench"] + ([Path(model_file).stem] if model_file != "model.onnx" else [])
              + ([precision] if precision != "fp32" else []) + ([] if cuda_graph else ["no_cuda_graph"])
-             + ([] if cudnn_autotune else ["no_autotune"]) + ([f"pad{pad_channels}"] if pad_channels > 1 else []))
+             + ([] if cudnn_autotune else ["no_autotune"]) + ([f"pad{pad_channels}"] if pad_channels > 1 else [])
+             + (["channels_last"] if channels_last else []))
     return "_".join(parts)
 
 

@@ -317,8 +317,12 @@ def bench_train_cmd(model_toml, overrides, steps_t, batch, precision, steps, war
 @click.option("--threads", default=0, show_default=True, type=click.IntRange(0),
               help="CPU threads for torch and ONNX Runtime (0: torch's default, ONNX Runtime one per core). On a CPU "
                    "other work keeps busy, the free cores: threads that wait for a busy core stall every op.")
+@click.option("--channels-last", is_flag=True,
+              help="torch-fast keeps conv weights and activations in channels_last, the layout cuDNN's tensor-core "
+                   "convolutions compute in (NCHW: a transpose before and after each), written to "
+                   "bench_channels_last.*.")
 def bench_run_cmd(run, runners, batches, iters, warmup, model_file, precision, cuda_graph, cudnn_autotune,
-                  profile, pad_channels, threads) -> None:
+                  profile, pad_channels, threads, channels_last) -> None:
     """Verify, then time every runner on RUN's export; writes bench.json, bench.md, bench.png."""
     from .bench import bench_run, format_table
 
@@ -326,7 +330,7 @@ def bench_run_cmd(run, runners, batches, iters, warmup, model_file, precision, c
     names = [n.strip() for n in runners.split(",") if n.strip()] or None
     results = bench_run(run, names, sizes, warmup=warmup, iters=iters, echo=click.echo, model_file=model_file,
                         precision=precision, cuda_graph=cuda_graph, cudnn_autotune=cudnn_autotune, profile=profile,
-                        pad_channels=pad_channels, threads=threads)
+                        pad_channels=pad_channels, threads=threads, channels_last=channels_last)
     click.echo(format_table(results))
     if "profile_file" in results:
         click.echo("\n" + (run / results["profile_file"]).read_text())

@@ -228,6 +228,33 @@ def test_pad_channels_benches_separately_and_pads_torch_fasts_input_conv(exporte
     assert bad.exit_code != 0 and "--pad-channels" in bad.output
 
 
+def test_channels_last_benches_separately_with_torch_fasts_convs_in_channels_last(exported):
+    """--channels-last: torch-fast (only) keeps its conv weights, hence activations, in channels_last; the
+    same scores as in NCHW, verified like any torch-fast, its rows say so, results in bench_channels_last.*."""
+    import torch
+
+    from snncompile.backends import create_runner, runner_options
+
+    assert runner_options("torch-fast", channels_last=True) == {"precision": "fp32", "channels_last": True}
+    assert runner_options("ort-cpu", channels_last=True) == {}
+    feed = {"input": np.load(reference_file(exported, "inputs"))["random"][:, :2]}
+    with create_runner("torch-fast", exported, channels_last=True) as last, create_runner("torch-fast", exported) as nchw:
+        convs = [m for m in last.graph.net.modules() if isinstance(m, torch.nn.Conv2d)]
+        assert convs and all(c.weight.is_contiguous(memory_format=torch.channels_last) for c in convs)
+        got, want = last.infer(feed), nchw.infer(feed)
+    assert got.keys() == want.keys()  # last bits may differ (a CPU's channels_last convolution sums otherwise)
+    for k in want:
+        np.testing.assert_allclose(got[k], want[k], rtol=1e-5, atol=1e-6)
+    result = CliRunner().invoke(cli, ["bench", str(exported), "--runners", "torch-fast", "--batch", "2",
+                                      "--iters", "2", "--warmup", "0", "--channels-last"])
+    assert result.exit_code == 0, result.output
+    data = json.loads((exported / "bench_channels_last.json").read_text())
+    entry = data["runners"]["torch-fast"]
+    assert data["channels_last"] is True and entry["verified"] is True
+    assert entry["by_batch"]["2"]["execution"].endswith("channels_last")
+    assert not (exported / "bench.json").exists()
+
+
 def test_a_bench_where_every_runner_was_skipped_still_plots_without_warnings(tmp_path):
     import warnings
 

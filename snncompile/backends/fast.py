@@ -19,6 +19,10 @@ Same graph module as the torch reference (:class:`~snncompile.graphs.UnrolledGra
 - ``pad_channels``: convs whose input channel count is not a multiple of it run on zero-padded copies
   of input and weight (:attr:`~snncompile.models.SpikingNetwork.pad_conv_channels`; same function, for
   cuDNN's tensor-core kernels, which want multiples of 8: bench-nmnist's input conv has 2 channels);
+- ``channels_last``: conv weights, hence the convs' outputs and the currents the fused LIF kernels read,
+  in channels_last, the layout cuDNN's tensor-core kernels compute in. In NCHW cuDNN transposes to it and
+  back around each convolution: a fifth of the GPU time of a bf16 training step on an H200 (the
+  ``bench train`` profile). The same function, verified like any other torch-fast;
 - an exact-arithmetic model (``model.exact``) at fp32 on CUDA runs its convolutions without cuDNN
   (:func:`~snncompile.backends.pt.cudnn_disabled`): on an H200, with cuDNN's autotuned algorithms, its
   membranes differed from the CPU reference's in 830 M of ~2.5 G values, while ONNX Runtime CPU matched
@@ -49,7 +53,8 @@ class TorchFastRunner(TorchRunner):
     name = "torch-fast"
 
     def __init__(self, run_dir: Path, model_file: str = "model.onnx", device: str = "auto", precision: str = "fp32",
-                 fused: bool | None = None, cuda_graph: bool | None = None, autotune: bool = True, pad_channels: int = 1):
+                 fused: bool | None = None, cuda_graph: bool | None = None, autotune: bool = True, pad_channels: int = 1,
+                 channels_last: bool = False):
         if precision not in TORCH_FAST_PRECISIONS:
             raise ConfigError(f"torch-fast precision must be one of {', '.join(TORCH_FAST_PRECISIONS)}, got {precision!r}")
         if pad_channels < 1:
@@ -77,6 +82,9 @@ class TorchFastRunner(TorchRunner):
             self.split_layers = apply_split_tf32(self.graph.net)
         self.graph.net.pad_conv_channels = pad_channels  # after the split: its convs compute their own way
         self.padded = pad_channels if self.graph.net.pads_conv_channels(pad_channels) else 1
+        self.channels_last = channels_last
+        if channels_last:  # in place, after the split: its stacked weights are the convs' weights then
+            self.graph.net.to(memory_format=torch.channels_last)
         self.cuda_graph = on_cuda if cuda_graph is None else cuda_graph
         self.direct_convs = on_cuda and self.exact_model and precision == "fp32"
         self._captured: dict[tuple, tuple[torch.Tensor, tuple[torch.Tensor, ...], torch.cuda.CUDAGraph]] = {}
@@ -100,7 +108,8 @@ class TorchFastRunner(TorchRunner):
     def timing_mode(self, handle) -> str:
         mode = super().timing_mode(handle)
         return ", ".join(filter(None, [mode, "convs without cuDNN (exact model)" if self.direct_convs else "",
-                                       f"input channels padded to {self.padded}" if self.padded > 1 else ""]))
+                                       f"input channels padded to {self.padded}" if self.padded > 1 else "",
+                                       "channels_last" if self.channels_last else ""]))
 
     def _forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         with self._numerics():
