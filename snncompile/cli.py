@@ -106,11 +106,25 @@ def train(model_toml, overrides, out_root, resume, stop_after, no_progress) -> N
         f"final test accuracy {100 * result.test_acc:.2f} % after {counted(result.epochs_done, 'epoch')}, "
         f"{result.elapsed_s:.1f} s wall; run: {result.run_dir}"
     )
-    # both exports: verify checks model_layers.onnx, bench times model.onnx
-    run = result.run_dir
-    run = shell_path(run)
-    click.echo(f"next: snncompile export {run} && snncompile export {run} --layers && snncompile verify {run} "
-               f"&& snncompile bench {run}")
+    click.echo(f"next: {_next_after_training(result.run_dir)}")
+
+
+def _next_after_training(run_dir: Path) -> str:
+    """The commands after `train`: both exports (verify checks model_layers.onnx, bench times model.onnx),
+    then verify and bench; without the exports when both are already of the checkpoint training recorded
+    (a finished run resumed: nothing trained, nothing to export again)."""
+    from .artifacts import read_manifest
+    from .runs import CHECKPOINT
+
+    manifest = read_manifest(run_dir)
+    trained = manifest.get("artifacts", {}).get(CHECKPOINT, {}).get("sha256")
+    exports = manifest.get("exports") if isinstance(manifest.get("exports"), dict) else {}
+    current = trained is not None and all(
+        isinstance(exports.get(name), dict) and exports[name].get("checkpoint_sha256") == trained
+        and (run_dir / name).is_file() for name in ("model.onnx", "model_layers.onnx"))
+    run = shell_path(run_dir)
+    verify_bench = f"snncompile verify {run} && snncompile bench {run}"
+    return verify_bench if current else f"snncompile export {run} && snncompile export {run} --layers && {verify_bench}"
 
 
 @cli.command()
@@ -166,10 +180,13 @@ def export(run, steps, opset, form, layers, rates, samples, order, precision) ->
         typed = f", {r.reduced_precision_nodes} convs/matmuls in {r.precision}"
     elif r.precision == "tf32x2":
         typed = f", {r.split_tf32_layers} convs/linears split for TF32"
+    # a step export saves no reference files (verify and bench run unrolled exports): its random inputs only
+    # checked the cleaned graph against the raw one
+    references = (f"{r.n_random} random + {r.n_real} real reference inputs" if r.form == "unrolled"
+                  else f"checked on {r.n_random} random inputs, no reference files (verify and bench take unrolled exports)")
     click.echo(
         f"exported {r.path} ({r.form}, T={r.steps}, opset {r.opset}{typed}): {r.onnx_bytes / 1e6:.2f} MB, "
-        f"{r.nodes_clean} nodes ({r.nodes_raw} before cleaning), ops {', '.join(r.ops)}; "
-        f"{r.n_random} random + {r.n_real} real reference inputs; {r.seconds:.1f} s"
+        f"{r.nodes_clean} nodes ({r.nodes_raw} before cleaning), ops {', '.join(r.ops)}; {references}; {r.seconds:.1f} s"
     )
 
 

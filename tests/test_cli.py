@@ -97,6 +97,39 @@ def test_export_says_why_it_saved_no_real_reference_inputs(tmp_path):
     assert note.startswith("note: no real reference inputs (MNIST files missing in") and "verify --test-set" in note
 
 
+def test_a_step_export_does_not_claim_reference_inputs_it_never_saves(tmp_path):
+    """`export --form step` printed "4 random + 0 real reference inputs", but a step export saves no reference
+    files (verify and bench take unrolled exports): it now says what its random inputs were for."""
+    from helpers import make_run, tiny_zoo_config
+
+    run = make_run(tmp_path, tiny_zoo_config(REPO / "models" / "digits.toml"))
+    result = CliRunner().invoke(cli, ["export", str(run), "--form", "step", "--samples", "4"])
+    assert result.exit_code == 0, result.output
+    assert "checked on 4 random inputs, no reference files" in result.stdout and "reference inputs" not in result.stdout
+    assert not list(run.glob("reference_*"))
+
+
+def test_train_suggests_exporting_only_when_the_exports_are_not_of_its_checkpoint(tmp_path, digits_cfg):
+    """`train --resume` of a finished run whose exports are current printed the whole export chain again; it
+    now suggests verify and bench alone (the exports while either is missing or of another checkpoint)."""
+    from snncompile.export_onnx import export_run
+    from snncompile.train import train
+
+    run = train(digits_cfg, tmp_path, progress=False, echo=lambda s: None).run_dir
+
+    def next_line() -> str:
+        result = CliRunner().invoke(cli, ["train", "--resume", str(run), "--no-progress"])
+        assert result.exit_code == 0, result.output
+        return result.stdout.splitlines()[-1]
+
+    assert next_line() == f"next: snncompile export {run} && snncompile export {run} --layers && " \
+                          f"snncompile verify {run} && snncompile bench {run}"
+    export_run(run, n_random=4, n_real=0)
+    assert "export" in next_line()  # model_layers.onnx still missing
+    export_run(run, layers=True, n_random=4, n_real=0)
+    assert next_line() == f"next: snncompile verify {run} && snncompile bench {run}"
+
+
 def test_ctrl_c_is_one_line_and_exit_130_in_every_command(tmp_path, monkeypatch):
     """Interrupted while loading (a bare KeyboardInterrupt) or inside the exporter (an error wrapping one): one
     line and the shell's SIGINT code, not "Aborted!" with exit 1 or "torch.onnx.export failed"."""
