@@ -151,6 +151,30 @@ def test_torch_fast_on_cuda_replays_its_graph_and_verifies(tmp_path):
     np.testing.assert_array_equal(first["scores"], again["scores"])
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("precision", ["fp32", "tf32x2"])
+def test_torch_fast_channels_last_on_cuda_verifies_through_the_fused_kernels(tmp_path, precision):
+    """bench --channels-last on CUDA: channels_last currents into the fused LIF and LIF + pool kernels (the
+    one-warp pooled forward), captured in a CUDA graph, split TF32 layers included: spike-exact at fp32's
+    tolerances, like NCHW."""
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("triton")
+    import torch
+
+    from snncompile.compare import verify_run
+    from snncompile.export_onnx import export_run
+
+    run = make_run(tmp_path, tiny_zoo_config(REPO / "models" / "bench-cifar.toml"))
+    export_run(run, layers=True, n_random=64, n_real=0)
+    report = verify_run(run, "torch-fast", precision, options={"precision": precision, "channels_last": True})
+    assert report["passed"], report["reasons"]
+    with create_runner("torch-fast", run, "model_layers.onnx", precision=precision, channels_last=True) as runner:
+        assert runner.cuda_graph and runner.graph.net.fused_lif
+        convs = [m for m in runner.graph.net.modules() if isinstance(m, torch.nn.Conv2d)]
+        assert all(c.weight.is_contiguous(memory_format=torch.channels_last) for c in convs)
+
+
 def test_free_dimensions_reads_each_named_axis_once():
     from snncompile.backends.ort import free_dimensions
 

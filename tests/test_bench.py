@@ -228,7 +228,7 @@ def test_pad_channels_benches_separately_and_pads_torch_fasts_input_conv(exporte
     assert bad.exit_code != 0 and "--pad-channels" in bad.output
 
 
-def test_channels_last_benches_separately_with_torch_fasts_convs_in_channels_last(exported):
+def test_channels_last_benches_separately_with_torch_fasts_convs_in_channels_last(exported, monkeypatch):
     """--channels-last: torch-fast (only) keeps its conv weights, hence activations, in channels_last; the
     same scores as in NCHW, verified like any torch-fast, its rows say so, results in bench_channels_last.*."""
     import torch
@@ -245,9 +245,16 @@ def test_channels_last_benches_separately_with_torch_fasts_convs_in_channels_las
     assert got.keys() == want.keys()  # last bits may differ (a CPU's channels_last convolution sums otherwise)
     for k in want:
         np.testing.assert_allclose(got[k], want[k], rtol=1e-5, atol=1e-6)
+    from snncompile.backends.fast import TorchFastRunner
+
+    built = []  # every torch-fast the bench makes, its verify gate's included: the layout it times
+    real_init = TorchFastRunner.__init__
+    monkeypatch.setattr(TorchFastRunner, "__init__",
+                        lambda self, *a, **kw: built.append(kw.get("channels_last", False)) or real_init(self, *a, **kw))
     result = CliRunner().invoke(cli, ["bench", str(exported), "--runners", "torch-fast", "--batch", "2",
                                       "--iters", "2", "--warmup", "0", "--channels-last"])
     assert result.exit_code == 0, result.output
+    assert len(built) >= 2 and all(built), built  # the gate verified the layout it then timed
     data = json.loads((exported / "bench_channels_last.json").read_text())
     entry = data["runners"]["torch-fast"]
     assert data["channels_last"] is True and entry["verified"] is True

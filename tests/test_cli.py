@@ -1,5 +1,6 @@
 """The command line: --help without extras, the main command end to end, one-line errors."""
 
+import json
 import subprocess
 import sys
 
@@ -98,14 +99,16 @@ def test_export_says_why_it_saved_no_real_reference_inputs(tmp_path):
 
 
 def test_a_step_export_does_not_claim_reference_inputs_it_never_saves(tmp_path):
-    """`export --form step` printed "4 random + 0 real reference inputs", but a step export saves no reference
-    files (verify and bench take unrolled exports): it now says what its random inputs were for."""
+    """`export --form step` printed "40 random + 0 real reference inputs", but a step export saves no reference
+    files (verify and bench take unrolled exports): it now says what the export itself checked."""
     from helpers import make_run, tiny_zoo_config
 
     run = make_run(tmp_path, tiny_zoo_config(REPO / "models" / "digits.toml"))
-    result = CliRunner().invoke(cli, ["export", str(run), "--form", "step", "--samples", "4"])
+    result = CliRunner().invoke(cli, ["export", str(run), "--form", "step", "--samples", "40"])
     assert result.exit_code == 0, result.output
-    assert "checked on 4 random inputs, no reference files" in result.stdout and "reference inputs" not in result.stdout
+    # what the export compared, on the 32 inputs it takes, not the 40 asked for
+    assert ("no reference files (verify and bench take unrolled exports); cleaned vs raw graph: identical on 32 "
+            "inputs" in result.stdout and "reference inputs" not in result.stdout), result.stdout
     assert not list(run.glob("reference_*"))
 
 
@@ -128,6 +131,13 @@ def test_train_suggests_exporting_only_when_the_exports_are_not_of_its_checkpoin
     assert "export" in next_line()  # model_layers.onnx still missing
     export_run(run, layers=True, n_random=4, n_real=0)
     assert next_line() == f"next: snncompile verify {run} && snncompile bench {run}"
+    manifest = json.loads((run / "manifest.json").read_text())
+    manifest["exports"]["model.onnx"]["checkpoint_sha256"] = "0" * 64  # exported from another checkpoint
+    (run / "manifest.json").write_text(json.dumps(manifest))
+    assert "export" in next_line()
+    manifest["artifacts"]["checkpoint.pt"] = "damaged"  # a hint must not turn a finished training into a traceback
+    (run / "manifest.json").write_text(json.dumps(manifest))
+    assert next_line().startswith(f"next: snncompile export {run} && ")
 
 
 def test_ctrl_c_is_one_line_and_exit_130_in_every_command(tmp_path, monkeypatch):

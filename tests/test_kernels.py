@@ -402,7 +402,7 @@ def test_every_kernel_launch_compiles_without_fma_contraction(monkeypatch):
 def test_the_channels_last_pooled_forward_runs_one_warp_per_program(monkeypatch):
     """With channels last, the pooled forward launches one warp per program, so that a window's neurons
     are summed inside a warp (pool_forward_warps: with four, the sum crossed warps through shared memory,
-    and the kernel ran 6-7x slower than in NCHW on an H200); NCHW keeps Triton's four. The spikes are the
+    and the kernel ran 6.75x slower than in NCHW on an H200); NCHW keeps Triton's four. The spikes are the
     same either way (the layouts' test above)."""
     from snncompile.kernels import fused_lif_pool
 
