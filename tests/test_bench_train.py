@@ -43,6 +43,9 @@ def test_bench_train_profile_shows_where_our_step_spends_its_time(monkeypatch):
     assert result.exit_code == 0, result.output
     table, profile = result.output.split("CPU operators of 3 steps, by self time:")
     assert "| snncompile (layer-major) |" in table
+    profile, by_shape = profile.split("The same steps, operators split by input shapes:")
+    # which tensors a step's copies and convolutions are: the tiny net's input conv reads [T*B, 2, 34, 34]
+    assert re.search(r"aten::convolution_backward.*\[\[", by_shape) and "2, 34, 34]" in by_shape, by_shape
     # the profile is of a whole training step: forward convs (named by the CPU build's conv backend),
     # their backward, the optimizer
     rows = profile.splitlines()
