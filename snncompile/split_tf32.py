@@ -24,11 +24,23 @@ bit cast to round in the graph)::
 gives an ``x_hi`` of at most 11 significant bits (exact in TF32) and an exact remainder ``x_lo`` of at
 most 12 (``|x_lo| <= 2^-11 |x|``). Then ``W x = W_hi x_hi + W_lo x_hi + W_hi x_lo`` up to the dropped
 ``W_lo x_lo`` and the TF32 rounding of ``W_lo`` and ``x_lo`` (at most 2^-22 each): within 2^-20 of
-``sum |W||x|``, three tensor-core passes, done in one call: the three inputs concatenated along the
-input channels against ``[W_hi | W_lo | W_hi]``, summed in the product's fp32 accumulator. The product
-``x * 2^13`` is exact, so a compiler that contracts ``x + x * 2^13`` into an FMA computes the same ``t``
-(Veltkamp's usual ``x * (2^13 + 1)`` is not safe that way: contracted into the outer subtraction it
-leaves ``x_hi`` with more bits than TF32 holds).
+``sum |W||x|`` with exact sums, three tensor-core passes in two calls: ``x_hi`` against the spike
+layers' stacked ``[W_hi; W_lo]``, ``x_lo`` against ``W_hi``, and ``hh + (lh + hl)`` summed after. The
+product ``x * 2^13`` is exact, so a compiler that contracts ``x + x * 2^13`` into an FMA computes the
+same ``t`` (Veltkamp's usual ``x * (2^13 + 1)`` is not safe that way: contracted into the outer
+subtraction it leaves ``x_hi`` with more bits than TF32 holds).
+
+Why three accumulators, not one call over ``[x_hi | x_hi | x_lo]`` (the form until 2026-11-27): tensor
+cores do not round their sums. Each block of products is aligned to its largest term, cut off and added
+to the accumulator with truncation (Fasi et al., "Numerical behavior of NVIDIA tensor cores", 2021), so
+an accumulator loses up to one unit of its last place at every block, always towards zero. Spike
+products ``W_hi * 1`` have 11 bits and their sums mostly fit the accumulator: little is lost. Analog
+products ``W_hi x_hi`` have 22, so a long sum of them loses about ``K / block`` units of the
+accumulator's last place. One call over all three products makes the accumulator 3 K long; the H200
+measured 7.6e-5 against cuDNN fp32's 8.4e-7 on a 256-channel 3x3 conv (README, "Third session").
+Separate accumulators make the big one K long and keep the small products' truncation relative to
+their own, 2^-11 smaller, sums (``tests/test_split_tf32.py`` emulates such a core). Even so an analog
+split is not as accurate as fp32 on the ordinary cores for long K: it is between the two.
 
 torch-fast switches TF32 on for the split layers alone, so it leaves analog layers in plain fp32
 (``analog=False``); an ONNX runtime turns TF32 on for a whole session, so the tf32x2 export splits every
@@ -70,7 +82,7 @@ def split_input(x: Tensor) -> tuple[Tensor, Tensor]:
 class SplitTF32(nn.Module):
     """A frozen copy of a Conv2d/Linear that computes it on TF32 tensor cores to fp32 accuracy (inference):
     ``W_hi x + W_lo x`` for spike input (exact in TF32); with ``analog`` (any input), the input split too,
-    ``W_hi x_hi + W_lo x_hi + W_hi x_lo`` (module docstring).
+    ``W_hi x_hi + (W_lo x_hi + W_hi x_lo)`` in three accumulators (module docstring).
 
     Input and output as the layer's: ``[N, C_in, H, W] -> [N, C_out, H', W']`` or ``[..., F_in] -> [..., F_out]``.
     """
@@ -80,14 +92,13 @@ class SplitTF32(nn.Module):
         if isinstance(layer, nn.Conv2d) and (layer.padding_mode != "zeros" or isinstance(layer.padding, str)):
             raise ValueError("SplitTF32 handles zero-padded convolutions with numeric padding")
         if isinstance(layer, nn.Conv2d) and layer.groups != 1:
-            # the stacked hi/lo weights (and concatenated inputs) would cross the groups' channel blocks
+            # the stacked hi/lo weights would cross the groups' channel blocks
             raise ValueError(f"SplitTF32 handles ungrouped convolutions, got groups={layer.groups}")
         w = layer.weight.detach().float()
         hi = round_to_tf32(w)
         self.analog = analog
-        # spikes: [2 C_out, C_in, ...], hi then lo, halves summed after; analog: [C_out, 3 C_in, ...] against
-        # the input channels (x_hi, x_hi, x_lo), summed by the product itself
-        self.register_buffer("weight", torch.cat([hi, w - hi, hi], dim=1) if analog else torch.cat([hi, w - hi]))
+        # [2 C_out, C_in, ...]: hi then lo along the output channels, so each has an accumulator of its own
+        self.register_buffer("weight", torch.cat([hi, w - hi]))
         self.register_buffer("bias", None if layer.bias is None else layer.bias.detach().float().clone())
         self.out_channels = w.shape[0]
         self.conv = None
@@ -102,18 +113,22 @@ class SplitTF32(nn.Module):
         return y
 
     def forward_without_bias(self, x: Tensor) -> Tensor:
-        """``W_hi x + W_lo x``: the layer without its bias, which a fused LIF after it adds (the same
-        fp32 addition, in the kernel; :func:`snncompile.models._bias_moves_into_lif`)."""
+        """``W_hi x + W_lo x`` (analog: ``W_hi x_hi + (W_lo x_hi + W_hi x_lo)``): the layer without its
+        bias, which a fused LIF after it adds (the same fp32 addition, in the kernel;
+        :func:`snncompile.models._bias_moves_into_lif`)."""
         channels = 1 if self.conv is not None else -1
+        x_lo = None
         if self.analog:
-            x_hi, x_lo = split_input(x)
-            x = torch.cat([x_hi, x_hi, x_lo], dim=channels)
+            x, x_lo = split_input(x)
         with tf32_math(True):
-            y = F.linear(x, self.weight) if self.conv is None else F.conv2d(x, self.weight, None, **self.conv)
-        if self.analog:
-            return y
-        hi, lo = y.split(self.out_channels, dim=channels)
-        return hi + lo
+            hi, lo = self._product(x, self.weight).split(self.out_channels, dim=channels)
+            if x_lo is None:
+                return hi + lo
+            # the small products summed first, then added to the large one
+            return hi + (lo + self._product(x_lo, self.weight[: self.out_channels]))
+
+    def _product(self, x: Tensor, weight: Tensor) -> Tensor:
+        return F.linear(x, weight) if self.conv is None else F.conv2d(x, weight, None, **self.conv)
 
     def extra_repr(self) -> str:
         split = "weight and input split, 3 products" if self.analog else "weight split hi + lo"
