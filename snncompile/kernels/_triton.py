@@ -43,11 +43,14 @@ def store_gradient(ptrs, g, mask, GRAD_BF16: tl.constexpr):
 
 
 @triton.jit
-def lif_backward(u_ptr, go_ptr, gi_ptr, n, k_tau1, v_th, half_a, inv_a, T: tl.constexpr, GRAD_BF16: tl.constexpr,
-                 BLOCK: tl.constexpr):
+def lif_backward(u_ptr, go_ptr, gi_ptr, gb_ptr, n, k_tau1, v_th, half_a, inv_a, T: tl.constexpr,
+                 GRAD_BF16: tl.constexpr, SUM_T: tl.constexpr, BLOCK: tl.constexpr):
+    # SUM_T: also each neuron's gradient summed over T, in fp32, into gb_ptr [n] (the bias gradient's first
+    # reduction, from registers: a separate sum would read the whole [T, ...] gradient again)
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     g_next = tl.zeros((BLOCK,), dtype=tl.float32)
+    g_sum = tl.zeros((BLOCK,), dtype=tl.float32)
     for s in tl.static_range(T):
         t = T - 1 - s
         u = tl.load(u_ptr + t * n + offs, mask=mask, other=0.0)
@@ -58,6 +61,10 @@ def lif_backward(u_ptr, go_ptr, gi_ptr, n, k_tau1, v_th, half_a, inv_a, T: tl.co
         g_u = g_o * sg + k_tau1 * (1.0 - o) * g_next
         store_gradient(gi_ptr + t * n + offs, g_u, mask, GRAD_BF16)
         g_next = g_u
+        if SUM_T:
+            g_sum = g_sum + g_u
+    if SUM_T:
+        tl.store(gb_ptr + offs, g_sum, mask=mask)
 
 
 @triton.jit
@@ -110,13 +117,17 @@ def lif_pool_forward(i_ptr, o_ptr, u_ptr, b_ptr, n_out, channels, height_out, wi
 
 
 @triton.jit
-def lif_pool_backward(u_ptr, gp_ptr, gi_ptr, n_out, channels, height_out, width_out, s_t, s_n, s_c, s_h, s_w,
-                      g_s_t, g_s_n, g_s_c, g_s_h, g_s_w, k_tau1, v_th, half_a, inv_a, T: tl.constexpr,
-                      K: tl.constexpr, GRAD_BF16: tl.constexpr, CHANNELS_LAST: tl.constexpr, BLOCK: tl.constexpr):
-    # lif_backward's recurrence, with g_o[t] of each window neuron = g_pooled[t] / K^2 (avg_pool2d's backward)
+def lif_pool_backward(u_ptr, gp_ptr, gi_ptr, gb_ptr, n_out, channels, height_out, width_out, s_t, s_n, s_c, s_h,
+                      s_w, g_s_t, g_s_n, g_s_c, g_s_h, g_s_w, k_tau1, v_th, half_a, inv_a, T: tl.constexpr,
+                      K: tl.constexpr, GRAD_BF16: tl.constexpr, CHANNELS_LAST: tl.constexpr, SUM_T: tl.constexpr,
+                      BLOCK: tl.constexpr):
+    # lif_backward's recurrence, with g_o[t] of each window neuron = g_pooled[t] / K^2 (avg_pool2d's backward);
+    # SUM_T: the window's gradients summed over T and the window into gb_ptr at the pooled output's index in
+    # this kernel's order (pool_windows: c fastest in channels_last, wo fastest in NCHW)
     mask, src, dst, _ = pool_windows(n_out, channels, height_out, width_out, s_n, s_c, s_h, s_w,
                                      g_s_n, g_s_c, g_s_h, g_s_w, K, CHANNELS_LAST, BLOCK)
     g_next = tl.zeros((BLOCK, K * K), dtype=tl.float32)
+    g_sum = tl.zeros((BLOCK, K * K), dtype=tl.float32)
     for s in tl.static_range(T):
         t = T - 1 - s
         u = tl.load(u_ptr + t * s_t + src, mask=mask[:, None], other=0.0)
@@ -127,3 +138,7 @@ def lif_pool_backward(u_ptr, gp_ptr, gi_ptr, n_out, channels, height_out, width_
         g_u = g_o * sg + k_tau1 * (1.0 - o) * g_next
         store_gradient(gi_ptr + t * s_t + src, g_u, mask[:, None], GRAD_BF16)
         g_next = g_u
+        if SUM_T:
+            g_sum = g_sum + g_u
+    if SUM_T:
+        tl.store(gb_ptr + tl.program_id(0) * BLOCK + tl.arange(0, BLOCK), tl.sum(g_sum, axis=1), mask=mask)

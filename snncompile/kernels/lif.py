@@ -123,12 +123,18 @@ def _forward(currents: Tensor, k_tau1: float, v_th: float, out_dtype: torch.dtyp
     return (out if spikes else None), mem
 
 
-def _bias_gradient(grad_in: Tensor, bias: Tensor | None, needed: bool) -> Tensor | None:
-    """d loss / d bias: the currents' gradient summed over all but the channel dimension (2), in fp32."""
-    if bias is None or not needed:
+def _bias_sums(bias: Tensor | None, needed: bool, n: int, like: Tensor) -> Tensor | None:
+    """The fp32 buffer ``[n]`` a backward kernel writes each neuron's (or pooled output's) gradient summed
+    over T into, when the bias gradient is wanted; else None."""
+    return torch.empty(n, device=like.device, dtype=torch.float32) if bias is not None and needed else None
+
+
+def _bias_gradient(sums: Tensor | None, channels: int, chan_div: int, bias: Tensor | None) -> Tensor | None:
+    """d loss / d bias ``[C]`` from a backward kernel's per-neuron sums over T (``sums[i]`` of channel
+    ``(i // chan_div) % channels``): the rest of the sum over every dimension but the channel, in fp32."""
+    if sums is None:
         return None
-    dims = [d for d in range(grad_in.dim()) if d != 2]
-    return grad_in.sum(dim=dims, dtype=torch.float32).to(bias.dtype)
+    return sums.view(-1, channels, chan_div).sum(dim=(0, 2)).to(bias.dtype)
 
 
 class _FusedLIF(torch.autograd.Function):
@@ -154,25 +160,24 @@ class _FusedLIF(torch.autograd.Function):
         k_tau1, v_th, a, dtype = ctx.constants
         membrane = (_forward(saved, k_tau1, v_th, dtype, membrane=True, spikes=False, bias=bias)[1]
                     if ctx.recompute else saved)
-        need_bias = ctx.needs_input_grad[1]
         steps = membrane.shape[0]
         n = membrane.numel() // steps
+        sums = _bias_sums(bias, ctx.needs_input_grad[1], n, membrane)
         grad_out = grad_spikes
         if grad_out.stride() != membrane.stride():  # the kernel pairs elements by memory position
             grad_out = torch.empty_like(membrane, dtype=grad_spikes.dtype).copy_(grad_spikes)
-        if dtype == torch.bfloat16:
-            # written in bf16 by the kernel, rounded to nearest even: no fp32 gradient written, read and cast
-            grad_in = torch.empty_like(membrane, dtype=torch.bfloat16)
-            bwd[_grid(n)](membrane, grad_out, grad_in.view(torch.int16), n, k_tau1, v_th, a / 2, 1.0 / a, T=steps,
-                          GRAD_BF16=True, BLOCK=_BLOCK, **_NO_FMA)
-            return grad_in, _bias_gradient(grad_in, bias, need_bias), None, None, None, None
-        # fp32, cast by torch for fp16. A recomputed membrane is ours to overwrite: each program reads u[t]
-        # of its neurons before it writes g_I[t] there, so the gradient takes its place and backward
+        bf16 = dtype == torch.bfloat16
+        # bf16: written in bf16 by the kernel, rounded to nearest even: no fp32 gradient written, read and
+        # cast. fp32 (cast by torch for fp16): a recomputed membrane is ours to overwrite: each program reads
+        # u[t] of its neurons before it writes g_I[t] there, so the gradient takes its place and backward
         # allocates one fp32 buffer, not two.
-        grad_in = membrane if ctx.recompute else torch.empty_like(membrane)
-        bwd[_grid(n)](membrane, grad_out, grad_in, n, k_tau1, v_th, a / 2, 1.0 / a, T=steps, GRAD_BF16=False,
-                      BLOCK=_BLOCK, **_NO_FMA)
-        return grad_in.to(dtype), _bias_gradient(grad_in, bias, need_bias), None, None, None, None
+        grad_in = (torch.empty_like(membrane, dtype=torch.bfloat16) if bf16
+                   else membrane if ctx.recompute else torch.empty_like(membrane))
+        bwd[_grid(n)](membrane, grad_out, grad_in.view(torch.int16) if bf16 else grad_in,
+                      membrane if sums is None else sums, n, k_tau1, v_th, a / 2, 1.0 / a, T=steps, GRAD_BF16=bf16,
+                      SUM_T=sums is not None, BLOCK=_BLOCK, **_NO_FMA)
+        chan_div, channels = _channel_geometry(membrane) if sums is not None else (1, 1)
+        return grad_in.to(dtype), _bias_gradient(sums, channels, chan_div, bias), None, None, None, None
 
 
 def fused_lif(currents: Tensor, k_tau1: float, v_th: float, a: float, out_dtype: torch.dtype = torch.float32,
@@ -252,13 +257,16 @@ class _FusedLIFPool(torch.autograd.Function):
         allocate = torch.zeros_like if dropped else torch.empty_like
         grad_in = allocate(membrane, dtype=torch.bfloat16 if bf16 else torch.float32)
         block = pool_block(pool)
+        last = _is_channels_last(membrane)
+        sums = _bias_sums(bias, ctx.needs_input_grad[1], n_out, membrane)
         bwd[((n_out + block - 1) // block,)](membrane, grad_pooled, grad_in.view(torch.int16) if bf16 else grad_in,
-                                              n_out, shape[2], shape[3], shape[4], *membrane.stride(),
-                                              *grad_pooled.stride(), float(k_tau1), float(v_th), a / 2, 1.0 / a,
-                                              T=shape[0], K=pool, GRAD_BF16=bf16,
-                                              CHANNELS_LAST=_is_channels_last(membrane), BLOCK=block, **_NO_FMA)
-        return (grad_in.to(dtype), _bias_gradient(grad_in, bias, ctx.needs_input_grad[1]),
-                None, None, None, None, None)
+                                              membrane if sums is None else sums, n_out, shape[2], shape[3],
+                                              shape[4], *membrane.stride(), *grad_pooled.stride(), float(k_tau1),
+                                              float(v_th), a / 2, 1.0 / a, T=shape[0], K=pool, GRAD_BF16=bf16,
+                                              CHANNELS_LAST=last, SUM_T=sums is not None, BLOCK=block, **_NO_FMA)
+        # the sums follow pool_windows' order of the pooled outputs: c fastest in channels_last, wo in NCHW
+        bias_grad = _bias_gradient(sums, shape[2], 1 if last else shape[3] * shape[4], bias)
+        return grad_in.to(dtype), bias_grad, None, None, None, None, None
 
 
 def fused_lif_pool(currents: Tensor, k_tau1: float, v_th: float, a: float, pool: int,
