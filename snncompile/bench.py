@@ -72,7 +72,7 @@ def bench_run(run_dir: str | Path, runners: list[str] | None = None, batches: tu
               warmup: int = 10, iters: int = 50, progress: bool = True,
               echo=print, model_file: str = "model.onnx", precision: str = "fp32", cuda_graph: bool = True,
               cudnn_autotune: bool = True, profile: bool = False, pad_channels: int = 1, threads: int = 0,
-              channels_last: bool = False) -> dict:
+              channels_last: bool = False, fuse_input_conv: bool = False) -> dict:
     """Verify, then time every requested runner at every batch size (default: every available one but
     the opt-in ``torch-compile`` and ``torch-loop``).
 
@@ -83,7 +83,8 @@ def bench_run(run_dir: str | Path, runners: list[str] | None = None, batches: tu
     graphs save). ``cudnn_autotune=False``: torch-fast keeps cuDNN's heuristic algorithms, PyTorch's default
     (what autotuning saves). ``pad_channels > 1``: torch-fast runs convs whose input channels are not a
     multiple of it on zero-padded copies (``bench_pad8``). ``channels_last``: torch-fast's conv weights and
-    activations in channels_last (``bench_channels_last``). ``profile``: after timing each runner, profile
+    activations in channels_last (``bench_channels_last``). ``fuse_input_conv``: torch-fast's input conv, its
+    LIF and pool as one kernel (``bench_fused_input_conv``). ``profile``: after timing each runner, profile
     3 calls at the last batch size (torch.profiler: for a GPU runner every CUDA kernel of the process, ONNX
     Runtime's too) into ``<stem>_profile.txt``; with ``cuda_graph=False`` the kernels show one by one.
     ``threads``: CPU threads for torch and ONNX Runtime (0: torch's default, ONNX Runtime one per usable core);
@@ -110,7 +111,7 @@ def bench_run(run_dir: str | Path, runners: list[str] | None = None, batches: tu
     results: dict = {"model": manifest.get("model"), "file": model_file, "export_sha256": export.get("sha256"),
                      "order": export.get("order", "layer"), "T": export["T"], "batches": list(batches),
                      "cuda_graph": cuda_graph, "cudnn_autotune": cudnn_autotune, "pad_channels": pad_channels,
-                     "channels_last": channels_last,
+                     "channels_last": channels_last, "fuse_input_conv": fuse_input_conv,
                      "environment": environment(), "runners": {}}
     measured = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     profiles: list[str] = []
@@ -119,7 +120,7 @@ def bench_run(run_dir: str | Path, runners: list[str] | None = None, batches: tu
             numerics = runner_numerics(name, precision, export.get("precision", "fp32"))
             options = runner_options(name, numerics, cuda_graph, cudnn_autotune, pad_channels,
                                      model_precision=export.get("precision", "fp32"), threads=threads,
-                                     channels_last=channels_last)
+                                     channels_last=channels_last, fuse_input_conv=fuse_input_conv)
             entry: dict = {"precision": numerics, "measured": measured}
             results["runners"][name] = entry
             if avail[name] is not None:
@@ -160,7 +161,7 @@ def bench_run(run_dir: str | Path, runners: list[str] | None = None, batches: tu
                     entry["skipped"] = failure
                 echo(f"{name}: {failure}")
     _require_timed(results["runners"])  # nothing measured: the earlier bench's files stay, not a table of skips
-    stem = bench_stem(model_file, precision, cuda_graph, cudnn_autotune, pad_channels, channels_last)
+    stem = bench_stem(model_file, precision, cuda_graph, cudnn_autotune, pad_channels, channels_last, fuse_input_conv)
     results["stem"] = stem
     kept = _keep_earlier_runners(run_dir / f"{stem}.json", results)
     if kept:
@@ -286,14 +287,14 @@ def _keep_earlier_runners(path: Path, results: dict) -> list[str]:
 
 
 def bench_stem(model_file: str, precision: str, cuda_graph: bool = True, cudnn_autotune: bool = True,
-               pad_channels: int = 1, channels_last: bool = False) -> str:
+               pad_channels: int = 1, channels_last: bool = False, fuse_input_conv: bool = False) -> str:
     """File stem of a bench's outputs: ``bench``, ``bench_model_per_step``, ``bench_bf16``,
     ``bench_no_cuda_graph``, ``bench_no_autotune``, ... so that timing another file, precision or launch
     mode does not overwrite the results of ``model.onnx`` at fp32 with graphs and autotuning."""
     parts = (["bench"] + ([Path(model_file).stem] if model_file != "model.onnx" else [])
              + ([precision] if precision != "fp32" else []) + ([] if cuda_graph else ["no_cuda_graph"])
              + ([] if cudnn_autotune else ["no_autotune"]) + ([f"pad{pad_channels}"] if pad_channels > 1 else [])
-             + (["channels_last"] if channels_last else []))
+             + (["channels_last"] if channels_last else []) + (["fused_input_conv"] if fuse_input_conv else []))
     return "_".join(parts)
 
 

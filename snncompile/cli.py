@@ -344,8 +344,11 @@ def bench_train_cmd(model_toml, overrides, steps_t, batch, precision, steps, war
               help="torch-fast keeps conv weights and activations in channels_last, the layout cuDNN's tensor-core "
                    "convolutions compute in (NCHW: a transpose before and after each), written to "
                    "bench_channels_last.*.")
+@click.option("--fuse-input-conv", is_flag=True,
+              help="torch-fast runs the input conv (a few channels), its LIF and the pool after it as one kernel "
+                   "that never writes the conv's output, the network's largest tensor; bench_fused_input_conv.*.")
 def bench_run_cmd(run, runners, batches, iters, warmup, model_file, precision, cuda_graph, cudnn_autotune,
-                  profile, pad_channels, threads, channels_last) -> None:
+                  profile, pad_channels, threads, channels_last, fuse_input_conv) -> None:
     """Verify, then time every runner on RUN's export; writes bench.json, bench.md, bench.png."""
     from .bench import bench_run, format_table
 
@@ -353,7 +356,8 @@ def bench_run_cmd(run, runners, batches, iters, warmup, model_file, precision, c
     names = [n.strip() for n in runners.split(",") if n.strip()] or None
     results = bench_run(run, names, sizes, warmup=warmup, iters=iters, echo=click.echo, model_file=model_file,
                         precision=precision, cuda_graph=cuda_graph, cudnn_autotune=cudnn_autotune, profile=profile,
-                        pad_channels=pad_channels, threads=threads, channels_last=channels_last)
+                        pad_channels=pad_channels, threads=threads, channels_last=channels_last,
+                        fuse_input_conv=fuse_input_conv)
     click.echo(format_table(results))
     if "profile_file" in results:
         click.echo("\n" + (run / results["profile_file"]).read_text())

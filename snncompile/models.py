@@ -279,6 +279,10 @@ class SpikingNetwork(nn.Module):
         # legacy kernel (implicit_convolve_sgemm, 12 % of the step). Set by the trainer
         # (train.pad_conv_channels), bench train and torch-fast (bench --pad-channels).
         self.pad_conv_channels = 1
+        # Inference with fused_lif: a conv of few input channels followed by a LIF (the input layer) runs as
+        # one kernel with it and the pool after it (snncompile.kernels.input_conv), its output never
+        # written. Set by torch-fast (bench --fuse-input-conv).
+        self.fuse_input_conv = False
         specs = parse_architecture(arch, width_divisor)
 
         stages: list[nn.Module] = [Quantize(exact_bits, exact_input_max)] if exact else []
@@ -353,10 +357,14 @@ class SpikingNetwork(nn.Module):
         steps, batch = x.shape[:2]
         h = x
         stages = list(stages)
-        pooled_by_lif = -1  # index of a pool the fused LIF before it has already applied
+        done: set[int] = set()  # stages a fused kernel before them has already applied (a pool, a LIF)
         bias = None  # a conv/linear's bias the fused LIF after it adds (the conv ran without it)
         for i, stage in enumerate(stages):
-            if i == pooled_by_lif:
+            if i in done:
+                continue
+            if self._fuses_input_conv(stage, stages[i + 1 :], h):
+                h, fused_stages = self._input_conv_lif(h, stages[i:], record)
+                done.update(range(i + 1, i + fused_stages))
                 continue
             # past the kernels' 32-bit indexing, the pure-torch scan
             fused = (self.fused_lif and isinstance(stage, LIFCell) and (record is None or not torch.is_grad_enabled())
@@ -374,7 +382,7 @@ class SpikingNetwork(nn.Module):
                 if record is None and _fuses_into_lif(pool, out_dtype):
                     # the pool inside the LIF kernel: the full-size spikes (and their gradient) never written
                     h = fused_lif_pool(h, p.k_tau1, p.v_th, p.a, pool.kernel_size, out_dtype, bias=lif_bias)
-                    pooled_by_lif = i + 1
+                    done.add(i + 1)
                 elif record is None:
                     h = mark_spikes(fused_lif(h, p.k_tau1, p.v_th, p.a, out_dtype, bias=lif_bias))
                 else:  # inference that reports every layer (verify): the kernel writes the membrane too
@@ -408,6 +416,34 @@ class SpikingNetwork(nn.Module):
                 h = stage(h.flatten(0, 1))
                 h = h.unflatten(0, (steps, batch))
         return h
+
+    def _fuses_input_conv(self, stage: nn.Module, after: list, h: Tensor) -> bool:
+        """Whether ``stage`` and the LIF after it run as :func:`~snncompile.kernels.input_conv.fused_conv_lif`:
+        inference (no autograd) with :attr:`fuse_input_conv` and :attr:`fused_lif` set, on ``[T, B, C, H, W]``."""
+        if not (self.fused_lif and self.fuse_input_conv) or torch.is_grad_enabled() or h.dim() != 5:
+            return False
+        from .kernels.input_conv import conv_fuses_with_lif
+
+        return conv_fuses_with_lif(stage) and bool(after) and isinstance(after[0], LIFCell)
+
+    def _input_conv_lif(self, x: Tensor, stages: list, record: dict | None) -> tuple[Tensor, int]:
+        """``stages[0]`` (the conv), ``stages[1]`` (its LIF) and, unless ``record`` asks for the LIF's spikes
+        and membrane, a pool after them the kernel can apply: (output ``[T, B, ...]``, stages applied)."""
+        from .kernels import input_conv
+
+        conv, lif = stages[0], stages[1]
+        pool = stages[2] if len(stages) > 2 else None
+        out_dtype = _spike_dtype(x, stages[2:]) if record is None else torch.float32
+        pooled = record is None and _fuses_into_lif(pool, out_dtype)
+        layout = conv.weight.is_contiguous(memory_format=torch.channels_last) and conv.out_channels > 1
+        p = lif.params
+        if record is not None:
+            spikes, membrane = input_conv.fused_conv_lif(x, conv, p.k_tau1, p.v_th, membrane=True, channels_last=layout)
+            record[lif.name] = (spikes, membrane)
+            return spikes, 2
+        spikes = input_conv.fused_conv_lif(x, conv, p.k_tau1, p.v_th, pool.kernel_size if pooled else 1, out_dtype,
+                                           channels_last=layout)
+        return spikes, 3 if pooled else 2
 
     def initial_states(self, x_t: Tensor) -> list[tuple[Tensor, ...]]:
         """Zero states of every cell for one step's input ``[B, ...]`` (u[0] = o[0] = x[0] = 0)."""

@@ -339,14 +339,23 @@ for grad, grad_in, bf16 in [("fp32", "fp32", False), ("bf16", "i16", True), ("fp
                       {"T": 8, "K": k, "GRAD_BF16": bf16, "CHANNELS_LAST": last, "SUM_T": sum_t,
                        "BLOCK": pool_block(k)})
                      for k in (2, 4) for last in (False, True)]
-for fn, ptrs, constants in variants:  # with the options every launch in lif.py passes
+for out in ("fp32", "bf16"):  # the fused input conv + LIF (+ pool): input_conv.py's launches
+    for c_in, k, save, bias in [(2, 2, False, True), (3, 1, False, True), (2, 1, True, True), (1, 4, False, False)]:
+        for last in (False, True):
+            ptrs = {"x_ptr": "*fp32", "w_ptr": "*fp32", "b_ptr": "*fp32", "o_ptr": "*" + out,
+                    "u_ptr": "*fp32" if save else "*" + out}
+            variants.append((K.conv_lif_forward, ptrs, {"T": 8, "K": k, "C_IN": c_in, "KH": 3, "KW": 3, "PAD_H": 1,
+                                                        "PAD_W": 1, "SAVE_U": save, "CHANNELS_LAST": last,
+                                                        "HAS_BIAS": bias, "BLOCK": pool_block(k),
+                                                        "num_warps": pool_forward_warps(last and k > 1)}))
+for fn, ptrs, constants in variants:  # with the options every launch in lif.py and input_conv.py passes
     warps = {"num_warps": constants.pop("num_warps")} if "num_warps" in constants else {}
     compiled = triton.compile(ASTSource(fn, signature(fn, ptrs), constants), target=GPUTarget("cuda", 90, 32),
                               options={**_NO_FMA, **warps})
     assert compiled.asm["cubin"], (fn.__name__, ptrs, constants)
     assert "fma.rn.f32" not in compiled.asm["ptx"], (fn.__name__, ptrs, constants)  # each product rounded alone
 # control: Triton's default contracts the backward's products into FMAs, which is what _NO_FMA turns off
-fn, ptrs, constants = variants[-1]
+fn, ptrs, constants = next(v for v in reversed(variants) if v[0] is K.lif_pool_backward)
 default = triton.compile(ASTSource(fn, signature(fn, ptrs), constants), target=GPUTarget("cuda", 90, 32))
 assert "fma.rn.f32" in default.asm["ptx"]
 print("compiled", len(variants))
@@ -366,7 +375,7 @@ def test_every_kernel_variant_compiles_for_an_h100_without_one():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     result = subprocess.run([sys.executable, "-c", COMPILE_FOR_SM90], capture_output=True, text=True, env=env, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.split() == ["compiled", "72"]
+    assert result.stdout.split() == ["compiled", "88"]
 
 
 def record_launches(monkeypatch) -> list[tuple[str, dict]]:

@@ -169,18 +169,20 @@ AUTOTUNE_RUNNERS = ("torch-fast",)  # cuDNN algorithms timed per shape, not pick
 THREAD_RUNNERS = ("ort-cpu", "ort-cuda")  # a thread count of their own (torch's runners share torch's)
 PAD_CHANNEL_RUNNERS = ("torch-fast",)  # convs' input channels zero-padded (SpikingNetwork.pad_conv_channels)
 CHANNELS_LAST_RUNNERS = ("torch-fast",)  # conv weights, hence activations, in channels_last
+FUSE_INPUT_CONV_RUNNERS = ("torch-fast",)  # the input conv, its LIF and pool as one kernel (kernels.input_conv)
 
 
 def runner_options(name: str, precision: str = "fp32", cuda_graph: bool = True, cudnn_autotune: bool = True,
                    pad_channels: int = 1, model_precision: str = "fp32", threads: int = 0,
-                   channels_last: bool = False) -> dict:
+                   channels_last: bool = False, fuse_input_conv: bool = False) -> dict:
     """Constructor options that make runner ``name`` compute at ``precision`` (none for the others);
     ``cuda_graph=False``: one launch per kernel instead of a graph replay, for the runners that graph;
     ``cudnn_autotune=False``: cuDNN's heuristic algorithm pick, for the runners that autotune;
     ``pad_channels > 1``: convs' input channels zero-padded to a multiple of it, for the runners that can;
     ``model_precision``: the export's (see :func:`runner_numerics`); ``threads``: ONNX Runtime's intra-op CPU
     threads (0: one per usable core; torch's runners use torch's own setting, :func:`~.pt.cpu_threads`);
-    ``channels_last``: conv weights and activations in channels_last, for the runners that can."""
+    ``channels_last``: conv weights and activations in channels_last, for the runners that can;
+    ``fuse_input_conv``: the input conv, its LIF and pool as one kernel, for the runners that can."""
     options: dict = {"precision": runner_numerics(name, precision, model_precision)} if name in PRECISION_RUNNERS else {}
     if not cuda_graph and name in CUDA_GRAPH_RUNNERS:
         options["cuda_graph"] = False
@@ -192,6 +194,8 @@ def runner_options(name: str, precision: str = "fp32", cuda_graph: bool = True, 
         options["threads"] = threads
     if channels_last and name in CHANNELS_LAST_RUNNERS:
         options["channels_last"] = True
+    if fuse_input_conv and name in FUSE_INPUT_CONV_RUNNERS:
+        options["fuse_input_conv"] = True
     return options
 
 

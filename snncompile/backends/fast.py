@@ -23,6 +23,9 @@ Same graph module as the torch reference (:class:`~snncompile.graphs.UnrolledGra
   in channels_last, the layout cuDNN's tensor-core kernels compute in. In NCHW cuDNN transposes to it and
   back around each convolution: a fifth of the GPU time of a bf16 training step on an H200 (the
   ``bench train`` profile). The same function, verified like any other torch-fast;
+- ``fuse_input_conv``: the input conv (few channels, :func:`~snncompile.kernels.input_conv.conv_fuses_with_lif`),
+  its LIF and the pool after it as one kernel, which never writes the conv's output, the network's largest
+  tensor (:mod:`snncompile.kernels.input_conv`; fp32 sums at every precision; needs the fused LIF);
 - an exact-arithmetic model (``model.exact``) at fp32 on CUDA runs its convolutions without cuDNN
   (:func:`~snncompile.backends.pt.cudnn_disabled`): on an H200, with cuDNN's autotuned algorithms, its
   membranes differed from the CPU reference's in 830 M of ~2.5 G values, while ONNX Runtime CPU matched
@@ -54,7 +57,7 @@ class TorchFastRunner(TorchRunner):
 
     def __init__(self, run_dir: Path, model_file: str = "model.onnx", device: str = "auto", precision: str = "fp32",
                  fused: bool | None = None, cuda_graph: bool | None = None, autotune: bool = True, pad_channels: int = 1,
-                 channels_last: bool = False):
+                 channels_last: bool = False, fuse_input_conv: bool = False):
         if precision not in TORCH_FAST_PRECISIONS:
             raise ConfigError(f"torch-fast precision must be one of {', '.join(TORCH_FAST_PRECISIONS)}, got {precision!r}")
         if pad_channels < 1:
@@ -85,6 +88,8 @@ class TorchFastRunner(TorchRunner):
         self.channels_last = channels_last
         if channels_last:  # in place, after the split: its stacked weights are the convs' weights then
             self.graph.net.to(memory_format=torch.channels_last)
+        self.fuse_input_conv = bool(fuse_input_conv and fused)
+        self.graph.net.fuse_input_conv = self.fuse_input_conv
         self.cuda_graph = on_cuda if cuda_graph is None else cuda_graph
         self.direct_convs = on_cuda and self.exact_model and precision == "fp32"
         self._captured: dict[tuple, tuple[torch.Tensor, tuple[torch.Tensor, ...], torch.cuda.CUDAGraph]] = {}
@@ -109,7 +114,8 @@ class TorchFastRunner(TorchRunner):
         mode = super().timing_mode(handle)
         return ", ".join(filter(None, [mode, "convs without cuDNN (exact model)" if self.direct_convs else "",
                                        f"input channels padded to {self.padded}" if self.padded > 1 else "",
-                                       "channels_last" if self.channels_last else ""]))
+                                       "channels_last" if self.channels_last else "",
+                                       "input conv fused" if self.fuse_input_conv else ""]))
 
     def _forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         with self._numerics():

@@ -1,0 +1,171 @@
+"""The fused input conv + LIF (+ pool) kernel (snncompile.kernels.input_conv): against its arithmetic done
+step by step in torch, bit for bit (GPU where CUDA is present, else Triton's interpreter), and inside
+SpikingNetwork / torch-fast against the unfused path."""
+
+import os
+
+import torch
+
+CUDA = torch.cuda.is_available()
+if not CUDA:
+    os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported anywhere in this process
+DEVICE = torch.device("cuda" if CUDA else "cpu")
+
+import pytest  # noqa: E402
+
+pytest.importorskip("triton")
+
+from torch import nn  # noqa: E402
+
+from conftest import REPO  # noqa: E402
+from helpers import tiny_zoo_config  # noqa: E402
+from snncompile.data import random_input  # noqa: E402
+from snncompile.init_run import calibrate_firing  # noqa: E402
+from snncompile.kernels.input_conv import conv_fuses_with_lif, conv_lif_reference, fused_conv_lif  # noqa: E402
+from snncompile.models import network_from_config  # noqa: E402
+
+K_TAU1, V_TH = 0.2, 0.5
+
+
+def _conv(c_in: int, c_out: int, kernel: int, padding: int, bias: bool = True, seed: int = 0) -> nn.Conv2d:
+    torch.manual_seed(seed)
+    conv = nn.Conv2d(c_in, c_out, kernel, padding=padding, bias=bias)
+    with torch.no_grad():
+        conv.weight.mul_(3.0)  # fires now and then on 0/1 input
+    return conv
+
+
+@pytest.mark.parametrize("c_in, kernel, padding, pool, bias", [
+    (2, 3, 1, 2, True),   # bench-nmnist's input layer (2x2 pool after its LIF)
+    (3, 3, 1, 1, True),   # a CIFAR input layer without a pool after it
+    (2, 3, 0, 1, False),  # no padding, no bias
+    (1, 5, 2, 4, True),   # 5x5 kernel, 4x4 pool, a height the pool's floor cuts
+])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_the_kernel_computes_the_reference_arithmetic_bit_for_bit(c_in, kernel, padding, pool, bias, layout):
+    conv = _conv(c_in, 6, kernel, padding, bias).to(DEVICE)
+    gen = torch.Generator().manual_seed(1)
+    x = (torch.rand(3, 2, c_in, 11, 10, generator=gen) < 0.3).float()
+    x[0, 0, 0, 0, 0] = 2.5  # not only 0/1: event counts, analog frames
+    want, membrane_want = conv_lif_reference(x, conv.cpu(), K_TAU1, V_TH, pool)
+    conv = conv.to(DEVICE)
+    got = fused_conv_lif(x.to(DEVICE), conv, K_TAU1, V_TH, pool, channels_last=layout == "channels_last")
+    assert 0 < want.sum() < want.numel()
+    assert got.shape == want.shape and torch.equal(got.cpu(), want)
+    assert got[0].is_contiguous(memory_format=torch.channels_last if layout == "channels_last" else torch.contiguous_format)
+    if pool == 1:
+        spikes, membrane = fused_conv_lif(x.to(DEVICE), conv, K_TAU1, V_TH, membrane=True,
+                                          channels_last=layout == "channels_last")
+        assert torch.equal(spikes.cpu(), want) and torch.equal(membrane.cpu(), membrane_want)
+
+
+def test_bf16_spikes_and_a_strided_input():
+    conv = _conv(2, 4, 3, 1).to(DEVICE)
+    x = (torch.rand(2, 5, 2, 9, 9) < 0.3).float()
+    want, _ = conv_lif_reference(x, conv.cpu(), K_TAU1, V_TH, 2)
+    wide = torch.zeros(2, 5, 2, 9, 12)
+    wide[..., :9] = x  # a non-contiguous view: the kernel reads by strides
+    got = fused_conv_lif(wide[..., :9].to(DEVICE), conv.to(DEVICE), K_TAU1, V_TH, 2, out_dtype=torch.bfloat16)
+    assert got.dtype == torch.bfloat16 and torch.equal(got.float().cpu(), want)
+
+
+def test_what_the_kernel_refuses():
+    assert conv_fuses_with_lif(nn.Conv2d(3, 8, 3, padding=1))
+    assert not conv_fuses_with_lif(nn.Conv2d(4, 8, 3, padding=1))  # 36 terms per output: past MAX_TAPS
+    assert not conv_fuses_with_lif(nn.Conv2d(2, 8, 3, stride=2))
+    assert not conv_fuses_with_lif(nn.Conv2d(2, 8, 3, padding="same"))
+    hooked = nn.Conv2d(2, 8, 3)
+    hooked.register_forward_hook(lambda *args: None)
+    assert not conv_fuses_with_lif(hooked)
+    x = torch.zeros(1, 1, 2, 5, 5)
+    with pytest.raises(ValueError, match="stride-1"):
+        fused_conv_lif(x, nn.Conv2d(2, 8, 3, stride=2), K_TAU1, V_TH)
+    with pytest.raises(ValueError, match="1 with membrane"):
+        fused_conv_lif(x, nn.Conv2d(2, 8, 3), K_TAU1, V_TH, pool=2, membrane=True)
+    with pytest.raises(ValueError, match="input of 2 channels"):
+        fused_conv_lif(x, nn.Conv2d(3, 8, 3), K_TAU1, V_TH)
+
+
+@pytest.mark.parametrize("model", ["bench-nmnist", "bench-cifar"])
+def test_a_network_with_the_fused_input_conv_scores_and_records_like_the_unfused_one(model):
+    """SpikingNetwork.fuse_input_conv: the input conv, its LIF (and the pool) in one kernel, with and without
+    the per-layer record verify reads; the same spikes as the fused-LIF path, whose conv sums in torch's
+    order (equal here: the emulated sums and torch's CPU conv agree on these small 0/1 inputs)."""
+    cfg = tiny_zoo_config(REPO / "models" / f"{model}.toml")
+    net = network_from_config(cfg.model).to(DEVICE)
+    x = random_input(cfg, 4, torch.Generator().manual_seed(0)).to(DEVICE)
+    calibrate_firing(net, x)
+    net.fused_lif = True
+    calls = []
+    import snncompile.kernels.input_conv as input_conv
+
+    real = input_conv.fused_conv_lif
+    with torch.no_grad():
+        plain, record_plain = net(x), {}
+        net.forward_sequence(x, "layer", record_plain)
+        net.fuse_input_conv = True
+        input_conv.fused_conv_lif = lambda *a, **k: calls.append(k.get("pool", a[4] if len(a) > 4 else 1)) or real(*a, **k)
+        try:
+            fused, record_fused = net(x), {}
+            net.forward_sequence(x, "layer", record_fused)
+        finally:
+            input_conv.fused_conv_lif = real
+    assert calls == [2 if model == "bench-nmnist" else 1, 1]  # scores: pooled in the kernel; the record: unpooled
+    # the same spikes: cuDNN sums the conv in another order, so on a GPU a neuron at the threshold may flip
+    flips = sum((record_fused[name][0] != spikes).sum().item() for name, (spikes, _) in record_plain.items())
+    assert flips <= (3 if CUDA else 0)
+    if not CUDA:
+        assert torch.equal(fused, plain)
+    for name, (spikes, membrane) in record_plain.items():
+        torch.testing.assert_close(record_fused[name][1], membrane, rtol=1e-5, atol=1e-5, msg=name)
+
+
+def test_autograd_keeps_the_unfused_path():
+    cfg = tiny_zoo_config(REPO / "models" / "bench-nmnist.toml")
+    net = network_from_config(cfg.model).to(DEVICE)
+    net.fused_lif = net.fuse_input_conv = True
+    import snncompile.kernels.input_conv as input_conv
+
+    real, calls = input_conv.fused_conv_lif, []
+    input_conv.fused_conv_lif = lambda *a, **k: calls.append(1) or real(*a, **k)
+    try:
+        net(random_input(cfg, 2, torch.Generator().manual_seed(0)).to(DEVICE)).sum().backward()
+    finally:
+        input_conv.fused_conv_lif = real
+    assert calls == [] and net.stages[0].weight.grad is not None
+
+
+def test_bench_fuse_input_conv_verifies_and_times_the_fused_layer(tmp_path, monkeypatch):
+    """`bench --fuse-input-conv`: torch-fast's verify gate runs the kernel on the layer-recording path
+    (unpooled, with the membrane verify compares) and the timing on the scores path (pooled); results in
+    bench_fused_input_conv.*. On the CPU torch-fast has no fused LIF of its own: forced on here
+    (Triton's interpreter), as a CUDA machine has it."""
+    pytest.importorskip("onnxruntime")
+    from click.testing import CliRunner
+
+    import json
+
+    import snncompile.kernels.input_conv as input_conv
+    from helpers import make_run
+    from snncompile.backends import runner_options
+    from snncompile.backends.fast import TorchFastRunner
+    from snncompile.cli import cli
+    from snncompile.export_onnx import export_run
+
+    assert runner_options("torch-fast", fuse_input_conv=True) == {"precision": "fp32", "fuse_input_conv": True}
+    assert runner_options("ort-cpu", fuse_input_conv=True) == {}
+    run = make_run(tmp_path, tiny_zoo_config(REPO / "models" / "bench-nmnist.toml"))
+    export_run(run, n_random=8, n_real=0)
+    real_init, real_kernel, pools = TorchFastRunner.__init__, input_conv.fused_conv_lif, []
+    monkeypatch.setattr(TorchFastRunner, "__init__", lambda self, *a, **kw: real_init(self, *a, **{**kw, "fused": True}))
+    monkeypatch.setattr(input_conv, "fused_conv_lif",
+                        lambda *a, **kw: pools.append(a[4] if len(a) > 4 else 1) or real_kernel(*a, **kw))
+    result = CliRunner().invoke(cli, ["bench", str(run), "--runners", "torch-fast", "--batch", "2", "--iters", "2",
+                                      "--warmup", "0", "--fuse-input-conv"])
+    assert result.exit_code == 0, result.output
+    assert 1 in pools and 2 in pools  # verify's recording run, then the timed scores run with the pool fused
+    data = json.loads((run / "bench_fused_input_conv.json").read_text())
+    entry = data["runners"]["torch-fast"]
+    assert data["fuse_input_conv"] is True and entry["verified"] is True
+    assert entry["by_batch"]["2"]["execution"].endswith("input conv fused")
+    assert not (run / "bench.json").exists()
