@@ -238,7 +238,7 @@ infer_profile() {  # MODEL BATCH TINY...: where torch-fast's (tf32x2, bf16) and 
     # the input conv fused with its LIF and pool (new): profiled, then graphed at both batch sizes, fp32-accurate
     snncompile bench "$run" --runners torch-fast --precision tf32x2 --batch "$batch" --no-cuda-graph --fuse-input-conv \
         --profile $iters_s | sed -n '/^model /,/^wrote/p'
-    for variant in --fuse-input-conv "--fuse-input-conv --channels-last"; do
+    for variant in "" --fuse-input-conv --channels-last "--fuse-input-conv --channels-last"; do  # "": the baseline
         snncompile bench "$run" --runners torch-fast --precision tf32x2 --batch "1,$batch" $variant $iters_s \
             | sed -n '/^model /,/^wrote/p'
     done

@@ -166,7 +166,8 @@ def init(model_toml, overrides, out_root, seed, no_calibrate) -> None:
               help="layer: each conv once on [T*B, ...] (model.onnx); step: per-timestep unrolling (model_per_step.onnx), for comparison.")
 @click.option("--precision", type=click.Choice(EXPORT_PRECISIONS), default="fp32", show_default=True,
               help="fp16/bf16: convs and matmuls in that type, neurons in fp32 (model_fp16.onnx); a strongly typed graph. "
-                   "tf32x2: every conv/linear split into TF32 parts, fp32-accurate under TF32 (model_tf32x2.onnx).")
+                   "tf32x2: every conv/linear split into TF32 parts (model_tf32x2.onnx): spike layers fp32-accurate under "
+                   "TF32, analog ones (input split too) between TF32 and fp32.")
 def export(run, steps, opset, form, layers, rates, samples, order, precision) -> None:
     """Export RUN (a run directory or its checkpoint) to ONNX, with reference inputs and outputs."""
     from .export_onnx import export_run

@@ -371,8 +371,9 @@ def export_run(
             outputs stay the fp32 torch module's, so verify measures what the 16-bit arithmetic changes.
             'tf32x2': every conv/linear split for TF32 tensor cores (``model_tf32x2.onnx``, see
             split_tf32.py): weights into hi + lo parts, and where the input is not spikes the input too,
-            in the graph. fp32-accurate where the runtime computes float convolutions in TF32 (the
-            ort-cuda runner turns TF32 on for this file, for every layer of it); fp32 elsewhere.
+            in the graph. Where the runtime computes float convolutions in TF32 (the ort-cuda runner turns
+            TF32 on for this file, for every layer of it), the spike layers are fp32-accurate and the analog
+            ones between TF32 and fp32 (tensor cores truncate their sums); fp32 elsewhere.
     """
     onnx = _require_onnx()
     import onnxscript.optimizer

@@ -422,9 +422,24 @@ class SpikingNetwork(nn.Module):
         inference (no autograd) with :attr:`fuse_input_conv` and :attr:`fused_lif` set, on ``[T, B, C, H, W]``."""
         if not (self.fused_lif and self.fuse_input_conv) or torch.is_grad_enabled() or h.dim() != 5:
             return False
+        from .kernels.input_conv import conv_fuses_with_lif, conv_output_numel
+
+        return (conv_fuses_with_lif(stage) and bool(after) and isinstance(after[0], LIFCell)
+                # past the kernels' 32-bit indexing, the unfused path (whose LIF falls back to the torch scan)
+                and max(h.numel(), conv_output_numel(h.shape, stage)) < _KERNEL_INDEX_LIMIT)
+
+    def fuses_an_input_conv(self) -> bool:
+        """Whether a stage :attr:`fuse_input_conv` would fuse exists: a conv the kernel computes, then a LIF."""
         from .kernels.input_conv import conv_fuses_with_lif
 
-        return conv_fuses_with_lif(stage) and bool(after) and isinstance(after[0], LIFCell)
+        stages = list(self.stages)
+        return any(conv_fuses_with_lif(s) and isinstance(n, LIFCell) for s, n in zip(stages, stages[1:]))
+
+    def _channels_last(self) -> bool:
+        """Whether the convs run in channels_last (``to(memory_format=torch.channels_last)``): some conv weight
+        is unambiguously so. A weight of one input channel is contiguous both ways and says nothing."""
+        return any(type(s) is nn.Conv2d and s.weight.is_contiguous(memory_format=torch.channels_last)
+                   and not s.weight.is_contiguous() for s in self.stages)
 
     def _input_conv_lif(self, x: Tensor, stages: list, record: dict | None) -> tuple[Tensor, int]:
         """``stages[0]`` (the conv), ``stages[1]`` (its LIF) and, unless ``record`` asks for the LIF's spikes
@@ -435,7 +450,7 @@ class SpikingNetwork(nn.Module):
         pool = stages[2] if len(stages) > 2 else None
         out_dtype = _spike_dtype(x, stages[2:]) if record is None else torch.float32
         pooled = record is None and _fuses_into_lif(pool, out_dtype)
-        layout = conv.weight.is_contiguous(memory_format=torch.channels_last) and conv.out_channels > 1
+        layout = self._channels_last()  # as the unfused conv's output would be
         p = lif.params
         if record is not None:
             spikes, membrane = input_conv.fused_conv_lif(x, conv, p.k_tau1, p.v_th, membrane=True, channels_last=layout)

@@ -31,8 +31,8 @@ same ``t`` (Veltkamp's usual ``x * (2^13 + 1)`` is not safe that way: contracted
 subtraction it leaves ``x_hi`` with more bits than TF32 holds).
 
 Why three accumulators, not one call over ``[x_hi | x_hi | x_lo]`` (the form until 2026-11-27): tensor
-cores do not round their sums. Each block of products is aligned to its largest term, cut off and added
-to the accumulator with truncation (Fasi et al., "Numerical behavior of NVIDIA tensor cores", 2021), so
+cores do not round their sums. Each block of products and the accumulator are aligned to the largest of
+them, cut off and added with truncation (Fasi et al., "Numerical behavior of NVIDIA tensor cores", 2021), so
 an accumulator loses up to one unit of its last place at every block, always towards zero. Spike
 products ``W_hi * 1`` have 11 bits and their sums mostly fit the accumulator: little is lost. Analog
 products ``W_hi x_hi`` have 22, so a long sum of them loses about ``K / block`` units of the
@@ -40,7 +40,8 @@ accumulator's last place. One call over all three products makes the accumulator
 measured 7.6e-5 against cuDNN fp32's 8.4e-7 on a 256-channel 3x3 conv (README, "Third session").
 Separate accumulators make the big one K long and keep the small products' truncation relative to
 their own, 2^-11 smaller, sums (``tests/test_split_tf32.py`` emulates such a core). Even so an analog
-split is not as accurate as fp32 on the ordinary cores for long K: it is between the two.
+split is not as accurate as fp32 on the ordinary cores for long K: its error lies between fp32's and
+plain TF32's.
 
 torch-fast switches TF32 on for the split layers alone, so it leaves analog layers in plain fp32
 (``analog=False``); an ONNX runtime turns TF32 on for a whole session, so the tf32x2 export splits every

@@ -342,7 +342,8 @@ for grad, grad_in, bf16 in [("fp32", "fp32", False), ("bf16", "i16", True), ("fp
 for out in ("fp32", "bf16"):  # the fused input conv + LIF (+ pool): input_conv.py's launches
     for c_in, k, save, bias in [(2, 2, False, True), (3, 1, False, True), (2, 1, True, True), (1, 4, False, False)]:
         for last in (False, True):
-            ptrs = {"x_ptr": "*fp32", "w_ptr": "*fp32", "b_ptr": "*fp32", "o_ptr": "*" + out,
+            # a conv of few channels deeper in a network reads 16-bit spikes under autocast
+            ptrs = {"x_ptr": "*bf16" if (c_in, last) == (1, True) else "*fp32", "w_ptr": "*fp32", "b_ptr": "*fp32", "o_ptr": "*" + out,
                     "u_ptr": "*fp32" if save else "*" + out}
             variants.append((K.conv_lif_forward, ptrs, {"T": 8, "K": k, "C_IN": c_in, "KH": 3, "KW": 3, "PAD_H": 1,
                                                         "PAD_W": 1, "SAVE_U": save, "CHANNELS_LAST": last,

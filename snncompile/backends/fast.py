@@ -88,7 +88,14 @@ class TorchFastRunner(TorchRunner):
         self.channels_last = channels_last
         if channels_last:  # in place, after the split: its stacked weights are the convs' weights then
             self.graph.net.to(memory_format=torch.channels_last)
-        self.fuse_input_conv = bool(fuse_input_conv and fused)
+        if fuse_input_conv and not fused:
+            raise RunnerUnavailableError("torch-fast --fuse-input-conv needs the fused LIF kernels (CUDA and Triton)")
+        if fuse_input_conv and not self.graph.net.fuses_an_input_conv():
+            from ..kernels.input_conv import MAX_TAPS
+
+            raise ConfigError(f"torch-fast --fuse-input-conv: this network has no stride-1 conv of at most {MAX_TAPS} "
+                              "terms per output (input channels x kernel area) followed by a LIF")
+        self.fuse_input_conv = bool(fuse_input_conv)
         self.graph.net.fuse_input_conv = self.fuse_input_conv
         self.cuda_graph = on_cuda if cuda_graph is None else cuda_graph
         self.direct_convs = on_cuda and self.exact_model and precision == "fp32"

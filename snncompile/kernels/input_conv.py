@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from .lif import _NO_FMA, INDEX_LIMIT, pool_block, pool_forward_warps
 
-__all__ = ["MAX_TAPS", "conv_fuses_with_lif", "fused_conv_lif", "conv_lif_reference"]
+__all__ = ["MAX_TAPS", "conv_fuses_with_lif", "conv_output_numel", "fused_conv_lif", "conv_lif_reference"]
 
 MAX_TAPS = 32  # input channels x kernel height x kernel width: each is a load per neuron and step
 
@@ -38,6 +38,13 @@ def conv_fuses_with_lif(conv: nn.Module) -> bool:
     taps = conv.in_channels * conv.kernel_size[0] * conv.kernel_size[1]
     return (conv.groups == 1 and conv.stride == (1, 1) and conv.dilation == (1, 1)
             and conv.padding_mode == "zeros" and not isinstance(conv.padding, str) and taps <= MAX_TAPS)
+
+
+def conv_output_numel(input_shape, conv: nn.Conv2d) -> int:
+    """Elements of ``conv``'s output (stride 1) over an input ``[T, B, C_in, H, W]``."""
+    steps, batch, _, height, width = input_shape
+    (kh, kw), (pad_h, pad_w) = conv.kernel_size, conv.padding
+    return steps * batch * conv.out_channels * (height + 2 * pad_h - kh + 1) * (width + 2 * pad_w - kw + 1)
 
 
 def _output_strides(steps: int, batch: int, channels: int, height: int, width: int, channels_last: bool):
@@ -75,9 +82,9 @@ def fused_conv_lif(x: Tensor, conv: nn.Conv2d, k_tau1: float, v_th: float, pool:
     (kh, kw), (pad_h, pad_w) = conv.kernel_size, conv.padding
     conv_h, conv_w = height_in + 2 * pad_h - kh + 1, width_in + 2 * pad_w - kw + 1
     h_out, w_out, channels = conv_h // pool, conv_w // pool, conv.out_channels
-    sizes = (x.numel(), steps * batch * channels * conv_h * conv_w)
-    if max(sizes) >= INDEX_LIMIT:
-        raise ValueError(f"the fused input conv indexes in 32 bits: {max(sizes)} elements >= 2^31")
+    largest = max(x.numel(), conv_output_numel(x.shape, conv))
+    if largest >= INDEX_LIMIT:
+        raise ValueError(f"the fused input conv indexes in 32 bits: {largest} elements >= 2^31")
     shape = (steps, batch, channels, h_out, w_out)
     out = torch.empty(steps * batch * channels * h_out * w_out, device=x.device, dtype=out_dtype).as_strided(
         shape, _output_strides(*shape, channels_last))
