@@ -245,9 +245,9 @@ infer_profile() {  # MODEL BATCH TINY...: where torch-fast's (tf32x2, bf16) and 
     # the input conv's 2 channels zero-padded to 8 (a tensor-core shape), graphed, against the same unpadded
     snncompile bench "$run" --runners torch-fast --precision bf16 --batch "$batch" --pad-channels 8 --no-cuda-graph \
         --profile $iters_s | sed -n '/^model /,/^wrote/p'
-    # the tensor-core precisions (fp32 has no tensor-core kernels to gain): NCHW, channels_last (no cuDNN
-    # transposes around each conv; new), each without and with the padded input conv
-    for precision in bf16 tf32; do
+    # bf16, the fastest (fp32 has no tensor-core kernels to gain; tf32x2's variants are above): NCHW,
+    # channels_last (no cuDNN transposes around each conv), each without and with the padded input conv
+    for precision in bf16; do
         for layout in "" --channels-last; do
             for pad in 1 8; do
                 snncompile bench "$run" --runners torch-fast --precision $precision --batch "1,$batch" --pad-channels $pad \
@@ -323,7 +323,10 @@ infer)
     ;;
 headline)
     # One call for when the budget allows no more: the figures still missing after the third GPU session
-    # (README, "Measured on a GPU"), the most needed first, so that a call cut short keeps them. Stage
+    # (README, "Measured on a GPU"), the most needed first, so that a call cut short keeps them. Built since,
+    # without a GPU, and measured here first: split TF32's analog layers in three accumulators (the GPU test
+    # prints the one-accumulator error beside it), the bias gradient summed over T in the LIF backward kernels
+    # (the bench train profiles' aten::sum rows), and torch-fast --fuse-input-conv (infer_profile, infer_targets). Stage
     # lengths measured on the H200: machine start 29 s, ort-gpu's four carry calls 26 s, GPU tests 70 s with
     # -n 4, a bench train 19-26 s with --profile, bench-cifar's two 180 MB exports 19 and 15 s.
     # (The exact MNIST pipeline, issue 8's criterion, ran in the third session: `mnist-exact` below.)
