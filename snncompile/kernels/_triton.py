@@ -68,6 +68,23 @@ def lif_backward(u_ptr, go_ptr, gi_ptr, gb_ptr, n, k_tau1, v_th, half_a, inv_a, 
 
 
 @triton.jit
+def output_coordinates(n_out, channels, height_out, width_out, CHANNELS_LAST: tl.constexpr, BLOCK: tl.constexpr):
+    """This program's BLOCK outputs of ``[N, C, H, W]``: (mask, n, c, h, w), each ``[BLOCK]``, in the order
+    the output is laid out (c fastest in channels_last, w in NCHW), so that neighbouring lanes are
+    neighbours in memory."""
+    idx = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    if CHANNELS_LAST:
+        c = idx % channels
+        w = (idx // channels) % width_out
+        h = (idx // (channels * width_out)) % height_out
+    else:
+        w = idx % width_out
+        h = (idx // width_out) % height_out
+        c = (idx // (width_out * height_out)) % channels
+    return idx < n_out, idx // (width_out * height_out * channels), c, h, w
+
+
+@triton.jit
 def pool_windows(n_out, channels, height_out, width_out, s_n, s_c, s_h, s_w, o_s_n, o_s_c, o_s_h, o_s_w,
                  K: tl.constexpr, CHANNELS_LAST: tl.constexpr, BLOCK: tl.constexpr):
     """This program's BLOCK pooled outputs (n, c, ho, wo): their mask, the element offsets of their
@@ -75,17 +92,7 @@ def pool_windows(n_out, channels, height_out, width_out, s_n, s_c, s_h, s_w, o_s
     are neighbours in memory: wo varies fastest in NCHW, c in channels_last, so that a warp's loads of one
     window position fall in a few whole sectors (with wo fastest in channels_last, each thread's 4 bytes
     would cost a 32-byte sector of its own)."""
-    idx = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    mask = idx < n_out
-    if CHANNELS_LAST:
-        c = idx % channels
-        wo = (idx // channels) % width_out
-        ho = (idx // (channels * width_out)) % height_out
-    else:
-        wo = idx % width_out
-        ho = (idx // width_out) % height_out
-        c = (idx // (width_out * height_out)) % channels
-    n = idx // (width_out * height_out * channels)
+    mask, n, c, ho, wo = output_coordinates(n_out, channels, height_out, width_out, CHANNELS_LAST, BLOCK)
     win = tl.arange(0, K * K)
     src = (n[:, None] * s_n + c[:, None] * s_c + (ho[:, None] * K + (win // K)[None, :]) * s_h
            + (wo[:, None] * K + (win % K)[None, :]) * s_w)
@@ -154,17 +161,7 @@ def conv_lif_forward(x_ptr, w_ptr, b_ptr, o_ptr, u_ptr, n_out, channels, height_
     # one program: BLOCK outputs (n, c, ho, wo), pooled over K x K conv outputs (K = 1: none); each conv output
     # summed directly from the input, term by term in (ci, kh, kw) order from 0, then the bias, then the LIF
     # over T in registers. The conv's output, the largest tensor of an input layer, is never written.
-    idx = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    mask = idx < n_out
-    if CHANNELS_LAST:  # neighbouring programs' lanes read neighbouring memory, as in pool_windows
-        c = idx % channels
-        wo = (idx // channels) % width_out
-        ho = (idx // (channels * width_out)) % height_out
-    else:
-        wo = idx % width_out
-        ho = (idx // width_out) % height_out
-        c = (idx // (width_out * height_out)) % channels
-    n = idx // (width_out * height_out * channels)
+    mask, n, c, ho, wo = output_coordinates(n_out, channels, height_out, width_out, CHANNELS_LAST, BLOCK)
     win = tl.arange(0, K * K)
     h = ho[:, None] * K + (win // K)[None, :]  # [BLOCK, K*K] conv output rows and columns
     w = wo[:, None] * K + (win % K)[None, :]
