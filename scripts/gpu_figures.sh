@@ -326,7 +326,8 @@ headline)
     # (README, "Measured on a GPU"), the most needed first, so that a call cut short keeps them. Built since,
     # without a GPU, and measured here first: split TF32's analog layers in three accumulators (the GPU test
     # prints the one-accumulator error beside it), the bias gradient summed over T in the LIF backward kernels
-    # (the bench train profiles' aten::sum rows), and torch-fast --fuse-input-conv (infer_profile, infer_targets). Stage
+    # (the bench train profiles' aten::sum rows), torch-fast --fuse-input-conv (infer_profile, infer_targets), and
+    # the input conv fused in training too (bench train's two "input conv fused" variants, the NCHW one profiled). Stage
     # lengths measured on the H200: machine start 29 s, ort-gpu's four carry calls 26 s, GPU tests 70 s with
     # -n 4, a bench train 19-26 s with --profile, bench-cifar's two 180 MB exports 19 and 15 s.
     # (The exact MNIST pipeline, issue 8's criterion, ran in the third session: `mnist-exact` below.)
@@ -348,9 +349,9 @@ headline)
     # issue 6: bench-cifar's bf16 step, 9.9 ms at best (channels_last) against 8.5, where the fused LIF + pool
     # forward took 830-900 us per call in channels_last (6.75x NCHW on bench-nmnist); it now runs one warp per program.
     # --profile shows whether that kernel is now as fast as in NCHW
-    stage "bench train bench-cifar bf16" 35 snncompile bench train models/bench-cifar.toml "${tiny_cifar[@]}" \
+    stage "bench train bench-cifar bf16" 45 snncompile bench train models/bench-cifar.toml "${tiny_cifar[@]}" \
         --precision bf16 --profile --plot "$OUT/train-bench-cifar-bf16.png" "${steps[@]}"
-    stage "bench train bench-nmnist bf16" 25 snncompile bench train models/bench-nmnist.toml "${tiny_nmnist[@]}" \
+    stage "bench train bench-nmnist bf16" 32 snncompile bench train models/bench-nmnist.toml "${tiny_nmnist[@]}" \
         --precision bf16 --profile --plot "$OUT/train-bench-nmnist-bf16.png" "${steps[@]}"
     # the split TF32 of analog layers on ONNX Runtime CUDA (TF32 session-wide): verify at the fp32 preset on a
     # NeuNorm network, whose every conv is analog, calibrated so that every layer spikes

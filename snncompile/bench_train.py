@@ -8,7 +8,8 @@ One step = forward over T steps + loss + backward + optimizer step, on random bi
 - ``snncompile ... CUDA graph`` (CUDA only): the same step, forward + backward + optimizer, captured
   once in a CUDA graph and replayed (one launch per step instead of one per kernel); once more with the
   conv weights, hence activations, in channels_last (``train.channels_last``); both once more with the
-  input conv's 2 or 3 channels zero-padded to 8 (``train.pad_conv_channels``);
+  input conv's 2 or 3 channels zero-padded to 8 (``train.pad_conv_channels``); both once more with the
+  input conv, its LIF and pool as one Triton kernel (``train.fuse_input_conv``);
 - ``torch loop``: the per-timestep loop over the same modules (the paper's order, what most code does);
 - with ``compiled=True``, both of the above under ``torch.compile`` (Inductor; the fused kernel is left
   out there, the compiler fuses the pure-torch LIF scan itself): the loop so compiled is the fastest
@@ -230,7 +231,7 @@ def _bench_train(cfg: Config, device: torch.device, precision: str, steps: int, 
         return stats
 
     def ours(order: str, fused: bool, graph: bool = False, channels_last: bool = False, compiled: bool = False,
-             profiled: bool = False, pad_channels: int | None = None) -> dict:
+             profiled: bool = False, pad_channels: int | None = None, fuse_input_conv: bool | None = None) -> dict:
         # the network lives only inside this call: the next variant's peak memory does not carry it
         torch.manual_seed(0)
         net = network_from_config(m).to(device)
@@ -238,6 +239,7 @@ def _bench_train(cfg: Config, device: torch.device, precision: str, steps: int, 
             net.to(memory_format=torch.channels_last)
         net.fused_lif = fused
         net.pad_conv_channels = cfg.train.pad_conv_channels if pad_channels is None else pad_channels
+        net.fuse_input_conv = cfg.train.fuse_input_conv if fuse_input_conv is None else fuse_input_conv
         if compiled:
             # a fresh compiler: code compiled for earlier networks (the same LIF step at other shapes)
             # would count against Dynamo's per-function recompile limit and fall back to eager
@@ -302,7 +304,18 @@ def _variants(cfg: Config, device: torch.device, fused: bool, compiled: bool, pr
         if cfg.train.pad_conv_channels != PAD_CHANNELS and network_from_config(cfg.model).pads_conv_channels(PAD_CHANNELS):
             pad = f", input channels padded to {PAD_CHANNELS}"
             variants += [(f"snncompile{label}, CUDA graph{pad})", {**graphed, "pad_channels": PAD_CHANNELS}),
-                         (f"snncompile{label}, CUDA graph, channels_last{pad})", {**last, "pad_channels": PAD_CHANNELS})]
+                         (f"snncompile{label}, CUDA graph, channels_last{pad})", {**last, "pad_channels": PAD_CHANNELS,
+                                                                                  "profiled": False})]
+        # the same two with the input conv, its LIF and pool as one kernel (forward and backward), where the
+        # network has such a conv and the config does not already fuse it; the NCHW one profiled: the input
+        # conv's cuDNN kernels (the legacy implicit_convolve_sgemm, 551 us of bench-nmnist's NCHW step on the
+        # H200) should be gone from it
+        if fused and not cfg.train.fuse_input_conv and network_from_config(cfg.model).fuses_an_input_conv():
+            fuse = ", input conv fused"
+            variants += [(f"snncompile{label}, CUDA graph{fuse})", {**graphed, "fuse_input_conv": True,
+                                                                     "profiled": profile}),
+                         (f"snncompile{label}, CUDA graph, channels_last{fuse})", {**last, "fuse_input_conv": True,
+                                                                                   "profiled": False})]
     variants.append(("torch loop (step-major)", dict(order="step", fused=False)))
     if compiled:
         variants += [("snncompile (layer-major, torch.compile)", dict(order="layer", fused=False, compiled=True)),

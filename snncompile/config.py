@@ -101,6 +101,9 @@ class TrainConfig:
     # convs whose input channels are not a multiple of this run on zero-padded copies of input and weight
     # (the same function; 1 = off): cuDNN's bf16 tensor-core kernels want 8 (SpikingNetwork.pad_conv_channels)
     pad_conv_channels: int = 1
+    # with the fused LIF kernels: the input conv (few input channels), its LIF and the pool after them as one
+    # kernel, forward and backward (snncompile.kernels.input_conv; SpikingNetwork.fuse_input_conv)
+    fuse_input_conv: bool = False
     # cuDNN times its convolution algorithms on the first call of each input shape and keeps the
     # fastest (torch.backends.cudnn.benchmark); training shapes are fixed, so the search pays for itself.
     # Off: cuDNN's heuristic pick, the same algorithm every run (bit-reproducible GPU training).

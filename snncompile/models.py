@@ -279,9 +279,10 @@ class SpikingNetwork(nn.Module):
         # legacy kernel (implicit_convolve_sgemm, 12 % of the step). Set by the trainer
         # (train.pad_conv_channels), bench train and torch-fast (bench --pad-channels).
         self.pad_conv_channels = 1
-        # Inference with fused_lif: a conv of few input channels followed by a LIF (the input layer) runs as
-        # one kernel with it and the pool after it (snncompile.kernels.input_conv), its output never
-        # written. Set by torch-fast (bench --fuse-input-conv).
+        # With fused_lif: a conv of few input channels followed by a LIF (the input layer) runs as one kernel
+        # with it and the pool after it (snncompile.kernels.input_conv), its output never written, in
+        # inference and training alike. Set by torch-fast (bench --fuse-input-conv), the trainer
+        # (train.fuse_input_conv) and bench train.
         self.fuse_input_conv = False
         specs = parse_architecture(arch, width_divisor)
 
@@ -362,7 +363,7 @@ class SpikingNetwork(nn.Module):
         for i, stage in enumerate(stages):
             if i in done:
                 continue
-            if self._fuses_input_conv(stage, stages[i + 1 :], h):
+            if self._fuses_input_conv(stage, stages[i + 1 :], h, record):
                 h, fused_stages = self._input_conv_lif(h, stages[i:], record)
                 done.update(range(i + 1, i + fused_stages))
                 continue
@@ -417,10 +418,13 @@ class SpikingNetwork(nn.Module):
                 h = h.unflatten(0, (steps, batch))
         return h
 
-    def _fuses_input_conv(self, stage: nn.Module, after: list, h: Tensor) -> bool:
+    def _fuses_input_conv(self, stage: nn.Module, after: list, h: Tensor, record: dict | None) -> bool:
         """Whether ``stage`` and the LIF after it run as :func:`~snncompile.kernels.input_conv.fused_conv_lif`:
-        inference (no autograd) with :attr:`fuse_input_conv` and :attr:`fused_lif` set, on ``[T, B, C, H, W]``."""
-        if not (self.fused_lif and self.fuse_input_conv) or torch.is_grad_enabled() or h.dim() != 5:
+        with :attr:`fuse_input_conv` and :attr:`fused_lif` set, on ``[T, B, C, H, W]``; a layer-recording run
+        (verify) only without autograd, as the fused LIF."""
+        if not (self.fused_lif and self.fuse_input_conv) or h.dim() != 5:
+            return False
+        if record is not None and torch.is_grad_enabled():
             return False
         from .kernels.input_conv import conv_fuses_with_lif, conv_output_numel
 
@@ -457,8 +461,10 @@ class SpikingNetwork(nn.Module):
             record[lif.name] = (spikes, membrane)
             return spikes, 2
         spikes = input_conv.fused_conv_lif(x, conv, p.k_tau1, p.v_th, pool.kernel_size if pooled else 1, out_dtype,
-                                           channels_last=layout)
-        return spikes, 3 if pooled else 2
+                                           channels_last=layout, a=p.a)
+        if pooled:
+            return spikes, 3
+        return mark_spikes(spikes), 2  # 0/1 values the next conv keeps for backward: uint8 in training
 
     def initial_states(self, x_t: Tensor) -> list[tuple[Tensor, ...]]:
         """Zero states of every cell for one step's input ``[B, ...]`` (u[0] = o[0] = x[0] = 0)."""

@@ -291,6 +291,9 @@ def _train(cfg: Config, device: torch.device, ctx: DistContext, out_root, resume
     net.execution = cfg.train.execution  # type: ignore[assignment]
     net.fused_lif = _use_fused_lif(cfg, device)
     net.pad_conv_channels = cfg.train.pad_conv_channels
+    net.fuse_input_conv = cfg.train.fuse_input_conv
+    if (note := _unfused_input_conv_note(cfg, net)) is not None:
+        say(note)
     opt = _make_optimizer(net, cfg)
     sched = _make_scheduler(opt, cfg)
     first_epoch = 1
@@ -503,6 +506,21 @@ def _say_clipped_inputs(x: Tensor, limit: float, say: Callable[[str], None]) -> 
     if clipped:
         say(f"note: model.exact_input_max = {limit:g} clips {clipped} of {x.numel()} training input values "
             f"({100 * clipped / x.numel():.2g} %, largest |x| {largest:g}): raise it to keep them")
+
+
+def _unfused_input_conv_note(cfg: Config, net) -> str | None:
+    """Why ``train.fuse_input_conv`` changes nothing for this run, if it does not."""
+    if not cfg.train.fuse_input_conv:
+        return None
+    if not net.fused_lif:
+        return ("note: train.fuse_input_conv needs the fused LIF kernels (CUDA and Triton, train.kernels "
+                "'auto' or 'triton', layer-major execution): the input conv runs unfused")
+    if not net.fuses_an_input_conv():
+        from .kernels.input_conv import MAX_TAPS
+
+        return (f"note: train.fuse_input_conv: {cfg.model.arch!r} has no stride-1 conv of at most {MAX_TAPS} "
+                "terms per output followed by a LIF: nothing to fuse")
+    return None
 
 
 def _use_fused_lif(cfg: Config, device: torch.device) -> bool:

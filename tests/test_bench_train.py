@@ -232,10 +232,10 @@ def test_bench_train_times_on_the_configs_threads_and_says_so(monkeypatch):
                                                                                "cpu (1 thread), median of 1 step")
 
 
-def test_cuda_variants_add_padded_input_channels_where_they_change_a_conv(monkeypatch):
-    """On CUDA the graphed variants are timed once more with the input conv's channels padded to 8; not when
-    no conv would change or the config already pads. The padded variant's network does run on 8 channels
-    (timed here on the CPU through the same code)."""
+def test_cuda_variants_add_padded_input_channels_and_the_fused_input_conv_where_they_apply(monkeypatch):
+    """On CUDA the graphed variants are timed once more with the input conv's channels padded to 8, and once
+    more with the input conv fused into its LIF; not when no conv would change or the config already does.
+    The padded variant's network does run on 8 channels (timed here on the CPU through the same code)."""
     import torch
 
     import snncompile.bench_train as bt
@@ -249,14 +249,22 @@ def test_cuda_variants_add_padded_input_channels_where_they_change_a_conv(monkey
                      "snncompile (fused LIF, CUDA graph, channels_last)",
                      "snncompile (fused LIF, CUDA graph, input channels padded to 8)",
                      "snncompile (fused LIF, CUDA graph, channels_last, input channels padded to 8)",
+                     "snncompile (fused LIF, CUDA graph, input conv fused)",
+                     "snncompile (fused LIF, CUDA graph, channels_last, input conv fused)",
                      "torch loop (step-major)"]
     assert len(bt._variants(cfg, torch.device("cpu"), False, False, False)) == 2
-    profiled = [name for name, options in bt._variants(cfg, cuda, True, False, True) if options.get("profiled")]
-    assert profiled == [names[0], names[2], names[4]]  # the eager step, and the channels_last ones' eager steps
+    variants = dict(bt._variants(cfg, cuda, True, False, True))
+    profiled = [name for name, options in variants.items() if options.get("profiled")]
+    assert profiled == [names[0], names[2], names[5]]  # the eager step, channels_last's and the fused input conv's
+    assert variants[names[6]] == {**variants[names[2]], "fuse_input_conv": True, "profiled": False}
+    assert len(bt._variants(cfg, cuda, False, False, False)) == 6  # no fused LIF: no fused input conv either
     cfg.train.pad_conv_channels = 8  # already padded: the base variants are the padded ones
-    assert len(bt._variants(cfg, cuda, True, False, False)) == 4
+    assert len(bt._variants(cfg, cuda, True, False, False)) == 6
     cfg.train.pad_conv_channels = 1
-    cfg.model.input_shape = [8, 34, 34]  # nothing to pad
+    cfg.train.fuse_input_conv = True  # already fused: likewise
+    assert len(bt._variants(cfg, cuda, True, False, False)) == 6
+    cfg.train.fuse_input_conv = False
+    cfg.model.input_shape = [8, 34, 34]  # nothing to pad, and 72 terms per output: nothing to fuse
     assert len(bt._variants(cfg, cuda, True, False, False)) == 4
     cfg.model.input_shape = [2, 34, 34]
 

@@ -15,6 +15,7 @@ import pytest  # noqa: E402
 
 pytest.importorskip("triton")
 
+import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
 from conftest import REPO  # noqa: E402
@@ -23,8 +24,10 @@ from snncompile.data import random_input  # noqa: E402
 from snncompile.init_run import calibrate_firing  # noqa: E402
 from snncompile.kernels.input_conv import conv_fuses_with_lif, conv_lif_reference, fused_conv_lif  # noqa: E402
 from snncompile.models import network_from_config  # noqa: E402
+from snncompile.neurons import LIFParams, lif_scan  # noqa: E402
 
 K_TAU1, V_TH = 0.2, 0.5
+P = LIFParams(v_th=V_TH, k_tau1=K_TAU1, a=1.0)
 
 
 def _conv(c_in: int, c_out: int, kernel: int, padding: int, bias: bool = True, seed: int = 0) -> nn.Conv2d:
@@ -122,19 +125,116 @@ def test_a_network_with_the_fused_input_conv_scores_and_records_like_the_unfused
         torch.testing.assert_close(record_fused[name][1], membrane, rtol=1e-5, atol=1e-5, msg=name)
 
 
-def test_autograd_keeps_the_unfused_path():
-    cfg = tiny_zoo_config(REPO / "models" / "bench-nmnist.toml")
-    net = network_from_config(cfg.model).to(DEVICE)
-    net.fused_lif = net.fuse_input_conv = True
-    import snncompile.kernels.input_conv as input_conv
+def _reference_currents(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
+    """The kernel's currents ``[T, B, C, H', W']``, differentiable: each output summed term by term in
+    (ci, kh, kw) order from 0 in fp32, then the bias (conv_lif_reference's arithmetic, in autograd)."""
+    steps, batch = x.shape[:2]
+    kh, kw = conv.kernel_size
+    cols = F.unfold(x.flatten(0, 1), (kh, kw), padding=conv.padding)
+    weight = conv.weight.flatten(1)
+    acc = torch.zeros(cols.shape[0], weight.shape[0], cols.shape[2])
+    for j in range(weight.shape[1]):
+        acc = acc + weight[:, j, None] * cols[:, None, j]
+    if conv.bias is not None:
+        acc = acc + conv.bias[:, None]
+    height = x.shape[3] + 2 * conv.padding[0] - kh + 1
+    return acc.unflatten(2, (height, -1)).unflatten(0, (steps, batch))
 
+
+@pytest.mark.parametrize("pool, bias, input_grad", [(2, True, False), (1, True, True), (4, False, False)])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_training_gradients_are_those_of_the_layer_s_own_arithmetic(pool, bias, input_grad, layout):
+    """In training the kernel keeps only x and backward recomputes the membrane: the spikes and the
+    gradients of the weight, the bias and (when it asks) the input are those of the same arithmetic run
+    through autograd (currents summed in the kernel's order, the pure-torch LIF with its rectangular
+    surrogate, avg_pool2d). The 4x4 pool's floor drops a row and a column of 10x10 maps: no gradient there."""
+    conv = _conv(2, 5, 3, 1, bias)
+    gen = torch.Generator().manual_seed(2)
+    x = (torch.rand(3, 2, 2, 10, 10, generator=gen) < 0.3).float()
+    x[1, 1, 1, 4, 4] = 1.75  # not only 0/1
+    last = layout == "channels_last"
+    x_ref = x.clone().requires_grad_(input_grad)
+    spikes_ref, membrane = lif_scan(_reference_currents(x_ref, conv), P, return_membrane=True)
+    if pool > 1:
+        spikes_ref = F.avg_pool2d(spikes_ref.flatten(0, 1), pool).unflatten(0, spikes_ref.shape[:2])
+    weights = torch.randn(spikes_ref.shape, generator=gen)
+    (spikes_ref * weights).sum().backward()
+    near = ((membrane - V_TH).abs() < P.a / 2).float().mean().item()
+    assert 0.05 < near < 0.95  # the surrogate's window holds some membranes, not all: gradients flow and vary
+    want = [t.grad.clone() for t in (conv.weight, conv.bias, x_ref) if t is not None and t.grad is not None]
+    conv.zero_grad()
+    conv = conv.to(DEVICE)
+    x_dev = x.to(DEVICE).requires_grad_(input_grad)
+    spikes = fused_conv_lif(x_dev, conv, K_TAU1, V_TH, pool, channels_last=last, a=P.a)
+    assert spikes.grad_fn is not None and torch.equal(spikes.detach().cpu(), spikes_ref.detach())
+    (spikes * weights.to(DEVICE)).sum().backward()
+    got = [t.grad for t in (conv.weight, conv.bias, x_dev) if t is not None and t.grad is not None]
+    assert len(got) == len(want) == 1 + bias + input_grad
+    for g, w in zip(got, want):  # cuDNN (or torch's CPU conv) sums the weight gradient in its own order
+        torch.testing.assert_close(g.cpu(), w, rtol=1e-5, atol=1e-5 * w.abs().max().item())
+
+
+def test_bf16_training_writes_the_gradient_in_bf16_and_keeps_the_forward_conv_fp32():
+    """Under bf16 autocast: bf16 spikes, the same as fp32's (the forward conv is the kernel's fp32 one, not
+    autocast's), and gradients within bf16 rounding of fp32's (the currents' gradient is written in bf16,
+    the weight gradient computed from bf16 operands, as autocast's conv backward would)."""
+    conv = _conv(2, 6, 3, 1).to(DEVICE)
+    x = (torch.rand(3, 4, 2, 9, 9, generator=torch.Generator().manual_seed(3)) < 0.3).float().to(DEVICE)
+    grads = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        conv.zero_grad()
+        with torch.autocast(DEVICE.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+            spikes = fused_conv_lif(x, conv, K_TAU1, V_TH, 2, out_dtype=dtype, a=P.a)
+        assert spikes.dtype == dtype
+        spikes.float().square().sum().backward()
+        grads[dtype] = (spikes.detach().float(), conv.weight.grad.clone(), conv.bias.grad.clone())
+    assert torch.equal(grads[torch.float32][0], grads[torch.bfloat16][0])
+    for g32, g16 in zip(grads[torch.float32][1:], grads[torch.bfloat16][1:]):
+        assert g16.dtype == torch.float32 and g32.abs().max() > 0
+        torch.testing.assert_close(g16, g32, rtol=2e-2, atol=2e-2 * g32.abs().max().item())
+
+
+@pytest.mark.parametrize("model", ["bench-nmnist", "bench-cifar"])
+def test_a_training_step_with_the_fused_input_conv_matches_the_unfused_one(model):
+    """SpikingNetwork.fuse_input_conv in training: the kernel runs (pooled where a pool follows), every
+    parameter's gradient matches the fused-LIF path's with the conv unfused, and autograd keeps less for
+    backward (the layer's currents are not saved: x is). A layer-recording forward under autograd keeps the
+    unfused path, as the fused LIF does."""
+    import snncompile.kernels.input_conv as input_conv
+    from snncompile.memory import SavedActivations
+
+    cfg = tiny_zoo_config(REPO / "models" / f"{model}.toml")
+    net = network_from_config(cfg.model).to(DEVICE)
+    x = random_input(cfg, 3, torch.Generator().manual_seed(0)).to(DEVICE)
+    calibrate_firing(net, x)
+    net.fused_lif = True
+    results = {}
     real, calls = input_conv.fused_conv_lif, []
-    input_conv.fused_conv_lif = lambda *a, **k: calls.append(1) or real(*a, **k)
+    input_conv.fused_conv_lif = lambda *a, **k: calls.append(k.get("pool", a[4] if len(a) > 4 else 1)) or real(*a, **k)
     try:
-        net(random_input(cfg, 2, torch.Generator().manual_seed(0)).to(DEVICE)).sum().backward()
+        for fuse in (False, True):
+            net.fuse_input_conv = fuse
+            net.zero_grad()
+            with SavedActivations() as saved:
+                scores = net(x)
+            scores.square().sum().backward()
+            results[fuse] = (scores.detach(), {n: p.grad.clone() for n, p in net.named_parameters()}, saved.saved_bytes)
+        net.forward_sequence(x, "layer", {})  # recording under autograd: unfused
     finally:
         input_conv.fused_conv_lif = real
-    assert calls == [] and net.stages[0].weight.grad is not None
+    assert calls == [2 if model == "bench-nmnist" else 1]
+    (plain, grads_plain, saved_plain), (fused, grads_fused, saved_fused) = results[False], results[True]
+    if CUDA:  # cuDNN sums the conv in another order: a neuron at the threshold may flip
+        torch.testing.assert_close(fused, plain, rtol=0, atol=0.05)
+    else:
+        assert torch.equal(fused, plain)
+    assert grads_fused.keys() == grads_plain.keys()
+    for name, grad in grads_plain.items():
+        assert grad.abs().max() > 0, name
+        torch.testing.assert_close(grads_fused[name], grad, rtol=1e-4, atol=1e-4 * grad.abs().max().item(), msg=name)
+    conv = net.stages[0]
+    currents = x.shape[0] * x.shape[1] * conv.out_channels * x.shape[3] * x.shape[4] * 4
+    assert saved_plain - saved_fused >= currents  # the currents (fp32 here), less the small input fused keeps
 
 
 def test_bench_fuse_input_conv_verifies_and_times_the_fused_layer(tmp_path, monkeypatch):
@@ -219,3 +319,38 @@ def test_a_one_channel_input_conv_keeps_the_network_s_layout_and_big_inputs_stay
 
         monkeypatch.setattr(input_conv, "fused_conv_lif", lambda *a, **k: pytest.fail("fused past the limit"))
         net(x)
+
+
+def test_bench_train_times_a_step_with_the_fused_input_conv(monkeypatch):
+    """`bench train`'s fused-input-conv variant runs the kernel in its training steps (forced onto the CPU
+    here, Triton's interpreter, as a CUDA machine runs it) and reports the step like any other variant."""
+    import snncompile.bench_train as bt
+    import snncompile.kernels.input_conv as input_conv
+    from snncompile.config import load_config
+
+    cfg = load_config(REPO / "models" / "bench-nmnist.toml", ["model.arch='8C3-AP2-16FC-10'", "model.T=2",
+                                                               "data.batch_size=2"])
+    real, grad_modes = input_conv.fused_conv_lif, []
+    monkeypatch.setattr(input_conv, "fused_conv_lif", lambda *a, **k: grad_modes.append(torch.is_grad_enabled()) or real(*a, **k))
+    monkeypatch.setattr(bt, "_variants", lambda *args: [("fused", dict(order="layer", fused=True, fuse_input_conv=True))])
+    result = bt.bench_train(cfg, torch.device("cpu"), steps=1, warmup=0, echo=lambda s: None)
+    stats = result["variants"]["fused"]
+    assert isinstance(stats, dict) and stats["median_ms"] > 0, stats
+    assert True in grad_modes  # a training forward went through the kernel
+
+
+def test_the_trainer_says_when_fuse_input_conv_changes_nothing():
+    from snncompile.config import load_config
+    from snncompile.train import _unfused_input_conv_note
+
+    cfg = load_config(REPO / "models" / "bench-nmnist.toml", ["train.fuse_input_conv=true"])
+    net = network_from_config(cfg.model)
+    assert "needs the fused LIF kernels" in _unfused_input_conv_note(cfg, net)
+    net.fused_lif = True
+    assert _unfused_input_conv_note(cfg, net) is None
+    cfg.model.arch = "8C5-AP2-16FC-10"  # 2 x 5 x 5 = 50 terms per output
+    wide = network_from_config(cfg.model)
+    wide.fused_lif = True
+    assert "nothing to fuse" in _unfused_input_conv_note(cfg, wide)
+    cfg.train.fuse_input_conv = False
+    assert _unfused_input_conv_note(cfg, net) is None

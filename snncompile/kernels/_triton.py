@@ -156,11 +156,12 @@ def conv_lif_forward(x_ptr, w_ptr, b_ptr, o_ptr, u_ptr, n_out, channels, height_
                      x_s_t, x_s_n, x_s_c, x_s_h, x_s_w, u_s_t, u_s_n, u_s_c, u_s_h, u_s_w,
                      o_s_t, o_s_n, o_s_c, o_s_h, o_s_w, k_tau1, v_th, T: tl.constexpr, K: tl.constexpr,
                      C_IN: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, PAD_H: tl.constexpr,
-                     PAD_W: tl.constexpr, SAVE_U: tl.constexpr, CHANNELS_LAST: tl.constexpr, HAS_BIAS: tl.constexpr,
-                     BLOCK: tl.constexpr):
+                     PAD_W: tl.constexpr, SAVE_U: tl.constexpr, STORE_O: tl.constexpr, CHANNELS_LAST: tl.constexpr,
+                     HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
     # one program: BLOCK outputs (n, c, ho, wo), pooled over K x K conv outputs (K = 1: none); each conv output
     # summed directly from the input, term by term in (ci, kh, kw) order from 0, then the bias, then the LIF
     # over T in registers. The conv's output, the largest tensor of an input layer, is never written.
+    # STORE_O off (K = 1, SAVE_U): the membrane alone, which training's backward recomputes.
     mask, n, c, ho, wo = output_coordinates(n_out, channels, height_out, width_out, CHANNELS_LAST, BLOCK)
     win = tl.arange(0, K * K)
     h = ho[:, None] * K + (win // K)[None, :]  # [BLOCK, K*K] conv output rows and columns
@@ -189,6 +190,7 @@ def conv_lif_forward(x_ptr, w_ptr, b_ptr, o_ptr, u_ptr, n_out, channels, height_
         if SAVE_U:
             tl.store(u_ptr + t * u_s_t + n[:, None] * u_s_n + c[:, None] * u_s_c + h * u_s_h + w * u_s_w, u,
                      mask=inside)
-        # a sum of 0/1 spikes is exact in any order, and 1/K^2 is a power of two: exactly avg_pool2d's value
-        pooled = tl.sum(o, axis=1) * (1.0 / (K * K))
-        tl.store(o_ptr + t * o_s_t + n * o_s_n + c * o_s_c + ho * o_s_h + wo * o_s_w, pooled, mask=mask)
+        if STORE_O:
+            # a sum of 0/1 spikes is exact in any order, and 1/K^2 is a power of two: exactly avg_pool2d's value
+            pooled = tl.sum(o, axis=1) * (1.0 / (K * K))
+            tl.store(o_ptr + t * o_s_t + n * o_s_n + c * o_s_c + ho * o_s_h + wo * o_s_w, pooled, mask=mask)

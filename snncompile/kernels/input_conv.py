@@ -1,5 +1,5 @@
 r"""A network's input convolution, its bias, the LIF after it and an average pool after that, as one Triton
-kernel (inference).
+kernel (inference and training).
 
 An SNN's first convolution reads a few input channels (N-MNIST's 2 polarities, an image's 3 colours)
 and writes the largest tensor of the network: bench-nmnist's is ``[T*B, 128, 34, 34]``, 606 MB of fp32
@@ -15,6 +15,12 @@ the layer is fp32-accurate at any torch-fast precision; cuDNN sums the same term
 so spikes near the threshold may differ from an unfused run in the last bit, as between any two fp32
 convolutions (verify counts them). :func:`conv_lif_reference` computes the kernel's arithmetic in
 torch, step by step, for the tests.
+
+In training (:class:`_FusedConvLIF`) nothing of the layer's size is kept for backward either: backward
+recomputes the membrane from the input with the same kernel, where the unfused layer keeps its currents
+(2 bytes per neuron and step in bf16) and reads them twice. The weight gradient is cuDNN's. Under bf16
+autocast the forward conv is the fp32 one above, not autocast's bf16 conv: the spikes may differ from an
+unfused bf16 run's where a bf16-rounded current would have crossed the threshold otherwise.
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .lif import _NO_FMA, INDEX_LIMIT, pool_block, pool_forward_warps
+from .lif import _NO_FMA, INDEX_LIMIT, currents_gradient, pool_block, pool_forward_warps, pooled_currents_gradient
 
 __all__ = ["MAX_TAPS", "conv_fuses_with_lif", "conv_output_numel", "fused_conv_lif", "conv_lif_reference"]
 
@@ -56,55 +62,127 @@ def _output_strides(steps: int, batch: int, channels: int, height: int, width: i
 
 
 def fused_conv_lif(x: Tensor, conv: nn.Conv2d, k_tau1: float, v_th: float, pool: int = 1,
-                   out_dtype: torch.dtype = torch.float32, membrane: bool = False, channels_last: bool = False):
-    """Spikes of ``LIF(conv(x))`` averaged over ``pool`` x ``pool`` windows (1: no pool), inference only.
+                   out_dtype: torch.dtype = torch.float32, membrane: bool = False, channels_last: bool = False,
+                   a: float = 1.0):
+    """Spikes of ``LIF(conv(x))`` averaged over ``pool`` x ``pool`` windows (1: no pool).
 
     Args:
         x: the input ``[T, B, C_in, H, W]``, any strides, any float dtype (read as fp32).
         conv: the convolution (:func:`conv_fuses_with_lif`), its bias added in fp32.
-        k_tau1, v_th: the LIF's constants.
+        k_tau1, v_th: the LIF's constants; ``a``: its rectangular surrogate's width (training).
         pool: a power-of-two average pool after the LIF (the pooled outputs are exact in ``out_dtype``).
         out_dtype: the spikes' dtype.
-        membrane: also return the membrane ``[T, B, C, H', W']`` fp32 (only without a pool).
+        membrane: also return the membrane ``[T, B, C, H', W']`` fp32 (only without a pool; no autograd).
         channels_last: the outputs' steps in channels_last.
 
     Returns:
         spikes ``[T, B, C, H'/pool, W'/pool]`` (``H' = H + 2 pad - kh + 1``), and the membrane with ``membrane``.
+
+    With autograd recording and a parameter (or ``x``) that requires grad, the layer is differentiable
+    (:class:`_FusedConvLIF`): it keeps only ``x`` for backward, which recomputes the membrane with this
+    kernel, runs the LIF (+ pool) backward kernel and takes the weight (and input) gradient from cuDNN.
     """
+    _check_fusable(x, conv, pool, membrane)
+    weight, bias = conv.weight, conv.bias
+    if torch.is_grad_enabled() and not membrane and any(
+            t is not None and t.requires_grad for t in (x, weight, bias)):
+        return _FusedConvLIF.apply(x, weight, bias, tuple(conv.padding), float(k_tau1), float(v_th), float(a),
+                                   int(pool), out_dtype, bool(channels_last))
+    with torch.no_grad():
+        return _launch(x, weight, bias, tuple(conv.padding), k_tau1, v_th, pool, out_dtype, channels_last,
+                       spikes=True, membrane=membrane)
+
+
+def _check_fusable(x: Tensor, conv: nn.Module, pool: int, membrane: bool) -> None:
     if not conv_fuses_with_lif(conv):
         raise ValueError(f"the fused input conv computes ungrouped stride-1 zero-padded convolutions of at most "
                          f"{MAX_TAPS} terms per output, got {conv}")
     if pool < 1 or pool & (pool - 1) or (membrane and pool != 1):
         raise ValueError(f"pool must be a power of two (1 with membrane), got {pool}")
-    steps, batch, c_in, height_in, width_in = x.shape
-    if c_in != conv.in_channels:
-        raise ValueError(f"input of {c_in} channels for {conv}")
-    (kh, kw), (pad_h, pad_w) = conv.kernel_size, conv.padding
-    conv_h, conv_w = height_in + 2 * pad_h - kh + 1, width_in + 2 * pad_w - kw + 1
-    h_out, w_out, channels = conv_h // pool, conv_w // pool, conv.out_channels
+    if x.dim() != 5 or x.shape[2] != conv.in_channels:
+        raise ValueError(f"input of {x.shape[2] if x.dim() == 5 else '?'} channels (shape {tuple(x.shape)}) "
+                         f"for {conv}: [T, B, {conv.in_channels}, H, W] expected")
     largest = max(x.numel(), conv_output_numel(x.shape, conv))
     if largest >= INDEX_LIMIT:
         raise ValueError(f"the fused input conv indexes in 32 bits: {largest} elements >= 2^31")
+
+
+def _launch(x: Tensor, weight: Tensor, bias: Tensor | None, padding: tuple[int, int], k_tau1: float, v_th: float,
+            pool: int, out_dtype: torch.dtype, channels_last: bool, spikes: bool, membrane: bool):
+    """Run the kernel: (spikes ``[T, B, C, H'/pool, W'/pool]`` in ``out_dtype`` or None, fp32 membrane
+    ``[T, B, C, H', W']`` or None (``membrane`` needs ``pool`` 1)), each step NCHW or channels_last."""
+    steps, batch, c_in, height_in, width_in = x.shape
+    channels, _, kh, kw = weight.shape
+    pad_h, pad_w = padding
+    conv_h, conv_w = height_in + 2 * pad_h - kh + 1, width_in + 2 * pad_w - kw + 1
+    h_out, w_out = conv_h // pool, conv_w // pool
     shape = (steps, batch, channels, h_out, w_out)
-    out = torch.empty(steps * batch * channels * h_out * w_out, device=x.device, dtype=out_dtype).as_strided(
-        shape, _output_strides(*shape, channels_last))
-    mem = None
-    if membrane:
-        mem = torch.empty(out.numel(), device=x.device, dtype=torch.float32).as_strided(
+
+    def allocate(dtype):
+        return torch.empty(steps * batch * channels * h_out * w_out, device=x.device, dtype=dtype).as_strided(
             shape, _output_strides(*shape, channels_last))
-    weight = conv.weight.detach().float().contiguous()  # [C_out, C_in, kh, kw] in that order, whatever the module's
-    bias = conv.bias
+
+    mem = allocate(torch.float32) if membrane else None
+    out = allocate(out_dtype) if spikes else mem
+    weight = weight.detach().float().contiguous()  # [C_out, C_in, kh, kw] in that order, whatever the module's
     n_out = batch * channels * h_out * w_out
     block = pool_block(pool)
     from . import _triton
 
     _triton.conv_lif_forward[((n_out + block - 1) // block,)](
-        x, weight, weight if bias is None else bias.detach().float().contiguous(), out, out if mem is None else mem,
-        n_out, channels, h_out, w_out, height_in, width_in, *x.stride(), *(out if mem is None else mem).stride(),
-        *out.stride(), float(k_tau1), float(v_th), T=steps, K=pool, C_IN=c_in, KH=kh, KW=kw, PAD_H=pad_h,
-        PAD_W=pad_w, SAVE_U=membrane, CHANNELS_LAST=channels_last, HAS_BIAS=bias is not None, BLOCK=block,
+        x.detach(), weight, weight if bias is None else bias.detach().float().contiguous(), out,
+        out if mem is None else mem, n_out, channels, h_out, w_out, height_in, width_in, *x.stride(),
+        *(out if mem is None else mem).stride(), *out.stride(), float(k_tau1), float(v_th), T=steps, K=pool,
+        C_IN=c_in, KH=kh, KW=kw, PAD_H=pad_h, PAD_W=pad_w, SAVE_U=membrane, STORE_O=spikes,
+        CHANNELS_LAST=channels_last, HAS_BIAS=bias is not None, BLOCK=block,
         num_warps=pool_forward_warps(channels_last and pool > 1), **_NO_FMA)
+    if not spikes:
+        return None, mem
     return (out, mem) if membrane else out
+
+
+class _FusedConvLIF(torch.autograd.Function):
+    """:func:`fused_conv_lif` in training. Forward writes only the (pooled) spikes and keeps ``x`` (a few
+    channels: the input layer's) for backward, neither the conv's output nor the membrane. Backward
+    recomputes the membrane with the same kernel (same bits), runs the LIF (+ pool) backward kernel for
+    the currents' gradient and the bias's, and takes the weight's (and x's, if it needs one) from cuDNN's
+    convolution backward. Under bf16 autocast the currents' gradient is written in bf16 and the weight
+    gradient computed from bf16 operands, as autocast's conv would; the forward conv stays fp32."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, padding: tuple[int, int],  # type: ignore[override]
+                k_tau1: float, v_th: float, a: float, pool: int, out_dtype: torch.dtype, channels_last: bool):
+        spikes = _launch(x, weight, bias, padding, k_tau1, v_th, pool, out_dtype, channels_last, spikes=True,
+                         membrane=False)
+        ctx.save_for_backward(x, weight, bias)
+        kind = x.device.type
+        amp = torch.is_autocast_enabled(kind) and torch.get_autocast_dtype(kind) == torch.bfloat16
+        ctx.constants = (padding, k_tau1, v_th, a, pool, channels_last, amp)
+        return spikes
+
+    @staticmethod
+    def backward(ctx, grad_spikes: Tensor):  # type: ignore[override]
+        x, weight, bias = ctx.saved_tensors
+        padding, k_tau1, v_th, a, pool, channels_last, bf16 = ctx.constants
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        _, membrane = _launch(x, weight, bias, padding, k_tau1, v_th, 1, torch.float32, channels_last,
+                              spikes=False, membrane=True)
+        wanted_bias = bias if need_b else None
+        if pool > 1:
+            grad_currents, grad_bias = pooled_currents_gradient(membrane, grad_spikes, pool, k_tau1, v_th, a, bf16,
+                                                                wanted_bias)
+        else:
+            grad_currents, grad_bias = currents_gradient(membrane, grad_spikes, k_tau1, v_th, a, bf16, wanted_bias,
+                                                         overwrite=True)
+        grad_x = grad_weight = None
+        if need_x or need_w:
+            dtype = grad_currents.dtype
+            grad_x, grad_weight, _ = torch.ops.aten.convolution_backward(
+                grad_currents.flatten(0, 1), x.detach().flatten(0, 1).to(dtype), weight.detach().to(dtype), None,
+                [1, 1], list(padding), [1, 1], False, [0, 0], 1, [need_x, need_w, False])
+            grad_x = None if grad_x is None else grad_x.unflatten(0, x.shape[:2]).to(x.dtype)
+            grad_weight = None if grad_weight is None else grad_weight.to(weight.dtype)
+        return grad_x, grad_weight, grad_bias, None, None, None, None, None, None, None
 
 
 def conv_lif_reference(x: Tensor, conv: nn.Conv2d, k_tau1: float, v_th: float, pool: int = 1):

@@ -123,10 +123,10 @@ def _forward(currents: Tensor, k_tau1: float, v_th: float, out_dtype: torch.dtyp
     return (out if spikes else None), mem
 
 
-def _bias_sums(bias: Tensor | None, needed: bool, n: int, like: Tensor) -> Tensor | None:
+def _bias_sums(bias: Tensor | None, n: int, like: Tensor) -> Tensor | None:
     """The fp32 buffer ``[n]`` a backward kernel writes each neuron's (or pooled output's) gradient summed
-    over T into, when the bias gradient is wanted; else None."""
-    return torch.empty(n, device=like.device, dtype=torch.float32) if bias is not None and needed else None
+    over T into, when there is a bias whose gradient is wanted; else None."""
+    return torch.empty(n, device=like.device, dtype=torch.float32) if bias is not None else None
 
 
 def _bias_gradient(sums: Tensor | None, channels: int, chan_div: int, bias: Tensor | None) -> Tensor | None:
@@ -155,29 +155,37 @@ class _FusedLIF(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_spikes: Tensor):  # type: ignore[override]
-        bwd = _kernels()[1]
         saved, bias = ctx.saved_tensors
         k_tau1, v_th, a, dtype = ctx.constants
         membrane = (_forward(saved, k_tau1, v_th, dtype, membrane=True, spikes=False, bias=bias)[1]
                     if ctx.recompute else saved)
-        steps = membrane.shape[0]
-        n = membrane.numel() // steps
-        sums = _bias_sums(bias, ctx.needs_input_grad[1], n, membrane)
-        grad_out = grad_spikes
-        if grad_out.stride() != membrane.stride():  # the kernel pairs elements by memory position
-            grad_out = torch.empty_like(membrane, dtype=grad_spikes.dtype).copy_(grad_spikes)
-        bf16 = dtype == torch.bfloat16
-        # bf16: written in bf16 by the kernel, rounded to nearest even: no fp32 gradient written, read and
-        # cast. fp32 (cast by torch for fp16): a recomputed membrane is ours to overwrite: each program reads
-        # u[t] of its neurons before it writes g_I[t] there, so the gradient takes its place and backward
-        # allocates one fp32 buffer, not two.
-        grad_in = (torch.empty_like(membrane, dtype=torch.bfloat16) if bf16
-                   else membrane if ctx.recompute else torch.empty_like(membrane))
-        bwd[_grid(n)](membrane, grad_out, grad_in.view(torch.int16) if bf16 else grad_in,
-                      membrane if sums is None else sums, n, k_tau1, v_th, a / 2, 1.0 / a, T=steps, GRAD_BF16=bf16,
-                      SUM_T=sums is not None, BLOCK=_BLOCK, **_NO_FMA)
-        chan_div, channels = _channel_geometry(membrane) if sums is not None else (1, 1)
-        return grad_in.to(dtype), _bias_gradient(sums, channels, chan_div, bias), None, None, None, None
+        grad_in, bias_grad = currents_gradient(membrane, grad_spikes, k_tau1, v_th, a, dtype == torch.bfloat16,
+                                               bias if ctx.needs_input_grad[1] else None, overwrite=ctx.recompute)
+        return grad_in.to(dtype), bias_grad, None, None, None, None
+
+
+def currents_gradient(membrane: Tensor, grad_spikes: Tensor, k_tau1: float, v_th: float, a: float, bf16: bool,
+                      bias: Tensor | None, overwrite: bool = False) -> tuple[Tensor, Tensor | None]:
+    """The backward kernel: (d loss / d currents, shaped and laid out like ``membrane`` ``[T, B, ...]``
+    fp32; bf16 with ``bf16``, else fp32), and with a ``bias`` ``[C]`` its gradient (the currents' summed
+    over every dimension but the channel, in fp32). ``overwrite``: the membrane is the caller's to
+    overwrite (recomputed), and an fp32 gradient takes its place: each program reads u[t] of its neurons
+    before it writes g_I[t] there, so backward allocates one fp32 buffer, not two."""
+    bwd = _kernels()[1]
+    steps = membrane.shape[0]
+    n = membrane.numel() // steps
+    sums = _bias_sums(bias, n, membrane)
+    grad_out = grad_spikes
+    if grad_out.stride() != membrane.stride():  # the kernel pairs elements by memory position
+        grad_out = torch.empty_like(membrane, dtype=grad_spikes.dtype).copy_(grad_spikes)
+    # bf16: written in bf16 by the kernel, rounded to nearest even: no fp32 gradient written, read and cast
+    grad_in = (torch.empty_like(membrane, dtype=torch.bfloat16) if bf16
+               else membrane if overwrite else torch.empty_like(membrane))
+    bwd[_grid(n)](membrane, grad_out, grad_in.view(torch.int16) if bf16 else grad_in,
+                  membrane if sums is None else sums, n, k_tau1, v_th, a / 2, 1.0 / a, T=steps, GRAD_BF16=bf16,
+                  SUM_T=sums is not None, BLOCK=_BLOCK, **_NO_FMA)
+    chan_div, channels = _channel_geometry(membrane) if sums is not None else (1, 1)
+    return grad_in, _bias_gradient(sums, channels, chan_div, bias)
 
 
 def fused_lif(currents: Tensor, k_tau1: float, v_th: float, a: float, out_dtype: torch.dtype = torch.float32,
@@ -245,28 +253,37 @@ class _FusedLIFPool(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_pooled: Tensor):  # type: ignore[override]
-        bwd = _kernels()[3]
         saved, bias = ctx.saved_tensors
         k_tau1, v_th, a, pool, dtype = ctx.constants
         membrane = (_forward(saved, k_tau1, v_th, dtype, membrane=True, spikes=False, bias=bias)[1]
                     if ctx.recompute else saved)
-        shape, _, n_out = _pool_geometry(membrane, pool)
-        # neurons in rows/columns the pool's floor drops get no gradient: zeros, written only where they exist
-        dropped = membrane.shape[3] % pool or membrane.shape[4] % pool
-        bf16 = dtype == torch.bfloat16
-        allocate = torch.zeros_like if dropped else torch.empty_like
-        grad_in = allocate(membrane, dtype=torch.bfloat16 if bf16 else torch.float32)
-        block = pool_block(pool)
-        last = _is_channels_last(membrane)
-        sums = _bias_sums(bias, ctx.needs_input_grad[1], n_out, membrane)
-        bwd[((n_out + block - 1) // block,)](membrane, grad_pooled, grad_in.view(torch.int16) if bf16 else grad_in,
-                                              membrane if sums is None else sums, n_out, shape[2], shape[3],
-                                              shape[4], *membrane.stride(), *grad_pooled.stride(), float(k_tau1),
-                                              float(v_th), a / 2, 1.0 / a, T=shape[0], K=pool, GRAD_BF16=bf16,
-                                              CHANNELS_LAST=last, SUM_T=sums is not None, BLOCK=block, **_NO_FMA)
-        # the sums follow pool_windows' order of the pooled outputs: c fastest in channels_last, wo in NCHW
-        bias_grad = _bias_gradient(sums, shape[2], 1 if last else shape[3] * shape[4], bias)
+        grad_in, bias_grad = pooled_currents_gradient(membrane, grad_pooled, pool, k_tau1, v_th, a,
+                                                      dtype == torch.bfloat16,
+                                                      bias if ctx.needs_input_grad[1] else None)
         return grad_in.to(dtype), bias_grad, None, None, None, None, None
+
+
+def pooled_currents_gradient(membrane: Tensor, grad_pooled: Tensor, pool: int, k_tau1: float, v_th: float, a: float,
+                      bf16: bool, bias: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    """The pooled backward kernel: (d loss / d currents, shaped and laid out like ``membrane``
+    ``[T, N, C, H, W]`` fp32, from ``grad_pooled`` ``[T, N, C, H/pool, W/pool]`` of any strides; bf16 with
+    ``bf16``, else fp32), and with a ``bias`` ``[C]`` its gradient, as :func:`lif_backward`."""
+    bwd = _kernels()[3]
+    shape, _, n_out = _pool_geometry(membrane, pool)
+    # neurons in rows/columns the pool's floor drops get no gradient: zeros, written only where they exist
+    dropped = membrane.shape[3] % pool or membrane.shape[4] % pool
+    allocate = torch.zeros_like if dropped else torch.empty_like
+    grad_in = allocate(membrane, dtype=torch.bfloat16 if bf16 else torch.float32)
+    block = pool_block(pool)
+    last = _is_channels_last(membrane)
+    sums = _bias_sums(bias, n_out, membrane)
+    bwd[((n_out + block - 1) // block,)](membrane, grad_pooled, grad_in.view(torch.int16) if bf16 else grad_in,
+                                          membrane if sums is None else sums, n_out, shape[2], shape[3],
+                                          shape[4], *membrane.stride(), *grad_pooled.stride(), float(k_tau1),
+                                          float(v_th), a / 2, 1.0 / a, T=shape[0], K=pool, GRAD_BF16=bf16,
+                                          CHANNELS_LAST=last, SUM_T=sums is not None, BLOCK=block, **_NO_FMA)
+    # the sums follow pool_windows' order of the pooled outputs: c fastest in channels_last, wo in NCHW
+    return grad_in, _bias_gradient(sums, shape[2], 1 if last else shape[3] * shape[4], bias)
 
 
 def fused_lif_pool(currents: Tensor, k_tau1: float, v_th: float, a: float, pool: int,
