@@ -426,11 +426,12 @@ class SpikingNetwork(nn.Module):
             return False
         if record is not None and torch.is_grad_enabled():
             return False
-        from .kernels.input_conv import conv_fuses_with_lif, conv_output_numel
+        from .kernels.input_conv import conv_fuses_with_lif, conv_output_numel, grid_fits
 
         return (conv_fuses_with_lif(stage) and bool(after) and isinstance(after[0], LIFCell)
                 # past the kernels' 32-bit indexing, the unfused path (whose LIF falls back to the torch scan)
-                and max(h.numel(), conv_output_numel(h.shape, stage)) < _KERNEL_INDEX_LIMIT)
+                and max(h.numel(), conv_output_numel(h.shape, stage)) < _KERNEL_INDEX_LIMIT
+                and grid_fits(h.shape, stage))
 
     def fuses_an_input_conv(self) -> bool:
         """Whether a stage :attr:`fuse_input_conv` would fuse exists: a conv the kernel computes, then a LIF."""

@@ -22,7 +22,7 @@ from conftest import REPO  # noqa: E402
 from helpers import tiny_zoo_config  # noqa: E402
 from snncompile.data import random_input  # noqa: E402
 from snncompile.init_run import calibrate_firing  # noqa: E402
-from snncompile.kernels.input_conv import conv_fuses_with_lif, conv_lif_reference, fused_conv_lif  # noqa: E402
+from snncompile.kernels.input_conv import conv_fuses_with_lif, conv_lif_reference, fused_conv_lif, grid_fits  # noqa: E402
 from snncompile.models import network_from_config  # noqa: E402
 from snncompile.neurons import LIFParams, lif_scan  # noqa: E402
 
@@ -87,6 +87,11 @@ def test_what_the_kernel_refuses():
         fused_conv_lif(x, nn.Conv2d(2, 8, 3), K_TAU1, V_TH, pool=2, membrane=True)
     with pytest.raises(ValueError, match="input of 2 channels"):
         fused_conv_lif(x, nn.Conv2d(3, 8, 3), K_TAU1, V_TH)
+    # 4200 x 4200 outputs, 256 per program: 68,907 programs along the grid axis CUDA caps at 65,535
+    conv = nn.Conv2d(1, 8, 3, padding=1)
+    assert grid_fits((1, 1, 1, 4000, 4000), conv) and not grid_fits((1, 1, 1, 4200, 4200), conv)
+    with pytest.raises(ValueError, match="65535 along one grid axis"):
+        fused_conv_lif(torch.empty(1, 1, 1, 4200, 4200), conv, K_TAU1, V_TH)
 
 
 @pytest.mark.parametrize("model", ["bench-nmnist", "bench-cifar"])

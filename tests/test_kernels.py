@@ -310,6 +310,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from snncompile.kernels import _triton as K
+from snncompile.kernels.input_conv import conv_tile
 from snncompile.kernels.lif import _NO_FMA, pool_block, pool_forward_warps
 
 def signature(fn, ptrs):
@@ -343,17 +344,15 @@ for grad, grad_in, bf16 in [("fp32", "fp32", False), ("bf16", "i16", True), ("fp
 # record, the spikes alone for scores and training's forward, the membrane alone for training's backward
 for out, cases in [("fp32", [(2, 2, "o"), (3, 1, "o"), (2, 1, "ou"), (1, 4, "o"), (2, 1, "u"), (3, 1, "u")]),
                    ("bf16", [(2, 2, "o"), (3, 1, "o"), (1, 4, "o")])]:
-    for c_in, k, written in cases:
-        for last in (False, True):
-            save, store = "u" in written, "o" in written
-            # a conv of few channels deeper in a network reads 16-bit spikes under autocast
-            ptrs = {"x_ptr": "*bf16" if (c_in, last) == (1, True) else "*fp32", "w_ptr": "*fp32", "b_ptr": "*fp32",
-                    "o_ptr": "*" + (out if store else "fp32"), "u_ptr": "*fp32" if save else "*" + out}
-            variants.append((K.conv_lif_forward, ptrs, {"T": 8, "K": k, "C_IN": c_in, "KH": 3, "KW": 3, "PAD_H": 1,
-                                                        "PAD_W": 1, "SAVE_U": save, "STORE_O": store,
-                                                        "CHANNELS_LAST": last, "HAS_BIAS": c_in > 1,
-                                                        "BLOCK": pool_block(k),
-                                                        "num_warps": pool_forward_warps(last and k > 1)}))
+    for c_in, k, written in cases:  # the layout is in the strides: one variant serves NCHW and channels_last
+        save, store = "u" in written, "o" in written
+        # a conv of few channels deeper in a network reads 16-bit spikes under autocast
+        ptrs = {"x_ptr": "*bf16" if c_in == 1 else "*fp32", "w_ptr": "*fp32", "b_ptr": "*fp32",
+                "o_ptr": "*" + (out if store else "fp32"), "u_ptr": "*fp32" if save else "*" + out}
+        c_block, p_block = conv_tile(128, 34 * 34 // (k * k), k)
+        variants.append((K.conv_lif_forward, ptrs, {"T": 8, "K": k, "C_IN": c_in, "KH": 3, "KW": 3, "PAD_H": 1,
+                                                    "PAD_W": 1, "SAVE_U": save, "STORE_O": store, "HAS_BIAS": c_in > 1,
+                                                    "C_BLOCK": c_block, "P_BLOCK": p_block}))
 for fn, ptrs, constants in variants:  # with the options every launch in lif.py and input_conv.py passes
     warps = {"num_warps": constants.pop("num_warps")} if "num_warps" in constants else {}
     compiled = triton.compile(ASTSource(fn, signature(fn, ptrs), constants), target=GPUTarget("cuda", 90, 32),
@@ -381,7 +380,7 @@ def test_every_kernel_variant_compiles_for_an_h100_without_one():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     result = subprocess.run([sys.executable, "-c", COMPILE_FOR_SM90], capture_output=True, text=True, env=env, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.split() == ["compiled", "90"]
+    assert result.stdout.split() == ["compiled", "81"]
 
 
 def record_launches(monkeypatch) -> list[tuple[str, dict]]:

@@ -152,45 +152,57 @@ def lif_pool_backward(u_ptr, gp_ptr, gi_ptr, gb_ptr, n_out, channels, height_out
 
 
 @triton.jit
-def conv_lif_forward(x_ptr, w_ptr, b_ptr, o_ptr, u_ptr, n_out, channels, height_out, width_out, height_in, width_in,
+def conv_lif_forward(x_ptr, w_ptr, b_ptr, o_ptr, u_ptr, channels, height_out, width_out, height_in, width_in,
                      x_s_t, x_s_n, x_s_c, x_s_h, x_s_w, u_s_t, u_s_n, u_s_c, u_s_h, u_s_w,
                      o_s_t, o_s_n, o_s_c, o_s_h, o_s_w, k_tau1, v_th, T: tl.constexpr, K: tl.constexpr,
                      C_IN: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, PAD_H: tl.constexpr,
-                     PAD_W: tl.constexpr, SAVE_U: tl.constexpr, STORE_O: tl.constexpr, CHANNELS_LAST: tl.constexpr,
-                     HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
-    # one program: BLOCK outputs (n, c, ho, wo), pooled over K x K conv outputs (K = 1: none); each conv output
-    # summed directly from the input, term by term in (ci, kh, kw) order from 0, then the bias, then the LIF
-    # over T in registers. The conv's output, the largest tensor of an input layer, is never written.
-    # STORE_O off (K = 1, SAVE_U): the membrane alone, which training's backward recomputes.
-    mask, n, c, ho, wo = output_coordinates(n_out, channels, height_out, width_out, CHANNELS_LAST, BLOCK)
+                     PAD_W: tl.constexpr, SAVE_U: tl.constexpr, STORE_O: tl.constexpr, HAS_BIAS: tl.constexpr,
+                     C_BLOCK: tl.constexpr, P_BLOCK: tl.constexpr):
+    # one program: image n, C_BLOCK output channels x P_BLOCK outputs (ho, wo), each pooled over K x K conv
+    # outputs (K = 1: none), as a [C_BLOCK, P_BLOCK, K*K] tile. Each conv output is summed directly from the
+    # input, term by term in (ci, kh, kw) order from 0, then the bias, then the LIF over T in registers; the
+    # conv's output, the largest tensor of an input layer, is never written. A tap's input values [P, K*K]
+    # are loaded once for all C_BLOCK channels, and its weights [C_BLOCK] once for all positions: loads are
+    # a small part of the instructions, the products and sums the rest. STORE_O off (K = 1, SAVE_U): the
+    # membrane alone, which training's backward recomputes. Strides carry the layout (NCHW or channels_last).
+    n = tl.program_id(0)
+    c = tl.program_id(1) * C_BLOCK + tl.arange(0, C_BLOCK)
+    p = tl.program_id(2) * P_BLOCK + tl.arange(0, P_BLOCK)
+    c_ok = c < channels
+    p_ok = p < height_out * width_out
+    ho, wo = p // width_out, p % width_out
     win = tl.arange(0, K * K)
-    h = ho[:, None] * K + (win // K)[None, :]  # [BLOCK, K*K] conv output rows and columns
+    h = ho[:, None] * K + (win // K)[None, :]  # [P_BLOCK, K*K] conv output rows and columns
     w = wo[:, None] * K + (win % K)[None, :]
-    inside = mask[:, None] & (win >= 0)[None, :]
+    inside = p_ok[:, None] & (win >= 0)[None, :]
+    x_base = x_ptr + n * x_s_n
+    w_base = w_ptr + c * (C_IN * KH * KW)
     if HAS_BIAS:
-        bias = tl.load(b_ptr + c, mask=mask, other=0.0).to(tl.float32)[:, None]
-    u = tl.zeros((BLOCK, K * K), dtype=tl.float32)
-    o = tl.zeros((BLOCK, K * K), dtype=tl.float32)
+        bias = tl.load(b_ptr + c, mask=c_ok, other=0.0).to(tl.float32)[:, None, None]
+    keep = c_ok[:, None, None] & inside[None, :, :]
+    u_off = n * u_s_n + c[:, None, None] * u_s_c + (h * u_s_h + w * u_s_w)[None, :, :]
+    o_off = n * o_s_n + c[:, None] * o_s_c + (ho * o_s_h + wo * o_s_w)[None, :]
+    u = tl.zeros((C_BLOCK, P_BLOCK, K * K), dtype=tl.float32)
+    o = tl.zeros((C_BLOCK, P_BLOCK, K * K), dtype=tl.float32)
     for t in range(T):  # not unrolled: the taps already are (18-27 of them), and T copies took 5x the compile time
-        acc = tl.zeros((BLOCK, K * K), dtype=tl.float32)
+        acc = tl.zeros((C_BLOCK, P_BLOCK, K * K), dtype=tl.float32)
         for ci in tl.static_range(C_IN):
             for kh in tl.static_range(KH):
                 ih = h + (kh - PAD_H)
                 for kw in tl.static_range(KW):
                     iw = w + (kw - PAD_W)
                     ok = inside & (ih >= 0) & (ih < height_in) & (iw >= 0) & (iw < width_in)
-                    xv = tl.load(x_ptr + t * x_s_t + n[:, None] * x_s_n + ci * x_s_c + ih * x_s_h + iw * x_s_w,
-                                 mask=ok, other=0.0).to(tl.float32)
-                    wv = tl.load(w_ptr + c * (C_IN * KH * KW) + ((ci * KH + kh) * KW + kw), mask=mask, other=0.0)
-                    acc = acc + wv.to(tl.float32)[:, None] * xv
+                    xv = tl.load(x_base + t * x_s_t + ci * x_s_c + ih * x_s_h + iw * x_s_w, mask=ok,
+                                 other=0.0).to(tl.float32)
+                    wv = tl.load(w_base + ((ci * KH + kh) * KW + kw), mask=c_ok, other=0.0).to(tl.float32)
+                    acc = acc + wv[:, None, None] * xv[None, :, :]
         if HAS_BIAS:
             acc = acc + bias
         u = k_tau1 * u * (1.0 - o) + acc
         o = (u > v_th).to(tl.float32)
         if SAVE_U:
-            tl.store(u_ptr + t * u_s_t + n[:, None] * u_s_n + c[:, None] * u_s_c + h * u_s_h + w * u_s_w, u,
-                     mask=inside)
+            tl.store(u_ptr + t * u_s_t + u_off, u, mask=keep)
         if STORE_O:
             # a sum of 0/1 spikes is exact in any order, and 1/K^2 is a power of two: exactly avg_pool2d's value
-            pooled = tl.sum(o, axis=1) * (1.0 / (K * K))
-            tl.store(o_ptr + t * o_s_t + n * o_s_n + c * o_s_c + ho * o_s_h + wo * o_s_w, pooled, mask=mask)
+            pooled = tl.sum(o, axis=2) * (1.0 / (K * K))
+            tl.store(o_ptr + t * o_s_t + o_off, pooled, mask=c_ok[:, None] & p_ok[None, :])

@@ -7,8 +7,9 @@ at batch 128, written by cuDNN (with a 2-channel reduction, no tensor-core kerne
 the LIF kernel, and in NCHW transposed on the way. Here each program computes its conv outputs directly
 from the input, ``I = sum over (ci, kh, kw) of w * x``, term by term in that order from 0, then
 ``+ bias``, and runs the LIF over T in registers, writing only the (pooled) spikes: the conv output
-is never stored. The sums take 18 (2 channels, 3x3) or 27 (3 channels) loads of the input per neuron
-and step, served from the caches: the input is a small fraction of the output.
+is never stored. A program takes a tile of 4 or 8 channels by a few hundred positions of one image, so
+that each input value it loads serves those channels and each weight several positions
+(:func:`conv_tile`); the input is a small fraction of the output and is served from the caches.
 
 The products and sums are fp32 on the ordinary cores (no FMA contraction, like every kernel here), so
 the layer is fp32-accurate at any torch-fast precision; cuDNN sums the same terms in another order,
@@ -29,9 +30,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .lif import _NO_FMA, INDEX_LIMIT, currents_gradient, pool_block, pool_forward_warps, pooled_currents_gradient
+from .lif import _NO_FMA, INDEX_LIMIT, currents_gradient, pooled_currents_gradient
 
-__all__ = ["MAX_TAPS", "conv_fuses_with_lif", "conv_output_numel", "fused_conv_lif", "conv_lif_reference"]
+__all__ = ["MAX_TAPS", "conv_fuses_with_lif", "conv_output_numel", "fused_conv_lif", "conv_lif_reference", "grid_fits"]
 
 MAX_TAPS = 32  # input channels x kernel height x kernel width: each is a load per neuron and step
 
@@ -105,6 +106,42 @@ def _check_fusable(x: Tensor, conv: nn.Module, pool: int, membrane: bool) -> Non
     largest = max(x.numel(), conv_output_numel(x.shape, conv))
     if largest >= INDEX_LIMIT:
         raise ValueError(f"the fused input conv indexes in 32 bits: {largest} elements >= 2^31")
+    if not grid_fits(x.shape, conv):
+        raise ValueError(f"the fused input conv launches a program per few hundred outputs of a map: "
+                         f"a {tuple(x.shape[3:])} input needs more than CUDA's {_GRID_LIMIT} along one grid axis")
+
+
+def grid_fits(input_shape, conv: nn.Conv2d) -> bool:
+    """Whether the kernel's grid fits CUDA's limits for an input ``[T, B, C, H, W]``. Checked unpooled: the
+    tiles (:func:`conv_tile`) cover at least as many conv outputs when pooled."""
+    (kh, kw), (pad_h, pad_w) = conv.kernel_size, conv.padding
+    positions = (input_shape[3] + 2 * pad_h - kh + 1) * (input_shape[4] + 2 * pad_w - kw + 1)
+    return triton_cdiv(positions, conv_tile(conv.out_channels, positions, 1)[1]) <= _GRID_LIMIT
+
+
+_GRID_LIMIT = 65535  # CUDA's limit on a launch's second and third grid dimensions
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def conv_tile(channels: int, positions: int, pool: int) -> tuple[int, int]:
+    """(C_BLOCK, P_BLOCK) of :func:`_triton.conv_lif_forward`: 4 channels by 512 conv outputs (P_BLOCK = 512 /
+    pool^2 pooled outputs) with a pool, 8 channels by 256 without; fewer where the layer has fewer. Each input
+    value a program loads then serves its C_BLOCK channels, each weight its positions. Chosen from the T
+    loop's sm_90 code with the GPU machine's Triton 3.6 (compiled here; instructions per neuron and step, 36
+    of them the products and sums for a 2-channel 3x3 conv): 78 for bench-nmnist's 2x2-pooled layer, 85
+    unpooled, 121 for 3 channels, no register spills. The first version (1024 neurons in memory order per
+    program, each loading its own input and weight for every product) took 115, 200 and 300; 8 x 512
+    pooled tiles spilled registers, 32-channel tiles spilled heavily (275)."""
+    c_block = min(4 if pool > 1 else 8, triton_next_power_of_2(channels))
+    per_program = max(1, 512 // (pool * pool)) if pool > 1 else 256
+    return c_block, min(per_program, triton_next_power_of_2(positions))
+
+
+def triton_next_power_of_2(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
 
 
 def _launch(x: Tensor, weight: Tensor, bias: Tensor | None, padding: tuple[int, int], k_tau1: float, v_th: float,
@@ -125,17 +162,16 @@ def _launch(x: Tensor, weight: Tensor, bias: Tensor | None, padding: tuple[int, 
     mem = allocate(torch.float32) if membrane else None
     out = allocate(out_dtype) if spikes else mem
     weight = weight.detach().float().contiguous()  # [C_out, C_in, kh, kw] in that order, whatever the module's
-    n_out = batch * channels * h_out * w_out
-    block = pool_block(pool)
+    c_block, p_block = conv_tile(channels, h_out * w_out, pool)
+    grid = (batch, triton_cdiv(channels, c_block), triton_cdiv(h_out * w_out, p_block))
     from . import _triton
 
-    _triton.conv_lif_forward[((n_out + block - 1) // block,)](
+    _triton.conv_lif_forward[grid](
         x.detach(), weight, weight if bias is None else bias.detach().float().contiguous(), out,
-        out if mem is None else mem, n_out, channels, h_out, w_out, height_in, width_in, *x.stride(),
+        out if mem is None else mem, channels, h_out, w_out, height_in, width_in, *x.stride(),
         *(out if mem is None else mem).stride(), *out.stride(), float(k_tau1), float(v_th), T=steps, K=pool,
         C_IN=c_in, KH=kh, KW=kw, PAD_H=pad_h, PAD_W=pad_w, SAVE_U=membrane, STORE_O=spikes,
-        CHANNELS_LAST=channels_last, HAS_BIAS=bias is not None, BLOCK=block,
-        num_warps=pool_forward_warps(channels_last and pool > 1), **_NO_FMA)
+        HAS_BIAS=bias is not None, C_BLOCK=c_block, P_BLOCK=p_block, **_NO_FMA)
     if not spikes:
         return None, mem
     return (out, mem) if membrane else out
