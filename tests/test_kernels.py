@@ -311,7 +311,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from snncompile.kernels import _triton as K
 from snncompile.kernels.input_conv import conv_tile
-from snncompile.kernels.lif import _NO_FMA, pool_block, pool_forward_warps
+from snncompile.kernels.lif import _NO_FMA, pool_block, pool_forward_warps, recompute_block
 
 def signature(fn, ptrs):
     args = inspect.signature(fn.fn).parameters
@@ -322,24 +322,30 @@ variants = []
 for cur, out in [("fp32", "fp32"), ("bf16", "bf16"), ("fp16", "fp16"), ("bf16", "fp32")]:  # lif.py's (currents, spikes)
     for save in (True, False):  # with and without the conv's bias (training passes it whether it saves or not)
         ptrs = {"i_ptr": "*" + cur, "o_ptr": "*" + out, "u_ptr": "*fp32" if save else "*" + out, "b_ptr": "*fp32"}
-        variants.append((K.lif_forward, ptrs, {"T": 8, "SAVE_U": save, "STORE_O": True, "HAS_BIAS": save,
-                                               "BLOCK": 1024}))
+        variants.append((K.lif_forward, ptrs, {"T": 8, "SAVE_U": save, "HAS_BIAS": save, "BLOCK": 1024}))
         variants += [(K.lif_pool_forward, ptrs, {"T": 8, "K": k, "SAVE_U": save, "CHANNELS_LAST": last,
                                                   "HAS_BIAS": not save, "BLOCK": pool_block(k),
                                                   "num_warps": pool_forward_warps(last)})
                      for k in (2, 4) for last in (False, True)]
-for cur in ("bf16", "fp16"):  # backward's membrane recompute from 16-bit currents: membrane only
-    variants.append((K.lif_forward, {"i_ptr": "*" + cur, "o_ptr": "*fp32", "u_ptr": "*fp32", "b_ptr": "*fp32"},
-                     {"T": 8, "SAVE_U": True, "STORE_O": False, "HAS_BIAS": True, "BLOCK": 1024}))
-for grad, grad_in, bf16 in [("fp32", "fp32", False), ("bf16", "i16", True), ("fp16", "fp32", False)]:
+# backward: (what u_ptr holds, gradient in, gradient out, bf16 store, membrane recomputed from the currents):
+# fp32 training keeps the membrane; bf16 and fp16 keep their currents; the fused input conv hands its own
+# recomputed fp32 membrane with a bf16 gradient
+for saved, grad, grad_in, bf16, recompute in [("fp32", "fp32", "fp32", False, False), ("fp32", "bf16", "i16", True, False),
+                                              ("bf16", "bf16", "i16", True, True), ("fp16", "fp16", "fp32", False, True)]:
     for sum_t in (True, False):  # with and without the bias gradient's sums over T (gb_ptr: fp32 either way)
-        ptrs = {"u_ptr": "*fp32", "gi_ptr": "*" + grad_in, "gb_ptr": "*fp32"}
+        ptrs = {"u_ptr": "*" + saved, "gi_ptr": "*" + grad_in, "gb_ptr": "*fp32", "b_ptr": "*fp32"}
+        flags = {"T": 8, "T_POW2": 8, "GRAD_BF16": bf16, "SUM_T": sum_t, "RECOMPUTE": recompute, "HAS_BIAS": recompute}
         variants.append((K.lif_backward, {**ptrs, "go_ptr": "*" + grad},
-                         {"T": 8, "GRAD_BF16": bf16, "SUM_T": sum_t, "BLOCK": 1024}))
+                         {**flags, "BLOCK": recompute_block(8) if recompute else 1024}))
         variants += [(K.lif_pool_backward, {**ptrs, "gp_ptr": "*" + grad},
-                      {"T": 8, "K": k, "GRAD_BF16": bf16, "CHANNELS_LAST": last, "SUM_T": sum_t,
-                       "BLOCK": pool_block(k)})
+                      {**flags, "K": k, "CHANNELS_LAST": last,
+                       "BLOCK": recompute_block(8, k * k) if recompute else pool_block(k)})
                      for k in (2, 4) for last in (False, True)]
+# a T that is not a power of two: the recomputed membranes' register tile has rows no step fills
+variants.append((K.lif_pool_backward, {"u_ptr": "*bf16", "gi_ptr": "*i16", "gb_ptr": "*fp32", "b_ptr": "*fp32",
+                                       "gp_ptr": "*bf16"},
+                 {"T": 5, "T_POW2": 8, "K": 2, "GRAD_BF16": True, "CHANNELS_LAST": True, "SUM_T": True,
+                  "RECOMPUTE": True, "HAS_BIAS": True, "BLOCK": recompute_block(5, 4)}))
 # the fused input conv + LIF (+ pool): input_conv.py's launches; (spikes, membrane) written: both for verify's
 # record, the spikes alone for scores and training's forward, the membrane alone for training's backward
 for out, cases in [("fp32", [(2, 2, "o"), (3, 1, "o"), (2, 1, "ou"), (1, 4, "o"), (2, 1, "u"), (3, 1, "u")]),
@@ -380,7 +386,7 @@ def test_every_kernel_variant_compiles_for_an_h100_without_one():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     result = subprocess.run([sys.executable, "-c", COMPILE_FOR_SM90], capture_output=True, text=True, env=env, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.split() == ["compiled", "81"]
+    assert result.stdout.split() == ["compiled", "90"]
 
 
 def record_launches(monkeypatch) -> list[tuple[str, dict]]:
@@ -607,3 +613,20 @@ def test_split_tf32_layers_hand_their_bias_to_the_fused_lif_too(monkeypatch):
             scores[fused] = net(x)
     assert with_bias == split[-1:]  # fused: only the readout ran with its bias
     assert torch.equal(scores[False], scores[True])
+
+
+def test_bf16_backward_reruns_the_recurrence_inside_the_backward_kernel(monkeypatch):
+    """With 16-bit currents kept, backward is one kernel launch per LIF (RECOMPUTE, the T membranes in
+    registers): no forward kernel writes an fp32 membrane for it. T = 5 leaves register rows unfilled."""
+    from snncompile.kernels import fused_lif_pool
+
+    launches = record_launches(monkeypatch)
+    currents = (torch.randn(5, 2, 3, 4, 4, device=DEVICE) + 0.3).to(torch.bfloat16).requires_grad_(True)
+    bias = torch.zeros(3, device=DEVICE, requires_grad=True)
+    out = (fused_lif(currents, P.k_tau1, P.v_th, P.a, torch.bfloat16, bias=bias).float().sum()
+           + fused_lif_pool(currents, P.k_tau1, P.v_th, P.a, 2, torch.bfloat16, bias=bias).float().sum())
+    del launches[:]
+    out.backward()
+    assert sorted((name, kw["RECOMPUTE"], kw["HAS_BIAS"], kw["T_POW2"]) for name, kw in launches) == [
+        ("lif_backward", True, True, 8), ("lif_pool_backward", True, True, 8)]
+    assert currents.grad.abs().sum() > 0 and bias.grad.abs().sum() > 0

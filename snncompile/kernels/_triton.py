@@ -8,7 +8,7 @@ import triton.language as tl
 
 @triton.jit
 def lif_forward(i_ptr, o_ptr, u_ptr, b_ptr, n, chan_div, channels, k_tau1, v_th, T: tl.constexpr,
-                SAVE_U: tl.constexpr, STORE_O: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
+                SAVE_U: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     if HAS_BIAS:  # the conv/linear's bias, per channel: channel (i // chan_div) % channels of step index i
@@ -21,8 +21,7 @@ def lif_forward(i_ptr, o_ptr, u_ptr, b_ptr, n, chan_div, channels, k_tau1, v_th,
             cur = cur + bias
         u = k_tau1 * u * (1.0 - o) + cur
         o = (u > v_th).to(tl.float32)
-        if STORE_O:
-            tl.store(o_ptr + t * n + offs, o, mask=mask)
+        tl.store(o_ptr + t * n + offs, o, mask=mask)
         if SAVE_U:
             tl.store(u_ptr + t * n + offs, u, mask=mask)
 
@@ -43,17 +42,42 @@ def store_gradient(ptrs, g, mask, GRAD_BF16: tl.constexpr):
 
 
 @triton.jit
-def lif_backward(u_ptr, go_ptr, gi_ptr, gb_ptr, n, k_tau1, v_th, half_a, inv_a, T: tl.constexpr,
-                 GRAD_BF16: tl.constexpr, SUM_T: tl.constexpr, BLOCK: tl.constexpr):
+def lif_backward(u_ptr, go_ptr, gi_ptr, gb_ptr, b_ptr, n, chan_div, channels, k_tau1, v_th, half_a, inv_a,
+                 T: tl.constexpr, T_POW2: tl.constexpr, GRAD_BF16: tl.constexpr, SUM_T: tl.constexpr,
+                 RECOMPUTE: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
     # SUM_T: also each neuron's gradient summed over T, in fp32, into gb_ptr [n] (the bias gradient's first
-    # reduction, from registers: a separate sum would read the whole [T, ...] gradient again)
+    # reduction, from registers: a separate sum would read the whole [T, ...] gradient again).
+    # RECOMPUTE: u_ptr holds the currents (16-bit, what autograd kept), not the membrane: the forward
+    # recurrence runs here first (lif_forward's arithmetic, bias included: the same bits) and keeps the T
+    # membranes in registers, a [T_POW2, BLOCK] tile whose rows the reverse loop reads back. Row t is put
+    # with a where over rows == t and taken with a sum of it and -0.0s (x + -0.0 = x for every x, -0.0
+    # included), which the compiler resolves to register moves once the loops are unrolled. The fp32
+    # membrane is never written: backward reads 2 bytes of currents per neuron-step where the recompute
+    # kernel read them, wrote the membrane (4) and the backward kernel read it back (4).
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
+    if RECOMPUTE:
+        rows = tl.arange(0, T_POW2)[:, None]
+        history = tl.zeros((T_POW2, BLOCK), dtype=tl.float32)
+        if HAS_BIAS:
+            bias = tl.load(b_ptr + (offs // chan_div) % channels, mask=mask, other=0.0).to(tl.float32)
+        u = tl.zeros((BLOCK,), dtype=tl.float32)
+        o = tl.zeros((BLOCK,), dtype=tl.float32)
+        for t in tl.static_range(T):
+            cur = tl.load(u_ptr + t * n + offs, mask=mask, other=0.0).to(tl.float32)
+            if HAS_BIAS:
+                cur = cur + bias
+            u = k_tau1 * u * (1.0 - o) + cur
+            o = (u > v_th).to(tl.float32)
+            history = tl.where(rows == t, u[None, :], history)
     g_next = tl.zeros((BLOCK,), dtype=tl.float32)
     g_sum = tl.zeros((BLOCK,), dtype=tl.float32)
     for s in tl.static_range(T):
         t = T - 1 - s
-        u = tl.load(u_ptr + t * n + offs, mask=mask, other=0.0)
+        if RECOMPUTE:
+            u = tl.sum(tl.where(rows == t, history, -0.0), axis=0)  # row t plus -0.0s: exactly row t
+        else:
+            u = tl.load(u_ptr + t * n + offs, mask=mask, other=0.0)
         g_o = tl.load(go_ptr + t * n + offs, mask=mask, other=0.0).to(tl.float32)
         o = (u > v_th).to(tl.float32)
         sg = (tl.abs(u - v_th) < half_a).to(tl.float32) * inv_a
@@ -124,20 +148,39 @@ def lif_pool_forward(i_ptr, o_ptr, u_ptr, b_ptr, n_out, channels, height_out, wi
 
 
 @triton.jit
-def lif_pool_backward(u_ptr, gp_ptr, gi_ptr, gb_ptr, n_out, channels, height_out, width_out, s_t, s_n, s_c, s_h,
-                      s_w, g_s_t, g_s_n, g_s_c, g_s_h, g_s_w, k_tau1, v_th, half_a, inv_a, T: tl.constexpr,
-                      K: tl.constexpr, GRAD_BF16: tl.constexpr, CHANNELS_LAST: tl.constexpr, SUM_T: tl.constexpr,
-                      BLOCK: tl.constexpr):
+def lif_pool_backward(u_ptr, gp_ptr, gi_ptr, gb_ptr, b_ptr, n_out, channels, height_out, width_out, s_t, s_n, s_c,
+                      s_h, s_w, g_s_t, g_s_n, g_s_c, g_s_h, g_s_w, k_tau1, v_th, half_a, inv_a, T: tl.constexpr,
+                      T_POW2: tl.constexpr, K: tl.constexpr, GRAD_BF16: tl.constexpr, CHANNELS_LAST: tl.constexpr,
+                      SUM_T: tl.constexpr, RECOMPUTE: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
     # lif_backward's recurrence, with g_o[t] of each window neuron = g_pooled[t] / K^2 (avg_pool2d's backward);
     # SUM_T: the window's gradients summed over T and the window into gb_ptr at the pooled output's index in
-    # this kernel's order (pool_windows: c fastest in channels_last, wo fastest in NCHW)
-    mask, src, dst, _ = pool_windows(n_out, channels, height_out, width_out, s_n, s_c, s_h, s_w,
+    # this kernel's order (pool_windows: c fastest in channels_last, wo fastest in NCHW). RECOMPUTE: as in
+    # lif_backward, the membrane recomputed from the currents at u_ptr (lif_pool_forward's arithmetic) and
+    # kept in registers, a [T_POW2, BLOCK, K*K] tile.
+    mask, src, dst, c = pool_windows(n_out, channels, height_out, width_out, s_n, s_c, s_h, s_w,
                                      g_s_n, g_s_c, g_s_h, g_s_w, K, CHANNELS_LAST, BLOCK)
+    if RECOMPUTE:
+        rows = tl.arange(0, T_POW2)[:, None, None]
+        history = tl.zeros((T_POW2, BLOCK, K * K), dtype=tl.float32)
+        if HAS_BIAS:  # a window is one channel's: one bias per pooled output
+            bias = tl.load(b_ptr + c, mask=mask, other=0.0).to(tl.float32)[:, None]
+        u = tl.zeros((BLOCK, K * K), dtype=tl.float32)
+        o = tl.zeros((BLOCK, K * K), dtype=tl.float32)
+        for t in tl.static_range(T):
+            cur = tl.load(u_ptr + t * s_t + src, mask=mask[:, None], other=0.0).to(tl.float32)
+            if HAS_BIAS:
+                cur = cur + bias
+            u = k_tau1 * u * (1.0 - o) + cur
+            o = (u > v_th).to(tl.float32)
+            history = tl.where(rows == t, u[None, :, :], history)
     g_next = tl.zeros((BLOCK, K * K), dtype=tl.float32)
     g_sum = tl.zeros((BLOCK, K * K), dtype=tl.float32)
     for s in tl.static_range(T):
         t = T - 1 - s
-        u = tl.load(u_ptr + t * s_t + src, mask=mask[:, None], other=0.0)
+        if RECOMPUTE:
+            u = tl.sum(tl.where(rows == t, history, -0.0), axis=0)  # row t plus -0.0s: exactly row t
+        else:
+            u = tl.load(u_ptr + t * s_t + src, mask=mask[:, None], other=0.0)
         g_pooled = tl.load(gp_ptr + t * g_s_t + dst, mask=mask, other=0.0).to(tl.float32)
         o = (u > v_th).to(tl.float32)
         sg = (tl.abs(u - v_th) < half_a).to(tl.float32) * inv_a

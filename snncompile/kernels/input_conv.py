@@ -203,13 +203,12 @@ class _FusedConvLIF(torch.autograd.Function):
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         _, membrane = _launch(x, weight, bias, padding, k_tau1, v_th, 1, torch.float32, channels_last,
                               spikes=False, membrane=True)
-        wanted_bias = bias if need_b else None
         if pool > 1:
             grad_currents, grad_bias = pooled_currents_gradient(membrane, grad_spikes, pool, k_tau1, v_th, a, bf16,
-                                                                wanted_bias)
+                                                                bias, bias_grad=need_b)
         else:
-            grad_currents, grad_bias = currents_gradient(membrane, grad_spikes, k_tau1, v_th, a, bf16, wanted_bias,
-                                                         overwrite=True)
+            grad_currents, grad_bias = currents_gradient(membrane, grad_spikes, k_tau1, v_th, a, bf16, bias,
+                                                         bias_grad=need_b, overwrite=True)
         grad_x = grad_weight = None
         if need_x or need_w:
             dtype = grad_currents.dtype

@@ -14,8 +14,9 @@ o[t] = u[t] > V_th is recomputed from it). Backward runs the recurrence in rever
 so a layer's whole LIF costs one read of I and one write of o forward, one read of u and g_o and one
 write of g_I backward, instead of ~6 elementwise kernels per step. Arithmetic is fp32 whatever the
 input dtype (membrane state stays fp32 under bf16 autocast). When I is bf16/fp16, autograd keeps I (2
-bytes per neuron-step) instead of the fp32 u (4), and backward first recomputes u with the forward
-kernel (spikes not written): memory traded for one read of I and a write and read of u.
+bytes per neuron-step) instead of the fp32 u (4), and the backward kernel first reruns the forward
+recurrence from I, keeping the T membranes of its neurons in registers: backward reads I (2 bytes) where
+it would read u (4), and no u is ever written.
 
 A LIF whose spikes go straight into a power-of-two average pool runs as :func:`fused_lif_pool`: the same
 recurrence for the K*K neurons of each pooled output, writing only their mean; backward feeds each of
@@ -105,22 +106,33 @@ def _check_bias(bias: Tensor | None, currents: Tensor) -> None:
 
 
 def _forward(currents: Tensor, k_tau1: float, v_th: float, out_dtype: torch.dtype, membrane: bool,
-             spikes: bool = True, bias: Tensor | None = None):
-    """Launch the forward kernel: (spikes in ``out_dtype`` or None, fp32 membrane or None), both shaped
-    and laid out like ``currents`` (a channels_last input stays channels_last: no copy either way).
-    ``bias`` ``[C]``: added to every step's currents of channel c (dimension 2) as they are read, in fp32."""
+             bias: Tensor | None = None):
+    """Launch the forward kernel: (spikes in ``out_dtype``, fp32 membrane or None), both shaped and laid
+    out like ``currents`` (a channels_last input stays channels_last: no copy either way). ``bias``
+    ``[C]``: added to every step's currents of channel c (dimension 2) as they are read, in fp32."""
     fwd = _kernels()[0]
     steps = currents.shape[0]
     cur = _dense(currents.detach())
     n = cur.numel() // steps
     chan_div, channels = _channel_geometry(cur) if bias is not None else (1, 1)
-    # the membrane is fp32 whatever the spikes' dtype; an output not written gets the other's pointer
-    mem = torch.empty_like(cur, dtype=torch.float32) if membrane else None
-    out = torch.empty_like(cur, dtype=out_dtype) if spikes else mem  # empty_like keeps a dense layout's strides
-    fwd[_grid(n)](cur, out, mem if membrane else out, cur if bias is None else bias.detach().contiguous(), n,
-                  chan_div, channels, float(k_tau1), float(v_th), T=steps, SAVE_U=membrane, STORE_O=spikes,
+    mem = torch.empty_like(cur, dtype=torch.float32) if membrane else None  # fp32 whatever the spikes' dtype
+    out = torch.empty_like(cur, dtype=out_dtype)  # empty_like keeps a dense layout's strides
+    fwd[_grid(n)](cur, out, out if mem is None else mem, cur if bias is None else bias.detach().contiguous(), n,
+                  chan_div, channels, float(k_tau1), float(v_th), T=steps, SAVE_U=membrane,
                   HAS_BIAS=bias is not None, BLOCK=_BLOCK, **_NO_FMA)
-    return (out if spikes else None), mem
+    return out, mem
+
+
+def recompute_block(steps: int, window: int = 1) -> int:
+    """Neurons per program of a backward kernel that recomputes the membrane (``RECOMPUTE``), in pooled
+    outputs of ``window`` neurons each: the T membranes of a thread's neurons stay in registers, 32 per
+    thread at 4 warps (sm_90, Triton 3.6: 80 registers at T = 8, 156 at T = 16, no spills; 1024 neurons at
+    T = 8 took 168 and spilled)."""
+    return max(1, 4096 // (triton_next_power_of_2(steps) * window))
+
+
+def triton_next_power_of_2(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
 
 
 def _bias_sums(bias: Tensor | None, n: int, like: Tensor) -> Tensor | None:
@@ -143,8 +155,9 @@ class _FusedLIF(torch.autograd.Function):
                 out_dtype: torch.dtype) -> Tensor:
         save = any(ctx.needs_input_grad[:2])
         # Currents narrower than the fp32 membrane (bf16/fp16 under autocast) are saved instead of it, and
-        # backward recomputes the membrane from them with this same kernel (same bits): half the bytes
-        # kept per neuron-step. For fp32 currents both cost the same and the membrane spares backward a pass.
+        # the backward kernel recomputes the membrane from them (same bits) in registers: half the bytes
+        # kept per neuron-step, and no membrane written or read. For fp32 currents both cost the same to
+        # keep and the membrane spares backward the recurrence.
         recompute = save and currents.element_size() < 4
         spikes, membrane = _forward(currents, k_tau1, v_th, out_dtype, membrane=save and not recompute, bias=bias)
         if save:
@@ -157,34 +170,40 @@ class _FusedLIF(torch.autograd.Function):
     def backward(ctx, grad_spikes: Tensor):  # type: ignore[override]
         saved, bias = ctx.saved_tensors
         k_tau1, v_th, a, dtype = ctx.constants
-        membrane = (_forward(saved, k_tau1, v_th, dtype, membrane=True, spikes=False, bias=bias)[1]
-                    if ctx.recompute else saved)
-        grad_in, bias_grad = currents_gradient(membrane, grad_spikes, k_tau1, v_th, a, dtype == torch.bfloat16,
-                                               bias if ctx.needs_input_grad[1] else None, overwrite=ctx.recompute)
+        grad_in, bias_grad = currents_gradient(saved, grad_spikes, k_tau1, v_th, a, dtype == torch.bfloat16, bias,
+                                               bias_grad=ctx.needs_input_grad[1], recompute=ctx.recompute)
         return grad_in.to(dtype), bias_grad, None, None, None, None
 
 
-def currents_gradient(membrane: Tensor, grad_spikes: Tensor, k_tau1: float, v_th: float, a: float, bf16: bool,
-                      bias: Tensor | None, overwrite: bool = False) -> tuple[Tensor, Tensor | None]:
-    """The backward kernel: (d loss / d currents, shaped and laid out like ``membrane`` ``[T, B, ...]``
-    fp32; bf16 with ``bf16``, else fp32), and with a ``bias`` ``[C]`` its gradient (the currents' summed
-    over every dimension but the channel, in fp32). ``overwrite``: the membrane is the caller's to
-    overwrite (recomputed), and an fp32 gradient takes its place: each program reads u[t] of its neurons
-    before it writes g_I[t] there, so backward allocates one fp32 buffer, not two."""
+def currents_gradient(saved: Tensor, grad_spikes: Tensor, k_tau1: float, v_th: float, a: float, bf16: bool,
+                      bias: Tensor | None = None, bias_grad: bool = False, recompute: bool = False,
+                      overwrite: bool = False) -> tuple[Tensor, Tensor | None]:
+    """The backward kernel over ``saved`` ``[T, B, ...]``: the fp32 membrane, or with ``recompute`` the
+    currents it came from (plus ``bias`` ``[C]`` per channel, as the forward added it), from which the
+    kernel recomputes it. Returns (d loss / d currents, shaped and laid out like ``saved``; bf16 with
+    ``bf16``, else fp32) and with ``bias_grad`` the bias's gradient (the currents' summed over every
+    dimension but the channel, in fp32), else None. ``overwrite``: the fp32 membrane is the caller's to
+    overwrite, and an fp32 gradient takes its place: each program reads u[t] of its neurons before it
+    writes g_I[t] there, so backward allocates one fp32 buffer, not two."""
     bwd = _kernels()[1]
-    steps = membrane.shape[0]
-    n = membrane.numel() // steps
-    sums = _bias_sums(bias, n, membrane)
+    saved = _dense(saved.detach())
+    steps = saved.shape[0]
+    n = saved.numel() // steps
+    sums = _bias_sums(bias if bias_grad else None, n, saved)
     grad_out = grad_spikes
-    if grad_out.stride() != membrane.stride():  # the kernel pairs elements by memory position
-        grad_out = torch.empty_like(membrane, dtype=grad_spikes.dtype).copy_(grad_spikes)
+    if grad_out.stride() != saved.stride():  # the kernel pairs elements by memory position
+        grad_out = torch.empty_like(saved, dtype=grad_spikes.dtype).copy_(grad_spikes)
     # bf16: written in bf16 by the kernel, rounded to nearest even: no fp32 gradient written, read and cast
-    grad_in = (torch.empty_like(membrane, dtype=torch.bfloat16) if bf16
-               else membrane if overwrite else torch.empty_like(membrane))
-    bwd[_grid(n)](membrane, grad_out, grad_in.view(torch.int16) if bf16 else grad_in,
-                  membrane if sums is None else sums, n, k_tau1, v_th, a / 2, 1.0 / a, T=steps, GRAD_BF16=bf16,
-                  SUM_T=sums is not None, BLOCK=_BLOCK, **_NO_FMA)
-    chan_div, channels = _channel_geometry(membrane) if sums is not None else (1, 1)
+    grad_in = (torch.empty_like(saved, dtype=torch.bfloat16) if bf16
+               else saved if overwrite and not recompute else torch.empty_like(saved, dtype=torch.float32))
+    add_bias = recompute and bias is not None
+    chan_div, channels = _channel_geometry(saved) if sums is not None or add_bias else (1, 1)
+    block = recompute_block(steps) if recompute else _BLOCK
+    bwd[((n + block - 1) // block,)](saved, grad_out, grad_in.view(torch.int16) if bf16 else grad_in,
+                                     saved if sums is None else sums, bias.detach() if add_bias else saved, n,
+                                     chan_div, channels, k_tau1, v_th, a / 2, 1.0 / a, T=steps,
+                                     T_POW2=triton_next_power_of_2(steps), GRAD_BF16=bf16, SUM_T=sums is not None,
+                                     RECOMPUTE=recompute, HAS_BIAS=add_bias, BLOCK=block, **_NO_FMA)
     return grad_in, _bias_gradient(sums, channels, chan_div, bias)
 
 
@@ -255,33 +274,35 @@ class _FusedLIFPool(torch.autograd.Function):
     def backward(ctx, grad_pooled: Tensor):  # type: ignore[override]
         saved, bias = ctx.saved_tensors
         k_tau1, v_th, a, pool, dtype = ctx.constants
-        membrane = (_forward(saved, k_tau1, v_th, dtype, membrane=True, spikes=False, bias=bias)[1]
-                    if ctx.recompute else saved)
-        grad_in, bias_grad = pooled_currents_gradient(membrane, grad_pooled, pool, k_tau1, v_th, a,
-                                                      dtype == torch.bfloat16,
-                                                      bias if ctx.needs_input_grad[1] else None)
+        grad_in, bias_grad = pooled_currents_gradient(saved, grad_pooled, pool, k_tau1, v_th, a,
+                                                      dtype == torch.bfloat16, bias,
+                                                      bias_grad=ctx.needs_input_grad[1], recompute=ctx.recompute)
         return grad_in.to(dtype), bias_grad, None, None, None, None, None
 
 
-def pooled_currents_gradient(membrane: Tensor, grad_pooled: Tensor, pool: int, k_tau1: float, v_th: float, a: float,
-                      bf16: bool, bias: Tensor | None) -> tuple[Tensor, Tensor | None]:
-    """The pooled backward kernel: (d loss / d currents, shaped and laid out like ``membrane``
-    ``[T, N, C, H, W]`` fp32, from ``grad_pooled`` ``[T, N, C, H/pool, W/pool]`` of any strides; bf16 with
-    ``bf16``, else fp32), and with a ``bias`` ``[C]`` its gradient, as :func:`lif_backward`."""
+def pooled_currents_gradient(saved: Tensor, grad_pooled: Tensor, pool: int, k_tau1: float, v_th: float, a: float,
+                             bf16: bool, bias: Tensor | None = None, bias_grad: bool = False,
+                             recompute: bool = False) -> tuple[Tensor, Tensor | None]:
+    """The pooled backward kernel: as :func:`currents_gradient` over ``saved`` ``[T, N, C, H, W]`` (the fp32
+    membrane, or with ``recompute`` the currents), from ``grad_pooled`` ``[T, N, C, H/pool, W/pool]`` of any
+    strides."""
     bwd = _kernels()[3]
-    shape, _, n_out = _pool_geometry(membrane, pool)
+    shape, _, n_out = _pool_geometry(saved, pool)
     # neurons in rows/columns the pool's floor drops get no gradient: zeros, written only where they exist
-    dropped = membrane.shape[3] % pool or membrane.shape[4] % pool
+    dropped = saved.shape[3] % pool or saved.shape[4] % pool
     allocate = torch.zeros_like if dropped else torch.empty_like
-    grad_in = allocate(membrane, dtype=torch.bfloat16 if bf16 else torch.float32)
-    block = pool_block(pool)
-    last = _is_channels_last(membrane)
-    sums = _bias_sums(bias, n_out, membrane)
-    bwd[((n_out + block - 1) // block,)](membrane, grad_pooled, grad_in.view(torch.int16) if bf16 else grad_in,
-                                          membrane if sums is None else sums, n_out, shape[2], shape[3],
-                                          shape[4], *membrane.stride(), *grad_pooled.stride(), float(k_tau1),
-                                          float(v_th), a / 2, 1.0 / a, T=shape[0], K=pool, GRAD_BF16=bf16,
-                                          CHANNELS_LAST=last, SUM_T=sums is not None, BLOCK=block, **_NO_FMA)
+    grad_in = allocate(saved, dtype=torch.bfloat16 if bf16 else torch.float32)
+    block = recompute_block(shape[0], pool * pool) if recompute else pool_block(pool)
+    last = _is_channels_last(saved)
+    sums = _bias_sums(bias if bias_grad else None, n_out, saved)
+    add_bias = recompute and bias is not None
+    bwd[((n_out + block - 1) // block,)](saved, grad_pooled, grad_in.view(torch.int16) if bf16 else grad_in,
+                                          saved if sums is None else sums, bias.detach() if add_bias else saved,
+                                          n_out, shape[2], shape[3], shape[4], *saved.stride(), *grad_pooled.stride(),
+                                          float(k_tau1), float(v_th), a / 2, 1.0 / a, T=shape[0],
+                                          T_POW2=triton_next_power_of_2(shape[0]), K=pool, GRAD_BF16=bf16,
+                                          CHANNELS_LAST=last, SUM_T=sums is not None, RECOMPUTE=recompute,
+                                          HAS_BIAS=add_bias, BLOCK=block, **_NO_FMA)
     # the sums follow pool_windows' order of the pooled outputs: c fastest in channels_last, wo in NCHW
     return grad_in, _bias_gradient(sums, shape[2], 1 if last else shape[3] * shape[4], bias)
 
