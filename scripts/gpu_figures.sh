@@ -327,7 +327,10 @@ headline)
     # without a GPU, and measured here first: split TF32's analog layers in three accumulators (the GPU test
     # prints the one-accumulator error beside it), the bias gradient summed over T in the LIF backward kernels
     # (the bench train profiles' aten::sum rows), torch-fast --fuse-input-conv (infer_profile, infer_targets), and
-    # the input conv fused in training too (bench train's two "input conv fused" variants, the NCHW one profiled). Stage
+    # from the fourth CPU session: the input conv fused in training too (bench train's two "input conv fused"
+    # variants, the NCHW one profiled), its kernel retiled (channels x positions per program), and the bf16 LIF
+    # backward recomputing the membrane in its own registers (the profiles' lif_forward calls per step should
+    # halve: no recompute launches left in backward). Stage
     # lengths measured on the H200: machine start 29 s, ort-gpu's four carry calls 26 s, GPU tests 70 s with
     # -n 4, a bench train 19-26 s with --profile, bench-cifar's two 180 MB exports 19 and 15 s.
     # (The exact MNIST pipeline, issue 8's criterion, ran in the third session: `mnist-exact` below.)

@@ -617,16 +617,44 @@ def test_split_tf32_layers_hand_their_bias_to_the_fused_lif_too(monkeypatch):
 
 def test_bf16_backward_reruns_the_recurrence_inside_the_backward_kernel(monkeypatch):
     """With 16-bit currents kept, backward is one kernel launch per LIF (RECOMPUTE, the T membranes in
-    registers): no forward kernel writes an fp32 membrane for it. T = 5 leaves register rows unfilled."""
+    registers): no forward kernel writes an fp32 membrane for it. The gradients are bit for bit those of
+    the same currents in fp32, whose membrane autograd keeps; the bias, a strided view here, is added as the
+    forward added it. T = 5 leaves register rows unfilled."""
     from snncompile.kernels import fused_lif_pool
 
     launches = record_launches(monkeypatch)
-    currents = (torch.randn(5, 2, 3, 4, 4, device=DEVICE) + 0.3).to(torch.bfloat16).requires_grad_(True)
-    bias = torch.zeros(3, device=DEVICE, requires_grad=True)
-    out = (fused_lif(currents, P.k_tau1, P.v_th, P.a, torch.bfloat16, bias=bias).float().sum()
-           + fused_lif_pool(currents, P.k_tau1, P.v_th, P.a, 2, torch.bfloat16, bias=bias).float().sum())
-    del launches[:]
-    out.backward()
-    assert sorted((name, kw["RECOMPUTE"], kw["HAS_BIAS"], kw["T_POW2"]) for name, kw in launches) == [
-        ("lif_backward", True, True, 8), ("lif_pool_backward", True, True, 8)]
-    assert currents.grad.abs().sum() > 0 and bias.grad.abs().sum() > 0
+    base = (torch.randn(5, 2, 3, 4, 4, device=DEVICE) * 0.6 + 0.2).to(torch.bfloat16)
+    weights = torch.randn(5, 2, 3, 4, 4, device=DEVICE)
+    grads = {}
+    for dtype in (torch.bfloat16, torch.float32):
+        plain, pooled = (base.to(dtype, copy=True).requires_grad_(True) for _ in range(2))
+        full = torch.tensor([0.3, -0.2, 9.0, 0.1, 7.0, -0.3], device=DEVICE).requires_grad_(True)
+        bias = full[::2]  # 0.3, 9.0, 7.0: a channel read from the wrong place would fire otherwise
+        out = ((fused_lif(plain, P.k_tau1, P.v_th, P.a, torch.float32, bias=bias) * weights).sum()
+               + (fused_lif_pool(pooled, P.k_tau1, P.v_th, P.a, 2, torch.float32, bias=bias)
+                  * weights[..., ::2, ::2]).sum())
+        del launches[:]
+        out.backward()
+        grads[dtype] = (plain.grad, pooled.grad, full.grad,
+                        sorted((name, kw["RECOMPUTE"], kw["HAS_BIAS"]) for name, kw in launches))
+    (*g16, b16, launched16), (*g32, b32, launched32) = grads[torch.bfloat16], grads[torch.float32]
+    assert launched16 == [("lif_backward", True, True), ("lif_pool_backward", True, True)]
+    assert launched32 == [("lif_backward", False, False), ("lif_pool_backward", False, False)]
+    for half, single in zip(g16, g32):
+        assert half.abs().sum() > 0 and torch.equal(half, single.to(torch.bfloat16))
+    torch.testing.assert_close(b16, b32, rtol=1e-6, atol=1e-6)
+
+
+def test_past_t_32_autograd_keeps_the_membrane_rather_than_recompute_it_in_registers():
+    from snncompile.kernels.lif import recomputes_in_registers
+    from snncompile.memory import SavedActivations
+
+    assert recomputes_in_registers(32) and not recomputes_in_registers(33)
+    currents = (torch.randn(33, 1, 6, device=DEVICE) + 0.3).to(torch.bfloat16).requires_grad_(True)
+    with SavedActivations() as saved:
+        spikes = fused_lif(currents, P.k_tau1, P.v_th, P.a)
+    assert saved.saved_bytes == currents.numel() * 4  # the fp32 membrane
+    spikes.sum().backward()
+    full = currents.detach().float().requires_grad_(True)
+    fused_lif(full, P.k_tau1, P.v_th, P.a).sum().backward()
+    assert torch.equal(currents.grad, full.grad.to(torch.bfloat16))

@@ -19,7 +19,9 @@ torch, step by step, for the tests.
 
 In training (:class:`_FusedConvLIF`) nothing of the layer's size is kept for backward either: backward
 recomputes the membrane from the input with the same kernel, where the unfused layer keeps its currents
-(2 bytes per neuron and step in bf16) and reads them twice. The weight gradient is cuDNN's. Under bf16
+(2 bytes per neuron and step in bf16). That is a trade: the recomputed fp32 membrane is written and read
+back (8 bytes per neuron and step) and the conv arithmetic runs twice, against the unfused layer's cuDNN
+forward conv and its currents written once and read twice (6 bytes). The weight gradient is cuDNN's. Under bf16
 autocast the forward conv is the fp32 one above, not autocast's bf16 conv: the spikes may differ from an
 unfused bf16 run's where a bf16-rounded current would have crossed the threshold otherwise.
 """

@@ -131,6 +131,17 @@ def recompute_block(steps: int, window: int = 1) -> int:
     return max(1, 4096 // (triton_next_power_of_2(steps) * window))
 
 
+RECOMPUTE_MAX_T = 32
+
+
+def recomputes_in_registers(steps: int) -> bool:
+    """Whether the backward kernels rerun the recurrence for ``steps`` in registers. Past 32 (T rounded up
+    to a power of two) a program holds fewer neurons than its 128 threads, the T rows spread across warps
+    and the compiled code moves them through shared memory with a barrier per row (sm_90 at 64: 255
+    barriers, 101 s to compile): there autograd keeps the fp32 membrane instead."""
+    return triton_next_power_of_2(steps) <= RECOMPUTE_MAX_T
+
+
 def triton_next_power_of_2(n: int) -> int:
     return 1 << max(0, n - 1).bit_length()
 
@@ -156,9 +167,9 @@ class _FusedLIF(torch.autograd.Function):
         save = any(ctx.needs_input_grad[:2])
         # Currents narrower than the fp32 membrane (bf16/fp16 under autocast) are saved instead of it, and
         # the backward kernel recomputes the membrane from them (same bits) in registers: half the bytes
-        # kept per neuron-step, and no membrane written or read. For fp32 currents both cost the same to
-        # keep and the membrane spares backward the recurrence.
-        recompute = save and currents.element_size() < 4
+        # kept per neuron-step, and no membrane written or read (up to T = 32: recomputes_in_registers).
+        # For fp32 currents both cost the same to keep and the membrane spares backward the recurrence.
+        recompute = save and currents.element_size() < 4 and recomputes_in_registers(currents.shape[0])
         spikes, membrane = _forward(currents, k_tau1, v_th, out_dtype, membrane=save and not recompute, bias=bias)
         if save:
             ctx.save_for_backward(currents if recompute else membrane, bias)
@@ -199,9 +210,10 @@ def currents_gradient(saved: Tensor, grad_spikes: Tensor, k_tau1: float, v_th: f
     add_bias = recompute and bias is not None
     chan_div, channels = _channel_geometry(saved) if sums is not None or add_bias else (1, 1)
     block = recompute_block(steps) if recompute else _BLOCK
+    bias_in = bias.detach().contiguous() if add_bias else saved  # the kernel indexes it as b_ptr + channel
     bwd[((n + block - 1) // block,)](saved, grad_out, grad_in.view(torch.int16) if bf16 else grad_in,
-                                     saved if sums is None else sums, bias.detach() if add_bias else saved, n,
-                                     chan_div, channels, k_tau1, v_th, a / 2, 1.0 / a, T=steps,
+                                     saved if sums is None else sums, bias_in, n, chan_div, channels, k_tau1, v_th,
+                                     a / 2, 1.0 / a, T=steps,
                                      T_POW2=triton_next_power_of_2(steps), GRAD_BF16=bf16, SUM_T=sums is not None,
                                      RECOMPUTE=recompute, HAS_BIAS=add_bias, BLOCK=block, **_NO_FMA)
     return grad_in, _bias_gradient(sums, channels, chan_div, bias)
@@ -254,7 +266,7 @@ class _FusedLIFPool(torch.autograd.Function):
         shape, strides, n_out = _pool_geometry(cur, pool)
         out = torch.empty(shape[0] * n_out, device=cur.device, dtype=out_dtype).as_strided(shape, strides)
         save = any(ctx.needs_input_grad[:2])
-        recompute = save and cur.element_size() < 4
+        recompute = save and cur.element_size() < 4 and recomputes_in_registers(cur.shape[0])
         membrane = torch.empty_like(cur, dtype=torch.float32) if save and not recompute else None
         block = pool_block(pool)
         last = _is_channels_last(cur)
@@ -296,9 +308,10 @@ def pooled_currents_gradient(saved: Tensor, grad_pooled: Tensor, pool: int, k_ta
     last = _is_channels_last(saved)
     sums = _bias_sums(bias if bias_grad else None, n_out, saved)
     add_bias = recompute and bias is not None
+    bias_in = bias.detach().contiguous() if add_bias else saved  # the kernel indexes it as b_ptr + channel
     bwd[((n_out + block - 1) // block,)](saved, grad_pooled, grad_in.view(torch.int16) if bf16 else grad_in,
-                                          saved if sums is None else sums, bias.detach() if add_bias else saved,
-                                          n_out, shape[2], shape[3], shape[4], *saved.stride(), *grad_pooled.stride(),
+                                          saved if sums is None else sums, bias_in, n_out, shape[2], shape[3],
+                                          shape[4], *saved.stride(), *grad_pooled.stride(),
                                           float(k_tau1), float(v_th), a / 2, 1.0 / a, T=shape[0],
                                           T_POW2=triton_next_power_of_2(shape[0]), K=pool, GRAD_BF16=bf16,
                                           CHANNELS_LAST=last, SUM_T=sums is not None, RECOMPUTE=recompute,
