@@ -7,6 +7,15 @@ import triton.language as tl
 
 
 @triton.jit
+def lif_step(u, o, current, k_tau1, v_th):
+    """One step of the LIF recurrence in fp32: (u[t], o[t]) from (u[t-1], o[t-1]) and I[t]. Every kernel's
+    forward recurrence, the backward kernels' recompute included, is this one, so that a recomputed
+    membrane has the forward's bits."""
+    u = k_tau1 * u * (1.0 - o) + current
+    return u, (u > v_th).to(tl.float32)
+
+
+@triton.jit
 def lif_forward(i_ptr, o_ptr, u_ptr, b_ptr, n, chan_div, channels, k_tau1, v_th, T: tl.constexpr,
                 SAVE_U: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
@@ -19,8 +28,7 @@ def lif_forward(i_ptr, o_ptr, u_ptr, b_ptr, n, chan_div, channels, k_tau1, v_th,
         cur = tl.load(i_ptr + t * n + offs, mask=mask, other=0.0).to(tl.float32)
         if HAS_BIAS:
             cur = cur + bias
-        u = k_tau1 * u * (1.0 - o) + cur
-        o = (u > v_th).to(tl.float32)
+        u, o = lif_step(u, o, cur, k_tau1, v_th)
         tl.store(o_ptr + t * n + offs, o, mask=mask)
         if SAVE_U:
             tl.store(u_ptr + t * n + offs, u, mask=mask)
@@ -67,8 +75,7 @@ def lif_backward(u_ptr, go_ptr, gi_ptr, gb_ptr, b_ptr, n, chan_div, channels, k_
             cur = tl.load(u_ptr + t * n + offs, mask=mask, other=0.0).to(tl.float32)
             if HAS_BIAS:
                 cur = cur + bias
-            u = k_tau1 * u * (1.0 - o) + cur
-            o = (u > v_th).to(tl.float32)
+            u, o = lif_step(u, o, cur, k_tau1, v_th)
             history = tl.where(rows == t, u[None, :], history)
     g_next = tl.zeros((BLOCK,), dtype=tl.float32)
     g_sum = tl.zeros((BLOCK,), dtype=tl.float32)
@@ -138,8 +145,7 @@ def lif_pool_forward(i_ptr, o_ptr, u_ptr, b_ptr, n_out, channels, height_out, wi
         cur = tl.load(i_ptr + t * s_t + src, mask=mask[:, None], other=0.0).to(tl.float32)
         if HAS_BIAS:
             cur = cur + bias
-        u = k_tau1 * u * (1.0 - o) + cur
-        o = (u > v_th).to(tl.float32)
+        u, o = lif_step(u, o, cur, k_tau1, v_th)
         if SAVE_U:
             tl.store(u_ptr + t * s_t + src, u, mask=mask[:, None])
         # a sum of 0/1 spikes is exact in any order, and 1/K^2 is a power of two: exactly avg_pool2d's value
@@ -170,8 +176,7 @@ def lif_pool_backward(u_ptr, gp_ptr, gi_ptr, gb_ptr, b_ptr, n_out, channels, hei
             cur = tl.load(u_ptr + t * s_t + src, mask=mask[:, None], other=0.0).to(tl.float32)
             if HAS_BIAS:
                 cur = cur + bias
-            u = k_tau1 * u * (1.0 - o) + cur
-            o = (u > v_th).to(tl.float32)
+            u, o = lif_step(u, o, cur, k_tau1, v_th)
             history = tl.where(rows == t, u[None, :, :], history)
     g_next = tl.zeros((BLOCK, K * K), dtype=tl.float32)
     g_sum = tl.zeros((BLOCK, K * K), dtype=tl.float32)
@@ -241,8 +246,7 @@ def conv_lif_forward(x_ptr, w_ptr, b_ptr, o_ptr, u_ptr, channels, height_out, wi
                     acc = acc + wv[:, None, None] * xv[None, :, :]
         if HAS_BIAS:
             acc = acc + bias
-        u = k_tau1 * u * (1.0 - o) + acc
-        o = (u > v_th).to(tl.float32)
+        u, o = lif_step(u, o, acc, k_tau1, v_th)
         if SAVE_U:
             tl.store(u_ptr + t * u_s_t + u_off, u, mask=keep)
         if STORE_O:
