@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .lif import _NO_FMA, INDEX_LIMIT, currents_gradient, pooled_currents_gradient
+from .lif import _NO_FMA, INDEX_LIMIT, currents_gradient, pooled_currents_gradient, triton_next_power_of_2
 
 __all__ = ["MAX_TAPS", "conv_fuses_with_lif", "conv_output_numel", "fused_conv_lif", "conv_lif_reference", "grid_fits"]
 
@@ -140,10 +140,6 @@ def conv_tile(channels: int, positions: int, pool: int) -> tuple[int, int]:
     c_block = min(4 if pool > 1 else 8, triton_next_power_of_2(channels))
     per_program = max(1, 512 // (pool * pool)) if pool > 1 else 256
     return c_block, min(per_program, triton_next_power_of_2(positions))
-
-
-def triton_next_power_of_2(n: int) -> int:
-    return 1 << max(0, n - 1).bit_length()
 
 
 def _launch(x: Tensor, weight: Tensor, bias: Tensor | None, padding: tuple[int, int], k_tau1: float, v_th: float,
