@@ -16,18 +16,27 @@ def lif_step(u, o, current, k_tau1, v_th):
 
 
 @triton.jit
+def read_current(ptrs, mask, bias, HAS_BIAS: tl.constexpr):
+    """The currents at ``ptrs`` in fp32, plus the per-channel ``bias`` when there is one: what every forward
+    recurrence reads, the backward kernels' recompute included."""
+    cur = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        cur = cur + bias
+    return cur
+
+
+@triton.jit
 def lif_forward(i_ptr, o_ptr, u_ptr, b_ptr, n, chan_div, channels, k_tau1, v_th, T: tl.constexpr,
                 SAVE_U: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
+    bias = 0.0  # read_current adds it only with HAS_BIAS
     if HAS_BIAS:  # the conv/linear's bias, per channel: channel (i // chan_div) % channels of step index i
         bias = tl.load(b_ptr + (offs // chan_div) % channels, mask=mask, other=0.0).to(tl.float32)
     u = tl.zeros((BLOCK,), dtype=tl.float32)
     o = tl.zeros((BLOCK,), dtype=tl.float32)
     for t in tl.static_range(T):
-        cur = tl.load(i_ptr + t * n + offs, mask=mask, other=0.0).to(tl.float32)
-        if HAS_BIAS:
-            cur = cur + bias
+        cur = read_current(i_ptr + t * n + offs, mask, bias, HAS_BIAS)
         u, o = lif_step(u, o, cur, k_tau1, v_th)
         tl.store(o_ptr + t * n + offs, o, mask=mask)
         if SAVE_U:
@@ -67,14 +76,13 @@ def lif_backward(u_ptr, go_ptr, gi_ptr, gb_ptr, b_ptr, n, chan_div, channels, k_
     if RECOMPUTE:
         rows = tl.arange(0, T_POW2)[:, None]
         history = tl.zeros((T_POW2, BLOCK), dtype=tl.float32)
+        bias = 0.0  # read_current adds it only with HAS_BIAS
         if HAS_BIAS:
             bias = tl.load(b_ptr + (offs // chan_div) % channels, mask=mask, other=0.0).to(tl.float32)
         u = tl.zeros((BLOCK,), dtype=tl.float32)
         o = tl.zeros((BLOCK,), dtype=tl.float32)
         for t in tl.static_range(T):
-            cur = tl.load(u_ptr + t * n + offs, mask=mask, other=0.0).to(tl.float32)
-            if HAS_BIAS:
-                cur = cur + bias
+            cur = read_current(u_ptr + t * n + offs, mask, bias, HAS_BIAS)
             u, o = lif_step(u, o, cur, k_tau1, v_th)
             history = tl.where(rows == t, u[None, :], history)
     g_next = tl.zeros((BLOCK,), dtype=tl.float32)
@@ -137,14 +145,13 @@ def lif_pool_forward(i_ptr, o_ptr, u_ptr, b_ptr, n_out, channels, height_out, wi
     # one program: BLOCK pooled outputs x their K*K input neurons, all T steps in registers
     mask, src, dst, c = pool_windows(n_out, channels, height_out, width_out, s_n, s_c, s_h, s_w,
                                      o_s_n, o_s_c, o_s_h, o_s_w, K, CHANNELS_LAST, BLOCK)
+    bias = 0.0  # read_current adds it only with HAS_BIAS
     if HAS_BIAS:  # a window is one channel's: one bias per pooled output
         bias = tl.load(b_ptr + c, mask=mask, other=0.0).to(tl.float32)[:, None]
     u = tl.zeros((BLOCK, K * K), dtype=tl.float32)
     o = tl.zeros((BLOCK, K * K), dtype=tl.float32)
     for t in tl.static_range(T):
-        cur = tl.load(i_ptr + t * s_t + src, mask=mask[:, None], other=0.0).to(tl.float32)
-        if HAS_BIAS:
-            cur = cur + bias
+        cur = read_current(i_ptr + t * s_t + src, mask[:, None], bias, HAS_BIAS)
         u, o = lif_step(u, o, cur, k_tau1, v_th)
         if SAVE_U:
             tl.store(u_ptr + t * s_t + src, u, mask=mask[:, None])
@@ -168,14 +175,13 @@ def lif_pool_backward(u_ptr, gp_ptr, gi_ptr, gb_ptr, b_ptr, n_out, channels, hei
     if RECOMPUTE:
         rows = tl.arange(0, T_POW2)[:, None, None]
         history = tl.zeros((T_POW2, BLOCK, K * K), dtype=tl.float32)
+        bias = 0.0  # read_current adds it only with HAS_BIAS
         if HAS_BIAS:  # a window is one channel's: one bias per pooled output
             bias = tl.load(b_ptr + c, mask=mask, other=0.0).to(tl.float32)[:, None]
         u = tl.zeros((BLOCK, K * K), dtype=tl.float32)
         o = tl.zeros((BLOCK, K * K), dtype=tl.float32)
         for t in tl.static_range(T):
-            cur = tl.load(u_ptr + t * s_t + src, mask=mask[:, None], other=0.0).to(tl.float32)
-            if HAS_BIAS:
-                cur = cur + bias
+            cur = read_current(u_ptr + t * s_t + src, mask[:, None], bias, HAS_BIAS)
             u, o = lif_step(u, o, cur, k_tau1, v_th)
             history = tl.where(rows == t, u[None, :, :], history)
     g_next = tl.zeros((BLOCK, K * K), dtype=tl.float32)
