@@ -330,7 +330,10 @@ headline)
     # from the fourth CPU session: the input conv fused in training too (bench train's two "input conv fused"
     # variants, the NCHW one profiled), its kernel retiled (channels x positions per program), and the bf16 LIF
     # backward recomputing the membrane in its own registers (the profiles' lif_forward calls per step should
-    # halve: no recompute launches left in backward). Stage
+    # halve: no recompute launches left in backward); from the fifth: our variants' SGD update as torch's fused
+    # kernel (the profiles' Optimizer.step row, 419 us per bench-cifar step on the H200 with the default update;
+    # the line under each table times the update alone both ways) and the "spikes saved unpacked" twins in
+    # place of the padded ones (no uint8 packing copies: the profiles' aten::copy_ rows). Stage
     # lengths measured on the H200: machine start 29 s, ort-gpu's four carry calls 26 s, GPU tests 70 s with
     # -n 4, a bench train 19-26 s with --profile, bench-cifar's two 180 MB exports 19 and 15 s.
     # (The exact MNIST pipeline, issue 8's criterion, ran in the third session: `mnist-exact` below.)

@@ -8,9 +8,11 @@ One step = forward over T steps + loss + backward + optimizer step, on random bi
 - ``snncompile ... CUDA graph`` (CUDA only): the same step, forward + backward + optimizer, captured
   once in a CUDA graph and replayed (one launch per step instead of one per kernel); once more with the
   conv weights, hence activations, in channels_last (``train.channels_last``); both once more with the
-  input conv's 2 or 3 channels zero-padded to 8 (``train.pad_conv_channels``); both once more with the
-  input conv, its LIF and pool as one Triton kernel (``train.fuse_input_conv``);
-- ``torch loop``: the per-timestep loop over the same modules (the paper's order, what most code does);
+  saved spikes not packed to uint8 (``train.compact_spikes``; packed, where the config turns packing off);
+  both once more with the input conv, its LIF and pool as one Triton kernel (``train.fuse_input_conv``).
+  On CUDA our variants update the weights with torch's fused SGD kernel (``train.fused_optimizer``);
+- ``torch loop``: the per-timestep loop over the same modules (the paper's order, what most code does),
+  with torch's default optimizer update;
 - with ``compiled=True``, both of the above under ``torch.compile`` (Inductor; the fused kernel is left
   out there, the compiler fuses the pure-torch LIF scan itself): the loop so compiled is the fastest
   plain-PyTorch setup users have, and ours so compiled shows whether the compiler adds anything. The
@@ -41,11 +43,9 @@ from .memory import SavedActivations
 from .models import LayerSpec, network_from_config, parse_architecture
 from .text import counted
 from .profiling import profile_calls
-from .train import loss_fn
+from .train import fuses_optimizer, loss_fn
 
 __all__ = ["bench_train", "format_train_table", "plot_train_bench"]
-
-PAD_CHANNELS = 8  # cuDNN's bf16/fp16 tensor-core convolutions want input channels in multiples of 8
 
 
 def _sync(device: torch.device) -> None:
@@ -190,14 +190,16 @@ def _bench_train(cfg: Config, device: torch.device, precision: str, steps: int, 
     results: dict = {}
 
     def timed(params, forward: Callable[[], torch.Tensor], compact: bool = False, graph: bool = False,
-              compiled: bool = False, profiled: bool = False) -> dict:
+              compiled: bool = False, profiled: bool = False, fused_update: bool = False) -> dict:
         """Time SGD training steps of ``forward`` (-> class scores) over ``params``; ``compact``: keep
-        saved spikes as uint8, as our trainer does; ``graph``: replay the step from a CUDA graph;
+        saved spikes as uint8, as our trainer does by default; ``fused_update``: torch's fused SGD kernel, as
+        our trainer uses on CUDA (else torch's default, what the loop and the peers get); ``graph``: replay the
+        step from a CUDA graph;
         ``compiled``: ``forward`` runs torch.compile'd code (at least 2 warm-up steps: forward and
         backward compile on the first). Adds ``saved_mib``, what autograd keeps for backward in one
         forward (measured on any device, after compaction; None for compiled code)."""
         params = list(params)
-        opt = torch.optim.SGD(params, lr=cfg.train.lr, momentum=cfg.train.momentum)
+        opt = torch.optim.SGD(params, lr=cfg.train.lr, momentum=cfg.train.momentum, fused=fused_update or None)
 
         def forward_backward_update():
             with amp_uncached if graph else amp, SavedActivations() if compact else contextlib.nullcontext():
@@ -231,7 +233,9 @@ def _bench_train(cfg: Config, device: torch.device, precision: str, steps: int, 
         return stats
 
     def ours(order: str, fused: bool, graph: bool = False, channels_last: bool = False, compiled: bool = False,
-             profiled: bool = False, pad_channels: int | None = None, fuse_input_conv: bool | None = None) -> dict:
+             profiled: bool = False, pad_channels: int | None = None, fuse_input_conv: bool | None = None,
+             compact_spikes: bool | None = None) -> dict:
+        # order "step" is the torch loop: plain PyTorch, torch's default optimizer update and nothing packed
         # the network lives only inside this call: the next variant's peak memory does not carry it
         torch.manual_seed(0)
         net = network_from_config(m).to(device)
@@ -245,8 +249,10 @@ def _bench_train(cfg: Config, device: torch.device, precision: str, steps: int, 
             # would count against Dynamo's per-function recompile limit and fall back to eager
             torch.compiler.reset()
         run = torch.compile(net) if compiled else net
-        return timed(net.parameters(), lambda: run(x, order), compact=order == "layer" and not compiled, graph=graph,
-                     compiled=compiled, profiled=profiled)
+        compact = cfg.train.compact_spikes if compact_spikes is None else compact_spikes
+        return timed(net.parameters(), lambda: run(x, order), compact=compact and order == "layer" and not compiled,
+                     graph=graph, compiled=compiled, profiled=profiled,
+                     fused_update=order == "layer" and fuses_optimizer(cfg, device))
 
     fused = device.type == "cuda" and fused_kernels_available()
     for name, options in _variants(cfg, device, fused, compiled, profile):
@@ -284,8 +290,26 @@ def _bench_train(cfg: Config, device: torch.device, precision: str, steps: int, 
             results["snntorch"] = "not installed (pip install snntorch)"
     profiles = {name: stats.pop("profile") for name, stats in results.items()
                 if isinstance(stats, dict) and "profile" in stats}
+    extra = {"profiles": profiles} if profiles else {}
+    if fuses_optimizer(cfg, device):
+        extra["optimizer_update"] = _attempt(lambda: optimizer_update_ms(cfg, device, steps, warmup))
     return {"model": cfg.name, "T": steps_t, "batch": batch, "precision": precision, "device": str(device),
-            "steps": steps, "variants": results, **({"profiles": profiles} if profiles else {})}
+            "steps": steps, "variants": results, **extra}
+
+
+def optimizer_update_ms(cfg: Config, device: torch.device, steps: int = 20, warmup: int = 5) -> dict:
+    """The SGD update alone on the network's parameters (random gradients), torch's fused kernel and its
+    default side by side: {"parameters": count, "fused_ms": median, "default_ms": median}. What the fused
+    update changes in a step, measured apart from the step's other kernels."""
+    torch.manual_seed(0)
+    params = [p.detach().clone().requires_grad_() for p in network_from_config(cfg.model).to(device).parameters()]
+    for p in params:
+        p.grad = torch.randn_like(p)
+    medians = {}
+    for kind, fused in (("fused", True), ("default", None)):
+        opt = torch.optim.SGD(params, lr=cfg.train.lr, momentum=cfg.train.momentum, fused=fused)
+        medians[f"{kind}_ms"] = _time_steps(opt.step, device, steps, max(warmup, 1))["median_ms"]
+    return {"parameters": sum(p.numel() for p in params), **medians}
 
 
 def _variants(cfg: Config, device: torch.device, fused: bool, compiled: bool, profile: bool) -> list[tuple[str, dict]]:
@@ -299,13 +323,16 @@ def _variants(cfg: Config, device: torch.device, fused: bool, compiled: bool, pr
         last = {**graphed, "channels_last": True, "profiled": profile}
         variants += [(f"snncompile{label}, CUDA graph)", graphed),
                      (f"snncompile{label}, CUDA graph, channels_last)", last)]
-        # the same two with every conv's input channels zero-padded to a multiple of 8, where that changes a
-        # conv (the 2 or 3 input channels of the benchmark networks) and the config does not already pad
-        if cfg.train.pad_conv_channels != PAD_CHANNELS and network_from_config(cfg.model).pads_conv_channels(PAD_CHANNELS):
-            pad = f", input channels padded to {PAD_CHANNELS}"
-            variants += [(f"snncompile{label}, CUDA graph{pad})", {**graphed, "pad_channels": PAD_CHANNELS}),
-                         (f"snncompile{label}, CUDA graph, channels_last{pad})", {**last, "pad_channels": PAD_CHANNELS,
-                                                                                  "profiled": False})]
+        # the same two with the spikes autograd keeps packed to uint8 (train.compact_spikes) or not, whichever
+        # the config does not do: packing is a copy in forward and one in backward of every saved spike tensor
+        # (3 + 3 bytes per element, about 1 GB per bench-cifar step) for 1 byte per element less memory. (The
+        # two with the input channels padded to 8 that stood here gained nothing in two H200 sessions; the
+        # config's train.pad_conv_channels still pads every variant.)
+        packs = not cfg.train.compact_spikes
+        kept = ", spikes saved as uint8" if packs else ", spikes saved unpacked"
+        variants += [(f"snncompile{label}, CUDA graph{kept})", {**graphed, "compact_spikes": packs}),
+                     (f"snncompile{label}, CUDA graph, channels_last{kept})", {**last, "compact_spikes": packs,
+                                                                              "profiled": False})]
         # the same two with the input conv, its LIF and pool as one kernel (forward and backward), where the
         # network has such a conv and the config does not already fuse it; the NCHW one profiled: the input
         # conv's cuDNN kernels (the legacy implicit_convolve_sgemm, 551 us of bench-nmnist's NCHW step on the
@@ -397,6 +424,13 @@ def format_train_table(r: dict) -> str:
             saved += f" ({v['saved_mib_uncompacted']:.1f} without uint8 spikes)"
         lines.append(f"| {name} | {v['median_ms']:.1f} | {r['batch'] / (v['median_ms'] / 1e3):,.0f} | {peak} | {saved} | "
                      f"{'-' if base is None else format(v['median_ms'] / base, '.2f') + 'x'} |")
+    update = r.get("optimizer_update")
+    if isinstance(update, dict):
+        lines += ["", f"SGD update alone ({update['parameters']:,} parameters): fused {update['fused_ms']:.3f} ms "
+                      f"(our variants), torch's default {update['default_ms']:.3f} ms (the loop's and the peers'), "
+                      f"{update['fused_ms'] / update['default_ms']:.2f}x"]
+    elif update is not None:
+        lines += ["", f"SGD update alone: {update}"]
     return "\n".join(lines)
 
 

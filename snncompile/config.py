@@ -104,6 +104,12 @@ class TrainConfig:
     # with the fused LIF kernels: the input conv (few input channels), its LIF and the pool after them as one
     # kernel, forward and backward (snncompile.kernels.input_conv; SpikingNetwork.fuse_input_conv)
     fuse_input_conv: bool = False
+    # on CUDA: the optimizer's update as torch's fused kernel (one pass over parameters, gradients and
+    # state) rather than its default foreach kernels (several passes); the same update up to rounding
+    fused_optimizer: bool = True
+    # the spikes autograd keeps for backward stored as uint8 (exact; 1 byte per element less than bf16, 3 less
+    # than fp32) at the price of a copy in forward and one in backward (snncompile.memory.SavedActivations)
+    compact_spikes: bool = True
     # cuDNN times its convolution algorithms on the first call of each input shape and keeps the
     # fastest (torch.backends.cudnn.benchmark); training shapes are fixed, so the search pays for itself.
     # Off: cuDNN's heuristic pick, the same algorithm every run (bit-reproducible GPU training).
@@ -158,7 +164,8 @@ class Config:
 # Keys that change how a run executes or what it is called, not the weights it trains. Not train.threads: on a CPU
 # the thread count changes the order of floating-point sums, and a spiking network's training carries such
 # last-bit differences on to other weights (1 and 2 threads gave 53.8 % and 57.7 % after one digits epoch).
-EXECUTION_KEYS = ("description", "data.num_workers", "data.cache_dir", "data.eval_batch_size")
+EXECUTION_KEYS = ("description", "data.num_workers", "data.cache_dir", "data.eval_batch_size",
+                  "train.compact_spikes")  # packing saved spikes to uint8 is exact: the same weights either way
 
 
 def _digest(values: dict[str, Any]) -> str:

@@ -92,8 +92,10 @@ def _gpu_or_skip():
         pytest.skip("needs a CUDA GPU")
 
 
-def test_cuda_graphed_training_step_trains_like_the_eager_step():
-    """The captured step (forward, backward, SGD) replayed K times == K eager steps, weight for weight."""
+@pytest.mark.parametrize("fused_update", [None, True], ids=["default-sgd", "fused-sgd"])
+def test_cuda_graphed_training_step_trains_like_the_eager_step(fused_update):
+    """The captured step (forward, backward, SGD) replayed K times == K eager steps, weight for weight; with
+    torch's default SGD update and with its fused one (train.fused_optimizer, what our variants time)."""
     import torch
 
     _gpu_or_skip()
@@ -113,7 +115,7 @@ def test_cuda_graphed_training_step_trains_like_the_eager_step():
         net = network_from_config(cfg.model).to(device)
         initial = [p.detach().clone() for p in net.parameters()]
         net.fused_lif = importlib.util.find_spec("triton") is not None
-        opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+        opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9, fused=fused_update)
 
         def update(net=net, opt=opt):
             with SavedActivations():
@@ -145,6 +147,7 @@ def test_bench_train_on_cuda_times_the_graphed_step():
                                       "--precision", "bf16", "--profile"])
     assert result.exit_code == 0, result.output
     assert ", CUDA graph) |" in result.output and "skipped" not in result.output and "failed:" not in result.output
+    assert "SGD update alone (" in result.output  # the fused update, timed against the default one
     profile = result.output.split("GPU kernels of 3 steps, by self time:")[1]
     # the fused kernels, profiled as kernels: a LIF whose spikes go into a pool runs as lif_pool_*
     assert re.search(r"\blif(_pool)?_forward\b", profile) and re.search(r"\blif(_pool)?_backward\b", profile), profile
@@ -232,10 +235,11 @@ def test_bench_train_times_on_the_configs_threads_and_says_so(monkeypatch):
                                                                                "cpu (1 thread), median of 1 step")
 
 
-def test_cuda_variants_add_padded_input_channels_and_the_fused_input_conv_where_they_apply(monkeypatch):
-    """On CUDA the graphed variants are timed once more with the input conv's channels padded to 8, and once
-    more with the input conv fused into its LIF; not when no conv would change or the config already does.
-    The padded variant's network does run on 8 channels (timed here on the CPU through the same code)."""
+def test_cuda_variants_add_unpacked_spikes_and_the_fused_input_conv_where_they_apply(monkeypatch):
+    """On CUDA the graphed variants are timed once more with the saved spikes not packed to uint8 (packed, when
+    the config turns packing off), and once more with the input conv fused into its LIF, not when the network has
+    no such conv or the config already fuses it. A config's padded input channels pad every variant (timed here
+    on the CPU through the same code)."""
     import torch
 
     import snncompile.bench_train as bt
@@ -247,8 +251,8 @@ def test_cuda_variants_add_padded_input_channels_and_the_fused_input_conv_where_
     names = [name for name, _ in bt._variants(cfg, cuda, True, False, False)]
     assert names == ["snncompile (fused LIF)", "snncompile (fused LIF, CUDA graph)",
                      "snncompile (fused LIF, CUDA graph, channels_last)",
-                     "snncompile (fused LIF, CUDA graph, input channels padded to 8)",
-                     "snncompile (fused LIF, CUDA graph, channels_last, input channels padded to 8)",
+                     "snncompile (fused LIF, CUDA graph, spikes saved unpacked)",
+                     "snncompile (fused LIF, CUDA graph, channels_last, spikes saved unpacked)",
                      "snncompile (fused LIF, CUDA graph, input conv fused)",
                      "snncompile (fused LIF, CUDA graph, channels_last, input conv fused)",
                      "torch loop (step-major)"]
@@ -256,22 +260,61 @@ def test_cuda_variants_add_padded_input_channels_and_the_fused_input_conv_where_
     variants = dict(bt._variants(cfg, cuda, True, False, True))
     profiled = [name for name, options in variants.items() if options.get("profiled")]
     assert profiled == [names[0], names[2], names[5]]  # the eager step, channels_last's and the fused input conv's
+    assert variants[names[4]] == {**variants[names[2]], "compact_spikes": False, "profiled": False}
     assert variants[names[6]] == {**variants[names[2]], "fuse_input_conv": True, "profiled": False}
     assert len(bt._variants(cfg, cuda, False, False, False)) == 6  # no fused LIF: no fused input conv either
-    cfg.train.pad_conv_channels = 8  # already padded: the base variants are the padded ones
-    assert len(bt._variants(cfg, cuda, True, False, False)) == 6
-    cfg.train.pad_conv_channels = 1
     cfg.train.fuse_input_conv = True  # already fused: likewise
     assert len(bt._variants(cfg, cuda, True, False, False)) == 6
     cfg.train.fuse_input_conv = False
-    cfg.model.input_shape = [8, 34, 34]  # nothing to pad, and 72 terms per output: nothing to fuse
-    assert len(bt._variants(cfg, cuda, True, False, False)) == 4
+    cfg.model.input_shape = [8, 34, 34]  # 72 terms per output: nothing to fuse
+    assert len(bt._variants(cfg, cuda, True, False, False)) == 6
     cfg.model.input_shape = [2, 34, 34]
+    cfg.train.compact_spikes = False  # the config keeps them unpacked: the twins pack them
+    twins = dict(bt._variants(cfg, cuda, True, False, False))
+    assert twins["snncompile (fused LIF, CUDA graph, spikes saved as uint8)"]["compact_spikes"] is True
+    cfg.train.compact_spikes = True
 
     seen = conv_input_channels(monkeypatch)
-    monkeypatch.setattr(bt, "_variants", lambda *args: [("padded", dict(order="layer", fused=False, pad_channels=8))])
+    cfg.train.pad_conv_channels = 8
+    monkeypatch.setattr(bt, "_variants", lambda *args: [("padded", dict(order="layer", fused=False))])
     result = bt.bench_train(cfg, torch.device("cpu"), steps=1, warmup=0, echo=lambda s: None)
     assert isinstance(result["variants"]["padded"], dict) and seen and set(seen) == {8}
+
+
+def test_unpacked_spikes_keep_more_for_backward_and_only_our_variants_take_the_fused_update(monkeypatch):
+    """A variant with compact_spikes off keeps its spikes as they are: what it saves for backward is what the
+    packed variant would save without packing. Where the fused update applies (CUDA; forced here), our variants
+    update through torch's fused SGD and the torch loop through torch's default; the update alone is timed both
+    ways and printed under the table."""
+    import torch
+
+    import snncompile.bench_train as bt
+    from snncompile.config import load_config
+
+    cfg = load_config(REPO / "models" / "bench-nmnist.toml", ["model.arch='8C3-AP2-16FC-10'", "model.T=2",
+                                                               "data.batch_size=2"])
+    monkeypatch.setattr(bt, "_variants", lambda *args: [
+        ("packed", dict(order="layer", fused=False)), ("unpacked", dict(order="layer", fused=False, compact_spikes=False)),
+        ("loop", dict(order="step", fused=False))])
+    monkeypatch.setattr(bt, "fuses_optimizer", lambda cfg, device: True)
+    kernels = []
+    real_sgd = torch.optim.SGD
+
+    class Spy(real_sgd):
+        def __init__(self, params, **kwargs):
+            kernels.append(kwargs.get("fused"))
+            super().__init__(params, **kwargs)
+
+    monkeypatch.setattr(torch.optim, "SGD", Spy)
+    result = bt.bench_train(cfg, torch.device("cpu"), steps=2, warmup=0, echo=lambda s: None)
+    packed, unpacked = result["variants"]["packed"], result["variants"]["unpacked"]
+    assert "saved_mib_uncompacted" not in unpacked and unpacked["saved_mib"] == packed["saved_mib_uncompacted"]
+    assert unpacked["saved_mib"] > packed["saved_mib"]
+    assert kernels == [True, True, None, True, None]  # packed, unpacked, the loop; then the update alone both ways
+    update = result["optimizer_update"]
+    assert update["parameters"] == sum(p.numel() for p in bt.network_from_config(cfg.model).parameters())
+    assert update["fused_ms"] > 0 and update["default_ms"] > 0
+    assert f"SGD update alone ({update['parameters']:,} parameters): fused " in bt.format_train_table(result)
 
 
 def test_bench_train_plot_draws_every_timed_variant_and_names_the_others(tmp_path, monkeypatch):

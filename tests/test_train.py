@@ -10,7 +10,7 @@ from snncompile.artifacts import read_manifest
 from snncompile.config import apply_overrides
 from snncompile.errors import ArtifactError, ConfigError, TrainingInterrupted
 from snncompile.runs import CHECKPOINT, load_checkpoint, load_network, read_metrics
-from snncompile.train import loss_fn, train
+from snncompile.train import fuses_optimizer, load_optimizer_state, loss_fn, make_optimizer, train
 
 
 def test_mse_loss_on_voted_rate_by_hand():
@@ -376,7 +376,7 @@ def test_resume_may_change_how_the_run_executes_but_not_what_it_trains(tmp_path,
                                        "train.lr=0.1", "--set", "train.threads=2", "--no-progress"])
     assert changed.exit_code == 2 and changed.output.strip() == (
         "error: a resumed run keeps its own config; only description, data.num_workers, data.cache_dir, "
-        "data.eval_batch_size may differ, not model.T, train.lr, train.threads")
+        "data.eval_batch_size, train.compact_spikes may differ, not model.T, train.lr, train.threads")
     sizes = []
     real_batches = t.batches
     monkeypatch.setattr(t, "batches", lambda split, size, *a, **k: sizes.append(size) or real_batches(split, size, *a, **k))
@@ -557,3 +557,71 @@ def test_a_config_key_a_later_version_adds_or_a_new_name_is_no_difference(tmp_pa
     torch.save(state, run / CHECKPOINT)
     (run / "config.toml").write_text(dumps_toml(apply_overrides(load_run_config(run), ["name=renamed"])))
     load_network(run)
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_the_fused_optimizer_update_is_the_default_one_to_rounding_and_resumes_keep_their_own_kernel(digits_cfg,
+                                                                                                      optimizer):
+    """train.fused_optimizer (on by default) picks torch's fused update on CUDA only; it updates like the default
+    one up to rounding. A checkpoint's optimizer state brings its groups' kernel flags along: resumed, the
+    optimizer keeps the kernel this machine chose, and Adam's step counts move where that kernel wants them."""
+    digits_cfg.train.optimizer = optimizer
+    assert fuses_optimizer(digits_cfg, torch.device("cuda")) and not fuses_optimizer(digits_cfg, torch.device("cpu"))
+    digits_cfg.train.fused_optimizer = False
+    assert not fuses_optimizer(digits_cfg, torch.device("cuda"))
+
+    def params():
+        torch.manual_seed(1)
+        return [torch.randn(64, 9, requires_grad=True), torch.randn(10, requires_grad=True)]
+
+    default, fused = params(), params()
+    opt_default, opt_fused = make_optimizer(default, digits_cfg), make_optimizer(fused, digits_cfg, fused=True)
+    assert opt_fused.param_groups[0]["fused"] is True and not opt_default.param_groups[0]["fused"]
+    for _ in range(3):
+        grads = [torch.randn_like(p) for p in default]
+        for group, opt in ((default, opt_default), (fused, opt_fused)):
+            for p, g in zip(group, grads):
+                p.grad = g.clone()
+            opt.step()
+    for a, b in zip(default, fused):
+        assert not torch.equal(a, params()[0 if a.dim() == 2 else 1])  # it did update
+        torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-6)
+
+    for saved, fused_here in ((opt_default.state_dict(), True), (opt_fused.state_dict(), False)):
+        here = params()
+        opt = make_optimizer(here, digits_cfg, fused=fused_here)
+        load_optimizer_state(opt, saved)
+        assert bool(opt.param_groups[0]["fused"]) is fused_here and opt.param_groups[0]["foreach"] is None
+        assert opt.param_groups[0]["lr"] == digits_cfg.train.lr
+        if optimizer == "adam":
+            step = opt.state[here[0]]["step"]
+            assert step.dtype == torch.float32 and float(step) == 3.0 and step.device.type == "cpu"
+        for p in here:
+            p.grad = torch.ones_like(p)
+        opt.step()  # the other kernel runs on the loaded state
+
+
+def test_compact_spikes_off_trains_the_same_weights_without_packing(tmp_path, digits_cfg, monkeypatch):
+    """train.compact_spikes = false: the trainer keeps saved spikes as they are; packing them to uint8 is
+    exact, so the run trains to the same weights bit for bit (and may be resumed either way)."""
+    import snncompile.train as train_module
+    from snncompile.memory import SavedActivations
+
+    packs = []
+
+    class Spy(SavedActivations):
+        def __init__(self, compact: bool = True):
+            packs.append(compact)
+            super().__init__(compact)
+
+    monkeypatch.setattr(train_module, "SavedActivations", Spy)
+    digits_cfg.train.epochs = 1
+    packed = train(digits_cfg, tmp_path / "a", progress=False, echo=lambda s: None)
+    assert packs and set(packs) == {True}
+    packs.clear()
+    digits_cfg.train.compact_spikes = False
+    unpacked = train(digits_cfg, tmp_path / "b", progress=False, echo=lambda s: None)
+    assert packs and set(packs) == {False}
+    a = load_checkpoint(packed.run_dir / CHECKPOINT)["model"]
+    b = load_checkpoint(unpacked.run_dir / CHECKPOINT)["model"]
+    assert all(torch.equal(a[key], b[key]) for key in a)
