@@ -40,7 +40,7 @@ from torch import nn
 from .backends.pt import cpu_threads, cudnn_autotuning
 from .config import Config
 from .memory import SavedActivations
-from .models import LayerSpec, network_from_config, parse_architecture
+from .models import LIFCell, network_from_config
 from .text import counted
 from .profiling import profile_calls
 from .train import fuses_optimizer, loss_fn
@@ -67,30 +67,28 @@ def _time_steps(step: Callable[[], None], device: torch.device, steps: int, warm
     return {"median_ms": 1e3 * statistics.median(times), "min_ms": 1e3 * min(times), "peak_mib": peak}
 
 
-def _layers(specs: list[LayerSpec], m) -> list[tuple]:
-    """The architecture as plain layer tuples for the peer builders: ('conv', c_in, c_out, k),
-    ('pool', k), ('flatten',), ('linear', n_in, n_out, spiking)."""
+def _layers(m) -> list[tuple]:
+    """The architecture as plain layer tuples for the peer builders, read off our own network's stages, so the
+    peers get our shapes by construction: ('conv', c_in, c_out, k), ('pool', k), ('flatten',),
+    ('linear', n_in, n_out, spiking). Only what the peers build: NeuNorm, dropout and exact arithmetic's
+    quantizers are ours alone (the benchmark networks have none)."""
+    with torch.device("meta"):  # shapes only: no weights allocated or initialised
+        stages = list(network_from_config(m).stages)
     out: list[tuple] = []
-    c, h, w = m.input_shape
-    flat = None
-    for s in specs:
-        if s.kind == "conv":
-            out.append(("conv", c, s.size, s.kernel))
-            c = s.size
-        elif s.kind == "pool":
-            out.append(("pool", s.size))
-            h, w = h // s.size, w // s.size
-        else:
-            if flat is None:
-                out.append(("flatten",))
-                flat = c * h * w
-            n_out = m.classes * m.vote_group if s.kind == "voting" else s.size
-            out.append(("linear", flat, n_out, s.kind != "readout"))
-            flat = n_out
+    for i, stage in enumerate(stages):
+        if isinstance(stage, nn.Conv2d):
+            out.append(("conv", stage.in_channels, stage.out_channels, stage.kernel_size[0]))
+        elif isinstance(stage, nn.AvgPool2d):
+            out.append(("pool", stage.kernel_size))
+        elif isinstance(stage, nn.Flatten):
+            out.append(("flatten",))
+        elif isinstance(stage, nn.Linear):
+            spiking = i + 1 < len(stages) and isinstance(stages[i + 1], LIFCell)
+            out.append(("linear", stage.in_features, stage.out_features, spiking))
     return out
 
 
-def _spikingjelly_net(specs: list[LayerSpec], cfg: Config, device: torch.device) -> nn.Module:
+def _spikingjelly_net(cfg: Config, device: torch.device) -> nn.Module:
     from spikingjelly.activation_based import layer, neuron, surrogate
 
     m = cfg.model
@@ -101,7 +99,7 @@ def _spikingjelly_net(specs: list[LayerSpec], cfg: Config, device: torch.device)
                               surrogate_function=surrogate.Rect(alpha=1.0 / m.a), step_mode="m")
 
     mods: list[nn.Module] = []
-    for kind, *args in _layers(specs, m):
+    for kind, *args in _layers(m):
         if kind == "conv":
             mods += [layer.Conv2d(args[0], args[1], args[2], padding=args[2] // 2, step_mode="m"), lif()]
         elif kind == "pool":
@@ -114,7 +112,7 @@ def _spikingjelly_net(specs: list[LayerSpec], cfg: Config, device: torch.device)
     return nn.Sequential(*mods).to(device)
 
 
-def _snntorch_step_fn(specs: list[LayerSpec], cfg: Config, device: torch.device):
+def _snntorch_step_fn(cfg: Config, device: torch.device):
     import snntorch as snn
 
     m = cfg.model
@@ -123,7 +121,7 @@ def _snntorch_step_fn(specs: list[LayerSpec], cfg: Config, device: torch.device)
         return snn.Leaky(beta=m.k_tau1, threshold=m.v_th, reset_mechanism="zero")
 
     mods = nn.ModuleList()
-    for kind, *args in _layers(specs, m):
+    for kind, *args in _layers(m):
         if kind == "conv":
             mods += [nn.Conv2d(args[0], args[1], args[2], padding=args[2] // 2), lif()]
         elif kind == "pool":
@@ -259,14 +257,13 @@ def _bench_train(cfg: Config, device: torch.device, precision: str, steps: int, 
         results[name] = _attempt(lambda: ours(**options))
         echo(f"done: {name}")
     if peers:
-        specs = parse_architecture(m.arch)
         if _has("spikingjelly"):
             def sj_stats() -> dict:
                 # imported here, inside the attempt: a broken install costs this row, not the figures timed
                 from spikingjelly.activation_based import functional
 
                 torch.manual_seed(0)
-                sj = _spikingjelly_net(specs, cfg, device)
+                sj = _spikingjelly_net(cfg, device)
 
                 def sj_forward():
                     functional.reset_net(sj)
@@ -281,7 +278,7 @@ def _bench_train(cfg: Config, device: torch.device, precision: str, steps: int, 
         if _has("snntorch"):
             def snntorch_stats() -> dict:
                 torch.manual_seed(0)
-                mods, fwd = _snntorch_step_fn(specs, cfg, device)
+                mods, fwd = _snntorch_step_fn(cfg, device)
                 return timed(mods.parameters(), lambda: _decode_peer(fwd(x), m))
 
             results["snntorch"] = _attempt(snntorch_stats)

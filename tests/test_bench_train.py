@@ -153,6 +153,27 @@ def test_bench_train_on_cuda_times_the_graphed_step():
     assert re.search(r"\blif(_pool)?_forward\b", profile) and re.search(r"\blif(_pool)?_backward\b", profile), profile
 
 
+def test_peers_are_built_from_our_networks_layers_with_the_same_shapes():
+    """The layer list the spikingjelly and snntorch builders follow is read off our network: the issue's two
+    benchmark networks, conv by conv and linear by linear (the readout does not spike), and a NeuNorm network
+    without its NeuNorm (the peers have none)."""
+    import snncompile.bench_train as bt
+    from snncompile.config import load_config
+
+    nmnist = load_config(REPO / "models" / "bench-nmnist.toml").model
+    assert bt._layers(nmnist) == [("conv", 2, 128, 3), ("pool", 2), ("conv", 128, 128, 3), ("pool", 2), ("flatten",),
+                                  ("linear", 128 * 8 * 8, 256, True), ("linear", 256, 10, False)]
+    cifar = load_config(REPO / "models" / "bench-cifar.toml").model
+    assert bt._layers(cifar) == [("conv", 3, 128, 3), ("conv", 128, 256, 3), ("pool", 2), ("conv", 256, 512, 3),
+                                 ("pool", 2), ("conv", 512, 1024, 3), ("conv", 1024, 512, 3), ("flatten",),
+                                 ("linear", 512 * 8 * 8, 1024, True), ("linear", 1024, 512, True),
+                                 ("linear", 512, 10, False)]
+    voting = load_config(REPO / "models" / "nmnist.toml").model  # 128C3-128C3-AP2-128C3-256C3-AP2-1024FC-Voting
+    assert voting.neunorm and bt._layers(voting) == [
+        ("conv", 2, 128, 3), ("conv", 128, 128, 3), ("pool", 2), ("conv", 128, 128, 3), ("conv", 128, 256, 3),
+        ("pool", 2), ("flatten",), ("linear", 256 * 8 * 8, 1024, True), ("linear", 1024, 100, True)]
+
+
 def _table_with_a_failing_variant(monkeypatch, failing_call: int, message: str) -> str:
     """bench train's table on a tiny bench-nmnist on the CPU, every variant timed at 2.0 ms but the
     ``failing_call``-th (1: our layer-major step; 2: the step loop), which raises ``message``."""
