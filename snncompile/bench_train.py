@@ -197,7 +197,8 @@ def _bench_train(cfg: Config, device: torch.device, precision: str, steps: int, 
         backward compile on the first). Adds ``saved_mib``, what autograd keeps for backward in one
         forward (measured on any device, after compaction; None for compiled code)."""
         params = list(params)
-        opt = torch.optim.SGD(params, lr=cfg.train.lr, momentum=cfg.train.momentum, fused=fused_update or None)
+        opt = torch.optim.SGD(params, lr=cfg.train.lr, momentum=cfg.train.momentum,
+                              weight_decay=cfg.train.weight_decay, fused=fused_update or None)
 
         def forward_backward_update():
             with amp_uncached if graph else amp, SavedActivations() if compact else contextlib.nullcontext():
@@ -231,7 +232,7 @@ def _bench_train(cfg: Config, device: torch.device, precision: str, steps: int, 
         return stats
 
     def ours(order: str, fused: bool, graph: bool = False, channels_last: bool = False, compiled: bool = False,
-             profiled: bool = False, pad_channels: int | None = None, fuse_input_conv: bool | None = None,
+             profiled: bool = False, fuse_input_conv: bool | None = None,
              compact_spikes: bool | None = None) -> dict:
         # order "step" is the torch loop: plain PyTorch, torch's default optimizer update and nothing packed
         # the network lives only inside this call: the next variant's peak memory does not carry it
@@ -240,7 +241,7 @@ def _bench_train(cfg: Config, device: torch.device, precision: str, steps: int, 
         if channels_last:
             net.to(memory_format=torch.channels_last)
         net.fused_lif = fused
-        net.pad_conv_channels = cfg.train.pad_conv_channels if pad_channels is None else pad_channels
+        net.pad_conv_channels = cfg.train.pad_conv_channels
         net.fuse_input_conv = cfg.train.fuse_input_conv if fuse_input_conv is None else fuse_input_conv
         if compiled:
             # a fresh compiler: code compiled for earlier networks (the same LIF step at other shapes)
@@ -254,7 +255,8 @@ def _bench_train(cfg: Config, device: torch.device, precision: str, steps: int, 
 
     fused = device.type == "cuda" and fused_kernels_available()
     for name, options in _variants(cfg, device, fused, compiled, profile):
-        results[name] = _attempt(lambda: ours(**options))
+        moot = _packing_moot(results) if "compact_spikes" in options else None
+        results[name] = moot or _attempt(lambda: ours(**options))
         echo(f"done: {name}")
     if peers:
         if _has("spikingjelly"):
@@ -294,17 +296,32 @@ def _bench_train(cfg: Config, device: torch.device, precision: str, steps: int, 
             "steps": steps, "variants": results, **extra}
 
 
+def _packing_moot(results: dict) -> str | None:
+    """Why a variant that only packs or unpacks the saved spikes would time nothing new: the reason when
+    packing changes under 1 % of what our first timed variant saved for backward (every spike tensor pooled,
+    hence not 0/1), else None (also when no timed variant measured both)."""
+    first = next((v for v in results.values() if isinstance(v, dict) and "saved_mib_uncompacted" in v), None)
+    if first is None:
+        return None
+    packed, unpacked = first["saved_mib"], first["saved_mib_uncompacted"]
+    if unpacked - packed >= 0.01 * unpacked:
+        return None
+    return f"packing keeps only {unpacked - packed:.1f} of {unpacked:.1f} MiB less here (pooled spikes stay as they are)"
+
+
 def optimizer_update_ms(cfg: Config, device: torch.device, steps: int = 20, warmup: int = 5) -> dict:
     """The SGD update alone on the network's parameters (random gradients), torch's fused kernel and its
     default side by side: {"parameters": count, "fused_ms": median, "default_ms": median}. What the fused
-    update changes in a step, measured apart from the step's other kernels."""
+    update changes in a step, measured apart from the step's other kernels; eagerly, so the default's figure
+    includes launch overhead that a CUDA-graphed step does not pay."""
     torch.manual_seed(0)
     params = [p.detach().clone().requires_grad_() for p in network_from_config(cfg.model).to(device).parameters()]
     for p in params:
         p.grad = torch.randn_like(p)
     medians = {}
     for kind, fused in (("fused", True), ("default", None)):
-        opt = torch.optim.SGD(params, lr=cfg.train.lr, momentum=cfg.train.momentum, fused=fused)
+        opt = torch.optim.SGD(params, lr=cfg.train.lr, momentum=cfg.train.momentum,
+                              weight_decay=cfg.train.weight_decay, fused=fused)
         medians[f"{kind}_ms"] = _time_steps(opt.step, device, steps, max(warmup, 1))["median_ms"]
     return {"parameters": sum(p.numel() for p in params), **medians}
 
@@ -321,10 +338,12 @@ def _variants(cfg: Config, device: torch.device, fused: bool, compiled: bool, pr
         variants += [(f"snncompile{label}, CUDA graph)", graphed),
                      (f"snncompile{label}, CUDA graph, channels_last)", last)]
         # the same two with the spikes autograd keeps packed to uint8 (train.compact_spikes) or not, whichever
-        # the config does not do: packing is a copy in forward and one in backward of every saved spike tensor
-        # (3 + 3 bytes per element, about 1 GB per bench-cifar step) for 1 byte per element less memory. (The
-        # two with the input channels padded to 8 that stood here gained nothing in two H200 sessions; the
-        # config's train.pad_conv_channels still pads every variant.)
+        # the config does not do: packing is a copy in forward and one in backward of every saved 0/1 spike
+        # tensor (3 + 3 bytes per element: 0.71 GB per bench-cifar bf16 step, whose packing keeps 113 MiB less)
+        # for 1 byte per element less memory (3 in fp32). Pooled spikes are not 0/1 and stay as they are, so
+        # where every spike tensor is pooled (bench-nmnist: 0.2 MiB packed) the twins are skipped at run time.
+        # (The two with the input channels padded to 8 that stood here gained nothing in the third H200
+        # session; the config's train.pad_conv_channels still pads every variant.)
         packs = not cfg.train.compact_spikes
         kept = ", spikes saved as uint8" if packs else ", spikes saved unpacked"
         variants += [(f"snncompile{label}, CUDA graph{kept})", {**graphed, "compact_spikes": packs}),
@@ -423,9 +442,9 @@ def format_train_table(r: dict) -> str:
                      f"{'-' if base is None else format(v['median_ms'] / base, '.2f') + 'x'} |")
     update = r.get("optimizer_update")
     if isinstance(update, dict):
-        lines += ["", f"SGD update alone ({update['parameters']:,} parameters): fused {update['fused_ms']:.3f} ms "
-                      f"(our variants), torch's default {update['default_ms']:.3f} ms (the loop's and the peers'), "
-                      f"{update['fused_ms'] / update['default_ms']:.2f}x"]
+        lines += ["", f"SGD update alone ({update['parameters']:,} parameters, eager): fused {update['fused_ms']:.3f} ms "
+                      f"(our variants), torch's default {update['default_ms']:.3f} ms (the loop's and the peers', "
+                      f"so their ratios include it), {update['fused_ms'] / update['default_ms']:.2f}x"]
     elif update is not None:
         lines += ["", f"SGD update alone: {update}"]
     return "\n".join(lines)

@@ -564,7 +564,7 @@ def test_the_fused_optimizer_update_is_the_default_one_to_rounding_and_resumes_k
                                                                                                       optimizer):
     """train.fused_optimizer (on by default) picks torch's fused update on CUDA only; it updates like the default
     one up to rounding. A checkpoint's optimizer state brings its groups' kernel flags along: resumed, the
-    optimizer keeps the kernel this machine chose, and Adam's step counts move where that kernel wants them."""
+    optimizer keeps the kernel this machine chose (where Adam's step counts go is a GPU question: the next test)."""
     digits_cfg.train.optimizer = optimizer
     assert fuses_optimizer(digits_cfg, torch.device("cuda")) and not fuses_optimizer(digits_cfg, torch.device("cpu"))
     digits_cfg.train.fused_optimizer = False
@@ -601,6 +601,34 @@ def test_the_fused_optimizer_update_is_the_default_one_to_rounding_and_resumes_k
         opt.step()  # the other kernel runs on the loaded state
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_on_the_gpu_a_resumed_adam_keeps_its_step_counts_where_its_kernel_wants_them(digits_cfg):
+    """Adam's step counts live on the CPU for torch's default update and on the parameter's device for the fused
+    one. A state saved by either, loaded into the other, has them moved (torch's loader would follow the saved
+    groups' flags instead), and the update runs on it."""
+    def params():
+        torch.manual_seed(1)
+        return [torch.randn(64, 9, device="cuda", requires_grad=True)]
+
+    def stepped(fused: bool):
+        here = params()
+        opt = make_optimizer(here, digits_cfg, fused=fused)
+        here[0].grad = torch.ones_like(here[0])
+        opt.step()
+        return opt
+
+    for saved_fused, fused_here in ((False, True), (True, False)):
+        here = params()
+        opt = make_optimizer(here, digits_cfg, fused=fused_here)
+        load_optimizer_state(opt, stepped(saved_fused).state_dict())
+        step = opt.state[here[0]]["step"]
+        assert step.dtype == torch.float32 and float(step) == 1.0
+        assert step.device.type == ("cuda" if fused_here else "cpu")
+        here[0].grad = torch.ones_like(here[0])
+        opt.step()
+        assert float(opt.state[here[0]]["step"]) == 2.0
+
+
 def test_compact_spikes_off_trains_the_same_weights_without_packing(tmp_path, digits_cfg, monkeypatch):
     """train.compact_spikes = false: the trainer keeps saved spikes as they are; packing them to uint8 is
     exact, so the run trains to the same weights bit for bit (and may be resumed either way)."""
@@ -616,6 +644,7 @@ def test_compact_spikes_off_trains_the_same_weights_without_packing(tmp_path, di
 
     monkeypatch.setattr(train_module, "SavedActivations", Spy)
     digits_cfg.train.epochs = 1
+    digits_cfg.train.device = "cpu"  # bit for bit where training is deterministic: cuDNN's sums may vary per run
     packed = train(digits_cfg, tmp_path / "a", progress=False, echo=lambda s: None)
     assert packs and set(packs) == {True}
     packs.clear()
