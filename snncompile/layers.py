@@ -69,6 +69,12 @@ class NeuNorm(nn.Module):
         same operations as in :func:`neunorm_step` (sums of 0/1 spikes are exact integers), so both
         forms give the same bits.
         """
+        return spikes - self.u_scale * self.states(spikes)
+
+    def states(self, spikes: Tensor) -> Tensor:
+        """The auxiliary neurons' x[1..T] ``[T, B, 1, H, W]`` for ``[T, B, F, H, W]`` spikes: the channel sums
+        in one reduction, then the recurrence over T (shared with the fused kernel's path, so both have
+        these bits)."""
         channels = spikes.shape[2]
         v_over_f = (1.0 - self.k_tau2) / (channels * channels)
         drive = v_over_f * spikes.sum(dim=2, keepdim=True)  # [T, B, 1, H, W]
@@ -77,7 +83,7 @@ class NeuNorm(nn.Module):
         for drive_t in drive.unbind(0):
             x = self.k_tau2 * x + drive_t
             states.append(x)
-        return spikes - self.u_scale * torch.stack(states)
+        return torch.stack(states)
 
     def extra_repr(self) -> str:
         f, h, w = self.u_scale.shape

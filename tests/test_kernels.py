@@ -59,12 +59,21 @@ def test_reset_gate_gradient_by_hand():
     assert currents.grad[1].item() == pytest.approx(1.0)
 
 
+def randomize_neunorm(net) -> None:
+    """NeuNorm's U starts at 0, which would hide its whole output term from a comparison: small random U."""
+    with torch.no_grad():
+        for name, param in net.named_parameters():
+            if name.endswith("u_scale"):
+                param.copy_(0.1 * torch.randn(param.shape, generator=torch.Generator().manual_seed(2)))
+
+
 @pytest.mark.parametrize("path", ZOO, ids=zoo_ids())
 def test_zoo_networks_fused_equal_pure_torch(path):
     cfg = tiny_zoo_config(path)
     net = network_from_config(cfg.model).eval().to(DEVICE)
     x = random_input(cfg, 8, torch.Generator().manual_seed(0)).to(DEVICE)
     calibrate_firing(net, x)
+    randomize_neunorm(net)
     grads, outs = {}, {}
     for fused in (False, True):
         net.fused_lif = fused
@@ -281,6 +290,7 @@ def test_zoo_inference_with_the_pool_fused_into_the_lif_gives_the_same_scores(pa
     net = network_from_config(cfg.model).eval().to(DEVICE)
     x = random_input(cfg, 4, torch.Generator().manual_seed(0)).to(DEVICE)
     calibrate_firing(net, x)
+    randomize_neunorm(net)
     calls = []
     pooled = kernels.fused_lif_pool
     monkeypatch.setattr(kernels, "fused_lif_pool", lambda *a, **k: calls.append(1) or pooled(*a, **k))
@@ -312,10 +322,11 @@ from triton.compiler import ASTSource
 from snncompile.kernels import _triton as K
 from snncompile.kernels.input_conv import conv_tile
 from snncompile.kernels.lif import _NO_FMA, pool_block, pool_forward_warps, recompute_block
+from snncompile.kernels.neunorm import tile_shape
 
 def signature(fn, ptrs):
     args = inspect.signature(fn.fn).parameters
-    floats = {"k_tau1", "v_th", "half_a", "inv_a"}
+    floats = {"k_tau1", "v_th", "half_a", "inv_a", "v_over_f"}
     return {a: ptrs.get(a) or ("constexpr" if a.isupper() else "fp32" if a in floats else "i32") for a in args}
 
 variants = []
@@ -359,7 +370,16 @@ for out, cases in [("fp32", [(2, 2, "o"), (3, 1, "o"), (2, 1, "ou"), (1, 4, "o")
         variants.append((K.conv_lif_forward, ptrs, {"T": 8, "K": k, "C_IN": c_in, "KH": 3, "KW": 3, "PAD_H": 1,
                                                     "PAD_W": 1, "SAVE_U": save, "STORE_O": store, "HAS_BIAS": c_in > 1,
                                                     "C_BLOCK": c_block, "P_BLOCK": p_block}))
-for fn, ptrs, constants in variants:  # with the options every launch in lif.py and input_conv.py passes
+# NeuNorm's full-size passes (neunorm.py): fp32 maps, tiles of a 32x32 map of 128 channels and an 8x8 one of 1024
+for channels, positions in ((128, 32 * 32), (1024, 8 * 8)):
+    f_block, p_block = tile_shape(channels, positions)
+    tile = {"F_BLOCK": f_block, "P_BLOCK": p_block}
+    variants += [(K.neunorm_forward, {"o_ptr": "*fp32", "u_ptr": "*fp32", "x_ptr": "*fp32", "y_ptr": "*fp32"}, dict(tile)),
+                 (K.neunorm_channel_dot, {"g_ptr": "*fp32", "u_ptr": "*fp32", "d_ptr": "*fp32"},
+                  {"F_BLOCKS": -(-channels // f_block), **tile}),
+                 (K.neunorm_backward, {"g_ptr": "*fp32", "x_ptr": "*fp32", "gx_ptr": "*fp32", "go_ptr": "*fp32",
+                                       "gu_ptr": "*fp32"}, {"T": 8, **tile})]
+for fn, ptrs, constants in variants:  # with the options every launch in lif.py, input_conv.py and neunorm.py passes
     warps = {"num_warps": constants.pop("num_warps")} if "num_warps" in constants else {}
     compiled = triton.compile(ASTSource(fn, signature(fn, ptrs), constants), target=GPUTarget("cuda", 90, 32),
                               options={**_NO_FMA, **warps})
@@ -386,7 +406,7 @@ def test_every_kernel_variant_compiles_for_an_h100_without_one():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     result = subprocess.run([sys.executable, "-c", COMPILE_FOR_SM90], capture_output=True, text=True, env=env, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.split() == ["compiled", "90"]
+    assert result.stdout.split() == ["compiled", "96"]
 
 
 def record_launches(monkeypatch) -> list[tuple[str, dict]]:
@@ -658,3 +678,71 @@ def test_past_t_32_autograd_keeps_the_membrane_rather_than_recompute_it_in_regis
     full = currents.detach().float().requires_grad_(True)
     fused_lif(full, P.k_tau1, P.v_th, P.a).sum().backward()
     assert torch.equal(currents.grad, full.grad.to(torch.bfloat16))
+
+
+def neunorm_case(layout: str, steps: int = 3, batch: int = 2, channels: int = 37, height: int = 7, width: int = 5):
+    """A NeuNorm of random U and 0/1 spikes ``[T, B, F, H, W]`` in ``layout`` ('nchw', or 'last': each step
+    channels_last, as channels_last convolutions leave them); 37 channels and 7x5 positions fill no tile."""
+    from snncompile.layers import NeuNorm
+
+    gen = torch.Generator().manual_seed(0)
+    norm = NeuNorm(channels, height, width, k_tau2=0.9).to(DEVICE)
+    with torch.no_grad():
+        norm.u_scale.copy_(torch.randn(channels, height, width, generator=gen))
+    spikes = (torch.rand(steps, batch, channels, height, width, generator=gen) < 0.3).float().to(DEVICE)
+    if layout == "last":
+        spikes = spikes.permute(0, 1, 3, 4, 2).contiguous().permute(0, 1, 4, 2, 3)
+    return norm, spikes
+
+
+@pytest.mark.parametrize("layout", ["nchw", "last"])
+def test_fused_neunorm_gives_neunorms_bits_and_autograds_gradients(layout):
+    """The fused NeuNorm's output equals NeuNorm.forward's bit for bit, in the input's layout; the spikes'
+    and U's gradients equal autograd's through it to fp32 summation order."""
+    from snncompile.kernels.neunorm import fused_neunorm
+
+    norm, spikes = neunorm_case(layout)
+    grads = {}
+    outputs = {}
+    weight = torch.randn(spikes.shape, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    for fused in (False, True):
+        x = spikes.clone().requires_grad_(True)
+        norm.u_scale.grad = None
+        y = fused_neunorm(x, norm) if fused else norm(x)
+        (y * weight).sum().backward()
+        outputs[fused], grads[fused] = y.detach(), (x.grad, norm.u_scale.grad.clone())
+    assert torch.equal(outputs[True], outputs[False]) and outputs[True].stride() == spikes.stride()
+    assert outputs[True].ne(spikes).any()  # U * x is not zero: the test would see a missing term
+    for fused_grad, reference in zip(grads[True], grads[False]):
+        assert reference.abs().sum() > 0
+        torch.testing.assert_close(fused_grad, reference, rtol=1e-5, atol=1e-6)
+
+
+def test_fused_neunorm_launches_compile_without_fma_contraction_and_keep_nothing_full_size(monkeypatch):
+    """Each NeuNorm launch passes enable_fp_fusion=False (the output's o - U * x rounds twice, as in torch);
+    backward gets x [T, B, H*W] and U from the forward, nothing of the spikes' size."""
+    from snncompile.kernels import neunorm
+
+    launches = []
+
+    class Recorder:
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                launches.append((self.kernel.fn.__name__, kwargs))
+                return self.kernel[grid](*args, **kwargs)
+
+            return launch
+
+    monkeypatch.setattr(neunorm, "_KERNELS", tuple(Recorder(k) for k in neunorm._kernels()))
+    norm, spikes = neunorm_case("nchw")
+    x = spikes.clone().requires_grad_(True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+        y = neunorm.fused_neunorm(x, norm)
+    y.sum().backward()
+    assert [name for name, _ in launches] == ["neunorm_forward", "neunorm_channel_dot", "neunorm_backward"]
+    assert {kwargs.get("enable_fp_fusion") for _, kwargs in launches} == {False}
+    assert saved and max(saved) < spikes.numel() // 4

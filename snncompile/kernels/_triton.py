@@ -259,3 +259,73 @@ def conv_lif_forward(x_ptr, w_ptr, b_ptr, o_ptr, u_ptr, channels, height_out, wi
             # a sum of 0/1 spikes is exact in any order, and 1/K^2 is a power of two: exactly avg_pool2d's value
             pooled = tl.sum(o, axis=2) * (1.0 / (K * K))
             tl.store(o_ptr + t * o_s_t + o_off, pooled, mask=c_ok[:, None] & p_ok[None, :])
+
+
+@triton.jit
+def neunorm_tile(f_block, p_block, channels, positions, width, s_f, s_h, s_w, F_BLOCK: tl.constexpr,
+                 P_BLOCK: tl.constexpr):
+    """NeuNorm's [F_BLOCK, P_BLOCK] tile of one (t, b) map: channels x positions (p = h * width + w), its
+    memory offsets by the map's strides (NCHW or channels_last alike), its offsets into a dense [F, H*W]
+    tensor (U), the positions and the mask."""
+    f = f_block * F_BLOCK + tl.arange(0, F_BLOCK)
+    p = p_block * P_BLOCK + tl.arange(0, P_BLOCK)
+    mask = (f < channels)[:, None] & (p < positions)[None, :]
+    offs = f[:, None] * s_f + ((p // width) * s_h + (p % width) * s_w)[None, :]
+    return offs, f[:, None] * positions + p[None, :], p, mask
+
+
+@triton.jit
+def neunorm_forward(o_ptr, u_ptr, x_ptr, y_ptr, batch, channels, positions, width, s_t, s_b, s_f, s_h, s_w,
+                    F_BLOCK: tl.constexpr, P_BLOCK: tl.constexpr):
+    # y[t, b, f, p] = o - U[f, p] * x[t, b, p]: NeuNorm's output in one pass (torch's broadcast writes the
+    # product U * x at full size and reads it back). x is [T*B, H*W], U [F, H*W], both dense; o and y share
+    # o's strides. Program (t * batch + b, channel block, position block).
+    tb = tl.program_id(0)
+    base = (tb // batch) * s_t + (tb % batch) * s_b
+    offs, u_offs, p, mask = neunorm_tile(tl.program_id(1), tl.program_id(2), channels, positions, width, s_f, s_h,
+                                         s_w, F_BLOCK, P_BLOCK)
+    x = tl.load(x_ptr + tb * positions + p, mask=p < positions, other=0.0)
+    o = tl.load(o_ptr + base + offs, mask=mask, other=0.0)
+    u = tl.load(u_ptr + u_offs, mask=mask, other=0.0)
+    tl.store(y_ptr + base + offs, o - u * x[None, :], mask=mask)
+
+
+@triton.jit
+def neunorm_channel_dot(g_ptr, u_ptr, d_ptr, batch, channels, positions, width, s_t, s_b, s_f, s_h, s_w,
+                        F_BLOCKS: tl.constexpr, F_BLOCK: tl.constexpr, P_BLOCK: tl.constexpr):
+    # d[t, b, p] = sum over f of g[t, b, f, p] * U[f, p], in fp32, channel block by channel block (F_BLOCKS of
+    # them; a loop, not unrolled): the gradient reaching x[t] from the output (negated by the caller).
+    # Program (t * batch + b, position block).
+    tb = tl.program_id(0)
+    base = (tb // batch) * s_t + (tb % batch) * s_b
+    acc = tl.zeros((P_BLOCK,), dtype=tl.float32)
+    for f_block in range(F_BLOCKS):
+        offs, u_offs, p, mask = neunorm_tile(f_block, tl.program_id(1), channels, positions, width, s_f, s_h, s_w,
+                                             F_BLOCK, P_BLOCK)
+        g = tl.load(g_ptr + base + offs, mask=mask, other=0.0)
+        u = tl.load(u_ptr + u_offs, mask=mask, other=0.0)
+        acc += tl.sum(g * u, axis=0)
+    p = tl.program_id(1) * P_BLOCK + tl.arange(0, P_BLOCK)
+    tl.store(d_ptr + tb * positions + p, acc, mask=p < positions)
+
+
+@triton.jit
+def neunorm_backward(g_ptr, x_ptr, gx_ptr, go_ptr, gu_ptr, v_over_f, batch, channels, positions, width, s_t, s_b,
+                     s_f, s_h, s_w, T: tl.constexpr, F_BLOCK: tl.constexpr, P_BLOCK: tl.constexpr):
+    # The spikes' gradient go = g + (v/F) * gx[t, b, p] (the output's own, plus the channel sum's through x:
+    # gx is d loss / d x[t], the reverse recurrence the caller ran on [T, B, H*W]), and this image's share
+    # of U's gradient, sum over t of g * x[t] (negated by the caller), into gu_ptr [B, F, H*W]: the caller
+    # sums the B shares. Program (b, channel block, position block); g and go share g's strides.
+    b = tl.program_id(0)
+    offs, u_offs, p, mask = neunorm_tile(tl.program_id(1), tl.program_id(2), channels, positions, width, s_f, s_h,
+                                         s_w, F_BLOCK, P_BLOCK)
+    acc = tl.zeros((F_BLOCK, P_BLOCK), dtype=tl.float32)
+    for t in tl.static_range(T):
+        base = t * s_t + b * s_b
+        row = (t * batch + b) * positions + p
+        g = tl.load(g_ptr + base + offs, mask=mask, other=0.0)
+        gx = tl.load(gx_ptr + row, mask=p < positions, other=0.0)
+        x = tl.load(x_ptr + row, mask=p < positions, other=0.0)
+        tl.store(go_ptr + base + offs, g + v_over_f * gx[None, :], mask=mask)
+        acc += g * x[None, :]
+    tl.store(gu_ptr + b * channels * positions + u_offs, acc, mask=mask)
