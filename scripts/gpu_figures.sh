@@ -353,7 +353,7 @@ headline)
         (cuda or gpu or compact_spikes or exact_on_cpu or bf16_flips or opt_in or replays or autotuning or \
         half_precision or pooled_spikes or lif_pool or pool_fused or zoo_networks_fused or contraction or \
         bit_for_bit or moves_each or hand_their_bias or nan_gradient or keeps_no_membrane or past_32x32 or one_warp or \
-        input_conv or strided_input or unfused_path or truncating or per_channel)"
+        input_conv or strided_input or unfused_path or truncating or per_channel or fused_neunorm)"
     # issue 6: bench-cifar's bf16 step, 9.9 ms at best (channels_last) against 8.5, where the fused LIF + pool
     # forward took 830-900 us per call in channels_last (6.75x NCHW on bench-nmnist); it now runs one warp per program.
     # --profile shows whether that kernel is now as fast as in NCHW

@@ -378,7 +378,10 @@ for channels, positions in ((128, 32 * 32), (1024, 8 * 8)):
                  (K.neunorm_channel_dot, {"g_ptr": "*fp32", "u_ptr": "*fp32", "d_ptr": "*fp32"},
                   {"F_BLOCKS": -(-channels // f_block), **tile}),
                  (K.neunorm_backward, {"g_ptr": "*fp32", "x_ptr": "*fp32", "gx_ptr": "*fp32", "go_ptr": "*fp32",
-                                       "gu_ptr": "*fp32"}, {"T": 8, **tile})]
+                                       "gu_ptr": "*fp32"},
+                  {"T": 8, "U_GRAD": True, **dict(zip(tile, tile_shape(channels, positions, values=1024)))})]
+variants.append((K.neunorm_backward, {"g_ptr": "*fp32", "x_ptr": "*fp32", "gx_ptr": "*fp32", "go_ptr": "*fp32",
+                                      "gu_ptr": "*fp32"}, {"T": 5, "U_GRAD": False, "F_BLOCK": 8, "P_BLOCK": 128}))
 for fn, ptrs, constants in variants:  # with the options every launch in lif.py, input_conv.py and neunorm.py passes
     warps = {"num_warps": constants.pop("num_warps")} if "num_warps" in constants else {}
     compiled = triton.compile(ASTSource(fn, signature(fn, ptrs), constants), target=GPUTarget("cuda", 90, 32),
@@ -406,7 +409,7 @@ def test_every_kernel_variant_compiles_for_an_h100_without_one():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     result = subprocess.run([sys.executable, "-c", COMPILE_FOR_SM90], capture_output=True, text=True, env=env, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.split() == ["compiled", "96"]
+    assert result.stdout.split() == ["compiled", "97"]
 
 
 def record_launches(monkeypatch) -> list[tuple[str, dict]]:
@@ -698,7 +701,8 @@ def neunorm_case(layout: str, steps: int = 3, batch: int = 2, channels: int = 37
 @pytest.mark.parametrize("layout", ["nchw", "last"])
 def test_fused_neunorm_gives_neunorms_bits_and_autograds_gradients(layout):
     """The fused NeuNorm's output equals NeuNorm.forward's bit for bit, in the input's layout; the spikes'
-    and U's gradients equal autograd's through it to fp32 summation order."""
+    and U's gradients equal autograd's through it to fp32 summation order, the spikes' in their layout (the
+    incoming gradient is NCHW: channels_last copies it once); with U frozen, the spikes' alone."""
     from snncompile.kernels.neunorm import fused_neunorm
 
     norm, spikes = neunorm_case(layout)
@@ -713,9 +717,15 @@ def test_fused_neunorm_gives_neunorms_bits_and_autograds_gradients(layout):
         outputs[fused], grads[fused] = y.detach(), (x.grad, norm.u_scale.grad.clone())
     assert torch.equal(outputs[True], outputs[False]) and outputs[True].stride() == spikes.stride()
     assert outputs[True].ne(spikes).any()  # U * x is not zero: the test would see a missing term
+    assert grads[True][0].stride() == spikes.stride()
     for fused_grad, reference in zip(grads[True], grads[False]):
         assert reference.abs().sum() > 0
         torch.testing.assert_close(fused_grad, reference, rtol=1e-5, atol=1e-6)
+    norm.u_scale.requires_grad_(False)
+    x = spikes.clone().requires_grad_(True)
+    (fused_neunorm(x, norm) * weight).sum().backward()
+    assert norm.u_scale.grad is None or torch.equal(norm.u_scale.grad, grads[True][1])
+    torch.testing.assert_close(x.grad, grads[False][0], rtol=1e-5, atol=1e-6)
 
 
 def test_fused_neunorm_launches_compile_without_fma_contraction_and_keep_nothing_full_size(monkeypatch):

@@ -311,21 +311,25 @@ def neunorm_channel_dot(g_ptr, u_ptr, d_ptr, batch, channels, positions, width, 
 
 @triton.jit
 def neunorm_backward(g_ptr, x_ptr, gx_ptr, go_ptr, gu_ptr, v_over_f, batch, channels, positions, width, s_t, s_b,
-                     s_f, s_h, s_w, T: tl.constexpr, F_BLOCK: tl.constexpr, P_BLOCK: tl.constexpr):
+                     s_f, s_h, s_w, T: tl.constexpr, U_GRAD: tl.constexpr, F_BLOCK: tl.constexpr,
+                     P_BLOCK: tl.constexpr):
     # The spikes' gradient go = g + (v/F) * gx[t, b, p] (the output's own, plus the channel sum's through x:
     # gx is d loss / d x[t], the reverse recurrence the caller ran on [T, B, H*W]), and this image's share
     # of U's gradient, sum over t of g * x[t] (negated by the caller), into gu_ptr [B, F, H*W]: the caller
-    # sums the B shares. Program (b, channel block, position block); g and go share g's strides.
+    # sums the B shares (U_GRAD: only when U's gradient is wanted). The loop over T is not unrolled (the code
+    # would grow with T). Program (b, channel block, position block); g and go share g's strides.
     b = tl.program_id(0)
     offs, u_offs, p, mask = neunorm_tile(tl.program_id(1), tl.program_id(2), channels, positions, width, s_f, s_h,
                                          s_w, F_BLOCK, P_BLOCK)
     acc = tl.zeros((F_BLOCK, P_BLOCK), dtype=tl.float32)
-    for t in tl.static_range(T):
+    for t in range(T):
         base = t * s_t + b * s_b
         row = (t * batch + b) * positions + p
         g = tl.load(g_ptr + base + offs, mask=mask, other=0.0)
         gx = tl.load(gx_ptr + row, mask=p < positions, other=0.0)
-        x = tl.load(x_ptr + row, mask=p < positions, other=0.0)
         tl.store(go_ptr + base + offs, g + v_over_f * gx[None, :], mask=mask)
-        acc += g * x[None, :]
-    tl.store(gu_ptr + b * channels * positions + u_offs, acc, mask=mask)
+        if U_GRAD:
+            x = tl.load(x_ptr + row, mask=p < positions, other=0.0)
+            acc += g * x[None, :]
+    if U_GRAD:
+        tl.store(gu_ptr + b * channels * positions + u_offs, acc, mask=mask)
