@@ -53,11 +53,6 @@ def tile_shape(channels: int, positions: int, values: int = 2048) -> tuple[int, 
     return min(max(1, values // p_block), triton_next_power_of_2(channels)), p_block
 
 
-def _map_strides(x: Tensor) -> tuple[int, ...]:
-    """(s_t, s_b, s_f, s_h, s_w) of ``x`` ``[T, B, F, H, W]``."""
-    return tuple(x.stride())
-
-
 def _dense(x: Tensor) -> Tensor:
     if x.numel() >= INDEX_LIMIT:
         raise ValueError(f"the fused NeuNorm kernels index in 32 bits: {x.numel()} elements >= 2^31")
@@ -76,7 +71,7 @@ class _FusedNeuNorm(torch.autograd.Function):
         y = torch.empty_like(spikes)
         f_block, p_block = tile_shape(channels, positions)
         grid = (steps * batch, -(-channels // f_block), -(-positions // p_block))
-        forward_kernel[grid](spikes, u, x, y, batch, channels, positions, width, *_map_strides(spikes),
+        forward_kernel[grid](spikes, u, x, y, batch, channels, positions, width, *spikes.stride(),
                              F_BLOCK=f_block, P_BLOCK=p_block, **_NO_FMA)
         ctx.save_for_backward(x, u)
         ctx.layout = spikes.stride()  # the spikes' gradient comes out in their layout (the LIF kernel's)
@@ -95,7 +90,7 @@ class _FusedNeuNorm(torch.autograd.Function):
         g = grad_out.to(torch.float32)
         if g.stride() != ctx.layout:  # expanded (a sum's gradient), or another layout: one copy, into the spikes'
             g = torch.empty_strided(g.shape, ctx.layout, device=g.device, dtype=torch.float32).copy_(g)
-        strides = _map_strides(g)
+        strides = g.stride()  # (s_t, s_b, s_f, s_h, s_w)
         u_grad = ctx.needs_input_grad[1]
         f_block, p_block = tile_shape(channels, positions)
         f_blocks = -(-channels // f_block)
