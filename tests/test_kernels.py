@@ -412,10 +412,12 @@ def test_every_kernel_variant_compiles_for_an_h100_without_one():
     assert result.stdout.split() == ["compiled", "97"]
 
 
-def record_launches(monkeypatch) -> list[tuple[str, dict]]:
-    """(kernel name, keyword arguments) of every kernel launch lif.py makes from now on in this test."""
+def record_launches(monkeypatch, module=None) -> list[tuple[str, dict]]:
+    """(kernel name, keyword arguments) of every kernel launch ``module`` (lif.py by default; one with
+    ``_KERNELS`` and ``_kernels()``) makes from now on in this test."""
     from snncompile.kernels import lif
 
+    module = module or lif
     launches = []
 
     class Recorder:
@@ -429,7 +431,7 @@ def record_launches(monkeypatch) -> list[tuple[str, dict]]:
 
             return launch
 
-    monkeypatch.setattr(lif, "_KERNELS", tuple(Recorder(k) for k in lif._kernels()))
+    monkeypatch.setattr(module, "_KERNELS", tuple(Recorder(k) for k in module._kernels()))
     return launches
 
 
@@ -733,20 +735,7 @@ def test_fused_neunorm_launches_compile_without_fma_contraction_and_keep_nothing
     backward gets x [T, B, H*W] and U from the forward, nothing of the spikes' size."""
     from snncompile.kernels import neunorm
 
-    launches = []
-
-    class Recorder:
-        def __init__(self, kernel):
-            self.kernel = kernel
-
-        def __getitem__(self, grid):
-            def launch(*args, **kwargs):
-                launches.append((self.kernel.fn.__name__, kwargs))
-                return self.kernel[grid](*args, **kwargs)
-
-            return launch
-
-    monkeypatch.setattr(neunorm, "_KERNELS", tuple(Recorder(k) for k in neunorm._kernels()))
+    launches = record_launches(monkeypatch, neunorm)
     norm, spikes = neunorm_case("nchw")
     x = spikes.clone().requires_grad_(True)
     saved = []
