@@ -7,6 +7,7 @@ from conftest import REPO
 from helpers import make_run, reference_file, tiny_zoo_config
 from snncompile.backends import RUNNERS, available_runners, create_runner
 from snncompile.errors import ConfigError, RunnerUnavailableError
+from snncompile.text import counted
 
 AVAILABLE = available_runners()
 GPU_RUNNERS = {"ort-cuda", "trt"} | ({"torch-fast"} if __import__("torch").cuda.is_available() else set())
@@ -288,7 +289,7 @@ def test_torch_compile_is_opt_in_and_runs_the_per_timestep_loop(exported_run):
     with create_runner("torch-compile", exported_run) as runner:
         # reduce-overhead mode (CUDA graphs) on a GPU; nothing to capture on the CPU
         torch = __import__("torch")
-        expected = "CUDA graph" if torch.cuda.is_available() else f"CPU, {torch.get_num_threads()} threads"
+        expected = "CUDA graph" if torch.cuda.is_available() else f"CPU, {counted(torch.get_num_threads(), 'thread')}"
         assert runner.graph.order == "step" and runner.timing_mode(None) == expected
 
 
@@ -318,7 +319,7 @@ def test_torch_loop_is_the_opt_in_per_timestep_reference(exported_run):
     with create_runner("torch-loop", exported_run) as runner:
         torch = __import__("torch")
         cuda = torch.cuda.is_available()
-        mode = "" if cuda else f"CPU, {torch.get_num_threads()} threads"  # eager on a GPU: no graph
+        mode = "" if cuda else f"CPU, {counted(torch.get_num_threads(), 'thread')}"  # eager on a GPU: no graph
         assert runner.graph.order == "step" and runner.device.type == ("cuda" if cuda else "cpu")
         assert runner.timing_mode(None) == mode
     report = verify_run(exported_run, "torch-loop", "fp32")

@@ -10,6 +10,7 @@ from conftest import REPO
 from helpers import conv_input_channels
 from snncompile.cli import cli
 from snncompile.errors import MissingDependencyError
+from snncompile.text import counted
 
 TINY = ["--set", "model.arch='8C3-AP2-8C3-AP2-16FC-10'", "--T", "3", "--batch", "4", "--steps", "2", "--warmup", "1",
         "--device", "cpu"]
@@ -19,8 +20,8 @@ def test_bench_train_prints_every_variant():
     result = CliRunner().invoke(cli, ["bench", "train", str(REPO / "models" / "bench-nmnist.toml"), *TINY, "--peers"])
     assert result.exit_code == 0, result.output
     out = result.output
-    threads = __import__("torch").get_num_threads()  # bench-nmnist.toml leaves train.threads at torch's default
-    assert f"bench-nmnist: T = 3, batch 4, fp32, cpu ({threads} threads), median of 2 steps" in out
+    threads = counted(__import__("torch").get_num_threads(), "thread")  # bench-nmnist.toml leaves train.threads at torch's default
+    assert f"bench-nmnist: T = 3, batch 4, fp32, cpu ({threads}), median of 2 steps" in out
     assert "| snncompile (layer-major) |" in out and "| torch loop (step-major) |" in out and "1.00x |" in out
     assert "failed:" not in out  # a broken variant becomes a row, not an exception: catch it here
     for peer in ("spikingjelly", "snntorch"):
