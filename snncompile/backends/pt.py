@@ -103,7 +103,9 @@ class TorchRunner(Runner):
         else:
             self.graph = UnrolledGraph(net, rates=entry["rates"], layers=entry["layers"], order=entry.get("order", "layer"))
         self.graph.to(self.device).eval()
-        self._inputs = [TensorSpec(n, tuple(s), "float32") for n, s in entry["inputs"].items()]
+        # in the order the module takes them (the manifest stores its keys sorted: state.lif1.o before .u)
+        names = self.graph.input_names if self.form == "step" else list(entry["inputs"])
+        self._inputs = [TensorSpec(n, tuple(entry["inputs"][n]), "float32") for n in names]
         self._outputs = list(entry["outputs"])
 
     def prepare(self, feed: dict[str, np.ndarray]):
