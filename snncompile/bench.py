@@ -27,6 +27,7 @@ from .backends.pt import cpu_threads
 from .compare import verify_run
 from .errors import ArtifactError, ConfigError, SnnCompileError, described
 from .export_onnx import export_command, export_reference_paths, layers_twin, read_reference, unrolled_export
+from .streaming import STREAM_RUNNERS, streamed
 
 __all__ = ["batch_rows", "batch_sizes", "bench_run", "bench_stem", "format_table", "percentiles"]
 
@@ -92,7 +93,7 @@ def bench_run(run_dir: str | Path, runners: list[str] | None = None, batches: tu
     run_dir = Path(run_dir)
     manifest = read_manifest(run_dir)
     # the timed file of older weights: one line, not every runner failing its gate (torch is the current checkpoint)
-    export = unrolled_export(run_dir, model_file, "bench", file_needed=True)
+    export = unrolled_export(run_dir, model_file, "bench", file_needed=True, step_form=True)
     # before the gates: a missing or replaced timed file re-exported the user's _layers twin, then failed anyway
     if sha256_model(run_dir / model_file) != export.get("sha256"):
         raise ArtifactError(f"{model_file} is not the file its export wrote (sha256 mismatch): export it again: "
@@ -105,11 +106,13 @@ def bench_run(run_dir: str | Path, runners: list[str] | None = None, batches: tu
     _check_reference_outputs(run_dir, export)
     avail = available_runners()
     names = list(runners) if runners else default_runners()
+    if export["form"] == "step" and not runners:  # the ones that can run it, streamed (T calls per batch)
+        names = [n for n in names if n in STREAM_RUNNERS]
     unknown = [n for n in names if n not in avail]
     if unknown:
         raise ConfigError(f"unknown runner(s) {', '.join(unknown)} (known: {', '.join(avail)})")
     results: dict = {"model": manifest.get("model"), "file": model_file, "export_sha256": export.get("sha256"),
-                     "order": export.get("order", "layer"), "T": export["T"], "batches": list(batches),
+                     "form": export["form"], "order": export.get("order", "layer"), "T": export["T"], "batches": list(batches),
                      "cuda_graph": cuda_graph, "cudnn_autotune": cudnn_autotune, "pad_channels": pad_channels,
                      "channels_last": channels_last, "fuse_input_conv": fuse_input_conv,
                      "environment": environment(), "runners": {}}
@@ -140,7 +143,7 @@ def bench_run(run_dir: str | Path, runners: list[str] | None = None, batches: tu
                     continue
                 reference = _reference_inputs(run_dir, export)  # rewritten if the gate exported the _layers twin
             try:
-                with create_runner(name, run_dir, model_file, **options) as runner:
+                with streamed(create_runner(name, run_dir, model_file, **options), export) as runner:
                     entry["by_batch"] = {}
                     for batch in batches:
                         stats = _time_batch(runner, reference, batch, warmup, iters, export["T"])
@@ -313,6 +316,10 @@ def _gate(run_dir: Path, name: str, numerics: str, options: dict, model_file: st
 
     The timed file passes when it is the file its export recorded and its scores are off only on as few
     samples as numerical spike flips explain (:func:`_timed_file_reasons`)."""
+    if export["form"] == "step":  # streamed, the file reports every layer's spikes itself: it is its own twin
+        report = verify_run(run_dir, name, numerics, progress=False, model_file=model_file, options=options,
+                            other_exports=False)
+        return _file_reasons(model_file, report)
     layers_file = layers_twin(model_file)
     earlier = read_manifest(run_dir).get("exports", {}).get(layers_file)
     if not _is_twin(run_dir, model_file, export, earlier, layers_file):
@@ -405,7 +412,8 @@ def batch_rows(entry: dict) -> list[tuple[str, dict]]:
 
 def format_table(results: dict) -> str:
     """Markdown table: one row per runner and batch size."""
-    lines = [f"model {results['model']} ({results.get('file', 'model.onnx')}, {results.get('order', 'layer')}-major), T = {results['T']}",
+    layout = "streamed, one call per step" if results.get("form") == "step" else f"{results.get('order', 'layer')}-major"
+    lines = [f"model {results['model']} ({results.get('file', 'model.onnx')}, {layout}), T = {results['T']}",
              "", "| runner | batch | p50 ms | p90 ms | p99 ms | samples/s | timesteps/s | execution |", "|---|---|---|---|---|---|---|---|"]
     for runner, entry in results["runners"].items():
         name = runner if entry.get("precision", "fp32") == "fp32" else f"{runner} ({entry['precision']})"

@@ -174,7 +174,7 @@ def export(run, steps, opset, form, layers, rates, samples, order, precision) ->
 
     r = export_run(run, steps=steps, opset=opset, form=form, layers=layers, rates=rates, n_random=samples, n_real=samples,
                    order=order, precision=precision)
-    if r.form == "unrolled" and not r.n_real:  # real samples asked for, none saved (no dataset, T mismatch): why
+    if not r.n_real:  # real samples asked for, none saved (no dataset, T mismatch): why
         from .artifacts import read_manifest
 
         why = read_manifest(r.path.parent)["exports"][r.path.name]["reference"]
@@ -184,13 +184,12 @@ def export(run, steps, opset, form, layers, rates, samples, order, precision) ->
         typed = f", {r.reduced_precision_nodes} convs/matmuls in {r.precision}"
     elif r.precision == "tf32x2":
         typed = f", {r.split_tf32_layers} convs/linears split for TF32"
-    if r.form == "unrolled":
-        references = f"{r.n_random} random + {r.n_real} real reference inputs"
-    else:  # a step export saves no reference files: say what the export itself checked (recorded in its entry)
+    references = f"{r.n_random} random + {r.n_real} real reference inputs"
+    if r.form == "step":  # what the export itself checked (recorded in its entry)
         from .artifacts import read_manifest
 
         checked = read_manifest(r.path.parent)["exports"][r.path.name].get("cleaned_vs_raw", "not recorded")
-        references = f"no reference files (verify and bench take unrolled exports); cleaned vs raw graph: {checked}"
+        references += f" (verify and bench stream them, T calls each); cleaned vs raw graph: {checked}"
     click.echo(
         f"exported {r.path} ({r.form}, T={r.steps}, opset {r.opset}{typed}): {r.onnx_bytes / 1e6:.2f} MB, "
         f"{r.nodes_clean} nodes ({r.nodes_raw} before cleaning), ops {', '.join(r.ops)}; {references}; {r.seconds:.1f} s"
@@ -231,7 +230,7 @@ def build(run, precision, batch, workspace_mb, timing_cache, model_file) -> None
                    "exported with --precision; tf32x2: torch-fast's fp32-accurate split-TF32 spike layers, and the TensorRT engine "
                    "of a tf32x2 export, built with --precision tf32).")
 @click.option("--batch", default=64, show_default=True, type=click.IntRange(1), help="Inputs per inference call.")
-@click.option("--model", "model_file", default=None, help="Which export of RUN to check (default: model_layers.onnx if exported, else model.onnx).")
+@click.option("--model", "model_file", default=None, help="Which export of RUN to check (default: model_layers.onnx if exported, else model.onnx; model_step.onnx streams T calls).")
 @click.option("--test-set", is_flag=True, help="Check on the run's whole test split (read from its dataset) instead of the export's reference inputs.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 def verify(run, runners, precision, batch, model_file, test_set, no_progress) -> None:
@@ -240,9 +239,13 @@ def verify(run, runners, precision, batch, model_file, test_set, no_progress) ->
     from .backends import default_runners, runner_options
     from .compare import default_model_file, format_report, verify_runs
 
+    exports = read_manifest(run).get("exports", {})
     if not runners:
         runners = tuple(default_runners(reference=False))
-    exports = read_manifest(run).get("exports", {})
+        if exports.get(model_file or "", {}).get("form") == "step":  # the runners that stream it
+            from .streaming import STREAM_RUNNERS
+
+            runners = tuple(n for n in runners if n in STREAM_RUNNERS)
     typed = exports.get(model_file or default_model_file(exports), {}).get("precision", "fp32")  # the export's
     precision = precision or typed
     options = {name: runner_options(name, precision, model_precision=typed) for name in runners}
@@ -321,7 +324,7 @@ def bench_train_cmd(model_toml, overrides, steps_t, batch, precision, steps, war
 @click.option("--warmup", default=10, show_default=True, type=click.IntRange(0),
               help="Untimed calls first; with 0 the first timed call carries a runtime's lazy set-up (ONNX Runtime's "
                    "first run, cuDNN autotuning) into p90/p99.")
-@click.option("--model", "model_file", default="model.onnx", show_default=True, help="Which unrolled export to time.")
+@click.option("--model", "model_file", default="model.onnx", show_default=True, help="Which export to time (model_step.onnx: T streamed calls per batch).")
 @click.option("--precision", type=click.Choice(TORCH_FAST_PRECISIONS), default="fp32",
               show_default=True, help="For torch-fast and trt (verified at that precision's tolerances); the other "
                                       "runners stay fp32. tf32x2: torch-fast only, fp32-accurate spike layers on TF32.")

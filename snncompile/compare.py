@@ -25,6 +25,7 @@ from .artifacts import (atomic_write_json, read_manifest, record_artifact, requi
 from .backends import create_runner
 from .errors import ArtifactError, ConfigError, DataError
 from .export_onnx import export_command, export_reference_paths, layers_twin, read_reference, unrolled_export
+from .streaming import streamed
 from .text import shell_path
 from .runs import load_run_config
 
@@ -347,7 +348,7 @@ def verify_runs(run_dir: str | Path, runners: dict[str, dict | None], precision:
     manifest = read_manifest(run_dir)
     if model_file is None:
         model_file = default_model_file(manifest.get("exports", {}))
-    export = unrolled_export(run_dir, model_file, "verify")
+    export = unrolled_export(run_dir, model_file, "verify", step_form=True)
     inputs_path, outputs_path = export_reference_paths(run_dir, export)
     if not inputs_path.is_file() or not outputs_path.is_file():
         raise ArtifactError(f"{run_dir}: the reference inputs and outputs of {model_file} are gone: run "
@@ -364,16 +365,18 @@ def verify_runs(run_dir: str | Path, runners: dict[str, dict | None], precision:
     else:
         raise ConfigError(f"inputs must be 'reference' or 'test', got {inputs!r}")
 
-    reference = create_runner("torch", run_dir, model_file)
+    reference = streamed(create_runner("torch", run_dir, model_file), export)  # a step-form file: T calls
     layers = [n[: -len(".spikes")] for n in reference.output_names if n.endswith(".spikes")]
     tallies = {name: _Tally(name, [n for n in reference.output_names if "." not in n]) for name in runners}
     reproduced = True
     candidates = {}
-    bar = tqdm(total=sum(source.sizes.values()), desc=f"verify {', '.join(runners)}", unit="sample",
-               disable=not progress, leave=False)
+    bar = None
     try:
         for name, options in runners.items():
-            candidates[name] = create_runner(name, run_dir, model_file, **(options or {}))
+            candidates[name] = streamed(create_runner(name, run_dir, model_file, **(options or {})), export)
+        # after the runners open: one that cannot (no GPU, say) then errors without a bar left at 0
+        bar = tqdm(total=sum(source.sizes.values()), desc=f"verify {', '.join(runners)}", unit="sample",
+                   disable=not progress, leave=False)
         for split in source.sizes:
             for x, labels, stored_scores in source.batches(split, batch):
                 feed = {"input": x}
@@ -384,7 +387,8 @@ def verify_runs(run_dir: str | Path, runners: dict[str, dict | None], precision:
                     tallies[name].add(split, ref, candidate.infer(feed), labels, layers, cfg.model.v_th, tol)
                 bar.update(x.shape[1])
     finally:
-        bar.close()
+        if bar is not None:
+            bar.close()
         for candidate in candidates.values():
             candidate.close()
 

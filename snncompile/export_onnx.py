@@ -79,12 +79,13 @@ REF_OUTPUTS = "reference_outputs.npz"
 
 
 def reference_files(steps: int, trained_steps: int, n_random: int = DEFAULT_SAMPLES,
-                    n_real: int = DEFAULT_SAMPLES) -> tuple[str, str]:
-    """The reference inputs and outputs an unrolled export at T = ``steps`` is verified on: the plain names at
+                    n_real: int = DEFAULT_SAMPLES, form: str = "unrolled") -> tuple[str, str]:
+    """The reference inputs and outputs an export at T = ``steps`` is verified on: the plain names at
     the T the run was trained with and the default sample counts; ``_T<steps>`` at another T and
     ``_n<random>-<real>`` at other counts, so that each export keeps its own (a later export at the same T
-    with fewer samples used to rewrite the shared file, and the earlier export was then verified on fewer)."""
-    suffix = "" if steps == trained_steps else f"_T{steps}"
+    with fewer samples used to rewrite the shared file, and the earlier export was then verified on fewer).
+    The step form's have ``_step`` in their names: its outputs are the streamed module's scores."""
+    suffix = ("_step" if form == "step" else "") + ("" if steps == trained_steps else f"_T{steps}")
     if (n_random, n_real) != (DEFAULT_SAMPLES, DEFAULT_SAMPLES):
         suffix += f"_n{n_random}-{n_real}"
     return f"reference_inputs{suffix}.npz", f"reference_outputs{suffix}.npz"
@@ -92,7 +93,11 @@ def reference_files(steps: int, trained_steps: int, n_random: int = DEFAULT_SAMP
 
 def export_reference_paths(run_dir: Path, export: dict) -> tuple[Path, Path]:
     """Where an export's reference inputs and outputs are (exports recorded before per-T names: the plain ones)."""
-    names = export.get("reference_files") or (REF_INPUTS, REF_OUTPUTS)
+    names = export.get("reference_files")
+    if not names and export.get("form") == "step":  # written before the step form had references of its own
+        raise ArtifactError(f"this step-form export has no reference inputs (it predates them): export again: "
+                            f"`{export_command(Path(run_dir), export)}`")
+    names = names or (REF_INPUTS, REF_OUTPUTS)
     return Path(run_dir) / names[0], Path(run_dir) / names[1]
 
 
@@ -149,20 +154,22 @@ def missing_export(run_dir: Path, model_file: str) -> ArtifactError:
     return ArtifactError(f"{run_dir} has no {model_file}: run `{export_command(run_dir, options)}` first")
 
 
-def unrolled_export(run_dir: Path, model_file: str, command: str, file_needed: bool = False) -> dict:
+def unrolled_export(run_dir: Path, model_file: str, command: str, file_needed: bool = False,
+                    step_form: bool = False) -> dict:
     """The manifest's entry of ``model_file`` when it is an unrolled export of the run's current checkpoint (what
-    verify, bench and build take), else the one-line error that says what to run: for the step form, the command
-    without --model (exporting again would not help); for a missing export, what writes it
-    (:func:`missing_export`); for older weights, the export again (:func:`require_current_checkpoint`).
-    ``file_needed``: the file itself must be there too (build reads it; verify and bench report a missing file
-    as its hash)."""
+    build takes; verify and bench, with ``step_form``, take the step form too), else the one-line error that says
+    what to run: for the step form where it is not taken, the command without --model (exporting again would not
+    help); for a missing export, what writes it (:func:`missing_export`); for older weights, the export again
+    (:func:`require_current_checkpoint`). ``file_needed``: the file itself must be there too (build reads it;
+    verify and bench report a missing file as its hash)."""
     run_dir = Path(run_dir)
     export = read_manifest(run_dir).get("exports", {}).get(model_file)
     # exported or not: the step form's error, not missing_export's `export --form step`, which leads back here
-    if model_file == STEP_FILE or (export is not None and export.get("form") == "step"):
-        raise ConfigError(f"{model_file} is the step-by-step form, checked against the unrolled graph when it is "
-                          f"exported: {command} takes unrolled exports; `snncompile {command} {shell_path(run_dir)}` without --model")
-    if export is None or export.get("form") != "unrolled" or (file_needed and not (run_dir / model_file).is_file()):
+    if not step_form and (model_file == STEP_FILE or (export is not None and export.get("form") == "step")):
+        raise ConfigError(f"{model_file} is the step-by-step form: {command} takes unrolled exports; "
+                          f"`snncompile {command} {shell_path(run_dir)}` without --model")
+    forms = ("unrolled", "step") if step_form else ("unrolled",)
+    if export is None or export.get("form") not in forms or (file_needed and not (run_dir / model_file).is_file()):
         raise missing_export(run_dir, model_file)
     require_current_checkpoint(run_dir, model_file, export)
     return export
@@ -263,6 +270,23 @@ def _torch_outputs(graph: UnrolledGraph, x: np.ndarray, batch: int = 64) -> dict
                 if "." not in name:  # scores / rates; per-layer traces are recomputed by verify
                     chunks.setdefault(name, []).append(out.numpy())
     return {k: np.concatenate(v) for k, v in chunks.items()}
+
+
+@torch.no_grad()
+def _torch_streamed(graph: StepGraph, x: np.ndarray, batch: int = 64) -> dict[str, np.ndarray]:
+    """The step module's scores for ``x`` ``[T, N, ...]``: T calls from zero states, as a streaming runtime makes
+    them (what the step form's reference outputs hold and its verify compares the torch runner with)."""
+    from .backends.pt import no_tf32
+
+    chunks = []
+    with no_tf32():
+        for start in range(0, x.shape[1], batch):
+            frames = torch.from_numpy(x[:, start : start + batch])
+            states = graph.zero_states(frames[0])
+            for frame in frames:
+                scores, *states = graph(frame, *states)
+            chunks.append(scores.numpy())
+    return {"scores": np.concatenate(chunks)}
 
 
 @contextlib.contextmanager
@@ -456,15 +480,14 @@ def export_run(
         _save_ir(model, out_path)
         ops = _check_graph(onnx, out_path)
 
-        arrays, ref_note = reference_inputs(cfg, steps, n_random, n_real if form == "unrolled" else 0)
-        extra: dict[str, Path] = {}
-        if form == "unrolled":
-            refs = {f"{split}/{name}": out for split in ("random", "real") if split in arrays
-                    for name, out in _torch_outputs(reference, arrays[split]).items()}
-            ref_files = reference_files(steps, cfg.model.T, n_random, n_real)
-            np.savez(staging / ref_files[0], **arrays)
-            np.savez(staging / ref_files[1], **refs)
-            extra = {name: staging / name for name in ref_files}
+        arrays, ref_note = reference_inputs(cfg, steps, n_random, n_real)
+        outputs_of = _torch_streamed if form == "step" else _torch_outputs
+        refs = {f"{split}/{name}": out for split in ("random", "real") if split in arrays
+                for name, out in outputs_of(reference, arrays[split]).items()}
+        ref_files = reference_files(steps, cfg.model.T, n_random, n_real, form)
+        np.savez(staging / ref_files[0], **arrays)
+        np.savez(staging / ref_files[1], **refs)
+        extra = {name: staging / name for name in ref_files}
         numerics = _check_numerics(raw_path, out_path, graph, arrays, form, steps) if check_numerics else "skipped"
         reduced = 0
         if precision in ("fp16", "bf16"):  # after the numerics check, which compares two fp32 graphs

@@ -529,17 +529,6 @@ def test_a_timed_file_of_an_earlier_checkpoint_is_one_line_before_anything_is_ti
     assert _bench_files(exported) == before
 
 
-def test_bench_of_a_step_form_export_says_bench_times_unrolled_ones(exported):
-    expected = (f"error: model_step.onnx is the step-by-step form, checked against the unrolled graph when it is "
-                f"exported: bench takes unrolled exports; `snncompile bench {exported}` without --model")
-    # not exported yet: it said to run `export --form step`, after which bench refused the file all the same
-    result = CliRunner().invoke(cli, ["bench", str(exported), "--model", "model_step.onnx"])
-    assert result.exit_code == 2 and result.output.strip() == expected
-    export_run(exported, form="step", n_random=2, n_real=0)
-    result = CliRunner().invoke(cli, ["bench", str(exported), "--model", "model_step.onnx"])
-    assert result.exit_code == 2 and result.output.strip() == expected  # it said to export again, which cannot help
-
-
 def test_gate_exports_the_twin_again_when_it_was_exported_from_another_checkpoint(exported):
     """A _layers twin of the same weights but recorded from an earlier checkpoint file (here: the same weights saved
     again at another epoch) would be refused by verify: the gate exports it again rather than skip the runner."""

@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
 
@@ -98,18 +99,23 @@ def test_export_says_why_it_saved_no_real_reference_inputs(tmp_path):
     assert note.startswith("note: no real reference inputs (MNIST files missing in") and "verify --test-set" in note
 
 
-def test_a_step_export_does_not_claim_reference_inputs_it_never_saves(tmp_path):
-    """`export --form step` printed "40 random + 0 real reference inputs", but a step export saves no reference
-    files (verify and bench take unrolled exports): it now says what the export itself checked."""
+def test_a_step_export_saves_the_reference_inputs_it_claims(tmp_path):
+    """`export --form step` said "40 random + 0 real reference inputs" and saved none. It now saves them, for
+    verify and bench to stream, in files of its own (the unrolled export's hold other outputs), and says what the
+    export itself checked."""
     from helpers import make_run, tiny_zoo_config
 
     run = make_run(tmp_path, tiny_zoo_config(REPO / "models" / "digits.toml"))
     result = CliRunner().invoke(cli, ["export", str(run), "--form", "step", "--samples", "40"])
     assert result.exit_code == 0, result.output
-    # what the export compared, on the 32 inputs it takes, not the 40 asked for
-    assert ("no reference files (verify and bench take unrolled exports); cleaned vs raw graph: identical on 32 "
-            "inputs" in result.stdout and "reference inputs" not in result.stdout), result.stdout
-    assert not list(run.glob("reference_*"))
+    # what the export compared, on the 32 inputs it takes, not the 40 saved
+    assert ("40 random + 40 real reference inputs (verify and bench stream them, T calls each); cleaned vs raw graph: "
+            "identical on 32 inputs" in result.stdout), result.stdout
+    assert sorted(p.name for p in run.glob("reference_*")) == ["reference_inputs_step_n40-40.npz",
+                                                               "reference_outputs_step_n40-40.npz"]
+    with np.load(run / "reference_inputs_step_n40-40.npz") as inputs, np.load(run / "reference_outputs_step_n40-40.npz") as outputs:
+        assert inputs["random"].shape[1] == inputs["real"].shape[1] == 40  # the digits ship with scikit-learn
+        assert outputs["random/scores"].shape[0] == outputs["real/scores"].shape[0] == 40
 
 
 def test_train_suggests_exporting_only_when_the_exports_are_not_of_its_checkpoint(tmp_path, digits_cfg):

@@ -78,8 +78,8 @@ def test_build_needs_an_export(tmp_path):
     export_run(run, form="step", n_random=2, n_real=0)  # exporting again (what the old message said) cannot help
     result = CliRunner().invoke(cli, ["build", str(run), "--model", "model_step.onnx"])
     assert result.exit_code == 2 and result.output.strip() == (
-        f"error: model_step.onnx is the step-by-step form, checked against the unrolled graph when it is exported: "
-        f"build takes unrolled exports; `snncompile build {run}` without --model")
+        f"error: model_step.onnx is the step-by-step form: build takes unrolled exports; `snncompile build {run}` "
+        "without --model")
 
 
 @pytest.mark.trt

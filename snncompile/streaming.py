@@ -1,0 +1,113 @@
+"""A step-form export (``model_step.onnx``) streamed over T steps, behind the unrolled model's interface.
+
+A streaming deployment (an event camera's frames as they come) runs the step form: one call per timestep,
+every state an explicit input and output. :class:`StreamedRunner` wraps any runner of that file and feeds it
+``input [T, B, ...]`` one step at a time from zero states, each call's ``next.*`` outputs becoming the next
+call's ``state.*`` inputs. It returns what an unrolled ``_layers`` export returns, so verify compares every
+LIF layer's spikes and membranes step by step and bench times a batch of T steps, both unchanged::
+
+    scores [B, classes], <lif>.spikes [T, B, ...], <lif>.membrane [T, B, ...]
+
+(the step graph's ``next.<lif>.o`` and ``next.<lif>.u`` of each step, stacked over time).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .backends.base import Runner, TensorSpec, validate_feed
+from .errors import ArtifactError
+
+__all__ = ["STREAM_RUNNERS", "StreamedRunner", "streamed"]
+
+STATE, NEXT = "state.", "next."
+# The runners that run a step-form file: the torch module and ONNX Runtime (torch-fast and the per-timestep
+# references take unrolled exports; TensorRT engines are built from those too)
+STREAM_RUNNERS = ("torch", "ort-cpu", "ort-cuda")
+
+
+@dataclass
+class _Stream:
+    """One prepared input: its T step inputs ``[B, ...]`` each and the zero states a stream starts from."""
+
+    steps: list[np.ndarray]
+    zeros: dict[str, np.ndarray]
+
+
+class StreamedRunner(Runner):
+    """Runs a step-form export's runner over T steps: ``infer({"input": [T, B, ...]})`` -> scores and every
+    LIF layer's spikes and membranes ``[T, B, ...]``.
+
+    Args:
+        step_runner: a runner of the step-form file (inputs ``input [B, ...]``, ``output_sum`` and the
+            ``state.*`` tensors; outputs ``scores``, ``next.output_sum`` and the ``next.*`` states).
+        steps: T, the number of calls one input makes.
+    """
+
+    def __init__(self, step_runner: Runner, steps: int):
+        self.inner = step_runner
+        self.steps = steps
+        self.name = step_runner.name
+        specs = {s.name: s for s in step_runner.inputs}
+        missing = [n for n in ("input", "output_sum") if n not in specs]
+        carried = ["output_sum"] + [n for n in specs if n.startswith(STATE)]
+        unanswered = [NEXT + n.removeprefix(STATE) for n in carried if NEXT + n.removeprefix(STATE) not in step_runner.output_names]
+        if missing or unanswered or "scores" not in step_runner.output_names:
+            raise ArtifactError(f"not a step-form export: inputs or outputs missing ({', '.join(missing + unanswered)})")
+        self._state_specs = [specs[n] for n in carried]
+        self._lifs = [n[len(STATE):-len(".u")] for n in specs if n.startswith(STATE) and n.endswith(".u")]
+        frame = specs["input"]
+        self._inputs = [TensorSpec("input", (steps, *frame.shape), frame.dtype)]
+        self._outputs = ["scores"] + [f"{lif}.{kind}" for lif in self._lifs for kind in ("spikes", "membrane")]
+        # the flags that describe how the inner runner computes (bench's rows, verify's report)
+        self.cuda_graph = getattr(step_runner, "cuda_graph", False)
+
+    def prepare(self, feed: dict[str, np.ndarray]) -> _Stream:
+        validate_feed(feed, self.inputs)
+        x = feed["input"]
+        batch = x.shape[1]
+        # zeros shaped like each state with the batch of this input: the states' other dimensions are fixed
+        zeros = {s.name: np.zeros((batch, *s.shape[1:]), dtype=s.dtype) for s in self._state_specs}
+        return _Stream([np.ascontiguousarray(x[t]) for t in range(self.steps)], zeros)
+
+    def _stream(self, stream: _Stream) -> list[dict[str, np.ndarray]]:
+        """The T calls; each step's outputs."""
+        states = stream.zeros
+        outputs = []
+        for x_t in stream.steps:
+            out = self.inner.infer({"input": x_t, **states})
+            states = {name: out[NEXT + name.removeprefix(STATE)] for name in states}
+            outputs.append(out)
+        return outputs
+
+    def run_prepared(self, handle: _Stream) -> None:
+        self._stream(handle)
+
+    def _run(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        outputs = self._stream(self.prepare(feed))
+        result = {"scores": outputs[-1]["scores"]}
+        for lif in self._lifs:
+            result[f"{lif}.spikes"] = np.stack([out[f"{NEXT}{lif}.o"] for out in outputs])
+            result[f"{lif}.membrane"] = np.stack([out[f"{NEXT}{lif}.u"] for out in outputs])
+        return result
+
+    def timing_mode(self, handle: _Stream) -> str:
+        inner = self.inner.timing_mode(self.inner.prepare({"input": handle.steps[0], **handle.zeros}))
+        return ", ".join(filter(None, [inner, f"{self.steps} step calls"]))
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+def streamed(runner: Runner, export: dict) -> Runner:
+    """``runner`` of the export whose manifest entry is ``export``, streamed over its T steps (:class:`StreamedRunner`)
+    when that is the step form; else ``runner`` itself."""
+    if export.get("form") != "step":
+        return runner
+    try:
+        return StreamedRunner(runner, int(export["T"]))
+    except Exception:
+        runner.close()
+        raise

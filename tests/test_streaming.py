@@ -1,0 +1,115 @@
+"""The step-form export streamed over T calls: the same spikes as the per-timestep graph, verified layer by layer on
+ONNX Runtime (a perturbed file fails), timed by bench."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("onnxscript")
+pytest.importorskip("onnxruntime")
+
+import onnx  # noqa: E402
+from click.testing import CliRunner  # noqa: E402
+from onnx import numpy_helper  # noqa: E402
+
+from conftest import REPO  # noqa: E402
+from helpers import make_run, tiny_zoo_config  # noqa: E402
+from snncompile.backends import create_runner  # noqa: E402
+from snncompile.bench import bench_run  # noqa: E402
+from snncompile.cli import cli  # noqa: E402
+from snncompile.compare import verify_run  # noqa: E402
+from snncompile.errors import ArtifactError  # noqa: E402
+from snncompile.export_onnx import export_run  # noqa: E402
+from snncompile.graphs import UnrolledGraph  # noqa: E402
+from snncompile.runs import load_network  # noqa: E402
+from snncompile.streaming import StreamedRunner  # noqa: E402
+from snncompile.streaming import streamed as streamed_runner  # noqa: E402
+
+
+@pytest.fixture
+def streamed(tmp_path):
+    """A tiny paper-style MNIST run (NeuNorm, voting) with its step-form export."""
+    run = make_run(tmp_path, tiny_zoo_config(REPO / "models" / "mnist.toml"))
+    export_run(run, form="step", n_random=16, n_real=0)
+    return run
+
+
+def _inputs(run, batch: int = 3) -> np.ndarray:
+    manifest = json.loads((run / "manifest.json").read_text())
+    with np.load(run / manifest["exports"]["model_step.onnx"]["reference_files"][0]) as saved:
+        return np.ascontiguousarray(saved["random"][:, :batch])
+
+
+def test_the_torch_module_streamed_is_the_per_timestep_graph_bit_for_bit(streamed):
+    """T calls of the step module, each one's states fed to the next, give every layer's spikes and membranes of the
+    unrolled per-timestep graph, which runs the same steps in one module: equal bits, not close ones."""
+    x = _inputs(streamed)
+    with StreamedRunner(create_runner("torch", streamed, "model_step.onnx"), x.shape[0]) as runner:
+        got = runner.infer({"input": x})
+    graph = UnrolledGraph(load_network(streamed)[1], layers=True, order="step").eval()
+    with torch.no_grad():
+        want = dict(zip(graph.output_names, (t.numpy() for t in graph(torch.from_numpy(x)))))
+    assert set(got) == set(want) and len(got) > 1 + 2  # scores and several layers
+    for name in want:
+        assert np.array_equal(got[name], want[name]), name
+    assert any(got[f"{lif}.spikes"].any() for lif in ("lif1", "lif2"))  # spikes to compare, not all zeros
+
+
+def test_verify_streams_the_step_form_layer_by_layer_and_a_perturbed_file_fails(streamed):
+    report = verify_run(streamed, "ort-cpu", "fp32", model_file="model_step.onnx")
+    assert report["passed"], report["reasons"]
+    # the torch reference, streamed, reproduces the scores the export stored; every LIF layer was compared
+    assert report["reference_reproduced"] and report["layers_checked"] and set(report["layers"]) >= {"lif1", "lif2"}
+
+    path = streamed / "model_step.onnx"
+    model = onnx.load(str(path))
+    init = next(i for i in model.graph.initializer if i.name == "net.stages.3.weight")  # the second conv, into lif2
+    w = numpy_helper.to_array(init).copy()
+    w[0, 0, 1, 1] += 5.0
+    init.CopyFrom(numpy_helper.from_array(w, init.name))
+    onnx.save(model, str(path))
+    report = verify_run(streamed, "ort-cpu", "fp32", model_file="model_step.onnx")
+    assert not report["passed"] and not report["model_matches_export"]
+    assert report["first_divergence"] == {"layer": "lif2", "step": 1}
+    assert report["layers"]["lif1"]["flips"] == 0 and report["layers"]["lif2"]["real"] > 0
+
+
+def test_cli_verify_of_the_step_form_uses_the_runners_that_stream_it(streamed):
+    result = CliRunner().invoke(cli, ["verify", str(streamed), "--model", "model_step.onnx", "--no-progress"])
+    assert result.exit_code == 0, result.output
+    assert "PASSED: ort-cpu matches torch" in result.output and "torch-fast" not in result.output
+
+
+def test_bench_times_t_streamed_calls_and_skips_runners_of_unrolled_exports(streamed):
+    said: list[str] = []
+    results = bench_run(streamed, ["torch", "ort-cpu", "torch-fast"], (1, 2), warmup=1, iters=2, progress=False,
+                        echo=said.append, model_file="model_step.onnx")
+    steps = results["T"]
+    for name in ("torch", "ort-cpu"):
+        rows = results["runners"][name]["by_batch"]
+        assert set(rows) == {"1", "2"} and all(r["execution"].endswith(f"{steps} step calls") for r in rows.values())
+    assert results["runners"]["ort-cpu"]["verified"]
+    assert "runs unrolled exports" in results["runners"]["torch-fast"]["skipped"]
+    table = (streamed / "bench_model_step.md").read_text()
+    assert table.startswith(f"model mnist (model_step.onnx, streamed, one call per step), T = {steps}")
+
+
+def test_only_the_step_form_is_streamed(streamed):
+    export_run(streamed, n_random=4, n_real=0)
+    exports = json.loads((streamed / "manifest.json").read_text())["exports"]
+    with streamed_runner(create_runner("ort-cpu", streamed, "model.onnx"), exports["model.onnx"]) as plain:
+        assert not isinstance(plain, StreamedRunner) and plain.output_names == ["scores"]
+    with streamed_runner(create_runner("ort-cpu", streamed, "model_step.onnx"), exports["model_step.onnx"]) as runner:
+        assert isinstance(runner, StreamedRunner) and runner.inputs[0].shape[0] == exports["model_step.onnx"]["T"]
+
+
+def test_a_step_export_from_before_its_reference_files_is_one_line(streamed):
+    """Step exports used to save no reference inputs: verify says to export again, it does not read another's."""
+    manifest = json.loads((streamed / "manifest.json").read_text())
+    manifest["exports"]["model_step.onnx"]["reference_files"] = []
+    (streamed / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactError, match=r"no reference inputs \(it predates them\): export again: "
+                                            r"`snncompile export \S+ --form step --samples 16`$"):
+        verify_run(streamed, "ort-cpu", "fp32", model_file="model_step.onnx")
