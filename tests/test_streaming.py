@@ -113,3 +113,22 @@ def test_a_step_export_from_before_its_reference_files_is_one_line(streamed):
     with pytest.raises(ArtifactError, match=r"no reference inputs \(it predates them\): export again: "
                                             r"`snncompile export \S+ --form step --samples 16`$"):
         verify_run(streamed, "ort-cpu", "fp32", model_file="model_step.onnx")
+
+
+def test_export_refuses_a_step_module_that_drops_a_state(tmp_path, monkeypatch):
+    """The export checks the step module against the unrolled network in torch, exactly: a module that forgets
+    its membranes between calls (every call starts from rest) is refused, and nothing is written."""
+    import snncompile.export_onnx as export_onnx
+    from snncompile.errors import ExportError
+    from snncompile.graphs import StepGraph
+
+    class Forgetful(StepGraph):
+        def forward(self, x_t, output_sum, *flat_states):
+            zeros = [torch.zeros_like(t) for t in flat_states]
+            return super().forward(x_t, output_sum, *zeros)
+
+    run = make_run(tmp_path, tiny_zoo_config(REPO / "models" / "mnist.toml"))
+    monkeypatch.setattr(export_onnx, "StepGraph", Forgetful)
+    with pytest.raises(ExportError, match=r"4 calls of the step module differ from the unrolled network"):
+        export_run(run, form="step", n_random=16, n_real=0)
+    assert not (run / "model_step.onnx").exists()
