@@ -26,7 +26,7 @@ from .backends.base import runner_numerics
 from .backends.pt import cpu_threads
 from .compare import verify_run
 from .errors import ArtifactError, ConfigError, SnnCompileError, described
-from .export_onnx import export_command, export_reference_paths, layers_twin, read_reference, unrolled_export
+from .export_onnx import export_command, export_reference_paths, layers_twin, read_reference, current_export
 from .streaming import STREAM_RUNNERS, streamed
 
 __all__ = ["batch_rows", "batch_sizes", "bench_run", "bench_stem", "format_table", "percentiles"]
@@ -93,7 +93,7 @@ def bench_run(run_dir: str | Path, runners: list[str] | None = None, batches: tu
     run_dir = Path(run_dir)
     manifest = read_manifest(run_dir)
     # the timed file of older weights: one line, not every runner failing its gate (torch is the current checkpoint)
-    export = unrolled_export(run_dir, model_file, "bench", file_needed=True, step_form=True)
+    export = current_export(run_dir, model_file, "bench", file_needed=True, step_form=True)
     # before the gates: a missing or replaced timed file re-exported the user's _layers twin, then failed anyway
     if sha256_model(run_dir / model_file) != export.get("sha256"):
         raise ArtifactError(f"{model_file} is not the file its export wrote (sha256 mismatch): export it again: "

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from .artifacts import atomic_write_json, interrupts_deferred, record_artifact, update_manifest
 from .errors import ConfigError
-from .export_onnx import unrolled_export
+from .export_onnx import current_export
 
 __all__ = ["build_run"]
 
@@ -18,7 +18,7 @@ def build_run(run_dir: str | Path, precision: str = "fp32", batch: str = "1:16:1
     options = BuildOptions(precision, parse_profile(batch), workspace_mb, Path(timing_cache) if timing_cache else None)
     options.validate()
     run_dir = Path(run_dir)
-    export = unrolled_export(run_dir, model_file, "build", file_needed=True)  # older weights would fail verify
+    export = current_export(run_dir, model_file, "build", file_needed=True)  # older weights would fail verify
     typed = export.get("precision", "fp32")
     fits = ENGINE_PRECISION.get(typed, typed)  # a tf32x2 export (split for TF32) is built with TF32 on
     if typed != "fp32" and precision != fits:  # a typed export builds only as what it was typed for: another

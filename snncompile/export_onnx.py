@@ -41,7 +41,7 @@ from .runs import CHECKPOINT, load_checkpoint, load_network, load_run_config, mi
 
 __all__ = ["unrolled_file", "stream_steps", "ALLOWED_OPS", "ExportResult", "export_run", "resolve_run_dir", "reference_inputs",
            "reference_files", "export_reference_paths", "read_reference", "export_command",
-           "require_current_checkpoint", "unrolled_export", "EXPORTER"]
+           "require_current_checkpoint", "current_export", "EXPORTER"]
 
 EXPORTER = "torch.export (torch.onnx.export dynamo=True) + onnxscript optimizer"
 EXTERNAL_DATA_BYTES = 1_800_000_000  # below protobuf's 2 GB limit with headroom for the graph
@@ -154,8 +154,8 @@ def missing_export(run_dir: Path, model_file: str) -> ArtifactError:
     return ArtifactError(f"{run_dir} has no {model_file}: run `{export_command(run_dir, options)}` first")
 
 
-def unrolled_export(run_dir: Path, model_file: str, command: str, file_needed: bool = False,
-                    step_form: bool = False) -> dict:
+def current_export(run_dir: Path, model_file: str, command: str, file_needed: bool = False,
+                   step_form: bool = False) -> dict:
     """The manifest's entry of ``model_file`` when it is an unrolled export of the run's current checkpoint (what
     build takes; verify and bench, with ``step_form``, take the step form too), else the one-line error that says
     what to run: for the step form where it is not taken, the command without --model (exporting again would not
