@@ -39,7 +39,7 @@ from .graphs import StepGraph, UnrolledGraph
 from .text import shell_path
 from .runs import CHECKPOINT, load_checkpoint, load_network, load_run_config, missing_checkpoint
 
-__all__ = ["unrolled_file", "stream_steps", "ALLOWED_OPS", "ExportResult", "export_run", "resolve_run_dir", "reference_inputs",
+__all__ = ["unrolled_file", "ALLOWED_OPS", "ExportResult", "export_run", "resolve_run_dir", "reference_inputs",
            "reference_files", "export_reference_paths", "read_reference", "export_command",
            "require_current_checkpoint", "current_export", "EXPORTER"]
 
@@ -601,18 +601,3 @@ def _check_step_module(graph: StepGraph, x: np.ndarray) -> str:
         raise ExportError(f"{graph.steps} calls of the step module differ from the unrolled network "
                           f"(max abs {float(np.abs(streamed - unrolled).max()):g})")
     return f"{graph.steps} streamed torch steps == unrolled torch scores on {x.shape[1]} inputs"
-
-
-def stream_steps(path: Path, graph: StepGraph, x: np.ndarray) -> np.ndarray:
-    """Feed ``x`` ``[T, B, ...]`` through a step-form ONNX file one step at a time; final scores."""
-    from .backends.ort import session_outputs
-
-    states = [s.numpy() for s in graph.zero_states(torch.from_numpy(x[0]))]
-    scores = None
-    for t in range(x.shape[0]):
-        outs = session_outputs(path, dict(zip(graph.input_names, [x[t], *states])))
-        scores = outs["scores"]
-        states = [outs[name] for name in graph.output_names[1:]]
-    return scores
-
-

@@ -16,9 +16,9 @@ from snncompile.backends import create_runner  # noqa: E402
 from snncompile.compare import verify_run  # noqa: E402
 from snncompile.config import load_config  # noqa: E402
 from snncompile.errors import ArtifactError, ExportError, InputError, Interrupted  # noqa: E402
-from snncompile.export_onnx import ALLOWED_OPS, _check_graph, export_run, stream_steps  # noqa: E402
-from snncompile.graphs import StepGraph  # noqa: E402
+from snncompile.export_onnx import ALLOWED_OPS, _check_graph, export_run  # noqa: E402
 from snncompile.runs import load_network  # noqa: E402
+from snncompile.streaming import StreamedRunner  # noqa: E402
 from snncompile.train import train  # noqa: E402
 
 
@@ -113,8 +113,8 @@ def test_step_form_streams_to_the_unrolled_result(trained_digits):
     run = trained_digits.run_dir
     export_run(run, form="step")
     x = np.load(reference_file(run))["real"][:, :40]
-    _, net = load_network(run)
-    streamed = stream_steps(run / "model_step.onnx", StepGraph(net, 4), x)
+    with StreamedRunner(create_runner("ort-cpu", run, "model_step.onnx"), 4) as r:
+        streamed = r.infer({"input": x})["scores"]
     with create_runner("ort-cpu", run) as r:
         unrolled = r.infer({"input": x})["scores"]
     np.testing.assert_array_equal(streamed, unrolled)
