@@ -30,26 +30,44 @@ STREAM_RUNNERS = ("torch", "ort-cpu", "ort-cuda")
 
 @dataclass
 class _Stream:
-    """One prepared input: its T step inputs ``[B, ...]`` each and the zero states a stream starts from."""
+    """One prepared input for a runner without bound streams: its T step inputs ``[B, ...]`` each and the zero
+    states a stream starts from, run as T ``infer`` calls (states through the host between them)."""
 
+    inner: Runner
     steps: list[np.ndarray]
     zeros: dict[str, np.ndarray]
+
+    def run(self, collect: bool = False) -> list[dict[str, np.ndarray]]:
+        """The T calls; every call's outputs (collected or not: they are on the host anyway)."""
+        states = self.zeros
+        outputs = []
+        for x_t in self.steps:
+            out = self.inner.infer({"input": x_t, **states})
+            states = {name: out[NEXT + name.removeprefix(STATE)] for name in states}
+            outputs.append(out)
+        return outputs
 
 
 class StreamedRunner(Runner):
     """Runs a step-form export's runner over T steps: ``infer({"input": [T, B, ...]})`` -> scores and every
     LIF layer's spikes and membranes ``[T, B, ...]``.
 
+    A runner with bound streams (ONNX Runtime's: ``bind_stream``, :class:`~.backends.ort.BoundStream`) keeps
+    the states where it computes, in place, between calls; any other is called with host arrays.
+
     Args:
         step_runner: a runner of the step-form file (inputs ``input [B, ...]``, ``output_sum`` and the
             ``state.*`` tensors; outputs ``scores``, ``next.output_sum`` and the ``next.*`` states).
         steps: T, the number of calls one input makes.
+        bind_states: use the runner's bound streams where it has them (False: states through the host,
+            to measure what binding saves).
     """
 
-    def __init__(self, step_runner: Runner, steps: int):
+    def __init__(self, step_runner: Runner, steps: int, bind_states: bool = True):
         self.inner = step_runner
         self.steps = steps
         self.name = step_runner.name
+        self.bound = bind_states and hasattr(step_runner, "bind_stream")
         specs = {s.name: s for s in step_runner.inputs}
         missing = [n for n in ("input", "output_sum") if n not in specs]
         carried = ["output_sum"] + [n for n in specs if n.startswith(STATE)]
@@ -64,36 +82,30 @@ class StreamedRunner(Runner):
         # the flags that describe how the inner runner computes (bench's rows, verify's report)
         self.cuda_graph = getattr(step_runner, "cuda_graph", False)
 
-    def prepare(self, feed: dict[str, np.ndarray]) -> _Stream:
+    def prepare(self, feed: dict[str, np.ndarray]):
+        """``feed``'s T frames placed for the calls: a bound stream with them loaded, or a :class:`_Stream`."""
         validate_feed(feed, self.inputs)
         x = feed["input"]
-        batch = x.shape[1]
+        if self.bound:
+            return self.inner.bind_stream(x, STATE, NEXT)
         # zeros shaped like each state with the batch of this input: the states' other dimensions are fixed
-        zeros = {s.name: np.zeros((batch, *s.shape[1:]), dtype=s.dtype) for s in self._state_specs}
-        return _Stream([np.ascontiguousarray(x[t]) for t in range(self.steps)], zeros)
+        zeros = {s.name: np.zeros((x.shape[1], *s.shape[1:]), dtype=s.dtype) for s in self._state_specs}
+        return _Stream(self.inner, [np.ascontiguousarray(x[t]) for t in range(self.steps)], zeros)
 
-    def _stream(self, stream: _Stream) -> list[dict[str, np.ndarray]]:
-        """The T calls; each step's outputs."""
-        states = stream.zeros
-        outputs = []
-        for x_t in stream.steps:
-            out = self.inner.infer({"input": x_t, **states})
-            states = {name: out[NEXT + name.removeprefix(STATE)] for name in states}
-            outputs.append(out)
-        return outputs
-
-    def run_prepared(self, handle: _Stream) -> None:
-        self._stream(handle)
+    def run_prepared(self, handle) -> None:
+        handle.run()
 
     def _run(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        outputs = self._stream(self.prepare(feed))
+        outputs = self.prepare(feed).run(collect=True)
         result = {"scores": outputs[-1]["scores"]}
         for lif in self._lifs:
             result[f"{lif}.spikes"] = np.stack([out[f"{NEXT}{lif}.o"] for out in outputs])
             result[f"{lif}.membrane"] = np.stack([out[f"{NEXT}{lif}.u"] for out in outputs])
         return result
 
-    def timing_mode(self, handle: _Stream) -> str:
+    def timing_mode(self, handle) -> str:
+        if self.bound:
+            return handle.mode
         inner = self.inner.timing_mode(self.inner.prepare({"input": handle.steps[0], **handle.zeros}))
         return ", ".join(filter(None, [inner, f"{self.steps} step calls"]))
 

@@ -84,3 +84,22 @@ def wrapped_ctrl_c(*args, **kwargs):
             raise AttributeError("module 'torch._dynamo' has no attribute 'exc'")
     except AttributeError as e:
         raise RuntimeError("Failed to export the model with torch.export. This is step 1/3") from e
+
+
+def ort_cuda_on_the_cpu(graphs: bool = False):
+    """ort-cuda's IO-binding path (fixed buffers, in-place input updates, copy-out) on ONNX Runtime's CPU
+    provider: the same calls the CUDA runner makes, checkable without a GPU. The CUDA-graph option is
+    the CUDA provider's, so it is left out here (the request still goes through its fallback path).
+    ``graphs``: treat every session as capturing graphs, so bound streams pass their graph ids (which the
+    CPU provider ignores)."""
+    from snncompile.backends.ort import OrtCudaRunner
+
+    class BoundOnCpu(OrtCudaRunner):
+        provider = "CPUExecutionProvider"
+        device = "cpu"
+        graph_options: dict = {}
+
+        def _graphs(self, specialized) -> bool:
+            return graphs or specialized.cuda_graph
+
+    return BoundOnCpu

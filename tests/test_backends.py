@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from conftest import REPO
-from helpers import make_run, reference_file, tiny_zoo_config
+from helpers import make_run, ort_cuda_on_the_cpu, reference_file, tiny_zoo_config
 from snncompile.backends import RUNNERS, available_runners, create_runner
 from snncompile.errors import ConfigError, RunnerUnavailableError
 from snncompile.text import counted
@@ -230,25 +230,11 @@ def test_ort_cpu_threads_follow_the_cpu_affinity(exported_run):
         os.sched_setaffinity(0, allowed)
 
 
-def _bound_on_cpu():
-    """ort-cuda's IO-binding path (fixed buffers, in-place input updates, copy-out) on ONNX Runtime's CPU
-    provider: the same calls the CUDA runner makes, checkable without a GPU. The CUDA-graph option is
-    the CUDA provider's, so it is left out here (the request still goes through its fallback path)."""
-    from snncompile.backends.ort import OrtCudaRunner
-
-    class BoundOnCpu(OrtCudaRunner):
-        provider = "CPUExecutionProvider"
-        device = "cpu"
-        graph_options: dict = {}
-
-    return BoundOnCpu
-
-
 def test_ort_cuda_binding_path_on_the_cpu_provider(exported_run):
     pytest.importorskip("onnxruntime")
     x = np.load(reference_file(exported_run))["random"]
     refs = np.load(reference_file(exported_run, "outputs"))
-    with _bound_on_cpu()(exported_run) as runner:
+    with ort_cuda_on_the_cpu()(exported_run) as runner:
         first = runner.infer({"input": x[:, :8]})
         other = runner.infer({"input": x[:, 8:16]})  # same bound buffers, new data copied in
         np.testing.assert_array_equal(first["scores"], refs["random/scores"][:8])
@@ -261,7 +247,7 @@ def test_ort_cuda_binding_path_on_the_cpu_provider(exported_run):
         # fallback; with the CPU as that provider it refuses the request, and the runner says why
         assert runner.timing_mode(handle).startswith("no CUDA graph: ") and "fallback" in runner.timing_mode(handle)
         np.testing.assert_array_equal(handle.binding.copy_outputs_to_cpu()[0], first["scores"])
-    with _bound_on_cpu()(exported_run, cuda_graph=False) as plain:
+    with ort_cuda_on_the_cpu()(exported_run, cuda_graph=False) as plain:
         handle = plain.prepare({"input": x[:, :4]})
         assert plain.timing_mode(handle) == "CUDA graph off" and not handle.cuda_graph
 

@@ -15,8 +15,8 @@ from click.testing import CliRunner  # noqa: E402
 from onnx import numpy_helper  # noqa: E402
 
 from conftest import REPO  # noqa: E402
-from helpers import make_run, tiny_zoo_config  # noqa: E402
-from snncompile.backends import create_runner  # noqa: E402
+from helpers import make_run, ort_cuda_on_the_cpu, tiny_zoo_config  # noqa: E402
+from snncompile.backends import available_runners, create_runner  # noqa: E402
 from snncompile.bench import bench_run  # noqa: E402
 from snncompile.cli import cli  # noqa: E402
 from snncompile.compare import verify_run  # noqa: E402
@@ -87,13 +87,72 @@ def test_bench_times_t_streamed_calls_and_skips_runners_of_unrolled_exports(stre
     results = bench_run(streamed, ["torch", "ort-cpu", "torch-fast"], (1, 2), warmup=1, iters=2, progress=False,
                         echo=said.append, model_file="model_step.onnx")
     steps = results["T"]
-    for name in ("torch", "ort-cpu"):
+    for name, how in (("torch", f"{steps} step calls"), ("ort-cpu", f"{steps} step calls, states bound in place")):
         rows = results["runners"][name]["by_batch"]
-        assert set(rows) == {"1", "2"} and all(r["execution"].endswith(f"{steps} step calls") for r in rows.values())
+        assert set(rows) == {"1", "2"} and all(r["execution"].endswith(how) for r in rows.values())
     assert results["runners"]["ort-cpu"]["verified"]
     assert "runs unrolled exports" in results["runners"]["torch-fast"]["skipped"]
     table = (streamed / "bench_model_step.md").read_text()
     assert table.startswith(f"model mnist (model_step.onnx, streamed, one call per step), T = {steps}")
+
+
+def test_onnx_runtime_streams_with_states_bound_in_place_as_with_states_through_the_host(streamed, monkeypatch):
+    """ONNX Runtime's bound stream (states alternating between device buffers, call 0 reading zeros) gives the bits
+    of T plain calls, stream after stream: a stream that wrote into its zeros, or read a stale set, would start the
+    second input from the first one's states. Over more batch sizes than the runner keeps sessions for, so streams
+    are released with theirs and made again."""
+    import snncompile.backends.ort as ort_backend
+
+    monkeypatch.setattr(ort_backend, "MAX_SESSIONS", 2)
+    x = _inputs(streamed, batch=8)
+    with StreamedRunner(create_runner("ort-cpu", streamed, "model_step.onnx"), x.shape[0]) as bound, \
+            StreamedRunner(create_runner("ort-cpu", streamed, "model_step.onnx"), x.shape[0], bind_states=False) as host:
+        assert bound.bound and not host.bound
+        assert set(bound.infer({"input": x[:, :2]})) == set(host.output_names) == set(bound.output_names)
+        _same_streams(bound, host, x, batches=((3, 0), (3, 3), (1, 0), (2, 5), (3, 1)))
+        assert len(bound.inner._streams) <= 2
+        handle = bound.prepare({"input": np.ascontiguousarray(x[:, :3])})
+        bound.run_prepared(handle)  # timed calls: nothing copied back
+        assert np.array_equal(handle.bindings[-1].copy_outputs_to_cpu()[0], host.infer({"input": x[:, :3]})["scores"])
+
+
+def _same_streams(bound: StreamedRunner, host: StreamedRunner, x: np.ndarray, batches=((3, 0), (3, 3), (2, 1))):
+    for batch, offset in batches:
+        feed = {"input": np.ascontiguousarray(x[:, offset:offset + batch])}
+        got, want = bound.infer(feed), host.infer(feed)
+        for name in want:
+            assert np.array_equal(got[name], want[name]), (batch, offset, name)
+
+
+def test_ort_cuda_binds_one_graph_per_call_checked_on_the_cpu_provider(streamed):
+    """ort-cuda's bound stream, on ONNX Runtime's CPU provider: each call gets a graph id of its own (1..T; a graph
+    replays the buffers it was captured with), and the stream gives the bits the same session gives call by call
+    through the runner's own binding, with the states through the host."""
+    x = _inputs(streamed, batch=8)
+    steps = x.shape[0]
+    inner = ort_cuda_on_the_cpu(graphs=True)(streamed, "model_step.onnx")
+    with StreamedRunner(inner, steps) as bound:
+        host = StreamedRunner(inner, steps, bind_states=False)  # the same runner: the same sessions
+        _same_streams(bound, host, x)
+        handle = bound.prepare({"input": np.ascontiguousarray(x[:, :3])})
+        assert [o.get_run_config_entry("gpu_graph_id") for o in handle.run_options] == [str(t + 1) for t in range(steps)]
+        assert bound.timing_mode(handle).endswith(f"{steps} step calls, states bound in place")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(available_runners()["ort-cuda"] is not None, reason="ort-cuda is unavailable here")
+def test_ort_cuda_streams_its_states_on_the_gpu_through_captured_graphs(streamed):
+    """On the GPU: T captured graphs, replayed stream after stream with new frames, give the bits of the same
+    session's calls with the states through the host."""
+    x = _inputs(streamed, batch=8)
+    inner = create_runner("ort-cuda", streamed, "model_step.onnx")
+    with StreamedRunner(inner, x.shape[0]) as bound:
+        host = StreamedRunner(inner, x.shape[0], bind_states=False)
+        handle = bound.prepare({"input": np.ascontiguousarray(x[:, :3])})
+        for _ in range(3):  # past ONNX Runtime's warm-up runs: every call's graph captured, then replayed
+            bound.run_prepared(handle)
+        assert bound.timing_mode(handle).startswith("CUDA graph, "), bound.timing_mode(handle)
+        _same_streams(bound, host, x, batches=((3, 0), (3, 3), (3, 5)))
 
 
 def test_only_the_step_form_is_streamed(streamed):

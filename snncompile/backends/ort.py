@@ -19,7 +19,8 @@ from ..errors import ArtifactError, InputError, first_line
 from ..text import counted
 from .base import Runner, TensorSpec, validate_feed
 
-__all__ = ["OrtCpuRunner", "OrtCudaRunner", "cuda_provider_options", "session_outputs", "free_dimensions", "usable_cpus"]
+__all__ = ["OrtCpuRunner", "OrtCudaRunner", "BoundStream", "cuda_provider_options", "session_outputs", "free_dimensions",
+           "usable_cpus"]
 
 _ORT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(double)": "float64"}
 MAX_SESSIONS = 4  # shape-specialized sessions kept per runner (verify uses 2 batch sizes, bench 3)
@@ -63,9 +64,53 @@ def usable_cpus() -> int:
         return max(1, os.cpu_count() or 2)
 
 
+@dataclass
+class BoundStream:
+    """A step-form export's T calls on one shape-specialized session, every tensor bound in place on the
+    runner's device (IO binding): between its calls a stream moves nothing between host and device, where a
+    stream of ``session.run`` calls would take every state to the host and back at every step.
+
+    Call t reads frame t and the states call t-1 wrote, and writes its own: the states live in three buffer
+    sets, ``zeros`` (what call 0 reads; never written, so a stream starts from rest without a reset copy)
+    and two that calls alternate between (call t writes set ``t % 2``, call t+1 reads it). Outputs that are
+    not states (``scores``) share one buffer: the last call's value is the stream's.
+
+    On a CUDA-graph session each call has a graph of its own (``gpu_graph_id`` t+1: a captured graph
+    replays the addresses it was captured with, and each call's differ).
+    """
+
+    session: object
+    bindings: list  # one IOBinding per call
+    run_options: list  # one RunOptions (or None) per call
+    frames: list  # T OrtValues [B, ...]: call t's input
+    output_names: list[str]  # what copy_outputs_to_cpu returns, in its order
+    mode: str  # how the calls execute, for bench's table
+
+    def load(self, x: np.ndarray) -> None:
+        """Copy ``x [T, B, ...]`` into the bound frames (in place: their addresses must not change)."""
+        for frame, x_t in zip(self.frames, x):
+            frame.update_inplace(np.ascontiguousarray(x_t))
+
+    def run(self, collect: bool = False) -> list[dict[str, np.ndarray]]:
+        """The T calls on the loaded frames; with ``collect``, every call's outputs copied to the host."""
+        outputs = []
+        for binding, options in zip(self.bindings, self.run_options):
+            self.session.run_with_iobinding(binding, options)
+            if collect:
+                outputs.append(dict(zip(self.output_names, binding.copy_outputs_to_cpu())))
+        self.bindings[-1].synchronize_outputs()  # return only once the stream's results are complete
+        return outputs
+
+    def release(self) -> None:
+        for binding in self.bindings:
+            binding.clear_binding_inputs()
+            binding.clear_binding_outputs()
+
+
 class _OrtRunner(Runner):
     provider = "CPUExecutionProvider"
     provider_options: dict[str, str] = {}
+    device = "cpu"  # where bound buffers live (IO binding)
 
     @classmethod
     def unavailable_reason(cls) -> str | None:
@@ -93,7 +138,10 @@ class _OrtRunner(Runner):
             for i in declared
         ]
         self._outputs = [o.name for o in session.get_outputs()]
+        self._output_shapes = {o.name: tuple(o.shape) for o in session.get_outputs()}
+        self._types = {t.name: t.type for t in [*declared, *session.get_outputs()]}  # ONNX Runtime's type strings
         self._specialized: OrderedDict = OrderedDict()
+        self._streams: dict = {}  # dims -> BoundStream on that specialized session
 
     def timing_mode(self, handle) -> str:
         return f"CPU, {counted(self._intra_op_threads(), 'thread')}"
@@ -134,20 +182,91 @@ class _OrtRunner(Runner):
 
     def _specialized_for(self, feed: dict[str, np.ndarray]):
         """The shape-specialized runtime object for ``feed``'s dimensions, created on first use (LRU)."""
-        dims = free_dimensions(feed, self._declared)
+        return self._specialized[self._dims_for(feed)]
+
+    def _dims_for(self, feed: dict[str, np.ndarray]) -> tuple[tuple[str, int], ...]:
+        """``feed``'s named dimensions, with a specialized object made for them (the least recently used one
+        and its stream released when :data:`MAX_SESSIONS` are held). ``feed`` may hold only the inputs that
+        name them."""
+        dims = free_dimensions(feed, {name: shape for name, shape in self._declared.items() if name in feed})
         if dims in self._specialized:
             self._specialized.move_to_end(dims)
         else:
             while len(self._specialized) >= MAX_SESSIONS:
-                self._release(self._specialized.popitem(last=False)[1])
+                old, specialized = self._specialized.popitem(last=False)
+                self._release_stream(old)
+                self._release(specialized)
             self._specialized[dims] = self._specialize(dims)
-        return self._specialized[dims]
+        return dims
 
     def _specialize(self, dims):
         return self._open(dims)
 
+    def _session_of(self, specialized):
+        """The InferenceSession of a :meth:`_specialize` result."""
+        return specialized
+
+    def _graphs(self, specialized) -> bool:
+        """Whether that session captures CUDA graphs (then each bound call needs a graph id of its own)."""
+        return False
+
     def _release(self, specialized) -> None:
         """Free what :meth:`_specialize` made (sessions go with their last reference)."""
+
+    def _release_stream(self, dims) -> None:
+        stream = self._streams.pop(dims, None)
+        if stream is not None:
+            stream.release()
+
+    def _buffer(self, name: str, shape: tuple, sizes: dict[str, int]):
+        """A device buffer for tensor ``name`` of the graph, its named dimensions taken from ``sizes``."""
+        ort = _onnxruntime()
+        fixed = [sizes.get(d, d) for d in shape]
+        if not all(isinstance(d, int) for d in fixed):
+            raise ArtifactError(f"{self.path}: {name!r} has a shape the inputs do not fix: {list(shape)}")
+        return ort.OrtValue.ortvalue_from_shape_and_type(fixed, _numpy_type(self._types[name]), self.device, 0)
+
+    def bind_stream(self, x: np.ndarray, state: str = "state.", next_state: str = "next.") -> BoundStream:
+        """The :class:`BoundStream` of a step-form file for ``x [T, B, ...]`` (made on first use per batch size
+        and kept with its session: a stream's graphs stay valid only with its buffers), ``x`` loaded into it."""
+        dims = self._dims_for({"input": x[0]})
+        stream = self._streams.get(dims)
+        if stream is None or len(stream.frames) != len(x):
+            self._release_stream(dims)
+            stream = self._streams[dims] = self._bind_stream(dims, len(x), state, next_state)
+        stream.load(x)
+        return stream
+
+    def _bind_stream(self, dims, steps: int, state: str, next_state: str) -> BoundStream:
+        ort = _onnxruntime()
+        specialized = self._specialized[dims]
+        session, sizes = self._session_of(specialized), dict(dims)
+        states = [n for n in self._declared if n != "input"]  # output_sum and the state.* tensors
+        written = {n: next_state + n.removeprefix(state) for n in states}  # the output that carries each forward
+        declared = {**self._declared, **self._output_shapes}
+        zeros = {n: self._buffer(n, declared[n], sizes) for n in states}
+        for name, value in zeros.items():
+            value.update_inplace(np.zeros(value.shape(), _numpy_type(self._types[name])))
+        sets = [{n: self._buffer(n, declared[n], sizes) for n in states} for _ in range(2)]
+        shared = {n: self._buffer(n, declared[n], sizes) for n in self._outputs if n not in written.values()}
+        frames = [self._buffer("input", declared["input"], sizes) for _ in range(steps)]
+        bindings, options = [], []
+        for t in range(steps):
+            targets = {**shared, **{written[n]: sets[t % 2][n] for n in states}}
+            binding = session.io_binding()
+            binding.bind_ortvalue_input("input", frames[t])
+            for name in states:
+                binding.bind_ortvalue_input(name, (zeros if t == 0 else sets[(t - 1) % 2])[name])
+            for name in self._outputs:  # bound in the graph's order: copy_outputs_to_cpu returns them so
+                binding.bind_ortvalue_output(name, targets[name])
+            run_options = None
+            if self._graphs(specialized):
+                run_options = ort.RunOptions()
+                run_options.add_run_config_entry("gpu_graph_id", str(t + 1))  # 0 is the session's own, -1 none
+            bindings.append(binding)
+            options.append(run_options)
+        mode = ", ".join(filter(None, [self.timing_mode(specialized), f"{steps} step calls, states bound in place"]))
+        return BoundStream(session, bindings, options, frames, list(self._outputs), mode)
 
     def _run(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         session = self._specialized_for(feed)
@@ -155,6 +274,8 @@ class _OrtRunner(Runner):
         return dict(zip(self._outputs, outs))
 
     def close(self) -> None:
+        for dims in list(self._streams):
+            self._release_stream(dims)
         for specialized in self._specialized.values():
             self._release(specialized)
         self._specialized.clear()
@@ -199,7 +320,6 @@ class OrtCudaRunner(_OrtRunner):
         super().__init__(run_dir, model_file, threads)
 
     def _specialize(self, dims) -> _BoundSession:
-        ort = _onnxruntime()
         session, note = None, "" if self.cuda_graph else "CUDA graph off"
         if self.cuda_graph:
             try:  # all nodes on CUDA or no graph: a node left on the CPU would break capture
@@ -209,17 +329,19 @@ class OrtCudaRunner(_OrtRunner):
         bound = _BoundSession(session or self._open(dims), None, cuda_graph=session is not None, note=note)
         bound.binding = bound.session.io_binding()
         sizes = dict(dims)
-        for spec in bound.session.get_inputs():
-            shape = [sizes.get(d, d) for d in spec.shape]
-            bound.inputs[spec.name] = ort.OrtValue.ortvalue_from_shape_and_type(shape, _numpy_type(spec.type), self.device, 0)
-            bound.binding.bind_ortvalue_input(spec.name, bound.inputs[spec.name])
-        for spec in bound.session.get_outputs():
-            shape = [sizes.get(d, d) for d in spec.shape]
-            if not all(isinstance(d, int) for d in shape):
-                raise ArtifactError(f"{self.path}: output {spec.name!r} has a shape the inputs do not fix: {spec.shape}")
-            bound.outputs[spec.name] = ort.OrtValue.ortvalue_from_shape_and_type(shape, _numpy_type(spec.type), self.device, 0)
-            bound.binding.bind_ortvalue_output(spec.name, bound.outputs[spec.name])
+        for name, shape in self._declared.items():
+            bound.inputs[name] = self._buffer(name, shape, sizes)
+            bound.binding.bind_ortvalue_input(name, bound.inputs[name])
+        for name in self._outputs:
+            bound.outputs[name] = self._buffer(name, self._output_shapes[name], sizes)
+            bound.binding.bind_ortvalue_output(name, bound.outputs[name])
         return bound
+
+    def _session_of(self, specialized: _BoundSession):
+        return specialized.session
+
+    def _graphs(self, specialized: _BoundSession) -> bool:
+        return specialized.cuda_graph
 
     def _load(self, feed: dict[str, np.ndarray]) -> _BoundSession:
         bound = self._specialized_for(feed)
