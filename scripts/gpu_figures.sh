@@ -263,6 +263,20 @@ infer_compiled() {  # MODEL BATCHES: the torch.compile reference beside torch-fa
     run=$(cat "$runs/$1.run") || return 1
     snncompile bench "$run" --runners torch-compile,torch-fast --batch "$2" $iters_s | sed -n '/^model /,/^wrote/p'
 }
+stream_ort() {  # MODEL BATCHES TINY...: the step form streamed on ORT CUDA, states bound on the GPU vs through the host
+    local model=$1 batches=$2 run
+    shift 2
+    set -o pipefail
+    python3 -c "import onnxruntime as o, sys; sys.exit('CUDAExecutionProvider' not in o.get_available_providers())" \
+        || { echo "ort-cuda: no onnxruntime-gpu, streaming on ORT CUDA skipped"; return 0; }
+    run=$(snncompile init "models/$model.toml" "$@" --out "$runs" | sed -E 's/^initialised ([^;]+).*/\1/')
+    snncompile export "$run" --samples 64 >&2 && snncompile export "$run" --form step --samples 64 >&2 || return 1
+    # one call over T steps against T calls, each verified first (the stream layer by layer)
+    snncompile bench "$run" --runners ort-cuda --batch "$batches" $iters_s | sed -n '/^model /,/^wrote/p'
+    snncompile bench "$run" --model model_step.onnx --runners ort-cuda --batch "$batches" $iters_s \
+        | sed -n '/^model /,/^wrote/p'
+    python3 scripts/ort_streaming_binding.py "$run" ort-cuda "$batches" 20
+}
 split_tf32_ort() {  # TINY...: a NeuNorm MNIST network (every conv analog) through the tf32x2 export on ORT CUDA
     local run
     set -o pipefail  # the stage's exit is verify's, not tail's (bash -c starts without the script's pipefail)
@@ -273,7 +287,7 @@ split_tf32_ort() {  # TINY...: a NeuNorm MNIST network (every conv analog) throu
     snncompile export "$run" --precision tf32x2 --layers --samples 64 >&2 || return 1
     snncompile verify "$run" --runner ort-cuda --precision tf32x2 --model model_tf32x2_layers.onnx --no-progress 2>&1 | tail -4
 }
-export -f bench_infer trt_digits infer_targets infer_profile infer_compiled split_tf32_ort
+export -f bench_infer trt_digits infer_targets infer_profile infer_compiled stream_ort split_tf32_ort
 export runs batches OUT mnist_root
 export iters_s="${iters[*]}"
 
@@ -348,7 +362,7 @@ headline)
         | tee "$f" >&2; rc=${PIPESTATUS[0]}; grep -E "FAILED|ERROR|max error vs float64|^=+ .*(passed|failed|error)" "$f"
         [ "$rc" = 124 ] && echo "stopped by the 150 s cap after $(grep -cE " (PASSED|FAILED|SKIPPED|ERROR)" "$f") results"
         rm -f "$f"; exit "$rc"' _ "${xdist[@]}" tests/test_kernels.py tests/test_input_conv.py \
-        tests/test_bench_train.py tests/test_backends.py tests/test_exact.py tests/test_split_tf32.py \
+        tests/test_bench_train.py tests/test_backends.py tests/test_exact.py tests/test_split_tf32.py tests/test_streaming.py \
         tests/test_train.py::test_on_the_gpu_a_resumed_adam_keeps_its_step_counts_where_its_kernel_wants_them -k "not trt and \
         (cuda or gpu or compact_spikes or exact_on_cpu or bf16_flips or opt_in or replays or autotuning or \
         half_precision or pooled_spikes or lif_pool or pool_fused or zoo_networks_fused or contraction or \
@@ -367,6 +381,10 @@ headline)
     # issue 7's missed target (bench-nmnist b128: 1.7 ms at best, target 1.0): which kernels the time is in, and
     # the fused input conv (its 606 MB output never written); small exports, so before bench-cifar's
     stage "profile bench-nmnist inference" 100 bash -c 'infer_profile bench-nmnist "$@"' _ "${nmnist_targets##*,}" \
+        "${tiny_nmnist[@]}"
+    # issue 7's streaming on ORT CUDA (built without a GPU): model_step.onnx's T calls with the states bound on the
+    # GPU (one CUDA graph per call) against model.onnx's one call, and against the states through the host
+    stage "stream bench-nmnist on ORT CUDA" 45 bash -c 'stream_ort bench-nmnist "$@"' _ "1,${nmnist_targets##*,}" \
         "${tiny_nmnist[@]}"
     # issue 6's paper networks: the CIFAR10 net's step took 21.6 ms on the H200 against bench-cifar's 10.5 with the
     # same convs; NeuNorm's full-size passes now run as three kernels (neunorm_* in the profile)
