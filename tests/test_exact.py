@@ -136,20 +136,25 @@ def test_training_checkpoints_the_snapped_network(tmp_path, digits_cfg):
     assert result.test_acc > 0.3  # it still learns (10 classes)
 
 
-def test_membranes_are_bit_identical_on_onnx_runtime(tmp_path):
-    """The claim itself, on a real runtime: exact arithmetic makes every membrane ONNX Runtime CPU computes
-    the same bits as torch's; without it, the same network's membranes differ in their last bits."""
+@pytest.mark.parametrize("runner", ["ort-cpu", pytest.param("ort-cuda", marks=pytest.mark.gpu)])
+def test_membranes_are_bit_identical_on_onnx_runtime(tmp_path, runner):
+    """The claim itself, on a real runtime: exact arithmetic makes every membrane ONNX Runtime computes the
+    same bits as torch's (on CUDA, through the implicit-GEMM convolutions its options ask for); without it,
+    the same network's membranes differ in their last bits."""
     pytest.importorskip("onnxruntime")
     from helpers import make_run
+    from snncompile.backends import available_runners
     from snncompile.compare import verify_run
     from snncompile.export_onnx import export_run
 
+    if available_runners()[runner] is not None:
+        pytest.skip(f"{runner}: {available_runners()[runner]}")
     differing = {}
     for exact in (True, False):
         cfg = load_config(REPO / "models" / "digits.toml", [f"model.exact={str(exact).lower()}"])
         run = make_run(tmp_path / str(exact), cfg)
         export_run(run, layers=True, check_numerics=False)
-        report = verify_run(run, "ort-cpu")
+        report = verify_run(run, runner)
         assert report["passed"] and report["exact_model"] == exact
         differing[exact] = {name: layer["membranes_differing"] for name, layer in report["layers"].items()}
     assert set(differing[True].values()) == {0}, differing[True]
@@ -175,6 +180,20 @@ def test_torch_fast_computes_an_exact_models_membranes_bit_for_bit(tmp_path):
     assert {name: layer["membranes_differing"] for name, layer in report["layers"].items() if layer["membranes_differing"]} == {}
     with create_runner("torch-fast", run, "model_layers.onnx") as runner:
         assert runner.direct_convs == torch.cuda.is_available()
+
+
+def test_onnx_runtime_cuda_convolves_an_exact_model_by_implicit_gemm(tmp_path):
+    """ORT CUDA's provider options: an exact model's convolutions by cuDNN's implicit GEMM (direct sums; the
+    provider's default timing search may pick Winograd or FFT, which round), a plain model's by the fastest."""
+    pytest.importorskip("onnxruntime")
+    from helpers import make_run
+    from snncompile.backends.ort import cuda_provider_options
+
+    for exact in (True, False):
+        cfg = load_config(REPO / "models" / "digits.toml", [f"model.exact={str(exact).lower()}"])
+        run = make_run(tmp_path / str(exact), cfg)
+        want = {"use_tf32": "0", **({"cudnn_conv_algo_search": "DEFAULT"} if exact else {})}
+        assert cuda_provider_options(run, "model.onnx") == want
 
 
 def test_the_reference_runners_convolve_an_exact_model_without_cudnn_on_cuda(tmp_path):

@@ -371,11 +371,22 @@ class OrtCudaRunner(_OrtRunner):
 
 
 def cuda_provider_options(run_dir: Path, model_file: str) -> dict[str, str]:
-    """CUDA provider options for an export: TF32 only for a ``tf32x2`` export (split weights)."""
-    from ..artifacts import read_manifest
+    """CUDA provider options for an export: TF32 only for a ``tf32x2`` export (split weights); for an
+    exact-arithmetic model (``model.exact``), cuDNN's implicit-GEMM convolution always (``DEFAULT``).
 
-    entry = read_manifest(Path(run_dir)).get("exports", {}).get(model_file, {})
-    return {"use_tf32": "1" if entry.get("precision") == "tf32x2" else "0"}
+    The provider times every cuDNN algorithm by default and keeps the fastest, which may be Winograd or FFT:
+    those transform their operands, which rounds, and an exact model's sums would no longer be exact. The
+    implicit GEMM sums the products themselves, exact on the model's grids in any order (as torch's runners
+    convolve such a model without cuDNN)."""
+    from ..artifacts import read_manifest
+    from ..runs import CONFIG, load_run_config
+
+    run_dir = Path(run_dir)
+    entry = read_manifest(run_dir).get("exports", {}).get(model_file, {})
+    options = {"use_tf32": "1" if entry.get("precision") == "tf32x2" else "0"}
+    if (run_dir / CONFIG).is_file() and load_run_config(run_dir).model.exact:
+        options["cudnn_conv_algo_search"] = "DEFAULT"
+    return options
 
 
 def session_outputs(path: Path, feed: dict[str, np.ndarray], literal: bool = False) -> dict[str, np.ndarray]:
