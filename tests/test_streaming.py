@@ -124,6 +124,16 @@ def _same_streams(bound: StreamedRunner, host: StreamedRunner, x: np.ndarray, ba
             assert np.array_equal(got[name], want[name]), (batch, offset, name)
 
 
+def _entry(run_options, key: str):
+    """A RunOptions config entry, None where unset (ONNX Runtime raises for those)."""
+    if run_options is None:
+        return None
+    try:
+        return run_options.get_run_config_entry(key)
+    except RuntimeError:
+        return None
+
+
 def test_ort_cuda_binds_one_graph_per_call_checked_on_the_cpu_provider(streamed):
     """ort-cuda's bound stream, on ONNX Runtime's CPU provider: each call gets a graph id of its own (1..T; a graph
     replays the buffers it was captured with), and the stream gives the bits the same session gives call by call
@@ -135,7 +145,14 @@ def test_ort_cuda_binds_one_graph_per_call_checked_on_the_cpu_provider(streamed)
         host = StreamedRunner(inner, steps, bind_states=False)  # the same runner: the same sessions
         _same_streams(bound, host, x)
         handle = bound.prepare({"input": np.ascontiguousarray(x[:, :3])})
-        assert [o.get_run_config_entry("gpu_graph_id") for o in handle.run_options] == [str(t + 1) for t in range(steps)]
+        for options in (handle.run_options, handle.timed_options):
+            assert [o.get_run_config_entry("gpu_graph_id") for o in options] == [str(t + 1) for t in range(steps)]
+        # timed streams queue every call but the last; collected ones wait at each (the copies need it)
+        queued = [[_entry(o, "disable_synchronize_execution_providers") for o in options]
+                  for options in (handle.run_options, handle.timed_options)]
+        assert queued == [[None] * steps, ["1"] * (steps - 1) + [None]]
+        bound.run_prepared(handle)
+        assert np.array_equal(handle.bindings[-1].copy_outputs_to_cpu()[0], host.infer({"input": x[:, :3]})["scores"])
         assert bound.timing_mode(handle).endswith(f"{steps} step calls, states bound in place")
 
 
@@ -152,6 +169,8 @@ def test_ort_cuda_streams_its_states_on_the_gpu_through_captured_graphs(streamed
         for _ in range(3):  # past ONNX Runtime's warm-up runs: every call's graph captured, then replayed
             bound.run_prepared(handle)
         assert bound.timing_mode(handle).startswith("CUDA graph, "), bound.timing_mode(handle)
+        # a timed stream (its calls queued without waiting) ends with the scores of a stream that waited at each
+        assert np.array_equal(handle.bindings[-1].copy_outputs_to_cpu()[0], host.infer({"input": x[:, :3]})["scores"])
         _same_streams(bound, host, x, batches=((3, 0), (3, 3), (3, 5)))
 
 

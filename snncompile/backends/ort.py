@@ -76,12 +76,17 @@ class BoundStream:
     not states (``scores``) share one buffer: the last call's value is the stream's.
 
     On a CUDA-graph session each call has a graph of its own (``gpu_graph_id`` t+1: a captured graph
-    replays the addresses it was captured with, and each call's differ).
+    replays the addresses it was captured with, and each call's differ). Timed streams wait for the device
+    once, after the last call: the others return as soon as they are queued
+    (``disable_synchronize_execution_providers``), so the device never idles between a stream's calls, which
+    follow each other on its one stream. A stream whose outputs are collected waits at every call, as the
+    copies to the host must.
     """
 
     session: object
     bindings: list  # one IOBinding per call
-    run_options: list  # one RunOptions (or None) per call
+    run_options: list  # per call, RunOptions (or None) that wait for the device (collected streams)
+    timed_options: list  # the same, but only the last call waits (timed streams)
     frames: list  # T OrtValues [B, ...]: call t's input
     output_names: list[str]  # what copy_outputs_to_cpu returns, in its order
     mode: str  # how the calls execute, for bench's table
@@ -94,7 +99,7 @@ class BoundStream:
     def run(self, collect: bool = False) -> list[dict[str, np.ndarray]]:
         """The T calls on the loaded frames; with ``collect``, every call's outputs copied to the host."""
         outputs = []
-        for binding, options in zip(self.bindings, self.run_options):
+        for binding, options in zip(self.bindings, self.run_options if collect else self.timed_options):
             self.session.run_with_iobinding(binding, options)
             if collect:
                 outputs.append(dict(zip(self.output_names, binding.copy_outputs_to_cpu())))
@@ -107,10 +112,22 @@ class BoundStream:
             binding.clear_binding_outputs()
 
 
+def _run_options(entries: dict[str, str]):
+    """RunOptions with these config entries; None for none (a RunOptions passed at all costs ~25 us per run on
+    the CPU provider: a quarter of a small model's step at batch 1)."""
+    if not entries:
+        return None
+    options = _onnxruntime().RunOptions()
+    for key, value in entries.items():
+        options.add_run_config_entry(key, value)
+    return options
+
+
 class _OrtRunner(Runner):
     provider = "CPUExecutionProvider"
     provider_options: dict[str, str] = {}
     device = "cpu"  # where bound buffers live (IO binding)
+    asynchronous = False  # whether a run may return before its provider has finished (a GPU's: it waits unless told)
 
     @classmethod
     def unavailable_reason(cls) -> str | None:
@@ -238,7 +255,6 @@ class _OrtRunner(Runner):
         return stream
 
     def _bind_stream(self, dims, steps: int, state: str, next_state: str) -> BoundStream:
-        ort = _onnxruntime()
         specialized = self._specialized[dims]
         session, sizes = self._session_of(specialized), dict(dims)
         states = [n for n in self._declared if n != "input"]  # output_sum and the state.* tensors
@@ -250,7 +266,7 @@ class _OrtRunner(Runner):
         sets = [{n: self._buffer(n, declared[n], sizes) for n in states} for _ in range(2)]
         shared = {n: self._buffer(n, declared[n], sizes) for n in self._outputs if n not in written.values()}
         frames = [self._buffer("input", declared["input"], sizes) for _ in range(steps)]
-        bindings, options = [], []
+        bindings, options, timed = [], [], []
         for t in range(steps):
             targets = {**shared, **{written[n]: sets[t % 2][n] for n in states}}
             binding = session.io_binding()
@@ -259,14 +275,13 @@ class _OrtRunner(Runner):
                 binding.bind_ortvalue_input(name, (zeros if t == 0 else sets[(t - 1) % 2])[name])
             for name in self._outputs:  # bound in the graph's order: copy_outputs_to_cpu returns them so
                 binding.bind_ortvalue_output(name, targets[name])
-            run_options = None
-            if self._graphs(specialized):
-                run_options = ort.RunOptions()
-                run_options.add_run_config_entry("gpu_graph_id", str(t + 1))  # 0 is the session's own, -1 none
             bindings.append(binding)
-            options.append(run_options)
+            graph = {"gpu_graph_id": str(t + 1)} if self._graphs(specialized) else {}  # 0 is the session's own, -1 none
+            queued = {"disable_synchronize_execution_providers": "1"} if self.asynchronous and t < steps - 1 else {}
+            options.append(_run_options(graph))
+            timed.append(_run_options({**graph, **queued}))
         mode = ", ".join(filter(None, [self.timing_mode(specialized), f"{steps} step calls, states bound in place"]))
-        return BoundStream(session, bindings, options, frames, list(self._outputs), mode)
+        return BoundStream(session, bindings, options, timed, frames, list(self._outputs), mode)
 
     def _run(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         session = self._specialized_for(feed)
@@ -311,6 +326,7 @@ class OrtCudaRunner(_OrtRunner):
     # inputs): off, so the graph computes what it says and verifies spike for spike against fp32 ...
     provider_options = {"use_tf32": "0"}
     device = "cuda"  # where the bound buffers live
+    asynchronous = True
     graph_options = {"enable_cuda_graph": "1"}
 
     def __init__(self, run_dir: Path, model_file: str = "model.onnx", threads: int = 0, cuda_graph: bool = True):
