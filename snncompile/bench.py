@@ -87,7 +87,8 @@ def bench_run(run_dir: str | Path, runners: list[str] | None = None, batches: tu
     activations in channels_last (``bench_channels_last``). ``fuse_input_conv``: torch-fast's input conv, its
     LIF and pool as one kernel (``bench_fused_input_conv``). ``profile``: after timing each runner, profile
     3 calls at the last batch size (torch.profiler: for a GPU runner every CUDA kernel of the process, ONNX
-    Runtime's too) into ``<stem>_profile.txt``; with ``cuda_graph=False`` the kernels show one by one.
+    Runtime's too; for ort-cpu, whose work torch's profiler does not see, ONNX Runtime's own profiler over 10
+    calls) into ``<stem>_profile.txt``; with ``cuda_graph=False`` the kernels show one by one.
     ``threads``: CPU threads for torch and ONNX Runtime (0: torch's default, ONNX Runtime one per usable core);
     on a CPU that other work keeps busy, the free cores."""
     run_dir = Path(run_dir)
@@ -153,8 +154,11 @@ def bench_run(run_dir: str | Path, runners: list[str] | None = None, batches: tu
                             said = stats.get("failed", f"p50 {stats.get('p50_ms', 0):.3f} ms")
                             echo(f"{name} batch {batch}: {said}")
                     if profile and handle is not None:  # the last batch size, when it ran
-                        profiles.append(_profile(runner, handle, f"{name} ({entry['precision']}), batch {batch}",
-                                                 stats["execution"]))
+                        head = f"{name} ({entry['precision']}), batch {batch}, {stats['execution']}"
+                        if name == "ort-cpu":  # torch's profiler sees none of ONNX Runtime's CPU work: its own does
+                            profiles.append(_ort_profile(run_dir, model_file, options, export, reference, batch, head))
+                        else:
+                            profiles.append(_profile(runner, handle, head, stats["execution"]))
             except Exception as exc:  # noqa: BLE001  the runner could not be created (or profiled): its row says why
                 failure = failure_row(exc)
                 if entry.get("by_batch"):  # the figures measured stand
@@ -264,7 +268,23 @@ def _profile(runner, handle, head: str, execution: str) -> str:
     # the rows of a runner that computes on the CPU say so ("CPU, N threads"): its operators, not kernels
     on_gpu = torch.cuda.is_available() and not execution.startswith("CPU")
     table = profile_calls(lambda: runner.run_prepared(handle), on_gpu, what="batches")
-    return f"{head}, {execution}: {table}"
+    return f"{head}: {table}"
+
+
+def _ort_profile(run_dir: Path, model_file: str, options: dict, export: dict, reference: dict, batch: int,
+                 head: str) -> str:
+    """ONNX Runtime's own profile of ``ort-cpu`` at ``batch``: 10 calls after 2 warm-up calls, on a runner of its
+    own with the profiler on (it slows every run: the timed runner has it off), after ``head``."""
+    from .profiling import ort_profile_table
+
+    calls, warmup = 10, 2
+    with streamed(create_runner("ort-cpu", run_dir, model_file, **options, profile=True), export) as runner:
+        handle = runner.prepare({"input": _bench_input(reference, batch)})
+        for _ in range(warmup + calls):
+            runner.run_prepared(handle)
+        events = getattr(runner, "inner", runner).profiled_events()  # a stream's step runner has the sessions
+    runs_per_call = int(export["T"]) if export["form"] == "step" else 1
+    return f"{head}: {ort_profile_table(events, calls * runs_per_call, f'{calls} batches')}"
 
 
 def _keep_earlier_runners(path: Path, results: dict) -> list[str]:

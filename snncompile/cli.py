@@ -336,8 +336,8 @@ def bench_train_cmd(model_toml, overrides, steps_t, batch, precision, steps, war
                    "heuristic pick, PyTorch's default (bench_no_autotune.*), to see what autotuning saves.")
 @click.option("--profile", is_flag=True,
               help="Also profile 3 calls of each runner at the last batch size (torch.profiler's top 20 GPU kernels, "
-                   "CPU operators without CUDA) into <stem>_profile.txt, and print it. With --no-cuda-graph the "
-                   "kernels show as launched one by one.")
+                   "CPU operators without CUDA; ort-cpu: ONNX Runtime's own profiler, 10 calls, each node's median) "
+                   "into <stem>_profile.txt, and print it. With --no-cuda-graph the kernels show as launched one by one.")
 @click.option("--pad-channels", default=1, show_default=True, type=click.IntRange(1),
               help="torch-fast runs convs whose input channel count is not a multiple of N on zero-padded copies (the "
                    "same function; cuDNN's tensor-core kernels want 8), written to bench_pad<N>.*.")

@@ -1,13 +1,15 @@
-"""Where repeated calls spend their time: torch.profiler's table, for ``bench train --profile`` and
-``bench --profile``."""
+"""Where repeated calls spend their time, for ``bench train --profile`` and ``bench --profile``: torch.profiler's
+table (torch's operators, every CUDA kernel of the process), and ONNX Runtime's own profile for its CPU provider,
+whose work torch's profiler does not see."""
 
 from __future__ import annotations
 
 from typing import Callable
 
+import numpy as np
 import torch
 
-__all__ = ["profile_calls"]
+__all__ = ["ort_profile_table", "profile_calls"]
 
 
 def profile_calls(call: Callable[[], None], cuda: bool, calls: int = 3, rows: int = 20, what: str = "calls") -> str:
@@ -32,3 +34,43 @@ def profile_calls(call: Callable[[], None], cuda: bool, calls: int = 3, rows: in
     by_shape = prof.key_averages(group_by_input_shape=True).table(sort_by=sort_by, row_limit=rows)
     return (f"{'GPU kernels' if cuda else 'CPU operators'} of {calls} {what}, by self time:\n{table}\n"
             f"The same {what}, operators split by input shapes:\n{by_shape}")
+
+
+def ort_profile_table(events: list[dict], runs: int, what: str, rows: int = 20) -> str:
+    """ONNX Runtime's profile (the events of its JSON trace) of the last ``runs`` session runs, as two tables:
+    time per operator type, then the ``rows`` slowest nodes. Earlier runs (warm-up) are left out: a node event
+    counts when it starts inside one of those runs' ``model_run`` spans. Each node's time is its median over the
+    runs: on a busy machine one stalled thread can add milliseconds to whichever node it hits (seen on 2 cores),
+    which a sum would pin on that node. ``what`` heads it ("10 batches")."""
+    spans = sorted((e["ts"], e["ts"] + e["dur"]) for e in events if e.get("cat") == "Session" and e.get("name") == "model_run")
+    spans = spans[-runs:] if runs > 0 else []
+    durations: dict[str, list[int]] = {}  # node -> its duration in each run, us
+    about: dict[str, tuple[str, str]] = {}  # node -> (operator, output shape)
+    for e in events:
+        if e.get("cat") != "Node" or not e.get("name", "").endswith("_kernel_time"):
+            continue
+        if not any(lo <= e["ts"] <= hi for lo, hi in spans):
+            continue
+        node, args = e["name"].removesuffix("_kernel_time"), e.get("args", {})
+        shapes = [list(t.values())[0] for t in args.get("output_type_shape", []) if t]
+        durations.setdefault(node, []).append(e["dur"])
+        about[node] = (args.get("op_name", "?"), "x".join(map(str, shapes[0])) if shapes else "")
+    median = {node: float(np.median(d)) for node, d in durations.items()}
+    total = sum(median.values()) or 1.0
+    run_ms = float(np.median([hi - lo for lo, hi in spans])) / 1e3 if spans else 0.0
+    by_op: dict[str, list] = {}  # operator -> [nodes, us per run]
+    for node, us in median.items():
+        row = by_op.setdefault(about[node][0], [0, 0.0])
+        row[0] += 1
+        row[1] += us
+    lines = [f"ONNX Runtime's profiler, {what} ({len(spans)} session runs; per run, medians: {run_ms:.3f} ms, its nodes "
+             f"{total / 1e3:.3f} ms; the profiler's own cost per node is in both), operators by time per run:", "",
+             "| operator | nodes | us per run | share |", "|---|---|---|---|"]
+    for op, (nodes, us) in sorted(by_op.items(), key=lambda kv: -kv[1][1]):
+        lines.append(f"| {op} | {nodes} | {us:.1f} | {100 * us / total:.1f} % |")
+    lines += ["", f"The {min(rows, len(median))} slowest nodes (median per run):", "",
+              "| node | operator | output shape | us | share |", "|---|---|---|---|---|"]
+    for node, us in sorted(median.items(), key=lambda kv: -kv[1])[:rows]:
+        op, shape = about[node]
+        lines.append(f"| {node} | {op} | {shape} | {us:.1f} | {100 * us / total:.1f} % |")
+    return "\n".join(lines)

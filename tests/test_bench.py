@@ -296,6 +296,49 @@ def test_bench_profile_writes_where_each_runners_time_goes(exported, monkeypatch
     assert not (exported / "bench_profile.txt").exists()
 
 
+def test_onnx_runtime_cpu_is_profiled_by_its_own_profiler(exported, monkeypatch):
+    """torch.profiler sees none of ONNX Runtime's CPU work: --profile on ort-cpu is ONNX Runtime's own profile, from a
+    runner of its own whose trace directory goes with it; the timed runner's sessions profile nothing."""
+    import tempfile
+    from pathlib import Path
+
+    made: list[str] = []
+    real_mkdtemp = tempfile.mkdtemp
+    monkeypatch.setattr(tempfile, "mkdtemp", lambda **kw: made.append(real_mkdtemp(**kw)) or made[-1])
+    said: list[str] = []
+    bench_run(exported, ["ort-cpu"], (2,), iters=2, warmup=1, progress=False, echo=said.append, profile=True)
+    text = (exported / "bench_profile.txt").read_text()
+    assert text.startswith("ort-cpu (fp32), batch 2, CPU, ") and "ONNX Runtime's profiler, 10 batches (10 session runs" in text
+    rows = {line.split(" | ")[0].strip("| "): line for line in text.splitlines() if line.startswith("| ")}
+    assert {"Conv", "Gemm", "Greater", "AveragePool"} <= set(rows)  # the network's operators, each with its time
+    assert float(rows["Conv"].split(" | ")[2]) > 0
+    profiling = [d for d in made if Path(d).name.startswith("snncompile-ort-profile-")]
+    assert len(profiling) == 1 and not Path(profiling[0]).exists()  # one profiling runner, its traces removed with it
+
+
+def test_the_onnx_runtime_profile_table_takes_medians_of_the_last_runs():
+    """By hand: two warm-up runs left out, each node's median over the counted runs (a 900 us stall in one of
+    three runs moves nothing), operators summed over their nodes."""
+    from snncompile.profiling import ort_profile_table
+
+    def node(name, op, ts, dur):
+        return {"cat": "Node", "name": f"{name}_kernel_time", "ts": ts, "dur": dur,
+                "args": {"op_name": op, "output_type_shape": [{"float": [2, 3]}]}}
+
+    events = []
+    for run, start in enumerate((0, 1000, 2000, 3000, 4000)):
+        events.append({"cat": "Session", "name": "model_run", "ts": start, "dur": 500})
+        warm = run < 2  # slow first runs: not counted
+        events += [node("conv_a", "Conv", start + 10, 400 if warm else 100),
+                   node("mul_a", "Mul", start + 120, 900 if run == 3 else 30),  # one stall
+                   node("mul_b", "Mul", start + 160, 10)]
+    text = ort_profile_table(events, runs=3, what="3 batches")
+    assert "(3 session runs; per run, medians: 0.500 ms, its nodes 0.140 ms;" in text
+    assert "| Conv | 1 | 100.0 | 71.4 % |" in text and "| Mul | 2 | 40.0 | 28.6 % |" in text
+    assert "| mul_a | Mul | 2x3 | 30.0 | 21.4 % |" in text
+    assert text.index("| Conv |") < text.index("| Mul |")  # slowest first
+
+
 def test_timing_some_runners_again_keeps_the_others_rows_of_the_same_export(exported):
     """A bench of one runner refreshes that runner's rows and keeps the rows the earlier bench timed for the
     others (same export bytes, T, platform, GPU and versions); after any of those changes it starts over."""

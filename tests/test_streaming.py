@@ -85,8 +85,11 @@ def test_cli_verify_of_the_step_form_uses_the_runners_that_stream_it(streamed):
 def test_bench_times_t_streamed_calls_and_skips_runners_of_unrolled_exports(streamed):
     said: list[str] = []
     results = bench_run(streamed, ["torch", "ort-cpu", "torch-fast"], (1, 2), warmup=1, iters=2, progress=False,
-                        echo=said.append, model_file="model_step.onnx")
+                        echo=said.append, model_file="model_step.onnx", profile=True)
     steps = results["T"]
+    # ONNX Runtime's own profile of the stream: every step call a session run of the step graph
+    profile = (streamed / results["profile_file"]).read_text()
+    assert f"ONNX Runtime's profiler, 10 batches ({10 * steps} session runs;" in profile and "| Conv |" in profile
     for name, how in (("torch", f"{steps} step calls"), ("ort-cpu", f"{steps} step calls, states bound in place")):
         rows = results["runners"][name]["by_batch"]
         assert set(rows) == {"1", "2"} and all(r["execution"].endswith(how) for r in rows.values())

@@ -9,6 +9,8 @@ whole graph sit on the GPU and be captured in a CUDA graph (``ort-cuda``)."""
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -138,13 +140,16 @@ class _OrtRunner(Runner):
             return f"{cls.provider} is not in this onnxruntime build (pip install onnxruntime-gpu for CUDA)"
         return None
 
-    def __init__(self, run_dir: Path, model_file: str = "model.onnx", threads: int = 0):
+    def __init__(self, run_dir: Path, model_file: str = "model.onnx", threads: int = 0, profile: bool = False):
         self.path = Path(run_dir) / model_file
         if not self.path.is_file():
             from ..export_onnx import missing_export
 
             raise missing_export(run_dir, model_file)
         self.threads = threads
+        # profile: ONNX Runtime's profiler on in every session (a slower run: for `bench --profile` alone), its
+        # traces in a directory of the runner's own until profiled_events() reads them
+        self._profile_dir = tempfile.mkdtemp(prefix="snncompile-ort-profile-") if profile else None
         # The dynamic session validates the file and declares the inputs, then goes: runs use
         # specialized ones (it would hold a second copy of the weights on the GPU)
         session = self._open(())
@@ -177,7 +182,24 @@ class _OrtRunner(Runner):
         opts.log_severity_level = 3
         for name, size in dims:
             opts.add_free_dimension_override_by_name(name, size)
+        if self._profile_dir and dims:  # the dynamic session only validates the file: nothing to profile
+            opts.enable_profiling = True
+            opts.profile_file_prefix = str(Path(self._profile_dir) / "ort")
         return opts
+
+    def profiled_events(self) -> list[dict]:
+        """Every event ONNX Runtime's profiler recorded in this runner's sessions (made with ``profile=True``),
+        read from the traces it writes when profiling ends, which it then does: call once, after the runs."""
+        import json
+
+        if self._profile_dir is None:
+            raise ValueError("profiled_events needs a runner made with profile=True")
+        events: list[dict] = []
+        for specialized in self._specialized.values():
+            trace = Path(self._session_of(specialized).end_profiling())
+            events += json.loads(trace.read_text())  # ONNX Runtime's own JSON, from this process
+            trace.unlink()
+        return events
 
     def _create(self, dims: tuple[tuple[str, int], ...], extra_options: dict[str, str] | None = None,
                 cpu_fallback: bool = True):
@@ -294,6 +316,8 @@ class _OrtRunner(Runner):
         for specialized in self._specialized.values():
             self._release(specialized)
         self._specialized.clear()
+        if self._profile_dir:
+            shutil.rmtree(self._profile_dir, ignore_errors=True)
 
 
 class OrtCpuRunner(_OrtRunner):
@@ -329,11 +353,12 @@ class OrtCudaRunner(_OrtRunner):
     asynchronous = True
     graph_options = {"enable_cuda_graph": "1"}
 
-    def __init__(self, run_dir: Path, model_file: str = "model.onnx", threads: int = 0, cuda_graph: bool = True):
+    def __init__(self, run_dir: Path, model_file: str = "model.onnx", threads: int = 0, cuda_graph: bool = True,
+                 profile: bool = False):
         # ... except on a tf32x2 export, whose split weights are made for TF32 (fp32-accurate under it)
         self.provider_options = cuda_provider_options(run_dir, model_file)
         self.cuda_graph = cuda_graph
-        super().__init__(run_dir, model_file, threads)
+        super().__init__(run_dir, model_file, threads, profile)
 
     def _specialize(self, dims) -> _BoundSession:
         session, note = None, "" if self.cuda_graph else "CUDA graph off"
