@@ -378,7 +378,10 @@ def bench_run_cmd(run, runners, batches, iters, warmup, model_file, precision, c
 @click.option("--out", "out_root", default="export", show_default=True, type=click.Path(file_okay=False, path_type=Path))
 @click.option("--batch", "batches", default="1,32", show_default=True, help="Benchmark batch sizes.")
 @click.option("--no-progress", is_flag=True, help="No progress bars.")
-def pipeline(model_toml, overrides, out_root, batches, no_progress) -> None:
+@click.option("--stream", is_flag=True,
+              help="Also the step form (model_step.onnx, one call per timestep, what a streaming deployment runs): "
+                   "exported, verified streamed, layer by layer at every step, and benched streamed.")
+def pipeline(model_toml, overrides, out_root, batches, no_progress, stream) -> None:
     """Train, export, verify and benchmark MODEL_TOML; stages already done for the same inputs are skipped."""
     from .config import load_config
     from .pipeline import format_summary, run_pipeline
@@ -386,7 +389,7 @@ def pipeline(model_toml, overrides, out_root, batches, no_progress) -> None:
     sizes = _batch_sizes(batches)
     cfg = load_config(model_toml, list(overrides))
     try:
-        summary = run_pipeline(cfg, out_root, sizes, progress=not no_progress, echo=click.echo)
+        summary = run_pipeline(cfg, out_root, sizes, progress=not no_progress, echo=click.echo, stream=stream)
     except TrainingInterrupted as e:  # not train's own next step: the pipeline goes on from the checkpoint itself
         raise TrainingInterrupted(f"pipeline {e.survived}", "run the same `snncompile pipeline` command again to "
                                   "go on from there") from None

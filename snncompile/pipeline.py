@@ -137,20 +137,20 @@ def _build_stage(run: Path, onnx_hash: str, trt_unavailable: str | None) -> str:
 
 
 def run_pipeline(cfg: Config, out_root: Path, batches: tuple[int, ...] = (1, 32), progress: bool = True,
-                 echo: Callable[[str], None] = print) -> dict:
+                 echo: Callable[[str], None] = print, stream: bool = False) -> dict:
     """Run every stage that is not already done for these inputs; returns the summary dict. Every stage runs
-    on ``cfg.train.threads`` CPU threads (0: torch's default), the verify and bench stages too."""
+    on ``cfg.train.threads`` CPU threads (0: torch's default), the verify and bench stages too. ``stream``: the
+    step form too (:func:`_stream_stages`)."""
     from .backends.pt import cpu_threads
 
     with cpu_threads(cfg.train.threads):
-        return _run_pipeline(cfg, out_root, batches, progress, echo)
+        return _run_pipeline(cfg, out_root, batches, progress, echo, stream)
 
 
 def _run_pipeline(cfg: Config, out_root: Path, batches: tuple[int, ...], progress: bool,
-                  echo: Callable[[str], None]) -> dict:
+                  echo: Callable[[str], None], stream: bool) -> dict:
     from .backends import available_runners, default_runners
-    from .bench import batch_sizes, bench_run
-    from .compare import read_reports, report_key, verify_runs
+    from .bench import batch_sizes
     from .export_onnx import export_run, reference_files
     from .train import train
 
@@ -190,37 +190,16 @@ def _run_pipeline(cfg: Config, out_root: Path, batches: tuple[int, ...], progres
     # last run is verified and benched, not skipped as up to date.
     runners = default_runners(reference=False)
     engines = read_manifest(run).get("pipeline", {}).get("build", "")
-    verify_inputs = _stage_hash("verify", onnx_hash, ",".join(runners), engines, "reference+test")
-    own_reports = [report_key(name, inputs=inputs) for name in runners for inputs in ("reference", "test")]
-    if _done(run, "verify", verify_inputs) and (run / "verify.json").is_file():
-        saved = read_reports(run / "verify.json")  # one line when corrupt
-        reports = {name: saved[name] for name in own_reports if name in saved}  # not other commands' entries
-        summary["stages"]["verify"] = "up to date"
-    else:
-        test_set = None  # why the test split is not checked, if it is not
-        complete = True
-        reports = verify_runs(run, dict.fromkeys(runners), "fp32", progress=progress)
-        try:
-            on_test = verify_runs(run, dict.fromkeys(runners), "fp32", progress=progress, inputs="test")
-            reports.update({report_key(name, inputs="test"): report for name, report in on_test.items()})
-        except DataError as e:  # the dataset is not at hand: the stage is redone once it is
-            test_set, complete = str(e), False
-        except ConfigError as e:  # none to test on (e.g. random data): complete without it
-            test_set = str(e)
-        reports = {name: reports[name] for name in own_reports if name in reports}  # as an up-to-date rerun lists them
-        if complete and all(r["passed"] for r in reports.values()):
-            _mark(run, "verify", verify_inputs)
-        summary["stages"]["verify"] = "done" if test_set is None else f"done (reference inputs only: {test_set})"
+    state, reports = _verify_stage(run, "verify", _stage_hash("verify", onnx_hash, ",".join(runners), engines,
+                                                              "reference+test"), runners, "model_layers.onnx", progress)
+    summary["stages"]["verify"] = state
 
     # the sizes as a set: --batch 2,1 times what 1,2 timed (the table lists them in numerical order either way)
     bench_inputs = _stage_hash("bench", onnx_hash, ",".join(runners), engines, ",".join(map(str, sorted(batches))))
-    if _done(run, "bench", bench_inputs, run / "bench.json"):
-        bench = json.loads((run / "bench.json").read_text())
-        summary["stages"]["bench"] = "up to date"
-    else:
-        bench = bench_run(run, None, batches, echo=lambda s: None, threads=cfg.train.threads)
-        _mark(run, "bench", bench_inputs, run / "bench.json")
-        summary["stages"]["bench"] = "done"
+    summary["stages"]["bench"], bench = _bench_stage(run, "bench", bench_inputs, "model.onnx", batches, cfg.train.threads)
+
+    if stream:  # the step form too: what a streaming deployment runs, verified streamed and timed streamed
+        reports.update(_stream_stages(run, cfg, batches, progress, summary))
 
     manifest = read_manifest(run)
     summary.update(
@@ -240,6 +219,75 @@ def _run_pipeline(cfg: Config, out_root: Path, batches: tuple[int, ...], progres
     return summary
 
 
+def _verify_stage(run: Path, stage: str, inputs: str, runners: list[str], model_file: str,
+                  progress: bool) -> tuple[str, dict]:
+    """Verify ``runners`` on ``model_file`` against the torch reference, on the export's reference inputs and the
+    whole test split when the dataset is at hand; (the stage's state, its reports by verify.json key). Marked
+    done only when complete and passed, so that a failure is checked again on the next run."""
+    from .compare import read_reports, report_key, verify_runs
+
+    own_reports = [report_key(name, model_file, inputs=inputs) for name in runners for inputs in ("reference", "test")]
+    if _done(run, stage, inputs) and (run / "verify.json").is_file():
+        saved = read_reports(run / "verify.json")  # one line when corrupt
+        return "up to date", {name: saved[name] for name in own_reports if name in saved}  # not other commands' entries
+    test_set = None  # why the test split is not checked, if it is not
+    complete = True
+    reports = verify_runs(run, dict.fromkeys(runners), "fp32", model_file=model_file, progress=progress)
+    reports = {report_key(name, model_file): report for name, report in reports.items()}
+    try:
+        on_test = verify_runs(run, dict.fromkeys(runners), "fp32", model_file=model_file, progress=progress, inputs="test")
+        reports.update({report_key(name, model_file, inputs="test"): report for name, report in on_test.items()})
+    except DataError as e:  # the dataset is not at hand: the stage is redone once it is
+        test_set, complete = str(e), False
+    except ConfigError as e:  # none to test on (e.g. random data): complete without it
+        test_set = str(e)
+    reports = {name: reports[name] for name in own_reports if name in reports}  # as an up-to-date rerun lists them
+    if complete and all(r["passed"] for r in reports.values()):
+        _mark(run, stage, inputs)
+    return ("done" if test_set is None else f"done (reference inputs only: {test_set})"), reports
+
+
+def _bench_stage(run: Path, stage: str, inputs: str, model_file: str, batches: tuple[int, ...],
+                 threads: int) -> tuple[str, dict]:
+    """Bench every available runner of ``model_file`` (its defaults); (the stage's state, the bench's results)."""
+    from .bench import bench_run, bench_stem
+
+    results_file = run / f"{bench_stem(model_file, 'fp32')}.json"
+    if _done(run, stage, inputs, results_file):
+        return "up to date", json.loads(results_file.read_text())
+    bench = bench_run(run, None, batches, echo=lambda s: None, threads=threads, model_file=model_file)
+    _mark(run, stage, inputs, results_file)
+    return "done", bench
+
+
+def _stream_stages(run: Path, cfg: Config, batches: tuple[int, ...], progress: bool, summary: dict) -> dict:
+    """``pipeline --stream``: the step form exported, verified streamed (every layer at every step, on the runners
+    that stream it) and benched streamed; returns its verify reports. Stages ``step export``, ``step verify``,
+    ``step bench`` in ``summary``; the bench under ``summary["step_bench"]``."""
+    from .backends import default_runners
+    from .export_onnx import export_run, reference_files
+    from .streaming import STREAM_RUNNERS
+
+    step = run / "model_step.onnx"
+    inputs = _stage_hash("step export", sha256_file(run / "checkpoint.pt"))
+    exported = [step, *(run / f for f in reference_files(cfg.model.T, cfg.model.T, form="step"))]
+    if _done(run, "step export", inputs, *exported):
+        summary["stages"]["step export"] = "up to date"
+    else:
+        export_run(run, form="step")
+        _mark(run, "step export", inputs, *exported)
+        summary["stages"]["step export"] = "done"
+    step_hash = sha256_file(step)
+    runners = [name for name in default_runners(reference=False) if name in STREAM_RUNNERS]
+    summary["stages"]["step verify"], reports = _verify_stage(
+        run, "step verify", _stage_hash("step verify", step_hash, ",".join(runners), "reference+test"), runners,
+        step.name, progress)
+    bench_inputs = _stage_hash("step bench", step_hash, ",".join(runners), ",".join(map(str, sorted(batches))))
+    summary["stages"]["step bench"], summary["step_bench"] = _bench_stage(run, "step bench", bench_inputs, step.name,
+                                                                          batches, cfg.train.threads)
+    return reports
+
+
 def format_summary(summary: dict) -> str:
     from .bench import format_table
 
@@ -256,5 +304,7 @@ def format_summary(summary: dict) -> str:
                      + (f", {v['membranes_differing']} membrane values not bit-equal" if v.get("membranes_differing") is not None else "")
                      + f", top-1 agreement {100 * v['top1']:.2f} %" + (f"; accuracy {acc}" if acc else ""))
     lines.append(format_table(summary["bench"]))
+    if "step_bench" in summary:  # --stream
+        lines.append(format_table(summary["step_bench"]))
     lines.append("artifacts: " + ", ".join(summary["artifacts"]))
     return "\n".join(lines)

@@ -69,6 +69,35 @@ def test_pipeline_runs_every_stage_once(tmp_path):
     assert find_run(tmp_path, load_config(REPO / "models" / "digits.toml", [*overrides, "train.threads=2"])) is None
 
 
+def test_pipeline_stream_adds_the_step_form_verified_and_timed_streamed(tmp_path):
+    """--stream: the step form exported, verified streamed (every layer at every step, reference inputs and the
+    test split) on the runners that stream it, benched streamed; up to date on a second run, exported again
+    once its file is gone. Without --stream none of it runs."""
+    runner = CliRunner()
+    command = ["pipeline", str(REPO / "models" / "digits.toml"), "--out", str(tmp_path), *ARGS]
+    plain = runner.invoke(cli, command)
+    assert plain.exit_code == 0 and "step" not in plain.output.split("test accuracy")[0], plain.output
+    first = runner.invoke(cli, [*command, "--stream"])
+    assert first.exit_code == 0, first.output
+    for stage in ("train", "export", "verify", "bench"):
+        assert f"  {stage:<7} up to date" in first.output  # the unrolled stages were done by the plain run
+    for stage in ("step export", "step verify", "step bench"):
+        assert f"  {stage} done" in first.output
+    assert re.search(r"verify ort-cpu:model_step.onnx@test: PASSED on 64 inputs, 0 spike flips \(0 real\)", first.output)
+    assert "verify ort-cpu:model_step.onnx: PASSED on " in first.output and "torch-fast:model_step" not in first.output
+    assert "model digits (model_step.onnx, streamed, one call per step), T = 3" in first.output
+    assert "| ort-cpu | 2 |" in first.output.split("streamed, one call per step")[1]
+    run = next((tmp_path / "digits").iterdir())
+    assert {"model_step.onnx", "bench_model_step.json"} <= {p.name for p in run.iterdir()}
+
+    second = runner.invoke(cli, [*command, "--stream"])
+    assert second.exit_code == 0 and all(f"  {s} up to date" in second.output
+                                         for s in ("step export", "step verify", "step bench")), second.output
+    (run / "model_step.onnx").unlink()
+    third = runner.invoke(cli, [*command, "--stream"])
+    assert third.exit_code == 0 and "  step export done" in third.output, third.output
+
+
 def test_pipeline_verifies_reference_inputs_when_the_test_split_is_gone(tmp_path, monkeypatch):
     # e.g. the dataset folder moved after training: verify says so and still checks the reference inputs
     import snncompile.compare as compare
