@@ -12,19 +12,24 @@ Prints one markdown row per batch: median ms per stream of T steps each way, the
 gave the same bits (scores and every layer's spikes and membranes of every step).
 """
 
-import json
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
+from snncompile.artifacts import read_manifest
 from snncompile.backends import create_runner
+from snncompile.errors import SnnCompileError
 from snncompile.streaming import StreamedRunner
 
 
 def main(run: Path, runner_name: str, batches: list[int], iters: int) -> None:
-    export = json.loads((run / "manifest.json").read_text())["exports"].get("model_step.onnx")
+    try:
+        manifest = read_manifest(run)
+        export = manifest.get("exports", {}).get("model_step.onnx")
+    except SnnCompileError as e:  # not a run directory, or a corrupt manifest: one line
+        sys.exit(str(e))
     if export is None:
         sys.exit(f"{run}: no step-form export: snncompile export {run} --form step")
     inner = create_runner(runner_name, run, "model_step.onnx")
@@ -47,7 +52,7 @@ def main(run: Path, runner_name: str, batches: list[int], iters: int) -> None:
                     if i >= 2:  # two warm-up streams each (ONNX Runtime captures its CUDA graphs on early runs)
                         spent.append(time.perf_counter() - t0)
             a, b = (1e3 * float(np.median(t)) for t in times)
-            print(f"| {run.parent.name} | {runner_name} | {batch} | {a:.3g} | {b:.3g} | {a / b:.2f}x "
+            print(f"| {manifest.get('model', run.parent.name)} | {runner_name} | {batch} | {a:.3g} | {b:.3g} | {a / b:.2f}x "
                   f"| {'yes' if same else 'no'} |", flush=True)
 
 
