@@ -94,7 +94,7 @@ def bench_run(run_dir: str | Path, runners: list[str] | None = None, batches: tu
     run_dir = Path(run_dir)
     manifest = read_manifest(run_dir)
     # the timed file of older weights: one line, not every runner failing its gate (torch is the current checkpoint)
-    export = current_export(run_dir, model_file, "bench", file_needed=True, step_form=True)
+    export = current_export(run_dir, model_file, file_needed=True)
     # before the gates: a missing or replaced timed file re-exported the user's _layers twin, then failed anyway
     if sha256_model(run_dir / model_file) != export.get("sha256"):
         raise ArtifactError(f"{model_file} is not the file its export wrote (sha256 mismatch): export it again: "

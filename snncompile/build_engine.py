@@ -1,4 +1,5 @@
-"""`snncompile build`: a TensorRT engine from a run's model.onnx, recorded in the manifest."""
+"""`snncompile build`: a TensorRT engine from a run's model.onnx (or another export, the step form too),
+recorded in the manifest."""
 
 from __future__ import annotations
 
@@ -18,15 +19,16 @@ def build_run(run_dir: str | Path, precision: str = "fp32", batch: str = "1:16:1
     options = BuildOptions(precision, parse_profile(batch), workspace_mb, Path(timing_cache) if timing_cache else None)
     options.validate()
     run_dir = Path(run_dir)
-    export = current_export(run_dir, model_file, "build", file_needed=True)  # older weights would fail verify
+    # older weights would fail verify; a step export builds an engine of one step, which verify and bench stream
+    export = current_export(run_dir, model_file, file_needed=True)
     typed = export.get("precision", "fp32")
     fits = ENGINE_PRECISION.get(typed, typed)  # a tf32x2 export (split for TF32) is built with TF32 on
     if typed != "fp32" and precision != fits:  # a typed export builds only as what it was typed for: another
         # precision would mislabel the engine (fp32 over fp16 convs) or cast its casts again
         raise ConfigError(f"{model_file} is a {typed} export: build it with --precision {fits} (or build model.onnx)")
     engine = run_dir / engine_name(model_file, precision)
-    frame_shape = export["inputs"]["input"][2:]
-    sidecar = build_engine(run_dir / model_file, engine, options, int(export["T"]), frame_shape, typed=typed != "fp32")
+    sidecar = build_engine(run_dir / model_file, engine, options, int(export["T"]), typed=typed != "fp32",
+                           form=export.get("form", "unrolled"))
     if typed != "fp32":  # the export did the typing: its count, not the build's (which parsed it as it was)
         sidecar["reduced_precision_nodes"] = int(export.get("reduced_precision_nodes", 0))
     sidecar["onnx_sha256"] = export["sha256"]  # the runner refuses the engine once the file is re-exported

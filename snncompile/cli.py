@@ -203,7 +203,8 @@ def export(run, steps, opset, form, layers, rates, samples, order, precision) ->
 @click.option("--workspace", "workspace_mb", default=4096, show_default=True, type=int, help="Builder workspace in MB.")
 @click.option("--timing-cache", type=click.Path(dir_okay=False, path_type=Path), help="Reuse and update this timing cache.")
 @click.option("--model", "model_file", default="model.onnx", show_default=True,
-              help="Export to build from (model_layers.onnx gives an engine verify can check layer by layer).")
+              help="Export to build from (model_layers.onnx gives an engine verify can check layer by layer; "
+                   "model_step.onnx one step's engine, which verify and bench stream T calls through).")
 def build(run, precision, batch, workspace_mb, timing_cache, model_file) -> None:
     """Build a TensorRT engine for this GPU from RUN's model.onnx (TensorRT-RTX: a portable engine, no GPU needed)."""
     from .backends.trt import engine_name

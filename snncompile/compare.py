@@ -348,7 +348,7 @@ def verify_runs(run_dir: str | Path, runners: dict[str, dict | None], precision:
     manifest = read_manifest(run_dir)
     if model_file is None:
         model_file = default_model_file(manifest.get("exports", {}))
-    export = current_export(run_dir, model_file, "verify", step_form=True)
+    export = current_export(run_dir, model_file)
     inputs_path, outputs_path = export_reference_paths(run_dir, export)
     if not inputs_path.is_file() or not outputs_path.is_file():
         raise ArtifactError(f"{run_dir}: the reference inputs and outputs of {model_file} are gone: run "

@@ -154,22 +154,15 @@ def missing_export(run_dir: Path, model_file: str) -> ArtifactError:
     return ArtifactError(f"{run_dir} has no {model_file}: run `{export_command(run_dir, options)}` first")
 
 
-def current_export(run_dir: Path, model_file: str, command: str, file_needed: bool = False,
-                   step_form: bool = False) -> dict:
-    """The manifest's entry of ``model_file`` when it is an unrolled export of the run's current checkpoint (what
-    build takes; verify and bench, with ``step_form``, take the step form too), else the one-line error that says
-    what to run: for the step form where it is not taken, the command without --model (exporting again would not
-    help); for a missing export, what writes it (:func:`missing_export`); for older weights, the export again
-    (:func:`require_current_checkpoint`). ``file_needed``: the file itself must be there too (build reads it;
-    verify and bench report a missing file as its hash)."""
+def current_export(run_dir: Path, model_file: str, file_needed: bool = False) -> dict:
+    """The manifest's entry of ``model_file`` (unrolled or step form) when it is an export of the run's current
+    checkpoint, else the one-line error that says what to run: for a missing export, what writes it
+    (:func:`missing_export`); for older weights, the export again (:func:`require_current_checkpoint`).
+    ``file_needed``: the file itself must be there too (build reads it; verify and bench report a missing file
+    as its hash)."""
     run_dir = Path(run_dir)
     export = read_manifest(run_dir).get("exports", {}).get(model_file)
-    # exported or not: the step form's error, not missing_export's `export --form step`, which leads back here
-    if not step_form and (model_file == STEP_FILE or (export is not None and export.get("form") == "step")):
-        raise ConfigError(f"{model_file} is the step-by-step form: {command} takes unrolled exports; "
-                          f"`snncompile {command} {shell_path(run_dir)}` without --model")
-    forms = ("unrolled", "step") if step_form else ("unrolled",)
-    if export is None or export.get("form") not in forms or (file_needed and not (run_dir / model_file).is_file()):
+    if export is None or export.get("form") not in ("unrolled", "step") or (file_needed and not (run_dir / model_file).is_file()):
         raise missing_export(run_dir, model_file)
     require_current_checkpoint(run_dir, model_file, export)
     return export

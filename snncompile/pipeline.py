@@ -117,22 +117,23 @@ def _plot_training(run: Path) -> str:
     return "done"
 
 
-def _build_stage(run: Path, onnx_hash: str, trt_unavailable: str | None) -> str:
-    """fp32 TensorRT engines of model.onnx (for bench) and model_layers.onnx (for verify's per-layer
-    spike check), rebuilt when the ONNX files, the GPU or the TensorRT build change."""
+def _build_stage(run: Path, onnx_hash: str, trt_unavailable: str | None, stage: str = "build",
+                 files: tuple[str, ...] = ("model.onnx", "model_layers.onnx")) -> str:
+    """fp32 TensorRT engines of ``files`` (by default model.onnx, for bench, and model_layers.onnx, for verify's
+    per-layer spike check; ``step build``: model_step.onnx), rebuilt when the ONNX files, the GPU or the TensorRT
+    build change."""
     if trt_unavailable:
         return f"skipped: {trt_unavailable}"
     from .backends.trt import engine_name, gpu_identity, tensorrt_module
     from .build_engine import build_run
 
     trt = tensorrt_module()
-    inputs = _stage_hash("build", onnx_hash, trt.__name__, trt.__version__, json.dumps(gpu_identity(), sort_keys=True))
-    files = ("model.onnx", "model_layers.onnx")
-    if _done(run, "build", inputs) and all((run / engine_name(f, "fp32")).is_file() for f in files):
+    inputs = _stage_hash(stage, onnx_hash, trt.__name__, trt.__version__, json.dumps(gpu_identity(), sort_keys=True))
+    if _done(run, stage, inputs) and all((run / engine_name(f, "fp32")).is_file() for f in files):
         return "up to date"
     for model_file in files:
         build_run(run, "fp32", model_file=model_file)
-    _mark(run, "build", inputs)
+    _mark(run, stage, inputs)
     return "done"
 
 
@@ -264,7 +265,7 @@ def _stream_stages(run: Path, cfg: Config, batches: tuple[int, ...], progress: b
     """``pipeline --stream``: the step form exported, verified streamed (every layer at every step, on the runners
     that stream it) and benched streamed; returns its verify reports. Stages ``step export``, ``step verify``,
     ``step bench`` in ``summary``; the bench under ``summary["step_bench"]``."""
-    from .backends import default_runners
+    from .backends import available_runners, default_runners
     from .export_onnx import export_run, reference_files
     from .streaming import STREAM_RUNNERS
 
@@ -278,11 +279,14 @@ def _stream_stages(run: Path, cfg: Config, batches: tuple[int, ...], progress: b
         _mark(run, "step export", inputs, *exported)
         summary["stages"]["step export"] = "done"
     step_hash = sha256_file(step)
+    summary["stages"]["step build"] = _build_stage(run, step_hash, available_runners().get("trt"), "step build",
+                                                   (step.name,))
     runners = [name for name in default_runners(reference=False) if name in STREAM_RUNNERS]
+    engine = read_manifest(run).get("pipeline", {}).get("step build", "")  # one built since: verified and benched
     summary["stages"]["step verify"], reports = _verify_stage(
-        run, "step verify", _stage_hash("step verify", step_hash, ",".join(runners), "reference+test"), runners,
+        run, "step verify", _stage_hash("step verify", step_hash, ",".join(runners), engine, "reference+test"), runners,
         step.name, progress)
-    bench_inputs = _stage_hash("step bench", step_hash, ",".join(runners), ",".join(map(str, sorted(batches))))
+    bench_inputs = _stage_hash("step bench", step_hash, ",".join(runners), engine, ",".join(map(str, sorted(batches))))
     summary["stages"]["step bench"], summary["step_bench"] = _bench_stage(run, "step bench", bench_inputs, step.name,
                                                                           batches, cfg.train.threads)
     return reports

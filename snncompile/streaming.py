@@ -23,9 +23,9 @@ from .errors import ArtifactError
 __all__ = ["STREAM_RUNNERS", "StreamedRunner", "streamed"]
 
 STATE, NEXT = "state.", "next."
-# The runners that run a step-form file: the torch module and ONNX Runtime (torch-fast and the per-timestep
-# references take unrolled exports; TensorRT engines are built from those too)
-STREAM_RUNNERS = ("torch", "ort-cpu", "ort-cuda")
+# The runners that run a step-form file: the torch module, ONNX Runtime, and TensorRT on an engine built from it
+# (`snncompile build RUN --model model_step.onnx`); torch-fast and the per-timestep references take unrolled exports
+STREAM_RUNNERS = ("torch", "ort-cpu", "ort-cuda", "trt")
 
 
 @dataclass
@@ -52,8 +52,9 @@ class StreamedRunner(Runner):
     """Runs a step-form export's runner over T steps: ``infer({"input": [T, B, ...]})`` -> scores and every
     LIF layer's spikes and membranes ``[T, B, ...]``.
 
-    A runner with bound streams (ONNX Runtime's: ``bind_stream``, :class:`~.backends.ort.BoundStream`) keeps
-    the states where it computes, in place, between calls; any other is called with host arrays.
+    A runner with bound streams (``bind_stream``: ONNX Runtime's :class:`~.backends.ort.BoundStream`, TensorRT's
+    :class:`~.backends.trt_stream.TrtStream`) keeps the states where it computes, in place, between calls; any
+    other is called with host arrays.
 
     Args:
         step_runner: a runner of the step-form file (inputs ``input [B, ...]``, ``output_sum`` and the

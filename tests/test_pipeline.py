@@ -10,6 +10,7 @@ pytest.importorskip("onnxruntime")
 from click.testing import CliRunner  # noqa: E402
 
 from conftest import REPO  # noqa: E402
+from snncompile.backends import available_runners  # noqa: E402
 from snncompile.cli import cli  # noqa: E402
 
 ARGS = ["--set", "train.epochs=2", "--set", "data.limit_train=256", "--set", "data.limit_test=64",
@@ -83,6 +84,8 @@ def test_pipeline_stream_adds_the_step_form_verified_and_timed_streamed(tmp_path
         assert f"  {stage:<7} up to date" in first.output  # the unrolled stages were done by the plain run
     for stage in ("step export", "step verify", "step bench"):
         assert f"  {stage} done" in first.output
+    trt_unavailable = available_runners()["trt"]  # an engine of the step form, where TensorRT runs
+    assert (f"  step build skipped: {trt_unavailable}" if trt_unavailable else "  step build done") in first.output
     assert re.search(r"verify ort-cpu:model_step.onnx@test: PASSED on 64 inputs, 0 spike flips \(0 real\)", first.output)
     assert "verify ort-cpu:model_step.onnx: PASSED on " in first.output and "torch-fast:model_step" not in first.output
     assert "model digits (model_step.onnx, streamed, one call per step), T = 3" in first.output

@@ -75,11 +75,54 @@ def test_build_needs_an_export(tmp_path):
     assert result.exit_code == 1 and result.output.strip() == (
         f"error: model.onnx was exported from an earlier checkpoint (training continued since): export it again: "
         f"`snncompile export {run} --samples 2`")
-    export_run(run, form="step", n_random=2, n_real=0)  # exporting again (what the old message said) cannot help
     result = CliRunner().invoke(cli, ["build", str(run), "--model", "model_step.onnx"])
-    assert result.exit_code == 2 and result.output.strip() == (
-        f"error: model_step.onnx is the step-by-step form: build takes unrolled exports; `snncompile build {run}` "
-        "without --model")
+    assert result.exit_code == 1 and f"has no model_step.onnx: run `snncompile export {run} --form step` first" in result.output
+
+
+def test_every_input_of_an_engine_spans_the_batch_profile():
+    """The unrolled input's T stays fixed; a step export's inputs (the frame, output_sum, every state) are all
+    [B, ...]. Pure function: no TensorRT needed."""
+    from snncompile.backends.trt import profile_shapes
+    from snncompile.errors import ExportError
+
+    assert profile_shapes("input", (8, -1, 2, 34, 34), (1, 16, 128)) == [
+        [8, 1, 2, 34, 34], [8, 16, 2, 34, 34], [8, 128, 2, 34, 34]]
+    assert profile_shapes("state.lif3.u", (-1, 256), (2, 4, 8)) == [[2, 256], [4, 256], [8, 256]]
+    with pytest.raises(ExportError, match=r"^input input of shape \(-1, -1, 2\) has 2 dynamic dimensions"):
+        profile_shapes("input", (-1, -1, 2), (1, 2, 4))
+    with pytest.raises(ExportError, match="has 0 dynamic dimensions"):
+        profile_shapes("input", (8, 1, 2), (1, 2, 4))
+
+
+@pytest.mark.trt
+@pytest.mark.skipif(not HAVE_TRT, reason="TensorRT not installed")
+def test_a_step_export_builds_an_engine_of_one_step_that_streams(tmp_path):
+    """`build --model model_step.onnx`: one step's engine, every state an input and an output over the batch
+    profile, its convs/linears in the reduced type at fp16; where engines run, verify streams it through
+    TensorRT (T calls, states bound on the GPU) and checks every layer at every step."""
+    import json
+
+    import onnx
+
+    from snncompile.build_engine import build_run
+    from snncompile.compare import verify_run
+    from snncompile.mixed_precision import HEAVY_OPS
+
+    _skip_unless_can_build()
+    run = make_run(tmp_path, tiny_zoo_config(REPO / "models" / "bench-nmnist.toml"))
+    exported = export_run(run, form="step", n_random=16, n_real=0)
+    result = CliRunner().invoke(cli, ["build", str(run), "--model", "model_step.onnx", "--batch", "1:4:16"])
+    assert result.exit_code == 0, result.output
+    side = json.loads((run / "model_step_fp32.json").read_text())
+    assert side["form"] == "step" and side["T"] == exported.steps and side["profile"] == {"min": 1, "opt": 4, "max": 16}
+    assert side["onnx"] == "model_step.onnx" and (run / "model_step_fp32.plan").stat().st_size > 0
+    heavy = sum(n.op_type in HEAVY_OPS for n in onnx.load(str(run / "model_step.onnx")).graph.node)
+    assert build_run(run, "fp16", "1:4:16", model_file="model_step.onnx")["reduced_precision_nodes"] == heavy > 0
+    if available_runners()["trt"]:  # no GPU, or tensorrt_rtx on a data-center GPU: it builds, it cannot run
+        return
+    report = verify_run(run, "trt", "fp32", model_file="model_step.onnx")
+    assert report["passed"], report["reasons"]
+    assert report["layers"] and all(s["real"] == 0 for s in report["layers"].values())
 
 
 @pytest.mark.trt
@@ -203,6 +246,8 @@ def _runtime_members(source: str) -> dict[str, set[str]]:
         if isinstance(base, ast.Attribute) and isinstance(base.value, ast.Name) and base.value.id == "self" \
                 and base.attr in owners:
             used[owners[base.attr]].add(node.attr)
+        if isinstance(base, ast.Name) and base.id in owners:  # a local (``context = runner.context``)
+            used[owners[base.id]].add(node.attr)
         if isinstance(base, ast.Call) and isinstance(base.func, ast.Attribute) and base.func.attr == "Runtime":
             used["Runtime"].add(node.attr)
     return used
@@ -217,8 +262,13 @@ def test_runner_calls_only_runtime_api_that_exists():
 
     from snncompile.backends import trt as trt_backend
 
+    from snncompile.backends import trt_stream
+
     trt = trt_backend.tensorrt_module()
     used = _runtime_members(inspect.getsource(trt_backend.TrtRunner))
+    streamed = _runtime_members(inspect.getsource(trt_stream))  # a step engine's bound stream drives the context
+    assert {"set_tensor_address", "get_tensor_shape"} <= streamed["IExecutionContext"]
+    used["IExecutionContext"] |= streamed["IExecutionContext"]
     assert {"execute_async_v3", "set_tensor_address", "set_input_shape"} <= used["IExecutionContext"]
     assert {"create_execution_context", "get_tensor_mode", "num_io_tensors", "get_tensor_profile_shape"} <= used["ICudaEngine"]
     assert used["Runtime"] == {"deserialize_cuda_engine"}

@@ -25,7 +25,7 @@ from ..errors import ArtifactError, ConfigError, ExportError, MissingDependencyE
 from ..text import shell_path
 from .base import PRECISIONS, Runner, TensorSpec
 
-__all__ = ["engine_name", "tensorrt_module", "parse_profile", "BuildOptions", "build_engine", "TrtRunner", "ENGINE_FORMAT"]
+__all__ = ["engine_name", "tensorrt_module", "parse_profile", "profile_shapes", "BuildOptions", "build_engine", "TrtRunner", "ENGINE_FORMAT"]
 
 ENGINE_FORMAT = 2  # 2: strongly typed, precision in the graph (1 used builder flags)
 
@@ -144,11 +144,23 @@ def _model_bytes(onnx_path: Path, precision: str, typed: bool = False) -> tuple[
     return typed.SerializeToString(), reduced
 
 
-def build_engine(onnx_path: Path, engine_path: Path, options: BuildOptions, steps: int, frame_shape: list[int],
-                 typed: bool = False) -> dict:
+def profile_shapes(name: str, shape: tuple[int, ...], batch: tuple[int, int, int]) -> list[list[int]]:
+    """The (min, opt, max) shapes of the network input ``name`` of ``shape``, whose one dynamic dimension (-1) is the
+    batch: ``input [T, -1, C, H, W]`` of an unrolled export, or every input of a step export (``input``,
+    ``output_sum``, each ``state.*``: ``[-1, ...]``)."""
+    dynamic = [axis for axis, size in enumerate(shape) if size < 0]
+    if len(dynamic) != 1:
+        raise ExportError(f"input {name} of shape {tuple(shape)} has {len(dynamic)} dynamic dimensions: an engine's "
+                          "profile takes one, the batch (export it again with this snncompile)")
+    return [[size if size >= 0 else b for size in shape] for b in batch]
+
+
+def build_engine(onnx_path: Path, engine_path: Path, options: BuildOptions, steps: int, typed: bool = False,
+                 form: str = "unrolled") -> dict:
     """Parse ``onnx_path``, build for this GPU (TensorRT-RTX: for any RTX GPU, with or without one here),
-    write the engine atomically; returns the sidecar dict. ``typed``: the export is already in
-    ``options.precision`` (model_fp16.onnx, ...), parsed as it is."""
+    write the engine atomically; returns the sidecar dict. Every input's batch dimension spans
+    ``options.batch`` in the engine's one profile. ``typed``: the export is already in ``options.precision``
+    (model_fp16.onnx, ...), parsed as it is. ``steps`` and ``form``: the export's T and form, for the sidecar."""
     from ..artifacts import atomic_write_bytes
 
     options.validate()
@@ -172,8 +184,10 @@ def build_engine(onnx_path: Path, engine_path: Path, options: BuildOptions, step
     if hasattr(trt.BuilderFlag, "TF32"):  # TF32 would round fp32 conv inputs to 10 mantissa bits
         (config.set_flag if options.precision == "tf32" else config.clear_flag)(trt.BuilderFlag.TF32)
     profile = builder.create_optimization_profile()
+    for i in range(network.num_inputs):
+        tensor = network.get_input(i)
+        profile.set_shape(tensor.name, *profile_shapes(tensor.name, tuple(tensor.shape), options.batch))
     lo, opt, hi = options.batch
-    profile.set_shape("input", [steps, lo, *frame_shape], [steps, opt, *frame_shape], [steps, hi, *frame_shape])
     config.add_optimization_profile(profile)
     cache = None
     if not is_rtx(trt.__name__):  # TensorRT-RTX tunes nothing at build time: its timing-cache calls are no-ops
@@ -197,6 +211,7 @@ def build_engine(onnx_path: Path, engine_path: Path, options: BuildOptions, step
         "reduced_precision_nodes": reduced,
         "profile": {"min": lo, "opt": opt, "max": hi},
         "T": steps,
+        "form": form,
         "build_seconds": round(seconds, 2),
         "layers": network.num_layers,
         "onnx": onnx_path.name,
@@ -247,6 +262,9 @@ def check_engine_current(sidecar: dict, run_dir: Path, model_file: str) -> None:
                             f"with {rebuild_command(run_dir, model_file, precision, _recorded_profile(sidecar))}")
 
 
+MAX_STREAMS = 4  # bound streams kept per runner (each holds T frames and three state sets on the GPU)
+
+
 class TrtRunner(Runner):
     """Runs ``<model>_<precision>.plan`` (:func:`engine_name`); inputs/outputs live in torch CUDA tensors."""
 
@@ -291,48 +309,86 @@ class TrtRunner(Runner):
         self._outputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
         self._inputs = [TensorSpec(n, tuple(None if d < 0 else d for d in self.engine.get_tensor_shape(n)), "float32")
                         for n in self._input_names]
+        self._shapes: dict[str, tuple] = {}  # the input shapes the context was last given
+        self._streams: dict = {}  # (T, batch) -> TrtStream of a step-form engine
+
+    def set_shapes(self, shapes: dict[str, tuple]) -> None:
+        """Give the execution context these input shapes (when they are not the ones it has); one line naming
+        the rebuild when one is outside the engine's profile."""
+        if shapes == self._shapes:
+            return
+        self._shapes = {}
+        for n, shape in shapes.items():
+            if not self.context.set_input_shape(n, shape):  # False, not an exception, past the profile
+                lo, opt, hi = self.engine.get_tensor_profile_shape(n, 0)
+                axis = [d for d in self.engine.get_tensor_shape(n)].index(-1)  # the batch: [T, B, ...] or [B, ...]
+                batch = shape[axis]
+                profile = f"{min(lo[axis], batch)}:{opt[axis]}:{max(hi[axis], batch)}"
+                raise ConfigError(f"{n} of shape {tuple(shape)} is outside the engine's profile ({tuple(lo)} to "
+                                  f"{tuple(hi)}): build it again with "
+                                  f"{rebuild_command(*self._rebuild, batch=profile)}")
+        self._shapes = dict(shapes)
 
     def prepare(self, feed: dict[str, np.ndarray]):
         super().prepare(feed)
         torch = self._torch
         bufs = {n: torch.from_numpy(np.ascontiguousarray(feed[n])).cuda() for n in self._input_names}
-        for n, t in bufs.items():
-            if not self.context.set_input_shape(n, tuple(t.shape)):  # False, not an exception, past the profile
-                lo, opt, hi = self.engine.get_tensor_profile_shape(n, 0)
-                batch = t.shape[1]  # inputs are [T, B, ...]
-                profile = f"{min(lo[1], batch)}:{opt[1]}:{max(hi[1], batch)}"
-                raise ConfigError(f"{n} of shape {tuple(t.shape)} is outside the engine's profile ({tuple(lo)} to "
-                                  f"{tuple(hi)}): build it again with "
-                                  f"{rebuild_command(*self._rebuild, batch=profile)}")
+        self.set_shapes({n: tuple(t.shape) for n, t in bufs.items()})
         for n in self._outputs:
             shape = tuple(self.context.get_tensor_shape(n))
             bufs[n] = torch.empty(shape, dtype=torch.float32, device="cuda")
-        for n, t in bufs.items():
-            self.context.set_tensor_address(n, t.data_ptr())
         self._graph = None
         return bufs
 
-    def _launch(self) -> None:
+    def launch(self) -> None:
+        """Queue one execution of the engine on :attr:`stream` with the context's shapes and addresses."""
         if not self.context.execute_async_v3(self.stream.cuda_stream):
             raise RuntimeError("TensorRT execute_async_v3 failed")
+
+    def _bind(self, bufs: dict) -> None:
+        """The context's shapes and addresses for a :meth:`prepare` handle (a stream may have set others since)."""
+        self.set_shapes({n: tuple(bufs[n].shape) for n in self._input_names})
+        for n, t in bufs.items():
+            self.context.set_tensor_address(n, t.data_ptr())
 
     def run_prepared(self, handle) -> None:
         torch = self._torch
         if self.cuda_graph:
             if self._graph is None:
-                self._launch()  # TensorRT allocates lazily on the first launch; capture after it
+                self._bind(handle)
+                self.launch()  # TensorRT allocates lazily on the first launch; capture after it
                 self.stream.synchronize()
                 self._graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(self._graph, stream=self.stream):
-                    self._launch()
+                    self.launch()
             with torch.cuda.stream(self.stream):  # replay() launches on the current stream: make it ours,
                 self._graph.replay()  # or the synchronize below would not wait for the graph
         else:
-            self._launch()
+            self._bind(handle)
+            self.launch()
         self.stream.synchronize()
 
     def _run(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         bufs = self.prepare(feed)
-        self._launch()  # one call on fresh buffers: a graph would be captured for a single replay
+        self._bind(bufs)
+        self.launch()  # one call on fresh buffers: a graph would be captured for a single replay
         self.stream.synchronize()
         return {n: bufs[n].cpu().numpy() for n in self._outputs}
+
+    def bind_stream(self, x: np.ndarray, state: str = "state.", next_state: str = "next."):
+        """The :class:`~.trt_stream.TrtStream` of a step-form engine for ``x [T, B, ...]`` (made on first use per T
+        and batch size, kept: a captured stream's graph stays valid only with its buffers), ``x`` loaded into it."""
+        from .trt_stream import TrtStream
+
+        key = (len(x), x.shape[1])
+        stream = self._streams.get(key)
+        if stream is None:
+            if len(self._streams) >= MAX_STREAMS:  # verify uses 2 batch sizes, bench 3: drop the oldest
+                self._streams.pop(next(iter(self._streams)))
+            stream = self._streams[key] = TrtStream(self, len(x), x.shape[1], state, next_state)
+        stream.load(x)
+        return stream
+
+    def close(self) -> None:
+        self._streams.clear()
+        self._graph = None
