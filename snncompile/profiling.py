@@ -4,12 +4,33 @@ whose work torch's profiler does not see."""
 
 from __future__ import annotations
 
+import os
+import sys
+from contextlib import contextmanager
 from typing import Callable
 
 import numpy as np
 import torch
 
 __all__ = ["ort_profile_table", "profile_calls"]
+
+
+@contextmanager
+def _native_stderr_silenced():
+    """The process's stderr (file descriptor 2) sent to /dev/null for the block. Kineto writes a
+    ``USDT:... profiler_start`` and a ``profiler_stop`` line there from C++ as torch.profiler starts and stops (no
+    logging setting turns them off): noise above a table the user reads. Only the start and the stop are
+    silenced, so anything the profiled calls print still shows."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
 
 
 def profile_calls(call: Callable[[], None], cuda: bool, calls: int = 3, rows: int = 20, what: str = "calls") -> str:
@@ -23,12 +44,18 @@ def profile_calls(call: Callable[[], None], cuda: bool, calls: int = 3, rows: in
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
-    with torch_profile(activities=[ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if cuda else [])],
-                       record_shapes=True) as prof:
+    prof = torch_profile(activities=[ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if cuda else [])],
+                         record_shapes=True)
+    with _native_stderr_silenced():
+        prof.start()
+    try:
         for _ in range(calls):
             call()
         if cuda:
             torch.cuda.synchronize()
+    finally:
+        with _native_stderr_silenced():
+            prof.stop()
     sort_by = "self_device_time_total" if cuda else "self_cpu_time_total"
     table = prof.key_averages().table(sort_by=sort_by, row_limit=rows)
     by_shape = prof.key_averages(group_by_input_shape=True).table(sort_by=sort_by, row_limit=rows)

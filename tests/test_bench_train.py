@@ -426,3 +426,22 @@ def test_ratios_are_to_the_first_of_our_variants_timed(monkeypatch):
     table = bt.format_train_table(result)
     assert "| vs snncompile (fused LIF, CUDA graph) |" in table
     assert "| 1.00x |" in table and table.splitlines()[-1].endswith("| 2.00x |")
+
+
+def test_a_profile_prints_nothing_of_its_own_on_stderr(capfd):
+    """Kineto wrote `USDT:... profiler_start` / `profiler_stop` lines to file descriptor 2 from C++ above every
+    profile table; what the profiled calls print still shows."""
+    import sys
+
+    import torch
+
+    from snncompile.profiling import profile_calls
+
+    def call():
+        torch.ones(4).sum()
+        print("the call's own line", file=sys.stderr, flush=True)
+
+    table = profile_calls(call, cuda=False, calls=2)
+    err = capfd.readouterr().err
+    assert "aten::sum" in table
+    assert err.splitlines() == ["the call's own line"] * 2, err
