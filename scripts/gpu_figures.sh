@@ -179,16 +179,18 @@ bench_infer() {  # MODEL COMPILE_BATCHES TINY...: init, export both layouts, ben
         | sed -n '/^model /,/^wrote/p'
 }
 
-trt_digits() {  # a trained digits model through build and verify at every precision
+trt_digits() {  # a trained digits model through build and verify at every precision, the step form streamed too
     local run
     snncompile train models/digits.toml --out "$runs" --no-progress | tail -2 | head -1
     run=$(ls -d "$runs"/digits/*/ | tail -1)
-    snncompile export "$run" >&2 && snncompile export "$run" --layers >&2 || return 1
+    snncompile export "$run" >&2 && snncompile export "$run" --layers >&2 && snncompile export "$run" --form step >&2 \
+        || return 1
     for precision in fp32 fp16 bf16; do
-        for model in model.onnx model_layers.onnx; do
+        for model in model.onnx model_layers.onnx model_step.onnx; do
             snncompile build "$run" --model "$model" --precision "$precision" --batch 1:32:256 2>&1 | tail -1
         done
         snncompile verify "$run" --runner trt --precision "$precision" --no-progress 2>&1 | tail -3
+        snncompile verify "$run" --runner trt --precision "$precision" --model model_step.onnx --no-progress 2>&1 | tail -3
     done
 }
 infer_targets() {  # MODEL BATCHES TINY...: init, export both layouts, bench the runners that can meet the targets
