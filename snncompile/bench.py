@@ -26,7 +26,9 @@ from .backends.base import runner_numerics
 from .backends.pt import cpu_threads
 from .compare import verify_run
 from .errors import ArtifactError, ConfigError, SnnCompileError, described
-from .export_onnx import export_command, export_reference_paths, layers_twin, read_reference, current_export
+from .export_onnx import (current_export, export_again, export_command, export_reference_paths, layers_twin,
+                          read_reference)
+from .runs import load_run_config
 from .streaming import STREAM_RUNNERS, streamed
 
 __all__ = ["batch_rows", "batch_sizes", "bench_run", "bench_stem", "format_table", "percentiles"]
@@ -73,7 +75,7 @@ def bench_run(run_dir: str | Path, runners: list[str] | None = None, batches: tu
               warmup: int = 10, iters: int = 50, progress: bool = True,
               echo=print, model_file: str = "model.onnx", precision: str = "fp32", cuda_graph: bool = True,
               cudnn_autotune: bool = True, profile: bool = False, pad_channels: int = 1, threads: int = 0,
-              channels_last: bool = False, fuse_input_conv: bool = False) -> dict:
+              channels_last: bool = False, fuse_input_conv: bool = False, steps: int | None = None) -> dict:
     """Verify, then time every requested runner at every batch size (default: every available one but
     the opt-in ``torch-compile`` and ``torch-loop``).
 
@@ -90,7 +92,9 @@ def bench_run(run_dir: str | Path, runners: list[str] | None = None, batches: tu
     Runtime's too; for ort-cpu, whose work torch's profiler does not see, ONNX Runtime's own profiler over 10
     calls) into ``<stem>_profile.txt``; with ``cuda_graph=False`` the kernels show one by one.
     ``threads``: CPU threads for torch and ONNX Runtime (0: torch's default, ONNX Runtime one per usable core);
-    on a CPU that other work keeps busy, the free cores."""
+    on a CPU that other work keeps busy, the free cores. ``steps``: time at that T; a timed file unrolled
+    (or referenced, the step form) over another T is exported again at it first, with its other settings, and
+    replaces the earlier file (said; its outputs get a ``_T<N>`` stem where N is not the trained T)."""
     run_dir = Path(run_dir)
     manifest = read_manifest(run_dir)
     # the timed file of older weights: one line, not every runner failing its gate (torch is the current checkpoint)
@@ -103,6 +107,8 @@ def bench_run(run_dir: str | Path, runners: list[str] | None = None, batches: tu
     batches = batch_sizes(batches)
     if iters < 1 or warmup < 0:
         raise ConfigError("--iters must be >= 1, --warmup >= 0")
+    if steps is not None and steps != export["T"]:  # after the checks above: they take no minutes
+        export = _export_at(run_dir, model_file, export, steps, echo)
     reference = _reference_inputs(run_dir, export)  # before any runner is timed: a missing file is one line, at once
     _check_reference_outputs(run_dir, export)
     avail = available_runners()
@@ -168,7 +174,9 @@ def bench_run(run_dir: str | Path, runners: list[str] | None = None, batches: tu
                     entry["skipped"] = failure
                 echo(f"{name}: {failure}")
     _require_timed(results["runners"])  # nothing measured: the earlier bench's files stay, not a table of skips
-    stem = bench_stem(model_file, precision, cuda_graph, cudnn_autotune, pad_channels, channels_last, fuse_input_conv)
+    other_steps = export["T"] if export["T"] != load_run_config(run_dir).model.T else None
+    stem = bench_stem(model_file, precision, cuda_graph, cudnn_autotune, pad_channels, channels_last, fuse_input_conv,
+                      other_steps)
     results["stem"] = stem
     kept = _keep_earlier_runners(run_dir / f"{stem}.json", results)
     if kept:
@@ -310,15 +318,27 @@ def _keep_earlier_runners(path: Path, results: dict) -> list[str]:
 
 
 def bench_stem(model_file: str, precision: str, cuda_graph: bool = True, cudnn_autotune: bool = True,
-               pad_channels: int = 1, channels_last: bool = False, fuse_input_conv: bool = False) -> str:
-    """File stem of a bench's outputs: ``bench``, ``bench_model_per_step``, ``bench_bf16``,
-    ``bench_no_cuda_graph``, ``bench_no_autotune``, ... so that timing another file, precision or launch
-    mode does not overwrite the results of ``model.onnx`` at fp32 with graphs and autotuning."""
+               pad_channels: int = 1, channels_last: bool = False, fuse_input_conv: bool = False,
+               other_steps: int | None = None) -> str:
+    """File stem of a bench's outputs: ``bench``, ``bench_model_per_step``, ``bench_T16`` (``other_steps``:
+    an export at another T than the trained one), ``bench_bf16``, ``bench_no_cuda_graph``,
+    ``bench_no_autotune``, ... so that timing another file, T, precision or launch mode does not overwrite
+    the results of ``model.onnx`` at the trained T, fp32, with graphs and autotuning."""
     parts = (["bench"] + ([Path(model_file).stem] if model_file != "model.onnx" else [])
+             + ([f"T{other_steps}"] if other_steps is not None else [])
              + ([precision] if precision != "fp32" else []) + ([] if cuda_graph else ["no_cuda_graph"])
              + ([] if cudnn_autotune else ["no_autotune"]) + ([f"pad{pad_channels}"] if pad_channels > 1 else [])
              + (["channels_last"] if channels_last else []) + (["fused_input_conv"] if fuse_input_conv else []))
     return "_".join(parts)
+
+
+def _export_at(run_dir: Path, model_file: str, export: dict, steps: int, echo=print) -> dict:
+    """``model_file`` exported again at T = ``steps`` with the other settings of its manifest entry ``export``;
+    its new entry. Reference inputs of that T are drawn with it (``reference_inputs_T<T>.npz``)."""
+    echo(f"exporting {model_file} at T = {steps} (it is at T = {export['T']}; "
+         f"`{export_command(run_dir, export)}` writes that one again)")
+    export_again(run_dir, export, steps=steps)
+    return current_export(run_dir, model_file, file_needed=True)
 
 
 def _gate(run_dir: Path, name: str, numerics: str, options: dict, model_file: str, export: dict,
@@ -343,14 +363,11 @@ def _gate(run_dir: Path, name: str, numerics: str, options: dict, model_file: st
     layers_file = layers_twin(model_file)
     earlier = read_manifest(run_dir).get("exports", {}).get(layers_file)
     if not _is_twin(run_dir, model_file, export, earlier, layers_file):
-        from .export_onnx import export_run
-
         # the same reference inputs again (the counts the timed export asked for, so the same files; exports
         # recorded before those counts: the counts its file holds)
         n_random, n_real = export.get("reference_samples") or (
             reference["random"].shape[1], reference["real"].shape[1] if "real" in reference else 0)
-        export_run(run_dir, steps=export["T"], layers=True, order=export.get("order", "layer"),
-                   precision=export.get("precision", "fp32"), n_random=n_random, n_real=n_real)
+        export_again(run_dir, export, layers=True, rates=False, n_random=n_random, n_real=n_real)
         # said: the user's own export of that name is replaced (and verify's default file with it)
         replaced = "" if earlier is None else (f"; it replaces the one at T = {earlier['T']}" if earlier.get("T") != export["T"]
                                                else "; it replaces the earlier one")

@@ -326,6 +326,9 @@ def bench_train_cmd(model_toml, overrides, steps_t, batch, precision, steps, war
               help="Untimed calls first; with 0 the first timed call carries a runtime's lazy set-up (ONNX Runtime's "
                    "first run, cuDNN autotuning) into p90/p99.")
 @click.option("--model", "model_file", default="model.onnx", show_default=True, help="Which export to time (model_step.onnx: T streamed calls per batch).")
+@click.option("--T", "steps_t", type=click.IntRange(1),
+              help="Time at this T (default: the export's). A file exported at another T is exported again at this "
+                   "one first, with its other options, and replaces it; outputs bench_T<N>.* off the trained T.")
 @click.option("--precision", type=click.Choice(TORCH_FAST_PRECISIONS), default="fp32",
               show_default=True, help="For torch-fast and trt (verified at that precision's tolerances); the other "
                                       "runners stay fp32. tf32x2: torch-fast only, fp32-accurate spike layers on TF32.")
@@ -352,7 +355,7 @@ def bench_train_cmd(model_toml, overrides, steps_t, batch, precision, steps, war
 @click.option("--fuse-input-conv", is_flag=True,
               help="torch-fast runs the input conv (a few channels), its LIF and the pool after it as one kernel "
                    "that never writes the conv's output, the network's largest tensor; bench_fused_input_conv.*.")
-def bench_run_cmd(run, runners, batches, iters, warmup, model_file, precision, cuda_graph, cudnn_autotune,
+def bench_run_cmd(run, runners, batches, iters, warmup, model_file, steps_t, precision, cuda_graph, cudnn_autotune,
                   profile, pad_channels, threads, channels_last, fuse_input_conv) -> None:
     """Verify, then time every runner on RUN's export; writes bench.json, bench.md, bench.png."""
     from .bench import bench_run, format_table
@@ -362,7 +365,7 @@ def bench_run_cmd(run, runners, batches, iters, warmup, model_file, precision, c
     results = bench_run(run, names, sizes, warmup=warmup, iters=iters, echo=click.echo, model_file=model_file,
                         precision=precision, cuda_graph=cuda_graph, cudnn_autotune=cudnn_autotune, profile=profile,
                         pad_channels=pad_channels, threads=threads, channels_last=channels_last,
-                        fuse_input_conv=fuse_input_conv)
+                        fuse_input_conv=fuse_input_conv, steps=steps_t)
     click.echo(format_table(results))
     if "profile_file" in results:
         click.echo("\n" + (run / results["profile_file"]).read_text())

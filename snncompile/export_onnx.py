@@ -40,7 +40,7 @@ from .text import shell_path
 from .runs import CHECKPOINT, load_checkpoint, load_network, load_run_config, missing_checkpoint
 
 __all__ = ["unrolled_file", "ALLOWED_OPS", "ExportResult", "export_run", "resolve_run_dir", "reference_inputs",
-           "reference_files", "export_reference_paths", "read_reference", "export_command",
+           "reference_files", "export_reference_paths", "read_reference", "export_command", "export_again",
            "require_current_checkpoint", "current_export", "EXPORTER"]
 
 EXPORTER = "torch.export (torch.onnx.export dynamo=True) + onnxscript optimizer"
@@ -117,12 +117,13 @@ def read_reference(path: Path, run_dir: Path, export: dict) -> dict[str, np.ndar
 
 def export_command(run_dir: Path, export: dict) -> str:
     """The ``snncompile export`` command that writes the export of manifest entry ``export`` again: the options
-    that name its file (see :func:`unrolled_file`), --rates, --T where it is not the trained T and --samples
-    where it had other counts than the defaults."""
+    that name its file (see :func:`unrolled_file`), --rates, --T where it is not the trained T, and --opset and
+    --samples where they were not the defaults."""
     options = ["--form step"] if export.get("form") == "step" else []
     trained_steps = load_run_config(run_dir).model.T
     if export.get("T", trained_steps) != trained_steps:
         options.append(f"--T {export['T']}")
+    options += [f"--opset {export['opset']}"] if export.get("opset", DEFAULT_OPSET) != DEFAULT_OPSET else []
     options += ["--layers"] if export.get("layers") else []
     options += ["--rates"] if export.get("rates") else []
     options += ["--order step"] if export.get("order") == "step" else []
@@ -130,6 +131,18 @@ def export_command(run_dir: Path, export: dict) -> str:
     n_random = (export.get("reference_samples") or [DEFAULT_SAMPLES])[0]
     options += [f"--samples {n_random}"] if n_random != DEFAULT_SAMPLES else []
     return " ".join(["snncompile export", shell_path(run_dir), *options])
+
+
+def export_again(run_dir: Path, export: dict, **changes) -> ExportResult:
+    """Export ``run_dir`` again with the settings of its manifest entry ``export`` (form, T, opset, order,
+    precision, --layers, --rates, reference counts), ``changes`` applied: keyword arguments of
+    :func:`export_run`, e.g. ``steps=16`` (bench --T) or ``layers=True`` (bench's _layers twin)."""
+    n_random, n_real = export.get("reference_samples") or (DEFAULT_SAMPLES, DEFAULT_SAMPLES)
+    settings = {"steps": export["T"], "opset": export.get("opset", DEFAULT_OPSET), "form": export.get("form", "unrolled"),
+                "layers": bool(export.get("layers")), "rates": bool(export.get("rates")),
+                "order": export.get("order", "layer"), "precision": export.get("precision", "fp32"),
+                "n_random": n_random, "n_real": n_real}
+    return export_run(run_dir, **{**settings, **changes})
 
 
 def missing_export(run_dir: Path, model_file: str) -> ArtifactError:

@@ -382,6 +382,33 @@ def test_gate_exports_the_layers_twin_again_when_it_is_not_the_timed_files(expor
     assert json.loads((exported / "verify.json").read_text())["ort-cpu"]["inputs"] == {"random": 32}
 
 
+def test_bench_T_exports_the_timed_file_again_at_that_T_with_its_other_settings(exported):
+    """`bench --T 2` on a file exported at the trained T = 4: exported again at T = 2 with the options it was
+    exported with (order, --rates, opset, reference counts), said, and timed at 2 into bench_<file>_T2.*, beside
+    the trained T's results; --T of the file's own T exports nothing."""
+    export_run(exported, order="step", rates=True, opset=17, n_random=16, n_real=0)
+    before = json.loads((exported / "manifest.json").read_text())["exports"]["model_per_step.onnx"]
+    args = ["bench", str(exported), "--model", "model_per_step.onnx", "--runners", "ort-cpu", "--batch", "2",
+            "--iters", "2", "--warmup", "0"]
+    result = CliRunner().invoke(cli, [*args, "--T", "2"])
+    assert result.exit_code == 0, result.output
+    assert result.output.startswith(f"exporting model_per_step.onnx at T = 2 (it is at T = 4; `snncompile export "
+                                    f"{exported} --opset 17 --rates --order step --samples 16` writes that one again)\n")
+    entry = json.loads((exported / "manifest.json").read_text())["exports"]["model_per_step.onnx"]
+    assert entry["T"] == 2 and entry["sha256"] != before["sha256"]
+    assert {k: entry[k] for k in ("form", "order", "rates", "opset", "precision", "reference_samples")} == {
+        "form": "unrolled", "order": "step", "rates": True, "opset": 17, "precision": "fp32", "reference_samples": [16, 0]}
+    data = json.loads((exported / "bench_model_per_step_T2.json").read_text())
+    assert data["T"] == 2 and data["runners"]["ort-cpu"]["verified"] is True
+    assert not (exported / "bench_model_per_step.json").exists()
+    result = CliRunner().invoke(cli, [*args, "--T", "2"])  # already at T = 2: timed as it is
+    assert result.exit_code == 0 and "exporting" not in result.output, result.output
+    assert json.loads((exported / "manifest.json").read_text())["exports"]["model_per_step.onnx"] == entry
+    result = CliRunner().invoke(cli, [*args, "--T", "4"])  # back at the trained T: the plain stem
+    assert result.exit_code == 0, result.output
+    assert json.loads((exported / "bench_model_per_step.json").read_text())["T"] == 4
+
+
 def test_gate_fails_a_timed_file_whose_own_verify_failed(exported):
     """The timed file must pass its own verify: scores off by 5.0 (every prediction unchanged) fail the gate,
     and so does a file that is not the one its export recorded."""

@@ -356,7 +356,7 @@ def test_a_config_whose_model_section_was_edited_after_training_is_refused(tmp_p
 
 def test_export_command_names_the_options_of_each_file(tmp_path):
     """The command a message suggests writes the same file again: the options that name it (--layers, --order step,
-    --precision, --form step), --rates, and --T / --samples only where they are not the defaults."""
+    --precision, --form step), --rates, and --T / --opset / --samples only where they are not the defaults."""
     from snncompile.export_onnx import export_command
 
     run = make_run(tmp_path, tiny_zoo_config(REPO / "models" / "bench-nmnist.toml"))  # trained T = 4
@@ -368,6 +368,8 @@ def test_export_command_names_the_options_of_each_file(tmp_path):
                                  "reference_samples": [32, 0]})
             == f"snncompile export {run} --T 6 --layers --rates --order step --precision bf16 --samples 32")
     assert export_command(run, {**plain, "form": "step", "T": 4}) == f"snncompile export {run} --form step"
+    assert export_command(run, {**plain, "opset": 18}) == f"snncompile export {run}"
+    assert export_command(run, {**plain, "opset": 17}) == f"snncompile export {run} --opset 17"
 
 
 def test_a_graph_outside_the_allow_list_names_every_reason(tmp_path):
