@@ -26,13 +26,37 @@ def read_current(ptrs, mask, bias, HAS_BIAS: tl.constexpr):
 
 
 @triton.jit
+def channel_bias(b_ptr, channel, mask, HAS_BIAS: tl.constexpr):
+    """The conv/linear's bias of each neuron's ``channel`` (any shape) in fp32, or 0.0 without a bias, which
+    read_current then does not add."""
+    bias = 0.0
+    if HAS_BIAS:
+        bias = tl.load(b_ptr + channel, mask=mask, other=0.0).to(tl.float32)
+    return bias
+
+
+@triton.jit
+def recompute_membranes(ptrs, step_stride, mask, bias, rows, history, k_tau1, v_th, T: tl.constexpr,
+                        HAS_BIAS: tl.constexpr):
+    """The backward kernels' recompute: the forward recurrence again over the currents at ``ptrs + t *
+    step_stride`` (read_current and lif_step, so the forward's bits), membrane t put into row t of ``history``
+    ``[T_POW2, *ptrs.shape]`` (``rows``: its row index, broadcastable) with a where; returns ``history``."""
+    u = tl.zeros(ptrs.shape, dtype=tl.float32)
+    o = tl.zeros(ptrs.shape, dtype=tl.float32)
+    for t in tl.static_range(T):
+        cur = read_current(ptrs + t * step_stride, mask, bias, HAS_BIAS)
+        u, o = lif_step(u, o, cur, k_tau1, v_th)
+        history = tl.where(rows == t, tl.expand_dims(u, 0), history)
+    return history
+
+
+@triton.jit
 def lif_forward(i_ptr, o_ptr, u_ptr, b_ptr, n, chan_div, channels, k_tau1, v_th, T: tl.constexpr,
                 SAVE_U: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
-    bias = 0.0  # read_current adds it only with HAS_BIAS
-    if HAS_BIAS:  # the conv/linear's bias, per channel: channel (i // chan_div) % channels of step index i
-        bias = tl.load(b_ptr + (offs // chan_div) % channels, mask=mask, other=0.0).to(tl.float32)
+    # the conv/linear's bias, per channel: channel (i // chan_div) % channels of step index i
+    bias = channel_bias(b_ptr, (offs // chan_div) % channels, mask, HAS_BIAS)
     u = tl.zeros((BLOCK,), dtype=tl.float32)
     o = tl.zeros((BLOCK,), dtype=tl.float32)
     for t in tl.static_range(T):
@@ -76,15 +100,8 @@ def lif_backward(u_ptr, go_ptr, gi_ptr, gb_ptr, b_ptr, n, chan_div, channels, k_
     if RECOMPUTE:
         rows = tl.arange(0, T_POW2)[:, None]
         history = tl.zeros((T_POW2, BLOCK), dtype=tl.float32)
-        bias = 0.0  # read_current adds it only with HAS_BIAS
-        if HAS_BIAS:
-            bias = tl.load(b_ptr + (offs // chan_div) % channels, mask=mask, other=0.0).to(tl.float32)
-        u = tl.zeros((BLOCK,), dtype=tl.float32)
-        o = tl.zeros((BLOCK,), dtype=tl.float32)
-        for t in tl.static_range(T):
-            cur = read_current(u_ptr + t * n + offs, mask, bias, HAS_BIAS)
-            u, o = lif_step(u, o, cur, k_tau1, v_th)
-            history = tl.where(rows == t, u[None, :], history)
+        bias = channel_bias(b_ptr, (offs // chan_div) % channels, mask, HAS_BIAS)
+        history = recompute_membranes(u_ptr + offs, n, mask, bias, rows, history, k_tau1, v_th, T, HAS_BIAS)
     g_next = tl.zeros((BLOCK,), dtype=tl.float32)
     g_sum = tl.zeros((BLOCK,), dtype=tl.float32)
     for s in tl.static_range(T):
@@ -145,9 +162,7 @@ def lif_pool_forward(i_ptr, o_ptr, u_ptr, b_ptr, n_out, channels, height_out, wi
     # one program: BLOCK pooled outputs x their K*K input neurons, all T steps in registers
     mask, src, dst, c = pool_windows(n_out, channels, height_out, width_out, s_n, s_c, s_h, s_w,
                                      o_s_n, o_s_c, o_s_h, o_s_w, K, CHANNELS_LAST, BLOCK)
-    bias = 0.0  # read_current adds it only with HAS_BIAS
-    if HAS_BIAS:  # a window is one channel's: one bias per pooled output
-        bias = tl.load(b_ptr + c, mask=mask, other=0.0).to(tl.float32)[:, None]
+    bias = channel_bias(b_ptr, c[:, None], mask[:, None], HAS_BIAS)  # a window is one channel's: [BLOCK, 1]
     u = tl.zeros((BLOCK, K * K), dtype=tl.float32)
     o = tl.zeros((BLOCK, K * K), dtype=tl.float32)
     for t in tl.static_range(T):
@@ -175,15 +190,9 @@ def lif_pool_backward(u_ptr, gp_ptr, gi_ptr, gb_ptr, b_ptr, n_out, channels, hei
     if RECOMPUTE:
         rows = tl.arange(0, T_POW2)[:, None, None]
         history = tl.zeros((T_POW2, BLOCK, K * K), dtype=tl.float32)
-        bias = 0.0  # read_current adds it only with HAS_BIAS
-        if HAS_BIAS:  # a window is one channel's: one bias per pooled output
-            bias = tl.load(b_ptr + c, mask=mask, other=0.0).to(tl.float32)[:, None]
-        u = tl.zeros((BLOCK, K * K), dtype=tl.float32)
-        o = tl.zeros((BLOCK, K * K), dtype=tl.float32)
-        for t in tl.static_range(T):
-            cur = read_current(u_ptr + t * s_t + src, mask[:, None], bias, HAS_BIAS)
-            u, o = lif_step(u, o, cur, k_tau1, v_th)
-            history = tl.where(rows == t, u[None, :, :], history)
+        bias = channel_bias(b_ptr, c[:, None], mask[:, None], HAS_BIAS)  # a window is one channel's
+        history = recompute_membranes(u_ptr + src, s_t, mask[:, None], bias, rows, history, k_tau1, v_th, T,
+                                      HAS_BIAS)
     g_next = tl.zeros((BLOCK, K * K), dtype=tl.float32)
     g_sum = tl.zeros((BLOCK, K * K), dtype=tl.float32)
     for s in tl.static_range(T):
