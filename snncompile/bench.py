@@ -469,7 +469,8 @@ def format_table(results: dict) -> str:
 
 
 def _plot(results: dict, path: Path) -> bool:
-    """Latency and throughput against batch per runner; False when matplotlib is absent."""
+    """Latency and throughput against batch per runner (:func:`bench_figure`) as a PNG; False when matplotlib
+    is absent."""
     from .errors import MissingDependencyError
     from .plots import pyplot
 
@@ -477,23 +478,45 @@ def _plot(results: dict, path: Path) -> bool:
         plt = pyplot()
     except MissingDependencyError:
         return False
+    fig = bench_figure(results, plt)
+    atomic_save(path, lambda f: fig.savefig(f, format="png", dpi=120))
+    plt.close(fig)
+    return True
+
+
+def bench_figure(results: dict, plt):
+    """The bench plot: p50 latency and samples/s against batch, one line per timed runner, both axes
+    logarithmic. The batch axis is ticked at the measured sizes only, and numbers read as numbers (2, 30,
+    0.5, 20,000) where matplotlib's defaults would write 2x10^1 and put ticks at batch sizes never run."""
+    from matplotlib.ticker import FixedLocator, FuncFormatter, LogFormatter, NullLocator
+
+    class PlainLogFormatter(LogFormatter):
+        """matplotlib's choice of which log ticks to label, each label a plain number."""
+
+        def __call__(self, x, pos=None):
+            return (f"{x:,.0f}" if x >= 1000 else f"{x:g}") if super().__call__(x, pos) else ""
+
     fig, (ax_lat, ax_thr) = plt.subplots(1, 2, figsize=(10, 4))
+    sizes: set[int] = set()
     for name, entry in results["runners"].items():
         if "by_batch" not in entry:
             continue
         timed = {int(k): s for k, s in batch_rows(entry) if "failed" not in s}
         if not timed:
             continue
+        sizes.update(timed)
         b = list(timed)
         ax_lat.plot(b, [s["p50_ms"] for s in timed.values()], marker="o", label=name)
         ax_thr.plot(b, [s["samples_per_s"] for s in timed.values()], marker="o", label=name)
-    from matplotlib.ticker import ScalarFormatter
-
     for ax, title, unit in ((ax_lat, "latency (p50)", "ms per batch of T steps"), (ax_thr, "throughput", "samples/s")):
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
-        ax.xaxis.set_major_formatter(ScalarFormatter())
-        ax.yaxis.set_major_formatter(ScalarFormatter())
+        if sizes:
+            ax.xaxis.set_major_locator(FixedLocator(sorted(sizes)))
+            ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+            ax.xaxis.set_minor_locator(NullLocator())
+        ax.yaxis.set_major_formatter(PlainLogFormatter(labelOnlyBase=False))
+        ax.yaxis.set_minor_formatter(PlainLogFormatter(labelOnlyBase=False, minor_thresholds=(2, 0.5)))
         ax.set_xlabel("batch")
         ax.set_ylabel(unit)
         ax.set_title(f"{results['model']} T={results['T']}: {title}")
@@ -503,10 +526,4 @@ def _plot(results: dict, path: Path) -> bool:
         else:  # every runner was skipped (their reasons are in the table): say so rather than an empty frame
             ax.text(0.5, 0.5, "no runner timed", transform=ax.transAxes, ha="center", va="center")
     fig.tight_layout()
-
-    def write(f):
-        fig.savefig(f, format="png", dpi=120)
-
-    atomic_save(path, write)
-    plt.close(fig)
-    return True
+    return fig
