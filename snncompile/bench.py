@@ -488,13 +488,9 @@ def bench_figure(results: dict, plt):
     """The bench plot: p50 latency and samples/s against batch, one line per timed runner, both axes
     logarithmic. The batch axis is ticked at the measured sizes only, and numbers read as numbers (2, 30,
     0.5, 20,000) where matplotlib's defaults would write 2x10^1 and put ticks at batch sizes never run."""
-    from matplotlib.ticker import FixedLocator, FuncFormatter, LogFormatter, NullLocator
+    from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
 
-    class PlainLogFormatter(LogFormatter):
-        """matplotlib's choice of which log ticks to label, each label a plain number."""
-
-        def __call__(self, x, pos=None):
-            return (f"{x:,.0f}" if x >= 1000 else f"{x:g}") if super().__call__(x, pos) else ""
+    from .plots import plain_log_labels
 
     fig, (ax_lat, ax_thr) = plt.subplots(1, 2, figsize=(10, 4))
     sizes: set[int] = set()
@@ -515,8 +511,7 @@ def bench_figure(results: dict, plt):
             ax.xaxis.set_major_locator(FixedLocator(sorted(sizes)))
             ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
             ax.xaxis.set_minor_locator(NullLocator())
-        ax.yaxis.set_major_formatter(PlainLogFormatter(labelOnlyBase=False))
-        ax.yaxis.set_minor_formatter(PlainLogFormatter(labelOnlyBase=False, minor_thresholds=(2, 0.5)))
+        plain_log_labels(ax.yaxis)
         ax.set_xlabel("batch")
         ax.set_ylabel(unit)
         ax.set_title(f"{results['model']} T={results['T']}: {title}")

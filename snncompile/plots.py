@@ -31,6 +31,19 @@ def pyplot():
     return plt
 
 
+def plain_log_labels(axis) -> None:
+    """Label a logarithmic ``axis`` (``ax.yaxis``) with plain numbers (0.002, 30, 20,000) at the ticks
+    matplotlib chooses to label, where its own labels read 2x10^-3 and 3x10^1."""
+    from matplotlib.ticker import LogFormatter
+
+    class PlainLogFormatter(LogFormatter):
+        def __call__(self, x, pos=None):
+            return (f"{x:,.0f}" if x >= 1000 else f"{x:g}") if super().__call__(x, pos) else ""
+
+    axis.set_major_formatter(PlainLogFormatter(labelOnlyBase=False))
+    axis.set_minor_formatter(PlainLogFormatter(labelOnlyBase=False, minor_thresholds=(2, 0.5)))
+
+
 def _metrics(run: Path) -> list[dict]:
     """One row per finished epoch, or a one-line error naming the run."""
     if not run.is_dir():
@@ -69,12 +82,19 @@ def plot_training(run: Path, out: Path | None = None) -> Path:
     for split in ("train", "test"):
         ax_loss.plot(epochs, [r[f"{split}_loss"] for r in rows], label=split)
         ax_acc.plot(epochs, [100 * r[f"{split}_acc"] for r in rows], label=split)
+    best = max(rows, key=lambda r: r["test_acc"])  # the first epoch that reached it
+    ax_acc.set_title(f"test: {100 * rows[-1]['test_acc']:.2f} % at the end, best {100 * best['test_acc']:.2f} % "
+                     f"(epoch {best['epoch']})", fontsize=10)
+    if all(r[f"{split}_loss"] > 0 for r in rows for split in ("train", "test")):
+        ax_loss.set_yscale("log")  # losses fall by orders of magnitude: on a linear axis the later epochs are flat
+        plain_log_labels(ax_loss.yaxis)
     for ax, label in ((ax_loss, "loss"), (ax_acc, "accuracy (%)")):
         ax.set_xlabel("epoch")
         ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))  # epochs are whole: no 0.95 ... 1.05 ticks
         ax.set_ylabel(label)
         ax.grid(True, alpha=0.3)
-        ax.legend()
+    ax_loss.legend()
+    ax_acc.legend(loc="lower right")  # accuracy curves rise at the left, then run along the top
     fig.suptitle(f"{run.parent.name} / {run.name}")
     if out is not None:
         return _save(fig, plt, out)
@@ -121,6 +141,7 @@ def plot_runs(runs: list[Path], out: Path, labels: list[str] | None = None) -> P
     ax_acc.set_ylabel("test accuracy (%)")
     ax_loss.set_ylabel("training loss")
     ax_loss.set_yscale("log")
+    plain_log_labels(ax_loss.yaxis)
     for ax in (ax_acc, ax_loss):
         ax.set_xlabel("epoch")
         ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))  # epochs are whole: no 0.95 ... 1.05 ticks

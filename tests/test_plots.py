@@ -48,6 +48,25 @@ def test_one_run_writes_training_png_into_the_run(two_runs):
     assert "training.png" in json.loads((two_runs[0] / "manifest.json").read_text())["artifacts"]
 
 
+def test_one_runs_plot_draws_the_loss_on_a_log_axis_and_names_the_final_and_best_test_accuracy(two_runs, tmp_path,
+                                                                                             monkeypatch):
+    from snncompile import plots
+    from snncompile.runs import read_metrics
+
+    drawn = []
+    save = plots._save
+    monkeypatch.setattr(plots, "_save", lambda fig, *a, **k: (drawn.append(fig), save(fig, *a, **k))[1])
+    plots.plot_training(two_runs[0], tmp_path / "t.png")
+    rows = read_metrics(two_runs[0] / "metrics.jsonl")
+    best = max(rows, key=lambda r: r["test_acc"])
+    ax_loss, ax_acc = drawn[0].axes
+    assert ax_loss.get_yscale() == "log" and ax_acc.get_yscale() == "linear"
+    assert ax_acc.get_title() == (f"test: {100 * rows[-1]['test_acc']:.2f} % at the end, best "
+                                  f"{100 * best['test_acc']:.2f} % (epoch {best['epoch']})")
+    labels = [t.get_text() for t in ax_loss.get_yticklabels() + ax_loss.get_yticklabels(minor=True) if t.get_text()]
+    assert labels and not [t for t in labels if "^" in t], labels  # plain numbers, not 2x10^-3
+
+
 def test_several_runs_on_shared_axes(two_runs, tmp_path, monkeypatch):
     out = tmp_path / "cmp.png"
     result = CliRunner().invoke(cli, ["plot", *map(str, two_runs), "--out", str(out)])
