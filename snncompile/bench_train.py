@@ -451,12 +451,21 @@ def format_train_table(r: dict) -> str:
 
 
 def plot_train_bench(r: dict, path: Path) -> Path:
-    """:func:`bench_train`'s result as a PNG: ms per step and peak GPU memory per variant, as bars (the
-    variants that were not timed are named below the chart). Needs matplotlib (the ``plot`` extra)."""
+    """:func:`bench_train`'s result as a PNG (:func:`train_bench_figure`). Needs matplotlib (the ``plot``
+    extra)."""
     from .artifacts import atomic_save
     from .plots import pyplot
 
     plt = pyplot()
+    fig = train_bench_figure(r, plt)
+    atomic_save(path, lambda f: fig.savefig(f, format="png", dpi=120))
+    plt.close(fig)
+    return path
+
+
+def train_bench_figure(r: dict, plt):
+    """ms per step and memory per variant, as bars: peak GPU memory, or on a CPU (no peak measured) what
+    autograd saves for backward; the variants that were not timed are named below the chart."""
     timed = {name: v for name, v in r["variants"].items() if isinstance(v, dict)}
     untimed = [f"{name}: {v}" for name, v in r["variants"].items() if not isinstance(v, dict)]
     names = list(timed)[::-1]  # barh draws bottom-up: the table's first row on top
@@ -464,23 +473,25 @@ def plot_train_bench(r: dict, path: Path) -> Path:
     ms = [timed[n]["median_ms"] for n in names]
     ax_ms.barh(names, ms, color="tab:blue")
     ax_ms.set_xlabel("ms per training step (median)")
-    peaks = [timed[n]["peak_mib"] for n in names]
-    ax_mem.barh(names, [0 if p is None else p for p in peaks], color="tab:orange")
-    ax_mem.set_xlabel("peak GPU memory, MiB")
-    for ax, values, fmt in ((ax_ms, ms, "{:.1f}"), (ax_mem, peaks, "{:.0f}")):
+    memory = [timed[n]["peak_mib"] for n in names]
+    memory_label = "peak GPU memory, MiB"
+    if all(m is None for m in memory):  # a CPU run: no peak GPU memory; what autograd keeps for backward, measured
+        memory = [timed[n].get("saved_mib") for n in names]
+        memory_label = "saved for backward, MiB (peak memory: CUDA only)"
+    ax_mem.barh(names, [0 if m is None else m for m in memory], color="tab:orange")
+    ax_mem.set_xlabel(memory_label)
+    for ax, values, fmt in ((ax_ms, ms, "{:.1f}"), (ax_mem, memory, "{:.0f}")):
         for y, value in enumerate(values):
             if value is not None:
                 ax.text(0, y, " " + fmt.format(value), va="center", ha="left", fontsize=8, color="white")
         ax.grid(True, axis="x", alpha=0.3)
     if not names:
         ax_ms.text(0.5, 0.5, "no variant timed", transform=ax_ms.transAxes, ha="center", va="center")
-    if all(p is None for p in peaks):  # a CPU run: no peak GPU memory to draw
+    if names and all(m is None for m in memory):  # e.g. only compiled variants, whose saved tensors are not counted
         ax_mem.set_xticks([])
-        ax_mem.text(0.5, 0.5, "measured on CUDA only", transform=ax_mem.transAxes, ha="center", va="center")
+        ax_mem.text(0.5, 0.5, "not measured", transform=ax_mem.transAxes, ha="center", va="center")
     fig.suptitle(f"{r['model']}: T = {r['T']}, batch {r['batch']}, {r['precision']}, {r['device']}")
     if untimed:
         fig.text(0.01, 0.01, "not timed: " + "; ".join(untimed)[:200], fontsize=7, va="bottom")
     fig.tight_layout(rect=(0, 0.04 if untimed else 0, 1, 1))
-    atomic_save(path, lambda f: fig.savefig(f, format="png", dpi=120))
-    plt.close(fig)
-    return path
+    return fig

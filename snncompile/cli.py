@@ -292,7 +292,8 @@ def bench() -> None:
               help="Also print where our layer-major step's time goes (eager; on CUDA also the channels_last "
                    "variants'): torch.profiler's top 20 GPU kernels (CPU operators on a CPU) by self time over 3 steps.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Also write the table as a PNG bar chart (ms per step and peak memory per variant; needs matplotlib).")
+              help="Also write the table as a PNG bar chart (ms per step and peak GPU memory per variant, on a CPU the "
+                   "memory saved for backward; needs matplotlib).")
 def bench_train_cmd(model_toml, overrides, steps_t, batch, precision, steps, warmup, peers, device, compiled,
                     profile, plot_path) -> None:
     """Median ms per training step (forward + backward + optimizer) of MODEL_TOML's network."""

@@ -383,6 +383,27 @@ def test_bench_train_plot_draws_every_timed_variant_and_names_the_others(tmp_pat
     assert result.exit_code != 0 and "pip install 'snncompile[plot]'" in result.output
 
 
+def test_the_train_bench_chart_draws_peak_gpu_memory_or_on_a_cpu_what_backward_keeps():
+    pytest.importorskip("matplotlib")
+    from snncompile.bench_train import train_bench_figure
+    from snncompile.plots import pyplot
+
+    plt = pyplot()
+    head = {"model": "m", "T": 8, "batch": 4, "precision": "fp32"}
+    cpu = {"ours": {"median_ms": 60.0, "peak_mib": None, "saved_mib": 82.2},
+           "loop": {"median_ms": 80.0, "peak_mib": None, "saved_mib": 99.2}, "peer": "skipped: not installed"}
+    gpu = {"ours": {"median_ms": 3.3, "peak_mib": 1465.0, "saved_mib": 400.0},
+           "loop": {"median_ms": 26.2, "peak_mib": 3068.0, "saved_mib": 900.0}}
+    for variants, device, widths, label in ((cpu, "cpu", [99.2, 82.2], "saved for backward, MiB (peak memory: CUDA only)"),
+                                            (gpu, "cuda", [3068.0, 1465.0], "peak GPU memory, MiB")):
+        fig = train_bench_figure({**head, "device": device, "variants": variants}, plt)
+        ax_ms, ax_mem = fig.axes
+        assert [bar.get_width() for bar in ax_mem.patches] == widths  # bottom-up: the table's first row on top
+        assert ax_mem.get_xlabel() == label and [bar.get_width() for bar in ax_ms.patches] == [
+            variants["loop"]["median_ms"], variants["ours"]["median_ms"]]
+        plt.close(fig)
+
+
 def test_a_broken_peer_install_costs_its_row(tmp_path, monkeypatch):
     """A peer that is installed but fails to import (a spikingjelly built for another torch) is a `failed:`
     row after our variants were timed, not a traceback that loses them; snntorch likewise."""
