@@ -149,30 +149,9 @@ def bench_run(run_dir: str | Path, runners: list[str] | None = None, batches: tu
                     echo(f"{name}: skipped ({skipped})")
                     continue
                 reference = _reference_inputs(run_dir, export)  # rewritten if the gate exported the _layers twin
-            try:
-                with streamed(create_runner(name, run_dir, model_file, **options), export) as runner:
-                    entry["by_batch"] = {}
-                    for batch in batches:
-                        stats = _time_batch(runner, reference, batch, warmup, iters, export["T"])
-                        handle = stats.pop("handle", None)
-                        entry["by_batch"][str(batch)] = stats
-                        if progress or "failed" in stats:
-                            said = stats.get("failed", f"p50 {stats.get('p50_ms', 0):.3f} ms")
-                            echo(f"{name} batch {batch}: {said}")
-                    if profile and handle is not None:  # the last batch size, when it ran
-                        head = f"{name} ({entry['precision']}), batch {batch}, {stats['execution']}"
-                        if name == "ort-cpu":  # torch's profiler sees none of ONNX Runtime's CPU work: its own does
-                            profiles.append(_ort_profile(run_dir, model_file, options, export, reference, batch, head))
-                        else:
-                            profiles.append(_profile(runner, handle, head, stats["execution"]))
-            except Exception as exc:  # noqa: BLE001  the runner could not be created (or profiled): its row says why
-                failure = failure_row(exc)
-                if entry.get("by_batch"):  # the figures measured stand
-                    entry["failed"] = failure
-                else:
-                    entry.pop("by_batch", None)
-                    entry["skipped"] = failure
-                echo(f"{name}: {failure}")
+            profiled = _time_runner(name, run_dir, model_file, options, export, reference, batches, warmup, iters,
+                                    entry, profile, progress, echo)
+            profiles += [profiled] if profiled else []
     _require_timed(results["runners"])  # nothing measured: the earlier bench's files stay, not a table of skips
     other_steps = export["T"] if export["T"] != load_run_config(run_dir).model.T else None
     stem = bench_stem(model_file, precision, cuda_graph, cudnn_autotune, pad_channels, channels_last, fuse_input_conv,
@@ -181,7 +160,48 @@ def bench_run(run_dir: str | Path, runners: list[str] | None = None, batches: tu
     kept = _keep_earlier_runners(run_dir / f"{stem}.json", results)
     if kept:
         echo(f"kept from the earlier bench of this export: {', '.join(kept)} (time them again with --runners)")
-    with interrupts_deferred():  # the table, plot and json of one bench: all of them or the earlier ones
+    _write_results(run_dir, stem, results, profiles, echo)
+    return results
+
+
+def _time_runner(name: str, run_dir: Path, model_file: str, options: dict, export: dict,
+                 reference: dict[str, np.ndarray], batches: tuple[int, ...], warmup: int, iters: int, entry: dict,
+                 profile: bool, progress: bool, echo=print) -> str | None:
+    """Time the verified runner ``name`` at every batch size into ``entry["by_batch"]``; with ``profile``, its
+    profile at the last batch size, which this returns. A runner that cannot be created (or profiled) gets the
+    reason in ``entry``: ``failed`` beside the figures measured, ``skipped`` when there are none."""
+    try:
+        with streamed(create_runner(name, run_dir, model_file, **options), export) as runner:
+            entry["by_batch"] = {}
+            for batch in batches:
+                stats = _time_batch(runner, reference, batch, warmup, iters, export["T"])
+                handle = stats.pop("handle", None)
+                entry["by_batch"][str(batch)] = stats
+                if progress or "failed" in stats:
+                    said = stats.get("failed", f"p50 {stats.get('p50_ms', 0):.3f} ms")
+                    echo(f"{name} batch {batch}: {said}")
+            if not profile or handle is None:  # profiled at the last batch size, when it ran
+                return None
+            head = f"{name} ({entry['precision']}), batch {batch}, {stats['execution']}"
+            if name == "ort-cpu":  # torch's profiler sees none of ONNX Runtime's CPU work: its own does
+                return _ort_profile(run_dir, model_file, options, export, reference, batch, head)
+            return _profile(runner, handle, head, stats["execution"])
+    except Exception as exc:  # noqa: BLE001  the runner could not be created (or profiled): its row says why
+        failure = failure_row(exc)
+        if entry.get("by_batch"):  # the figures measured stand
+            entry["failed"] = failure
+        else:
+            entry.pop("by_batch", None)
+            entry["skipped"] = failure
+        echo(f"{name}: {failure}")
+        return None
+
+
+def _write_results(run_dir: Path, stem: str, results: dict, profiles: list[str], echo=print) -> None:
+    """``<stem>.json``, ``.md``, ``.png`` and ``_profile.txt`` (when there are profiles), recorded in the manifest;
+    interrupts wait until all of them are written, so a bench's files are all this bench's or all the earlier
+    one's."""
+    with interrupts_deferred():
         if profiles:  # none when every runner was skipped
             atomic_write_text(run_dir / f"{stem}_profile.txt", "\n\n".join(profiles) + "\n")
             record_artifact(run_dir, f"{stem}_profile.txt")
@@ -192,7 +212,6 @@ def bench_run(run_dir: str | Path, runners: list[str] | None = None, batches: tu
         atomic_write_text(run_dir / f"{stem}.md", format_table(results) + "\n")
         record_artifact(run_dir, f"{stem}.json")
         record_artifact(run_dir, f"{stem}.md")
-    return results
 
 
 def _require_timed(runners: dict[str, dict]) -> None:
