@@ -290,23 +290,12 @@ def _locked_train(lock: contextlib.ExitStack, cfg: Config | None, out_root, resu
 
 def _train(cfg: Config, device: torch.device, ctx: DistContext, out_root, resume, state, stop_after, progress, echo,
            start: float, lock: contextlib.ExitStack) -> TrainResult:
-    from tqdm.auto import tqdm
-
     main = ctx.is_main
     say = echo if main else (lambda s: None)
     data = load_dataset(cfg, progress=progress and main)
     if device.type == "cuda":
         _keep_on_device(data, device)
-    if len(data.test) == 0:  # evaluate() divides by it, after a whole epoch of training
-        raise ConfigError(f"{data.name}'s test split is empty: raise data.test_fraction or data.limit_test")
-    if len(data.classes) > cfg.model.classes:  # one_hot would fail at the first batch holding a label past it
-        raise ConfigError(f"{data.name} has {len(data.classes)} classes but model.classes = {cfg.model.classes}: "
-                          f"set model.classes = {len(data.classes)}")
-    if len(data.train) < ctx.world_size * cfg.data.batch_size:
-        raise ConfigError(
-            f"{len(data.train)} training samples cannot feed {ctx.world_size} ranks x data.batch_size "
-            f"{cfg.data.batch_size}: lower the batch size or the number of processes"
-        )
+    _check_trainable(data, cfg, ctx)
     if cfg.model.exact:
         _say_clipped_inputs(data.train.x, cfg.model.exact_input_max, say)
     if (note := _unused_milestones_note(cfg)) is not None:
@@ -369,48 +358,8 @@ def _train(cfg: Config, device: torch.device, ctx: DistContext, out_root, resume
     epoch = first_epoch - 1
     try:
         for epoch in range(first_epoch, last_epoch + 1):
-            model.train()
-            # Dropout masks of this epoch: seeded per (seed, epoch, rank) so a resumed epoch replays exactly.
-            torch.manual_seed(_epoch_seed(cfg.train.seed, epoch) + 7919 * ctx.rank)
-            steps = _epoch_order(len(data.train), cfg, epoch, ctx)
-            augment_rng = torch.Generator().manual_seed(_epoch_seed(cfg.train.seed, epoch) + 104729 * ctx.rank)
-            n_batches = len(steps)  # the same on every rank
-            global_batch = ctx.world_size * cfg.data.batch_size
-            bar = tqdm(total=n_batches, desc=f"epoch {epoch}/{cfg.train.epochs}", disable=not (progress and main),
-                       leave=False, unit="batch")
-            # Accumulated on the device: no host sync per step (the bar reads them every LOG_EVERY steps).
-            loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-            correct = torch.zeros((), dtype=torch.long, device=device)
-            seen, t0 = 0, time.perf_counter()
-            for i, (idx, weight, counted) in enumerate(steps):
-                x = data.train.x[idx].to(device, non_blocking=True).float()  # event frames are stored as uint16
-                if data.augment is not None:
-                    x = data.augment(x, augment_rng)
-                y = data.train.y[idx].to(device, non_blocking=True)
-                # SavedActivations: the spikes autograd keeps for backward are stored as uint8 (exact), unless
-                # train.compact_spikes is off
-                with _autocast(device, cfg.train.precision), SavedActivations(compact=cfg.train.compact_spikes):
-                    scores = model(to_time_major(x, cfg.model.T, data.static)).float()
-                loss = loss_fn(scores, y, cfg.train.loss)
-                opt.zero_grad(set_to_none=True)
-                # Scaled only when the weight is not 1 (a last, smaller global batch): full batches keep their
-                # arithmetic.
-                (loss if weight == 1.0 else loss * weight).backward()
-                opt.step()
-                if counted:  # a weight-0 stand-in is in no metric: over all ranks each sample counts once
-                    seen += counted
-                    loss_sum += loss.detach().double() * counted
-                    correct += (scores.detach().argmax(1) == y).sum()
-                bar.update(1)
-                if main and progress and (i % LOG_EVERY == 0 or i == n_batches - 1):
-                    # Rank 0 has a sample in every global batch, so seen > 0; the rate is all ranks' samples.
-                    done = min((i + 1) * global_batch, len(data.train))
-                    bar.set_postfix(loss=f"{loss_sum.item() / seen:.4f}", acc=f"{correct.item() / seen:.3f}",
-                                    sps=f"{done / (time.perf_counter() - t0):.0f}")
-            bar.close()
-            train_seconds = time.perf_counter() - t0
-            g_loss, g_correct, g_seen = all_reduce_sum([loss_sum.item(), float(correct.item()), float(seen)], ctx,
-                                                       device)
+            g_loss, g_correct, g_seen, train_seconds = _train_epoch(model, opt, data, cfg, epoch, ctx, device,
+                                                                    progress)
             if not _finite(g_loss, net):  # a NaN checkpoint would export, and even verify, as a valid network
                 if not main:  # every rank sees the same loss and weights: rank 0 says the rest
                     raise TrainingDiverged(f"training diverged in epoch {epoch}")
@@ -462,6 +411,71 @@ def _train(cfg: Config, device: torch.device, ctx: DistContext, out_root, resume
         say(f"exact arithmetic: weights on grids of 2^-{min(bits)} to 2^-{max(bits)}, largest change "
             f"{max(layer['max_rel_change'] for layer in exact_layers):.1e} of a layer's largest weight")
     return TrainResult(run_dir, epoch, test_acc, test_loss, elapsed)
+
+
+def _check_trainable(data, cfg: Config, ctx: DistContext) -> None:
+    """One-line errors for data this config cannot train on, before any weights are made or epoch is run."""
+    if len(data.test) == 0:  # evaluate() divides by it, after a whole epoch of training
+        raise ConfigError(f"{data.name}'s test split is empty: raise data.test_fraction or data.limit_test")
+    if len(data.classes) > cfg.model.classes:  # one_hot would fail at the first batch holding a label past it
+        raise ConfigError(f"{data.name} has {len(data.classes)} classes but model.classes = {cfg.model.classes}: "
+                          f"set model.classes = {len(data.classes)}")
+    if len(data.train) < ctx.world_size * cfg.data.batch_size:
+        raise ConfigError(
+            f"{len(data.train)} training samples cannot feed {ctx.world_size} ranks x data.batch_size "
+            f"{cfg.data.batch_size}: lower the batch size or the number of processes"
+        )
+
+
+def _train_epoch(model: nn.Module, opt, data, cfg: Config, epoch: int, ctx: DistContext, device: torch.device,
+                 progress: bool) -> tuple[float, float, float, float]:
+    """One epoch of STBP over this rank's share of ``data.train`` (inputs ``[B, ...]`` made ``[T, B, ...]`` by
+    :func:`to_time_major`): the loss sum, correct count and samples summed over all ranks, and this rank's
+    seconds of training."""
+    from tqdm.auto import tqdm
+
+    model.train()
+    # Dropout masks of this epoch: seeded per (seed, epoch, rank) so a resumed epoch replays exactly.
+    torch.manual_seed(_epoch_seed(cfg.train.seed, epoch) + 7919 * ctx.rank)
+    steps = _epoch_order(len(data.train), cfg, epoch, ctx)
+    augment_rng = torch.Generator().manual_seed(_epoch_seed(cfg.train.seed, epoch) + 104729 * ctx.rank)
+    n_batches = len(steps)  # the same on every rank
+    global_batch = ctx.world_size * cfg.data.batch_size
+    bar = tqdm(total=n_batches, desc=f"epoch {epoch}/{cfg.train.epochs}", disable=not (progress and ctx.is_main),
+               leave=False, unit="batch")
+    # Accumulated on the device: no host sync per step (the bar reads them every LOG_EVERY steps).
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    correct = torch.zeros((), dtype=torch.long, device=device)
+    seen, t0 = 0, time.perf_counter()
+    for i, (idx, weight, counted) in enumerate(steps):
+        x = data.train.x[idx].to(device, non_blocking=True).float()  # event frames are stored as uint16
+        if data.augment is not None:
+            x = data.augment(x, augment_rng)
+        y = data.train.y[idx].to(device, non_blocking=True)
+        # SavedActivations: the spikes autograd keeps for backward are stored as uint8 (exact), unless
+        # train.compact_spikes is off
+        with _autocast(device, cfg.train.precision), SavedActivations(compact=cfg.train.compact_spikes):
+            scores = model(to_time_major(x, cfg.model.T, data.static)).float()
+        loss = loss_fn(scores, y, cfg.train.loss)
+        opt.zero_grad(set_to_none=True)
+        # Scaled only when the weight is not 1 (a last, smaller global batch): full batches keep their
+        # arithmetic.
+        (loss if weight == 1.0 else loss * weight).backward()
+        opt.step()
+        if counted:  # a weight-0 stand-in is in no metric: over all ranks each sample counts once
+            seen += counted
+            loss_sum += loss.detach().double() * counted
+            correct += (scores.detach().argmax(1) == y).sum()
+        bar.update(1)
+        if ctx.is_main and progress and (i % LOG_EVERY == 0 or i == n_batches - 1):
+            # Rank 0 has a sample in every global batch, so seen > 0; the rate is all ranks' samples.
+            done = min((i + 1) * global_batch, len(data.train))
+            bar.set_postfix(loss=f"{loss_sum.item() / seen:.4f}", acc=f"{correct.item() / seen:.3f}",
+                            sps=f"{done / (time.perf_counter() - t0):.0f}")
+    bar.close()
+    train_seconds = time.perf_counter() - t0
+    g_loss, g_correct, g_seen = all_reduce_sum([loss_sum.item(), float(correct.item()), float(seen)], ctx, device)
+    return g_loss, g_correct, g_seen, train_seconds
 
 
 def _finite(loss: float, net: nn.Module) -> bool:
