@@ -419,16 +419,7 @@ def export_run(
     cfg, net = load_network(run_dir)
     manifest = read_manifest(run_dir)
     steps = cfg.model.T if steps is None else steps
-    if steps < 1:
-        raise ConfigError(f"--T must be >= 1, got {steps}")
-    if form == "step" and (layers or rates or order != "layer"):
-        raise ConfigError("--layers/--rates/--order apply to the unrolled form only")
-    if order not in ("layer", "step"):
-        raise ConfigError(f"--order must be 'layer' or 'step', got {order!r}")
-    if precision not in EXPORT_PRECISIONS:
-        raise ConfigError(f"--precision must be one of {', '.join(EXPORT_PRECISIONS)}, got {precision!r}")
-    if form == "step" and precision != "fp32":
-        raise ConfigError(f"--precision {precision} applies to the unrolled form only")
+    _check_options(form, steps, layers, rates, order, precision)
     t0 = time.perf_counter()
     graph = StepGraph(net, steps) if form == "step" else UnrolledGraph(net, rates=rates, layers=layers, order=order)
     graph.eval()
@@ -456,21 +447,7 @@ def export_run(
     staging = Path(tempfile.mkdtemp(prefix=".export-", dir=run_dir))
     committed = False
     try:
-        try:
-            with _quiet_exporter(), torch.no_grad():
-                program = torch.onnx.export(
-                    graph, args, dynamo=True, optimize=False, opset_version=opset, input_names=input_names,
-                    output_names=output_names, dynamic_shapes=dynamic, verbose=False,
-                )
-        except Exception as e:  # the exporter raises many types; report the first line
-            if caused_by_interrupt(e):  # a Ctrl-C the exporter wrapped into its own error
-                raise KeyboardInterrupt from None
-            raise ExportError(f"torch.onnx.export failed: {first_line(e, limit=300)}") from None
-        model = program.model
-        written = model.opset_imports.get("")
-        if written != opset:  # below 18 torch converts down and, where that fails, quietly keeps its own opset
-            raise ExportError(f"torch's exporter could not write opset {opset} (it wrote {written}): choose --opset "
-                              f"{written} or one it can convert to")
+        model = _torch_export(graph, args, opset, input_names, output_names, dynamic)
         nodes_raw = sum(1 for _ in model.graph)
         raw_path = staging / "raw.onnx"
         _save_ir(model, raw_path)
@@ -499,17 +476,7 @@ def export_run(
             numerics += "; " + _check_step_module(graph, arrays["random"][:, :32])
         reduced = 0
         if precision in ("fp16", "bf16"):  # after the numerics check, which compares two fp32 graphs
-            import onnx_ir as ir
-
-            from .mixed_precision import mixed_precision
-
-            typed, reduced = mixed_precision(onnx.load(str(out_path)), precision)
-            for old in staging.glob(file_name + "*"):  # external data is appended to, never overwritten
-                old.unlink()
-            _save_ir(ir.serde.deserialize_model(typed), out_path)
-            ops = _check_graph(onnx, out_path)
-            opset = next(o.version for o in typed.opset_import if o.domain in ("", "ai.onnx"))  # bf16 Conv: 22
-            nodes_clean = len(typed.graph.node)  # with the casts
+            ops, opset, nodes_clean, reduced = _rewrite_mixed_precision(onnx, out_path, precision)
         seconds = time.perf_counter() - t0
 
         with interrupts_deferred():  # from here the files and their manifest entry change together
@@ -536,6 +503,55 @@ def export_run(
                         n_random, int(arrays.get("real_labels", np.zeros(0)).shape[0]), opset, precision, reduced,
                         split_layers)
 
+
+def _check_options(form: str, steps: int, layers: bool, rates: bool, order: str, precision: str) -> None:
+    """A one-line ConfigError for export options that do not go together (see :func:`export_run`)."""
+    if steps < 1:
+        raise ConfigError(f"--T must be >= 1, got {steps}")
+    if form == "step" and (layers or rates or order != "layer"):
+        raise ConfigError("--layers/--rates/--order apply to the unrolled form only")
+    if order not in ("layer", "step"):
+        raise ConfigError(f"--order must be 'layer' or 'step', got {order!r}")
+    if precision not in EXPORT_PRECISIONS:
+        raise ConfigError(f"--precision must be one of {', '.join(EXPORT_PRECISIONS)}, got {precision!r}")
+    if form == "step" and precision != "fp32":
+        raise ConfigError(f"--precision {precision} applies to the unrolled form only")
+
+
+def _torch_export(graph, args: tuple, opset: int, input_names: list[str], output_names: list[str], dynamic: tuple):
+    """``graph`` through torch's exporter (torch.export, unoptimised) at ``opset``: its onnx_ir model, or a
+    one-line ExportError (a Ctrl-C the exporter wrapped stays a KeyboardInterrupt)."""
+    try:
+        with _quiet_exporter(), torch.no_grad():
+            program = torch.onnx.export(
+                graph, args, dynamo=True, optimize=False, opset_version=opset, input_names=input_names,
+                output_names=output_names, dynamic_shapes=dynamic, verbose=False,
+            )
+    except Exception as e:  # the exporter raises many types; report the first line
+        if caused_by_interrupt(e):  # a Ctrl-C the exporter wrapped into its own error
+            raise KeyboardInterrupt from None
+        raise ExportError(f"torch.onnx.export failed: {first_line(e, limit=300)}") from None
+    model = program.model
+    written = model.opset_imports.get("")
+    if written != opset:  # below 18 torch converts down and, where that fails, quietly keeps its own opset
+        raise ExportError(f"torch's exporter could not write opset {opset} (it wrote {written}): choose --opset "
+                          f"{written} or one it can convert to")
+    return model
+
+
+def _rewrite_mixed_precision(onnx, path: Path, precision: str) -> tuple[list[str], int, int, int]:
+    """The fp32 graph at ``path`` rewritten in place as a strongly typed fp16/bf16 one (mixed_precision.py):
+    its ops, opset (a bf16 Conv needs 22), node count with the casts, and the nodes now in 16 bits."""
+    import onnx_ir as ir
+
+    from .mixed_precision import mixed_precision
+
+    typed, reduced = mixed_precision(onnx.load(str(path)), precision)
+    for old in path.parent.glob(path.name + "*"):  # external data is appended to, never overwritten
+        old.unlink()
+    _save_ir(ir.serde.deserialize_model(typed), path)
+    opset = next(o.version for o in typed.opset_import if o.domain in ("", "ai.onnx"))
+    return _check_graph(onnx, path), opset, len(typed.graph.node), reduced
 
 def _commit(run_dir: Path, staging: Path, file_name: str, references: list[Path], entry: dict) -> int:
     """Move a finished export from ``staging`` into ``run_dir`` (each rename atomic; data files before the
