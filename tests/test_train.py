@@ -556,7 +556,9 @@ def test_a_config_key_a_later_version_adds_or_a_new_name_is_no_difference(tmp_pa
     del state["trained_config"]["train.seed"]  # as if this version had no such key yet
     torch.save(state, run / CHECKPOINT)
     (run / "config.toml").write_text(dumps_toml(apply_overrides(load_run_config(run), ["name=renamed"])))
-    load_network(run)
+    cfg, net = load_network(run)  # refused, it raises
+    assert cfg.name == "renamed"
+    assert {k: v.tolist() for k, v in net.state_dict().items()} == {k: v.tolist() for k, v in state["model"].items()}
 
 
 @pytest.mark.parametrize("optimizer", ["sgd", "adam"])
