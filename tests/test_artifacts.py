@@ -100,6 +100,16 @@ def test_a_cut_short_checkpoint_says_what_to_do_in_whole_words(tmp_path):
         load_checkpoint(tmp_path / "checkpoint.pt")
     reason = str(err.value).split("(", 1)[1].rsplit(")", 1)[0]
     assert len(reason) <= 124 and (reason.endswith(" ...") or len(reason) < 120)
+    with pytest.raises(Exception) as torch_error:  # torch's own words, in full
+        torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    full = str(torch_error.value).strip().splitlines()[0]
+    kept = reason.removesuffix(" ...")
+    assert full.startswith(kept) and (kept == reason or full[len(kept)] == " ")  # cut between two words
+    from snncompile.runs import _first_clause
+
+    # torch 2.13's first clause fits; a longer one (other versions' wording) is cut at a word and marked
+    cut = _first_clause(RuntimeError("neuron " * 30 + "end. Second sentence"))
+    assert cut == ("neuron " * 17).rstrip() + " ..."
     assert str(err.value).endswith(f"restore it from a copy, or `snncompile train {tmp_path / 'config.toml'}` again into a new run")
 
 

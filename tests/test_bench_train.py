@@ -383,7 +383,7 @@ def test_bench_train_plot_draws_every_timed_variant_and_names_the_others(tmp_pat
     assert result.exit_code != 0 and "pip install 'snncompile[plot]'" in result.output
 
 
-def test_the_train_bench_chart_draws_peak_gpu_memory_or_on_a_cpu_what_backward_keeps():
+def test_the_train_bench_chart_draws_peak_gpu_memory_or_on_a_cpu_what_backward_keeps_and_names_the_untimed():
     pytest.importorskip("matplotlib")
     from snncompile.bench_train import train_bench_figure
     from snncompile.plots import pyplot
@@ -401,6 +401,10 @@ def test_the_train_bench_chart_draws_peak_gpu_memory_or_on_a_cpu_what_backward_k
         assert [bar.get_width() for bar in ax_mem.patches] == widths  # bottom-up: the table's first row on top
         assert ax_mem.get_xlabel() == label and [bar.get_width() for bar in ax_ms.patches] == [
             variants["loop"]["median_ms"], variants["ours"]["median_ms"]]
+        texts = {t.get_text() for t in fig.texts}  # the title, and a variant that was not timed: named, not drawn
+        assert texts == {f"m: T = 8, batch 4, fp32, {device}"} | (
+            {"not timed: peer: skipped: not installed"} if "peer" in variants else set())
+        assert [label.get_text() for label in ax_ms.get_yticklabels()] == ["loop", "ours"]
         plt.close(fig)
 
 

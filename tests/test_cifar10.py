@@ -269,16 +269,36 @@ def test_bad_meta(tmp_path):
 # --- augmentation (the functions themselves: test_augment.py) ---------------------------------------------
 
 
-def test_trainer_trains_on_cifar10_files_with_augmentation(tmp_path):
-    """End to end through the same path users run: files -> load_dataset -> augmentation -> trainer."""
+def test_trainer_trains_on_cifar10_files_with_augmentation(tmp_path, monkeypatch):
+    """End to end through the same path users run: files -> load_dataset -> augmentation -> trainer; every
+    training batch goes through the dataset's augmentation (with the epoch's generator), no test batch does."""
+    import snncompile.train as train_module
     from snncompile.config import load_config
     from snncompile.train import train
     from conftest import REPO
 
-    make_cifar(tmp_path / "cifar-10-batches-py", n_train=8, n_test=8)
+    make_cifar(tmp_path / "cifar-10-batches-py", n_train=8, n_test=8)  # 8 per batch file: 40 training images
     cfg = load_config(REPO / "models" / "cifar10.toml", [
-        f"data.root='{tmp_path}'", "model.arch='8C3-AP2-16FC-Voting'", "model.T=2", "train.epochs=1",
+        f"data.root='{tmp_path}'", "model.arch='8C3-AP2-16FC-Voting'", "model.T=2", "train.epochs=2",
         "data.batch_size=8", "train.threads=1"])
+    augmented = []
+    real_load = train_module.load_dataset
+
+    def load_with_spy(*args, **kwargs):
+        ds = real_load(*args, **kwargs)
+        augment = ds.augment
+
+        def spy(x, generator):
+            augmented.append((tuple(x.shape), generator))
+            return augment(x, generator)
+
+        ds.augment = spy
+        return ds
+
+    monkeypatch.setattr(train_module, "load_dataset", load_with_spy)
     result = train(cfg, tmp_path / "runs", progress=False, echo=lambda s: None)
     manifest = (result.run_dir / "manifest.json").read_text()
-    assert "random shift (pad 4, crop back) + horizontal flip" in manifest and result.epochs_done == 1
+    assert "random shift (pad 4, crop back) + horizontal flip" in manifest and result.epochs_done == 2
+    assert [shape for shape, _ in augmented] == [(8, 3, 32, 32)] * 10  # 5 batches x 2 epochs, the test set never
+    assert all(isinstance(g, torch.Generator) for _, g in augmented)
+    assert len({id(g) for _, g in augmented[:5]}) == 1 and augmented[4][1] is not augmented[5][1]  # one per epoch

@@ -81,6 +81,15 @@ def test_digits_split_is_seeded_and_disjoint():
     assert torch.equal(a.test.x, b.test.x) and len(a.test) == 359 and len(a.train) == 1438
     c = load_digits(0.2, 1)
     assert not torch.equal(a.test.y, c.test.y)
+    from sklearn.datasets import load_digits as sklearn_digits
+
+    def rows(x, y):  # each sample as a sortable (pixels..., label) tuple: the splits as a multiset of samples
+        return sorted(map(tuple, torch.cat([x.flatten(1), y[:, None].float()], 1).tolist()))
+
+    full = sklearn_digits()
+    every = rows(torch.tensor(full.images, dtype=torch.float32).unsqueeze(1) / 16.0, torch.tensor(full.target))
+    for split in (a, c):  # train and test together are the whole set, each sample once: a partition
+        assert rows(torch.cat([split.train.x, split.test.x]), torch.cat([split.train.y, split.test.y])) == every
 
 
 def test_load_dataset_normalises_and_checks_shape():

@@ -195,15 +195,31 @@ def test_a_ctrl_c_while_an_export_moves_into_place_waits_for_its_manifest_entry(
 
 
 def test_allow_list_rejects_loop_and_custom_ops(tmp_path):
+    """Valid ONNX that the checker passes, each refused by the allow-list with what it uses named: an op outside
+    the list (Relu), a Loop (T is unrolled statically: no control flow) and an op of a custom domain."""
     from onnx import TensorProto, helper
 
-    for node in (helper.make_node("Relu", ["x"], ["y"]), helper.make_node("Spike", ["x"], ["y"], domain="snn.custom")):
-        graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
-                                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
-        opsets = [helper.make_opsetid("", 18)] + ([helper.make_opsetid("snn.custom", 1)] if node.domain else [])
+    def tensor(name, dtype=TensorProto.FLOAT):
+        return helper.make_tensor_value_info(name, dtype, [1])
+
+    body = helper.make_graph(  # one iteration: y = x + x, the loop condition passed through
+        [helper.make_node("Identity", ["cond_in"], ["cond_out"]), helper.make_node("Add", ["v_in", "v_in"], ["v_out"])],
+        "body", [helper.make_tensor_value_info("i", TensorProto.INT64, []), helper.make_tensor_value_info(
+            "cond_in", TensorProto.BOOL, []), tensor("v_in")],
+        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []), tensor("v_out")])
+    loop = [helper.make_node("Constant", [], ["trips"], value=helper.make_tensor("t", TensorProto.INT64, [], [3])),
+            helper.make_node("Constant", [], ["go"], value=helper.make_tensor("g", TensorProto.BOOL, [], [True])),
+            helper.make_node("Loop", ["trips", "go", "x"], ["y"], body=body)]
+    cases = [([helper.make_node("Relu", ["x"], ["y"])], r"disallowed ops \['Relu'\]$"),
+             (loop, r"disallowed ops \['Loop'\]$"),  # Constant is allowed
+             ([helper.make_node("Spike", ["x"], ["y"], domain="snn.custom")],
+              r"disallowed ops \['Spike'\]; custom domains \['snn.custom'\]$")]
+    for nodes, match in cases:
+        graph = helper.make_graph(nodes, "g", [tensor("x")], [tensor("y")])
+        opsets = [helper.make_opsetid("", 18)] + ([helper.make_opsetid("snn.custom", 1)] if nodes[0].domain else [])
         path = tmp_path / "m.onnx"
         onnx.save(helper.make_model(graph, opset_imports=opsets), str(path))
-        with pytest.raises(ExportError):
+        with pytest.raises(ExportError, match=match):
             _check_graph(onnx, path)
 
 

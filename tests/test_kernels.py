@@ -724,9 +724,10 @@ def test_fused_neunorm_gives_neunorms_bits_and_autograds_gradients(layout):
         assert reference.abs().sum() > 0
         torch.testing.assert_close(fused_grad, reference, rtol=1e-5, atol=1e-6)
     norm.u_scale.requires_grad_(False)
+    norm.u_scale.grad = None  # a gradient written now would be the frozen pass's
     x = spikes.clone().requires_grad_(True)
     (fused_neunorm(x, norm) * weight).sum().backward()
-    assert norm.u_scale.grad is None or torch.equal(norm.u_scale.grad, grads[True][1])
+    assert norm.u_scale.grad is None
     torch.testing.assert_close(x.grad, grads[False][0], rtol=1e-5, atol=1e-6)
 
 

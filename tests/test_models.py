@@ -192,6 +192,7 @@ def test_lif_state_stays_fp32_under_bf16_autocast():
     rec = {}
     with torch.autocast("cpu", dtype=torch.bfloat16):
         net.forward_sequence(torch.randn(2, 3, 1, 4, 4), record=rec)
+    assert set(rec) == set(net.lif_names()) and len(rec) >= 2  # every LIF layer recorded: none passes vacuously
     assert all(m.dtype == torch.float32 for _, m in rec.values())
     assert any(isinstance(s, LIFCell) for s in net.stages)
 
