@@ -553,6 +553,7 @@ def _rewrite_mixed_precision(onnx, path: Path, precision: str) -> tuple[list[str
     opset = next(o.version for o in typed.opset_import if o.domain in ("", "ai.onnx"))
     return _check_graph(onnx, path), opset, len(typed.graph.node), reduced
 
+
 def _commit(run_dir: Path, staging: Path, file_name: str, references: list[Path], entry: dict) -> int:
     """Move a finished export from ``staging`` into ``run_dir`` (each rename atomic; data files before the
     model) and record it in the manifest. Returns the model's bytes, external data included."""
