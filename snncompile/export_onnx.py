@@ -72,6 +72,17 @@ def layers_twin(model_file: str) -> str:
     return model_file if model_file.endswith("_layers.onnx") else model_file.replace(".onnx", "_layers.onnx")
 
 
+# What a _layers twin must share with its file to compute the same function: a twin at another T (bench --T
+# re-exports one) or of older weights checks another network
+TWIN_SETTINGS = ("T", "order", "precision", "checkpoint_sha256")
+
+
+def same_graph_settings(export: dict, twin: dict | None) -> bool:
+    """Whether the manifest entry ``twin`` was exported with ``export``'s :data:`TWIN_SETTINGS` (the weights
+    themselves are not compared: see bench's ``_is_twin``)."""
+    return twin is not None and all(twin.get(k) == export.get(k) for k in TWIN_SETTINGS)
+
+
 REF_INPUTS = "reference_inputs.npz"
 REF_OUTPUTS = "reference_outputs.npz"
 

@@ -15,6 +15,7 @@ from helpers import make_run, reference_file, replace_checkpoint, tiny_zoo_confi
 from snncompile.cli import cli  # noqa: E402
 from snncompile.compare import LayerStats, _classify_flips, verify_run, verify_runs  # noqa: E402
 from snncompile.export_onnx import export_run  # noqa: E402
+from snncompile.runs import load_run_config  # noqa: E402
 
 
 def test_flip_classification_by_hand():
@@ -145,7 +146,6 @@ def test_the_next_step_named_fits_the_file_asked_for(tmp_path):
     nor anything without a checkpoint; and unchecked layers always pointed at plain model_layers.onnx."""
     from snncompile.compare import layers_hint
     from snncompile.export_onnx import missing_export
-
     from snncompile.runs import load_run_config
 
     run = make_run(tmp_path / "a", tiny_zoo_config(REPO / "models" / "mnist.toml"))
@@ -165,12 +165,14 @@ def test_the_next_step_named_fits_the_file_asked_for(tmp_path):
                "model_per_step_layers.onnx": {"T": T, "order": "step", "layers": True}}
     assert layers_hint(run, exports, "model_fp16.onnx") == (f"`snncompile export {run} --layers --precision fp16` adds "
                                                             "model_fp16_layers.onnx, on which verify classifies every flip")
-    assert layers_hint(run, exports, "model.onnx").startswith(f"`snncompile export {run} --T {T + 1} --layers` adds "
-                                                              "model_layers.onnx")  # the twin at the trained T is not its twin
+    assert layers_hint(run, exports, "model.onnx") == (  # the twin at the trained T is not its twin
+        f"`snncompile export {run} --T {T + 1} --layers` writes model_layers.onnx (now T = {T}) again as this file's "
+        "twin, on which verify classifies every flip")
     assert layers_hint(run, exports, "model_per_step.onnx") == (
         f"`snncompile verify {run} --model model_per_step_layers.onnx` checks them")
     exports["model_per_step_layers.onnx"]["checkpoint_sha256"] = "older weights"  # verify would refuse that twin
-    assert layers_hint(run, exports, "model_per_step.onnx").startswith(f"`snncompile export {run} --layers --order step`")
+    assert layers_hint(run, exports, "model_per_step.onnx").startswith(
+        f"`snncompile export {run} --layers --order step` writes model_per_step_layers.onnx (now another checkpoint) again")
     # a _layers file whose layer outputs are not the run's (another run's, copied in) said to verify itself
     assert layers_hint(run, exports, "model_layers.onnx") == (
         f"model_layers.onnx's layer outputs are not this run's network's (another run's file?): "
@@ -223,7 +225,10 @@ def test_several_runners_in_one_pass_report_what_each_alone_does(exported, monke
     assert alone["torch-fast"]["outputs"]["scores"]["max_abs"] > 0  # the two runners really differ
     assert alone["ort-cpu"]["outputs"] != alone["torch-fast"]["outputs"]
     saved = json.loads((exported / "verify.json").read_text())
-    assert saved["ort-cpu/bf16"] == together["ort-cpu"] and saved["torch-fast/bf16"] == together["torch-fast"]
+    # ort-cpu runs the fp32 file as written: judged and filed at fp32, not at the bf16 torch-fast was asked for
+    assert together["ort-cpu"]["precision"] == "fp32" and together["ort-cpu"]["tolerance"]["score_atol"] == 1e-5
+    assert saved["ort-cpu"] == together["ort-cpu"] and saved["torch-fast/bf16"] == together["torch-fast"]
+    assert "ort-cpu/bf16" not in saved
 
 
 def test_verify_on_test_set_without_the_dataset_is_one_line(exported):
@@ -244,11 +249,44 @@ def test_cli_verify_hands_the_precision_to_runners_that_take_one(exported):
     # --precision is both the tolerance preset and, for torch-fast/trt, how the runner computes
     CliRunner().invoke(cli, ["verify", str(exported), "--runner", "torch-fast", "--no-progress"])
     result = CliRunner().invoke(cli, ["verify", str(exported), "--runner", "torch-fast", "--precision", "bf16", "--no-progress"])
-    assert "verify torch-fast vs torch (bf16, TF32 off)" in result.output, result.output
+    T = load_run_config(exported).model.T
+    assert f"verify torch-fast on model_layers.onnx (T = {T}) vs torch (bf16, TF32 off)" in result.output, result.output
+    assert "note:" not in result.output  # torch-fast computes what was asked
     saved = __import__("json").loads((exported / "verify.json").read_text())
     report = saved["torch-fast/bf16"]
     assert report["precision"] == "bf16" and report["outputs"]["scores"]["max_abs"] > 0  # bf16 did run
     assert saved["torch-fast"]["precision"] == "fp32"  # the fp32 check is still there, beside it
+
+
+def test_cli_verify_judges_onnx_runtime_at_the_files_own_precision(exported):
+    # ort-cpu runs the fp32 file in fp32 whatever --precision says: the looser fp16 preset would let a real
+    # mismatch pass, and filing it under ort-cpu/fp16 would claim an fp16 check that never ran
+    result = CliRunner().invoke(cli, ["verify", str(exported), "--runner", "ort-cpu", "--precision", "fp16", "--no-progress"])
+    assert result.exit_code == 0, result.output
+    first = result.output.splitlines()[0]
+    assert first == ("note: --precision fp16 sets what torch-fast and trt compute; model_layers.onnx is checked on "
+                     "ort-cpu at fp32, as they compute it (ONNX Runtime computes in fp16 on `snncompile export RUN "
+                     "--precision fp16`'s file)"), first
+    assert "vs torch (fp32, TF32 off)" in result.output
+    saved = __import__("json").loads((exported / "verify.json").read_text())
+    assert saved["ort-cpu"]["precision"] == "fp32" and "ort-cpu/fp16" not in saved
+
+
+def test_plain_verify_checks_model_onnx_when_model_layers_onnx_is_not_its_twin(exported):
+    # export --T 8 --layers, then export at the trained T: model_layers.onnx computes another network (T = 8)
+    # than model.onnx, so verify's default is model.onnx itself, with the command that brings the twin back
+    T = load_run_config(exported).model.T
+    export_run(exported, steps=T + 2, layers=True, n_random=16, n_real=0)
+    export_run(exported, layers=False, n_random=16, n_real=0)
+    result = CliRunner().invoke(cli, ["verify", str(exported), "--runner", "ort-cpu", "--no-progress"])
+    assert result.exit_code == 0, result.output
+    assert f"verify ort-cpu on model.onnx (T = {T}) vs torch" in result.output, result.output
+    hint = (f"`snncompile export {exported} --layers --samples 16` writes model_layers.onnx (now T = {T + 2}) again as "
+            "this file's twin")
+    assert hint in " ".join(result.output.split()), result.output
+    export_run(exported, layers=True, n_random=16, n_real=0)  # the twin back at the trained T: checked again
+    result = CliRunner().invoke(cli, ["verify", str(exported), "--runner", "ort-cpu", "--no-progress"])
+    assert f"verify ort-cpu on model_layers.onnx (T = {T}) vs torch" in result.output, result.output
 
 
 def test_top1_is_judged_only_on_samples_with_a_clear_top1():
@@ -452,3 +490,32 @@ def test_verify_names_the_runs_other_exports_that_changed_since(exported):
         "model.onnx": f"snncompile export {exported} --samples 64"}
     assert (f"warning: model.onnx, not checked here, differs from the file its export recorded (sha256 mismatch): "
             f"`snncompile export {exported} --samples 64` writes it again") in format_report(report).splitlines()
+
+
+def test_max_rel_is_over_the_reference_values_the_tolerance_resolves():
+    """A voted score is often exactly 0: a rounding of 1e-8 there over a 1e-12 floor printed "max rel 1e+04" (and
+    1.25e+11 on a real run), which says nothing. The relative error is taken where |reference| >= score_atol."""
+    from snncompile.compare import PRESETS, _Tally
+
+    tally = _Tally("ort-cpu", ["scores"])
+    ref = {"scores": np.array([[0.0, 0.5], [0.25, 0.0]], np.float32)}
+    run = {"scores": np.array([[1e-8, 0.5 + 1e-6], [0.25, 0.0]], np.float32)}
+    tally.add("random", ref, run, None, [], 0.5, PRESETS["fp32"])
+    errors = tally.report(PRESETS["fp32"])["outputs"]["scores"]
+    assert errors["max_rel"] == pytest.approx(float(np.float32(0.5 + 1e-6) - np.float32(0.5)) / 0.5)
+    assert errors["max_abs"] == pytest.approx(float(np.float32(0.5 + 1e-6) - np.float32(0.5)))
+
+
+def test_a_16_bit_file_without_layer_outputs_failing_on_scores_says_why(exported):
+    """`export --precision fp16` then `verify --model model_fp16.onnx` failed "scores differ by 0.15 > 0.1" on the
+    tool's own fresh export, with nothing saying that flips, not errors, may explain it there."""
+    from snncompile.compare import format_report
+
+    report = verify_run(exported, "ort-cpu")
+    report.update(layers_checked=False, precision="fp16", passed=False, reasons=["scores differ by 0.15 > 0.1"],
+                  layers_hint="`snncompile export RUN --layers --precision fp16` adds model_fp16_layers.onnx")
+    last = format_report(report).splitlines()[-1]
+    assert last.startswith("FAILED: scores differ by 0.15 > 0.1 (without per-layer outputs every sample's scores are "
+                           "held to the fp16 tolerance, spike flips included"), last
+    report.update(precision="fp32")  # at fp32 a flip is itself a failure: nothing to explain away
+    assert format_report(report).splitlines()[-1] == "FAILED: scores differ by 0.15 > 0.1"
