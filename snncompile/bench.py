@@ -22,12 +22,12 @@ import numpy as np
 from .artifacts import (atomic_save, atomic_write_json, atomic_write_text, environment, forget_artifact,
                         interrupts_deferred, read_manifest, record_artifact, require_writable, sha256_model)
 from .backends import available_runners, create_runner, default_runners, runner_options
-from .backends.base import runner_numerics
+from .backends.base import RUNNERS, runner_numerics
 from .backends.pt import cpu_threads
 from .compare import verify_run
 from .errors import ArtifactError, ConfigError, SnnCompileError, described
 from .export_onnx import (current_export, export_again, export_command, export_reference_paths, layers_twin,
-                          read_reference)
+                          read_reference, same_graph_settings)
 from .runs import load_run_config
 from .streaming import STREAM_RUNNERS, streamed
 
@@ -407,7 +407,7 @@ def _is_twin(run_dir: Path, model_file: str, export: dict, twin: dict | None, la
     ``net.*`` initializer equal, by name and bytes)."""
     if twin is None or layers_file == model_file:
         return twin is not None
-    if any(twin.get(k) != export.get(k) for k in ("T", "order", "precision", "checkpoint_sha256")):
+    if not same_graph_settings(export, twin):
         return False
     try:
         return _weights(run_dir / model_file) == _weights(run_dir / layers_file) != {}
@@ -466,12 +466,20 @@ def batch_rows(entry: dict) -> list[tuple[str, dict]]:
     return sorted(entry.get("by_batch", {}).items(), key=lambda row: int(row[0]))
 
 
+def runner_entries(results: dict) -> list[tuple[str, dict]]:
+    """``results``' runner entries in the runner registry's order (torch, torch-fast, ..., ort-cpu, ort-cuda, trt),
+    whatever order they were timed or kept in: bench.json is written with sorted keys, and a table read back
+    from it (pipeline's "up to date") listed them alphabetically."""
+    rank = {name: i for i, name in enumerate(RUNNERS)}
+    return sorted(results["runners"].items(), key=lambda item: rank.get(item[0], len(rank)))
+
+
 def format_table(results: dict) -> str:
     """Markdown table: one row per runner and batch size."""
     layout = "streamed, one call per step" if results.get("form") == "step" else f"{results.get('order', 'layer')}-major"
     lines = [f"model {results['model']} ({results.get('file', 'model.onnx')}, {layout}), T = {results['T']}",
              "", "| runner | batch | p50 ms | p90 ms | p99 ms | samples/s | timesteps/s | execution |", "|---|---|---|---|---|---|---|---|"]
-    for runner, entry in results["runners"].items():
+    for runner, entry in runner_entries(results):
         name = runner if entry.get("precision", "fp32") == "fp32" else f"{runner} ({entry['precision']})"
         if "skipped" in entry:
             lines.append(f"| {name} | - | skipped: {entry['skipped']} | | | | | |")
@@ -513,7 +521,7 @@ def bench_figure(results: dict, plt):
 
     fig, (ax_lat, ax_thr) = plt.subplots(1, 2, figsize=(10, 4))
     sizes: set[int] = set()
-    for name, entry in results["runners"].items():
+    for name, entry in runner_entries(results):  # lines and legend in the table's order
         if "by_batch" not in entry:
             continue
         timed = {int(k): s for k, s in batch_rows(entry) if "failed" not in s}

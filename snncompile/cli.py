@@ -74,7 +74,7 @@ def cli() -> None:
     keep_freed_memory()  # the process is ours: CPU steps reuse freed memory (SNNCOMPILE_MALLOC=system: off)
 
 
-@cli.command()
+@cli.command(short_help="Train MODEL_TOML with STBP into a new run directory.")
 @click.argument("model_toml", required=False, type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a config key, e.g. train.lr=0.01.")
 @click.option("--out", "out_root", default="export", show_default=True, type=click.Path(file_okay=False, path_type=Path), help="Artifact root.")
@@ -102,10 +102,14 @@ def train(model_toml, overrides, out_root, resume, stop_after, no_progress) -> N
     result = run_training(cfg, out_root, resume=resume, stop_after=stop_after, progress=not no_progress, echo=click.echo)
     if result.run_dir is None:  # a rank other than 0 under torchrun: rank 0 reports
         return
-    click.echo(
-        f"final test accuracy {100 * result.test_acc:.2f} % after {counted(result.epochs_done, 'epoch')}, "
-        f"{result.elapsed_s:.1f} s wall; run: {result.run_dir}"
-    )
+    planned = load_run_config(result.run_dir).train.epochs
+    if result.epochs_done < planned:  # --stop-after: not final; say how to go on as well as what to run on it
+        click.echo(f"test accuracy {100 * result.test_acc:.2f} % after {result.epochs_done} of {planned} epochs "
+                   f"(stopped by --stop-after), {result.elapsed_s:.1f} s wall; run: {result.run_dir}")
+        click.echo(f"continue: snncompile train --resume {shell_path(result.run_dir)}")
+    else:
+        click.echo(f"final test accuracy {100 * result.test_acc:.2f} % after {counted(result.epochs_done, 'epoch')}, "
+                   f"{result.elapsed_s:.1f} s wall; run: {result.run_dir}")
     click.echo(f"next: {_next_after_training(result.run_dir)}")
 
 
@@ -130,7 +134,7 @@ def _next_after_training(run_dir: Path) -> str:
     return verify_bench if current else f"snncompile export {run} && snncompile export {run} --layers && {verify_bench}"
 
 
-@cli.command()
+@cli.command(short_help="Create an untrained run whose every layer spikes.")
 @click.argument("model_toml", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a config key.")
 @click.option("--out", "out_root", default="export", show_default=True, type=click.Path(file_okay=False, path_type=Path))
@@ -152,7 +156,7 @@ def init(model_toml, overrides, out_root, seed, no_calibrate) -> None:
                    "aims for: check model.v_th and the layer's input", err=True)
 
 
-@cli.command()
+@cli.command(short_help="Export RUN to ONNX, with reference inputs and outputs.")
 @click.argument("run", type=click.Path(path_type=Path))
 @click.option("--T", "steps", type=int, help="Timesteps to unroll (default: the T it was trained with).")
 @click.option("--opset", default=DEFAULT_OPSET, show_default=True, type=click.IntRange(13, 23),
@@ -196,7 +200,7 @@ def export(run, steps, opset, form, layers, rates, samples, order, precision) ->
     )
 
 
-@cli.command()
+@cli.command(short_help="Build a TensorRT engine from RUN's export.")
 @click.argument("run", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--precision", type=click.Choice(PRECISIONS), default="fp32", show_default=True)
 @click.option("--batch", default="1:16:128", show_default=True, help="Dynamic batch profile MIN:OPT:MAX.")
@@ -222,7 +226,7 @@ def build(run, precision, batch, workspace_mb, timing_cache, model_file) -> None
                    "at build time", err=True)
 
 
-@cli.command()
+@cli.command(short_help="Check that a runtime computes PyTorch's spikes.")
 @click.argument("run", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--runner", "runners", multiple=True, type=click.Choice(list(RUNNERS)), help="Runner(s) to check (default: every available one but torch and the opt-in torch-loop and "
                    "torch-compile).")
@@ -231,7 +235,7 @@ def build(run, precision, batch, workspace_mb, timing_cache, model_file) -> None
                    "exported with --precision; tf32x2: torch-fast's fp32-accurate split-TF32 spike layers, and the TensorRT engine "
                    "of a tf32x2 export, built with --precision tf32).")
 @click.option("--batch", default=64, show_default=True, type=click.IntRange(1), help="Inputs per inference call.")
-@click.option("--model", "model_file", default=None, help="Which export of RUN to check (default: model_layers.onnx if exported, else model.onnx; model_step.onnx streams T calls).")
+@click.option("--model", "model_file", default=None, help="Which export of RUN to check (default: model_layers.onnx if exported as model.onnx's twin, else model.onnx; model_step.onnx streams T calls).")
 @click.option("--test-set", is_flag=True, help="Check on the run's whole test split (read from its dataset) instead of the export's reference inputs.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 def verify(run, runners, precision, batch, model_file, test_set, no_progress) -> None:
@@ -247,7 +251,10 @@ def verify(run, runners, precision, batch, model_file, test_set, no_progress) ->
             from .streaming import STREAM_RUNNERS
 
             runners = tuple(n for n in runners if n in STREAM_RUNNERS)
-    typed = exports.get(model_file or default_model_file(exports), {}).get("precision", "fp32")  # the export's
+    checked = model_file or default_model_file(exports)
+    typed = exports.get(checked, {}).get("precision", "fp32")  # the export's
+    if precision is not None:
+        _say_what_ignores_precision(runners, precision, typed, checked)
     precision = precision or typed
     options = {name: runner_options(name, precision, model_precision=typed) for name in runners}
     reports = verify_runs(run, options, precision, batch,
@@ -262,6 +269,22 @@ def verify(run, runners, precision, batch, model_file, test_set, no_progress) ->
         sys.exit(1)
 
 
+def _say_what_ignores_precision(runners: tuple[str, ...], precision: str, typed: str, model_file: str) -> None:
+    """A note naming the runners that do not compute at ``--precision`` (ONNX Runtime runs the file as
+    exported, the torch loops in fp32): each is judged at what it computes, not at the looser preset."""
+    from .backends.base import runner_numerics
+
+    own = {name: runner_numerics(name, precision, typed) for name in runners}
+    others = [f"{name} at {numerics}" for name, numerics in own.items() if numerics != precision]
+    if not others:
+        return
+    hint = ""
+    if precision in ("fp16", "bf16") and any(name.startswith("ort-") for name in own):
+        hint = f" (ONNX Runtime computes in {precision} on `snncompile export RUN --precision {precision}`'s file)"
+    click.echo(f"note: --precision {precision} sets what torch-fast and trt compute; {model_file} is checked on "
+               f"{', '.join(others)}, as they compute it{hint}")
+
+
 class _BenchGroup(_Group):
     """``bench RUN_DIR`` times inference; ``bench train MODEL.toml`` times training steps."""
 
@@ -271,9 +294,10 @@ class _BenchGroup(_Group):
         return super().parse_args(ctx, args)
 
 
-@cli.group(cls=_BenchGroup)
+@cli.group(cls=_BenchGroup, short_help="Time inference (bench RUN) or training (bench train).")
 def bench() -> None:
-    """Benchmarks: `bench RUN_DIR` (inference, every runner) or `bench train MODEL.toml` (training)."""
+    """Benchmarks: `bench RUN_DIR` (inference, every runner; the same as `bench run RUN_DIR`, whose options
+    `snncompile bench run --help` lists) or `bench train MODEL.toml` (training steps)."""
 
 
 @bench.command("train")
@@ -377,7 +401,7 @@ def bench_run_cmd(run, runners, batches, iters, warmup, model_file, steps_t, pre
     click.echo(f"wrote {run / (stem + '.json')}, {', '.join(written)}")
 
 
-@cli.command()
+@cli.command(short_help="Train, export, build, verify, bench; resumable.")
 @click.argument("model_toml", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a config key.")
 @click.option("--out", "out_root", default="export", show_default=True, type=click.Path(file_okay=False, path_type=Path))
@@ -403,7 +427,7 @@ def pipeline(model_toml, overrides, out_root, batches, no_progress, stream) -> N
         sys.exit(1)
 
 
-@cli.command()
+@cli.command(short_help="Plot the training curves of one or more runs.")
 @click.argument("runs", nargs=-1, required=True, type=click.Path(file_okay=False, path_type=Path))
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path),
               help="PNG to write (one run: its training.png; several: training_comparison.png in the current folder).")

@@ -522,7 +522,7 @@ def test_a_runner_failing_at_one_batch_size_costs_only_that_row(exported, monkey
 
 def test_kept_rows_table_and_plot_list_batch_sizes_in_numerical_order(exported, monkeypatch, tmp_path):
     """bench.json is written with sorted keys ("1", "16", "2"): the kept rows, bench.md and the plot put the
-    batch sizes back in numerical order."""
+    batch sizes back in numerical order, and the runners in the registry's."""
     bench_run(exported, ["torch"], (1, 2, 16), warmup=0, iters=1, progress=False, echo=lambda s: None)
     data = bench_run(exported, ["ort-cpu"], (1,), warmup=0, iters=1, progress=False, echo=lambda s: None)
     assert list(data["runners"]["torch"]["by_batch"]) == ["1", "2", "16"]  # kept, read back from bench.json
@@ -534,6 +534,9 @@ def test_kept_rows_table_and_plot_list_batch_sizes_in_numerical_order(exported, 
 
     rows = format_table(saved).splitlines()
     assert [r.split("|")[2].strip() for r in rows if r.startswith("| torch |")] == ["1", "2", "16"]
+    # runners in the registry's order, not bench.json's sorted keys (ort-cpu < torch), pipeline's re-print
+    assert list(saved["runners"]) == ["ort-cpu", "torch"]
+    assert [r.split("|")[1].strip() for r in rows if r.startswith("| ")][1:] == ["torch"] * 3 + ["ort-cpu"]
     pytest.importorskip("matplotlib")
     from matplotlib.axes import Axes
 

@@ -60,6 +60,20 @@ def test_train_command_end_to_end(tmp_path):
         assert done.exit_code == 0, (step, done.output)
 
 
+def test_train_stopped_by_stop_after_says_it_is_not_final_and_how_to_go_on(tmp_path):
+    """`--stop-after 1` of 2 epochs printed "final test accuracy ... after 1 epoch" and only the export hint."""
+    tiny = ["--set", "data.limit_train=64", "--set", "data.limit_test=32", "--set", "model.arch='8C3-AP2-16FC-Voting'"]
+    result = CliRunner().invoke(cli, ["train", str(REPO / "models" / "digits.toml"), "--out", str(tmp_path),
+                                      "--no-progress", "--set", "train.epochs=2", "--stop-after", "1", *tiny])
+    assert result.exit_code == 0, result.output
+    assert "final" not in result.output and "after 1 of 2 epochs (stopped by --stop-after)" in result.output
+    (run,) = (tmp_path / "digits").iterdir()
+    (go_on,) = [line for line in result.output.splitlines() if line.startswith("continue: ")]
+    assert go_on == f"continue: snncompile train --resume {run}"
+    resumed = CliRunner().invoke(cli, go_on.split()[2:] + ["--no-progress"])
+    assert resumed.exit_code == 0 and "final test accuracy" in resumed.output and "after 2 epochs" in resumed.output
+
+
 def test_missing_config_and_bad_resume_are_one_line(tmp_path):
     runner = CliRunner()
     r = runner.invoke(cli, ["train", str(tmp_path / "missing.toml")])
@@ -177,3 +191,14 @@ def test_first_line_of_any_error():
     assert first_line(KeyError()) == "KeyError" and described(KeyError()) == "KeyError"
     assert first_line(ValueError("  bad shape\n  at line 3\n")) == "bad shape"
     assert described(RuntimeError("x" * 300), limit=5) == "RuntimeError: xxxxx"
+
+
+def test_help_lists_every_command_with_a_whole_summary():
+    """click cut each docstring at about 45 characters ("train  Train MODEL_TOML (e.g."), and `bench --help` hid
+    that `bench RUN` is `bench run RUN`, whose options only `bench run --help` lists."""
+    result = CliRunner().invoke(cli, ["--help"])
+    commands = result.output.split("Commands:")[1].strip().splitlines()
+    assert len(commands) == len(cli.commands)
+    for line in commands:
+        assert line.rstrip().endswith(".") and not line.rstrip().endswith("..."), line
+    assert "`snncompile bench run --help` lists" in " ".join(CliRunner().invoke(cli, ["bench", "--help"]).output.split())
