@@ -54,6 +54,11 @@ def _normalise(ds: Dataset, mean: list[float], std: list[float]) -> None:
     ds.info.update(mean=list(mean), std=list(std))
 
 
+# how to point a run at a dataset's folder; a relative root in a model TOML (models/mnist.toml's
+# ../shared/data/mnist) is read from the directory the command runs in, not the TOML's
+RELATIVE_ROOT = "a relative data.root is read from the working directory, not from the TOML's folder"
+
+
 # Datasets whose classes a horizontal mirror does not keep: why, for the error.
 _NOT_MIRRORABLE = {
     "dvs_gesture": "a mirrored right-hand wave is a left-hand wave (and clockwise counter-clockwise), another class",

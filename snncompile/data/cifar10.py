@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError, DataError
-from . import Dataset, Split
+from . import RELATIVE_ROOT, Dataset, Split
 
 __all__ = [
     "CIFAR10_FOLDER",
@@ -208,7 +208,8 @@ def load_cifar10(root: str | Path) -> Dataset:
         hint = "; extract cifar-10-python.tar.gz first" if (root / "cifar-10-python.tar.gz").is_file() else ""
         raise DataError(
             f"CIFAR10 files missing in {folder}: {', '.join(missing)} "
-            f"(expected the python version, folder {CIFAR10_FOLDER} from {_URL}{hint})"
+            f"(expected the python version, folder {CIFAR10_FOLDER} from {_URL}{hint}); --set data.root=DIR with "
+            f"that folder or its parent ({RELATIVE_ROOT})"
         )
     classes = _read_classes(folder / CIFAR10_META_FILE)
     train = _to_split([_read_batch(folder / n) for n in CIFAR10_TRAIN_FILES])

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError, DataError
-from . import Dataset, Split
+from . import RELATIVE_ROOT, Dataset, Split
 
 __all__ = ["read_idx", "load_mnist", "MNIST_FILES"]
 
@@ -59,7 +59,8 @@ def load_mnist(root: str | Path) -> Dataset:
     paths = {k: _find(root, v) for k, v in MNIST_FILES.items()}
     missing = [MNIST_FILES[k] for k, p in paths.items() if p is None]
     if missing:
-        raise DataError(f"MNIST files missing in {root}: {', '.join(missing)} (each may also end in .gz)")
+        raise DataError(f"MNIST files missing in {root}: {', '.join(missing)} (each may also end in .gz); "
+                        f"--set data.root=DIR with the folder holding them ({RELATIVE_ROOT})")
     arrays = {k: read_idx(p) for k, p in paths.items()}
 
     def split(prefix: str) -> Split:
