@@ -114,8 +114,13 @@ def test_export_fp16_and_verify_it_at_fp16_tolerances(tmp_path):
     assert report["passed"], report["reasons"]
     assert report["outputs"]["scores"]["max_abs"] > 0  # the fp32 torch reference vs 16-bit convs
     assert all(s["real"] == 0 for s in report["layers"].values())
-    # the same check at fp32 tolerances fails: the graph really computes in fp16
-    assert not verify_run(run, "ort-cpu", "fp32", model_file="model_fp16_layers.onnx")["passed"]
+    # the graph really computes in fp16: its scores are off by more than fp32's tolerance allows, so ONNX
+    # Runtime is judged at the file's fp16 even when fp32 is asked (what it computes, not what was asked)
+    from snncompile.compare import PRESETS
+
+    assert report["outputs"]["scores"]["max_abs"] > PRESETS["fp32"].score_atol
+    asked_fp32 = verify_run(run, "ort-cpu", "fp32", model_file="model_fp16_layers.onnx")
+    assert asked_fp32["precision"] == "fp16" and asked_fp32["passed"]
     # the verify command takes the export's precision as its default preset
     cli_run = CliRunner().invoke(cli, ["verify", str(run), "--model", "model_fp16_layers.onnx", "--runner", "ort-cpu",
                                        "--no-progress"])
