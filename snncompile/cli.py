@@ -51,6 +51,8 @@ class _Group(click.Group):
             where = f": {_culprit(e)}" if e.filename else ""
             click.echo(f"error: {e.strerror or e}{where}", err=True)
             ctx.exit(1)
+        except click.exceptions.Exit:  # a nested group's (bench) own exit, its message said: not said again
+            raise
         except Exception as e:
             if not caused_by_interrupt(e):  # a bug: the traceback is what helps
                 raise
@@ -60,6 +62,8 @@ class _Group(click.Group):
     def _interrupted(ctx: click.Context):
         """A Ctrl-C that no command turned into its own message (e.g. while loading, or a library's wrapped one)."""
         command = ctx.invoked_subcommand or "command"
+        if ctx.parent is not None:  # a nested group's subcommand: `bench run`, not `run`
+            command = f"{ctx.info_name} {command}"
         click.echo(f"error: interrupted: snncompile {command} stopped before it finished (artifacts are written whole "
                    "or not at all; run it again to finish)", err=True)
         ctx.exit(Interrupted.exit_code)

@@ -182,6 +182,17 @@ def test_ctrl_c_is_one_line_and_exit_130_in_every_command(tmp_path, monkeypatch)
     assert inside.exit_code == 130
     assert inside.stderr.splitlines() == [f"error: export interrupted: nothing of it was written; {run} is as it was"]
 
+    # bench's subcommands sit in a nested group: its exit, which carries the Ctrl-C, was reported again by the
+    # outer group ("snncompile run stopped", then "snncompile bench stopped")
+    with monkeypatch.context() as m:
+        m.setattr("snncompile.bench.bench_run", ctrl_c)
+        m.setattr("snncompile.bench_train.bench_train", ctrl_c)
+        for args, name in ((["bench", str(run)], "bench run"), (["bench", "train", str(REPO / "models" / "digits.toml")], "bench train")):
+            interrupted = CliRunner().invoke(cli, args)
+            assert interrupted.exit_code == 130
+            assert interrupted.stderr.splitlines() == [f"error: interrupted: snncompile {name} stopped before it finished "
+                                                       "(artifacts are written whole or not at all; run it again to finish)"]
+
 
 def test_first_line_of_any_error():
     """One helper for every "first line of a third-party error": an empty message (IndexError in one copy of
