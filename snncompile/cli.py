@@ -249,6 +249,7 @@ def verify(run, runners, precision, batch, model_file, test_set, no_progress) ->
     from .compare import default_model_file, format_report, verify_runs
 
     exports = read_manifest(run).get("exports", {})
+    defaulted = not runners
     if not runners:
         runners = tuple(default_runners(reference=False))
         if exports.get(model_file or "", {}).get("form") == "step":  # the runners that stream it
@@ -261,8 +262,11 @@ def verify(run, runners, precision, batch, model_file, test_set, no_progress) ->
         _say_what_ignores_precision(runners, precision, typed, checked)
     precision = precision or typed
     options = {name: runner_options(name, precision, model_precision=typed) for name in runners}
-    reports = verify_runs(run, options, precision, batch,
-                          model_file=model_file, progress=not no_progress, inputs="test" if test_set else "reference")
+    # the default runners are those installed: one that cannot load this file is skipped with its reason, as
+    # bench does; one asked for by name is an error
+    skipped = (lambda name, reason: click.echo(f"{name}: skipped ({reason})")) if defaulted else None
+    reports = verify_runs(run, options, precision, batch, model_file=model_file, progress=not no_progress,
+                          inputs="test" if test_set else "reference", skip=skipped)
     failed = []
     for name, report in reports.items():
         click.echo(format_report(report))

@@ -340,7 +340,7 @@ def verify_run(run_dir: str | Path, runner: str = "ort-cpu", precision: str = "f
 
 def verify_runs(run_dir: str | Path, runners: dict[str, dict | None], precision: str = "fp32", batch: int = 64,
                 model_file: str | None = None, progress: bool = False, inputs: str = "reference",
-                other_exports: bool = True) -> dict[str, dict]:
+                other_exports: bool = True, skip=None) -> dict[str, dict]:
     """Compare each runner with the torch reference in one pass over the inputs (the reference runs once per
     batch, the dataset is read once); returns ``{runner: report}``, each also merged into ``verify.json``
     (under :func:`report_key`).
@@ -355,7 +355,9 @@ def verify_runs(run_dir: str | Path, runners: dict[str, dict | None], precision:
     ``model_file`` defaults to ``model_layers.onnx`` when it was exported as ``model.onnx``'s twin (per-layer
     spike checks; :func:`default_model_file`), else ``model.onnx`` (outputs only). Keys in verify.json:
     :func:`report_key`. ``other_exports``: also name the run's other unrolled exports whose file changed since
-    export (``exports_changed``; hashes each one)."""
+    export (``exports_changed``; hashes each one). ``skip``: ``skip(runner, reason)`` is told of each runner
+    whose runtime cannot load the file, which then has no report (None: that is an error), so that verify with
+    the default runners checks a bf16 file on torch-fast though ONNX Runtime's CPU provider cannot run it."""
     from tqdm.auto import tqdm
 
     if precision not in PRESETS:
@@ -395,9 +397,16 @@ def verify_runs(run_dir: str | Path, runners: dict[str, dict | None], precision:
     bar = None
     try:
         for name, options in runners.items():
-            candidates[name] = streamed(create_runner(name, run_dir, model_file, **(options or {})), export)
+            try:
+                candidates[name] = streamed(create_runner(name, run_dir, model_file, **(options or {})), export)
+            except ArtifactError as e:  # this runtime cannot load the file (ORT CPU has no bf16 Conv kernel)
+                if skip is None:
+                    raise
+                skip(name, str(e))
+        if not candidates:
+            raise ArtifactError(f"no runner could load {model_file}: see the lines above")
         # after the runners open: one that cannot (no GPU, say) then errors without a bar left at 0
-        bar = tqdm(total=sum(source.sizes.values()), desc=f"verify {', '.join(runners)}", unit="sample",
+        bar = tqdm(total=sum(source.sizes.values()), desc=f"verify {', '.join(candidates)}", unit="sample",
                    disable=not progress, leave=False)
         for split in source.sizes:
             for x, labels, stored_scores in source.batches(split, batch):
@@ -417,6 +426,8 @@ def verify_runs(run_dir: str | Path, runners: dict[str, dict | None], precision:
 
     reports = {}
     for name, tally in tallies.items():
+        if name not in candidates:  # skipped: it could not load the file
+            continue
         tol = PRESETS[numerics[name]]
         reports[name] = {
             "runner": name,

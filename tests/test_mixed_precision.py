@@ -127,6 +127,33 @@ def test_export_fp16_and_verify_it_at_fp16_tolerances(tmp_path):
     assert cli_run.exit_code == 0 and "PASSED: ort-cpu matches torch within fp16 tolerances" in cli_run.output
 
 
+def test_verify_of_a_bf16_file_skips_a_default_runner_that_cannot_load_it(tmp_path):
+    """ONNX Runtime's CPU provider has no bf16 Conv: verify with the default runners stopped at ort-cpu's load
+    error and never checked torch-fast. Now ort-cpu is skipped with its reason (named, it is still an error)."""
+    import onnxruntime as ort
+
+    from snncompile.errors import ArtifactError
+
+    run = make_run(tmp_path, tiny_zoo_config(REPO / "models" / "mnist.toml"))
+    export_run(run, layers=True, precision="bf16", n_random=16, n_real=0)
+    path = str(run / "model_bf16_layers.onnx")
+    try:
+        ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+        loads = True
+    except Exception:  # noqa: BLE001  onnxruntime's own NotImplemented
+        loads = False
+    result = CliRunner().invoke(cli, ["verify", str(run), "--model", "model_bf16_layers.onnx", "--no-progress"])
+    assert result.exit_code == 0, result.output
+    assert "PASSED: torch-fast matches torch within bf16 tolerances" in result.output
+    skipped = [line for line in result.output.splitlines() if line.startswith("ort-cpu: skipped (")]
+    if loads:  # an ONNX Runtime with a bf16 CPU Conv: then it is checked like any other runner
+        assert not skipped and "PASSED: ort-cpu" in result.output
+    else:
+        assert len(skipped) == 1 and "has no kernel for it at the file's precision" in skipped[0]
+        with pytest.raises(ArtifactError, match="cannot be loaded by ONNX Runtime"):  # asked for by name
+            verify_run(run, "ort-cpu", "bf16", model_file="model_bf16_layers.onnx")
+
+
 def test_export_precision_needs_the_unrolled_form(tmp_path):
     run = make_run(tmp_path, tiny_zoo_config(REPO / "models" / "digits.toml"))
     result = CliRunner().invoke(cli, ["export", str(run), "--form", "step", "--precision", "fp16"])
