@@ -12,6 +12,7 @@ __all__ = [
     "Interrupted",
     "TrainingInterrupted",
     "TrainingDiverged",
+    "OutOfMemory",
     "caused_by_interrupt",
     "first_line",
     "described",
@@ -89,6 +90,10 @@ class Interrupted(SnnCompileError):
 
 class TrainingDiverged(SnnCompileError):
     """The loss or the weights became inf/nan: the epoch is not checkpointed, the message says what was kept."""
+
+
+class OutOfMemory(SnnCompileError):
+    """torch ran out of memory (host or GPU) during training: the message names the batch size to lower."""
 
 
 class TrainingInterrupted(Interrupted):

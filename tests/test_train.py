@@ -656,3 +656,58 @@ def test_compact_spikes_off_trains_the_same_weights_without_packing(tmp_path, di
     a = load_checkpoint(packed.run_dir / CHECKPOINT)["model"]
     b = load_checkpoint(unpacked.run_dir / CHECKPOINT)["model"]
     assert all(torch.equal(a[key], b[key]) for key in a)
+
+
+def test_out_of_memory_in_the_first_epoch_is_one_line_and_leaves_no_run(tmp_path, digits_cfg, monkeypatch):
+    """The CPU allocator's RuntimeError was a traceback, and the run directory it made (config.toml and
+    manifest.json, no weights) stayed behind, as after any failure of epoch 1 (only a Ctrl-C cleaned up)."""
+    import snncompile.train as t
+    from snncompile.errors import OutOfMemory
+
+    def no_memory(*args, **kwargs):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: "
+                           "you tried to allocate 26214400000 bytes. Error code 12 (Cannot allocate memory)")
+
+    monkeypatch.setattr(t, "_train_epoch", no_memory)
+    with pytest.raises(OutOfMemory) as err:
+        train(digits_cfg, tmp_path, progress=False, echo=lambda s: None)
+    assert not any((tmp_path / "digits").iterdir())  # new_run_dir made it; nothing of it is left
+    assert str(err.value).startswith("out of memory in epoch 1 (24.4 GiB asked of the host): lower data.batch_size "
+                                     f"(now {digits_cfg.data.batch_size}) or the network's size; ")
+    assert str(err.value).endswith(" is removed")
+
+    def bug(*args, **kwargs):
+        raise ValueError("a bug")
+
+    monkeypatch.setattr(t, "_train_epoch", bug)
+    with pytest.raises(ValueError, match="a bug"):  # a bug keeps its traceback; its half-made run is gone too
+        train(digits_cfg, tmp_path, progress=False, echo=lambda s: None)
+    assert not any((tmp_path / "digits").iterdir())
+
+
+def test_a_checkpoint_that_cannot_be_written_is_one_line_and_keeps_the_previous(tmp_path, digits_cfg, monkeypatch):
+    """A full disk made torch's zip writer raise "unexpected pos N vs M", a traceback; in epoch 1 it left a run
+    with a metrics row and no checkpoint, which --resume then called missing."""
+    import snncompile.train as t
+
+    real_save = torch.save
+    saves = []
+
+    def fails_second(obj, f, *args, **kwargs):
+        saves.append(1)
+        if len(saves) == 2:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 1025472 vs 1025360")
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(t.torch, "save", fails_second)
+    with pytest.raises(ArtifactError) as err:
+        train(digits_cfg, tmp_path, progress=False, echo=lambda s: None)
+    (run,) = (tmp_path / "digits").iterdir()
+    assert str(err.value) == (f"could not write {run / 'checkpoint.pt'} ([enforce fail at inline_container.cc:672] . "
+                              "unexpected pos 1025472 vs 1025360): is the disk full? the previous checkpoint is kept")
+    assert torch.load(run / "checkpoint.pt", weights_only=True)["epoch"] == 1
+    saves.clear()
+    saves.append(1)  # the first save of a new run fails: no epoch is saved, and the run is removed
+    with pytest.raises(ArtifactError, match=r"is the disk full\? no epoch is saved; .* is removed$"):
+        train(digits_cfg, tmp_path / "b", progress=False, echo=lambda s: None)
+    assert not any((tmp_path / "b" / "digits").iterdir())
