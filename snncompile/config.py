@@ -370,12 +370,18 @@ def with_execution_settings(run_cfg: Config, cfg: Config) -> Config:
     ``cfg`` (this machine's data.num_workers, say). Any other difference is an error: a resume continues the same
     training, so ``cfg`` must train the same weights."""
     cfg = with_absolute_data_paths(cfg)
-    if cfg.result_hash() != run_cfg.result_hash():
-        theirs, ours = flat_values(run_cfg), flat_values(cfg)
-        changed = sorted(k for k in theirs.keys() | ours.keys() if theirs.get(k) != ours.get(k) and k not in EXECUTION_KEYS)
-        raise ConfigError(f"a resumed run keeps its own config; only {', '.join(EXECUTION_KEYS)} may differ, not "
+    theirs, ours = flat_values(run_cfg), flat_values(cfg)
+    changed = sorted(k for k in theirs.keys() | ours.keys() if theirs.get(k) != ours.get(k) and k not in RESUME_KEYS)
+    if changed:
+        raise ConfigError(f"a resumed run keeps its own config; only {', '.join(RESUME_KEYS)} may differ, not "
                           f"{', '.join(changed)}")
     return cfg
+
+
+# What `train --resume --set` may change: how the run executes, and where its dataset now is (moved; the
+# checkpoint's own config check lets data.root differ too). The run's config.toml keeps the root it was made
+# with, so a later command that reads the data (a resume, verify --test-set) is given the new one again.
+RESUME_KEYS = (*EXECUTION_KEYS, "data.root")
 
 
 def flat_values(cfg: Config) -> dict[str, Any]:

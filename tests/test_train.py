@@ -376,7 +376,7 @@ def test_resume_may_change_how_the_run_executes_but_not_what_it_trains(tmp_path,
                                        "train.lr=0.1", "--set", "train.threads=2", "--no-progress"])
     assert changed.exit_code == 2 and changed.output.strip() == (
         "error: a resumed run keeps its own config; only description, data.num_workers, data.cache_dir, "
-        "data.eval_batch_size, train.compact_spikes may differ, not model.T, train.lr, train.threads")
+        "data.eval_batch_size, train.compact_spikes, data.root may differ, not model.T, train.lr, train.threads")
     sizes = []
     real_batches = t.batches
     monkeypatch.setattr(t, "batches", lambda split, size, *a, **k: sizes.append(size) or real_batches(split, size, *a, **k))
@@ -711,3 +711,30 @@ def test_a_checkpoint_that_cannot_be_written_is_one_line_and_keeps_the_previous(
     with pytest.raises(ArtifactError, match=r"is the disk full\? no epoch is saved; .* is removed$"):
         train(digits_cfg, tmp_path / "b", progress=False, echo=lambda s: None)
     assert not any((tmp_path / "b" / "digits").iterdir())
+
+
+def test_resume_finds_a_moved_dataset_through_set_data_root(tmp_path):
+    """The checkpoint's config check lets data.root differ (the data moved), but `train --resume --set
+    data.root=NEW` was refused: only hand-editing the run's config.toml went on."""
+    from click.testing import CliRunner
+    from conftest import REPO
+    from snncompile.cli import cli
+    from snncompile.config import load_config
+
+    shared = REPO.parent / "shared" / "data" / "mnist"
+    if not shared.is_dir():
+        pytest.skip("the real MNIST files are not beside the checkout")
+    old, new = tmp_path / "old", tmp_path / "new"
+    old.mkdir()
+    for f in shared.iterdir():
+        (old / f.name).symlink_to(f)
+    cfg = load_config(REPO / "models" / "mnist-cpu.toml", [
+        f"data.root='{old}'", "train.epochs=2", "data.limit_train=64", "data.limit_test=32", "data.batch_size=32",
+        "model.T=2", "model.arch='8C3-AP2-16FC-Voting'", "model.neunorm=false", "train.threads=1"])
+    part = train(cfg, tmp_path / "runs", stop_after=1, progress=False, echo=lambda s: None)
+    old.rename(new)
+    lost = CliRunner().invoke(cli, ["train", "--resume", str(part.run_dir), "--no-progress"])
+    assert lost.exit_code == 1 and f"MNIST files missing in {old}" in lost.output
+    found = CliRunner().invoke(cli, ["train", "--resume", str(part.run_dir), "--set", f"data.root={new}", "--no-progress"])
+    assert found.exit_code == 0, found.output
+    assert "final test accuracy" in found.output and "after 2 epochs" in found.output
