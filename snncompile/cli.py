@@ -11,6 +11,7 @@ import click
 
 from . import __version__
 from .backends.base import PRECISIONS, RUNNERS, TORCH_FAST_PRECISIONS  # numpy only: the runtimes load lazily
+from .config import MAX_STEPS
 from .export_options import DEFAULT_OPSET, DEFAULT_SAMPLES, EXPORT_PRECISIONS
 from .errors import Interrupted, SnnCompileError, TrainingInterrupted, caused_by_interrupt
 from .text import counted, shell_path
@@ -162,7 +163,7 @@ def init(model_toml, overrides, out_root, seed, no_calibrate) -> None:
 
 @cli.command(short_help="Export RUN to ONNX, with reference inputs and outputs.")
 @click.argument("run", type=click.Path(path_type=Path))
-@click.option("--T", "steps", type=int, help="Timesteps to unroll (default: the T it was trained with).")
+@click.option("--T", "steps", type=click.IntRange(1, MAX_STEPS), help="Timesteps to unroll (default: the T it was trained with).")
 @click.option("--opset", default=DEFAULT_OPSET, show_default=True, type=click.IntRange(13, 23),
               help="ONNX opset (torch 2.13's exporter writes 15 and later; an opset it cannot write is an error).")
 @click.option("--form", type=click.Choice(["unrolled", "step"]), default="unrolled", show_default=True,
@@ -311,7 +312,7 @@ def bench() -> None:
 @bench.command("train")
 @click.argument("model_toml", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a config key.")
-@click.option("--T", "steps_t", type=click.IntRange(1), help="Timesteps (default: the model's).")
+@click.option("--T", "steps_t", type=click.IntRange(1, MAX_STEPS), help="Timesteps (default: the model's).")
 @click.option("--batch", type=click.IntRange(1), help="Batch size (default: the model's data.batch_size).")
 @click.option("--precision", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True)
 @click.option("--steps", default=20, show_default=True, type=click.IntRange(1), help="Timed training steps.")
@@ -359,7 +360,7 @@ def bench_train_cmd(model_toml, overrides, steps_t, batch, precision, steps, war
               help="Untimed calls first; with 0 the first timed call carries a runtime's lazy set-up (ONNX Runtime's "
                    "first run, cuDNN autotuning) into p90/p99.")
 @click.option("--model", "model_file", default="model.onnx", show_default=True, help="Which export to time (model_step.onnx: T streamed calls per batch).")
-@click.option("--T", "steps_t", type=click.IntRange(1),
+@click.option("--T", "steps_t", type=click.IntRange(1, MAX_STEPS),
               help="Time at this T (default: the export's). A file exported at another T is exported again at this "
                    "one first, with its other options, and replaces it; outputs bench_T<N>.* off the trained T.")
 @click.option("--precision", type=click.Choice(TORCH_FAST_PRECISIONS), default="fp32",

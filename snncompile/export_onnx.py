@@ -31,7 +31,7 @@ import torch
 from . import __version__
 from .artifacts import (environment, forget_artifact, interrupts_deferred, read_manifest, record_artifact,
                         require_writable, sha256_file, sha256_model, update_manifest)
-from .config import Config
+from .config import MAX_STEPS, Config
 from .errors import (ArtifactError, ConfigError, DataError, ExportError, Interrupted, MissingDependencyError,
                      caused_by_interrupt, first_line)
 from .export_options import DEFAULT_OPSET, DEFAULT_SAMPLES, EXPORT_PRECISIONS
@@ -517,8 +517,8 @@ def export_run(
 
 def _check_options(form: str, steps: int, layers: bool, rates: bool, order: str, precision: str) -> None:
     """A one-line ConfigError for export options that do not go together (see :func:`export_run`)."""
-    if steps < 1:
-        raise ConfigError(f"--T must be >= 1, got {steps}")
+    if not 1 <= steps <= MAX_STEPS:  # as model.T: --T 5000 ran for minutes before failing
+        raise ConfigError(f"--T must be 1 to {MAX_STEPS}, got {steps}")
     if form == "step" and (layers or rates or order != "layer"):
         raise ConfigError("--layers/--rates/--order apply to the unrolled form only")
     if order not in ("layer", "step"):

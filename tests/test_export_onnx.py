@@ -442,3 +442,22 @@ def test_a_sigterm_during_export_leaves_no_staging_folder(tmp_path):
     output, _ = proc.communicate(timeout=120)
     assert proc.returncode == 130 and "interrupted" in output, output
     assert not list(run.glob(".export-*")) and not (run / "model.onnx").exists()
+
+
+def test_export_T_is_bounded_as_model_T(tmp_path):
+    """--T 5000 (export, bench) ran for minutes before failing where model.T stops at 4096 at once."""
+    from click.testing import CliRunner
+
+    from snncompile.cli import cli
+    from snncompile.errors import ConfigError
+    from snncompile.export_onnx import export_run
+
+    run = make_run(tmp_path, tiny_zoo_config(REPO / "models" / "digits.toml"))
+    for steps in (0, 4097):
+        with pytest.raises(ConfigError, match=f"--T must be 1 to 4096, got {steps}"):
+            export_run(run, steps=steps)
+    for args in (["export", str(run), "--T", "4097"], ["bench", str(run), "--T", "4097"],
+                 ["bench", "train", str(REPO / "models" / "digits.toml"), "--T", "4097"]):
+        result = CliRunner().invoke(cli, args)
+        assert result.exit_code == 2 and "4097 is not in the range 1<=x<=4096" in result.output, (args, result.output)
+    assert not (run / "model.onnx").exists()
