@@ -20,14 +20,14 @@ from pathlib import Path
 import numpy as np
 
 from .artifacts import (atomic_save, atomic_write_json, atomic_write_text, environment, forget_artifact,
-                        interrupts_deferred, read_manifest, record_artifact, require_writable, sha256_model)
+                        interrupts_deferred, read_manifest, record_artifact, require_writable)
 from .backends import available_runners, create_runner, default_runners, runner_options
 from .backends.base import RUNNERS, runner_numerics
 from .backends.pt import cpu_threads
 from .compare import verify_run
 from .errors import ArtifactError, ConfigError, SnnCompileError, described
-from .export_onnx import (current_export, export_again, export_command, export_reference_paths, layers_twin,
-                          read_reference, same_graph_settings)
+from .export_onnx import (current_export, export_again, export_command, export_reference_paths,
+                          exported_file_changed, layers_twin, read_reference, same_graph_settings)
 from .runs import load_run_config
 from .streaming import STREAM_RUNNERS, streamed
 
@@ -100,9 +100,8 @@ def bench_run(run_dir: str | Path, runners: list[str] | None = None, batches: tu
     # the timed file of older weights: one line, not every runner failing its gate (torch is the current checkpoint)
     export = current_export(run_dir, model_file, file_needed=True)
     # before the gates: a missing or replaced timed file re-exported the user's _layers twin, then failed anyway
-    if sha256_model(run_dir / model_file) != export.get("sha256"):
-        raise ArtifactError(f"{model_file} is not the file its export wrote (sha256 mismatch): export it again: "
-                            f"`{export_command(run_dir, export)}`")
+    if (changed := exported_file_changed(run_dir, model_file, export)) is not None:
+        raise ArtifactError(changed)
     require_writable(run_dir, "the bench table, plot and json")  # before minutes of timing, not after
     batches = batch_sizes(batches)
     if iters < 1 or warmup < 0:
@@ -378,7 +377,7 @@ def _gate(run_dir: Path, name: str, numerics: str, options: dict, model_file: st
     if export["form"] == "step":  # streamed, the file reports every layer's spikes itself: it is its own twin
         report = verify_run(run_dir, name, numerics, progress=False, model_file=model_file, options=options,
                             other_exports=False)
-        return _file_reasons(model_file, report)
+        return list(report["reasons"])  # a file its export did not write among them, first
     layers_file = layers_twin(model_file)
     earlier = read_manifest(run_dir).get("exports", {}).get(layers_file)
     if not _is_twin(run_dir, model_file, export, earlier, layers_file):
@@ -393,7 +392,7 @@ def _gate(run_dir: Path, name: str, numerics: str, options: dict, model_file: st
         echo(f"exported {layers_file} (T = {export['T']}) to check {model_file} layer by layer{replaced}")
     report = verify_run(run_dir, name, numerics, progress=False, model_file=layers_file, options=options,
                         other_exports=False)
-    reasons = _file_reasons(layers_file, report)
+    reasons = list(report["reasons"])
     if layers_file != model_file:
         plain = verify_run(run_dir, name, numerics, progress=False, model_file=model_file, options=options,
                            other_exports=False)
@@ -424,14 +423,6 @@ def _weights(path: Path) -> dict[str, bytes]:
             if i.name.startswith("net.")}
 
 
-def _file_reasons(model_file: str, report: dict) -> list[str]:
-    """A verify report's failures, and a file that is not the one its export recorded."""
-    reasons = list(report["reasons"])
-    if not report["model_matches_export"]:
-        reasons.append(f"{model_file} differs from the file its export recorded (sha256 mismatch): export it again")
-    return reasons
-
-
 def _timed_file_reasons(model_file: str, plain: dict, layers: dict) -> list[str]:
     """Why the timed file fails, given its own verify (``plain``, outputs only) and its twin's (``layers``).
 
@@ -441,8 +432,8 @@ def _timed_file_reasons(model_file: str, plain: dict, layers: dict) -> list[str]
     have scores off on as many samples as the twin had flips (at least one, twice as many where it had any:
     the same rate of flips lands on other samples), and change no more predictions than that; NaN/inf never.
     A wrong file (other weights, a shifted bias) has scores off on most samples."""
-    if not plain["model_matches_export"]:
-        return [f"{model_file}: {r}" for r in _file_reasons(model_file, plain)]
+    if not plain["model_matches_export"]:  # the first reason says so, naming the file and the export command
+        return plain["reasons"][:1]
     allowed = max(1, 2 * layers["top1"]["samples_diverged"])
     reasons = []
     for out, e in plain["outputs"].items():

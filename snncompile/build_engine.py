@@ -6,8 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from .artifacts import atomic_write_json, interrupts_deferred, record_artifact, update_manifest
-from .errors import ConfigError
-from .export_onnx import current_export
+from .errors import ArtifactError, ConfigError
+from .export_onnx import current_export, exported_file_changed
 
 __all__ = ["build_run"]
 
@@ -21,6 +21,10 @@ def build_run(run_dir: str | Path, precision: str = "fp32", batch: str = "1:16:1
     run_dir = Path(run_dir)
     # older weights would fail verify; a step export builds an engine of one step, which verify and bench stream
     export = current_export(run_dir, model_file, file_needed=True)
+    # the sidecar records the export's hash as the engine's source: another file built under it (another run's
+    # copied in) would pass as the run's engine
+    if (changed := exported_file_changed(run_dir, model_file, export)) is not None:
+        raise ArtifactError(changed)
     typed = export.get("precision", "fp32")
     fits = ENGINE_PRECISION.get(typed, typed)  # a tf32x2 export (split for TF32) is built with TF32 on
     if typed != "fp32" and precision != fits:  # a typed export builds only as what it was typed for: another

@@ -192,6 +192,15 @@ def current_export(run_dir: Path, model_file: str, file_needed: bool = False) ->
     return export
 
 
+def exported_file_changed(run_dir: Path, model_file: str, export: dict) -> str | None:
+    """Why ``model_file`` is not the file its export (manifest entry ``export``) wrote, with the command that
+    writes it again (another run's file copied in, a truncated copy, edited weights); None when it is."""
+    if sha256_model(Path(run_dir) / model_file) == export.get("sha256"):
+        return None
+    return (f"{model_file} is not the file its export wrote (sha256 mismatch): export it again: "
+            f"`{export_command(run_dir, export)}`")
+
+
 def require_current_checkpoint(run_dir: Path, file_name: str, export: dict) -> None:
     """One line when ``file_name`` (manifest entry ``export``) was exported from another checkpoint than the run's
     current one (e.g. `train --resume` continued since): verify's torch reference is built from the current one,

@@ -91,6 +91,9 @@ def test_perturbed_weight_fails_and_names_first_divergent_layer(exported):
 
     report = verify_run(exported, "ort-cpu", "fp32")
     assert not report["passed"] and not report["model_matches_export"]
+    # first why: the file is not the export (the spike mismatches below then say where it differs)
+    assert report["reasons"][0] == (f"model_layers.onnx is not the file its export wrote (sha256 mismatch): export it "
+                                    f"again: `snncompile export {exported} --layers --samples 64`")
     assert report["first_divergence"] == {"layer": "lif2", "step": 1}
     assert report["layers"]["lif1"]["flips"] == 0 and report["layers"]["lif2"]["real"] > 0
     assert any("first in lif2 at t=1" in r for r in report["reasons"])

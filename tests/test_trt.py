@@ -77,6 +77,14 @@ def test_build_needs_an_export(tmp_path):
         f"`snncompile export {run} --samples 2`")
     result = CliRunner().invoke(cli, ["build", str(run), "--model", "model_step.onnx"])
     assert result.exit_code == 1 and f"has no model_step.onnx: run `snncompile export {run} --form step` first" in result.output
+    export_run(run, n_random=2, n_real=0)  # of the current checkpoint again; then another file copied over it
+    with open(run / "model.onnx", "ab") as f:  # the engine's sidecar would record the export's hash as its source
+        f.write(b"\0")
+    result = CliRunner().invoke(cli, ["build", str(run)])
+    assert result.exit_code == 1 and result.output.strip() == (
+        f"error: model.onnx is not the file its export wrote (sha256 mismatch): export it again: "
+        f"`snncompile export {run} --samples 2`")
+    assert not list(run.glob("*.plan"))
 
 
 def test_every_input_of_an_engine_spans_the_batch_profile():
