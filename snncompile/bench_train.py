@@ -39,6 +39,7 @@ from torch import nn
 
 from .backends.pt import cpu_threads, cudnn_autotuning
 from .config import Config
+from .errors import ConfigError, asked_memory, out_of_memory
 from .memory import SavedActivations
 from .models import LIFCell, network_from_config
 from .text import counted
@@ -179,7 +180,12 @@ def _bench_train(cfg: Config, device: torch.device, precision: str, steps: int, 
     m = cfg.model
     batch, steps_t = cfg.data.batch_size, m.T
     gen = torch.Generator().manual_seed(0)
-    x = (torch.rand((steps_t, batch, *m.input_shape), generator=gen) < 0.2).float().to(device)
+    try:
+        x = (torch.rand((steps_t, batch, *m.input_shape), generator=gen) < 0.2).float().to(device)
+    except Exception as e:  # --batch 100000000: the allocator's traceback before any variant ran
+        if not out_of_memory(e):
+            raise
+        raise ConfigError(f"--batch {batch}: not enough memory for its inputs ({asked_memory(e)})") from None
     y = torch.randint(0, m.classes, (batch,), generator=gen).to(device)
     bf16 = precision == "bf16"
     amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)

@@ -16,6 +16,8 @@ __all__ = [
     "caused_by_interrupt",
     "first_line",
     "described",
+    "out_of_memory",
+    "asked_memory",
 ]
 
 
@@ -24,6 +26,27 @@ def first_line(exc: BaseException, limit: int = 200) -> str:
     none: third-party errors run on for paragraphs, and every message here is one line."""
     text = str(exc).strip()
     return (text.splitlines()[0] if text else type(exc).__name__)[:limit]
+
+
+def out_of_memory(error: BaseException) -> bool:
+    """Whether ``error`` is running out of memory: Python's MemoryError, torch's OutOfMemoryError (CUDA; matched
+    by name, so that this module needs no torch), or the CPU allocator's RuntimeError ("DefaultCPUAllocator:
+    can't allocate memory")."""
+    return (isinstance(error, MemoryError) or type(error).__name__ == "OutOfMemoryError"
+            or (isinstance(error, RuntimeError) and "can't allocate memory" in str(error)))
+
+
+def asked_memory(error: BaseException) -> str:
+    """What an out-of-memory error asked for, in a few words: the CPU allocator's byte count as GiB ("you tried
+    to allocate 26214400000 bytes"), CUDA's own "Tried to allocate 2.00 GiB", else the error's first line."""
+    import re
+
+    text = str(error)
+    if (m := re.search(r"allocate (\d+) bytes", text)) is not None:
+        return f"{int(m.group(1)) / 2**30:.1f} GiB asked of the host"
+    if (m := re.search(r"Tried to allocate ([\d.]+ [KMGT]iB)", text)) is not None:
+        return f"{m.group(1)} asked of the GPU"
+    return first_line(error, 120)
 
 
 def described(exc: BaseException, limit: int = 200) -> str:

@@ -31,7 +31,7 @@ from .config import Config, dumps_toml, flat_values, with_absolute_data_paths, w
 from .data import Split, batches, load_dataset, to_time_major
 from .distributed import DistContext, all_reduce_sum, destroy, init_distributed, shard_indices, stop_on_peer_failure
 from .errors import (ArtifactError, ConfigError, OutOfMemory, SnnCompileError, TrainingDiverged, TrainingInterrupted,
-                     first_line)
+                     asked_memory, first_line, out_of_memory)
 from .exact import snap_to_grid
 from .memory import SavedActivations
 from .models import network_from_config
@@ -412,10 +412,10 @@ def _train(cfg: Config, device: torch.device, ctx: DistContext, out_root, resume
         made_here = resume is None and not (run_dir / CHECKPOINT).is_file()
         if made_here:  # as after a Ctrl-C: a run without weights, left behind by every failed first epoch
             shutil.rmtree(run_dir, ignore_errors=True)
-        if _out_of_memory(e):
+        if out_of_memory(e):
             kept = (f"{run_dir} is removed" if made_here else
                     f"{run_dir} keeps its checkpoints" if (run_dir / CHECKPOINT).is_file() else "no checkpoint is written")
-            raise OutOfMemory(f"out of memory in epoch {epoch} ({_asked_memory(e)}): lower data.batch_size (now "
+            raise OutOfMemory(f"out of memory in epoch {epoch} ({asked_memory(e)}): lower data.batch_size (now "
                               f"{cfg.data.batch_size}) or the network's size; {kept}") from None
         if made_here and isinstance(e, SnnCompileError) and not isinstance(e, TrainingDiverged):  # that says it
             raise type(e)(f"{e}; {run_dir} is removed") from None
@@ -600,26 +600,6 @@ def _keep_on_device(data, device: torch.device, budget: float = 0.25) -> None:
     if size < budget * torch.cuda.get_device_properties(device).total_memory:
         for split in (data.train, data.test):
             split.x, split.y = split.x.to(device), split.y.to(device)
-
-
-def _out_of_memory(error: BaseException) -> bool:
-    """Whether ``error`` is torch running out of memory: CUDA's OutOfMemoryError, or the CPU allocator's
-    RuntimeError ("DefaultCPUAllocator: can't allocate memory")."""
-    return (isinstance(error, (MemoryError, getattr(torch, "OutOfMemoryError", MemoryError)))
-            or (isinstance(error, RuntimeError) and "can't allocate memory" in str(error)))
-
-
-def _asked_memory(error: BaseException) -> str:
-    """What an out-of-memory error asked for, in a few words: the CPU allocator's byte count as GiB ("you tried
-    to allocate 26214400000 bytes"), CUDA's own "Tried to allocate 2.00 GiB", else the error's first line."""
-    import re
-
-    text = str(error)
-    if (m := re.search(r"allocate (\d+) bytes", text)) is not None:
-        return f"{int(m.group(1)) / 2**30:.1f} GiB asked of the host"
-    if (m := re.search(r"Tried to allocate ([\d.]+ [KMGT]iB)", text)) is not None:
-        return f"{m.group(1)} asked of the GPU"
-    return first_line(error, 120)
 
 
 def _save_checkpoint(run_dir: Path, net, opt, sched, epoch: int, cfg: Config) -> None:

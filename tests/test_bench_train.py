@@ -470,3 +470,17 @@ def test_a_profile_prints_nothing_of_its_own_on_stderr(capfd):
     err = capfd.readouterr().err
     assert "aten::sum" in table
     assert err.splitlines() == ["the call's own line"] * 2, err
+
+
+def test_inputs_that_do_not_fit_and_a_table_of_failures_are_errors():
+    """--batch 100000000 was the allocator's traceback; a network no variant could run printed a table of
+    failures and exited 0 (bench, for inference, exits 1 when it timed nothing)."""
+    digits = str(REPO / "models" / "digits.toml")
+    huge = CliRunner().invoke(cli, ["bench", "train", digits, "--batch", "100000000", "--steps", "1", "--warmup", "0"])
+    assert huge.exit_code == 2 and huge.output.strip().startswith(
+        "error: --batch 100000000: not enough memory for its inputs ("), huge.output
+    assert len(huge.output.strip().splitlines()) == 1
+    none = CliRunner().invoke(cli, ["bench", "train", digits, "--set", "model.arch='999999999FC-Voting'", "--steps", "1",
+                                    "--warmup", "0"])
+    assert none.exit_code == 1 and "| failed: " in none.output
+    assert none.output.strip().splitlines()[-1] == "error: no variant could be timed: the table says why"
