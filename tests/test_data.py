@@ -162,3 +162,18 @@ def test_fetch_offline_names_every_archive_to_place_by_hand(tmp_path, monkeypatc
     assert str(err.value).endswith(
         f"place {gesture.train_filename} (md5 {gesture.train_md5}) and {gesture.test_filename} (md5 {gesture.test_md5}) "
         f"in {tmp_path / 'DVSGesture'} by hand and run again")
+
+
+def test_mnist_files_of_two_sets_or_float_labels_are_one_line(tmp_path):
+    """Test images of 32x32 beside 28x28 training images were a torch shape error in epoch 1; a float label file
+    (IDX type 0x0D) holding NaN was "cannot convert float NaN to integer"."""
+    make_mnist(tmp_path, compress=False)
+    write_idx(tmp_path / MNIST_FILES["test_images"], np.zeros((5, 32, 32)), compress=False)
+    with pytest.raises(DataError, match=r"MNIST train images are \(28, 28\) but test images \(32, 32\) in .*: the "
+                                        "files come from two different sets"):
+        load_mnist(tmp_path)
+    make_mnist(tmp_path, compress=False)
+    labels = np.array([1.0, np.nan, 3.0, 4.0, 5.0], ">f4")
+    (tmp_path / MNIST_FILES["test_labels"]).write_bytes(bytes([0, 0, 0x0D, 1]) + struct.pack(">I", 5) + labels.tobytes())
+    with pytest.raises(DataError, match="MNIST test labels must be integers, the file holds float32"):
+        load_mnist(tmp_path)

@@ -67,15 +67,21 @@ def load_mnist(root: str | Path) -> Dataset:
         images, labels = arrays[f"{prefix}_images"], arrays[f"{prefix}_labels"]
         if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
             raise DataError(f"MNIST {prefix} images {images.shape} and labels {labels.shape} do not match")
+        if not np.issubdtype(labels.dtype, np.integer):  # a float IDX (type 0x0D) may hold NaN: int() raised
+            raise DataError(f"MNIST {prefix} labels must be integers, the file holds {labels.dtype.name}")
         if len(labels) and not 0 <= int(labels.min()) <= int(labels.max()) <= 9:
             raise DataError(f"MNIST {prefix} labels must be digits 0-9, found {int(labels.min())}..{int(labels.max())}")
         x = torch.from_numpy(images.astype(np.float32) / 255.0).unsqueeze(1)
         return Split(x, torch.from_numpy(labels.astype(np.int64)))
 
+    train, test = split("train"), split("test")
+    if train.x.shape[1:] != test.x.shape[1:]:  # else a shape error from torch at the first test batch
+        raise DataError(f"MNIST train images are {tuple(train.x.shape[2:])} but test images "
+                        f"{tuple(test.x.shape[2:])} in {root}: the files come from two different sets")
     return Dataset(
         name="mnist",
-        train=split("train"),
-        test=split("test"),
+        train=train,
+        test=test,
         classes=[str(i) for i in range(10)],
         info={"source": str(root)},
     )
