@@ -181,6 +181,10 @@ def read_manifest(run_dir: str | Path) -> dict[str, Any]:
         )
     # the tables every command reads with .get(): anything else was an AttributeError traceback
     wrong = [key for key in ("exports", "artifacts", "training") if not isinstance(manifest.get(key, {}), dict)]
+    # one level down too: every export's entry is read with .get() ("T", "form"), so an entry edited to a string
+    # or null was an AttributeError traceback
+    if not wrong:
+        wrong = [f"exports[{name!r}]" for name, entry in manifest.get("exports", {}).items() if not isinstance(entry, dict)]
     if wrong:
         raise ArtifactError(f"{path} is corrupt ({', '.join(wrong)} is not a JSON object)")
     return manifest

@@ -53,6 +53,8 @@ def test_failed_write_leaves_nothing(tmp_path):
     (b"\xff\xfe\x00junk", "not UTF-8 text"), (b"[]", "a JSON list, not an object"),
     (b'{"run_format": %d, "exports": "x"}' % RUN_FORMAT,
      "exports is not a JSON object"),  # an AttributeError traceback in verify and bench
+    (b'{"run_format": %d, "exports": {"model.onnx": {"T": 4}, "model_layers.onnx": null}}' % RUN_FORMAT,
+     r"exports\['model_layers.onnx'\] is not a JSON object"),  # one entry edited: the same traceback
 ])
 def test_corrupt_manifest_is_one_line(tmp_path, content, why):
     from snncompile.artifacts import read_manifest
