@@ -22,12 +22,15 @@ METRICS = "metrics.jsonl"
 
 def read_metrics(path: Path) -> list[dict]:
     """The rows of a run's metrics.jsonl, one per finished epoch (none when it is missing), or a one-line error
-    when a line is not a JSON row with its epoch."""
+    when a line is not a JSON row with its epoch, losses and accuracies."""
     import json
 
     try:
         rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
-        if not all(isinstance(row, dict) and isinstance(row.get("epoch"), int) for row in rows):
+        # what every row training writes holds, and the plots read (a row edited to {"epoch": 21} was a KeyError)
+        numbers = ("train_loss", "train_acc", "test_loss", "test_acc")
+        if not all(isinstance(row, dict) and isinstance(row.get("epoch"), int)
+                   and all(isinstance(row.get(k), (int, float)) for k in numbers) for row in rows):
             raise ValueError
     except (ValueError, UnicodeDecodeError):  # JSONDecodeError is a ValueError
         raise ArtifactError(f"{path} is corrupt (not one JSON row per line): move it aside (the curves of the "

@@ -98,6 +98,9 @@ def test_bad_input_is_one_line(two_runs, tmp_path):
     (empty / "metrics.jsonl").write_text('{"epoch": 1, "test_acc": 0.5}\n{"epoch": 2, "te')  # a torn copy
     result = CliRunner().invoke(cli, ["plot", str(empty)])
     assert result.output.strip().startswith(f"error: {empty / 'metrics.jsonl'} is corrupt (not one JSON row per line)")
+    (empty / "metrics.jsonl").write_text('{"epoch": 21}\n')  # a row without its figures: a KeyError in the plot
+    result = CliRunner().invoke(cli, ["plot", str(empty)])
+    assert result.output.strip().startswith(f"error: {empty / 'metrics.jsonl'} is corrupt (not one JSON row per line)")
     copy = tmp_path / "copy"  # a run whose manifest is corrupt: the error comes before training.png is replaced
     copy.mkdir()
     for name in ("metrics.jsonl", "config.toml"):
