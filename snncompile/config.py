@@ -194,7 +194,9 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if tp is int and isinstance(value, bool) or not isinstance(value, tp):
-        raise ConfigError(f"config key {key!r} expects {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+        # --set parses TOML: model.arch=10 is the integer 10, and only quotes make it the text the key expects
+        quote = f" (quoted: --set {key}='{value}')" if tp is str and isinstance(value, (int, float, bool)) else ""
+        raise ConfigError(f"config key {key!r} expects {_type_name(tp)}, got {value!r} ({type(value).__name__}){quote}")
     if tp is float and not math.isfinite(value):
         # no key means anything by nan or inf, and range checks written `x <= 0` let nan through (model.a = nan
         # trained at chance with exit 0)
@@ -309,15 +311,18 @@ def _check_ranges(cfg: Config) -> None:
 def from_dict(raw: dict[str, Any], source: str = "config") -> Config:
     """Build a validated :class:`Config` from nested plain values (a parsed TOML document)."""
     cfg = Config()
-    for top, value in raw.items():
-        if top in _SECTIONS:
-            if not isinstance(value, dict):
-                raise ConfigError(f"{source}: [{top}] must be a table")
-            for key, v in value.items():
-                _set(cfg, f"{top}.{key}", v)
-        else:
-            _set(cfg, top, value)
-    _validate(cfg)
+    try:
+        for top, value in raw.items():
+            if top in _SECTIONS:
+                if not isinstance(value, dict):
+                    raise ConfigError(f"[{top}] must be a table")
+                for key, v in value.items():
+                    _set(cfg, f"{top}.{key}", v)
+            else:
+                _set(cfg, top, value)
+        _validate(cfg)
+    except ConfigError as e:  # the file it is in: a run's config.toml edited by hand said only the key
+        raise ConfigError(f"{source}: {e}") from None
     return cfg
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import torch
@@ -75,7 +76,9 @@ def load_checkpoint(path: str | Path) -> dict:
             raise missing_checkpoint(path.parent)
         raise ArtifactError(f"checkpoint not found: {path}")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # a foreign pickle's "Detected pickle protocol 4" lines before the error
+            warnings.simplefilter("ignore", UserWarning)
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001  any file torch cannot read (a text file raises KeyError); weights_only stays on
         raise ArtifactError(f"{path} is corrupt or not an snncompile checkpoint ({_first_clause(e)}): restore it "
                             f"from a copy, or `snncompile train {shell_path(path.parent / CONFIG)}` again into a new run") from None

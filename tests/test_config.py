@@ -1,5 +1,7 @@
 """Typed config: TOML loading, --set overrides, one-line errors with exit code 2."""
 
+import re
+
 import pytest
 from click.testing import CliRunner
 
@@ -31,6 +33,7 @@ def test_overrides_are_typed():
         ("train.epochs=2.5", "expects int"),
         ("train.epochs=true", "expects int"),
         ("model.neunorm=3", "expects bool"),
+        ("model.arch=10", r"expects str, got 10 \(int\) \(quoted: --set model.arch='10'\)"),  # TOML read 10
         ("train.optimizer=rmsprop", "must be one of adam, sgd"),
         ("model.T=0", "model.T must be between 1 and 4096, got 0"),
         ("train.lr", "expects key=value"),
@@ -184,3 +187,13 @@ def _stored_root(run) -> str:
     import tomllib
 
     return tomllib.loads((run / "config.toml").read_text())["data"]["root"]
+
+
+def test_an_error_in_a_toml_file_names_the_file(tmp_path):
+    """A run's config.toml edited by hand (a typo'd key) said "unknown config key 'train.bogus'", not where."""
+    path = tmp_path / "config.toml"
+    path.write_text((REPO / "models" / "digits.toml").read_text().replace("[train]", "[train]\nbogus = 1", 1))
+    with pytest.raises(ConfigError, match=f"^{re.escape(str(path))}: unknown config key 'train.bogus'"):
+        load_config(path)
+    with pytest.raises(ConfigError, match="^unknown config key 'train.nope'"):  # a --set names its own key
+        load_config(REPO / "models" / "digits.toml", ["train.nope=1"])

@@ -98,6 +98,21 @@ def test_checkpoint_refuses_pickled_code(tmp_path):
         load_checkpoint(path)
 
 
+def test_a_plain_pickle_is_refused_without_torchs_warning_lines(tmp_path):
+    """pickle.dump of a dict (protocol 4) printed torch's two-line "Detected pickle protocol 4" UserWarning before
+    the one-line error."""
+    import pickle
+    import warnings
+
+    path = tmp_path / "checkpoint.pt"
+    path.write_bytes(pickle.dumps({"format": 1, "model": {}}, protocol=4))
+    with warnings.catch_warnings(record=True) as given:
+        warnings.simplefilter("always")
+        with pytest.raises(ArtifactError, match="is corrupt or not an snncompile checkpoint"):
+            load_checkpoint(path)
+    assert [str(w.message) for w in given] == []
+
+
 def test_failed_checkpoint_write_leaves_previous_file(tmp_path, monkeypatch, digits_cfg):
     result = train(digits_cfg, tmp_path, stop_after=1, progress=False, echo=lambda s: None)
     before = (result.run_dir / CHECKPOINT).read_bytes()
