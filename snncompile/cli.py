@@ -346,11 +346,11 @@ def bench_train_cmd(model_toml, overrides, steps_t, batch, precision, steps, war
     click.echo(format_train_table(result))
     for variant, table in result.get("profiles", {}).items():
         click.echo(f"\n{variant}, eager: {table}")
+    if plot_path is not None:  # drawn even with nothing timed: the chart names each variant's reason
+        click.echo(f"wrote {plot_train_bench(result, plot_path)}")
     if not any(isinstance(stats, dict) for stats in result["variants"].values()):  # as bench: nothing measured
         click.echo("error: no variant could be timed: the table says why", err=True)
         sys.exit(1)
-    if plot_path is not None:
-        click.echo(f"wrote {plot_train_bench(result, plot_path)}")
 
 
 @bench.command("run")

@@ -413,8 +413,9 @@ def _train(cfg: Config, device: torch.device, ctx: DistContext, out_root, resume
         if made_here:  # as after a Ctrl-C: a run without weights, left behind by every failed first epoch
             shutil.rmtree(run_dir, ignore_errors=True)
         if out_of_memory(e):
-            kept = (f"{run_dir} is removed" if made_here else
-                    f"{run_dir} keeps its checkpoints" if (run_dir / CHECKPOINT).is_file() else "no checkpoint is written")
+            kept = (f"{run_dir} is removed" if made_here
+                    else f"{run_dir} keeps its checkpoints" if (run_dir / CHECKPOINT).is_file()
+                    else "no checkpoint is written")
             raise OutOfMemory(f"out of memory in epoch {epoch} ({asked_memory(e)}): lower data.batch_size (now "
                               f"{cfg.data.batch_size}) or the network's size; {kept}") from None
         if made_here and isinstance(e, SnnCompileError) and not isinstance(e, TrainingDiverged):  # that says it
