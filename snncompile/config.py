@@ -385,7 +385,7 @@ def with_execution_settings(run_cfg: Config, cfg: Config) -> Config:
 
 # What `train --resume --set` may change: how the run executes, and where its dataset now is (moved; the
 # checkpoint's own config check lets data.root differ too). The run's config.toml keeps the root it was made
-# with, so a later command that reads the data (a resume, verify --test-set) is given the new one again.
+# with: a later resume is given the new one again, and verify --test-set reads config.toml's (edit it there).
 RESUME_KEYS = (*EXECUTION_KEYS, "data.root")
 
 
