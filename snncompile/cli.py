@@ -281,17 +281,17 @@ def verify(run, runners, precision, batch, model_file, test_set, no_progress) ->
 def _say_what_ignores_precision(runners: tuple[str, ...], precision: str, typed: str, model_file: str) -> None:
     """A note naming the runners that do not compute at ``--precision`` (ONNX Runtime runs the file as
     exported, the torch loops in fp32): each is judged at what it computes, not at the looser preset."""
-    from .backends.base import runner_numerics
+    from .backends.base import GRAPH_RUNNERS, PRECISION_RUNNERS, runner_numerics
 
     own = {name: runner_numerics(name, precision, typed) for name in runners}
     others = [f"{name} at {numerics}" for name, numerics in own.items() if numerics != precision]
     if not others:
         return
     hint = ""
-    if precision in ("fp16", "bf16") and any(name.startswith("ort-") for name in own):
+    if precision in ("fp16", "bf16") and any(name in GRAPH_RUNNERS for name in own):
         hint = f" (ONNX Runtime computes in {precision} on `snncompile export RUN --precision {precision}`'s file)"
-    click.echo(f"note: --precision {precision} sets what torch-fast and trt compute; {model_file} is checked on "
-               f"{', '.join(others)}, as they compute it{hint}")
+    click.echo(f"note: --precision {precision} sets what {' and '.join(PRECISION_RUNNERS)} compute; {model_file} is "
+               f"checked on {', '.join(others)}, as they compute it{hint}")
 
 
 class _BenchGroup(_Group):
