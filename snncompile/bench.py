@@ -26,8 +26,9 @@ from .backends.base import RUNNERS, runner_numerics
 from .backends.pt import cpu_threads
 from .compare import verify_run
 from .errors import ArtifactError, ConfigError, SnnCompileError, described
-from .export_onnx import (current_export, export_again, export_command, export_reference_paths,
-                          exported_file_changed, layers_twin, read_reference, same_graph_settings)
+from .export_onnx import (current_export, export_again, export_command, exported_file_changed, layers_twin,
+                          same_graph_settings)
+from .references import read_references
 from .runs import load_run_config
 from .streaming import STREAM_RUNNERS, streamed
 
@@ -41,14 +42,10 @@ def percentiles(times_s: list[float]) -> dict[str, float]:
 
 
 def _reference_inputs(run_dir: Path, export: dict) -> dict[str, np.ndarray]:
-    """The export's saved reference inputs (``random`` ``[T, N, ...]``, and ``real`` when it had the dataset)."""
-    return read_reference(export_reference_paths(run_dir, export)[0], run_dir, export)
-
-
-def _check_reference_outputs(run_dir: Path, export: dict) -> None:
-    """The export's stored torch outputs, which every runner's gate (verify) reads: missing or corrupt, one line now
-    rather than every runner skipped with it."""
-    read_reference(export_reference_paths(run_dir, export)[1], run_dir, export)
+    """The export's saved reference inputs (``random`` ``[T, N, ...]``, and ``real`` when it had the dataset).
+    Its stored torch outputs, which every runner's gate (verify) reads, are checked too: missing, corrupt or of the
+    wrong shape, one line now rather than every runner skipped with it."""
+    return read_references(run_dir, export)[0]
 
 
 def _bench_input(reference: dict[str, np.ndarray], batch: int, seed: int = 0) -> np.ndarray:
@@ -109,7 +106,6 @@ def bench_run(run_dir: str | Path, runners: list[str] | None = None, batches: tu
     if steps is not None and steps != export["T"]:  # after the checks above: they take no minutes
         export = _export_at(run_dir, model_file, export, steps, echo)
     reference = _reference_inputs(run_dir, export)  # before any runner is timed: a missing file is one line, at once
-    _check_reference_outputs(run_dir, export)
     avail = available_runners()
     names = list(runners) if runners else default_runners()
     if export["form"] == "step" and not runners:  # the ones that can run it, streamed (T calls per batch)

@@ -26,7 +26,8 @@ from .backends import create_runner
 from .backends.base import runner_numerics
 from .errors import ArtifactError, ConfigError, DataError
 from .export_onnx import (TWIN_SETTINGS, current_export, export_command, export_reference_paths,
-                          exported_file_changed, layers_twin, read_reference, same_graph_settings)
+                          exported_file_changed, layers_twin, same_graph_settings)
+from .references import read_references
 from .streaming import streamed
 from .text import shell_path
 from .runs import load_run_config
@@ -169,9 +170,7 @@ class _ReferenceInputs:
     the export stored for them (so verify can confirm the reference still reproduces them)."""
 
     def __init__(self, run_dir: Path, export: dict):
-        inputs_path, outputs_path = export_reference_paths(run_dir, export)
-        self._inputs = read_reference(inputs_path, run_dir, export)
-        self._stored = read_reference(outputs_path, run_dir, export)
+        self._inputs, self._stored = read_references(run_dir, export)
         self.sizes = {s: int(self._inputs[s].shape[1]) for s in ("random", "real") if s in self._inputs}
 
     def batches(self, split: str, batch: int):

@@ -657,6 +657,20 @@ def test_corrupt_reference_files_are_one_line_before_anything_is_timed(exported,
     assert _bench_files(exported) == before
 
 
+def test_reference_outputs_of_the_wrong_shape_are_one_line_before_anything_is_timed(exported):
+    """Stored scores cut short (another export's file copied in) reached every runner's gate: one line now."""
+    export_run(exported, layers=True, n_random=32, n_real=0)
+    path = reference_file(exported, "outputs", "model.onnx")
+    with np.load(path) as saved:
+        arrays = {name: saved[name] for name in saved.files}
+    np.savez(path, **{**arrays, "random/scores": arrays["random/scores"][:5]})
+    result = CliRunner().invoke(cli, ["bench", str(exported), "--runners", "torch,ort-cpu", "--batch", "1"])
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
+    (line,) = result.output.strip().splitlines()
+    assert line == (f"error: {path} is not this export's ('random/scores' is [5, 10], expected [32, classes], one row per "
+                    f"'random' input): export again: `snncompile export {exported} --samples 32`"), line
+
+
 def test_a_bench_that_timed_nothing_is_an_error_and_keeps_the_earlier_results(exported, monkeypatch):
     """Every runner skipped (here: a corrupt verify.json that no gate can merge into, then every batch size failing)
     printed a table of skips, exited 0 and replaced good results: one line naming each runner's reason now, nothing

@@ -479,6 +479,51 @@ def test_corrupt_reference_files_are_one_line_before_any_work(exported, monkeypa
     assert line.endswith(f"): export again: `snncompile export {exported} --layers --samples 64`"), line
 
 
+def _reshape_reference(path, change) -> None:
+    """Rewrite one reference npz with ``change(arrays)`` applied (a dict of its arrays, edited in place)."""
+    with np.load(path) as saved:
+        arrays = {name: saved[name] for name in saved.files}
+    change(arrays)
+    np.savez(path, **arrays)
+
+
+# (file, change, what the error must say): reference files of another export, or edited, read whole but wrong
+_WRONG_REFERENCES = {
+    "frame size": ("inputs", lambda a: a.update(random=a["random"][..., :-1]), "'random' is [4, 64, 1, 28, 27] float32, "
+                   "expected [4, N, 1, 28, 28] float32"),
+    "T": ("inputs", lambda a: a.update(random=a["random"][:2]), "'random' is [2, 64, 1, 28, 28] float32, expected "
+          "[4, N, 1, 28, 28] float32"),
+    "dtype": ("inputs", lambda a: a.update(random=a["random"].astype(np.float64)), "'random' is [4, 64, 1, 28, 28] "
+              "float64"),
+    "no labels": ("inputs", lambda a: a.update(real=a["random"]), "'real' and 'real_labels' must come together"),
+    "float labels": ("inputs", lambda a: a.update(real=a["random"], real_labels=np.zeros(64)),
+                     "'real_labels' is [64] float64, expected [64] integers"),
+    "no random": ("inputs", lambda a: a.update(real=a.pop("random"), real_labels=np.zeros(64, np.int64)),
+                  "no 'random' array"),
+    "rows": ("outputs", lambda a: a.update({"random/scores": a["random/scores"][:10]}),
+             "'random/scores' is [10, 10], expected [64, classes], one row per 'random' input"),
+    "no scores": ("outputs", lambda a: a.pop("random/scores"), "no 'random/scores' array"),
+}
+
+
+@pytest.mark.parametrize("wrong", sorted(_WRONG_REFERENCES))
+def test_reference_files_of_the_wrong_shape_are_one_line_before_any_work(exported, monkeypatch, wrong):
+    """Reference arrays of another shape (another export's files copied in, or edited) were an axis error from the
+    runtime halfway through verify, a KeyError traceback, or a pass with a misleading warning (stored scores cut
+    short): one line now, naming the file, what is wrong and the export command."""
+    import snncompile.compare as compare
+
+    kind, change, says = _WRONG_REFERENCES[wrong]
+    path = reference_file(exported, kind)
+    _reshape_reference(path, change)
+    monkeypatch.setattr(compare, "create_runner", lambda *a, **k: pytest.fail("verify ran before the check"))
+    result = CliRunner().invoke(cli, ["verify", str(exported), "--runner", "ort-cpu", "--no-progress"])
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
+    (line,) = result.output.strip().splitlines()
+    assert line.startswith(f"error: {path} is not this export's (") and says in line, line
+    assert line.endswith(f"): export again: `snncompile export {exported} --layers --samples 64`"), line
+
+
 def test_verify_names_the_runs_other_exports_that_changed_since(exported):
     """Another run's model.onnx copied in: verify checked model_layers.onnx, PASSED, and said nothing about the
     file users deploy and bench times."""
