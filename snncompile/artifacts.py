@@ -22,6 +22,7 @@ from typing import Any, Callable, Iterator
 
 from . import __version__
 from .errors import ArtifactError
+from .export_entries import export_entry_problem
 
 __all__ = [
     "MANIFEST",
@@ -187,6 +188,10 @@ def read_manifest(run_dir: str | Path) -> dict[str, Any]:
         wrong = [f"exports[{name!r}]" for name, entry in manifest.get("exports", {}).items() if not isinstance(entry, dict)]
     if wrong:
         raise ArtifactError(f"{path} is corrupt ({', '.join(wrong)} is not a JSON object)")
+    # each entry's names become paths and its values go into the commands we print: held to what export writes
+    for name, entry in manifest.get("exports", {}).items():
+        if (problem := export_entry_problem(name, entry)) is not None:
+            raise ArtifactError(f"{path} is corrupt ({problem}): restore it, or remove that entry and export again")
     return manifest
 
 

