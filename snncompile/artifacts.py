@@ -79,10 +79,22 @@ def atomic_write(path: str | Path, mode: str = "wb") -> Iterator[io.IOBase]:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        fsync_path(path.parent)  # the rename itself, or a power loss may bring back the old file
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def fsync_path(path: str | Path) -> None:
+    """Flush a file's data, or a folder's entries (the renames into it), to the disk: a file written by a library
+    (ONNX, numpy) into a staging folder is renamed into place only once it is there, so that a power loss cannot
+    leave a recorded artifact empty or cut short."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:

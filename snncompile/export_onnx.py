@@ -29,8 +29,8 @@ import numpy as np
 import torch
 
 from . import __version__
-from .artifacts import (environment, forget_artifact, interrupts_deferred, read_manifest, record_artifact,
-                        require_writable, sha256_file, sha256_model, update_manifest)
+from .artifacts import (environment, forget_artifact, fsync_path, interrupts_deferred, read_manifest,
+                        record_artifact, require_writable, sha256_file, sha256_model, update_manifest)
 from .config import MAX_STEPS, Config
 from .errors import (ArtifactError, ConfigError, DataError, ExportError, Interrupted, MissingDependencyError,
                      caused_by_interrupt, first_line)
@@ -584,7 +584,9 @@ def _commit(run_dir: Path, staging: Path, file_name: str, references: list[Path]
     # have its file certified by this export's entry (another T's references); now verify sees the mismatch
     sha256 = sha256_model(staging / file_name)
     for src in moved:
+        fsync_path(src)
         src.replace(run_dir / src.name)
+    fsync_path(run_dir)
     if not any(src.name == file_name + ".data" for src in moved):  # an earlier export's, unused now
         forget_artifact(run_dir, file_name + ".data")
     onnx_bytes = sum(p.stat().st_size for p in run_dir.glob(file_name + "*"))

@@ -6,7 +6,8 @@ dataset, ``real`` ``[T, N_real, C, H, W]`` float32 with ``real_labels`` ``[N_rea
 ``{split}/rates`` where the export had --rates; exports at one T share the files, so only the scores, which
 verify compares, are checked). verify and bench read both; a file of the wrong shape (another export's,
 edited, or written by an older snncompile) is one line naming the export command that writes both again,
-not an axis error from a runtime halfway through verify, or a KeyError.
+not an axis error from a runtime halfway through verify, or a KeyError. So is a file of the right shape whose
+hash is not the one its export recorded in the manifest (inputs replaced by zeros passed verify).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .artifacts import read_manifest, sha256_file
 from .errors import ArtifactError
 from .export_onnx import export_command, export_reference_paths, read_reference
 from .runs import load_run_config
@@ -32,6 +34,16 @@ def read_references(run_dir: Path, export: dict) -> tuple[dict[str, np.ndarray],
                           (outputs_path, _outputs_problem(outputs, inputs))):
         if problem:
             raise ArtifactError(f"{path} is not this export's ({problem}): export again: "
+                                f"`{export_command(run_dir, export)}`")
+    # after the reads and shape checks, whose messages say more
+    recorded = read_manifest(run_dir).get("artifacts", {})
+    for path in (inputs_path, outputs_path):
+        # verify vouches for the export on these inputs: files replaced since (one sample of zeros passed) are not
+        # the export's. Unrecorded ones (an export killed before it recorded them) are read and checked as they are.
+        entry = recorded.get(path.name)
+        sha256 = entry.get("sha256") if isinstance(entry, dict) else None
+        if sha256 is not None and sha256_file(path) != sha256:
+            raise ArtifactError(f"{path} is not the file its export wrote (sha256 mismatch): export again: "
                                 f"`{export_command(run_dir, export)}`")
     return inputs, outputs
 

@@ -524,6 +524,22 @@ def test_reference_files_of_the_wrong_shape_are_one_line_before_any_work(exporte
     assert line.endswith(f"): export again: `snncompile export {exported} --layers --samples 64`"), line
 
 
+@pytest.mark.parametrize("kind", ["inputs", "outputs"])
+def test_reference_files_replaced_since_export_are_one_line(exported, monkeypatch, kind):
+    """Reference inputs replaced by zeros of the same shape passed verify (its torch reference ran on them, so
+    everything agreed; the only sign was a warning): files whose hash is not the one export recorded fail now."""
+    import snncompile.compare as compare
+
+    path = reference_file(exported, kind)
+    _reshape_reference(path, lambda arrays: arrays.update({k: np.zeros_like(v) for k, v in arrays.items()}))
+    monkeypatch.setattr(compare, "create_runner", lambda *a, **k: pytest.fail("verify ran before the check"))
+    result = CliRunner().invoke(cli, ["verify", str(exported), "--runner", "ort-cpu", "--no-progress"])
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
+    (line,) = result.output.strip().splitlines()
+    assert line == (f"error: {path} is not the file its export wrote (sha256 mismatch): export again: "
+                    f"`snncompile export {exported} --layers --samples 64`"), line
+
+
 def test_verify_names_the_runs_other_exports_that_changed_since(exported):
     """Another run's model.onnx copied in: verify checked model_layers.onnx, PASSED, and said nothing about the
     file users deploy and bench times."""
