@@ -28,6 +28,7 @@ from .compare import verify_run
 from .errors import ArtifactError, ConfigError, SnnCompileError, described
 from .export_onnx import (current_export, export_again, export_command, exported_file_changed, layers_twin,
                           same_graph_settings)
+from .onnx_files import require_own_external_data
 from .references import read_references
 from .runs import load_run_config
 from .streaming import STREAM_RUNNERS, streamed
@@ -415,6 +416,7 @@ def _weights(path: Path) -> dict[str, bytes]:
     (``net.<param>``; the exporter's own constants are numbered per graph, so they cannot be compared)."""
     import onnx
 
+    require_own_external_data(path)  # onnx.load reads the weights' files that the model names
     return {i.name: onnx.numpy_helper.to_array(i).tobytes() for i in onnx.load(str(path)).graph.initializer
             if i.name.startswith("net.")}
 

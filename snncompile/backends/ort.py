@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ArtifactError, InputError, first_line
+from ..onnx_files import require_own_external_data
 from ..text import counted
 from .base import Runner, TensorSpec, validate_feed
 
@@ -146,6 +147,7 @@ class _OrtRunner(Runner):
             from ..export_onnx import missing_export
 
             raise missing_export(run_dir, model_file)
+        require_own_external_data(self.path)  # before ONNX Runtime reads any file the model names
         self.threads = threads
         # profile: ONNX Runtime's profiler on in every session (a slower run: for `bench --profile` alone), its
         # traces in a directory of the runner's own until profiled_events() reads them

@@ -1,0 +1,61 @@
+"""ONNX files whose weights point outside what export writes are not opened (a received run directory)."""
+
+import numpy as np
+import pytest
+
+onnx = pytest.importorskip("onnx")
+pytest.importorskip("onnxruntime")
+
+from onnx import TensorProto, helper, numpy_helper  # noqa: E402
+from onnx.external_data_helper import set_external_data  # noqa: E402
+
+from snncompile.backends import create_runner  # noqa: E402
+from snncompile.errors import ArtifactError  # noqa: E402
+from snncompile.onnx_files import require_own_external_data  # noqa: E402
+
+
+def _model_with_weight(folder, name: str, location: str | None, as_constant: bool = False):
+    """``folder/name``: y = x + w, w (4 float32) inline or in external file ``location`` (relative to folder),
+    as an initializer or as a Constant node's value."""
+    w = numpy_helper.from_array(np.arange(4, dtype=np.float32), "w")
+    if location is not None:
+        target = (folder / location).resolve()
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(w.raw_data)
+        set_external_data(w, location, offset=0, length=16)
+        w.data_location = TensorProto.EXTERNAL
+        w.ClearField("raw_data")
+    nodes = [helper.make_node("Add", ["x", "w"], ["y"])]
+    if as_constant:
+        nodes.insert(0, helper.make_node("Constant", [], ["w"], value=w))
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4])],
+                              initializer=[] if as_constant else [w])
+    path = folder / name
+    path.write_bytes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]).SerializeToString())
+    return path
+
+
+@pytest.mark.parametrize("location", [None, "model.onnx.data"])
+def test_weights_inline_or_in_the_data_file_export_writes_are_opened(tmp_path, location):
+    path = _model_with_weight(tmp_path, "model.onnx", location)
+    require_own_external_data(path)
+    runner = create_runner("ort-cpu", tmp_path, "model.onnx")  # and ONNX Runtime reads them as weights
+    assert runner.infer({"x": np.ones(4, np.float32)})["y"].tolist() == [1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("location,as_constant", [("../outside/secret.bin", False), ("other.onnx.data", False),
+                                                  ("../outside/secret.bin", True)])
+def test_weights_in_any_other_file_are_not_opened(tmp_path, location, as_constant):
+    """A model naming ../outside/secret.bin made older ONNX Runtimes read that file as its weights."""
+    run = tmp_path / "run"
+    run.mkdir()
+    path = _model_with_weight(run, "model.onnx", location, as_constant)
+    with pytest.raises(ArtifactError, match=f"^{path} keeps weights in '{location}', not in 'model.onnx.data' "
+                                            r"beside it as export writes them: not opened"):
+        create_runner("ort-cpu", run, "model.onnx")
+
+
+def test_a_file_that_is_not_a_model_is_left_to_the_runtime(tmp_path):
+    (tmp_path / "model.onnx").write_bytes(b"not a model")
+    require_own_external_data(tmp_path / "model.onnx")  # ONNX Runtime's error says what is wrong
