@@ -66,13 +66,14 @@ def _output_strides(steps: int, batch: int, channels: int, height: int, width: i
 
 def fused_conv_lif(x: Tensor, conv: nn.Conv2d, k_tau1: float, v_th: float, pool: int = 1,
                    out_dtype: torch.dtype = torch.float32, membrane: bool = False, channels_last: bool = False,
-                   a: float = 1.0):
+                   a: float | None = None):
     """Spikes of ``LIF(conv(x))`` averaged over ``pool`` x ``pool`` windows (1: no pool).
 
     Args:
         x: the input ``[T, B, C_in, H, W]``, any strides, any float dtype (read as fp32).
         conv: the convolution (:func:`conv_fuses_with_lif`), its bias added in fp32.
-        k_tau1, v_th: the LIF's constants; ``a``: its rectangular surrogate's width (training).
+        k_tau1, v_th: the LIF's constants; ``a``: its rectangular surrogate's width, needed only to train: without
+            it the backward raises (a default of 1 would let a caller that forgot ``model.a`` train at a = 1).
         pool: a power-of-two average pool after the LIF (the pooled outputs are exact in ``out_dtype``).
         out_dtype: the spikes' dtype.
         membrane: also return the membrane ``[T, B, C, H', W']`` fp32 (only without a pool; no autograd).
@@ -89,7 +90,7 @@ def fused_conv_lif(x: Tensor, conv: nn.Conv2d, k_tau1: float, v_th: float, pool:
     weight, bias = conv.weight, conv.bias
     if torch.is_grad_enabled() and not membrane and any(
             t is not None and t.requires_grad for t in (x, weight, bias)):
-        return _FusedConvLIF.apply(x, weight, bias, tuple(conv.padding), float(k_tau1), float(v_th), float(a),
+        return _FusedConvLIF.apply(x, weight, bias, tuple(conv.padding), float(k_tau1), float(v_th), a,
                                    int(pool), out_dtype, bool(channels_last))
     with torch.no_grad():
         return _launch(x, weight, bias, tuple(conv.padding), k_tau1, v_th, pool, out_dtype, channels_last,
@@ -185,7 +186,7 @@ class _FusedConvLIF(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, padding: tuple[int, int],  # type: ignore[override]
-                k_tau1: float, v_th: float, a: float, pool: int, out_dtype: torch.dtype, channels_last: bool):
+                k_tau1: float, v_th: float, a: float | None, pool: int, out_dtype: torch.dtype, channels_last: bool):
         spikes = _launch(x, weight, bias, padding, k_tau1, v_th, pool, out_dtype, channels_last, spikes=True,
                          membrane=False)
         ctx.save_for_backward(x, weight, bias)
@@ -198,6 +199,9 @@ class _FusedConvLIF(torch.autograd.Function):
     def backward(ctx, grad_spikes: Tensor):  # type: ignore[override]
         x, weight, bias = ctx.saved_tensors
         padding, k_tau1, v_th, a, pool, channels_last, bf16 = ctx.constants
+        if a is None:  # a forward with autograd on needs none; the backward does
+            raise ValueError("training through the fused input conv needs its LIF's surrogate width a")
+        a = float(a)
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         _, membrane = _launch(x, weight, bias, padding, k_tau1, v_th, 1, torch.float32, channels_last,
                               spikes=False, membrane=True)
