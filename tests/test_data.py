@@ -109,7 +109,10 @@ def test_batches_are_time_major():
     seq = to_time_major(x, 5, static=True)
     assert seq.shape == (5, 16, 1, 8, 8) and torch.equal(seq[3], x)
     frames = torch.rand(16, 5, 2, 4, 4)
-    assert to_time_major(frames, 5, static=False).shape == (5, 16, 2, 4, 4)
+    steps = to_time_major(frames, 5, static=False)
+    assert steps.shape == (5, 16, 2, 4, 4)
+    # frame t is step t (PAPER.md: events binned into T frames, fed in time order): a reversed order kept the shape
+    assert all(torch.equal(steps[t], frames[:, t]) for t in range(5))
 
 
 @pytest.mark.slow

@@ -463,3 +463,52 @@ def test_export_T_is_bounded_as_model_T(tmp_path):
         result = CliRunner().invoke(cli, args)
         assert result.exit_code == 2 and "4097 is not in the range 1<=x<=4096" in result.output, (args, result.output)
     assert not (run / "model.onnx").exists()
+
+
+def test_the_exported_graph_computes_the_papers_equations_by_hand(tmp_path):
+    """Every other export test compares ONNX Runtime with the torch code the graph was traced from, so an error
+    in that code's maths (a partial reset, NeuNorm's constants swapped, sum pooling) passes them all. This one
+    holds ONNX Runtime's outputs to values worked by hand from PAPER.md, on 1C1-AP2-1C1-Voting with NeuNorm
+    (U = .5, k_tau2 = .9), unit 1x1 convs, V_th .5, k_tau1 .2, T = 4 and a constant 2x2 input.
+
+    lif1 (u = k_tau1 u (1 - o) + I): at .45, u = .45, .54 (spike), .45, .54 (spike); at .3, u = .3, .36, .372,
+    .3744 (no spike). NeuNorm (x = k_tau2 x + (1 - k_tau2)/F^2 sum_f o, y = o - U x, F = 1): where lif1 spikes
+    x = 0, .1, .09, .181, so y = 0, .95, -.045, .9095; elsewhere 0. AP2 averages 3 of 4: .7125, -.03375,
+    .682125. lif2: u = 0, .7125 (spike), -.03375, .2 (-.03375) + .682125 = .675375 (spike). Voting, weights 1
+    and .3, G = 1: u = 0, 1 (spike), 0, 1 (spike) and 0, .3, .06, .312; scores = spikes summed / T = .5, 0."""
+    import torch
+
+    from snncompile.artifacts import record_artifact
+    from snncompile.config import Config
+    from snncompile.runs import CHECKPOINT, load_checkpoint
+
+    cfg = Config()
+    model = cfg.model
+    model.arch, model.input_shape, model.T, model.classes, model.vote_group = "1C1-AP2-1C1-Voting", [1, 2, 2], 4, 2, 1
+    model.neunorm, model.k_tau2, model.v_th, model.k_tau1 = True, 0.9, 0.5, 0.2
+    run = make_run(tmp_path, cfg)
+    state = load_checkpoint(run / CHECKPOINT)
+    one = torch.ones(1, 1, 1, 1)
+    state["model"] = {"stages.0.weight": one, "stages.0.bias": torch.zeros(1),
+                      "stages.2.norm.u_scale": torch.full((1, 2, 2), 0.5), "stages.4.weight": one.clone(),
+                      "stages.4.bias": torch.zeros(1), "stages.7.weight": torch.tensor([[1.0], [0.3]]),
+                      "stages.7.bias": torch.zeros(2)}
+    torch.save(state, run / CHECKPOINT)
+    record_artifact(run, CHECKPOINT)
+    export_run(run, layers=True, n_random=4, n_real=0)
+    x = np.broadcast_to(np.array([[0.45, 0.45], [0.3, 0.45]], np.float32), (4, 1, 1, 2, 2)).copy()
+    out = create_runner("ort-cpu", run, "model_layers.onnx").infer({"input": x})
+
+    def per_step(name):
+        return out[name].reshape(4, -1)
+
+    def approx(rows):  # fp32 rounding of the decimal values
+        return pytest.approx(np.array(rows, np.float32), abs=1e-6)
+
+    assert per_step("lif1.membrane") == approx([[.45, .45, .3, .45], [.54, .54, .36, .54], [.45, .45, .372, .45],
+                                                [.54, .54, .3744, .54]])
+    assert per_step("lif1.spikes").tolist() == [[0, 0, 0, 0], [1, 1, 0, 1], [0, 0, 0, 0], [1, 1, 0, 1]]
+    assert per_step("lif2.membrane") == approx([[0], [.7125], [-.03375], [.675375]])
+    assert per_step("lif2.spikes").tolist() == [[0], [1], [0], [1]]
+    assert per_step("lif3.membrane") == approx([[0, 0], [1, .3], [0, .06], [1, .312]])
+    assert out["scores"].tolist() == [[0.5, 0.0]]

@@ -44,9 +44,12 @@ def test_leak_constant_changes_the_trace():
 
 @pytest.mark.parametrize("a", [1.0, 0.5])
 def test_surrogate_gradient_matches_formula(a):
-    u = torch.tensor([-0.2, 0.05, 0.3, 0.5, 0.7, 0.74, 0.9, 1.2], dtype=torch.float64, requires_grad=True)
+    # .25 and .75 lie exactly on a = .5's window edges |u - V_th| = a/2 (exact in binary): outside, 0 (strict <)
+    u = torch.tensor([-0.2, 0.05, 0.25, 0.3, 0.5, 0.7, 0.74, 0.75, 0.9, 1.2], dtype=torch.float64, requires_grad=True)
     spike(u, 0.5, a).sum().backward()
     expected = [(1.0 / a) if abs(v - 0.5) < a / 2 else 0.0 for v in u.tolist()]
+    if a == 0.5:
+        assert expected[2] == expected[7] == 0.0
     assert u.grad.tolist() == pytest.approx(expected)
     assert rectangular_surrogate(u.detach(), 0.5, a).tolist() == pytest.approx(expected)
 
