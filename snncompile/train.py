@@ -68,7 +68,11 @@ def resolve_device(name: str, option: str | None = "--set train.device=") -> tor
 
 
 def loss_fn(scores: Tensor, labels: Tensor, kind: str) -> Tensor:
-    """MSE between one-hot labels and scores ``[B, classes]`` (the paper), or cross-entropy."""
+    """MSE between one-hot labels and scores ``[B, classes]`` (the paper), or cross-entropy.
+
+    The MSE is averaged over the batch and the classes (torch's default reduction; PAPER.md gives no
+    normalisation): the scale the zoo's learning rates are set for. A sum over the classes would be 10x the
+    gradient, which SGD (cifar10's lr 0.1) feels as a 10x learning rate and Adam does not."""
     if kind == "mse":
         target = F.one_hot(labels, scores.shape[1]).to(scores.dtype)
         return F.mse_loss(scores, target)
