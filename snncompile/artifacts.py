@@ -14,7 +14,10 @@ import io
 import json
 import os
 import platform
+import re
+import shutil
 import signal
+import socket
 import tempfile
 import threading
 from pathlib import Path
@@ -62,13 +65,52 @@ def _umask() -> int:
         return mask
 
 
+def owner_tag() -> str:
+    """``<host>_<pid>`` in the names of temporary files and staging folders, so that a later command can tell
+    what a killed process (SIGKILL, a power loss: no cleanup ran) left behind from what one still running
+    writes: see :func:`remove_orphans`."""
+    return f"{socket.gethostname().replace('-', '_').replace('.', '_')}_{os.getpid()}"
+
+
+def remove_orphans(run_dir: str | Path) -> list[str]:
+    """Remove the temporary files (``.<name>.<tag>-*.tmp``) and export staging folders (``.export-<tag>-*``)
+    in ``run_dir`` that a process of this host which is gone left behind (a half-written checkpoint can be
+    hundreds of MB); those of a live process, or of another host sharing the folder, stay. Returns their names."""
+    host = owner_tag().rsplit("_", 1)[0]
+    removed = []
+    for path in Path(run_dir).glob(".*"):
+        match = _OWNED.fullmatch(path.name)
+        if match is None or match["host"] != host or _alive(int(match["pid"])):
+            continue
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+        removed.append(path.name)
+    return removed
+
+
+# ".export-<host>_<pid>-<random>" (a folder) or ".<artifact>.<host>_<pid>-<random>.tmp" (a file)
+_OWNED = re.compile(r"\.(?:export-|.+\.)(?P<host>\w+)_(?P<pid>\d+)-[\w]+(?:\.tmp)?")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: alive
+        return True
+    return True
+
+
 @contextlib.contextmanager
 def atomic_write(path: str | Path, mode: str = "wb") -> Iterator[io.IOBase]:
     """Open a temp file next to ``path``; on clean exit fsync and rename it over ``path``."""
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{owner_tag()}-", suffix=".tmp", dir=path.parent)
     except OSError as e:  # a read-only or full file system, no permission: the target's name, not the temp file's
         raise ArtifactError(f"cannot write {path}: {e.strerror or e}") from None
     try:
@@ -269,6 +311,15 @@ def record_artifact(run_dir: str | Path, name: str, **extra: Any) -> dict[str, A
     path = Path(run_dir) / name
     entry = {"sha256": sha256_file(path), "bytes": path.stat().st_size, **extra}
     return update_manifest(run_dir, artifacts={name: entry})
+
+
+def artifact_as_recorded(run_dir: str | Path, name: str) -> bool:
+    """Whether ``run_dir/name`` is the file the manifest recorded (its SHA-256): False for a file edited, replaced
+    or never recorded since, whose contents a command merging into it (verify.json, bench.json) must not carry
+    forward as its own."""
+    entry = read_manifest(run_dir).get("artifacts", {}).get(name)
+    path = Path(run_dir) / name
+    return isinstance(entry, dict) and path.is_file() and entry.get("sha256") == sha256_file(path)
 
 
 def forget_artifact(run_dir: str | Path, name: str) -> None:

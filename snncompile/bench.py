@@ -19,8 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .artifacts import (atomic_save, atomic_write_json, atomic_write_text, environment, forget_artifact,
-                        interrupts_deferred, read_manifest, record_artifact, require_writable)
+from .artifacts import (artifact_as_recorded, atomic_save, atomic_write_json, atomic_write_text, environment,
+                        forget_artifact, interrupts_deferred, read_manifest, record_artifact, require_writable)
 from .backends import available_runners, create_runner, default_runners, runner_options
 from .backends.base import RUNNERS, runner_numerics
 from .backends.pt import cpu_threads
@@ -315,7 +315,10 @@ def _keep_earlier_runners(path: Path, results: dict) -> list[str]:
     timed the same export bytes at the same T with the same platform, GPU and versions (``environment()``,
     which names no host): timing one runner again
     refreshes its rows and keeps the others'. Returns their names (each entry keeps its ``measured``
-    time). An unreadable or other bench's file is replaced, as before."""
+    time). An unreadable or other bench's file is replaced, as before, and so is one edited since bench wrote it
+    (its hash is not the manifest's: a made-up row was carried into the new table and its hash recorded again)."""
+    if not artifact_as_recorded(path.parent, path.name):
+        return []
     try:
         earlier = json.loads(path.read_text())
         same = all(earlier[k] == results[k] for k in ("export_sha256", "T", "environment")) and results["export_sha256"]

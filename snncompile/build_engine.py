@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .artifacts import atomic_write_json, interrupts_deferred, record_artifact, update_manifest
+from .artifacts import atomic_write_json, interrupts_deferred, record_artifact, remove_orphans, update_manifest
 from .errors import ArtifactError, ConfigError
 from .export_onnx import current_export, exported_file_changed
 
@@ -31,6 +31,7 @@ def build_run(run_dir: str | Path, precision: str = "fp32", batch: str = "1:16:1
         # precision would mislabel the engine (fp32 over fp16 convs) or cast its casts again
         raise ConfigError(f"{model_file} is a {typed} export: build it with --precision {fits} (or build model.onnx)")
     engine = run_dir / engine_name(model_file, precision)
+    remove_orphans(run_dir)  # an engine half-written by a build killed outright
     sidecar = build_engine(run_dir / model_file, engine, options, int(export["T"]), typed=typed != "fp32",
                            form=export.get("form", "unrolled"))
     if typed != "fp32":  # the export did the typing: its count, not the build's (which parsed it as it was)

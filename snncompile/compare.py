@@ -20,8 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .artifacts import (atomic_write_json, read_manifest, record_artifact, require_writable, run_dir_lock,
-                        sha256_model)
+from .artifacts import (artifact_as_recorded, atomic_write_json, read_manifest, record_artifact, require_writable,
+                        run_dir_lock, sha256_model)
 from .backends import create_runner
 from .backends.base import runner_numerics
 from .errors import ArtifactError, ConfigError, DataError
@@ -438,6 +438,7 @@ def verify_runs(run_dir: str | Path, runners: dict[str, dict | None], precision:
             "model": model_file,
             "T": export["T"],
             "model_matches_export": changed_file is None,
+            "model_sha256": export.get("sha256"),  # the export checked: a report of an earlier one is dropped
             "exports_changed": changed,
             "reference": "torch fp32 on CPU, TF32 off (the exported graph's own module)",
             # None on the test set: only the export's reference inputs have stored torch outputs
@@ -453,7 +454,7 @@ def verify_runs(run_dir: str | Path, runners: dict[str, dict | None], precision:
             reports[name]["layers_hint"] = layers_hint(run_dir, manifest.get("exports", {}), model_file)
     path = run_dir / "verify.json"
     with run_dir_lock(run_dir):  # another verify (or bench's) may merge its reports into the same file
-        existing = read_reports(path)
+        existing = _current_reports(run_dir, path)
         for name, report in reports.items():
             existing[report_key(name, model_file, report["precision"], inputs)] = report
         atomic_write_json(path, existing)
@@ -468,6 +469,19 @@ def report_key(runner: str, model_file: str = "model_layers.onnx", precision: st
     key = runner if model_file == "model_layers.onnx" else f"{runner}:{model_file}"
     key += "" if precision == "fp32" else f"/{precision}"
     return key if inputs == "reference" else f"{key}@test"
+
+
+def _current_reports(run_dir: Path, path: Path) -> dict:
+    """verify.json's reports that still describe the run: those of exports whose file is the one they checked
+    (``model_sha256`` equal to the manifest entry's ``sha256``). A report of a file exported again since (it
+    said PASSED beside the new file's failure), and every report of a verify.json edited since verify wrote it
+    (a made-up ``trt: passed`` survived, its hash recorded again), is dropped; each run of verify writes its own."""
+    reports = read_reports(path)
+    if not reports or not artifact_as_recorded(run_dir, path.name):
+        return {}
+    exports = read_manifest(run_dir).get("exports", {})
+    return {key: r for key, r in reports.items() if isinstance(r, dict) and r.get("model_sha256") is not None
+            and r["model_sha256"] == exports.get(r.get("model"), {}).get("sha256")}
 
 
 def read_reports(path: Path) -> dict:

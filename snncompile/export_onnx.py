@@ -29,8 +29,9 @@ import numpy as np
 import torch
 
 from . import __version__
-from .artifacts import (environment, forget_artifact, fsync_path, interrupts_deferred, read_manifest,
-                        record_artifact, require_writable, sha256_file, sha256_model, update_manifest)
+from .artifacts import (environment, forget_artifact, fsync_path, interrupts_deferred, owner_tag, read_manifest,
+                        record_artifact, remove_orphans, require_writable, sha256_file, sha256_model,
+                        update_manifest)
 from .config import MAX_STEPS, Config
 from .errors import (ArtifactError, ConfigError, DataError, ExportError, Interrupted, MissingDependencyError,
                      caused_by_interrupt, first_line)
@@ -466,7 +467,8 @@ def export_run(
         dynamic = ({1: batch},)
     file_name = STEP_FILE if form == "step" else unrolled_file(order, layers, precision)
 
-    staging = Path(tempfile.mkdtemp(prefix=".export-", dir=run_dir))
+    remove_orphans(run_dir)  # what an export or training killed outright left (SIGKILL: no cleanup ran)
+    staging = Path(tempfile.mkdtemp(prefix=f".export-{owner_tag()}-", dir=run_dir))
     committed = False
     try:
         model = _torch_export(graph, args, opset, input_names, output_names, dynamic)

@@ -24,8 +24,8 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
 from . import __version__
-from .artifacts import (atomic_save, atomic_write_text, environment, new_run_dir, read_manifest, record_artifact, sha256_file,
-                        sole_trainer, update_manifest)
+from .artifacts import (atomic_save, atomic_write_text, environment, new_run_dir, read_manifest, record_artifact,
+                        remove_orphans, sha256_file, sole_trainer, update_manifest)
 from .backends.pt import cpu_threads, cudnn_autotuning, cudnn_disabled, no_tf32
 from .config import Config, dumps_toml, flat_values, with_absolute_data_paths, with_execution_settings
 from .data import Split, batches, load_dataset, to_time_major
@@ -352,6 +352,7 @@ def _train(cfg: Config, device: torch.device, ctx: DistContext, out_root, resume
         lock.enter_context(sole_trainer(run_dir))  # a `train --resume` of it meanwhile is refused
     last_epoch = cfg.train.epochs if stop_after is None else min(stop_after, cfg.train.epochs)
     if main and first_epoch <= last_epoch:  # a finished run resumed writes nothing (it may be on a read-only mount)
+        remove_orphans(run_dir)  # a checkpoint half-written by a training killed outright (SIGKILL, power loss)
         update_manifest(run_dir, distributed={"world_size": ctx.world_size, "backend": ctx.backend,
                                               "global_batch": ctx.world_size * cfg.data.batch_size})
     model = DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None) if ctx.enabled else net

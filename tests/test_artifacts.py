@@ -107,6 +107,31 @@ def test_what_export_writes_passes_the_manifest_check(tmp_path):
     assert export_entry_problem("model.onnx", {"T": 4}) is None
 
 
+def test_what_a_killed_process_left_is_removed_and_a_live_ones_is_not(tmp_path):
+    """A SIGKILL (no cleanup runs) during export left its staging folder (model.onnx and raw.onnx, gigabytes on a
+    large network) and a killed training its half-written checkpoint .tmp: nothing removed them."""
+    import subprocess
+    import sys
+
+    from snncompile.artifacts import atomic_write, owner_tag, remove_orphans
+
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    host, dead = owner_tag().rsplit("_", 1)[0], int(gone.stdout)
+    left = [f".export-{host}_{dead}-k2x_9a", f".checkpoint.pt.{host}_{dead}-p0q1r2s3.tmp"]
+    kept = [f".export-{owner_tag()}-live1", f".checkpoint.pt.otherhost_{dead}-abcd.tmp",  # live; another host's
+            ".export-abc123", "checkpoint.pt", ".hidden"]  # not ours to judge, or not temporary at all
+    for name in left + kept:
+        (tmp_path / name).mkdir() if name.startswith(".export-") else (tmp_path / name).write_bytes(b"x")
+    (tmp_path / left[0] / "model.onnx").write_bytes(b"x" * 100)
+    assert sorted(remove_orphans(tmp_path)) == sorted(left)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(kept)
+    with atomic_write(tmp_path / "c.txt", "w") as f:  # its own temp file carries the tag remove_orphans reads
+        (tmp_file,) = [p for p in tmp_path.glob(".c.txt.*")]
+        assert tmp_file.name.startswith(f".c.txt.{owner_tag()}-") and remove_orphans(tmp_path) == []
+        f.write("whole")
+    assert (tmp_path / "c.txt").read_text() == "whole"
+
+
 def test_concurrent_manifest_updates_keep_every_key(tmp_path):
     """verify and bench on one run update its manifest at the same time: neither may lose the other's keys."""
     import subprocess

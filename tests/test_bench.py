@@ -14,6 +14,7 @@ from onnx import numpy_helper  # noqa: E402
 
 from conftest import REPO  # noqa: E402
 from helpers import conv_input_channels, make_run, reference_file, replace_checkpoint, tiny_zoo_config  # noqa: E402
+from snncompile.artifacts import record_artifact  # noqa: E402
 from snncompile.bench import bench_run, percentiles  # noqa: E402
 from snncompile.cli import cli  # noqa: E402
 from snncompile.errors import ArtifactError, ConfigError  # noqa: E402
@@ -377,11 +378,25 @@ def test_timing_some_runners_again_keeps_the_others_rows_of_the_same_export(expo
     assert set(saved["runners"]) == {"torch", "ort-cpu"} and "| torch | 4 |" in (exported / "bench.md").read_text()
     saved["environment"]["torch"] = "0.0"  # another machine's or version's figures: not mixed in
     (exported / "bench.json").write_text(json.dumps(saved))
+    record_artifact(exported, "bench.json")  # as that bench would have recorded it: only the versions differ
     third = bench_run(exported, ["ort-cpu"], (1,), warmup=0, iters=2, progress=False, echo=lambda s: None)
     assert list(third["runners"]) == ["ort-cpu"] and third["batches"] == [1]
     (exported / "bench.json").write_text("{not json")  # unreadable: replaced, as before
     fourth = bench_run(exported, ["torch"], (1,), warmup=0, iters=2, progress=False, echo=lambda s: None)
     assert list(fourth["runners"]) == ["torch"] and json.loads((exported / "bench.json").read_text()) == fourth
+
+
+def test_a_bench_json_edited_since_bench_wrote_it_keeps_none_of_its_rows(exported):
+    """A made-up trt row added to bench.json by hand was carried into the next bench's table (and the file's new
+    hash recorded as bench's): rows are kept only from the file bench recorded."""
+    bench_run(exported, ["torch", "ort-cpu"], (1,), warmup=0, iters=1, progress=False, echo=lambda s: None)
+    saved = json.loads((exported / "bench.json").read_text())
+    saved["runners"]["trt"] = {**saved["runners"]["torch"], "runner": "trt"}
+    (exported / "bench.json").write_text(json.dumps(saved))
+    said = []
+    data = bench_run(exported, ["ort-cpu"], (1,), warmup=0, iters=1, progress=False, echo=said.append)
+    assert list(data["runners"]) == ["ort-cpu"] and not any("kept from" in line for line in said)
+    assert "| trt |" not in (exported / "bench.md").read_text()
 
 
 def test_gate_exports_the_layers_twin_again_when_it_is_not_the_timed_files(exported):
@@ -560,6 +575,7 @@ def test_kept_rows_need_the_same_runtime_versions(exported):
     saved = json.loads((exported / "bench.json").read_text())
     saved["environment"]["onnxruntime"] = "1.0.0"  # measured under another ONNX Runtime
     (exported / "bench.json").write_text(json.dumps(saved))
+    record_artifact(exported, "bench.json")  # as that bench would have recorded it: only the versions differ
     data = bench_run(exported, ["torch"], (1,), warmup=0, iters=1, progress=False, echo=lambda s: None)
     assert list(data["runners"]) == ["torch"]
 

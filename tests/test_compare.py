@@ -540,6 +540,27 @@ def test_reference_files_replaced_since_export_are_one_line(exported, monkeypatc
                     f"`snncompile export {exported} --layers --samples 64`"), line
 
 
+def test_verify_json_keeps_only_reports_of_the_exports_as_they_are_now(exported):
+    """After an export again, the old file's PASSED report stayed in verify.json beside the new file's result;
+    and a report made up by hand (a trt PASSED) was kept and the file's hash recorded as verify's."""
+    import json
+
+    verify_run(exported, "ort-cpu", model_file="model_layers.onnx")
+    saved = json.loads((exported / "verify.json").read_text())
+    assert saved["ort-cpu"]["model_sha256"] == json.loads((exported / "manifest.json").read_text())[
+        "exports"]["model_layers.onnx"]["sha256"]
+    export_run(exported, layers=True, n_random=64, n_real=0, steps=2)  # model_layers.onnx again, at T = 2
+    verify_run(exported, "torch-fast", model_file="model_layers.onnx")
+    saved = json.loads((exported / "verify.json").read_text())
+    assert "ort-cpu" not in saved and saved["torch-fast"]["T"] == 2  # the T = 4 file's report is gone
+    saved["trt"] = {**saved["torch-fast"], "runner": "trt"}  # made up by hand
+    (exported / "verify.json").write_text(json.dumps(saved))
+    verify_run(exported, "ort-cpu", model_file="model_layers.onnx")
+    assert set(json.loads((exported / "verify.json").read_text())) == {"ort-cpu"}
+    verify_run(exported, "torch-fast", model_file="model_layers.onnx")  # verify's own file: its reports kept
+    assert set(json.loads((exported / "verify.json").read_text())) == {"ort-cpu", "torch-fast"}
+
+
 def test_verify_names_the_runs_other_exports_that_changed_since(exported):
     """Another run's model.onnx copied in: verify checked model_layers.onnx, PASSED, and said nothing about the
     file users deploy and bench times."""

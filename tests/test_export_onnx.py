@@ -446,6 +446,30 @@ def test_a_sigterm_during_export_leaves_no_staging_folder(tmp_path):
     assert not list(run.glob(".export-*")) and not (run / "model.onnx").exists()
 
 
+def test_a_sigkill_during_export_leaves_a_staging_folder_the_next_export_removes(tmp_path):
+    """SIGKILL runs no cleanup at all: its staging folder stayed forever. The next export removes it, since the
+    process named in it is gone."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    run = make_run(tmp_path, tiny_zoo_config(REPO / "models" / "digits.toml"))
+    proc = subprocess.Popen([sys.executable, "-m", "snncompile", "export", str(run), "--samples", "4"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ})
+    deadline = time.monotonic() + 120
+    while not list(run.glob(".export-*/*.onnx")) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert proc.poll() is None, "the export ended before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    (left,) = run.glob(".export-*")
+    assert f"_{proc.pid}-" in left.name
+    export_run(run, n_random=4, n_real=0)
+    assert not list(run.glob(".export-*")) and (run / "model.onnx").is_file()
+
+
 def test_export_T_is_bounded_as_model_T(tmp_path):
     """--T 5000 (export, bench) ran for minutes before failing where model.T stops at 4096 at once."""
     from click.testing import CliRunner
