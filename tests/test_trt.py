@@ -369,3 +369,30 @@ def test_every_rebuild_hint_is_a_command_that_writes_the_same_engine(tmp_path):
                                             rf"`snncompile build {tmp_path} --precision fp16 --batch 1:8:64`$"):
         check_engine_current({"precision": "fp16", "onnx_sha256": "old", "profile": {"min": 1, "opt": 8, "max": 64}},
                              tmp_path, "model.onnx")
+
+
+def test_an_engine_or_sidecar_build_did_not_record_is_not_opened(tmp_path):
+    """An engine is deserialized as code for the GPU: one copied in (or a sidecar edited to pass the version and
+    GPU checks) was opened, only the sidecar's claims checked. Pure functions: no TensorRT needed."""
+    from snncompile.artifacts import record_artifact, update_manifest
+    from snncompile.backends.trt import check_engine_recorded
+    from snncompile.errors import ArtifactError
+
+    update_manifest(tmp_path, exports={})
+    engine, sidecar = tmp_path / "model_fp32.plan", tmp_path / "model_fp32.json"
+    engine.write_bytes(b"engine bytes")
+    sidecar.write_text("{}")
+    refused = rf"^{engine} is not the file build wrote \(not recorded, or its sha256 differs\): rebuild it with " \
+              rf"`snncompile build {tmp_path}`$"
+    with pytest.raises(ArtifactError, match=refused):  # never recorded: copied in
+        check_engine_recorded(tmp_path, engine, "model.onnx", "fp32")
+    record_artifact(tmp_path, engine.name)
+    record_artifact(tmp_path, sidecar.name)
+    check_engine_recorded(tmp_path, engine, "model.onnx", "fp32")  # as build left them
+    sidecar.write_text('{"gpu": "the one here"}')
+    with pytest.raises(ArtifactError, match=f"^{sidecar} is not the file build wrote"):
+        check_engine_recorded(tmp_path, engine, "model.onnx", "fp32")
+    record_artifact(tmp_path, sidecar.name)
+    engine.write_bytes(b"other engine bytes")
+    with pytest.raises(ArtifactError, match=refused):
+        check_engine_recorded(tmp_path, engine, "model.onnx", "fp32")

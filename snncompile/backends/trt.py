@@ -252,6 +252,18 @@ def check_engine_matches(sidecar: dict, run_dir: Path, model_file: str) -> None:
                                 f"{rebuild_command(run_dir, model_file, precision, _recorded_profile(sidecar))}")
 
 
+def check_engine_recorded(run_dir: Path, engine_path: Path, model_file: str, precision: str) -> None:
+    """One-line error unless the engine and its sidecar are the files build recorded in the manifest (their
+    SHA-256): a TensorRT engine is deserialized as compiled code for the GPU, so one copied in from elsewhere or
+    edited, and a sidecar edited to pass the checks below, are not opened."""
+    from ..artifacts import artifact_as_recorded
+
+    for path in (engine_path, engine_path.with_suffix(".json")):
+        if not artifact_as_recorded(run_dir, path.name):
+            raise ArtifactError(f"{path} is not the file build wrote (not recorded, or its sha256 differs): rebuild "
+                                f"it with {rebuild_command(run_dir, model_file, precision)}")
+
+
 def check_engine_current(sidecar: dict, run_dir: Path, model_file: str) -> None:
     """One-line error when the engine was built from another ``model_file`` than the one exported now (a
     re-export, e.g. after more training or at another T, leaves the old engine behind)."""
@@ -294,6 +306,7 @@ class TrtRunner(Runner):
         if not engine_path.is_file() or not sidecar_path.is_file():
             raise ArtifactError(f"no {engine_path.name} in {run_dir}: run "
                                 f"{rebuild_command(Path(run_dir), model_file, precision)}")
+        check_engine_recorded(Path(run_dir), engine_path, model_file, precision)
         sidecar = json.loads(sidecar_path.read_text())
         check_engine_matches(sidecar, Path(run_dir), model_file)
         check_engine_current(sidecar, Path(run_dir), model_file)
