@@ -549,7 +549,12 @@ def _summarise_finished(run_dir: Path, cfg: Config, epoch: int) -> tuple[float, 
     last = next((row for row in reversed(rows) if row.get("epoch") == epoch), None)
     if last is not None:
         test_loss, test_acc = last["test_loss"], last["test_acc"]
-        stale = done.get("epochs_done") != epoch or done.get("test_acc") != test_acc or done.get("test_loss") != test_loss
+        if done.get("epochs_done") == epoch and (done.get("test_acc"), done.get("test_loss")) != (test_acc, test_loss):
+            # training recorded this epoch's summary from this very row: the row was edited since (recording it
+            # again made an edited accuracy the run's own, hash and all)
+            raise ArtifactError(f"{path}: epoch {epoch}'s row says test acc {test_acc!r}, but training recorded "
+                                f"{done.get('test_acc')!r}: the file was edited since; restore it from a copy")
+        stale = done.get("epochs_done") != epoch
         recorded = read_manifest(run_dir).get("artifacts", {}).get(METRICS, {}).get("sha256")
         if stale or recorded != sha256_file(path):
             _record_training(run_dir, epoch, cfg, test_acc, test_loss)

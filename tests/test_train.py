@@ -540,6 +540,20 @@ def test_resuming_a_finished_run_rewrites_nothing(tmp_path, digits_cfg):
     assert {name: (run / name).stat().st_ino for name in before} == before
 
 
+def test_a_finished_runs_metrics_edited_since_are_not_recorded_as_its_own(tmp_path, digits_cfg):
+    """`train --resume` of a finished run whose last metrics row was edited (test_acc 1.0) printed "final test
+    accuracy 100.00 %" and wrote it into the manifest, the edited file's hash with it."""
+    run = train(digits_cfg, tmp_path, progress=False, echo=lambda s: None).run_dir
+    before = read_manifest(run)
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    rows[-1]["test_acc"] = 1.0
+    (run / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    with pytest.raises(ArtifactError, match=rf"metrics.jsonl: epoch 2's row says test acc 1.0, but training recorded "
+                                            rf"{before['training']['test_acc']!r}: the file was edited since"):
+        train(resume=run, progress=False, echo=lambda s: None)
+    assert read_manifest(run) == before
+
+
 def test_a_run_being_trained_fresh_is_not_resumed_meanwhile(tmp_path, digits_cfg, monkeypatch):
     """Only resumed runs held the lock: a `train --resume` of a run that `train MODEL.toml` was still training
     trained it too (every epoch twice in metrics.jsonl)."""
