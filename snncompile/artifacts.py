@@ -73,8 +73,8 @@ def owner_tag() -> str:
 
 
 def remove_orphans(run_dir: str | Path) -> list[str]:
-    """Remove the temporary files (``.<name>.<tag>-*.tmp``) and export staging folders (``.export-<tag>-*``)
-    in ``run_dir`` that a process of this host which is gone left behind (a half-written checkpoint can be
+    """Remove the temporary files (``.<name>.<tag>-*.tmp``) and staging folders (``.export-<tag>-*``,
+    ``.extract-<tag>-*``) in ``run_dir`` (or a dataset folder) that a process of this host which is gone left behind (a half-written checkpoint can be
     hundreds of MB); those of a live process, or of another host sharing the folder, stay. Returns their names."""
     host = owner_tag().rsplit("_", 1)[0]
     removed = []
@@ -90,8 +90,9 @@ def remove_orphans(run_dir: str | Path) -> list[str]:
     return removed
 
 
-# ".export-<host>_<pid>-<random>" (a folder) or ".<artifact>.<host>_<pid>-<random>.tmp" (a file)
-_OWNED = re.compile(r"\.(?:export-|.+\.)(?P<host>\w+)_(?P<pid>\d+)-[\w]+(?:\.tmp)?")
+# ".export-<host>_<pid>-<random>" (a folder; ".extract-" in a fetched dataset's) or
+# ".<artifact>.<host>_<pid>-<random>.tmp" (a file)
+_OWNED = re.compile(r"\.(?:export-|extract-|.+\.)(?P<host>\w+)_(?P<pid>\d+)-[\w]+(?:\.tmp)?")
 
 
 def _alive(pid: int) -> bool:

@@ -156,8 +156,8 @@ def test_fetch_offline_names_every_archive_to_place_by_hand(tmp_path, monkeypatc
     def offline(url, *args, **kwargs):
         raise OSError("Network is unreachable")
 
-    utils = SimpleNamespace(check_integrity=lambda path, md5: False, extract_archive=lambda path: None,
-                            download_and_extract_archive=offline)
+    utils = SimpleNamespace(check_integrity=lambda path, md5: False, extract_archive=lambda path, to: None,
+                            download_url=offline)
     monkeypatch.setattr(fetch_module, "_tonic", lambda: (datasets, utils))
     gesture = datasets.DVSGesture
     with pytest.raises(DataError) as err:
@@ -165,6 +165,53 @@ def test_fetch_offline_names_every_archive_to_place_by_hand(tmp_path, monkeypatc
     assert str(err.value).endswith(
         f"place {gesture.train_filename} (md5 {gesture.train_md5}) and {gesture.test_filename} (md5 {gesture.test_md5}) "
         f"in {tmp_path / 'DVSGesture'} by hand and run again")
+
+
+def test_an_interrupted_fetch_extracts_nothing_half(tmp_path, monkeypatch):
+    """Extracted in place, a Ctrl-C left a class folder with part of its recordings, which the loaders accept (every
+    class has samples). Archives placed by hand (offline) are extracted whole or not at all; a rerun completes."""
+    import hashlib
+    import zipfile
+    from types import SimpleNamespace
+
+    pytest.importorskip("tonic")
+    import snncompile.data.fetch as fetch_module
+    from tonic import download_utils
+
+    folder = tmp_path / "NMNIST"
+    folder.mkdir()
+    archives = []
+    for split in ("Train", "Test"):
+        with zipfile.ZipFile(folder / f"{split.lower()}.zip", "w") as z:
+            for i in range(3):
+                z.writestr(f"{split}/0/{i:05d}.bin", b"\x00" * 5)
+        md5 = hashlib.md5((folder / f"{split.lower()}.zip").read_bytes()).hexdigest()
+        archives.append((f"http://offline/{split}", f"{split.lower()}.zip", md5))
+    monkeypatch.setattr(fetch_module, "_archives", lambda datasets, name: (type("NMNIST", (), {}), archives))
+
+    def offline(*args, **kwargs):
+        raise OSError("Network is unreachable")
+
+    calls = []
+
+    def interrupted(from_path, to_path):  # extracts part of the test archive, then the Ctrl-C
+        calls.append(from_path)
+        if from_path.endswith("test.zip") and len(calls) == 2:
+            with zipfile.ZipFile(from_path) as z:
+                z.extract(z.namelist()[0], to_path)
+            raise KeyboardInterrupt
+        return download_utils.extract_archive(from_path, to_path)
+
+    utils = SimpleNamespace(check_integrity=download_utils.check_integrity, download_url=offline,
+                            extract_archive=interrupted)
+    monkeypatch.setattr(fetch_module, "_tonic", lambda: (None, utils))
+    with pytest.raises(KeyboardInterrupt):
+        fetch_module.fetch("nmnist", tmp_path)
+    assert sorted(p.name for p in folder.iterdir()) == ["Train", "test.zip", "train.zip"]  # no Test/ at all
+    assert len(list((folder / "Train" / "0").iterdir())) == 3
+    assert fetch_module.fetch("nmnist", tmp_path) == folder  # again: the archives are there, checked and extracted
+    assert sorted(p.name for p in folder.iterdir()) == ["Test", "Train", "test.zip", "train.zip"]
+    assert len(list((folder / "Test" / "0").iterdir())) == 3
 
 
 def test_mnist_files_of_two_sets_or_float_labels_are_one_line(tmp_path):

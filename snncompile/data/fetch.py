@@ -6,8 +6,11 @@ what ``data.root`` expects. Needs network access and the ``data`` extra.
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 from pathlib import Path
 
+from ..artifacts import interrupts_deferred, owner_tag, remove_orphans
 from ..errors import ConfigError, DataError, MissingDependencyError
 
 __all__ = ["fetch"]
@@ -42,13 +45,13 @@ def fetch(name: str, root: str | Path) -> Path:
     cls, archives = _archives(datasets, name)
     folder = Path(root).expanduser() / cls.__name__
     folder.mkdir(parents=True, exist_ok=True)
+    remove_orphans(folder)  # what an extraction killed outright left
     for i, (url, filename, md5) in enumerate(archives):
         target = folder / filename
-        if target.is_file() and utils.check_integrity(str(target), md5):
-            utils.extract_archive(str(target))
-            continue
         try:
-            utils.download_and_extract_archive(url, str(folder), filename=filename, md5=md5)
+            if not (target.is_file() and utils.check_integrity(str(target), md5)):
+                utils.download_url(url, str(folder), filename=filename, md5=md5)
+            _extract_whole(utils, target, folder)
         except Exception as e:  # urllib, http and checksum errors all end here
             # every archive still to come, not only this one: offline, the test split's would fail next
             missing = [f"{f} (md5 {m})" for _, f, m in archives[i:]
@@ -59,5 +62,24 @@ def fetch(name: str, root: str | Path) -> Path:
     if name == "dvs_cifar10":
         for inner in getattr(cls, "data_filename", []):
             if (folder / inner).is_file():
-                utils.extract_archive(str(folder / inner))
+                _extract_whole(utils, folder / inner, folder)
     return folder
+
+
+def _extract_whole(utils, archive: Path, folder: Path) -> None:
+    """Extract ``archive`` into ``folder`` whole or not at all: into a staging folder first, then each top-level
+    entry renamed into place, replacing what an interrupted fetch left. Extracted in place, a Ctrl-C left a
+    class folder with part of its recordings, which the loaders accept (every class has samples) and train on."""
+    staging = Path(tempfile.mkdtemp(prefix=f".extract-{owner_tag()}-", dir=folder))
+    try:
+        utils.extract_archive(str(archive), str(staging))
+        with interrupts_deferred():  # the renames: every entry of the archive, or its earlier state
+            for entry in sorted(staging.iterdir()):
+                dest = folder / entry.name
+                if dest.is_dir() and not dest.is_symlink():
+                    shutil.rmtree(dest)
+                elif dest.exists() or dest.is_symlink():
+                    dest.unlink()
+                entry.replace(dest)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
