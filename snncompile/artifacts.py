@@ -79,7 +79,7 @@ def remove_orphans(run_dir: str | Path) -> list[str]:
     host = owner_tag().rsplit("_", 1)[0]
     removed = []
     for path in Path(run_dir).glob(".*"):
-        match = _OWNED.fullmatch(path.name)
+        match = _STAGING.fullmatch(path.name) or _TEMPORARY.fullmatch(path.name)
         if match is None or match["host"] != host or _alive(int(match["pid"])):
             continue
         if path.is_dir() and not path.is_symlink():
@@ -90,9 +90,10 @@ def remove_orphans(run_dir: str | Path) -> list[str]:
     return removed
 
 
-# ".export-<host>_<pid>-<random>" (a folder; ".extract-" in a fetched dataset's) or
-# ".<artifact>.<host>_<pid>-<random>.tmp" (a file)
-_OWNED = re.compile(r"\.(?:export-|extract-|.+\.)(?P<host>\w+)_(?P<pid>\d+)-[\w]+(?:\.tmp)?")
+# staging folders ".export-<host>_<pid>-<random>" (".extract-" in a fetched dataset's), and atomic_write's
+# temporary files ".<artifact>.<host>_<pid>-<random>.tmp"
+_STAGING = re.compile(r"\.(?:export|extract)-(?P<host>\w+)_(?P<pid>\d+)-\w+")
+_TEMPORARY = re.compile(r"\..+\.(?P<host>\w+)_(?P<pid>\d+)-\w+\.tmp")
 
 
 def _alive(pid: int) -> bool:

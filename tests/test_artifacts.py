@@ -119,7 +119,7 @@ def test_what_a_killed_process_left_is_removed_and_a_live_ones_is_not(tmp_path):
     host, dead = owner_tag().rsplit("_", 1)[0], int(gone.stdout)
     left = [f".export-{host}_{dead}-k2x_9a", f".checkpoint.pt.{host}_{dead}-p0q1r2s3.tmp"]
     kept = [f".export-{owner_tag()}-live1", f".checkpoint.pt.otherhost_{dead}-abcd.tmp",  # live; another host's
-            ".export-abc123", "checkpoint.pt", ".hidden"]  # not ours to judge, or not temporary at all
+            ".export-abc123", "checkpoint.pt", ".hidden", f".notes.{host}_{dead}-x"]  # not ours, or not temporary
     for name in left + kept:
         (tmp_path / name).mkdir() if name.startswith(".export-") else (tmp_path / name).write_bytes(b"x")
     (tmp_path / left[0] / "model.onnx").write_bytes(b"x" * 100)
