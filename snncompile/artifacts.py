@@ -270,19 +270,29 @@ def update_manifest(run_dir: str | Path, **fields: Any) -> dict[str, Any]:
 @contextlib.contextmanager
 def run_dir_lock(run_dir: Path) -> Iterator[None]:
     """An exclusive advisory lock on the run directory itself, for a read-modify-write of one of its JSON files
-    (POSIX ``flock``, no extra file; where there is none, e.g. Windows, no lock). Not reentrant: a holder must
-    not call :func:`update_manifest` inside."""
+    (POSIX ``flock``, no extra file; where there is none, e.g. Windows, no lock). Reentrant within a thread, so
+    that a holder can record what it wrote (:func:`record_artifact`) before another process reads it."""
     try:
         import fcntl
     except ImportError:
         yield
         return
+    key = os.path.realpath(run_dir)
+    held = _LOCKS_HELD.__dict__.setdefault("dirs", set())
+    if key in held:  # a second flock on another descriptor of the same folder would wait for the first forever
+        yield
+        return
     fd = os.open(run_dir, os.O_RDONLY)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
+        held.add(key)
         yield
     finally:
+        held.discard(key)
         os.close(fd)  # closing releases the lock
+
+
+_LOCKS_HELD = threading.local()  # the run dirs whose lock this thread holds
 
 
 @contextlib.contextmanager

@@ -458,7 +458,8 @@ def verify_runs(run_dir: str | Path, runners: dict[str, dict | None], precision:
         for name, report in reports.items():
             existing[report_key(name, model_file, report["precision"], inputs)] = report
         atomic_write_json(path, existing)
-    record_artifact(run_dir, "verify.json")
+        # recorded before the lock goes: the next merge keeps reports only from the file as recorded
+        record_artifact(run_dir, "verify.json")
     return reports
 
 

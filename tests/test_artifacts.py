@@ -132,6 +132,36 @@ def test_what_a_killed_process_left_is_removed_and_a_live_ones_is_not(tmp_path):
     assert (tmp_path / "c.txt").read_text() == "whole"
 
 
+def test_the_run_dir_lock_is_reentrant_within_a_thread_and_still_excludes_other_processes(tmp_path):
+    """verify records verify.json while it holds the lock (else another merge, between the write and the record,
+    dropped its reports as edited): update_manifest inside the lock must not wait for itself."""
+    import subprocess
+    import sys
+    import threading
+
+    from snncompile.artifacts import read_manifest, run_dir_lock, update_manifest
+
+    def nested():
+        with run_dir_lock(tmp_path):
+            update_manifest(tmp_path, training={"epochs_done": 1})
+            other = subprocess.run([sys.executable, "-c", f"""
+import fcntl, os
+fd = os.open({str(tmp_path)!r}, os.O_RDONLY)
+try:
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+except BlockingIOError:
+    print("held")
+"""], capture_output=True, text=True, timeout=60)
+            results.append(other.stdout.strip())
+
+    results = []
+    worker = threading.Thread(target=nested, daemon=True)
+    worker.start()
+    worker.join(timeout=60)
+    assert not worker.is_alive(), "update_manifest waited for the lock its own thread holds"
+    assert results == ["held"] and read_manifest(tmp_path)["training"] == {"epochs_done": 1}
+
+
 def test_concurrent_manifest_updates_keep_every_key(tmp_path):
     """verify and bench on one run update its manifest at the same time: neither may lose the other's keys."""
     import subprocess
