@@ -14,10 +14,7 @@ import io
 import json
 import os
 import platform
-import re
-import shutil
 import signal
-import socket
 import tempfile
 import threading
 from pathlib import Path
@@ -26,6 +23,7 @@ from typing import Any, Callable, Iterator
 from . import __version__
 from .errors import ArtifactError
 from .export_entries import export_entry_problem
+from .scratch import claim, owner_tag
 
 __all__ = [
     "MANIFEST",
@@ -65,47 +63,6 @@ def _umask() -> int:
         return mask
 
 
-def owner_tag() -> str:
-    """``<host>_<pid>`` in the names of temporary files and staging folders, so that a later command can tell
-    what a killed process (SIGKILL, a power loss: no cleanup ran) left behind from what one still running
-    writes: see :func:`remove_orphans`."""
-    return f"{socket.gethostname().replace('-', '_').replace('.', '_')}_{os.getpid()}"
-
-
-def remove_orphans(run_dir: str | Path) -> list[str]:
-    """Remove the temporary files (``.<name>.<tag>-*.tmp``) and staging folders (``.export-<tag>-*``,
-    ``.extract-<tag>-*``) in ``run_dir`` (or a dataset folder) that a process of this host which is gone left behind (a half-written checkpoint can be
-    hundreds of MB); those of a live process, or of another host sharing the folder, stay. Returns their names."""
-    host = owner_tag().rsplit("_", 1)[0]
-    removed = []
-    for path in Path(run_dir).glob(".*"):
-        match = _STAGING.fullmatch(path.name) or _TEMPORARY.fullmatch(path.name)
-        if match is None or match["host"] != host or _alive(int(match["pid"])):
-            continue
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path, ignore_errors=True)
-        else:
-            path.unlink(missing_ok=True)
-        removed.append(path.name)
-    return removed
-
-
-# staging folders ".export-<host>_<pid>-<random>" (".extract-" in a fetched dataset's), and atomic_write's
-# temporary files ".<artifact>.<host>_<pid>-<random>.tmp"
-_STAGING = re.compile(r"\.(?:export|extract)-(?P<host>\w+)_(?P<pid>\d+)-\w+")
-_TEMPORARY = re.compile(r"\..+\.(?P<host>\w+)_(?P<pid>\d+)-\w+\.tmp")
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process: alive
-        return True
-    return True
-
-
 @contextlib.contextmanager
 def atomic_write(path: str | Path, mode: str = "wb") -> Iterator[io.IOBase]:
     """Open a temp file next to ``path``; on clean exit fsync and rename it over ``path``."""
@@ -113,6 +70,7 @@ def atomic_write(path: str | Path, mode: str = "wb") -> Iterator[io.IOBase]:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{owner_tag()}-", suffix=".tmp", dir=path.parent)
+        claim(fd)  # while it is open: remove_orphans takes only what no live process holds
     except OSError as e:  # a read-only or full file system, no permission: the target's name, not the temp file's
         raise ArtifactError(f"cannot write {path}: {e.strerror or e}") from None
     try:
@@ -134,11 +92,16 @@ def fsync_path(path: str | Path) -> None:
     """Flush a file's data, or a folder's entries (the renames into it), to the disk: a file written by a library
     (ONNX, numpy) into a staging folder is renamed into place only once it is there, so that a power loss cannot
     leave a recorded artifact empty or cut short."""
-    fd = os.open(path, os.O_RDONLY)
     try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        if not Path(path).is_dir():
+            raise
+        # a folder that Windows cannot open, or a FUSE or network mount cannot flush: the renames stand, as before
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:

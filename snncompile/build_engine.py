@@ -5,9 +5,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .artifacts import atomic_write_json, interrupts_deferred, record_artifact, remove_orphans, update_manifest
+from .artifacts import atomic_write_json, interrupts_deferred, record_artifact, update_manifest
 from .errors import ArtifactError, ConfigError
 from .export_onnx import current_export, exported_file_changed
+from .scratch import remove_orphans
 
 __all__ = ["build_run"]
 

@@ -33,7 +33,7 @@ from .text import shell_path
 from .runs import load_run_config
 
 __all__ = ["Tolerance", "PRESETS", "verify_run", "verify_runs", "default_model_file", "format_report", "LayerStats",
-           "read_reports", "report_key"]
+           "current_reports", "read_reports", "report_key"]
 
 
 @dataclass(frozen=True)
@@ -454,7 +454,7 @@ def verify_runs(run_dir: str | Path, runners: dict[str, dict | None], precision:
             reports[name]["layers_hint"] = layers_hint(run_dir, manifest.get("exports", {}), model_file)
     path = run_dir / "verify.json"
     with run_dir_lock(run_dir):  # another verify (or bench's) may merge its reports into the same file
-        existing = _current_reports(run_dir, path)
+        existing = current_reports(run_dir, path)
         for name, report in reports.items():
             existing[report_key(name, model_file, report["precision"], inputs)] = report
         atomic_write_json(path, existing)
@@ -472,11 +472,12 @@ def report_key(runner: str, model_file: str = "model_layers.onnx", precision: st
     return key if inputs == "reference" else f"{key}@test"
 
 
-def _current_reports(run_dir: Path, path: Path) -> dict:
+def current_reports(run_dir: Path, path: Path | None = None) -> dict:
     """verify.json's reports that still describe the run: those of exports whose file is the one they checked
     (``model_sha256`` equal to the manifest entry's ``sha256``). A report of a file exported again since (it
     said PASSED beside the new file's failure), and every report of a verify.json edited since verify wrote it
     (a made-up ``trt: passed`` survived, its hash recorded again), is dropped; each run of verify writes its own."""
+    path = Path(run_dir) / "verify.json" if path is None else path
     reports = read_reports(path)
     if not reports or not artifact_as_recorded(run_dir, path.name):
         return {}

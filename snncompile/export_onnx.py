@@ -18,8 +18,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import shutil
-import tempfile
 import time
 import warnings
 from dataclasses import dataclass
@@ -29,9 +27,8 @@ import numpy as np
 import torch
 
 from . import __version__
-from .artifacts import (environment, forget_artifact, fsync_path, interrupts_deferred, owner_tag, read_manifest,
-                        record_artifact, remove_orphans, require_writable, sha256_file, sha256_model,
-                        update_manifest)
+from .artifacts import (environment, forget_artifact, fsync_path, interrupts_deferred, read_manifest,
+                        record_artifact, require_writable, sha256_file, sha256_model, update_manifest)
 from .config import MAX_STEPS, Config
 from .errors import (ArtifactError, ConfigError, DataError, ExportError, Interrupted, MissingDependencyError,
                      caused_by_interrupt, first_line)
@@ -39,6 +36,7 @@ from .export_options import DEFAULT_OPSET, DEFAULT_SAMPLES, EXPORT_PRECISIONS
 from .graphs import StepGraph, UnrolledGraph
 from .text import shell_path
 from .runs import CHECKPOINT, load_checkpoint, load_network, load_run_config, missing_checkpoint
+from .scratch import remove_orphans, staging_folder
 
 __all__ = ["unrolled_file", "ALLOWED_OPS", "ExportResult", "export_run", "resolve_run_dir", "reference_inputs",
            "reference_files", "export_reference_paths", "read_reference", "export_command", "export_again",
@@ -468,7 +466,8 @@ def export_run(
     file_name = STEP_FILE if form == "step" else unrolled_file(order, layers, precision)
 
     remove_orphans(run_dir)  # what an export or training killed outright left (SIGKILL: no cleanup ran)
-    staging = Path(tempfile.mkdtemp(prefix=f".export-{owner_tag()}-", dir=run_dir))
+    cleanup = contextlib.ExitStack()  # the staging folder goes with the try below, however it ends
+    staging = cleanup.enter_context(staging_folder(run_dir, "export"))
     committed = False
     try:
         model = _torch_export(graph, args, opset, input_names, output_names, dynamic)
@@ -522,7 +521,7 @@ def export_run(
                               "were written whole") from None
         raise Interrupted(f"export interrupted: nothing of it was written; {run_dir} is as it was") from None
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        cleanup.close()
     return ExportResult(run_dir / file_name, form, steps, seconds, onnx_bytes, nodes_raw, nodes_clean, ops,
                         n_random, int(arrays.get("real_labels", np.zeros(0)).shape[0]), opset, precision, reduced,
                         split_layers)

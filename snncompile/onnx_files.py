@@ -27,31 +27,37 @@ def require_own_external_data(path: str | Path) -> None:
     except Exception:  # noqa: BLE001  not a model: the runtime that opens it next reports it in its own words
         return
     allowed = path.name + ".data"
-    for location in sorted(_external_locations(model.graph)):
+    locations = _external_locations(model.graph.initializer, model.graph.sparse_initializer, model.graph.node)
+    for function in model.functions:  # local functions' bodies hold Constant nodes too
+        locations |= _external_locations([], [], function.node)
+    for location in sorted(locations):
         if location != allowed:
             raise ArtifactError(f"{path} keeps weights in {location!r}, not in {allowed!r} beside it as export "
                                 f"writes them: not opened (a file from elsewhere? export again)")
 
 
-def _external_locations(graph) -> set[str]:
-    """The ``location`` of every external-data tensor in ``graph``: initializers, sparse ones, node attributes
-    (Constant values) and subgraphs (If/Loop bodies), recursively."""
+def _external_locations(initializers, sparse_initializers, nodes) -> set[str]:
+    """The ``location`` of every external-data tensor among a graph's ``initializers``, ``sparse_initializers``
+    and its ``nodes``' attributes (Constant values, dense or sparse), subgraphs (If/Loop bodies) recursively."""
     from onnx import AttributeProto, TensorProto
 
-    tensors = list(graph.initializer)
-    tensors += [t for sparse in graph.sparse_initializer for t in (sparse.values, sparse.indices)]
+    tensors = list(initializers)
+    sparse = list(sparse_initializers)
     locations = set()
-    for node in graph.node:
+    for node in nodes:
         for attr in node.attribute:
             if attr.type == AttributeProto.TENSOR:
                 tensors.append(attr.t)
             elif attr.type == AttributeProto.TENSORS:
                 tensors.extend(attr.tensors)
-            elif attr.type == AttributeProto.GRAPH:
-                locations |= _external_locations(attr.g)
-            elif attr.type == AttributeProto.GRAPHS:
-                for sub in attr.graphs:
-                    locations |= _external_locations(sub)
+            elif attr.type == AttributeProto.SPARSE_TENSOR:
+                sparse.append(attr.sparse_tensor)
+            elif attr.type == AttributeProto.SPARSE_TENSORS:
+                sparse.extend(attr.sparse_tensors)
+            elif attr.type in (AttributeProto.GRAPH, AttributeProto.GRAPHS):
+                for sub in [attr.g] if attr.type == AttributeProto.GRAPH else attr.graphs:
+                    locations |= _external_locations(sub.initializer, sub.sparse_initializer, sub.node)
+    tensors += [t for s in sparse for t in (s.values, s.indices)]
     for tensor in tensors:
         if tensor.data_location == TensorProto.EXTERNAL:
             entries = {e.key: e.value for e in tensor.external_data}

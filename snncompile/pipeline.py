@@ -225,11 +225,13 @@ def _verify_stage(run: Path, stage: str, inputs: str, runners: list[str], model_
     """Verify ``runners`` on ``model_file`` against the torch reference, on the export's reference inputs and the
     whole test split when the dataset is at hand; (the stage's state, its reports by verify.json key). Marked
     done only when complete and passed, so that a failure is checked again on the next run."""
-    from .compare import read_reports, report_key, verify_runs
+    from .compare import current_reports, report_key, verify_runs
 
     own_reports = [report_key(name, model_file, inputs=inputs) for name in runners for inputs in ("reference", "test")]
-    if _done(run, stage, inputs) and (run / "verify.json").is_file():
-        saved = read_reports(run / "verify.json")  # one line when corrupt
+    # the reports as verify recorded them, of the export as it is (one line when corrupt): an edited verify.json,
+    # or one whose reports of this stage are gone, is verified again rather than shown as up to date
+    saved = current_reports(run) if _done(run, stage, inputs) else {}
+    if saved and all(report_key(name, model_file) in saved for name in runners):
         return "up to date", {name: saved[name] for name in own_reports if name in saved}  # not other commands' entries
     test_set = None  # why the test split is not checked, if it is not
     complete = True

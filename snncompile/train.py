@@ -25,7 +25,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from . import __version__
 from .artifacts import (atomic_save, atomic_write_text, environment, new_run_dir, read_manifest, record_artifact,
-                        remove_orphans, sha256_file, sole_trainer, update_manifest)
+                        sha256_file, sole_trainer, update_manifest)
 from .backends.pt import cpu_threads, cudnn_autotuning, cudnn_disabled, no_tf32
 from .config import Config, dumps_toml, flat_values, with_absolute_data_paths, with_execution_settings
 from .data import Split, batches, load_dataset, to_time_major
@@ -38,6 +38,7 @@ from .models import network_from_config
 from .runs import (CHECKPOINT, CONFIG, METRICS, load_checkpoint, load_run_config, missing_checkpoint, model_settings,
                    read_metrics, require_trained_config, require_trained_model_settings,
                    stopped_before_first_epoch)
+from .scratch import remove_orphans
 from .text import shell_path
 
 __all__ = ["TrainResult", "train", "loss_fn", "evaluate", "resolve_device"]
@@ -549,11 +550,13 @@ def _summarise_finished(run_dir: Path, cfg: Config, epoch: int) -> tuple[float, 
     last = next((row for row in reversed(rows) if row.get("epoch") == epoch), None)
     if last is not None:
         test_loss, test_acc = last["test_loss"], last["test_acc"]
-        if done.get("epochs_done") == epoch and (done.get("test_acc"), done.get("test_loss")) != (test_acc, test_loss):
+        edited = [f"{key.replace('_', ' ')} {value!r}, but training recorded {done.get(key)!r}"
+                  for key, value in (("test_acc", test_acc), ("test_loss", test_loss)) if done.get(key) != value]
+        if done.get("epochs_done") == epoch and edited:
             # training recorded this epoch's summary from this very row: the row was edited since (recording it
             # again made an edited accuracy the run's own, hash and all)
-            raise ArtifactError(f"{path}: epoch {epoch}'s row says test acc {test_acc!r}, but training recorded "
-                                f"{done.get('test_acc')!r}: the file was edited since; restore it from a copy")
+            raise ArtifactError(f"{path}: epoch {epoch}'s row says {'; '.join(edited)}: the file was edited since; "
+                                f"restore it from a copy")
         stale = done.get("epochs_done") != epoch
         recorded = read_manifest(run_dir).get("artifacts", {}).get(METRICS, {}).get("sha256")
         if stale or recorded != sha256_file(path):

@@ -113,13 +113,15 @@ def test_what_a_killed_process_left_is_removed_and_a_live_ones_is_not(tmp_path):
     import subprocess
     import sys
 
-    from snncompile.artifacts import atomic_write, owner_tag, remove_orphans
+    from snncompile.artifacts import atomic_write
+    from snncompile.scratch import owner_tag, remove_orphans, staging_folder
 
     gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     host, dead = owner_tag().rsplit("_", 1)[0], int(gone.stdout)
     left = [f".export-{host}_{dead}-k2x_9a", f".checkpoint.pt.{host}_{dead}-p0q1r2s3.tmp"]
     kept = [f".export-{owner_tag()}-live1", f".checkpoint.pt.otherhost_{dead}-abcd.tmp",  # live; another host's
-            ".export-abc123", "checkpoint.pt", ".hidden", f".notes.{host}_{dead}-x"]  # not ours, or not temporary
+            ".export-abc123", "checkpoint.pt", ".hidden", f".notes.{host}_{dead}-x",  # not ours, or not temporary
+            f".x.{host}_99999999999999999999-a.tmp"]  # no PID: it was an OverflowError traceback in every command
     for name in left + kept:
         (tmp_path / name).mkdir() if name.startswith(".export-") else (tmp_path / name).write_bytes(b"x")
     (tmp_path / left[0] / "model.onnx").write_bytes(b"x" * 100)
@@ -130,6 +132,36 @@ def test_what_a_killed_process_left_is_removed_and_a_live_ones_is_not(tmp_path):
         assert tmp_file.name.startswith(f".c.txt.{owner_tag()}-") and remove_orphans(tmp_path) == []
         f.write("whole")
     assert (tmp_path / "c.txt").read_text() == "whole"
+    with staging_folder(tmp_path, "export") as staging:
+        assert staging.name.startswith(f".export-{owner_tag()}-") and remove_orphans(tmp_path) == []
+    assert not staging.exists()
+
+
+def test_a_staging_folder_a_live_process_holds_stays_though_its_pid_looks_free(tmp_path):
+    """Containers sharing a host name (docker --uts host) see each other's files but not each other's PIDs: a live
+    export's staging folder, named with a PID free here, was removed. The owner's lock decides, not the PID."""
+    import subprocess
+    import sys
+
+    from snncompile.scratch import owner_tag, remove_orphans
+
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    staging = tmp_path / f".export-{owner_tag().rsplit('_', 1)[0]}_{int(gone.stdout)}-other_ns"
+    staging.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", f"""
+import fcntl, os, sys
+fd = os.open({str(staging)!r}, os.O_RDONLY)
+fcntl.flock(fd, fcntl.LOCK_EX)
+print("held", flush=True)
+sys.stdin.read()
+"""], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert remove_orphans(tmp_path) == [] and staging.is_dir()
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=60)
+    assert remove_orphans(tmp_path) == [staging.name] and not staging.exists()  # its holder gone: an orphan
 
 
 def test_the_run_dir_lock_is_reentrant_within_a_thread_and_still_excludes_other_processes(tmp_path):

@@ -59,3 +59,35 @@ def test_weights_in_any_other_file_are_not_opened(tmp_path, location, as_constan
 def test_a_file_that_is_not_a_model_is_left_to_the_runtime(tmp_path):
     (tmp_path / "model.onnx").write_bytes(b"not a model")
     require_own_external_data(tmp_path / "model.onnx")  # ONNX Runtime's error says what is wrong
+
+
+def _external(tensor, location: str):
+    set_external_data(tensor, location, offset=0, length=len(tensor.raw_data))
+    tensor.data_location = TensorProto.EXTERNAL
+    tensor.ClearField("raw_data")
+    return tensor
+
+
+@pytest.mark.parametrize("where", ["local function", "sparse constant"])
+def test_weights_outside_named_in_a_function_or_a_sparse_constant_are_not_opened(tmp_path, where):
+    """The walk covered the main graph's dense tensors only: a Constant in a local function, or a sparse one,
+    could still name ../secret.bin (ONNX Runtime 1.32 refuses those itself; older ones and TensorRT's parser)."""
+    w = _external(numpy_helper.from_array(np.arange(4, dtype=np.float32), "w"), "../secret.bin")
+    out = [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4])]
+    x = [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4])]
+    if where == "local function":
+        body = [helper.make_node("Constant", [], ["w"], value=w), helper.make_node("Add", ["a", "w"], ["b"])]
+        function = helper.make_function("local", "AddW", ["a"], ["b"], body, [helper.make_opsetid("", 18)])
+        graph = helper.make_graph([helper.make_node("AddW", ["x"], ["y"], domain="local")], "g", x, out)
+        model = helper.make_model(graph, functions=[function],
+                                  opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("local", 1)])
+    else:
+        indices = numpy_helper.from_array(np.arange(4, dtype=np.int64), "i")
+        sparse = helper.make_sparse_tensor(w, indices, [4])
+        graph = helper.make_graph([helper.make_node("Constant", [], ["w"], sparse_value=sparse),
+                                   helper.make_node("Add", ["x", "w"], ["y"])], "g", x, out)
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    path = tmp_path / "model.onnx"
+    path.write_bytes(model.SerializeToString())
+    with pytest.raises(ArtifactError, match="keeps weights in '../secret.bin'"):
+        require_own_external_data(path)

@@ -43,6 +43,12 @@ def test_pipeline_runs_every_stage_once(tmp_path):
     assert "  bench   up to date" in reordered.output, reordered.output
     verify_lines = [[line for line in out.output.splitlines() if line.startswith("verify ")] for out in (first, second)]
     assert verify_lines[0] == verify_lines[1] and len(verify_lines[0]) >= 4  # the same lines in the same order
+    # a verify.json edited since verify wrote it was shown as up to date, edits and all: verified again
+    saved = json.loads((run / "verify.json").read_text())
+    saved["ort-cpu"]["passed"] = "edited"
+    (run / "verify.json").write_text(json.dumps(saved))
+    edited = runner.invoke(cli, ["pipeline", str(REPO / "models" / "digits.toml"), "--out", str(tmp_path), *ARGS])
+    assert "  verify  done" in edited.output and json.loads((run / "verify.json").read_text())["ort-cpu"]["passed"] is True
 
     # another benchmark batch list redoes only the bench stage
     third = runner.invoke(cli, ["pipeline", str(REPO / "models" / "digits.toml"), "--out", str(tmp_path),

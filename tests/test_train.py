@@ -552,6 +552,10 @@ def test_a_finished_runs_metrics_edited_since_are_not_recorded_as_its_own(tmp_pa
                                             rf"{before['training']['test_acc']!r}: the file was edited since"):
         train(resume=run, progress=False, echo=lambda s: None)
     assert read_manifest(run) == before
+    rows[-1]["test_acc"], rows[-1]["test_loss"] = before["training"]["test_acc"], 0.5  # only the loss: named as such
+    (run / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    with pytest.raises(ArtifactError, match=r"epoch 2's row says test loss 0.5, but training recorded [\d.e-]+: the"):
+        train(resume=run, progress=False, echo=lambda s: None)
 
 
 def test_a_run_being_trained_fresh_is_not_resumed_meanwhile(tmp_path, digits_cfg, monkeypatch):

@@ -7,10 +7,10 @@ what ``data.root`` expects. Needs network access and the ``data`` extra.
 from __future__ import annotations
 
 import shutil
-import tempfile
 from pathlib import Path
 
-from ..artifacts import interrupts_deferred, owner_tag, remove_orphans
+from ..artifacts import interrupts_deferred
+from ..scratch import remove_orphans, staging_folder
 from ..errors import ConfigError, DataError, MissingDependencyError
 
 __all__ = ["fetch"]
@@ -70,8 +70,7 @@ def _extract_whole(utils, archive: Path, folder: Path) -> None:
     """Extract ``archive`` into ``folder`` whole or not at all: into a staging folder first, then each top-level
     entry renamed into place, replacing what an interrupted fetch left. Extracted in place, a Ctrl-C left a
     class folder with part of its recordings, which the loaders accept (every class has samples) and train on."""
-    staging = Path(tempfile.mkdtemp(prefix=f".extract-{owner_tag()}-", dir=folder))
-    try:
+    with staging_folder(folder, "extract") as staging:
         utils.extract_archive(str(archive), str(staging))
         with interrupts_deferred():  # the renames: every entry of the archive, or its earlier state
             for entry in sorted(staging.iterdir()):
@@ -81,5 +80,3 @@ def _extract_whole(utils, archive: Path, folder: Path) -> None:
                 elif dest.exists() or dest.is_symlink():
                     dest.unlink()
                 entry.replace(dest)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
