@@ -167,11 +167,11 @@ def build_engine(onnx_path: Path, engine_path: Path, options: BuildOptions, step
     options.validate()
     trt = tensorrt_module()
     gpu = build_target(trt)
+    require_own_external_data(onnx_path)  # before the parser (or onnx.load) reads any file the model names
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
     network = builder.create_network(_strongly_typed_flags(trt))  # explicit batch is the only mode since 10
     parser = trt.OnnxParser(network, logger)
-    require_own_external_data(onnx_path)  # before the parser (or onnx.load) reads any file the model names
     model, reduced = _model_bytes(onnx_path, options.precision, typed)
     # path: where external weights (model.onnx.data) are looked up
     if not parser.parse(model, str(onnx_path)):

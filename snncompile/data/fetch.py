@@ -10,8 +10,8 @@ import shutil
 from pathlib import Path
 
 from ..artifacts import interrupts_deferred
-from ..scratch import remove_orphans, staging_folder
 from ..errors import ConfigError, DataError, MissingDependencyError
+from ..scratch import remove_orphans, staging_folder
 
 __all__ = ["fetch"]
 
