@@ -561,6 +561,34 @@ def test_verify_json_keeps_only_reports_of_the_exports_as_they_are_now(exported)
     assert set(json.loads((exported / "verify.json").read_text())) == {"ort-cpu", "torch-fast"}
 
 
+def test_verify_records_verify_json_while_it_holds_the_run_dir_lock(exported, monkeypatch):
+    """Recorded after the lock went, another verify merging in that gap saw a verify.json whose hash was not the
+    manifest's and dropped every report in it as edited (the review reproduced it with two verifies)."""
+    import subprocess
+    import sys
+
+    import snncompile.compare as compare
+
+    real_record, seen = compare.record_artifact, []
+
+    def record_and_probe(run_dir, name, **extra):
+        probe = subprocess.run([sys.executable, "-c", f"""
+import fcntl, os
+fd = os.open({str(run_dir)!r}, os.O_RDONLY)
+try:
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    print("free")
+except BlockingIOError:
+    print("held")
+"""], capture_output=True, text=True, timeout=60)
+        seen.append((name, probe.stdout.strip()))
+        return real_record(run_dir, name, **extra)
+
+    monkeypatch.setattr(compare, "record_artifact", record_and_probe)
+    verify_run(exported, "ort-cpu")
+    assert seen == [("verify.json", "held")]
+
+
 def test_verify_names_the_runs_other_exports_that_changed_since(exported):
     """Another run's model.onnx copied in: verify checked model_layers.onnx, PASSED, and said nothing about the
     file users deploy and bench times."""
