@@ -32,6 +32,7 @@ __all__ = [
     "atomic_write_bytes",
     "atomic_write_text",
     "atomic_write_json",
+    "write_recorded_json",
     "interrupts_deferred",
     "require_writable",
     "sha256_file",
@@ -289,12 +290,29 @@ def record_artifact(run_dir: str | Path, name: str, **extra: Any) -> dict[str, A
 
 
 def artifact_as_recorded(run_dir: str | Path, name: str) -> bool:
-    """Whether ``run_dir/name`` is the file the manifest recorded (its SHA-256): False for a file edited, replaced
-    or never recorded since, whose contents a command merging into it (verify.json, bench.json) must not carry
-    forward as its own."""
+    """Whether ``run_dir/name`` is the file the manifest recorded (its SHA-256, or the one
+    :func:`write_recorded_json` announced before a rename the process was killed after): False for a file edited,
+    replaced or never recorded since, whose contents a command merging into it (verify.json, bench.json) must not
+    carry forward as its own."""
     entry = read_manifest(run_dir).get("artifacts", {}).get(name)
     path = Path(run_dir) / name
-    return isinstance(entry, dict) and path.is_file() and entry.get("sha256") == sha256_file(path)
+    if not isinstance(entry, dict) or not path.is_file():
+        return False
+    return sha256_file(path) in (entry.get("sha256"), entry.get("pending_sha256"))
+
+
+def write_recorded_json(run_dir: str | Path, name: str, obj: Any) -> None:
+    """Write ``run_dir/name`` atomically and record it, so that a kill at any point leaves a file the manifest
+    vouches for (:func:`artifact_as_recorded`): its hash is announced (``pending_sha256``) before the rename and
+    recorded after it. Killed between a plain write and its record, the next merge found a file it did not
+    recognise and dropped every earlier report in it. Under the run dir's lock: merges of the same file wait."""
+    data = (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode()
+    with run_dir_lock(Path(run_dir)):
+        entry = read_manifest(run_dir).get("artifacts", {}).get(name)
+        entry = dict(entry) if isinstance(entry, dict) else {}
+        update_manifest(run_dir, artifacts={name: {**entry, "pending_sha256": hashlib.sha256(data).hexdigest()}})
+        atomic_write_bytes(Path(run_dir) / name, data)
+        record_artifact(run_dir, name)  # the entry anew: the pending hash goes
 
 
 def forget_artifact(run_dir: str | Path, name: str) -> None:

@@ -19,8 +19,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .artifacts import (artifact_as_recorded, atomic_save, atomic_write_json, atomic_write_text, environment,
-                        forget_artifact, interrupts_deferred, read_manifest, record_artifact, require_writable)
+from .artifacts import (artifact_as_recorded, atomic_save, atomic_write_text, environment, forget_artifact,
+                        interrupts_deferred, read_manifest, record_artifact, require_writable, run_dir_lock,
+                        write_recorded_json)
 from .backends import available_runners, create_runner, default_runners, runner_options
 from .backends.base import RUNNERS, runner_numerics
 from .backends.pt import cpu_threads
@@ -153,10 +154,11 @@ def bench_run(run_dir: str | Path, runners: list[str] | None = None, batches: tu
     stem = bench_stem(model_file, precision, cuda_graph, cudnn_autotune, pad_channels, channels_last, fuse_input_conv,
                       other_steps)
     results["stem"] = stem
-    kept = _keep_earlier_runners(run_dir / f"{stem}.json", results)
-    if kept:
-        echo(f"kept from the earlier bench of this export: {', '.join(kept)} (time them again with --runners)")
-    _write_results(run_dir, stem, results, profiles, echo)
+    with run_dir_lock(run_dir):  # the read of the earlier rows to the record of the new file: a bench beside it waits
+        kept = _keep_earlier_runners(run_dir / f"{stem}.json", results)
+        if kept:
+            echo(f"kept from the earlier bench of this export: {', '.join(kept)} (time them again with --runners)")
+        _write_results(run_dir, stem, results, profiles, echo)
     return results
 
 
@@ -204,9 +206,8 @@ def _write_results(run_dir: Path, stem: str, results: dict, profiles: list[str],
             results["profile_file"] = f"{stem}_profile.txt"
         if _plot_or_forget(run_dir, f"{stem}.png", results, echo):
             results["plot_file"] = f"{stem}.png"
-        atomic_write_json(run_dir / f"{stem}.json", results)
+        write_recorded_json(run_dir, f"{stem}.json", results)  # the next bench keeps rows only from the file recorded
         atomic_write_text(run_dir / f"{stem}.md", format_table(results) + "\n")
-        record_artifact(run_dir, f"{stem}.json")
         record_artifact(run_dir, f"{stem}.md")
 
 

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .artifacts import (artifact_as_recorded, atomic_write_json, read_manifest, record_artifact, require_writable,
-                        run_dir_lock, sha256_model)
+from .artifacts import (artifact_as_recorded, read_manifest, require_writable, run_dir_lock, sha256_model,
+                        write_recorded_json)
 from .backends import create_runner
 from .backends.base import runner_numerics
 from .errors import ArtifactError, ConfigError, DataError
@@ -457,9 +457,9 @@ def verify_runs(run_dir: str | Path, runners: dict[str, dict | None], precision:
         existing = current_reports(run_dir, path)
         for name, report in reports.items():
             existing[report_key(name, model_file, report["precision"], inputs)] = report
-        atomic_write_json(path, existing)
-        # recorded before the lock goes: the next merge keeps reports only from the file as recorded
-        record_artifact(run_dir, "verify.json")
+        # recorded before the lock goes, and announced before the rename: the next merge keeps reports only from
+        # the file as recorded
+        write_recorded_json(run_dir, "verify.json", existing)
     return reports
 
 

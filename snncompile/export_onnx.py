@@ -28,7 +28,7 @@ import torch
 
 from . import __version__
 from .artifacts import (environment, forget_artifact, fsync_path, interrupts_deferred, read_manifest,
-                        record_artifact, require_writable, sha256_file, sha256_model, update_manifest)
+                        record_artifact, require_writable, run_dir_lock, sha256_file, sha256_model, update_manifest)
 from .config import MAX_STEPS, Config
 from .errors import (ArtifactError, ConfigError, DataError, ExportError, Interrupted, MissingDependencyError,
                      caused_by_interrupt, first_line)
@@ -580,24 +580,26 @@ def _rewrite_mixed_precision(onnx, path: Path, precision: str) -> tuple[list[str
 def _commit(run_dir: Path, staging: Path, file_name: str, references: list[Path], entry: dict) -> int:
     """Move a finished export from ``staging`` into ``run_dir`` (each rename atomic; data files before the
     model) and record it in the manifest. Returns the model's bytes, external data included."""
-    moved = sorted(staging.glob(file_name + ".data")) + [staging / file_name] + references
-    # hashed here, not after the move: a concurrent export of the same name that lands in between would otherwise
-    # have its file certified by this export's entry (another T's references); now verify sees the mismatch
-    sha256 = sha256_model(staging / file_name)
-    for src in moved:
-        fsync_path(src)
-        src.replace(run_dir / src.name)
-    fsync_path(run_dir)
-    if not any(src.name == file_name + ".data" for src in moved):  # an earlier export's, unused now
-        forget_artifact(run_dir, file_name + ".data")
-    onnx_bytes = sum(p.stat().st_size for p in run_dir.glob(file_name + "*"))
-    update_manifest(run_dir, exports={file_name: {**entry, "onnx_bytes": onnx_bytes, "sha256": sha256}})
-    record_artifact(run_dir, file_name)
-    if (run_dir / (file_name + ".data")).is_file():
-        record_artifact(run_dir, file_name + ".data")
-    for path in references:
-        record_artifact(run_dir, path.name)
-    return onnx_bytes
+    # under the run dir's lock: another export of the same file committing at once lands whole, before or after
+    with run_dir_lock(run_dir):
+        moved = sorted(staging.glob(file_name + ".data")) + [staging / file_name] + references
+        # hashed here, not after the move: a concurrent export of the same name that lands in between would otherwise
+        # have its file certified by this export's entry (another T's references); now verify sees the mismatch
+        sha256 = sha256_model(staging / file_name)
+        for src in moved:
+            fsync_path(src)
+            src.replace(run_dir / src.name)
+        fsync_path(run_dir)
+        if not any(src.name == file_name + ".data" for src in moved):  # an earlier export's, unused now
+            forget_artifact(run_dir, file_name + ".data")
+        onnx_bytes = sum(p.stat().st_size for p in run_dir.glob(file_name + "*"))
+        update_manifest(run_dir, exports={file_name: {**entry, "onnx_bytes": onnx_bytes, "sha256": sha256}})
+        record_artifact(run_dir, file_name)
+        if (run_dir / (file_name + ".data")).is_file():
+            record_artifact(run_dir, file_name + ".data")
+        for path in references:
+            record_artifact(run_dir, path.name)
+        return onnx_bytes
 
 
 def _version(module: str) -> str:

@@ -386,6 +386,32 @@ def test_timing_some_runners_again_keeps_the_others_rows_of_the_same_export(expo
     assert list(fourth["runners"]) == ["torch"] and json.loads((exported / "bench.json").read_text()) == fourth
 
 
+def test_two_benches_at_once_keep_each_others_rows(exported, monkeypatch):
+    """Each read the earlier rows, then wrote its own: the second to write dropped the first's rows, though both
+    said they wrote bench.json. The read and the write are one step under the run dir's lock now: here the
+    second bench starts while the first is writing, and waits."""
+    import threading
+
+    import snncompile.bench as bench
+
+    bench_run(exported, ["ort-cpu"], (1,), warmup=0, iters=1, progress=False, echo=lambda s: None)
+    real_write, started, second = bench._write_results, threading.Event(), {}
+
+    def write_slowly(*args, **kwargs):
+        started.set()
+        threading.Event().wait(2)  # the other bench reads the earlier rows now, unless it must wait
+        return real_write(*args, **kwargs)
+
+    monkeypatch.setattr(bench, "_write_results", write_slowly)
+    other = threading.Thread(target=lambda: second.update(
+        data=(started.wait(60), bench_run(exported, ["torch"], (1,), warmup=0, iters=1, progress=False,
+                                          echo=lambda s: None))))
+    other.start()
+    bench_run(exported, ["torch-fast"], (1,), warmup=0, iters=1, progress=False, echo=lambda s: None)
+    other.join(timeout=120)
+    assert set(json.loads((exported / "bench.json").read_text())["runners"]) == {"ort-cpu", "torch-fast", "torch"}
+
+
 def test_a_bench_json_edited_since_bench_wrote_it_keeps_none_of_its_rows(exported):
     """A made-up trt row added to bench.json by hand was carried into the next bench's table (and the file's new
     hash recorded as bench's): rows are kept only from the file bench recorded."""
