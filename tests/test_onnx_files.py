@@ -58,7 +58,10 @@ def test_weights_in_any_other_file_are_not_opened(tmp_path, location, as_constan
 
 def test_a_file_that_is_not_a_model_is_left_to_the_runtime(tmp_path):
     (tmp_path / "model.onnx").write_bytes(b"not a model")
-    require_own_external_data(tmp_path / "model.onnx")  # ONNX Runtime's error says what is wrong
+    require_own_external_data(tmp_path / "model.onnx")  # no verdict of its own on a file it cannot read ...
+    with pytest.raises(Exception) as err:  # ... ONNX Runtime's error says what is wrong
+        create_runner("ort-cpu", tmp_path, "model.onnx")
+    assert "keeps weights" not in str(err.value) and "protobuf" in str(err.value).lower(), err.value
 
 
 def _external(tensor, location: str):
