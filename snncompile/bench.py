@@ -181,8 +181,8 @@ def _time_runner(name: str, run_dir: Path, model_file: str, options: dict, expor
             if not profile or handle is None:  # profiled at the last batch size, when it ran
                 return None
             head = f"{name} ({entry['precision']}), batch {batch}, {stats['execution']}"
-            if name == "ort-cpu":  # torch's profiler sees none of ONNX Runtime's CPU work: its own does
-                return _ort_profile(run_dir, model_file, options, export, reference, batch, head)
+            if name in RUNTIME_PROFILERS:  # torch's profiler sees none of their CPU work: their own does
+                return _runtime_profile(name, run_dir, model_file, options, export, reference, batch, head)
             return _profile(runner, handle, head, stats["execution"])
     except Exception as exc:  # noqa: BLE001  the runner could not be created (or profiled): its row says why
         failure = failure_row(exc)
@@ -295,20 +295,27 @@ def _profile(runner, handle, head: str, execution: str) -> str:
     return f"{head}: {table}"
 
 
-def _ort_profile(run_dir: Path, model_file: str, options: dict, export: dict, reference: dict, batch: int,
-                 head: str) -> str:
-    """ONNX Runtime's own profile of ``ort-cpu`` at ``batch``: 10 calls after 2 warm-up calls, on a runner of its
-    own with the profiler on (it slows every run: the timed runner has it off), after ``head``."""
-    from .profiling import ort_profile_table
+# CPU runtimes profiled by their own profilers: ONNX Runtime's (JSON trace events), OpenVINO's performance counters
+RUNTIME_PROFILERS = ("ort-cpu", "ov-cpu")
+
+
+def _runtime_profile(name: str, run_dir: Path, model_file: str, options: dict, export: dict, reference: dict,
+                     batch: int, head: str) -> str:
+    """Runner ``name``'s runtime's own profile at ``batch`` (one of :data:`RUNTIME_PROFILERS`): 10 calls after
+    2 warm-up calls, on a runner of its own with profiling on (it slows every run: the timed runner has it
+    off), after ``head``."""
+    from .profiling import ort_profile_table, ov_profile_table
 
     calls, warmup = 10, 2
-    with streamed(create_runner("ort-cpu", run_dir, model_file, **options, profile=True), export) as runner:
+    with streamed(create_runner(name, run_dir, model_file, **options, profile=True), export) as runner:
         handle = runner.prepare({"input": _bench_input(reference, batch)})
         for _ in range(warmup + calls):
             runner.run_prepared(handle)
-        events = getattr(runner, "inner", runner).profiled_events()  # a stream's step runner has the sessions
-    runs_per_call = int(export["T"]) if export["form"] == "step" else 1
-    return f"{head}: {ort_profile_table(events, calls * runs_per_call, f'{calls} batches')}"
+        inner = getattr(runner, "inner", runner)  # a stream's step runner has the sessions
+        runs = calls * (int(export["T"]) if export["form"] == "step" else 1)
+        table = (ort_profile_table(inner.profiled_events(), runs, f"{calls} batches") if name == "ort-cpu"
+                 else ov_profile_table(inner.profiled_runs(), runs, f"{calls} batches"))
+    return f"{head}: {table}"
 
 
 def _keep_earlier_runners(path: Path, results: dict) -> list[str]:

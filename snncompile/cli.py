@@ -279,7 +279,7 @@ def verify(run, runners, precision, batch, model_file, test_set, no_progress) ->
 
 
 def _say_what_ignores_precision(runners: tuple[str, ...], precision: str, typed: str, model_file: str) -> None:
-    """A note naming the runners that do not compute at ``--precision`` (ONNX Runtime runs the file as
+    """A note naming the runners that do not compute at ``--precision`` (ONNX Runtime and OpenVINO run the file as
     exported, the torch loops in fp32): each is judged at what it computes, not at the looser preset."""
     from .backends.base import GRAPH_RUNNERS, PRECISION_RUNNERS, runner_numerics
 
@@ -289,7 +289,8 @@ def _say_what_ignores_precision(runners: tuple[str, ...], precision: str, typed:
         return
     hint = ""
     if precision in ("fp16", "bf16") and any(name in GRAPH_RUNNERS for name in own):
-        hint = f" (ONNX Runtime computes in {precision} on `snncompile export RUN --precision {precision}`'s file)"
+        hint = (f" (ONNX Runtime and OpenVINO compute in {precision} on `snncompile export RUN --precision {precision}`'s "
+                "file)")
     click.echo(f"note: --precision {precision} sets what {' and '.join(PRECISION_RUNNERS)} compute; {model_file} is "
                f"checked on {', '.join(others)}, as they compute it{hint}")
 
@@ -377,13 +378,13 @@ def bench_train_cmd(model_toml, overrides, steps_t, batch, precision, steps, war
                    "heuristic pick, PyTorch's default (bench_no_autotune.*), to see what autotuning saves.")
 @click.option("--profile", is_flag=True,
               help="Also profile 3 calls of each runner at the last batch size (torch.profiler's top 20 GPU kernels, "
-                   "CPU operators without CUDA; ort-cpu: ONNX Runtime's own profiler, 10 calls, each node's median) "
-                   "into <stem>_profile.txt, and print it. With --no-cuda-graph the kernels show as launched one by one.")
+                   "CPU operators without CUDA; ort-cpu and ov-cpu: their runtime's own profiler, 10 calls, each node's "
+                   "median) into <stem>_profile.txt, and print it. With --no-cuda-graph the kernels show as launched one by one.")
 @click.option("--pad-channels", default=1, show_default=True, type=click.IntRange(1),
               help="torch-fast runs convs whose input channel count is not a multiple of N on zero-padded copies (the "
                    "same function; cuDNN's tensor-core kernels want 8), written to bench_pad<N>.*.")
 @click.option("--threads", default=0, show_default=True, type=click.IntRange(0),
-              help="CPU threads for torch and ONNX Runtime (0: torch's default, ONNX Runtime one per core). On a CPU "
+              help="CPU threads for torch, ONNX Runtime and OpenVINO (0: torch's default, the others one per core). On a CPU "
                    "other work keeps busy, the free cores: threads that wait for a busy core stall every op.")
 @click.option("--channels-last", is_flag=True,
               help="torch-fast keeps conv weights and activations in channels_last, the layout cuDNN's tensor-core "

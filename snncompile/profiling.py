@@ -12,7 +12,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-__all__ = ["ort_profile_table", "profile_calls"]
+__all__ = ["ort_profile_table", "ov_profile_table", "profile_calls"]
 
 
 @contextmanager
@@ -83,21 +83,45 @@ def ort_profile_table(events: list[dict], runs: int, what: str, rows: int = 20) 
         durations.setdefault(node, []).append(e["dur"])
         about[node] = (args.get("op_name", "?"), "x".join(map(str, shapes[0])) if shapes else "")
     median = {node: float(np.median(d)) for node, d in durations.items()}
-    total = sum(median.values()) or 1.0
     run_ms = float(np.median([hi - lo for lo, hi in spans])) / 1e3 if spans else 0.0
+    total = sum(median.values()) or 1.0
+    head = (f"ONNX Runtime's profiler, {what} ({len(spans)} session runs; per run, medians: {run_ms:.3f} ms, its nodes "
+            f"{total / 1e3:.3f} ms; the profiler's own cost per node is in both)")
+    return _node_tables(head, median, about, "output shape", rows)
+
+
+def ov_profile_table(runs: list[dict[str, tuple[str, str, float]]], last: int, what: str, rows: int = 20) -> str:
+    """OpenVINO's performance counters (``OpenVinoCpuRunner.profiled_runs``) of the last ``last`` inferences as
+    :func:`ort_profile_table`'s two tables, each node with the kernel the plugin ran it with (ISA and precision,
+    e.g. ``brgconv_avx512_f32``); medians over the inferences, as there. ``what`` heads it ("10 batches")."""
+    runs = runs[-last:] if last > 0 else []
+    durations: dict[str, list[float]] = {}
+    about: dict[str, tuple[str, str]] = {}  # node -> (operation, kernel)
+    for run in runs:
+        for node, (operation, kernel, us) in run.items():
+            durations.setdefault(node, []).append(us)
+            about[node] = (operation, kernel)
+    median = {node: float(np.median(d)) for node, d in durations.items()}
+    total = sum(median.values()) or 1.0
+    head = f"OpenVINO's performance counters, {what} ({len(runs)} inferences; its nodes {total / 1e3:.3f} ms per run, medians)"
+    return _node_tables(head, median, about, "kernel", rows)
+
+
+def _node_tables(head: str, median: dict[str, float], about: dict[str, tuple[str, str]], detail: str, rows: int) -> str:
+    """Markdown: ``head``, time per operator (summed over its nodes), then the ``rows`` slowest nodes with their
+    operator and ``detail`` (``about[node]`` is ``(operator, detail)``); ``median`` is each node's us per run."""
+    total = sum(median.values()) or 1.0
     by_op: dict[str, list] = {}  # operator -> [nodes, us per run]
     for node, us in median.items():
         row = by_op.setdefault(about[node][0], [0, 0.0])
         row[0] += 1
         row[1] += us
-    lines = [f"ONNX Runtime's profiler, {what} ({len(spans)} session runs; per run, medians: {run_ms:.3f} ms, its nodes "
-             f"{total / 1e3:.3f} ms; the profiler's own cost per node is in both), operators by time per run:", "",
-             "| operator | nodes | us per run | share |", "|---|---|---|---|"]
+    lines = [f"{head}, operators by time per run:", "", "| operator | nodes | us per run | share |", "|---|---|---|---|"]
     for op, (nodes, us) in sorted(by_op.items(), key=lambda kv: -kv[1][1]):
         lines.append(f"| {op} | {nodes} | {us:.1f} | {100 * us / total:.1f} % |")
     lines += ["", f"The {min(rows, len(median))} slowest nodes (median per run):", "",
-              "| node | operator | output shape | us | share |", "|---|---|---|---|---|"]
+              f"| node | operator | {detail} | us | share |", "|---|---|---|---|---|"]
     for node, us in sorted(median.items(), key=lambda kv: -kv[1])[:rows]:
-        op, shape = about[node]
-        lines.append(f"| {node} | {op} | {shape} | {us:.1f} | {100 * us / total:.1f} % |")
+        op, extra = about[node]
+        lines.append(f"| {node} | {op} | {extra} | {us:.1f} | {100 * us / total:.1f} % |")
     return "\n".join(lines)

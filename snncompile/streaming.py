@@ -23,9 +23,10 @@ from .errors import ArtifactError
 __all__ = ["STREAM_RUNNERS", "StreamedRunner", "streamed"]
 
 STATE, NEXT = "state.", "next."
-# The runners that run a step-form file: the torch module, ONNX Runtime, and TensorRT on an engine built from it
-# (`snncompile build RUN --model model_step.onnx`); torch-fast and the per-timestep references take unrolled exports
-STREAM_RUNNERS = ("torch", "ort-cpu", "ort-cuda", "trt")
+# The runners that run a step-form file: the torch module, ONNX Runtime, OpenVINO, and TensorRT on an engine built
+# from it (`snncompile build RUN --model model_step.onnx`); torch-fast and the per-timestep references take unrolled
+# exports
+STREAM_RUNNERS = ("torch", "ort-cpu", "ort-cuda", "ov-cpu", "trt")
 
 
 @dataclass

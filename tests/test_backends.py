@@ -12,8 +12,8 @@ from snncompile.text import counted
 AVAILABLE = available_runners()
 GPU_RUNNERS = {"ort-cuda", "trt"} | ({"torch-fast"} if __import__("torch").cuda.is_available() else set())
 # runners whose float arithmetic is not the reference's own (GPU kernels, compiled code, per-step convs
-# on other batch shapes): judged by verify
-OTHER_ARITHMETIC = GPU_RUNNERS | {"torch-compile", "torch-loop"}
+# on other batch shapes, OpenVINO's own JIT convolutions): judged by verify
+OTHER_ARITHMETIC = GPU_RUNNERS | {"torch-compile", "torch-loop", "ov-cpu"}
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +54,7 @@ def test_runner_conformance(name, exported_run):
 
 
 def test_unknown_runner_is_one_line(tmp_path):
-    with pytest.raises(ConfigError, match="unknown runner .tensorflow. \\(known: torch, torch-fast, torch-compile, torch-loop, ort-cpu, ort-cuda, trt\\)"):
+    with pytest.raises(ConfigError, match="unknown runner .tensorflow. \\(known: torch, torch-fast, torch-compile, torch-loop, ort-cpu, ort-cuda, ov-cpu, trt\\)"):
         create_runner("tensorflow", tmp_path)
 
 

@@ -136,11 +136,11 @@ def test_training_checkpoints_the_snapped_network(tmp_path, digits_cfg):
     assert result.test_acc > 0.3  # it still learns (10 classes)
 
 
-@pytest.mark.parametrize("runner", ["ort-cpu", pytest.param("ort-cuda", marks=pytest.mark.gpu)])
-def test_membranes_are_bit_identical_on_onnx_runtime(tmp_path, runner):
-    """The claim itself, on a real runtime: exact arithmetic makes every membrane ONNX Runtime computes the
-    same bits as torch's (on CUDA, through the implicit-GEMM convolutions its options ask for); without it,
-    the same network's membranes differ in their last bits."""
+@pytest.mark.parametrize("runner", ["ort-cpu", "ov-cpu", pytest.param("ort-cuda", marks=pytest.mark.gpu)])
+def test_membranes_are_bit_identical_on_onnx_runtimes(tmp_path, runner):
+    """The claim itself, on real runtimes: exact arithmetic makes every membrane ONNX Runtime (or OpenVINO)
+    computes the same bits as torch's (on CUDA, through the implicit-GEMM convolutions its options ask for);
+    without it, the same network's membranes differ in their last bits."""
     pytest.importorskip("onnxruntime")
     from helpers import make_run
     from snncompile.backends import available_runners

@@ -1,4 +1,4 @@
-"""Runners: one interface over torch, ONNX Runtime and TensorRT (DESIGN.md rule 2).
+"""Runners: one interface over torch, ONNX Runtime, OpenVINO and TensorRT (DESIGN.md rule 2).
 
 Each runtime is imported only inside its own module, and only when a runner of it is created, so
 ``snncompile`` works with none of the optional runtimes installed.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import os
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,7 +13,7 @@ import numpy as np
 from ..errors import ConfigError, InputError, RunnerUnavailableError
 
 __all__ = ["TensorSpec", "Runner", "validate_feed", "RUNNERS", "create_runner", "available_runners", "default_runners",
-           "runner_options", "runner_numerics"]
+           "runner_options", "runner_numerics", "usable_cpus"]
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,15 @@ def validate_feed(feed: dict[str, np.ndarray], specs: list[TensorSpec]) -> None:
             if isinstance(want, int) and want != have:
                 what = "T (axis 0)" if axis == 0 and spec.name == "input" and len(spec.shape) >= 3 else f"axis {axis}"
                 raise InputError(f"input {spec.name!r}: {what} must be {want}, got {have}: expected {spec.describe()}, got {got}")
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on: its affinity mask (taskset, a container's cpuset) where the OS has one,
+    else every CPU. More threads than that would only take turns on the same cores."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # macOS, Windows: no affinity call
+        return max(1, os.cpu_count() or 2)
 
 
 class Runner(ABC):
@@ -111,6 +121,7 @@ RUNNERS: dict[str, str] = {
     "torch-loop": "snncompile.backends.pt:TorchLoopRunner",
     "ort-cpu": "snncompile.backends.ort:OrtCpuRunner",
     "ort-cuda": "snncompile.backends.ort:OrtCudaRunner",
+    "ov-cpu": "snncompile.backends.ov:OpenVinoCpuRunner",
     "trt": "snncompile.backends.trt:TrtRunner",
 }
 
@@ -148,7 +159,7 @@ TORCH_FAST_PRECISIONS = PRECISIONS + ("tf32x2",)
 
 
 # Runners that execute the ONNX file as written: a mixed-precision export (model_fp16.onnx) sets their numerics.
-GRAPH_RUNNERS = ("ort-cpu", "ort-cuda")
+GRAPH_RUNNERS = ("ort-cpu", "ort-cuda", "ov-cpu")
 
 
 def runner_numerics(name: str, requested: str = "fp32", model_precision: str = "fp32") -> str:
@@ -166,7 +177,7 @@ def runner_numerics(name: str, requested: str = "fp32", model_precision: str = "
 # Runners that replay a captured CUDA graph by default (torch-fast and torch-compile on CUDA only)
 CUDA_GRAPH_RUNNERS = ("torch-fast", "torch-compile", "ort-cuda", "trt")
 AUTOTUNE_RUNNERS = ("torch-fast",)  # cuDNN algorithms timed per shape, not picked by heuristic
-THREAD_RUNNERS = ("ort-cpu", "ort-cuda")  # a thread count of their own (torch's runners share torch's)
+THREAD_RUNNERS = ("ort-cpu", "ort-cuda", "ov-cpu")  # a thread count of their own (torch's runners share torch's)
 PAD_CHANNEL_RUNNERS = ("torch-fast",)  # convs' input channels zero-padded (SpikingNetwork.pad_conv_channels)
 CHANNELS_LAST_RUNNERS = ("torch-fast",)  # conv weights, hence activations, in channels_last
 FUSE_INPUT_CONV_RUNNERS = ("torch-fast",)  # the input conv, its LIF and pool as one kernel (kernels.input_conv)
@@ -180,7 +191,7 @@ def runner_options(name: str, precision: str = "fp32", cuda_graph: bool = True, 
     ``cudnn_autotune=False``: cuDNN's heuristic algorithm pick, for the runners that autotune;
     ``pad_channels > 1``: convs' input channels zero-padded to a multiple of it, for the runners that can;
     ``model_precision``: the export's (see :func:`runner_numerics`); ``threads``: ONNX Runtime's intra-op CPU
-    threads (0: one per usable core; torch's runners use torch's own setting, :func:`~.pt.cpu_threads`);
+    threads, OpenVINO's inference threads (0: one per usable core; torch's runners use torch's own setting, :func:`~.pt.cpu_threads`);
     ``channels_last``: conv weights and activations in channels_last, for the runners that can;
     ``fuse_input_conv``: the input conv, its LIF and pool as one kernel, for the runners that can."""
     options: dict = {"precision": runner_numerics(name, precision, model_precision)} if name in PRECISION_RUNNERS else {}

@@ -8,7 +8,6 @@ whole graph sit on the GPU and be captured in a CUDA graph (``ort-cuda``)."""
 
 from __future__ import annotations
 
-import os
 import shutil
 import tempfile
 from collections import OrderedDict
@@ -20,7 +19,7 @@ import numpy as np
 from ..errors import ArtifactError, InputError, first_line
 from ..onnx_files import require_own_external_data
 from ..text import counted
-from .base import Runner, TensorSpec, validate_feed
+from .base import Runner, TensorSpec, usable_cpus, validate_feed
 
 __all__ = ["OrtCpuRunner", "OrtCudaRunner", "BoundStream", "cuda_provider_options", "session_outputs", "free_dimensions",
            "usable_cpus"]
@@ -56,15 +55,6 @@ def _numpy_type(ort_type: str) -> type:
     if ort_type not in _ORT_TYPES:
         raise ArtifactError(f"unsupported tensor type {ort_type} at the graph boundary")
     return np.dtype(_ORT_TYPES[ort_type]).type
-
-
-def usable_cpus() -> int:
-    """The CPUs this process may run on: its affinity mask (taskset, a container's cpuset) where the OS has one,
-    else every CPU. More threads than that would only take turns on the same cores."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except (AttributeError, OSError):  # macOS, Windows: no affinity call
-        return max(1, os.cpu_count() or 2)
 
 
 @dataclass

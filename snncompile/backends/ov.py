@@ -1,0 +1,161 @@
+"""OpenVINO runner (its CPU plugin): a second, independent consumer of the exported ONNX. The only importer of
+openvino.
+
+OpenVINO reads the ONNX file with its own frontend and computes with its own kernels (oneDNN and its own
+JIT code), none of it shared with ONNX Runtime: a file that verifies on both is standard ONNX as two
+runtimes read it, not one runtime's dialect.
+
+Like the ONNX Runtime runners, it compiles one *shape-specialized* model per batch size (the named dynamic
+dimensions fixed by ``reshape``), which lets the plugin pick its kernels for the actual shapes.
+
+Numerics: the CPU plugin's default ``INFERENCE_PRECISION_HINT`` is bf16 on every CPU with bf16 instructions
+(AVX512-BF16, AMX), which flips spikes by the thousand on an fp32 network. The runner compiles with the
+hint at f32 and ``EXECUTION_MODE_HINT`` ACCURACY (no precision-lowering rewrites), so the graph computes what
+it says; a fp16 or bf16 export's own casts still round where the file rounds."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import ArtifactError
+from ..onnx_files import require_own_external_data
+from ..text import counted
+from .base import Runner, TensorSpec, usable_cpus
+
+__all__ = ["OpenVinoCpuRunner", "compile_config"]
+
+MAX_COMPILED = 4  # shape-specialized compiled models kept per runner (verify uses 2 batch sizes, bench 3)
+
+
+def _openvino():
+    try:
+        import openvino
+    except ImportError:
+        return None
+    return openvino
+
+
+def compile_config(threads: int, profile: bool = False) -> dict[str, str]:
+    """The CPU plugin's settings: fp32 arithmetic as written, one inference at a time on ``threads`` threads
+    (latency: bench times one batch after another, verify runs them in turn); ``profile``: its per-node
+    performance counters on."""
+    return {
+        "INFERENCE_PRECISION_HINT": "f32",
+        "EXECUTION_MODE_HINT": "ACCURACY",
+        "PERFORMANCE_HINT": "LATENCY",
+        "NUM_STREAMS": "1",
+        "INFERENCE_NUM_THREADS": str(threads),
+        "PERF_COUNT": "YES" if profile else "NO",
+    }
+
+
+class OpenVinoCpuRunner(Runner):
+    """One ONNX export on OpenVINO's CPU plugin: ``infer({name: array}) -> {name: array}``.
+
+    Args:
+        run_dir: the run directory holding the export.
+        model_file: which export (``model.onnx``, ``model_layers.onnx``, ``model_step.onnx``, ...).
+        threads: the plugin's inference threads (0: one per usable core, as ``ort-cpu``).
+        profile: the plugin's performance counters on (a slower run: for ``bench --profile`` alone); each
+            inference's executed nodes are kept for :meth:`profiled_runs`.
+    """
+
+    name = "ov-cpu"
+
+    @classmethod
+    def unavailable_reason(cls) -> str | None:
+        if _openvino() is None:
+            return "openvino is not installed: pip install 'snncompile[openvino]'"
+        return None
+
+    def __init__(self, run_dir: Path, model_file: str = "model.onnx", threads: int = 0, profile: bool = False):
+        self.path = Path(run_dir) / model_file
+        if not self.path.is_file():
+            from ..export_onnx import missing_export
+
+            raise missing_export(run_dir, model_file)
+        require_own_external_data(self.path)  # before OpenVINO reads any file the model names
+        self.threads = threads or usable_cpus()
+        self.profile = profile
+        self._profiled: list[dict[str, tuple[str, str, float]]] = []
+        openvino = _openvino()
+        self._core = openvino.Core()
+        # its ONNX frontend by name: Core.read_model tries every frontend on a file it cannot parse (TensorFlow's
+        # prints parse errors to stderr) and then says only that none could read it
+        onnx_frontend = openvino.frontend.FrontEndManager().load_by_framework("onnx")
+        try:
+            self._model = onnx_frontend.convert(onnx_frontend.load(str(self.path)))
+        except Exception as e:  # openvino raises its own GeneralFailure/RuntimeError types
+            raise ArtifactError(f"{self.path} cannot be loaded by OpenVINO: {_message(e)}") from None
+        self._inputs = [TensorSpec(port.get_any_name(), _dims(port.get_partial_shape()), _dtype(port))
+                        for port in self._model.inputs]
+        self._outputs = [port.get_any_name() for port in self._model.outputs]
+        self._requests: OrderedDict = OrderedDict()  # input shapes -> an infer request of a compiled model
+
+    def timing_mode(self, handle) -> str:
+        return f"CPU, {counted(self.threads, 'thread')}"
+
+    def _request_for(self, feed: dict[str, np.ndarray]):
+        """The infer request of the model compiled for ``feed``'s shapes, compiled on first use (LRU)."""
+        shapes = tuple((name, feed[name].shape) for name in sorted(feed))
+        if shapes in self._requests:
+            self._requests.move_to_end(shapes)
+            return self._requests[shapes]
+        while len(self._requests) >= MAX_COMPILED:
+            self._requests.popitem(last=False)
+        model = self._model.clone()
+        model.reshape({name: list(shape) for name, shape in shapes})
+        try:
+            compiled = self._core.compile_model(model, "CPU", compile_config(self.threads, self.profile))
+        except Exception as e:
+            raise ArtifactError(f"{self.path} cannot be compiled by OpenVINO's CPU plugin: {_message(e)}") from None
+        request = self._requests[shapes] = compiled.create_infer_request()
+        return request
+
+    def _infer(self, feed: dict[str, np.ndarray]):
+        """One inference on ``feed``; returns its request, whose output tensors hold the results."""
+        request = self._request_for(feed)
+        request.infer(feed)
+        if self.profile:
+            self._profiled.append({info.node_name: (info.node_type, info.exec_type, info.real_time.total_seconds() * 1e6)
+                                   for info in request.get_profiling_info() if info.status.name == "EXECUTED"})
+        return request
+
+    def profiled_runs(self) -> list[dict[str, tuple[str, str, float]]]:
+        """Per inference of a runner made with ``profile=True``, in order: every node the plugin executed, as
+        ``{node: (operation, kernel, microseconds)}`` (the kernel names the ISA and precision,
+        ``brgconv_avx512_f32``)."""
+        if not self.profile:
+            raise ValueError("profiled_runs needs a runner made with profile=True")
+        return self._profiled
+
+    def _run(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        request = self._infer({name: np.ascontiguousarray(arr) for name, arr in feed.items()})
+        # copies: the request's output tensors are overwritten by its next inference
+        return {name: request.get_tensor(name).data.copy() for name in self._outputs}
+
+    def run_prepared(self, handle) -> None:
+        self._infer(handle)  # the inputs are host arrays already: nothing to move
+
+    def close(self) -> None:
+        self._requests.clear()
+
+
+def _message(error: Exception) -> str:
+    """OpenVINO's own message in an exception's text: its last line (the lines before it name the C++ source
+    lines the error passed through, ``Exception from src/...cpp:84:``)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[-1] if lines else type(error).__name__
+
+
+def _dims(shape) -> tuple[int | None, ...]:
+    """A PartialShape as TensorSpec dimensions: ints, None for a dynamic one (the batch)."""
+    return tuple(dim.get_length() if dim.is_static else None for dim in shape)
+
+
+def _dtype(port) -> str:
+    """The numpy dtype name of a port's element type (``f32`` -> ``float32``)."""
+    return np.dtype(port.get_element_type().to_dtype()).name
