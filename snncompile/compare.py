@@ -420,6 +420,11 @@ def verify_runs(run_dir: str | Path, runners: dict[str, dict | None], precision:
                     tallies[name].add(split, ref, candidate.infer(feed), labels, layers, cfg.model.v_th,
                                       PRESETS[numerics[name]])
                 bar.update(x.shape[1])
+    except Exception:  # noqa: BLE001 - re-raised unless the export changed under it
+        # an export of this file committed meanwhile: its new file met the inputs read before it (a runtime's
+        # shape error, in its own exception type), which says nothing of what happened
+        _require_export_unchanged(run_dir, model_file, export)
+        raise
     finally:
         if bar is not None:
             bar.close()
@@ -454,6 +459,8 @@ def verify_runs(run_dir: str | Path, runners: dict[str, dict | None], precision:
             reports[name]["layers_hint"] = layers_hint(run_dir, manifest.get("exports", {}), model_file)
     path = run_dir / "verify.json"
     with run_dir_lock(run_dir):  # another verify (or bench's) may merge its reports into the same file
+        # under the lock export commits under: a file exported again from here on waits for this record
+        _require_export_unchanged(run_dir, model_file, export)
         existing = current_reports(run_dir, path)
         for name, report in reports.items():
             existing[report_key(name, model_file, report["precision"], inputs)] = report
@@ -461,6 +468,15 @@ def verify_runs(run_dir: str | Path, runners: dict[str, dict | None], precision:
         # the file as recorded
         write_recorded_json(run_dir, "verify.json", existing)
     return reports
+
+
+def _require_export_unchanged(run_dir: Path, model_file: str, export: dict) -> None:
+    """One line when ``model_file``'s manifest entry is no longer ``export``, the one verify started from: an
+    export of it committed while verify ran, and what was compared (the file, the reference inputs, the hash a
+    report is filed under) may mix the two exports."""
+    if read_manifest(run_dir).get("exports", {}).get(model_file) != export:
+        raise ArtifactError(f"{run_dir / model_file} was exported again while verify ran (by another command): "
+                            "nothing was recorded; verify it again")
 
 
 def report_key(runner: str, model_file: str = "model_layers.onnx", precision: str = "fp32", inputs: str = "reference") -> str:

@@ -14,6 +14,7 @@ from conftest import REPO  # noqa: E402
 from helpers import make_run, reference_file, replace_checkpoint, tiny_zoo_config  # noqa: E402
 from snncompile.cli import cli  # noqa: E402
 from snncompile.compare import LayerStats, _classify_flips, verify_run, verify_runs  # noqa: E402
+from snncompile.errors import ArtifactError  # noqa: E402
 from snncompile.export_onnx import export_run  # noqa: E402
 from snncompile.runs import load_run_config  # noqa: E402
 
@@ -101,6 +102,29 @@ def test_perturbed_weight_fails_and_names_first_divergent_layer(exported):
     result = CliRunner().invoke(cli, ["verify", str(exported), "--runner", "ort-cpu", "--no-progress"])
     assert result.exit_code == 1
     assert "FAILED:" in result.output and "first divergence: lif2 at t=1" in result.output
+
+
+@pytest.mark.parametrize("steps", [3, 4])
+def test_an_export_committed_while_verify_runs_is_named_and_nothing_recorded(exported, monkeypatch, steps):
+    """Another command exports the checked file again in the middle of verify: at another T its new file met the
+    inputs read before it (it said "T (axis 0) must be 3, got 4"); at the same T the report was filed under the
+    old file's hash. Either way verify now says what happened and records nothing."""
+    from snncompile import compare
+
+    before = (exported / "verify.json").exists()
+    real_batches = compare._ReferenceInputs.batches
+
+    def batches_with_an_export_meanwhile(self, split, batch):
+        export_run(exported, steps=steps, layers=True, n_random=64, n_real=0)  # the other command, committed
+        yield from real_batches(self, split, batch)
+
+    monkeypatch.setattr(compare._ReferenceInputs, "batches", batches_with_an_export_meanwhile)
+    with pytest.raises(ArtifactError, match=r"model_layers.onnx was exported again while verify ran \(by another "
+                                            r"command\): nothing was recorded; verify it again$"):
+        verify_run(exported, "ort-cpu", "fp32")
+    assert (exported / "verify.json").exists() == before
+    monkeypatch.undo()
+    assert verify_run(exported, "ort-cpu", "fp32")["passed"]  # the new export, verified again
 
 
 def test_cli_verify_passes_on_untouched_export(exported):
