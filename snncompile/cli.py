@@ -289,8 +289,9 @@ def _say_what_ignores_precision(runners: tuple[str, ...], precision: str, typed:
         return
     hint = ""
     if precision in ("fp16", "bf16") and any(name in GRAPH_RUNNERS for name in own):
-        hint = (f" (ONNX Runtime and OpenVINO compute in {precision} on `snncompile export RUN --precision {precision}`'s "
-                "file)")
+        runtimes = sorted({"OpenVINO" if name == "ov-cpu" else "ONNX Runtime" for name in own if name in GRAPH_RUNNERS})
+        hint = (f" ({' and '.join(runtimes)} {'compute' if len(runtimes) > 1 else 'computes'} in {precision} on "
+                f"`snncompile export RUN --precision {precision}`'s file)")
     click.echo(f"note: --precision {precision} sets what {' and '.join(PRECISION_RUNNERS)} compute; {model_file} is "
                f"checked on {', '.join(others)}, as they compute it{hint}")
 

@@ -12,6 +12,7 @@ from onnx import numpy_helper  # noqa: E402
 
 from conftest import REPO  # noqa: E402
 from helpers import make_run, reference_file, replace_checkpoint, tiny_zoo_config  # noqa: E402
+from snncompile.backends import available_runners  # noqa: E402
 from snncompile.cli import cli  # noqa: E402
 from snncompile.compare import LayerStats, _classify_flips, verify_run, verify_runs  # noqa: E402
 from snncompile.errors import ArtifactError  # noqa: E402
@@ -297,6 +298,12 @@ def test_cli_verify_judges_onnx_runtime_at_the_files_own_precision(exported):
     assert "vs torch (fp32, TF32 off)" in result.output
     saved = __import__("json").loads((exported / "verify.json").read_text())
     assert saved["ort-cpu"]["precision"] == "fp32" and "ort-cpu/fp16" not in saved
+    if available_runners()["ov-cpu"] is None:  # with both runtimes' runners, both named
+        both = CliRunner().invoke(cli, ["verify", str(exported), "--runner", "ort-cpu", "--runner", "ov-cpu",
+                                        "--precision", "fp16", "--no-progress"])
+        assert both.output.splitlines()[0].endswith("is checked on ort-cpu at fp32, ov-cpu at fp32, as they compute "
+                                                    "it (ONNX Runtime and OpenVINO compute in fp16 on `snncompile "
+                                                    "export RUN --precision fp16`'s file)"), both.output
 
 
 def test_plain_verify_checks_model_onnx_when_model_layers_onnx_is_not_its_twin(exported):
