@@ -341,7 +341,7 @@ def new_run_dir(root: str | Path, model_name: str) -> Path:
 
 def environment() -> dict[str, str | None]:
     """Versions of everything that shapes the numbers: python, torch, CUDA, GPU, and the runtimes that run
-    exports (onnxruntime, TensorRT, triton; None where not installed), so that figures measured under one
+    exports (onnxruntime, OpenVINO, TensorRT, triton; None where not installed), so that figures measured under one
     version are not mixed with another's (bench keeps earlier rows only under the same environment)."""
     from importlib.metadata import PackageNotFoundError, version
 
@@ -370,6 +370,7 @@ def environment() -> dict[str, str | None]:
         "torch": torch.__version__,
         "snncompile": __version__,
         "onnxruntime": installed("onnxruntime", "onnxruntime-gpu"),
+        "openvino": installed("openvino"),
         "tensorrt": tensorrt(),
         "triton": installed("triton", "pytorch-triton"),
     }

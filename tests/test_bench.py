@@ -589,14 +589,20 @@ def test_kept_rows_table_and_plot_list_batch_sizes_in_numerical_order(exported, 
 
 
 def test_kept_rows_need_the_same_runtime_versions(exported):
-    """environment() names the onnxruntime, TensorRT and triton versions (None when absent, read without
+    """environment() names the onnxruntime, OpenVINO, TensorRT and triton versions (None when absent, read without
     importing them), so ort-cpu's rows from an older ONNX Runtime are not kept beside newer figures."""
     import onnxruntime
 
     from snncompile.artifacts import environment
 
     env = environment()
-    assert env["onnxruntime"] == onnxruntime.__version__ and {"tensorrt", "triton"} <= set(env)
+    assert env["onnxruntime"] == onnxruntime.__version__ and {"openvino", "tensorrt", "triton"} <= set(env)
+    try:
+        import openvino
+    except ImportError:
+        openvino = None
+    # the wheel's version: 2026.4.1 of 2026.4.1-22982-...
+    assert env["openvino"] == (openvino.__version__.split("-")[0] if openvino else None)
     bench_run(exported, ["ort-cpu"], (1,), warmup=0, iters=1, progress=False, echo=lambda s: None)
     saved = json.loads((exported / "bench.json").read_text())
     saved["environment"]["onnxruntime"] = "1.0.0"  # measured under another ONNX Runtime

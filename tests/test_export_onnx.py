@@ -1,4 +1,4 @@
-"""ONNX export: every zoo model at tiny size and a trained digits model, on real ONNX Runtime."""
+"""ONNX export: every zoo model at tiny size and a trained digits model, on real ONNX Runtime (and OpenVINO)."""
 
 import json
 
@@ -12,8 +12,8 @@ import onnx  # noqa: E402
 
 from conftest import REPO, ZOO, zoo_ids  # noqa: E402
 from helpers import make_run, reference_file, replace_checkpoint, tiny_zoo_config, wrapped_ctrl_c  # noqa: E402
-from snncompile.backends import create_runner  # noqa: E402
-from snncompile.compare import verify_run  # noqa: E402
+from snncompile.backends import available_runners, create_runner  # noqa: E402
+from snncompile.compare import verify_run, verify_runs  # noqa: E402
 from snncompile.config import load_config  # noqa: E402
 from snncompile.errors import ArtifactError, ExportError, InputError, Interrupted  # noqa: E402
 from snncompile.export_onnx import ALLOWED_OPS, _check_graph, export_run  # noqa: E402
@@ -32,22 +32,28 @@ def trained_digits(tmp_path_factory):
     return result
 
 
+# the ONNX runtimes installed: every zoo export is verified on each (ONNX Runtime always; OpenVINO, an independent
+# reader and set of kernels, where the openvino extra is installed, as in CI)
+ONNX_RUNTIMES = [name for name in ("ort-cpu", "ov-cpu") if available_runners()[name] is None]
+
+
 @pytest.mark.parametrize("path", ZOO, ids=zoo_ids())
-def test_zoo_exports_and_ort_cpu_is_spike_exact(tmp_path, path):
+def test_zoo_exports_and_onnx_runtimes_are_spike_exact(tmp_path, path):
     run = make_run(tmp_path, tiny_zoo_config(path))
     result = export_run(run, layers=True, n_random=256, n_real=64)
     assert set(result.ops) <= ALLOWED_OPS and not {"Loop", "Scan", "If"} & set(result.ops)
-    report = verify_run(run, "ort-cpu", "fp32")
-    assert sum(report["inputs"].values()) >= 256
-    assert report["passed"], report["reasons"]
-    # Spike-exact but for rounding coincidences at the threshold (two libraries, two summation
-    # orders): no real flip, and every numerical one within 1e-4 of V_th.
-    assert report["layers_checked"] and all(s["real"] == 0 for s in report["layers"].values())
-    assert report["numerical_flip_rate"] <= 1e-6
-    # top-1 differs only where a numerical flip diverged the sample (dvs_cifar10: one flip in 5e7 neuron-steps
-    # changed one near-tie sample's winner)
-    top1 = report["top1"]
-    assert top1["agree"] >= top1["total"] - top1["samples_diverged"] and top1["judged_agree"] == top1["judged"]
+    reports = verify_runs(run, dict.fromkeys(ONNX_RUNTIMES), "fp32")  # one pass, the torch reference run once
+    for name, report in reports.items():
+        assert sum(report["inputs"].values()) >= 256
+        assert report["passed"], (name, report["reasons"])
+        # Spike-exact but for rounding coincidences at the threshold (two libraries, two summation
+        # orders): no real flip, and every numerical one within 1e-4 of V_th.
+        assert report["layers_checked"] and all(s["real"] == 0 for s in report["layers"].values()), name
+        assert report["numerical_flip_rate"] <= 1e-6, name
+        # top-1 differs only where a numerical flip diverged the sample (dvs_cifar10: one flip in 5e7 neuron-steps
+        # changed one near-tie sample's winner)
+        top1 = report["top1"]
+        assert top1["agree"] >= top1["total"] - top1["samples_diverged"] and top1["judged_agree"] == top1["judged"], name
     # the comparison means something only if the layers actually spike
     rates = [s for s in _layer_rates(run).values()]
     assert all(0 < r < 1 for r in rates), rates
