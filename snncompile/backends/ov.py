@@ -10,8 +10,9 @@ dimensions fixed by ``reshape``), which lets the plugin pick its kernels for the
 
 Numerics: the CPU plugin's default ``INFERENCE_PRECISION_HINT`` is bf16 on every CPU with bf16 instructions
 (AVX512-BF16, AMX), which flips spikes by the thousand on an fp32 network. The runner compiles with the
-hint at f32 and ``EXECUTION_MODE_HINT`` ACCURACY (no precision-lowering rewrites), so the graph computes what
-it says; a fp16 or bf16 export's own casts still round where the file rounds."""
+hint at f32 and ``EXECUTION_MODE_HINT`` ACCURACY (no precision-lowering rewrites), so an fp32 graph computes
+in fp32. A fp16 or bf16 export is judged by verify at its own precision's tolerances, as on ONNX Runtime, whatever
+precision the plugin computes its 16-bit nodes at on the CPU at hand."""
 
 from __future__ import annotations
 
