@@ -79,8 +79,8 @@ def bench_run(run_dir: str | Path, runners: list[str] | None = None, batches: tu
     the opt-in ``torch-compile`` and ``torch-loop``).
 
     ``precision`` applies to the runners that take one (torch-fast, trt; see ``PRECISION_RUNNERS``),
-    which are then verified with that precision's tolerances. ONNX Runtime runs the file as written: at
-    fp32, or at the export's precision for a mixed-precision ``model_fp16.onnx``/``model_bf16.onnx``.
+    which are then verified with that precision's tolerances. ONNX Runtime and OpenVINO run the file as written:
+    at fp32, or at the export's precision for a mixed-precision ``model_fp16.onnx``/``model_bf16.onnx``.
     ``cuda_graph=False``: torch-fast, torch-compile, ort-cuda and trt launch kernel by kernel (what the
     graphs save). ``cudnn_autotune=False``: torch-fast keeps cuDNN's heuristic algorithms, PyTorch's default
     (what autotuning saves). ``pad_channels > 1``: torch-fast runs convs whose input channels are not a
@@ -88,9 +88,10 @@ def bench_run(run_dir: str | Path, runners: list[str] | None = None, batches: tu
     activations in channels_last (``bench_channels_last``). ``fuse_input_conv``: torch-fast's input conv, its
     LIF and pool as one kernel (``bench_fused_input_conv``). ``profile``: after timing each runner, profile
     3 calls at the last batch size (torch.profiler: for a GPU runner every CUDA kernel of the process, ONNX
-    Runtime's too; for ort-cpu, whose work torch's profiler does not see, ONNX Runtime's own profiler over 10
-    calls) into ``<stem>_profile.txt``; with ``cuda_graph=False`` the kernels show one by one.
-    ``threads``: CPU threads for torch and ONNX Runtime (0: torch's default, ONNX Runtime one per usable core);
+    Runtime's too; for ort-cpu and ov-cpu, whose work torch's profiler does not see, their runtime's own profiler
+    over 10 calls: :data:`RUNTIME_PROFILERS`) into ``<stem>_profile.txt``; with ``cuda_graph=False`` the kernels show one by one.
+    ``threads``: CPU threads for torch, ONNX Runtime and OpenVINO (0: torch's default, the others one per usable
+    core);
     on a CPU that other work keeps busy, the free cores. ``steps``: time at that T; a timed file unrolled
     (or referenced, the step form) over another T is exported again at it first, with its other settings, and
     replaces the earlier file (said; its outputs get a ``_T<N>`` stem where N is not the trained T)."""

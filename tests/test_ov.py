@@ -18,7 +18,7 @@ from helpers import make_run, reference_file, tiny_zoo_config  # noqa: E402
 from snncompile.backends import create_runner  # noqa: E402
 from snncompile.cli import cli  # noqa: E402
 from snncompile.compare import verify_run  # noqa: E402
-from snncompile.errors import RunnerUnavailableError  # noqa: E402
+from snncompile.errors import ArtifactError, InputError, RunnerUnavailableError  # noqa: E402
 from snncompile.export_onnx import export_run  # noqa: E402
 
 
@@ -160,3 +160,37 @@ def test_the_openvino_profile_table_takes_medians_of_the_last_runs():
     assert "| Convolution | 1 | 100.0 | 71.4 % |" in text and "| Subgraph | 2 | 40.0 | 28.6 % |" in text
     assert "| mul_a | Subgraph | jit_avx512_f32 | 30.0 | 21.4 % |" in text
     assert text.index("| Convolution |") < text.index("| Subgraph |")
+
+
+def test_an_empty_file_is_one_line_not_a_model_without_inputs(tmp_path):
+    (tmp_path / "model.onnx").write_bytes(b"")  # OpenVINO reads it as a graph with no inputs or outputs
+    with pytest.raises(ArtifactError, match=r"model.onnx cannot be loaded by OpenVINO: it has no graph"):
+        create_runner("ov-cpu", tmp_path, "model.onnx")
+
+
+def test_inputs_of_two_batch_sizes_or_an_empty_batch_are_one_line(tmp_path):
+    """A step file's input and states must agree on the batch (ONNX Runtime's runners say so too); the plugin's
+    own error was three lines of C++ source locations. An empty batch it cannot run at all."""
+    run = make_run(tmp_path, tiny_zoo_config(REPO / "models" / "mnist.toml"))
+    export_run(run, form="step", n_random=4, n_real=0)
+    with create_runner("ov-cpu", run, "model_step.onnx") as runner:
+        feed = {spec.name: np.zeros([3 if d is None else d for d in spec.shape], np.float32) for spec in runner.inputs}
+        feed["input"] = np.zeros((2, *feed["input"].shape[1:]), np.float32)
+        with pytest.raises(InputError, match=r"axis 0 \(batch\) is (2|3), input '[\w.]+' gives batch = (2|3)$"):
+            runner.infer(feed)
+        empty = {name: np.zeros((0, *value.shape[1:]), np.float32) for name, value in feed.items()}
+        with pytest.raises(InputError, match=r"axis 0 \(batch\) is 0: OpenVINO runs no empty batch$"):
+            runner.infer(empty)
+
+
+def test_the_table_states_the_threads_the_plugin_runs(layers_run):
+    """The plugin caps INFERENCE_NUM_THREADS at the cores it may use: --threads 64 on a 2-core machine runs 2, and
+    bench's execution column says what ran, not what was asked."""
+    from snncompile.text import counted
+
+    with create_runner("ov-cpu", layers_run, "model_layers.onnx", threads=64) as runner:
+        handle = runner.prepare({"input": np.load(reference_file(layers_run))["random"][:, :2]})
+        runner.run_prepared(handle)
+        ran = int(next(iter(runner._requests.values())).get_compiled_model().get_property("INFERENCE_NUM_THREADS"))
+        assert runner.timing_mode(handle) == f"CPU, {counted(ran, 'thread')}"
+        assert ran <= max(os.cpu_count() or 1, 1) < 64

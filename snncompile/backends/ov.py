@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import ArtifactError
+from ..errors import ArtifactError, InputError
 from ..onnx_files import require_own_external_data
 from ..text import counted
 from .base import Runner, TensorSpec, usable_cpus
@@ -91,13 +91,17 @@ class OpenVinoCpuRunner(Runner):
             self._model = onnx_frontend.convert(onnx_frontend.load(str(self.path)))
         except Exception as e:  # openvino raises its own GeneralFailure/RuntimeError types
             raise ArtifactError(f"{self.path} cannot be loaded by OpenVINO: {_message(e)}") from None
+        if not self._model.inputs or not self._model.outputs:  # an empty file reads as a model without a graph
+            raise ArtifactError(f"{self.path} cannot be loaded by OpenVINO: it has no graph (no inputs or outputs)")
         self._inputs = [TensorSpec(port.get_any_name(), _dims(port.get_partial_shape()), _dtype(port))
                         for port in self._model.inputs]
         self._outputs = [port.get_any_name() for port in self._model.outputs]
         self._requests: OrderedDict = OrderedDict()  # input shapes -> an infer request of a compiled model
 
     def timing_mode(self, handle) -> str:
-        return f"CPU, {counted(self.threads, 'thread')}"
+        # what the plugin runs: it caps INFERENCE_NUM_THREADS at the cores it may use (--threads 8 on 2 cores is 2)
+        threads = int(self._request_for(handle).get_compiled_model().get_property("INFERENCE_NUM_THREADS"))
+        return f"CPU, {counted(threads, 'thread')}"
 
     def _request_for(self, feed: dict[str, np.ndarray]):
         """The infer request of the model compiled for ``feed``'s shapes, compiled on first use (LRU)."""
@@ -105,10 +109,14 @@ class OpenVinoCpuRunner(Runner):
         if shapes in self._requests:
             self._requests.move_to_end(shapes)
             return self._requests[shapes]
+        self._require_one_batch(feed)
         while len(self._requests) >= MAX_COMPILED:
             self._requests.popitem(last=False)
         model = self._model.clone()
-        model.reshape({name: list(shape) for name, shape in shapes})
+        try:  # shapes the graph cannot take fail here (validate_feed checks only each input on its own)
+            model.reshape({name: list(shape) for name, shape in shapes})
+        except Exception as e:
+            raise InputError(f"OpenVINO cannot fix {self.path.name}'s inputs at these shapes: {_message(e)}") from None
         try:
             compiled = self._core.compile_model(model, "CPU", compile_config(self.threads, self.profile))
         except Exception as e:
@@ -116,14 +124,27 @@ class OpenVinoCpuRunner(Runner):
         request = self._requests[shapes] = compiled.create_infer_request()
         return request
 
-    def _infer(self, feed: dict[str, np.ndarray]):
-        """One inference on ``feed``; returns its request, whose output tensors hold the results."""
+    def _require_one_batch(self, feed: dict[str, np.ndarray]) -> None:
+        """One-line :class:`InputError` unless every input's dynamic axes (an export's one named dimension,
+        ``batch``) have one size, and that size is not 0 (the plugin's shape inference refuses an empty batch)."""
+        sizes = [(spec.name, axis, feed[spec.name].shape[axis]) for spec in self.inputs
+                 for axis, dim in enumerate(spec.shape) if dim is None and spec.name in feed]
+        for name, axis, size in sizes:
+            if size == 0:
+                raise InputError(f"input {name!r}: axis {axis} (batch) is 0: OpenVINO runs no empty batch")
+            if size != sizes[0][2]:
+                raise InputError(f"input {name!r}: axis {axis} (batch) is {size}, input {sizes[0][0]!r} gives "
+                                 f"batch = {sizes[0][2]}")
+
+    def _infer(self, feed: dict[str, np.ndarray], copies: bool):
+        """One inference on ``feed`` (host arrays it reads in place); returns the outputs, as arrays of their own
+        with ``copies`` (else views of the request's tensors, which its next inference overwrites)."""
         request = self._request_for(feed)
-        request.infer(feed)
+        outputs = request.infer(feed, share_inputs=True, share_outputs=not copies)
         if self.profile:
             self._profiled.append({info.node_name: (info.node_type, info.exec_type, info.real_time.total_seconds() * 1e6)
                                    for info in request.get_profiling_info() if info.status.name == "EXECUTED"})
-        return request
+        return outputs
 
     def profiled_runs(self) -> list[dict[str, tuple[str, str, float]]]:
         """Per inference of a runner made with ``profile=True``, in order: every node the plugin executed, as
@@ -134,12 +155,13 @@ class OpenVinoCpuRunner(Runner):
         return self._profiled
 
     def _run(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        request = self._infer({name: np.ascontiguousarray(arr) for name, arr in feed.items()})
-        # copies: the request's output tensors are overwritten by its next inference
-        return {name: request.get_tensor(name).data.copy() for name in self._outputs}
+        outputs = self._infer({name: np.ascontiguousarray(arr) for name, arr in feed.items()}, copies=True)
+        return {name: outputs[name] for name in self._outputs}
 
     def run_prepared(self, handle) -> None:
-        self._infer(handle)  # the inputs are host arrays already: nothing to move
+        # the inputs are host arrays already (nothing to move), and the results stay in the request's tensors:
+        # a timed call computes, as ort-cpu's, and copies nothing out
+        self._infer(handle, copies=False)
 
     def close(self) -> None:
         self._requests.clear()
