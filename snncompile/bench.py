@@ -88,13 +88,13 @@ def bench_run(run_dir: str | Path, runners: list[str] | None = None, batches: tu
     activations in channels_last (``bench_channels_last``). ``fuse_input_conv``: torch-fast's input conv, its
     LIF and pool as one kernel (``bench_fused_input_conv``). ``profile``: after timing each runner, profile
     3 calls at the last batch size (torch.profiler: for a GPU runner every CUDA kernel of the process, ONNX
-    Runtime's too; for ort-cpu and ov-cpu, whose work torch's profiler does not see, their runtime's own profiler
-    over 10 calls: :data:`RUNTIME_PROFILERS`) into ``<stem>_profile.txt``; with ``cuda_graph=False`` the kernels show one by one.
-    ``threads``: CPU threads for torch, ONNX Runtime and OpenVINO (0: torch's default, the others one per usable
-    core);
-    on a CPU that other work keeps busy, the free cores. ``steps``: time at that T; a timed file unrolled
-    (or referenced, the step form) over another T is exported again at it first, with its other settings, and
-    replaces the earlier file (said; its outputs get a ``_T<N>`` stem where N is not the trained T)."""
+    Runtime's too; for ort-cpu and ov-cpu, whose work torch's profiler does not see, their runtime's own
+    profiler over 10 calls: :data:`RUNTIME_PROFILERS`) into ``<stem>_profile.txt``; with ``cuda_graph=False``
+    the kernels show one by one. ``threads``: CPU threads for torch, ONNX Runtime and OpenVINO (0: torch's
+    default, the others one per usable core); on a CPU that other work keeps busy, the free cores. ``steps``:
+    time at that T; a timed file unrolled (or referenced, the step form) over another T is exported again at
+    it first, with its other settings, and replaces the earlier file (said; its outputs get a ``_T<N>`` stem
+    where N is not the trained T)."""
     run_dir = Path(run_dir)
     manifest = read_manifest(run_dir)
     # the timed file of older weights: one line, not every runner failing its gate (torch is the current checkpoint)

@@ -279,8 +279,8 @@ def verify(run, runners, precision, batch, model_file, test_set, no_progress) ->
 
 
 def _say_what_ignores_precision(runners: tuple[str, ...], precision: str, typed: str, model_file: str) -> None:
-    """A note naming the runners that do not compute at ``--precision`` (ONNX Runtime and OpenVINO run the file as
-    exported, the torch loops in fp32): each is judged at what it computes, not at the looser preset."""
+    """A note naming the runners that do not compute at ``--precision`` (ONNX Runtime and OpenVINO run the file
+    as exported, the torch loops in fp32): each is judged at what it computes, not at the looser preset."""
     from .backends.base import GRAPH_RUNNERS, PRECISION_RUNNERS, runner_numerics
 
     own = {name: runner_numerics(name, precision, typed) for name in runners}

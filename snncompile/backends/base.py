@@ -191,7 +191,8 @@ def runner_options(name: str, precision: str = "fp32", cuda_graph: bool = True, 
     ``cudnn_autotune=False``: cuDNN's heuristic algorithm pick, for the runners that autotune;
     ``pad_channels > 1``: convs' input channels zero-padded to a multiple of it, for the runners that can;
     ``model_precision``: the export's (see :func:`runner_numerics`); ``threads``: ONNX Runtime's intra-op CPU
-    threads, OpenVINO's inference threads (0: one per usable core; torch's runners use torch's own setting, :func:`~.pt.cpu_threads`);
+    threads, OpenVINO's inference threads (0: one per usable core; torch's runners use torch's own setting,
+    :func:`~.pt.cpu_threads`);
     ``channels_last``: conv weights and activations in channels_last, for the runners that can;
     ``fuse_input_conv``: the input conv, its LIF and pool as one kernel, for the runners that can."""
     options: dict = {"precision": runner_numerics(name, precision, model_precision)} if name in PRECISION_RUNNERS else {}
