@@ -196,3 +196,47 @@ def test_the_table_states_the_threads_the_plugin_runs(layers_run):
         ran = int(next(iter(runner._requests.values())).get_compiled_model().get_property("INFERENCE_NUM_THREADS"))
         assert runner.timing_mode(handle) == f"CPU, {counted(ran, 'thread')}"
         assert ran <= usable_cpus() < asked
+
+
+def test_openvino_streams_with_states_bound_in_place_as_with_states_through_the_host(tmp_path, monkeypatch):
+    """The bound stream (each state passed as the plugin's own output tensor, two requests alternating, call 0
+    reading zeros) gives the bits of T plain calls, stream after stream and across batch sizes, over more batch
+    sizes than the runner keeps compiled models for (their streams go with them)."""
+    import snncompile.backends.ov as ov_backend
+    from snncompile.streaming import StreamedRunner
+
+    monkeypatch.setattr(ov_backend, "MAX_COMPILED", 2)
+    run = make_run(tmp_path, tiny_zoo_config(REPO / "models" / "mnist.toml"))
+    export_run(run, form="step", n_random=8, n_real=0)
+    x = np.load(reference_file(run, model_file="model_step.onnx"))["random"]
+    steps = x.shape[0]
+    with StreamedRunner(create_runner("ov-cpu", run, "model_step.onnx"), steps) as bound, \
+            StreamedRunner(create_runner("ov-cpu", run, "model_step.onnx"), steps, bind_states=False) as host:
+        assert bound.bound and not host.bound
+        for batch, offset in ((3, 0), (3, 3), (1, 0), (2, 5), (3, 1)):
+            feed = {"input": np.ascontiguousarray(x[:, offset:offset + batch])}
+            got, want = bound.infer(feed), host.infer(feed)
+            assert set(got) == set(want) == set(bound.output_names)
+            for name in want:
+                np.testing.assert_array_equal(got[name], want[name], err_msg=f"{batch} {offset} {name}")
+        assert len(bound.inner._streams) <= 2
+        handle = bound.prepare({"input": np.ascontiguousarray(x[:, :3])})
+        bound.run_prepared(handle)  # timed calls: nothing copied out
+        last = handle.first if (steps - 1) % 2 == 0 else handle.second
+        np.testing.assert_array_equal(last.get_tensor("scores").data, host.infer({"input": x[:, :3]})["scores"])
+        assert bound.timing_mode(handle).endswith(f"{steps} step calls, states bound in place")
+
+
+def test_a_bound_stream_is_profiled_call_by_call(tmp_path):
+    """bench --profile on a step file: the profiling runner's bound stream records each of its T calls."""
+    from snncompile.streaming import StreamedRunner
+
+    run = make_run(tmp_path, tiny_zoo_config(REPO / "models" / "mnist.toml"))
+    export_run(run, form="step", n_random=4, n_real=0)
+    x = np.load(reference_file(run, model_file="model_step.onnx"))["random"][:, :2]
+    with StreamedRunner(create_runner("ov-cpu", run, "model_step.onnx", profile=True), x.shape[0]) as runner:
+        handle = runner.prepare({"input": x})
+        runner.run_prepared(handle)
+        runner.run_prepared(handle)
+        profiled = runner.inner.profiled_runs()
+    assert len(profiled) == 2 * x.shape[0] and all("Convolution" in {op for op, _, _ in run.values()} for run in profiled)

@@ -17,6 +17,7 @@ precision the plugin computes its 16-bit nodes at on the CPU at hand."""
 from __future__ import annotations
 
 from collections import OrderedDict
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +27,7 @@ from ..onnx_files import require_own_external_data
 from ..text import counted
 from .base import Runner, TensorSpec, usable_cpus
 
-__all__ = ["OpenVinoCpuRunner", "compile_config"]
+__all__ = ["OpenVinoCpuRunner", "OvStream", "compile_config"]
 
 MAX_COMPILED = 4  # shape-specialized compiled models kept per runner (verify uses 2 batch sizes, bench 3)
 
@@ -51,6 +52,47 @@ def compile_config(threads: int, profile: bool = False) -> dict[str, str]:
         "INFERENCE_NUM_THREADS": str(threads),
         "PERF_COUNT": "YES" if profile else "NO",
     }
+
+
+@dataclass
+class OvStream:
+    """A step-form export's T calls on two infer requests of one compiled model, every state passed from call to
+    call as the plugin's own output tensor (no copy, no Python array per state): what ``BoundStream`` is for ONNX
+    Runtime. The even calls run on ``first``, the odd ones on ``second``, whose state inputs are bound once to
+    ``first``'s outputs; ``first``'s state inputs are bound to ``zeros`` for call 0 and to ``second``'s outputs
+    from call 2 on (a request cannot read the tensors it writes). Frames are host arrays the input tensors share.
+    """
+
+    first: object
+    second: object
+    carried: dict[str, str]  # state input -> the output that carries it to the next call
+    zeros: dict  # state input -> a zero Tensor (what call 0 reads; never written)
+    frames: list[np.ndarray]  # T arrays [B, ...], call t's input, shared with ``frame_tensors``
+    frame_tensors: list
+    output_names: list[str]
+    mode: str  # how the calls execute, for bench's table
+    profiled: list | None = None  # the runner's per-inference profiles, when it profiles
+
+    def load(self, x: np.ndarray) -> None:
+        """Copy ``x [T, B, ...]`` into the frames (in place: their tensors share them)."""
+        for frame, x_t in zip(self.frames, x):
+            np.copyto(frame, x_t)
+
+    def run(self, collect: bool = False) -> list[dict[str, np.ndarray]]:
+        """The T calls on the loaded frames; with ``collect``, every call's outputs copied out."""
+        outputs = []
+        for t, frame in enumerate(self.frame_tensors):
+            request = self.first if t % 2 == 0 else self.second
+            if t in (0, 2):  # the first request's states: zeros for call 0, then the second's outputs
+                for name, written in self.carried.items():
+                    self.first.set_tensor(name, self.zeros[name] if t == 0 else self.second.get_tensor(written))
+            request.set_tensor("input", frame)
+            request.infer()
+            if self.profiled is not None:
+                self.profiled.append(_executed_nodes(request))
+            if collect:
+                outputs.append({name: request.get_tensor(name).data.copy() for name in self.output_names})
+        return outputs
 
 
 class OpenVinoCpuRunner(Runner):
@@ -97,6 +139,7 @@ class OpenVinoCpuRunner(Runner):
                         for port in self._model.inputs]
         self._outputs = [port.get_any_name() for port in self._model.outputs]
         self._requests: OrderedDict = OrderedDict()  # input shapes -> an infer request of a compiled model
+        self._streams: dict = {}  # input shapes -> the OvStream on that compiled model
 
     def timing_mode(self, handle) -> str:
         # what the plugin runs: it caps INFERENCE_NUM_THREADS at the cores it may use (--threads 8 on 2 cores is 2)
@@ -111,7 +154,8 @@ class OpenVinoCpuRunner(Runner):
             return self._requests[shapes]
         self._require_one_batch(feed)
         while len(self._requests) >= MAX_COMPILED:
-            self._requests.popitem(last=False)
+            old, _ = self._requests.popitem(last=False)
+            self._streams.pop(old, None)
         model = self._model.clone()
         try:  # shapes the graph cannot take fail here (validate_feed checks only each input on its own)
             model.reshape({name: list(shape) for name, shape in shapes})
@@ -142,9 +186,33 @@ class OpenVinoCpuRunner(Runner):
         request = self._request_for(feed)
         outputs = request.infer(feed, share_inputs=True, share_outputs=not copies)
         if self.profile:
-            self._profiled.append({info.node_name: (info.node_type, info.exec_type, info.real_time.total_seconds() * 1e6)
-                                   for info in request.get_profiling_info() if info.status.name == "EXECUTED"})
+            self._profiled.append(_executed_nodes(request))
         return outputs
+
+    def bind_stream(self, x: np.ndarray, state: str = "state.", next_state: str = "next.") -> OvStream:
+        """The :class:`OvStream` of a step-form file for ``x [T, B, ...]`` (made on first use per batch size and
+        kept), ``x`` loaded into it."""
+        batch = x.shape[1]
+        zeros = {spec.name: np.zeros([batch if d is None else d for d in spec.shape], spec.dtype)
+                 for spec in self.inputs if spec.name != "input"}
+        feed = {"input": np.ascontiguousarray(x[0]), **zeros}
+        shapes = tuple((name, feed[name].shape) for name in sorted(feed))
+        stream = self._streams.get(shapes)
+        if stream is None or len(stream.frames) != len(x):
+            compiled = self._request_for(feed).get_compiled_model()
+            tensor = _openvino().Tensor
+            first, second = compiled.create_infer_request(), compiled.create_infer_request()
+            carried = {name: next_state + name.removeprefix(state) for name in zeros}
+            for name, written in carried.items():  # bound once: the odd calls read the even calls' states
+                second.set_tensor(name, first.get_tensor(written))
+            frames = [np.zeros_like(feed["input"]) for _ in range(len(x))]
+            mode = f"{self.timing_mode(feed)}, {len(x)} step calls, states bound in place"
+            stream = self._streams[shapes] = OvStream(
+                first, second, carried, {name: tensor(value, shared_memory=True) for name, value in zeros.items()},
+                frames, [tensor(frame, shared_memory=True) for frame in frames], list(self._outputs), mode,
+                self._profiled if self.profile else None)
+        stream.load(x)
+        return stream
 
     def profiled_runs(self) -> list[dict[str, tuple[str, str, float]]]:
         """Per inference of a runner made with ``profile=True``, in order: every node the plugin executed, as
@@ -164,7 +232,15 @@ class OpenVinoCpuRunner(Runner):
         self._infer(handle, copies=False)
 
     def close(self) -> None:
+        self._streams.clear()
         self._requests.clear()
+
+
+def _executed_nodes(request) -> dict[str, tuple[str, str, float]]:
+    """The nodes ``request``'s last inference executed (performance counters on), as
+    ``{node: (operation, kernel, microseconds)}``."""
+    return {info.node_name: (info.node_type, info.exec_type, info.real_time.total_seconds() * 1e6)
+            for info in request.get_profiling_info() if info.status.name == "EXECUTED"}
 
 
 def _message(error: Exception) -> str:
