@@ -57,16 +57,15 @@ def compile_config(threads: int, profile: bool = False) -> dict[str, str]:
 @dataclass
 class OvStream:
     """A step-form export's T calls on two infer requests of one compiled model, every state passed from call to
-    call as the plugin's own output tensor (no copy, no Python array per state): what ``BoundStream`` is for ONNX
-    Runtime. The even calls run on ``first``, the odd ones on ``second``, whose state inputs are bound once to
-    ``first``'s outputs; ``first``'s state inputs are bound to ``zeros`` for call 0 and to ``second``'s outputs
-    from call 2 on (a request cannot read the tensors it writes). Frames are host arrays the input tensors share.
+    call in place: what ``BoundStream`` is for ONNX Runtime. The even calls run on one request, the odd ones on
+    the other; each request writes its states into host buffers of ours that the other request reads them from
+    (bound once: a request cannot read the tensors it writes), so no call copies a state. Call 0 reads the odd
+    request's buffers, zeroed before each stream. Frames are host arrays the input tensors share.
     """
 
-    first: object
-    second: object
-    carried: dict[str, str]  # state input -> the output that carries it to the next call
-    zeros: dict  # state input -> a zero Tensor (what call 0 reads; never written)
+    requests: list  # call t's infer request: the first request for even t, the second for odd t
+    opening_states: list[np.ndarray]  # the state buffers call 0 reads (the odd request writes them): zeroed per stream
+    state_buffers: list[np.ndarray]  # every state buffer, held here: a request bound to a buffer's Tensor does not keep the array alive
     frames: list[np.ndarray]  # T arrays [B, ...], call t's input, shared with ``frame_tensors``
     frame_tensors: list
     output_names: list[str]
@@ -80,14 +79,14 @@ class OvStream:
 
     def run(self, collect: bool = False) -> list[dict[str, np.ndarray]]:
         """The T calls on the loaded frames; with ``collect``, every call's outputs copied out."""
+        for state in self.opening_states:
+            state.fill(0)
         outputs = []
-        for t, frame in enumerate(self.frame_tensors):
-            request = self.first if t % 2 == 0 else self.second
-            if t in (0, 2):  # the first request's states: zeros for call 0, then the second's outputs
-                for name, written in self.carried.items():
-                    self.first.set_tensor(name, self.zeros[name] if t == 0 else self.second.get_tensor(written))
+        for request, frame in zip(self.requests, self.frame_tensors):
             request.set_tensor("input", frame)
-            request.infer()
+            # not infer(): it wraps every output, states included, in a dict of arrays (copies, by default)
+            request.start_async()
+            request.wait()
             if self.profiled is not None:
                 self.profiled.append(_executed_nodes(request))
             if collect:
@@ -193,23 +192,29 @@ class OpenVinoCpuRunner(Runner):
         """The :class:`OvStream` of a step-form file for ``x [T, B, ...]`` (made on first use per batch size and
         kept), ``x`` loaded into it."""
         batch = x.shape[1]
-        zeros = {spec.name: np.zeros([batch if d is None else d for d in spec.shape], spec.dtype)
-                 for spec in self.inputs if spec.name != "input"}
-        feed = {"input": np.ascontiguousarray(x[0]), **zeros}
+        feed = {spec.name: np.zeros([batch if d is None else d for d in spec.shape], spec.dtype)
+                for spec in self.inputs}
         shapes = tuple((name, feed[name].shape) for name in sorted(feed))
         stream = self._streams.get(shapes)
         if stream is None or len(stream.frames) != len(x):
             compiled = self._request_for(feed).get_compiled_model()
-            tensor = _openvino().Tensor
-            first, second = compiled.create_infer_request(), compiled.create_infer_request()
-            carried = {name: next_state + name.removeprefix(state) for name in zeros}
-            for name, written in carried.items():  # bound once: the odd calls read the even calls' states
-                second.set_tensor(name, first.get_tensor(written))
+            even, odd = compiled.create_infer_request(), compiled.create_infer_request()
+            carried = {name: next_state + name.removeprefix(state) for name in feed if name != "input"}
+            opening_states, state_buffers = [], []
+            for name, written in carried.items():  # each request writes the buffers the other reads
+                by_even, by_odd = _buffer(compiled.output(written)), _buffer(compiled.output(written))
+                even.set_tensor(written, by_even[1])
+                odd.set_tensor(name, by_even[1])
+                odd.set_tensor(written, by_odd[1])
+                even.set_tensor(name, by_odd[1])
+                opening_states.append(by_odd[0])
+                state_buffers += [by_even[0], by_odd[0]]
             frames = [np.zeros_like(feed["input"]) for _ in range(len(x))]
+            tensor = _openvino().Tensor
             mode = f"{self.timing_mode(feed)}, {len(x)} step calls, states bound in place"
             stream = self._streams[shapes] = OvStream(
-                first, second, carried, {name: tensor(value, shared_memory=True) for name, value in zeros.items()},
-                frames, [tensor(frame, shared_memory=True) for frame in frames], list(self._outputs), mode,
+                [even if t % 2 == 0 else odd for t in range(len(x))], opening_states, state_buffers, frames,
+                [tensor(frame, shared_memory=True) for frame in frames], list(self._outputs), mode,
                 self._profiled if self.profile else None)
         stream.load(x)
         return stream
@@ -241,6 +246,13 @@ def _executed_nodes(request) -> dict[str, tuple[str, str, float]]:
     ``{node: (operation, kernel, microseconds)}``."""
     return {info.node_name: (info.node_type, info.exec_type, info.real_time.total_seconds() * 1e6)
             for info in request.get_profiling_info() if info.status.name == "EXECUTED"}
+
+
+def _buffer(port) -> tuple[np.ndarray, object]:
+    """A zeroed host array of a compiled model's output ``port`` (its static shape and element type) and the
+    Tensor that shares it."""
+    array = np.zeros(list(port.get_shape()), port.get_element_type().to_dtype())
+    return array, _openvino().Tensor(array, shared_memory=True)
 
 
 def _message(error: Exception) -> str:
