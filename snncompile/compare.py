@@ -71,7 +71,7 @@ PRESETS = {
 
 @dataclass
 class LayerStats:
-    """Flip counts of one LIF layer; ``per_step`` lists are indexed by timestep (0 = t=1)."""
+    """Flip counts of one LIF layer; ``flips_per_step`` is indexed by timestep (0 = t=1)."""
 
     neurons_per_step: int = 0  # neurons x samples seen, per step
     flips_per_step: list[int] = field(default_factory=list)
@@ -428,8 +428,8 @@ def verify_runs(run_dir: str | Path, runners: dict[str, dict | None], precision:
     finally:
         if bar is not None:
             bar.close()
-        for candidate in candidates.values():
-            candidate.close()
+        for runner in (reference, *candidates.values()):
+            runner.close()
 
     reports = {}
     for name, tally in tallies.items():

@@ -42,6 +42,9 @@ class UnrolledGraph(nn.Module):
         return names
 
     def forward(self, x: Tensor) -> tuple[Tensor, ...]:
+        """``x [T, B, C, H, W]`` (or ``[T, B, F]``) -> the outputs in :attr:`output_names` order: ``scores
+        [B, classes]``, with ``rates`` ``rates [B, N]`` (N: the last layer's width, classes x the voting group),
+        with ``layers`` each LIF layer's ``spikes`` and ``membrane``, ``[T, B, ...]`` as that layer's output."""
         record: dict | None = {} if self.layers else None
         outputs = self.net.forward_sequence(x, self.order, record)
         result = [self.net.decode(outputs)]
@@ -81,6 +84,10 @@ class StepGraph(nn.Module):
         return [torch.zeros_like(out)] + [t for state in states for t in state]
 
     def forward(self, x_t: Tensor, output_sum: Tensor, *flat_states: Tensor) -> tuple[Tensor, ...]:
+        """One step: ``x_t [B, C, H, W]`` (or ``[B, F]``), ``output_sum [B, N]`` and the states in
+        :attr:`state_input_names` order (a LIF layer's ``u`` and ``o``, each ``[B, ...]`` as its output; a
+        NeuNorm's ``x [B, 1, H, W]``) -> ``scores [B, classes]``, the new ``output_sum [B, N]`` and the new
+        states, of the same shapes and order."""
         states, it = [], iter(flat_states)
         for cell in self.net.cells():
             states.append((next(it), next(it)) if isinstance(cell, LIFCell) else (next(it),))

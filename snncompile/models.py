@@ -111,10 +111,12 @@ class LIFCell(nn.Module):
         self.name = name
 
     def init_state(self, x_t: Tensor) -> tuple[Tensor, ...]:
+        """Zeros ``(u, o)``, each shaped as the current ``x_t [B, ...]``."""
         return (torch.zeros_like(x_t), torch.zeros_like(x_t))
 
     def step(self, state: tuple[Tensor, ...] | None, current: Tensor):
-        """Returns (new state, spikes, membrane); ``state`` None is the zero initial state."""
+        """``current [B, ...]`` -> (new state ``(u, o)``, spikes ``o``, membrane ``u``), all fp32 ``[B, ...]``;
+        ``state`` None is the zero initial state."""
         if current.dtype in (torch.float16, torch.bfloat16):
             # Under autocast the conv/linear currents arrive in reduced precision; the membrane
             # recurrence and the threshold compare stay fp32 so spikes do not flip on rounding.
@@ -141,7 +143,8 @@ class NeuNormCell(nn.Module):
         return (self.norm.initial_state(x_t),)
 
     def step(self, state: tuple[Tensor, ...] | None, spikes: Tensor):
-        """Returns (new state, normalised output, None); ``state`` None is the zero initial state."""
+        """``spikes [B, F, H, W]`` -> (new state ``(x [B, 1, H, W],)``, normalised output ``[B, F, H, W]``, None);
+        ``state`` None is the zero initial state."""
         x, y = self.norm.step(state[0] if state is not None else self.norm.initial_state(spikes), spikes)
         return (x,), y, None
 

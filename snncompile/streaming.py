@@ -53,8 +53,8 @@ class StreamedRunner(Runner):
     """Runs a step-form export's runner over T steps: ``infer({"input": [T, B, ...]})`` -> scores and every
     LIF layer's spikes and membranes ``[T, B, ...]``.
 
-    A runner with bound streams (``bind_stream``: ONNX Runtime's :class:`~.backends.ort.BoundStream`, TensorRT's
-    :class:`~.backends.trt_stream.TrtStream`) keeps the states where it computes, in place, between calls; any
+    A runner with bound streams (``bind_stream``: ONNX Runtime's :class:`~.backends.ort.BoundStream`, OpenVINO's
+    :class:`~.backends.ov.OvStream`, TensorRT's :class:`~.backends.trt_stream.TrtStream`) keeps the states where it computes, in place, between calls; any
     other is called with host arrays.
 
     Args:

@@ -60,7 +60,13 @@ def usable_cpus() -> int:
 
 
 class Runner(ABC):
-    """Runs one exported model: ``infer({name: array}) -> {name: array}`` with stable names."""
+    """Runs one exported model: ``infer({name: array}) -> {name: array}`` with stable names.
+
+    An unrolled export takes ``{"input": [T, B, ...]}`` and answers ``scores [B, classes]`` (+ ``rates [B, N]``,
+    + ``<lif>.spikes`` and ``<lif>.membrane`` ``[T, B, ...]`` per LIF layer of a ``--layers`` export); a step-form
+    export takes one step, ``input [B, ...]``, ``output_sum [B, N]`` and the ``state.*`` tensors, and answers
+    ``scores``, ``next.output_sum`` and the ``next.*`` states (:class:`~snncompile.streaming.StreamedRunner`
+    runs it over T steps as an unrolled one)."""
 
     name: str = "runner"
     _inputs: list[TensorSpec]  # set by each runner's constructor

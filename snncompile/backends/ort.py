@@ -166,8 +166,8 @@ class _OrtRunner(Runner):
     def _session_options(self, dims: tuple[tuple[str, int], ...]):
         ort = _onnxruntime()
         opts = ort.SessionOptions()
-        # Intra-op threads = physical cores by default; inter-op parallelism buys nothing for a
-        # straight-line unrolled graph and contends with intra-op threads.
+        # Intra-op threads: one per usable CPU (the affinity mask) by default; inter-op parallelism buys nothing
+        # for a straight-line unrolled graph and contends with intra-op threads.
         opts.intra_op_num_threads = self._intra_op_threads()
         opts.inter_op_num_threads = 1
         opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
