@@ -123,7 +123,7 @@ def bench_run(run_dir: str | Path, runners: list[str] | None = None, batches: tu
                      "environment": environment(), "runners": {}}
     measured = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     profiles: list[str] = []
-    with cpu_threads(threads):  # torch's runners; ONNX Runtime's get theirs in their options
+    with cpu_threads(threads):  # torch's runners; ONNX Runtime's and OpenVINO's get theirs in their options
         for name in names:
             numerics = runner_numerics(name, precision, export.get("precision", "fp32"))
             options = runner_options(name, numerics, cuda_graph, cudnn_autotune, pad_channels,
@@ -468,7 +468,7 @@ def batch_rows(entry: dict) -> list[tuple[str, dict]]:
 
 
 def runner_entries(results: dict) -> list[tuple[str, dict]]:
-    """``results``' runner entries in the runner registry's order (torch, torch-fast, ..., ort-cpu, ort-cuda, trt),
+    """``results``' runner entries in the runner registry's order (torch, torch-fast, ..., ort-cpu, ort-cuda, ov-cpu, trt),
     whatever order they were timed or kept in: bench.json is written with sorted keys, and a table read back
     from it (pipeline's "up to date") listed them alphabetically."""
     rank = {name: i for i, name in enumerate(RUNNERS)}

@@ -215,7 +215,8 @@ def export(run, steps, opset, form, layers, rates, samples, order, precision) ->
               help="Export to build from (model_layers.onnx gives an engine verify can check layer by layer; "
                    "model_step.onnx one step's engine, which verify and bench stream T calls through).")
 def build(run, precision, batch, workspace_mb, timing_cache, model_file) -> None:
-    """Build a TensorRT engine for this GPU from RUN's model.onnx (TensorRT-RTX: a portable engine, no GPU needed)."""
+    """Build a TensorRT engine for this GPU from RUN's export (--model, model.onnx by default; TensorRT-RTX: a
+    portable engine, no GPU needed)."""
     from .backends.trt import engine_name
     from .build_engine import build_run
 
@@ -234,7 +235,7 @@ def build(run, precision, batch, workspace_mb, timing_cache, model_file) -> None
 @cli.command(short_help="Check that a runtime computes PyTorch's spikes.")
 @click.argument("run", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--runner", "runners", multiple=True, type=click.Choice(list(RUNNERS)), help="Runner(s) to check (default: every available one but torch and the opt-in torch-loop and "
-                   "torch-compile).")
+                   "torch-compile; for model_step.onnx those of them that stream it: ort-cpu, ort-cuda, ov-cpu, trt).")
 @click.option("--precision", type=click.Choice(TORCH_FAST_PRECISIONS), default=None,
               help="Tolerance preset, and what torch-fast/trt compute at (default: the export's precision, fp32 unless "
                    "exported with --precision; tf32x2: torch-fast's fp32-accurate split-TF32 spike layers, and the TensorRT engine "
@@ -358,7 +359,8 @@ def bench_train_cmd(model_toml, overrides, steps_t, batch, precision, steps, war
 @bench.command("run")
 @click.argument("run", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--runners", default="", help="Comma-separated runners (default: every available one but the opt-in "
-                                             "torch-loop and torch-compile, which compiles per input shape).")
+                                             "torch-loop and torch-compile, which compiles per input shape; for "
+                                             "model_step.onnx those of them that stream it).")
 @click.option("--batch", "batches", default="1,16,128", show_default=True, help="Comma-separated batch sizes.")
 @click.option("--iters", default=50, show_default=True, type=click.IntRange(1), help="Timed calls per batch size.")
 @click.option("--warmup", default=10, show_default=True, type=click.IntRange(0),
@@ -369,8 +371,8 @@ def bench_train_cmd(model_toml, overrides, steps_t, batch, precision, steps, war
               help="Time at this T (default: the export's). A file exported at another T is exported again at this "
                    "one first, with its other options, and replaces it; outputs bench_T<N>.* off the trained T.")
 @click.option("--precision", type=click.Choice(TORCH_FAST_PRECISIONS), default="fp32",
-              show_default=True, help="For torch-fast and trt (verified at that precision's tolerances); the other "
-                                      "runners stay fp32. tf32x2: torch-fast only, fp32-accurate spike layers on TF32.")
+              show_default=True, help="For torch-fast and trt (verified at that precision's tolerances); ONNX "
+                                      "Runtime and OpenVINO run the file at its own precision, the torch loops fp32. tf32x2: torch-fast only, fp32-accurate spike layers on TF32.")
 @click.option("--cuda-graph/--no-cuda-graph", default=True, show_default=True,
               help="torch-fast, torch-compile, ort-cuda and trt replay a captured CUDA graph; off: kernel-by-kernel launches "
                    "(bench_no_cuda_graph.*), to see what the graphs save.")
@@ -385,7 +387,7 @@ def bench_train_cmd(model_toml, overrides, steps_t, batch, precision, steps, war
               help="torch-fast runs convs whose input channel count is not a multiple of N on zero-padded copies (the "
                    "same function; cuDNN's tensor-core kernels want 8), written to bench_pad<N>.*.")
 @click.option("--threads", default=0, show_default=True, type=click.IntRange(0),
-              help="CPU threads for torch, ONNX Runtime and OpenVINO (0: torch's default, the others one per core). On a CPU "
+              help="CPU threads for torch, ONNX Runtime and OpenVINO (0: torch's default, the others one per usable CPU). On a CPU "
                    "other work keeps busy, the free cores: threads that wait for a busy core stall every op.")
 @click.option("--channels-last", is_flag=True,
               help="torch-fast keeps conv weights and activations in channels_last, the layout cuDNN's tensor-core "
@@ -425,7 +427,8 @@ def bench_run_cmd(run, runners, batches, iters, warmup, model_file, steps_t, pre
               help="Also the step form (model_step.onnx, one call per timestep, what a streaming deployment runs): "
                    "exported, verified streamed, layer by layer at every step, and benched streamed.")
 def pipeline(model_toml, overrides, out_root, batches, no_progress, stream) -> None:
-    """Train, export, verify and benchmark MODEL_TOML; stages already done for the same inputs are skipped."""
+    """Train, export, build (TensorRT, where present), verify and benchmark MODEL_TOML; stages already done for the
+    same inputs are skipped."""
     from .config import load_config
     from .pipeline import format_summary, run_pipeline
 

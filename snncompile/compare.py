@@ -349,14 +349,14 @@ def verify_runs(run_dir: str | Path, runners: dict[str, dict | None], precision:
     ``"test"`` = the run's whole test split, read from the dataset (e.g. all 10,000 MNIST images).
 
     ``precision``: what the runners that take one compute at (torch-fast, trt); each runner is judged at its own
-    numerics (:func:`~.backends.base.runner_numerics`: ONNX Runtime the file's precision, the torch loops fp32).
+    numerics (:func:`~.backends.base.runner_numerics`: ONNX Runtime and OpenVINO the file's precision, the torch loops fp32).
 
     ``model_file`` defaults to ``model_layers.onnx`` when it was exported as ``model.onnx``'s twin (per-layer
     spike checks; :func:`default_model_file`), else ``model.onnx`` (outputs only). Keys in verify.json:
     :func:`report_key`. ``other_exports``: also name the run's other unrolled exports whose file changed since
     export (``exports_changed``; hashes each one). ``skip``: ``skip(runner, reason)`` is told of each runner
     whose runtime cannot load the file, which then has no report (None: that is an error), so that verify with
-    the default runners checks a bf16 file on torch-fast though ONNX Runtime's CPU provider cannot run it."""
+    the default runners checks a bf16 file on torch-fast and ov-cpu though ONNX Runtime's CPU provider cannot run it."""
     from tqdm.auto import tqdm
 
     if precision not in PRESETS:
@@ -370,7 +370,7 @@ def verify_runs(run_dir: str | Path, runners: dict[str, dict | None], precision:
     if model_file is None:
         model_file = default_model_file(manifest.get("exports", {}))
     export = current_export(run_dir, model_file)
-    # each runner judged at what it computes: ONNX Runtime runs the file's own precision whatever was asked
+    # each runner judged at what it computes: ONNX Runtime and OpenVINO run the file's own precision whatever was asked
     numerics = {name: runner_numerics(name, precision, export.get("precision", "fp32")) for name in runners}
     inputs_path, outputs_path = export_reference_paths(run_dir, export)
     if not inputs_path.is_file() or not outputs_path.is_file():

@@ -265,8 +265,8 @@ def _bench_stage(run: Path, stage: str, inputs: str, model_file: str, batches: t
 
 def _stream_stages(run: Path, cfg: Config, batches: tuple[int, ...], progress: bool, summary: dict) -> dict:
     """``pipeline --stream``: the step form exported, verified streamed (every layer at every step, on the runners
-    that stream it) and benched streamed; returns its verify reports. Stages ``step export``, ``step verify``,
-    ``step bench`` in ``summary``; the bench under ``summary["step_bench"]``."""
+    that stream it) and benched streamed; returns its verify reports. Stages ``step export``, ``step build``,
+    ``step verify``, ``step bench`` in ``summary``; the bench under ``summary["step_bench"]``."""
     from .backends import available_runners, default_runners
     from .export_onnx import export_run, reference_files
     from .streaming import STREAM_RUNNERS

@@ -1,6 +1,6 @@
 """Where repeated calls spend their time, for ``bench train --profile`` and ``bench --profile``: torch.profiler's
-table (torch's operators, every CUDA kernel of the process), and ONNX Runtime's own profile for its CPU provider,
-whose work torch's profiler does not see."""
+table (torch's operators, every CUDA kernel of the process), ONNX Runtime's own profile for its CPU provider and
+OpenVINO's performance counters, whose work torch's profiler does not see."""
 
 from __future__ import annotations
 

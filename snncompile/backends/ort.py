@@ -212,7 +212,7 @@ class _OrtRunner(Runner):
             hint = ""
             if "NOT_IMPLEMENTED" in str(e):  # e.g. a bf16 Conv on the CPU provider: the file is fine, the build lacks it
                 hint = (f"; this ONNX Runtime's {self.provider} has no kernel for it at the file's precision: "
-                        "another runner checks it (torch-fast, or ort-cuda on a GPU)")
+                        "another runner checks it (torch-fast, ov-cpu, or ort-cuda on a GPU)")
             raise ArtifactError(f"{self.path} cannot be loaded by ONNX Runtime: {first_line(e)}{hint}") from None
 
     def _specialized_for(self, feed: dict[str, np.ndarray]):
