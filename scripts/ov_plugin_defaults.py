@@ -15,7 +15,8 @@ from pathlib import Path
 import openvino
 
 import snncompile.backends.ov as ov_backend
-from snncompile.compare import format_report, verify_run
+from snncompile.compare import verify_run
+from snncompile.verify_report import format_report
 
 
 RUNNER_CONFIG = ov_backend.compile_config

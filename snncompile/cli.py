@@ -248,7 +248,8 @@ def verify(run, runners, precision, batch, model_file, test_set, no_progress) ->
     """Check that RUN's exported model computes PyTorch's spikes and outputs on a runtime."""
     from .artifacts import read_manifest
     from .backends import default_runners, runner_options
-    from .compare import default_model_file, format_report, verify_runs
+    from .compare import default_model_file, verify_runs
+    from .verify_report import format_report
 
     exports = read_manifest(run).get("exports", {})
     defaulted = not runners

@@ -225,7 +225,8 @@ def _verify_stage(run: Path, stage: str, inputs: str, runners: list[str], model_
     """Verify ``runners`` on ``model_file`` against the torch reference, on the export's reference inputs and the
     whole test split when the dataset is at hand; (the stage's state, its reports by verify.json key). Marked
     done only when complete and passed, so that a failure is checked again on the next run."""
-    from .compare import current_reports, report_key, verify_runs
+    from .compare import verify_runs
+    from .verify_report import current_reports, report_key
 
     own_reports = [report_key(name, model_file, inputs=inputs) for name in runners for inputs in ("reference", "test")]
     # the reports as verify recorded them, of the export as it is (one line when corrupt): an edited verify.json,

@@ -116,7 +116,7 @@ def test_export_fp16_and_verify_it_at_fp16_tolerances(tmp_path):
     assert all(s["real"] == 0 for s in report["layers"].values())
     # the graph really computes in fp16: its scores are off by more than fp32's tolerance allows, so ONNX
     # Runtime is judged at the file's fp16 even when fp32 is asked (what it computes, not what was asked)
-    from snncompile.compare import PRESETS
+    from snncompile.flips import PRESETS
 
     assert report["outputs"]["scores"]["max_abs"] > PRESETS["fp32"].score_atol
     asked_fp32 = verify_run(run, "ort-cpu", "fp32", model_file="model_fp16_layers.onnx")
