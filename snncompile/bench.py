@@ -27,8 +27,8 @@ from .backends.base import RUNNERS, runner_numerics
 from .backends.pt import cpu_threads
 from .compare import verify_run
 from .errors import ArtifactError, ConfigError, SnnCompileError, described
-from .export_onnx import (current_export, export_again, export_command, exported_file_changed, layers_twin,
-                          same_graph_settings)
+from .export_onnx import export_again
+from .exports import current_export, export_command, exported_file_changed, layers_twin, same_graph_settings
 from .onnx_files import require_own_external_data
 from .references import read_references
 from .runs import load_run_config

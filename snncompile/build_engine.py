@@ -7,7 +7,7 @@ from pathlib import Path
 
 from .artifacts import atomic_write_json, interrupts_deferred, record_artifact, update_manifest
 from .errors import ArtifactError, ConfigError
-from .export_onnx import current_export, exported_file_changed
+from .exports import current_export, exported_file_changed
 from .scratch import remove_orphans
 
 __all__ = ["build_run"]

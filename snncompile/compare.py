@@ -18,7 +18,7 @@ from .artifacts import read_manifest, require_writable, run_dir_lock, sha256_mod
 from .backends import create_runner
 from .backends.base import runner_numerics
 from .errors import ArtifactError, ConfigError, DataError
-from .export_onnx import (TWIN_SETTINGS, current_export, export_command, export_reference_paths,
+from .exports import (TWIN_SETTINGS, current_export, export_command, export_reference_paths,
                           exported_file_changed, layers_twin, same_graph_settings)
 from .flips import PRESETS, Tally
 from .references import read_references

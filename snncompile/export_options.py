@@ -1,5 +1,5 @@
 """The export options' defaults and choices, without torch: `snncompile --help` reads them (cli.py imports
-no torch), and export_onnx names files and commands by them. One place, so that a default changed here is
+no torch), and exports.py names files and commands by them. One place, so that a default changed here is
 the default the help shows, and export's file names and hints (`_n<samples>`, `--samples`) agree with it."""
 
 DEFAULT_OPSET = 18

@@ -152,7 +152,8 @@ def _run_pipeline(cfg: Config, out_root: Path, batches: tuple[int, ...], progres
                   echo: Callable[[str], None], stream: bool) -> dict:
     from .backends import available_runners, default_runners
     from .bench import batch_sizes
-    from .export_onnx import export_run, reference_files
+    from .export_onnx import export_run
+    from .exports import reference_files
     from .train import train
 
     batches = batch_sizes(batches)  # a bad list fails now, not after training, export and verify
@@ -269,7 +270,8 @@ def _stream_stages(run: Path, cfg: Config, batches: tuple[int, ...], progress: b
     that stream it) and benched streamed; returns its verify reports. Stages ``step export``, ``step build``,
     ``step verify``, ``step bench`` in ``summary``; the bench under ``summary["step_bench"]``."""
     from .backends import available_runners, default_runners
-    from .export_onnx import export_run, reference_files
+    from .export_onnx import export_run
+    from .exports import reference_files
     from .streaming import STREAM_RUNNERS
 
     step = run / "model_step.onnx"

@@ -18,7 +18,7 @@ import numpy as np
 
 from .artifacts import read_manifest, sha256_file
 from .errors import ArtifactError
-from .export_onnx import export_command, export_reference_paths, read_reference
+from .exports import export_command, export_reference_paths, read_reference
 from .runs import load_run_config
 
 

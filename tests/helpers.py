@@ -51,7 +51,7 @@ def reference_file(run: Path, kind: str = "inputs", model_file: str | None = Non
     import json
 
     from snncompile.compare import default_model_file
-    from snncompile.export_onnx import export_reference_paths
+    from snncompile.exports import export_reference_paths
 
     exports = json.loads((Path(run) / "manifest.json").read_text())["exports"]
     paths = export_reference_paths(run, exports[model_file or default_model_file(exports)])

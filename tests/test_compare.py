@@ -141,7 +141,7 @@ def test_the_next_step_named_fits_the_file_asked_for(tmp_path):
     """Every missing export was answered with `snncompile export RUN`, which cannot write model_fp16_layers.onnx,
     nor anything without a checkpoint; and unchecked layers always pointed at plain model_layers.onnx."""
     from snncompile.compare import layers_hint
-    from snncompile.export_onnx import missing_export
+    from snncompile.exports import missing_export
     from snncompile.runs import load_run_config
 
     run = make_run(tmp_path / "a", tiny_zoo_config(REPO / "models" / "mnist.toml"))

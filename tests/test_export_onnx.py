@@ -379,7 +379,7 @@ def test_a_config_whose_model_section_was_edited_after_training_is_refused(tmp_p
 def test_export_command_names_the_options_of_each_file(tmp_path):
     """The command a message suggests writes the same file again: the options that name it (--layers, --order step,
     --precision, --form step), --rates, and --T / --opset / --samples only where they are not the defaults."""
-    from snncompile.export_onnx import export_command
+    from snncompile.exports import export_command
 
     run = make_run(tmp_path, tiny_zoo_config(REPO / "models" / "bench-nmnist.toml"))  # trained T = 4
     plain = {"form": "unrolled", "order": "layer", "T": 4, "layers": False, "rates": False, "precision": "fp32",
@@ -418,7 +418,7 @@ def test_a_graph_outside_the_allow_list_names_every_reason(tmp_path):
 def test_suggested_commands_quote_a_path_with_a_space(tmp_path):
     """Pasted as printed, `snncompile export /data/my run --T 2` split the run into two arguments."""
     from snncompile.backends.trt import rebuild_command
-    from snncompile.export_onnx import export_command
+    from snncompile.exports import export_command
     from snncompile.runs import missing_checkpoint
 
     run = make_run(tmp_path / "my runs", tiny_zoo_config(REPO / "models" / "digits.toml"))

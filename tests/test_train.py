@@ -347,7 +347,7 @@ def test_a_run_that_died_in_its_first_epoch_starts_again_but_a_finished_one_is_n
     whose checkpoint was deleted after epochs finished, or an init run without one, is refused: starting over
     would truncate its metrics and overwrite its record."""
     import snncompile.train as t
-    from snncompile.export_onnx import missing_export
+    from snncompile.exports import missing_export
 
     real = t._epoch_order
 

@@ -116,7 +116,7 @@ class OpenVinoCpuRunner(Runner):
     def __init__(self, run_dir: Path, model_file: str = "model.onnx", threads: int = 0, profile: bool = False):
         self.path = Path(run_dir) / model_file
         if not self.path.is_file():
-            from ..export_onnx import missing_export
+            from ..exports import missing_export
 
             raise missing_export(run_dir, model_file)
         require_own_external_data(self.path)  # before OpenVINO reads any file the model names

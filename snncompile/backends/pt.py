@@ -78,7 +78,7 @@ def export_entry(run_dir: Path, model_file: str) -> dict:
 
     entry = read_manifest(run_dir).get("exports", {}).get(model_file)
     if entry is None:
-        from ..export_onnx import missing_export
+        from ..exports import missing_export
 
         raise missing_export(run_dir, model_file)
     return entry
