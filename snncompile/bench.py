@@ -13,23 +13,20 @@ that timed no runner at all is a one-line error and writes nothing: the earlier 
 from __future__ import annotations
 
 import datetime
-import json
 import time
 from pathlib import Path
 
 import numpy as np
 
-from .artifacts import (artifact_as_recorded, atomic_save, atomic_write_text, environment, forget_artifact,
-                        interrupts_deferred, read_manifest, record_artifact, require_writable, run_dir_lock,
-                        write_recorded_json)
+from .artifacts import environment, read_manifest, require_writable, run_dir_lock
 from .backends import available_runners, create_runner, default_runners, runner_options
-from .backends.base import RUNNERS, runner_numerics
+from .backends.base import runner_numerics
 from .backends.pt import cpu_threads
-from .compare import verify_run
+from .bench_gate import gate
+from .bench_report import batch_rows, bench_stem, format_table, keep_earlier_runners, write_results
 from .errors import ArtifactError, ConfigError, SnnCompileError, described
 from .export_onnx import export_again
-from .exports import current_export, export_command, exported_file_changed, layers_twin, same_graph_settings
-from .onnx_files import require_own_external_data
+from .exports import current_export, export_command, exported_file_changed
 from .references import read_references
 from .runs import load_run_config
 from .streaming import STREAM_RUNNERS, streamed
@@ -137,7 +134,7 @@ def bench_run(run_dir: str | Path, runners: list[str] | None = None, batches: tu
                 continue
             if name != "torch":  # torch is the reference itself
                 try:
-                    reasons = _gate(run_dir, name, numerics, options, model_file, export, reference, echo)
+                    reasons = gate(run_dir, name, numerics, options, model_file, export, reference, echo)
                     skipped = "verify failed: " + "; ".join(reasons) if reasons else None
                 except SnnCompileError as e:  # e.g. an engine of the timed file but not of its _layers twin
                     skipped = f"cannot verify: {e}"
@@ -156,10 +153,10 @@ def bench_run(run_dir: str | Path, runners: list[str] | None = None, batches: tu
                       other_steps)
     results["stem"] = stem
     with run_dir_lock(run_dir):  # the read of the earlier rows to the record of the new file: a bench beside it waits
-        kept = _keep_earlier_runners(run_dir / f"{stem}.json", results)
+        kept = keep_earlier_runners(run_dir / f"{stem}.json", results)
         if kept:
             echo(f"kept from the earlier bench of this export: {', '.join(kept)} (time them again with --runners)")
-        _write_results(run_dir, stem, results, profiles, echo)
+        write_results(run_dir, stem, results, profiles, echo)
     return results
 
 
@@ -196,22 +193,6 @@ def _time_runner(name: str, run_dir: Path, model_file: str, options: dict, expor
         return None
 
 
-def _write_results(run_dir: Path, stem: str, results: dict, profiles: list[str], echo=print) -> None:
-    """``<stem>.json``, ``.md``, ``.png`` and ``_profile.txt`` (when there are profiles), recorded in the manifest;
-    interrupts wait until all of them are written, so a bench's files are all this bench's or all the earlier
-    one's."""
-    with interrupts_deferred():
-        if profiles:  # none when every runner was skipped
-            atomic_write_text(run_dir / f"{stem}_profile.txt", "\n\n".join(profiles) + "\n")
-            record_artifact(run_dir, f"{stem}_profile.txt")
-            results["profile_file"] = f"{stem}_profile.txt"
-        if _plot_or_forget(run_dir, f"{stem}.png", results, echo):
-            results["plot_file"] = f"{stem}.png"
-        write_recorded_json(run_dir, f"{stem}.json", results)  # the next bench keeps rows only from the file recorded
-        atomic_write_text(run_dir / f"{stem}.md", format_table(results) + "\n")
-        record_artifact(run_dir, f"{stem}.md")
-
-
 def _require_timed(runners: dict[str, dict]) -> None:
     """One line when no runner of this bench was timed at any batch size, with each one's reason, shortened: the
     full reasons were said as each runner was skipped."""
@@ -235,22 +216,6 @@ def _brief(reason: str, limit: int = 200) -> str:
     first, *more = " ".join(reason.split()).split("; ")
     first += " ..." if more else ""
     return first if len(first) <= limit else first[: limit - 4] + " ..."
-
-
-def _plot_or_forget(run_dir: Path, name: str, results: dict, echo) -> bool:
-    """Draw ``results`` into ``run_dir/name`` and record it; where it cannot be drawn (no matplotlib), remove an
-    earlier bench's plot and its manifest entry, which would show figures these results replaced. A plot that
-    fails is said in one line: the figures measured are written all the same."""
-    try:
-        drawn = _plot(results, run_dir / name)
-    except Exception as exc:  # noqa: BLE001  matplotlib's own errors: the plot is the least of the outputs
-        echo(f"{name} not drawn: {described(exc)}")
-        drawn = False
-    if drawn:
-        record_artifact(run_dir, name)
-        return True
-    forget_artifact(run_dir, name)
-    return False
 
 
 def _time_batch(runner, reference: dict[str, np.ndarray], batch: int, warmup: int, iters: int, steps: int) -> dict:
@@ -319,46 +284,6 @@ def _runtime_profile(name: str, run_dir: Path, model_file: str, options: dict, e
     return f"{head}: {table}"
 
 
-def _keep_earlier_runners(path: Path, results: dict) -> list[str]:
-    """Add to ``results`` the runners that the earlier bench in ``path`` timed and this one did not, when it
-    timed the same export bytes at the same T with the same platform, GPU and versions (``environment()``,
-    which names no host): timing one runner again
-    refreshes its rows and keeps the others'. Returns their names (each entry keeps its ``measured``
-    time). An unreadable or other bench's file is replaced, as before, and so is one edited since bench wrote it
-    (its hash is not the manifest's: a made-up row was carried into the new table and its hash recorded again)."""
-    if not artifact_as_recorded(path.parent, path.name):
-        return []
-    try:
-        earlier = json.loads(path.read_text())
-        same = all(earlier[k] == results[k] for k in ("export_sha256", "T", "environment")) and results["export_sha256"]
-        runners = dict(earlier["runners"]) if same else {}
-        kept = [name for name in runners if name not in results["runners"]]
-        for name in kept:  # read back from JSON in string order ("1", "128", "16"): numerical again
-            if "by_batch" in runners[name]:
-                runners[name] = {**runners[name], "by_batch": dict(batch_rows(runners[name]))}
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        return []
-    if kept:
-        results["runners"] = {**runners, **results["runners"]}  # a re-timed runner's new entry replaces its old one
-        results["batches"] = sorted({*earlier.get("batches", []), *results["batches"]})
-    return kept
-
-
-def bench_stem(model_file: str, precision: str, cuda_graph: bool = True, cudnn_autotune: bool = True,
-               pad_channels: int = 1, channels_last: bool = False, fuse_input_conv: bool = False,
-               other_steps: int | None = None) -> str:
-    """File stem of a bench's outputs: ``bench``, ``bench_model_per_step``, ``bench_T16`` (``other_steps``:
-    an export at another T than the trained one), ``bench_bf16``, ``bench_no_cuda_graph``,
-    ``bench_no_autotune``, ... so that timing another file, T, precision or launch mode does not overwrite
-    the results of ``model.onnx`` at the trained T, fp32, with graphs and autotuning."""
-    parts = (["bench"] + ([Path(model_file).stem] if model_file != "model.onnx" else [])
-             + ([f"T{other_steps}"] if other_steps is not None else [])
-             + ([precision] if precision != "fp32" else []) + ([] if cuda_graph else ["no_cuda_graph"])
-             + ([] if cudnn_autotune else ["no_autotune"]) + ([f"pad{pad_channels}"] if pad_channels > 1 else [])
-             + (["channels_last"] if channels_last else []) + (["fused_input_conv"] if fuse_input_conv else []))
-    return "_".join(parts)
-
-
 def _export_at(run_dir: Path, model_file: str, export: dict, steps: int, echo=print) -> dict:
     """``model_file`` exported again at T = ``steps`` with the other settings of its manifest entry ``export``;
     its new entry. Reference inputs of that T are drawn with it (``reference_inputs_T<T>.npz``)."""
@@ -366,187 +291,3 @@ def _export_at(run_dir: Path, model_file: str, export: dict, steps: int, echo=pr
          f"`{export_command(run_dir, export)}` writes that one again)")
     export_again(run_dir, export, steps=steps)
     return current_export(run_dir, model_file, file_needed=True)
-
-
-def _gate(run_dir: Path, name: str, numerics: str, options: dict, model_file: str, export: dict,
-          reference: dict[str, np.ndarray], echo=print) -> list[str]:
-    """Why runner ``name`` may not be timed on ``model_file`` (empty: verified). It checks every layer's spikes
-    on the _layers twin of the timed graph (same function, extra outputs), then that the timed file itself
-    computes what torch computes.
-
-    The twin is (re-)exported from the run's checkpoint unless it is already the timed file's twin: same T,
-    order, precision and checkpoint hash, and the same weights (compared directly, initializer by initializer:
-    exports recorded before their entries held the checkpoint's hash have none). Re-exporting is always right
-    here because verify's reference is the torch module of the run's checkpoint: a twin of older weights would
-    fail on real spike mismatches that the timed file does not have. A timed file of older weights is refused
-    before any gate (:func:`bench_run`), or, recorded without the checkpoint's hash, fails its own check below.
-
-    The timed file passes when it is the file its export recorded and its scores are off only on as few
-    samples as numerical spike flips explain (:func:`_timed_file_reasons`)."""
-    if export["form"] == "step":  # streamed, the file reports every layer's spikes itself: it is its own twin
-        report = verify_run(run_dir, name, numerics, progress=False, model_file=model_file, options=options,
-                            other_exports=False)
-        return list(report["reasons"])  # a file its export did not write among them, first
-    layers_file = layers_twin(model_file)
-    earlier = read_manifest(run_dir).get("exports", {}).get(layers_file)
-    if not _is_twin(run_dir, model_file, export, earlier, layers_file):
-        # the same reference inputs again (the counts the timed export asked for, so the same files; exports
-        # recorded before those counts: the counts its file holds)
-        n_random, n_real = export.get("reference_samples") or (
-            reference["random"].shape[1], reference["real"].shape[1] if "real" in reference else 0)
-        export_again(run_dir, export, layers=True, rates=False, n_random=n_random, n_real=n_real)
-        # said: the user's own export of that name is replaced (and verify's default file with it)
-        replaced = "" if earlier is None else (f"; it replaces the one at T = {earlier['T']}" if earlier.get("T") != export["T"]
-                                               else "; it replaces the earlier one")
-        echo(f"exported {layers_file} (T = {export['T']}) to check {model_file} layer by layer{replaced}")
-    report = verify_run(run_dir, name, numerics, progress=False, model_file=layers_file, options=options,
-                        other_exports=False)
-    reasons = list(report["reasons"])
-    if layers_file != model_file:
-        plain = verify_run(run_dir, name, numerics, progress=False, model_file=model_file, options=options,
-                           other_exports=False)
-        reasons += _timed_file_reasons(model_file, plain, report)
-    return reasons
-
-
-def _is_twin(run_dir: Path, model_file: str, export: dict, twin: dict | None, layers_file: str) -> bool:
-    """Whether ``layers_file`` (its manifest entry ``twin``) is the _layers twin of the timed export: same T,
-    order, precision and checkpoint (verify would refuse a twin of another one), and the same weights (every
-    ``net.*`` initializer equal, by name and bytes)."""
-    if twin is None or layers_file == model_file:
-        return twin is not None
-    if not same_graph_settings(export, twin):
-        return False
-    try:
-        return _weights(run_dir / model_file) == _weights(run_dir / layers_file) != {}
-    except Exception:  # noqa: BLE001  a missing or unreadable file (onnx raises many types): export it again
-        return False
-
-
-def _weights(path: Path) -> dict[str, bytes]:
-    """The trained parameters an ONNX file holds: its initializers named after the module's parameters
-    (``net.<param>``; the exporter's own constants are numbered per graph, so they cannot be compared)."""
-    import onnx
-
-    require_own_external_data(path)  # onnx.load reads the weights' files that the model names
-    return {i.name: onnx.numpy_helper.to_array(i).tobytes() for i in onnx.load(str(path)).graph.initializer
-            if i.name.startswith("net.")}
-
-
-def _timed_file_reasons(model_file: str, plain: dict, layers: dict) -> list[str]:
-    """Why the timed file fails, given its own verify (``plain``, outputs only) and its twin's (``layers``).
-
-    The timed file runs other kernels than its twin (ONNX Runtime and TensorRT choose per graph), so a
-    numerical spike flip may land on other samples in it, and only the twin can show flips. A flip moves the
-    scores of its own sample, by a quantum or more, and may change a close prediction. So the timed file may
-    have scores off on as many samples as the twin had flips (at least one, twice as many where it had any:
-    the same rate of flips lands on other samples), and change no more predictions than that; NaN/inf never.
-    A wrong file (other weights, a shifted bias) has scores off on most samples."""
-    if not plain["model_matches_export"]:  # the first reason says so, naming the file and the export command
-        return plain["reasons"][:1]
-    allowed = max(1, 2 * layers["top1"]["samples_diverged"])
-    reasons = []
-    for out, e in plain["outputs"].items():
-        if e["non_finite"]:
-            reasons.append(f"{model_file}: {out}: {e['non_finite']} NaN/inf values where torch's are finite")
-        if e["samples_off"] > allowed:
-            reasons.append(f"{model_file}: {out} differ by up to {e['max_abs']:.3g} (> {plain['tolerance']['score_atol']:g}) "
-                           f"on {e['samples_off']} samples, more than the {allowed} that numerical spike flips "
-                           f"explain (its _layers twin: {layers['top1']['samples_diverged']} samples with flips)")
-    t = plain["top1"]
-    changed = t["unambiguous"] - t["unambiguous_agree"]
-    if changed > allowed:
-        reasons.append(f"{model_file}: {changed} predictions differ, more than the {allowed} that numerical "
-                       "spike flips explain")
-    return reasons
-
-
-def batch_rows(entry: dict) -> list[tuple[str, dict]]:
-    """A runner entry's ``by_batch`` rows in numerical batch order: bench.json is written with sorted keys, so
-    a file read back lists "1", "128", "16"."""
-    return sorted(entry.get("by_batch", {}).items(), key=lambda row: int(row[0]))
-
-
-def runner_entries(results: dict) -> list[tuple[str, dict]]:
-    """``results``' runner entries in the runner registry's order (torch, torch-fast, ..., ort-cpu, ort-cuda, ov-cpu, trt),
-    whatever order they were timed or kept in: bench.json is written with sorted keys, and a table read back
-    from it (pipeline's "up to date") listed them alphabetically."""
-    rank = {name: i for i, name in enumerate(RUNNERS)}
-    return sorted(results["runners"].items(), key=lambda item: rank.get(item[0], len(rank)))
-
-
-def format_table(results: dict) -> str:
-    """Markdown table: one row per runner and batch size."""
-    layout = "streamed, one call per step" if results.get("form") == "step" else f"{results.get('order', 'layer')}-major"
-    lines = [f"model {results['model']} ({results.get('file', 'model.onnx')}, {layout}), T = {results['T']}",
-             "", "| runner | batch | p50 ms | p90 ms | p99 ms | samples/s | timesteps/s | execution |", "|---|---|---|---|---|---|---|---|"]
-    for runner, entry in runner_entries(results):
-        name = runner if entry.get("precision", "fp32") == "fp32" else f"{runner} ({entry['precision']})"
-        if "skipped" in entry:
-            lines.append(f"| {name} | - | skipped: {entry['skipped']} | | | | | |")
-            continue
-        for batch, s in batch_rows(entry):
-            if "failed" in s:
-                lines.append(f"| {name} | {batch} | {s['failed']} | | | | | |")
-                continue
-            lines.append(f"| {name} | {batch} | {s['p50_ms']:.3f} | {s['p90_ms']:.3f} | {s['p99_ms']:.3f} | "
-                         f"{s['samples_per_s']:,.0f} | {s['timesteps_per_s']:,.0f} | {s.get('execution', '')} |")
-        if "failed" in entry:  # after its figures: e.g. the profile
-            lines.append(f"| {name} | - | {entry['failed']} | | | | | |")
-    return "\n".join(lines)
-
-
-def _plot(results: dict, path: Path) -> bool:
-    """Latency and throughput against batch per runner (:func:`bench_figure`) as a PNG; False when matplotlib
-    is absent."""
-    from .errors import MissingDependencyError
-    from .plots import pyplot
-
-    try:
-        plt = pyplot()
-    except MissingDependencyError:
-        return False
-    fig = bench_figure(results, plt)
-    atomic_save(path, lambda f: fig.savefig(f, format="png", dpi=120))
-    plt.close(fig)
-    return True
-
-
-def bench_figure(results: dict, plt):
-    """The bench plot: p50 latency and samples/s against batch, one line per timed runner, both axes
-    logarithmic. The batch axis is ticked at the measured sizes only, and numbers read as numbers (2, 30,
-    0.5, 20,000) where matplotlib's defaults would write 2x10^1 and put ticks at batch sizes never run."""
-    from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
-
-    from .plots import plain_log_labels
-
-    fig, (ax_lat, ax_thr) = plt.subplots(1, 2, figsize=(10, 4))
-    sizes: set[int] = set()
-    for name, entry in runner_entries(results):  # lines and legend in the table's order
-        if "by_batch" not in entry:
-            continue
-        timed = {int(k): s for k, s in batch_rows(entry) if "failed" not in s}
-        if not timed:
-            continue
-        sizes.update(timed)
-        b = list(timed)
-        ax_lat.plot(b, [s["p50_ms"] for s in timed.values()], marker="o", label=name)
-        ax_thr.plot(b, [s["samples_per_s"] for s in timed.values()], marker="o", label=name)
-    for ax, title, unit in ((ax_lat, "latency (p50)", "ms per batch of T steps"), (ax_thr, "throughput", "samples/s")):
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        if sizes:
-            ax.xaxis.set_major_locator(FixedLocator(sorted(sizes)))
-            ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
-            ax.xaxis.set_minor_locator(NullLocator())
-        plain_log_labels(ax.yaxis)
-        ax.set_xlabel("batch")
-        ax.set_ylabel(unit)
-        ax.set_title(f"{results['model']} T={results['T']}: {title}")
-        ax.grid(True, which="both", alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend()
-        else:  # every runner was skipped (their reasons are in the table): say so rather than an empty frame
-            ax.text(0.5, 0.5, "no runner timed", transform=ax.transAxes, ha="center", va="center")
-    fig.tight_layout()
-    return fig

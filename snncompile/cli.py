@@ -400,7 +400,8 @@ def bench_train_cmd(model_toml, overrides, steps_t, batch, precision, steps, war
 def bench_run_cmd(run, runners, batches, iters, warmup, model_file, steps_t, precision, cuda_graph, cudnn_autotune,
                   profile, pad_channels, threads, channels_last, fuse_input_conv) -> None:
     """Verify, then time every runner on RUN's export; writes bench.json, bench.md, bench.png."""
-    from .bench import bench_run, format_table
+    from .bench import bench_run
+    from .bench_report import format_table
 
     sizes = _batch_sizes(batches)
     names = [n.strip() for n in runners.split(",") if n.strip()] or None

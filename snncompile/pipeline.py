@@ -255,7 +255,8 @@ def _verify_stage(run: Path, stage: str, inputs: str, runners: list[str], model_
 def _bench_stage(run: Path, stage: str, inputs: str, model_file: str, batches: tuple[int, ...],
                  threads: int) -> tuple[str, dict]:
     """Bench every available runner of ``model_file`` (its defaults); (the stage's state, the bench's results)."""
-    from .bench import bench_run, bench_stem
+    from .bench import bench_run
+    from .bench_report import bench_stem
 
     results_file = run / f"{bench_stem(model_file, 'fp32')}.json"
     if _done(run, stage, inputs, results_file):
@@ -298,7 +299,7 @@ def _stream_stages(run: Path, cfg: Config, batches: tuple[int, ...], progress: b
 
 
 def format_summary(summary: dict) -> str:
-    from .bench import format_table
+    from .bench_report import format_table
 
     lines = [f"run: {summary['run']}"]
     lines += [f"  {stage:<7} {state}" for stage, state in summary["stages"].items()]

@@ -124,14 +124,14 @@ def test_gate_keeps_the_real_samples_and_a_runner_that_cannot_be_verified_is_ski
     run = make_run(tmp_path, tiny_zoo_config(REPO / "models" / "digits.toml"))
     export_run(run, n_random=8, n_real=8)
     before = dict(np.load(reference_file(run)))
-    real_gate = bench._gate
+    real_gate = bench.gate
 
     def gate(run_dir, name, *args):
         if name == "torch-fast":
             raise ArtifactError("no model_layers_fp32.plan")
         return real_gate(run_dir, name, *args)
 
-    monkeypatch.setattr(bench, "_gate", gate)
+    monkeypatch.setattr(bench, "gate", gate)
     data = bench_run(run, ["torch-fast", "ort-cpu"], (1, 1, 2), warmup=0, iters=2, echo=lambda s: None)
     assert data["runners"]["torch-fast"]["skipped"] == "cannot verify: no model_layers_fp32.plan"
     assert data["runners"]["ort-cpu"]["verified"] and list(data["runners"]["ort-cpu"]["by_batch"]) == ["1", "2"]
@@ -266,7 +266,7 @@ def test_channels_last_benches_separately_with_torch_fasts_convs_in_channels_las
 def test_a_bench_where_every_runner_was_skipped_still_plots_without_warnings(tmp_path):
     import warnings
 
-    from snncompile.bench import _plot
+    from snncompile.bench_report import _plot
 
     pytest.importorskip("matplotlib")
     results = {"model": "m", "T": 4, "runners": {"ort-cuda": {"skipped": "CUDAExecutionProvider is not in this build"}}}
@@ -279,7 +279,7 @@ def test_a_bench_where_every_runner_was_skipped_still_plots_without_warnings(tmp
 def test_the_bench_plot_ticks_the_measured_batch_sizes_and_writes_plain_numbers():
     """The batch axis carries the sizes that ran (not 2 and 4 between 1 and 8), and no tick label is in
     matplotlib's 2x10^1 notation: latencies from 0.15 to 260 ms, throughputs up to 40,000 samples/s."""
-    from snncompile.bench import bench_figure
+    from snncompile.bench_report import bench_figure
     from snncompile.plots import pyplot
 
     pytest.importorskip("matplotlib")
@@ -395,14 +395,14 @@ def test_two_benches_at_once_keep_each_others_rows(exported, monkeypatch):
     import snncompile.bench as bench
 
     bench_run(exported, ["ort-cpu"], (1,), warmup=0, iters=1, progress=False, echo=lambda s: None)
-    real_write, started, second = bench._write_results, threading.Event(), {}
+    real_write, started, second = bench.write_results, threading.Event(), {}
 
     def write_slowly(*args, **kwargs):
         started.set()
         threading.Event().wait(2)  # the other bench reads the earlier rows now, unless it must wait
         return real_write(*args, **kwargs)
 
-    monkeypatch.setattr(bench, "_write_results", write_slowly)
+    monkeypatch.setattr(bench, "write_results", write_slowly)
     other = threading.Thread(target=lambda: second.update(
         data=(started.wait(60), bench_run(exported, ["torch"], (1,), warmup=0, iters=1, progress=False,
                                           echo=lambda s: None))))
@@ -506,7 +506,7 @@ def test_gate_lets_the_timed_file_flip_on_other_samples_than_its_twin():
     """The timed file runs other kernels than its _layers twin, so a numerical flip may land on a sample of
     its own: scores off on one sample (twice as many as the twin's flipped samples, where it had any) pass;
     more do not, nor NaN, nor more changed predictions."""
-    from snncompile.bench import _timed_file_reasons
+    from snncompile.bench_gate import _timed_file_reasons
 
     def plain(samples_off, changed=0, non_finite=0):
         return {"model_matches_export": True, "tolerance": {"score_atol": 1e-5},
@@ -571,7 +571,7 @@ def test_kept_rows_table_and_plot_list_batch_sizes_in_numerical_order(exported, 
     assert table.index("| torch | 1 |") < table.index("| torch | 2 |") < table.index("| torch | 16 |")
     saved = json.loads((exported / "bench.json").read_text())
     assert list(saved["runners"]["torch"]["by_batch"]) == ["1", "16", "2"]  # as written: sorted as strings
-    from snncompile.bench import _plot, format_table
+    from snncompile.bench_report import _plot, format_table
 
     rows = format_table(saved).splitlines()
     assert [r.split("|")[2].strip() for r in rows if r.startswith("| torch |")] == ["1", "2", "16"]
@@ -666,7 +666,7 @@ def test_a_timed_file_of_an_earlier_checkpoint_is_one_line_before_anything_is_ti
     before = _bench_files(exported)
     replace_checkpoint(exported)
     monkeypatch.setattr("snncompile.bench.create_runner", lambda *a, **k: pytest.fail("a runner was created"))
-    monkeypatch.setattr("snncompile.bench._gate", lambda *a, **k: pytest.fail("a runner was verified"))
+    monkeypatch.setattr("snncompile.bench.gate", lambda *a, **k: pytest.fail("a runner was verified"))
     result = CliRunner().invoke(cli, ["bench", str(exported), "--batch", "1", "--iters", "1"])
     assert result.exit_code == 1 and result.output.strip().splitlines() == [
         f"error: model.onnx was exported from an earlier checkpoint (training continued since): export it again: "
