@@ -217,43 +217,44 @@ def verify_runs(run_dir: str | Path, runners: dict[str, dict | None], precision:
         for runner in (reference, *candidates.values()):
             runner.close()
 
+    checked = {  # what every runner's report says of the comparison itself
+        "model": model_file,
+        "T": export["T"],
+        "model_matches_export": changed_file is None,
+        "model_sha256": export.get("sha256"),  # the export checked: a report of an earlier one is dropped
+        "exports_changed": changed,
+        "reference": "torch fp32 on CPU, TF32 off (the exported graph's own module)",
+        # None on the test set: only the export's reference inputs have stored torch outputs
+        "reference_reproduced": reproduced if inputs == "reference" else None,
+        "inputs": dict(source.sizes),
+        "exact_model": cfg.model.exact,
+    }
     reports = {}
-    for name, tally in tallies.items():
-        if name not in candidates:  # skipped: it could not load the file
-            continue
+    for name in candidates:  # those skipped could not load the file: no report
         tol = PRESETS[numerics[name]]
-        reports[name] = {
-            "runner": name,
-            "precision": numerics[name],
-            "tolerance": asdict(tol),
-            "model": model_file,
-            "T": export["T"],
-            "model_matches_export": changed_file is None,
-            "model_sha256": export.get("sha256"),  # the export checked: a report of an earlier one is dropped
-            "exports_changed": changed,
-            "reference": "torch fp32 on CPU, TF32 off (the exported graph's own module)",
-            # None on the test set: only the export's reference inputs have stored torch outputs
-            "reference_reproduced": reproduced if inputs == "reference" else None,
-            "inputs": dict(source.sizes),
-            "exact_model": cfg.model.exact,
-            **tally.report(tol),
-        }
+        report = reports[name] = {"runner": name, "precision": numerics[name], "tolerance": asdict(tol), **checked,
+                                  **tallies[name].report(tol)}
         if changed_file is not None:
-            reports[name]["reasons"].insert(0, changed_file)
-            reports[name]["passed"] = False
-        if not reports[name]["layers_checked"]:
-            reports[name]["layers_hint"] = layers_hint(run_dir, manifest.get("exports", {}), model_file)
-    path = run_dir / "verify.json"
+            report["reasons"].insert(0, changed_file)
+            report["passed"] = False
+        if not report["layers_checked"]:
+            report["layers_hint"] = layers_hint(run_dir, manifest.get("exports", {}), model_file)
+    _record_reports(run_dir, model_file, export, reports, inputs)
+    return reports
+
+
+def _record_reports(run_dir: Path, model_file: str, export: dict, reports: dict[str, dict], inputs: str) -> None:
+    """Merge ``reports`` into verify.json (each under :func:`report_key`), beside the reports that still describe
+    the run, unless ``model_file`` was exported again since verify started."""
     with run_dir_lock(run_dir):  # another verify (or bench's) may merge its reports into the same file
         # under the lock export commits under: a file exported again from here on waits for this record
         _require_export_unchanged(run_dir, model_file, export)
-        existing = current_reports(run_dir, path)
+        existing = current_reports(run_dir, run_dir / "verify.json")
         for name, report in reports.items():
             existing[report_key(name, model_file, report["precision"], inputs)] = report
         # recorded before the lock goes, and announced before the rename: the next merge keeps reports only from
         # the file as recorded
         write_recorded_json(run_dir, "verify.json", existing)
-    return reports
 
 
 def _require_export_unchanged(run_dir: Path, model_file: str, export: dict) -> None:
