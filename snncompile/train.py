@@ -34,7 +34,7 @@ from .errors import (ArtifactError, ConfigError, OutOfMemory, SnnCompileError, T
                      asked_memory, first_line, out_of_memory)
 from .exact import snap_to_grid
 from .memory import SavedActivations
-from .models import network_from_config
+from .models import SpikingNetwork, network_from_config
 from .runs import (CHECKPOINT, CONFIG, METRICS, load_checkpoint, load_run_config, missing_checkpoint, model_settings,
                    read_metrics, require_trained_config, require_trained_model_settings,
                    stopped_before_first_epoch)
@@ -294,6 +294,51 @@ def _locked_train(lock: contextlib.ExitStack, cfg: Config | None, out_root, resu
         destroy(ctx)
 
 
+def _configured_network(cfg: Config, device: torch.device, say) -> SpikingNetwork:
+    """The network of ``cfg.model`` on ``device``, freshly initialised from ``train.seed`` (the same weights on
+    every rank), set to execute as ``[train]`` says (layer-major or per step, the fused LIF where it runs,
+    channels_last, padded or fused input convs)."""
+    torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
+    net = network_from_config(cfg.model).to(device)
+    if cfg.train.channels_last:  # in place: the parameters stay the same objects, only their strides change
+        net.to(memory_format=torch.channels_last)
+    net.execution = cfg.train.execution  # type: ignore[assignment]
+    net.fused_lif = _use_fused_lif(cfg, device)
+    net.pad_conv_channels = cfg.train.pad_conv_channels
+    net.fuse_input_conv = cfg.train.fuse_input_conv
+    if (note := _unfused_input_conv_note(cfg, net)) is not None:
+        say(note)
+    return net
+
+
+def _restore_training(state: dict, net: SpikingNetwork, opt: torch.optim.Optimizer, sched, run_dir: Path) -> None:
+    """Load a checkpoint's network, optimizer and scheduler states; one line when they do not fit."""
+    try:
+        net.load_state_dict(state["model"])
+        load_optimizer_state(opt, state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+    except (RuntimeError, ValueError, KeyError, TypeError) as e:  # a hand-made or damaged one: torch's traceback
+        raise ArtifactError(f"{run_dir / CHECKPOINT} does not fit this run's network and optimizer "
+                            f"({first_line(e, 120)}): restore it from a copy") from None
+
+
+def _new_run(out_root, cfg: Config, data) -> Path:
+    """A new run directory under ``out_root`` with its ``config.toml`` and the manifest's first entries."""
+    run_dir = new_run_dir(out_root, cfg.name)
+    atomic_write_text(run_dir / CONFIG, dumps_toml(cfg))
+    update_manifest(
+        run_dir,
+        model=cfg.name,
+        config_hash=cfg.hash(),
+        created_by=f"snncompile {__version__} train",
+        environment=environment(),
+        dataset={"name": data.name, "train": len(data.train), "test": len(data.test), **data.info},
+        classes=data.classes,
+    )
+    record_artifact(run_dir, CONFIG)
+    return run_dir
+
+
 def _train(cfg: Config, device: torch.device, ctx: DistContext, out_root, resume, state, stop_after, progress, echo,
            start: float, lock: contextlib.ExitStack) -> TrainResult:
     main = ctx.is_main
@@ -306,28 +351,13 @@ def _train(cfg: Config, device: torch.device, ctx: DistContext, out_root, resume
         _say_clipped_inputs(data.train.x, cfg.model.exact_input_max, say)
     if (note := _unused_milestones_note(cfg)) is not None:
         say(note)
-    torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
-    net = network_from_config(cfg.model).to(device)
-    if cfg.train.channels_last:  # in place: the parameters stay the same objects, only their strides change
-        net.to(memory_format=torch.channels_last)
-    net.execution = cfg.train.execution  # type: ignore[assignment]
-    net.fused_lif = _use_fused_lif(cfg, device)
-    net.pad_conv_channels = cfg.train.pad_conv_channels
-    net.fuse_input_conv = cfg.train.fuse_input_conv
-    if (note := _unfused_input_conv_note(cfg, net)) is not None:
-        say(note)
+    net = _configured_network(cfg, device, say)
     opt = make_optimizer(net.parameters(), cfg, fused=fuses_optimizer(cfg, device))
     sched = _make_scheduler(opt, cfg)
     first_epoch = 1
     run_dir = Path(resume) if resume is not None else None
     if state is not None:
-        try:
-            net.load_state_dict(state["model"])
-            load_optimizer_state(opt, state["optimizer"])
-            sched.load_state_dict(state["scheduler"])
-        except (RuntimeError, ValueError, KeyError, TypeError) as e:  # a hand-made or damaged one: torch's traceback
-            raise ArtifactError(f"{Path(resume) / CHECKPOINT} does not fit this run's network and optimizer "
-                                f"({first_line(e, 120)}): restore it from a copy") from None
+        _restore_training(state, net, opt, sched, run_dir)
         first_epoch = int(state["epoch"]) + 1
         if main:
             _truncate_metrics(run_dir / METRICS, int(state["epoch"]))
@@ -338,18 +368,7 @@ def _train(cfg: Config, device: torch.device, ctx: DistContext, out_root, resume
             _truncate_metrics(run_dir / METRICS, 0)
             say(f"starting {run_dir} again at epoch 1 (it was stopped before any epoch finished)")
     elif main:
-        run_dir = new_run_dir(out_root, cfg.name)
-        atomic_write_text(run_dir / CONFIG, dumps_toml(cfg))
-        update_manifest(
-            run_dir,
-            model=cfg.name,
-            config_hash=cfg.hash(),
-            created_by=f"snncompile {__version__} train",
-            environment=environment(),
-            dataset={"name": data.name, "train": len(data.train), "test": len(data.test), **data.info},
-            classes=data.classes,
-        )
-        record_artifact(run_dir, CONFIG)
+        run_dir = _new_run(out_root, cfg, data)
         lock.enter_context(sole_trainer(run_dir))  # a `train --resume` of it meanwhile is refused
     last_epoch = cfg.train.epochs if stop_after is None else min(stop_after, cfg.train.epochs)
     if main and first_epoch <= last_epoch:  # a finished run resumed writes nothing (it may be on a read-only mount)
