@@ -281,27 +281,13 @@ def export_run(
     steps = cfg.model.T if steps is None else steps
     _check_options(form, steps, layers, rates, order, precision)
     t0 = time.perf_counter()
-    graph = StepGraph(net, steps) if form == "step" else UnrolledGraph(net, rates=rates, layers=layers, order=order)
-    graph.eval()
-    reference = graph  # the reference outputs are always the trained fp32 module's
-    split_layers = 0
-    if precision == "tf32x2":
-        import copy
-
-        from .split_tf32 import apply_split_tf32
-
-        split_net = copy.deepcopy(net)
-        # analog too: a runtime's TF32 switch covers the whole session, every conv/linear of the file
-        split_layers = apply_split_tf32(split_net, analog=True)
-        graph = UnrolledGraph(split_net, rates=rates, layers=layers, order=order).eval()
+    reference = StepGraph(net, steps) if form == "step" else UnrolledGraph(net, rates=rates, layers=layers, order=order)
+    reference.eval()  # the reference outputs are always the trained fp32 module's
+    graph, split_layers = (_split_tf32_graph(net, rates, layers, order) if precision == "tf32x2"
+                           else (reference, 0))
     args = _example_args(graph, cfg, steps, form)
     input_names = graph.input_names if form == "step" else ["input"]
     output_names = graph.output_names
-    batch = torch.export.Dim("batch", min=1, max=1 << 16)
-    if form == "step":  # forward(x_t, output_sum, *states): the varargs are one nested tuple
-        dynamic: tuple = ({0: batch}, {0: batch}, tuple({0: batch} for _ in args[2:]))
-    else:
-        dynamic = ({1: batch},)
     file_name = STEP_FILE if form == "step" else unrolled_file(order, layers, precision)
 
     remove_orphans(run_dir)  # what an export or training killed outright left (SIGKILL: no cleanup ran)
@@ -309,7 +295,7 @@ def export_run(
     staging = cleanup.enter_context(staging_folder(run_dir, "export"))
     committed = False
     try:
-        model = _torch_export(graph, args, opset, input_names, output_names, dynamic)
+        model = _torch_export(graph, args, opset, input_names, output_names, _dynamic_batch(form, args))
         nodes_raw = sum(1 for _ in model.graph)
         raw_path = staging / "raw.onnx"
         _save_ir(model, raw_path)
@@ -326,13 +312,8 @@ def export_run(
         ops = _check_graph(onnx, out_path)
 
         arrays, ref_note = reference_inputs(cfg, steps, n_random, n_real)
-        outputs_of = _torch_streamed if form == "step" else _torch_outputs
-        refs = {f"{split}/{name}": out for split in ("random", "real") if split in arrays
-                for name, out in outputs_of(reference, arrays[split]).items()}
-        ref_files = reference_files(steps, cfg.model.T, n_random, n_real, form)
-        np.savez(staging / ref_files[0], **arrays)
-        np.savez(staging / ref_files[1], **refs)
-        extra = {name: staging / name for name in ref_files}
+        extra = _write_references(reference, arrays, reference_files(steps, cfg.model.T, n_random, n_real, form),
+                                  staging)
         numerics = _check_numerics(raw_path, out_path, graph, arrays, form) if check_numerics else "skipped"
         if form == "step":
             numerics += "; " + _check_step_module(graph, arrays["random"][:, :32])
@@ -364,6 +345,39 @@ def export_run(
     return ExportResult(run_dir / file_name, form, steps, seconds, onnx_bytes, nodes_raw, nodes_clean, ops,
                         n_random, int(arrays.get("real_labels", np.zeros(0)).shape[0]), opset, precision, reduced,
                         split_layers)
+
+
+def _split_tf32_graph(net, rates: bool, layers: bool, order: str) -> tuple[UnrolledGraph, int]:
+    """The unrolled graph of a copy of ``net`` with every conv/linear split for TF32 (``tf32x2``), and how many
+    layers were split. Analog layers too: a runtime's TF32 switch covers the whole session, every conv/linear of
+    the file."""
+    import copy
+
+    from .split_tf32 import apply_split_tf32
+
+    split_net = copy.deepcopy(net)
+    split_layers = apply_split_tf32(split_net, analog=True)
+    return UnrolledGraph(split_net, rates=rates, layers=layers, order=order).eval(), split_layers
+
+
+def _dynamic_batch(form: str, args: tuple) -> tuple:
+    """torch.export's dynamic shapes: the batch axis of every input (axis 1 of the unrolled ``[T, B, ...]``,
+    axis 0 of each step input and state)."""
+    batch = torch.export.Dim("batch", min=1, max=1 << 16)
+    if form == "step":  # forward(x_t, output_sum, *states): the varargs are one nested tuple
+        return ({0: batch}, {0: batch}, tuple({0: batch} for _ in args[2:]))
+    return ({1: batch},)
+
+
+def _write_references(reference, arrays: dict[str, np.ndarray], names: tuple[str, str], staging: Path) -> dict[str, Path]:
+    """Save the reference inputs ``arrays`` and the torch ``reference`` module's outputs on them (streamed, for a
+    step module) into ``staging`` under ``names``; returns ``{name: path}``."""
+    outputs_of = _torch_streamed if isinstance(reference, StepGraph) else _torch_outputs
+    outputs = {f"{split}/{name}": out for split in ("random", "real") if split in arrays
+               for name, out in outputs_of(reference, arrays[split]).items()}
+    np.savez(staging / names[0], **arrays)
+    np.savez(staging / names[1], **outputs)
+    return {name: staging / name for name in names}
 
 
 def _check_options(form: str, steps: int, layers: bool, rates: bool, order: str, precision: str) -> None:
