@@ -21,7 +21,6 @@ import numpy as np
 from .artifacts import environment, read_manifest, require_writable, run_dir_lock
 from .backends import available_runners, create_runner, default_runners, runner_options
 from .backends.base import runner_numerics
-from .backends.pt import cpu_threads
 from .bench_gate import gate
 from .bench_report import batch_rows, bench_stem, format_table, keep_earlier_runners, write_results
 from .errors import ArtifactError, ConfigError, SnnCompileError, described
@@ -30,6 +29,7 @@ from .exports import current_export, export_command, exported_file_changed
 from .references import read_references
 from .runs import load_run_config
 from .streaming import STREAM_RUNNERS, streamed
+from .torch_settings import cpu_threads
 
 __all__ = ["batch_rows", "batch_sizes", "bench_run", "bench_stem", "format_table", "percentiles"]
 

@@ -37,7 +37,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .backends.pt import cpu_threads, cudnn_autotuning
+from .torch_settings import cpu_threads, cudnn_autotuning
 from .config import Config
 from .errors import ConfigError, asked_memory, out_of_memory
 from .memory import SavedActivations

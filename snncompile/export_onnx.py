@@ -126,7 +126,7 @@ def reference_inputs(cfg: Config, steps: int, n_random: int, n_real: int) -> tup
 
 @torch.no_grad()
 def _torch_outputs(graph: UnrolledGraph, x: np.ndarray, batch: int = 64) -> dict[str, np.ndarray]:
-    from .backends.pt import no_tf32
+    from .torch_settings import no_tf32
 
     chunks: dict[str, list[np.ndarray]] = {}
     with no_tf32():
@@ -142,7 +142,7 @@ def _torch_outputs(graph: UnrolledGraph, x: np.ndarray, batch: int = 64) -> dict
 def _torch_streamed(graph: StepGraph, x: np.ndarray, batch: int = 64) -> dict[str, np.ndarray]:
     """The step module's scores for ``x`` ``[T, N, ...]``: T calls from zero states, as a streaming runtime makes
     them (what the step form's reference outputs hold and its verify compares the torch runner with)."""
-    from .backends.pt import no_tf32
+    from .torch_settings import no_tf32
 
     chunks = []
     with no_tf32():

@@ -142,7 +142,7 @@ def run_pipeline(cfg: Config, out_root: Path, batches: tuple[int, ...] = (1, 32)
     """Run every stage that is not already done for these inputs; returns the summary dict. Every stage runs
     on ``cfg.train.threads`` CPU threads (0: torch's default), the verify and bench stages too. ``stream``: the
     step form too (:func:`_stream_stages`)."""
-    from .backends.pt import cpu_threads
+    from .torch_settings import cpu_threads
 
     with cpu_threads(cfg.train.threads):
         return _run_pipeline(cfg, out_root, batches, progress, echo, stream)

@@ -54,7 +54,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .backends.pt import tf32_math
+from .torch_settings import tf32_math
 
 __all__ = ["round_to_tf32", "split_input", "SplitTF32", "spike_fed_layers", "apply_split_tf32"]
 

@@ -26,7 +26,6 @@ from torch.nn.parallel import DistributedDataParallel
 from . import __version__
 from .artifacts import (atomic_save, atomic_write_text, environment, new_run_dir, read_manifest, record_artifact,
                         sha256_file, sole_trainer, update_manifest)
-from .backends.pt import cpu_threads, cudnn_autotuning, cudnn_disabled, no_tf32
 from .config import Config, dumps_toml, flat_values, with_absolute_data_paths, with_execution_settings
 from .data import Split, batches, load_dataset, to_time_major
 from .distributed import DistContext, all_reduce_sum, destroy, init_distributed, shard_indices, stop_on_peer_failure
@@ -40,6 +39,7 @@ from .runs import (CHECKPOINT, CONFIG, METRICS, load_checkpoint, load_run_config
                    stopped_before_first_epoch)
 from .scratch import remove_orphans
 from .text import shell_path
+from .torch_settings import cpu_threads, cudnn_autotuning, cudnn_disabled, no_tf32
 
 __all__ = ["TrainResult", "train", "loss_fn", "evaluate", "resolve_device"]
 

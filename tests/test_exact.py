@@ -220,7 +220,7 @@ def test_the_reference_runners_convolve_an_exact_model_without_cudnn_on_cuda(tmp
 
 def test_cudnn_is_restored_after_the_direct_convolutions():
     import torch
-    from snncompile.backends.pt import cudnn_disabled
+    from snncompile.torch_settings import cudnn_disabled
 
     before = torch.backends.cudnn.enabled
     with pytest.raises(RuntimeError), cudnn_disabled():

@@ -412,7 +412,7 @@ def test_on_the_gpu_the_spike_split_is_fp32_accurate_and_the_analog_split_far_be
     plain TF32 and, in three accumulators, more than in one (the truncating core's prediction, emulated in
     ``test_on_a_truncating_tensor_core_the_analog_split_keeps_three_accumulators``), but not fp32-accurate
     (the H200 of 2026-11-27: one accumulator 7.6e-5 against cuDNN fp32's 8.4e-7)."""
-    from snncompile.backends.pt import tf32_math
+    from snncompile.torch_settings import tf32_math
 
     torch.manual_seed(0)
     conv = nn.Conv2d(256, 256, 3, padding=1).cuda()

@@ -27,7 +27,7 @@ Same graph module as the torch reference (:class:`~snncompile.graphs.UnrolledGra
   its LIF and the pool after it as one kernel, which never writes the conv's output, the network's largest
   tensor (:mod:`snncompile.kernels.input_conv`; fp32 sums at every precision; needs the fused LIF);
 - an exact-arithmetic model (``model.exact``) at fp32 on CUDA runs its convolutions without cuDNN
-  (:func:`~snncompile.backends.pt.cudnn_disabled`): on an H200, with cuDNN's autotuned algorithms, its
+  (:func:`~snncompile.torch_settings.cudnn_disabled`): on an H200, with cuDNN's autotuned algorithms, its
   membranes differed from the CPU reference's in 830 M of ~2.5 G values, while ONNX Runtime CPU matched
   all of them. Direct sums are exact on the model's grids in any order; cuDNN's transformed algorithms are
   not. Slower, and the bench table says so ("convs without cuDNN").
@@ -43,7 +43,8 @@ import torch
 
 from ..errors import ConfigError, RunnerUnavailableError
 from .base import TORCH_FAST_PRECISIONS
-from .pt import TorchRunner, cudnn_autotuning, cudnn_disabled, no_tf32, tf32_math
+from ..torch_settings import cudnn_autotuning, cudnn_disabled, no_tf32, tf32_math
+from .pt import TorchRunner
 
 __all__ = ["TorchFastRunner"]
 
