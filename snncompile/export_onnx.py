@@ -38,7 +38,7 @@ from .graphs import StepGraph, UnrolledGraph
 from .runs import CHECKPOINT, load_network
 from .scratch import remove_orphans, staging_folder
 
-__all__ = ["ALLOWED_OPS", "ExportResult", "export_run", "export_again", "resolve_run_dir", "reference_inputs",
+__all__ = ["ALLOWED_OPS", "ExportResult", "export_run", "export_again", "resolve_run_dir", "draw_reference_inputs",
            "EXPORTER"]
 
 EXPORTER = "torch.export (torch.onnx.export dynamo=True) + onnxscript optimizer"
@@ -97,7 +97,7 @@ def _require_onnx():
     return onnx
 
 
-def reference_inputs(cfg: Config, steps: int, n_random: int, n_real: int) -> tuple[dict[str, np.ndarray], str]:
+def draw_reference_inputs(cfg: Config, steps: int, n_random: int, n_real: int) -> tuple[dict[str, np.ndarray], str]:
     """Seeded random inputs ``[T, N, ...]`` and, when the dataset is present, real test samples.
 
     Returns (arrays, note). The random ones are :func:`~snncompile.data.random_input`'s.
@@ -311,7 +311,7 @@ def export_run(
         _save_ir(model, out_path)
         ops = _check_graph(onnx, out_path)
 
-        arrays, ref_note = reference_inputs(cfg, steps, n_random, n_real)
+        arrays, ref_note = draw_reference_inputs(cfg, steps, n_random, n_real)
         extra = _write_references(reference, arrays, reference_files(steps, cfg.model.T, n_random, n_real, form),
                                   staging)
         numerics = _check_numerics(raw_path, out_path, graph, arrays, form) if check_numerics else "skipped"

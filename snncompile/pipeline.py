@@ -79,22 +79,22 @@ def _stage_hash(*parts: str) -> str:
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
 
 
-def _done(run: Path, stage: str, inputs: str, *outputs: Path) -> bool:
+def _done(run: Path, stage: str, inputs_hash: str, *outputs: Path) -> bool:
     """Whether ``stage`` finished for exactly these inputs and its ``outputs`` files are all still the ones it
     wrote (another command, e.g. a manual ``snncompile bench`` or ``export --T 2``, may have replaced or
     deleted one since)."""
     if not all(path.is_file() for path in outputs):
         return False
-    return read_manifest(run).get("pipeline", {}).get(stage) == _record(inputs, outputs)
+    return read_manifest(run).get("pipeline", {}).get(stage) == _record(inputs_hash, outputs)
 
 
-def _mark(run: Path, stage: str, inputs: str, *outputs: Path) -> None:
-    update_manifest(run, pipeline={stage: _record(inputs, outputs)})
+def _mark(run: Path, stage: str, inputs_hash: str, *outputs: Path) -> None:
+    update_manifest(run, pipeline={stage: _record(inputs_hash, outputs)})
 
 
-def _record(inputs: str, outputs: tuple[Path, ...]) -> str:
+def _record(inputs_hash: str, outputs: tuple[Path, ...]) -> str:
     """The stage's input hash, then a hash of each output file in order (one output: ``inputs:hash``)."""
-    return ":".join([inputs, *(sha256_file(path)[:16] for path in outputs)])
+    return ":".join([inputs_hash, *(sha256_file(path)[:16] for path in outputs)])
 
 
 def _plot_training(run: Path) -> str:
@@ -104,8 +104,8 @@ def _plot_training(run: Path) -> str:
     from .plots import plot_training
 
     metrics = run / "metrics.jsonl"
-    inputs = _stage_hash("plot", sha256_file(metrics)) if metrics.is_file() else None
-    if inputs is not None and _done(run, "plot", inputs, run / "training.png"):  # the same curves: not drawn again
+    inputs_hash = _stage_hash("plot", sha256_file(metrics)) if metrics.is_file() else None
+    if inputs_hash is not None and _done(run, "plot", inputs_hash, run / "training.png"):  # the same curves: not drawn again
         return "up to date"
     try:
         plot_training(run)
@@ -113,7 +113,7 @@ def _plot_training(run: Path) -> str:
         return f"skipped: {e}"
     except Exception as e:  # matplotlib's own errors (a backend, a font, a full disk) are no reason to stop either
         return f"skipped: {described(e)}"
-    _mark(run, "plot", inputs, run / "training.png")
+    _mark(run, "plot", inputs_hash, run / "training.png")
     return "done"
 
 
@@ -128,12 +128,12 @@ def _build_stage(run: Path, onnx_hash: str, trt_unavailable: str | None, stage: 
     from .build_engine import build_run
 
     trt = tensorrt_module()
-    inputs = _stage_hash(stage, onnx_hash, trt.__name__, trt.__version__, json.dumps(gpu_identity(), sort_keys=True))
-    if _done(run, stage, inputs) and all((run / engine_name(f, "fp32")).is_file() for f in files):
+    inputs_hash = _stage_hash(stage, onnx_hash, trt.__name__, trt.__version__, json.dumps(gpu_identity(), sort_keys=True))
+    if _done(run, stage, inputs_hash) and all((run / engine_name(f, "fp32")).is_file() for f in files):
         return "up to date"
     for model_file in files:
         build_run(run, "fp32", model_file=model_file)
-    _mark(run, stage, inputs)
+    _mark(run, stage, inputs_hash)
     return "done"
 
 
@@ -221,7 +221,7 @@ def _run_pipeline(cfg: Config, out_root: Path, batches: tuple[int, ...], progres
     return summary
 
 
-def _verify_stage(run: Path, stage: str, inputs: str, runners: list[str], model_file: str,
+def _verify_stage(run: Path, stage: str, inputs_hash: str, runners: list[str], model_file: str,
                   progress: bool) -> tuple[str, dict]:
     """Verify ``runners`` on ``model_file`` against the torch reference, on the export's reference inputs and the
     whole test split when the dataset is at hand; (the stage's state, its reports by verify.json key). Marked
@@ -229,10 +229,10 @@ def _verify_stage(run: Path, stage: str, inputs: str, runners: list[str], model_
     from .compare import verify_runs
     from .verify_report import current_reports, report_key
 
-    own_reports = [report_key(name, model_file, inputs=inputs) for name in runners for inputs in ("reference", "test")]
+    own_reports = [report_key(name, model_file, inputs=split) for name in runners for split in ("reference", "test")]
     # the reports as verify recorded them, of the export as it is (one line when corrupt): an edited verify.json,
     # or one whose reports of this stage are gone, is verified again rather than shown as up to date
-    saved = current_reports(run) if _done(run, stage, inputs) else {}
+    saved = current_reports(run) if _done(run, stage, inputs_hash) else {}
     if saved and all(report_key(name, model_file) in saved for name in runners):
         return "up to date", {name: saved[name] for name in own_reports if name in saved}  # not other commands' entries
     test_set = None  # why the test split is not checked, if it is not
@@ -248,21 +248,21 @@ def _verify_stage(run: Path, stage: str, inputs: str, runners: list[str], model_
         test_set = str(e)
     reports = {name: reports[name] for name in own_reports if name in reports}  # as an up-to-date rerun lists them
     if complete and all(r["passed"] for r in reports.values()):
-        _mark(run, stage, inputs)
+        _mark(run, stage, inputs_hash)
     return ("done" if test_set is None else f"done (reference inputs only: {test_set})"), reports
 
 
-def _bench_stage(run: Path, stage: str, inputs: str, model_file: str, batches: tuple[int, ...],
+def _bench_stage(run: Path, stage: str, inputs_hash: str, model_file: str, batches: tuple[int, ...],
                  threads: int) -> tuple[str, dict]:
     """Bench every available runner of ``model_file`` (its defaults); (the stage's state, the bench's results)."""
     from .bench import bench_run
     from .bench_report import bench_stem
 
     results_file = run / f"{bench_stem(model_file, 'fp32')}.json"
-    if _done(run, stage, inputs, results_file):
+    if _done(run, stage, inputs_hash, results_file):
         return "up to date", json.loads(results_file.read_text())
     bench = bench_run(run, None, batches, echo=lambda s: None, threads=threads, model_file=model_file)
-    _mark(run, stage, inputs, results_file)
+    _mark(run, stage, inputs_hash, results_file)
     return "done", bench
 
 
