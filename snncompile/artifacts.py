@@ -25,24 +25,10 @@ from .errors import ArtifactError
 from .export_entries import export_entry_problem
 from .scratch import claim, owner_tag
 
-__all__ = [
-    "MANIFEST",
-    "RUN_FORMAT",
-    "atomic_write",
-    "atomic_write_bytes",
-    "atomic_write_text",
-    "atomic_write_json",
-    "write_recorded_json",
-    "interrupts_deferred",
-    "require_writable",
-    "sha256_file",
-    "read_manifest",
-    "update_manifest",
-    "run_dir_lock",
-    "record_artifact",
-    "new_run_dir",
-    "environment",
-]
+__all__ = ["MANIFEST", "RUN_FORMAT", "atomic_write", "atomic_write_bytes", "atomic_write_text", "atomic_write_json",
+           "write_recorded_json", "interrupts_deferred", "require_writable", "sha256_file", "read_manifest",
+           "update_manifest", "run_dir_lock", "record_artifact", "new_run_dir", "environment", "artifact_as_recorded",
+           "atomic_save", "forget_artifact", "fsync_path", "sha256_model", "sole_trainer"]
 
 MANIFEST = "manifest.json"
 RUN_FORMAT = 1  # bump when the layout of a run directory changes incompatibly

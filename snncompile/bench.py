@@ -31,7 +31,7 @@ from .runs import load_run_config
 from .streaming import STREAM_RUNNERS, streamed
 from .torch_settings import cpu_threads
 
-__all__ = ["batch_rows", "batch_sizes", "bench_run", "bench_stem", "format_table", "percentiles"]
+__all__ = ["batch_rows", "batch_sizes", "bench_run", "bench_stem", "format_table", "percentiles", "failure_row"]
 
 
 def percentiles(times_s: list[float]) -> dict[str, float]:

@@ -21,7 +21,8 @@ from typing import Any
 from .errors import ConfigError
 
 __all__ = ["ModelConfig", "DataConfig", "TrainConfig", "Config", "load_config", "apply_overrides", "dumps_toml",
-           "with_absolute_data_paths"]
+           "with_absolute_data_paths", "EVENT_DATASETS", "EXECUTION_KEYS", "IMAGE_DATASETS", "MAX_STEPS",
+           "flat_values", "with_execution_settings"]
 
 
 @dataclass

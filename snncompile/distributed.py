@@ -32,7 +32,7 @@ if dist.is_available():
 from .errors import ConfigError, SnnCompileError, first_line
 
 __all__ = ["DistContext", "init_distributed", "all_reduce_sum", "shard_indices", "stop_on_peer_failure",
-           "PeerFailureError"]
+           "PeerFailureError", "destroy"]
 
 
 class PeerFailureError(SnnCompileError):

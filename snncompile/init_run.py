@@ -20,7 +20,7 @@ from .exact import snap_to_grid
 from .models import LIFCell, NeuNormCell, SpikingNetwork, network_from_config
 from .runs import CHECKPOINT, CONFIG, model_settings
 
-__all__ = ["calibrate_firing", "init_run"]
+__all__ = ["calibrate_firing", "init_run", "FIRING_TARGET"]
 
 FIRING_TARGET = (0.05, 0.3)  # the firing rate calibration brings every LIF layer to
 

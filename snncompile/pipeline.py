@@ -20,7 +20,7 @@ from .artifacts import read_manifest, sha256_file, update_manifest
 from .config import Config, load_config
 from .errors import ArtifactError, ConfigError, DataError, SnnCompileError, described
 
-__all__ = ["run_pipeline", "find_run"]
+__all__ = ["run_pipeline", "find_run", "format_summary"]
 
 
 def find_run(out_root: Path, cfg: Config) -> Path | None:

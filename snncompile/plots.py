@@ -16,7 +16,7 @@ from .errors import ArtifactError, MissingDependencyError
 from .config import EXECUTION_KEYS, flat_values
 from .runs import METRICS, load_run_config, read_metrics
 
-__all__ = ["pyplot", "plot_training", "plot_runs", "run_labels"]
+__all__ = ["pyplot", "plot_training", "plot_runs", "run_labels", "plain_log_labels"]
 
 
 def pyplot():

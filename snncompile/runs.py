@@ -14,7 +14,8 @@ from .models import SpikingNetwork, network_from_config
 from .text import shell_path
 
 __all__ = ["CHECKPOINT", "CONFIG", "METRICS", "load_checkpoint", "load_run_config", "load_network", "model_settings",
-           "read_metrics", "require_trained_model_settings", "require_trained_config"]
+           "read_metrics", "require_trained_model_settings", "require_trained_config", "missing_checkpoint",
+           "stopped_before_first_epoch"]
 
 CHECKPOINT = "checkpoint.pt"
 CONFIG = "config.toml"

@@ -41,7 +41,7 @@ from .scratch import remove_orphans
 from .text import shell_path
 from .torch_settings import cpu_threads, cudnn_autotuning, cudnn_disabled, no_tf32
 
-__all__ = ["TrainResult", "train", "loss_fn", "evaluate", "resolve_device"]
+__all__ = ["TrainResult", "train", "loss_fn", "evaluate", "resolve_device", "fuses_optimizer"]
 
 LOG_EVERY = 20  # steps between progress-bar metric updates (each one is a host sync)
 

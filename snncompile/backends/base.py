@@ -13,7 +13,8 @@ import numpy as np
 from ..errors import ConfigError, InputError, RunnerUnavailableError
 
 __all__ = ["TensorSpec", "Runner", "validate_feed", "RUNNERS", "create_runner", "available_runners", "default_runners",
-           "runner_options", "runner_numerics", "usable_cpus"]
+           "runner_options", "runner_numerics", "usable_cpus", "GRAPH_RUNNERS", "PRECISIONS", "PRECISION_RUNNERS",
+           "TORCH_FAST_PRECISIONS"]
 
 
 @dataclass(frozen=True)

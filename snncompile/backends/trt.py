@@ -26,7 +26,8 @@ from ..onnx_files import require_own_external_data
 from ..text import shell_path
 from .base import PRECISIONS, Runner, TensorSpec
 
-__all__ = ["engine_name", "tensorrt_module", "parse_profile", "profile_shapes", "BuildOptions", "build_engine", "TrtRunner", "ENGINE_FORMAT"]
+__all__ = ["engine_name", "tensorrt_module", "parse_profile", "profile_shapes", "BuildOptions", "build_engine",
+           "TrtRunner", "ENGINE_FORMAT", "ENGINE_PRECISION", "gpu_identity"]
 
 ENGINE_FORMAT = 2  # 2: strongly typed, precision in the graph (1 used builder flags)
 

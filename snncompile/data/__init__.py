@@ -17,7 +17,8 @@ from ..config import EVENT_DATASETS, IMAGE_DATASETS, Config, DataConfig
 from ..errors import ConfigError
 from .augment import make_augment
 
-__all__ = ["Split", "Dataset", "balanced_subset", "load_dataset", "random_input", "to_time_major"]
+__all__ = ["Split", "Dataset", "balanced_subset", "load_dataset", "random_input", "to_time_major", "RELATIVE_ROOT",
+           "batches"]
 
 
 @dataclass

@@ -28,7 +28,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["fused_kernels_available", "fused_lif", "fused_lif_inference", "fused_lif_pool"]
+__all__ = ["fused_kernels_available", "fused_lif", "fused_lif_inference", "fused_lif_pool", "INDEX_LIMIT",
+           "currents_gradient", "pooled_currents_gradient", "triton_next_power_of_2"]
 
 _KERNELS = None
 
