@@ -21,6 +21,8 @@ from .errors import ArtifactError
 from .exports import export_command, export_reference_paths, read_reference
 from .runs import load_run_config
 
+__all__ = ["read_references"]
+
 
 def read_references(run_dir: Path, export: dict) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """``(inputs, outputs)``: both reference files of manifest entry ``export``, read whole and checked (see the
