@@ -397,8 +397,10 @@ def bench_train_cmd(model_toml, overrides, steps_t, batch, precision, steps, war
 @click.option("--fuse-input-conv", is_flag=True,
               help="torch-fast runs the input conv (a few channels), its LIF and the pool after it as one kernel "
                    "that never writes the conv's output, the network's largest tensor; bench_fused_input_conv.*.")
+@click.option("--no-progress", is_flag=True,
+              help="No line per runner and batch size as each is timed (failures are still said); the table follows.")
 def bench_run_cmd(run, runners, batches, iters, warmup, model_file, steps_t, precision, cuda_graph, cudnn_autotune,
-                  profile, pad_channels, threads, channels_last, fuse_input_conv) -> None:
+                  profile, pad_channels, threads, channels_last, fuse_input_conv, no_progress) -> None:
     """Verify, then time every runner on RUN's export; writes bench.json, bench.md, bench.png."""
     from .bench import bench_run
     from .bench_report import format_table
@@ -408,7 +410,7 @@ def bench_run_cmd(run, runners, batches, iters, warmup, model_file, steps_t, pre
     results = bench_run(run, names, sizes, warmup=warmup, iters=iters, echo=click.echo, model_file=model_file,
                         precision=precision, cuda_graph=cuda_graph, cudnn_autotune=cudnn_autotune, profile=profile,
                         pad_channels=pad_channels, threads=threads, channels_last=channels_last,
-                        fuse_input_conv=fuse_input_conv, steps=steps_t)
+                        fuse_input_conv=fuse_input_conv, steps=steps_t, progress=not no_progress)
     click.echo(format_table(results))
     if "profile_file" in results:
         click.echo("\n" + (run / results["profile_file"]).read_text())

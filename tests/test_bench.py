@@ -46,6 +46,7 @@ def test_bench_writes_json_table_and_plot(exported):
             assert s["samples_per_s"] == pytest.approx(int(batch) / (s["p50_ms"] / 1e3))
     table = (exported / "bench.md").read_text()
     assert "| ort-cpu | 4 |" in table and "| torch | 1 |" in table and "| ort-cpu | 4 |" in result.output
+    assert "ort-cpu batch 4: p50 " in result.output  # each measurement said as it is made
     assert (exported / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -54,8 +55,9 @@ def test_bench_threads_sets_torch_and_onnx_runtime_threads(exported):
 
     before = torch.get_num_threads()
     result = CliRunner().invoke(cli, ["bench", str(exported), "--runners", "torch,ort-cpu", "--batch", "2",
-                                      "--iters", "1", "--warmup", "0", "--threads", "1"])
+                                      "--iters", "1", "--warmup", "0", "--threads", "1", "--no-progress"])
     assert result.exit_code == 0, result.output
+    assert "batch 2: p50" not in result.output and "| ort-cpu | 2 |" in result.output  # the table, without the lines
     data = json.loads((exported / "bench.json").read_text())
     assert {name: e["by_batch"]["2"]["execution"] for name, e in data["runners"].items()} == {
         "torch": "CPU, 1 thread", "ort-cpu": "CPU, 1 thread"}
