@@ -27,7 +27,8 @@ def gate(run_dir: Path, name: str, numerics: str, options: dict, model_file: str
     exports recorded before their entries held the checkpoint's hash have none). Re-exporting is always right
     here because verify's reference is the torch module of the run's checkpoint: a twin of older weights would
     fail on real spike mismatches that the timed file does not have. A timed file of older weights is refused
-    before any gate (:func:`~snncompile.bench.bench_run`), or, recorded without the checkpoint's hash, fails its own check below.
+    before any gate (:func:`~snncompile.bench.bench_run`), or, recorded without the checkpoint's hash, fails its
+    own check below.
 
     The timed file passes when it is the file its export recorded and its scores are off only on as few
     samples as numerical spike flips explain (:func:`_timed_file_reasons`)."""

@@ -65,7 +65,8 @@ class OvStream:
 
     requests: list  # call t's infer request: the first request for even t, the second for odd t
     opening_states: list[np.ndarray]  # the state buffers call 0 reads (the odd request writes them): zeroed per stream
-    state_buffers: list[np.ndarray]  # every state buffer, held here: a request bound to a buffer's Tensor does not keep the array alive
+    # every state buffer, held here: a request bound to a buffer's Tensor does not keep the array alive
+    state_buffers: list[np.ndarray]
     frames: list[np.ndarray]  # T arrays [B, ...], call t's input, shared with ``frame_tensors``
     frame_tensors: list
     output_names: list[str]
