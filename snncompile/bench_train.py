@@ -31,19 +31,20 @@ from __future__ import annotations
 import contextlib
 import statistics
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import torch
 from torch import nn
 
-from .torch_settings import cpu_threads, cudnn_autotuning
 from .config import Config
 from .errors import ConfigError, asked_memory, out_of_memory
 from .memory import SavedActivations
 from .models import LIFCell, network_from_config
-from .text import counted
 from .profiling import profile_calls
+from .text import counted
+from .torch_settings import cpu_threads, cudnn_autotuning
 from .train import fuses_optimizer, loss_fn
 
 __all__ = ["bench_train", "format_train_table", "plot_train_bench"]
@@ -177,39 +178,81 @@ def _bench_train(cfg: Config, device: torch.device, precision: str, steps: int, 
                  echo: Callable[[str], None], compiled: bool, profile: bool) -> dict:
     from .kernels import fused_kernels_available
 
+    bench = _StepBench(cfg, device, *_random_batch(cfg, device), precision == "bf16", steps, warmup)
+    results: dict = {}
+    fused = device.type == "cuda" and fused_kernels_available()
+    for name, options in _variants(cfg, device, fused, compiled, profile):
+        moot = _packing_moot(results) if "compact_spikes" in options else None
+        results[name] = moot or _attempt(lambda: bench.ours(**options))
+        echo(f"done: {name}")
+    if peers:
+        for peer, time_peer in (("spikingjelly", bench.spikingjelly), ("snntorch", bench.snntorch)):
+            if not _has(peer):
+                results[peer] = f"not installed (pip install {peer})"
+                continue
+            results[peer] = _attempt(time_peer)
+            echo(f"done: {peer}")
+    profiles = {name: stats.pop("profile") for name, stats in results.items()
+                if isinstance(stats, dict) and "profile" in stats}
+    extra = {"profiles": profiles} if profiles else {}
+    if fuses_optimizer(cfg, device):
+        extra["optimizer_update"] = _attempt(lambda: optimizer_update_ms(cfg, device, steps, warmup))
+    return {"model": cfg.name, "T": cfg.model.T, "batch": cfg.data.batch_size, "precision": precision,
+            "device": str(device), "steps": steps, "variants": results, **extra}
+
+
+def _random_batch(cfg: Config, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The benchmark's input ``x [T, B, ...]``, random binary of density 0.2, and labels ``y [B]``, seeded, on
+    ``device``; one line when the input does not fit in memory."""
     m = cfg.model
-    batch, steps_t = cfg.data.batch_size, m.T
     gen = torch.Generator().manual_seed(0)
     try:
-        x = (torch.rand((steps_t, batch, *m.input_shape), generator=gen) < 0.2).float().to(device)
+        x = (torch.rand((m.T, cfg.data.batch_size, *m.input_shape), generator=gen) < 0.2).float().to(device)
     except Exception as e:  # --batch 100000000: the allocator's traceback before any variant ran
         if not out_of_memory(e):
             raise
-        raise ConfigError(f"--batch {batch}: not enough memory for its inputs ({asked_memory(e)})") from None
-    y = torch.randint(0, m.classes, (batch,), generator=gen).to(device)
-    bf16 = precision == "bf16"
-    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
-    # a graph replays the casts it captured: autocast's weight-cast cache must not outlive the capture
-    amp_uncached = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16, cache_enabled=False)
-    results: dict = {}
+        raise ConfigError(f"--batch {cfg.data.batch_size}: not enough memory for its inputs "
+                          f"({asked_memory(e)})") from None
+    y = torch.randint(0, m.classes, (cfg.data.batch_size,), generator=gen).to(device)
+    return x, y
 
-    def timed(params, forward: Callable[[], torch.Tensor], compact: bool = False, graph: bool = False,
+
+@dataclass(frozen=True)
+class _StepBench:
+    """What every timed variant shares: the config, the device, one batch (``x [T, B, ...]``, ``y [B]``), bf16
+    autocast or not, and how many steps are timed after how many warm-up steps."""
+
+    cfg: Config
+    device: torch.device
+    x: torch.Tensor
+    y: torch.Tensor
+    bf16: bool
+    steps: int
+    warmup: int
+
+    def autocast(self, cached: bool = True):
+        """bf16 autocast (or none); a CUDA graph replays the casts it captured, so its step's autocast must not
+        keep a weight-cast cache that outlives the capture (``cached=False``)."""
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16, cache_enabled=cached)
+
+    def timed(self, params, forward: Callable[[], torch.Tensor], compact: bool = False, graph: bool = False,
               compiled: bool = False, profiled: bool = False, fused_update: bool = False) -> dict:
-        """Time SGD training steps of ``forward`` (-> class scores) over ``params``; ``compact``: keep
-        saved spikes as uint8, as our trainer does by default; ``fused_update``: torch's fused SGD kernel, as
+        """Time SGD training steps of ``forward`` (-> class scores ``[B, classes]``) over ``params``; ``compact``:
+        keep saved spikes as uint8, as our trainer does by default; ``fused_update``: torch's fused SGD kernel, as
         our trainer uses on CUDA (else torch's default, what the loop and the peers get); ``graph``: replay the
-        step from a CUDA graph;
-        ``compiled``: ``forward`` runs torch.compile'd code (at least 2 warm-up steps: forward and
-        backward compile on the first). Adds ``saved_mib``, what autograd keeps for backward in one
+        step from a CUDA graph; ``compiled``: ``forward`` runs torch.compile'd code (at least 2 warm-up steps:
+        forward and backward compile on the first). Adds ``saved_mib``, what autograd keeps for backward in one
         forward (measured on any device, after compaction; None for compiled code)."""
+        cfg, device = self.cfg, self.device
         params = list(params)
         opt = torch.optim.SGD(params, lr=cfg.train.lr, momentum=cfg.train.momentum,
                               weight_decay=cfg.train.weight_decay, fused=fused_update or None)
+        amp = self.autocast(cached=not graph)
 
         def forward_backward_update():
-            with amp_uncached if graph else amp, SavedActivations() if compact else contextlib.nullcontext():
+            with amp, SavedActivations() if compact else contextlib.nullcontext():
                 scores = forward().float()
-            loss_fn(scores, y, cfg.train.loss).backward()
+            loss_fn(scores, self.y, cfg.train.loss).backward()
             opt.step()
 
         def step():
@@ -229,21 +272,22 @@ def _bench_train(cfg: Config, device: torch.device, precision: str, steps: int, 
             _sync(device)
             torch.cuda.reset_peak_memory_stats(device)
         stats = _time_steps(_cuda_graphed(forward_backward_update, opt, device) if graph else step,
-                            device, steps, max(warmup, 2) if compiled else warmup)
+                            device, self.steps, max(self.warmup, 2) if compiled else self.warmup)
         if profiled:  # the eager step: a replayed graph would profile as one launch
             stats["profile"] = profile_calls(step, device.type == "cuda", what="steps")
-        stats["saved_mib"] = None if compiled else _saved_mib(forward, amp, compact)
+        stats["saved_mib"] = None if compiled else _saved_mib(forward, self.autocast(), compact)
         if compact:
-            stats["saved_mib_uncompacted"] = _saved_mib(forward, amp, False)
+            stats["saved_mib_uncompacted"] = _saved_mib(forward, self.autocast(), False)
         return stats
 
-    def ours(order: str, fused: bool, graph: bool = False, channels_last: bool = False, compiled: bool = False,
-             profiled: bool = False, fuse_input_conv: bool | None = None,
-             compact_spikes: bool | None = None) -> dict:
-        # order "step" is the torch loop: plain PyTorch, torch's default optimizer update and nothing packed
-        # the network lives only inside this call: the next variant's peak memory does not carry it
+    def ours(self, order: str, fused: bool, graph: bool = False, channels_last: bool = False, compiled: bool = False,
+             profiled: bool = False, fuse_input_conv: bool | None = None, compact_spikes: bool | None = None) -> dict:
+        """Our network's step in ``order`` (``"step"`` is the torch loop: plain PyTorch, torch's default optimizer
+        update and nothing packed), built inside this call so that the next variant's peak memory does not
+        carry it."""
+        cfg = self.cfg
         torch.manual_seed(0)
-        net = network_from_config(m).to(device)
+        net = network_from_config(cfg.model).to(self.device)
         if channels_last:
             net.to(memory_format=torch.channels_last)
         net.fused_lif = fused
@@ -255,51 +299,29 @@ def _bench_train(cfg: Config, device: torch.device, precision: str, steps: int, 
             torch.compiler.reset()
         run = torch.compile(net) if compiled else net
         compact = cfg.train.compact_spikes if compact_spikes is None else compact_spikes
-        return timed(net.parameters(), lambda: run(x, order), compact=compact and order == "layer" and not compiled,
-                     graph=graph, compiled=compiled, profiled=profiled,
-                     fused_update=order == "layer" and fuses_optimizer(cfg, device))
+        return self.timed(net.parameters(), lambda: run(self.x, order),
+                          compact=compact and order == "layer" and not compiled, graph=graph, compiled=compiled,
+                          profiled=profiled, fused_update=order == "layer" and fuses_optimizer(cfg, self.device))
 
-    fused = device.type == "cuda" and fused_kernels_available()
-    for name, options in _variants(cfg, device, fused, compiled, profile):
-        moot = _packing_moot(results) if "compact_spikes" in options else None
-        results[name] = moot or _attempt(lambda: ours(**options))
-        echo(f"done: {name}")
-    if peers:
-        if _has("spikingjelly"):
-            def sj_stats() -> dict:
-                # imported here, inside the attempt: a broken install costs this row, not the figures timed
-                from spikingjelly.activation_based import functional
+    def spikingjelly(self) -> dict:
+        """The same network built from spikingjelly's layers, timed as the loop is."""
+        # imported here, inside the attempt: a broken install costs this row, not the figures timed
+        from spikingjelly.activation_based import functional
 
-                torch.manual_seed(0)
-                sj = _spikingjelly_net(cfg, device)
+        torch.manual_seed(0)
+        net = _spikingjelly_net(self.cfg, self.device)
 
-                def sj_forward():
-                    functional.reset_net(sj)
-                    return _decode_peer(sj(x), m)
+        def forward():
+            functional.reset_net(net)
+            return _decode_peer(net(self.x), self.cfg.model)
 
-                return timed(sj.parameters(), sj_forward)
+        return self.timed(net.parameters(), forward)
 
-            results["spikingjelly"] = _attempt(sj_stats)
-            echo("done: spikingjelly")
-        else:
-            results["spikingjelly"] = "not installed (pip install spikingjelly)"
-        if _has("snntorch"):
-            def snntorch_stats() -> dict:
-                torch.manual_seed(0)
-                mods, fwd = _snntorch_step_fn(cfg, device)
-                return timed(mods.parameters(), lambda: _decode_peer(fwd(x), m))
-
-            results["snntorch"] = _attempt(snntorch_stats)
-            echo("done: snntorch")
-        else:
-            results["snntorch"] = "not installed (pip install snntorch)"
-    profiles = {name: stats.pop("profile") for name, stats in results.items()
-                if isinstance(stats, dict) and "profile" in stats}
-    extra = {"profiles": profiles} if profiles else {}
-    if fuses_optimizer(cfg, device):
-        extra["optimizer_update"] = _attempt(lambda: optimizer_update_ms(cfg, device, steps, warmup))
-    return {"model": cfg.name, "T": steps_t, "batch": batch, "precision": precision, "device": str(device),
-            "steps": steps, "variants": results, **extra}
+    def snntorch(self) -> dict:
+        """The same network built from snntorch's layers, stepped over T, timed as the loop is."""
+        torch.manual_seed(0)
+        mods, forward = _snntorch_step_fn(self.cfg, self.device)
+        return self.timed(mods.parameters(), lambda: _decode_peer(forward(self.x), self.cfg.model))
 
 
 def _packing_moot(results: dict) -> str | None:
